@@ -1,0 +1,104 @@
+"""The model catalog: one source of truth for the CLI, the server's /models and the Slicer panel.
+
+Importable without torch. Each model family declares its specs in the (torch-free)
+``textseg.models.<family>`` package; this module collects them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from .errors import UsageError
+
+# Families whose specs are collected. Each module exposes SPECS: list[ModelSpec].
+_FAMILY_MODULES = (
+    "textseg.models.deepbet",
+    "textseg.models.synthetic",
+)
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One file a model needs. ``repo``/``revision``/``filename`` locate it on the HuggingFace hub
+    (revision pinned to a commit); ``url`` overrides that for non-hub files; ``package`` names a
+    PyPI package that ships the file inside it (then nothing is downloaded)."""
+
+    name: str  # file name in the model's local folder
+    repo: str = ""
+    revision: str = "main"
+    filename: str = ""
+    size: Optional[int] = None
+    sha256: Optional[str] = None
+    gated: bool = False
+    url: Optional[str] = None
+    package: Optional[str] = None
+    package_path: Optional[str] = None  # path inside the installed package
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    family: str
+    title: str
+    version: str
+    dims: int  # 2: slice-wise, 3: volumetric
+    modalities: Tuple[str, ...]
+    adapter: str  # "module:Class", imported only when the model runs
+    prompt_kinds: Tuple[str, ...] = ("text",)
+    sites: Tuple[str, ...] = ()  # CT sites (presets) the model accepts; empty = any/none
+    files: Tuple[WeightFile, ...] = ()
+    license: str = ""
+    citation: str = ""
+    homepage: str = ""
+    description: str = ""
+    threshold: float = 0.5  # probability threshold for the binary mask
+    existence_threshold: Optional[float] = None  # None: the model has no existence test
+    recognition: bool = False  # "segment everything" supported
+    vocabulary: Tuple[str, ...] = ()  # known targets (autocomplete/validation); empty = free text
+    free_text: bool = True  # False: prompts must come from the vocabulary
+    hidden: bool = False  # never offered to users (test-only adapters)
+    benchmarks: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["files"] = [asdict(f) for f in self.files]
+        return d
+
+
+_REGISTRY: Dict[str, ModelSpec] = {}
+_LOADED = False
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    _REGISTRY[spec.id] = spec
+    return spec
+
+
+def _load() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    for mod in _FAMILY_MODULES:
+        for spec in importlib.import_module(mod).SPECS:
+            _REGISTRY.setdefault(spec.id, spec)
+
+
+def list_models(include_hidden: bool = False) -> List[ModelSpec]:
+    _load()
+    show_hidden = include_hidden or os.environ.get("TEXTSEG_SHOW_TEST_MODELS") == "1"
+    return [s for s in _REGISTRY.values() if show_hidden or not s.hidden]
+
+
+def get_model(model_id: str) -> ModelSpec:
+    _load()
+    try:
+        return _REGISTRY[model_id]
+    except KeyError:
+        known = ", ".join(s.id for s in list_models()) or "(none)"
+        raise UsageError(f"Unknown model '{model_id}'. Known models: {known}. See `textseg models`.") from None

@@ -1,0 +1,168 @@
+"""What every model adapter implements (the predictor contract, model side).
+
+The ``Predictor`` (textseg.predictor) owns geometry, devices, progress, cancel, out-of-memory
+fallback, thresholds and provenance. An adapter owns only its model:
+
+* ``load(device)``: build the network and load its weights strictly (``self.weights_dir`` holds
+  the catalog files); ``to(device)`` moves it.
+* ``prepare(volume, preset, ctx)``: intensity/geometry preprocessing of a *canonical* volume
+  (closest-LPS array order, see textseg.volume); returns an opaque image state.
+* 3D models (``spec.dims == 3``): ``encode(state, ctx)`` once per image, then
+  ``decode(encoded, prompts, ctx)`` per prompt group; return one ``Decoded`` per prompt with a
+  probability map on the canonical grid (``state``'s volume shape).
+* 2D models (``spec.dims == 2``): ``num_slices(state)``, ``encode_slices(state, indices, ctx)``
+  for a batch of slices and ``decode_slices(encoded, prompts, ctx)`` returning, per prompt, the
+  probabilities of those slices (``(len(indices), H, W)`` on the canonical grid) and an existence
+  score per slice. The predictor batches slices, honours a slice range, and caches encoded
+  batches, so an image is encoded once and decoded for many prompts.
+
+``ctx`` (RunContext) gives ``device``, ``batch_size`` (lowered on out-of-memory), ``progress``,
+``check_cancel()`` and ``log``; adapters call ``ctx.check_cancel()`` between expensive steps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..catalog import ModelSpec
+from ..errors import Cancelled
+from ..presets import Preset
+from ..prompts import Prompt
+from ..volume import Volume
+
+ProgressFn = Callable[[float, str], None]
+
+
+class CancelToken:
+    """Cooperative cancel flag shared between a caller (GUI thread, HTTP handler) and a run."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("Cancelled by the user; completed results are kept.")
+
+
+@dataclass
+class RunContext:
+    device: Any  # torch.device
+    batch_size: int = 4
+    progress: Optional[ProgressFn] = None
+    cancel: Optional[CancelToken] = None
+    log: Callable[[str], None] = lambda msg: None
+    seed: Optional[int] = None
+    options: Dict[str, Any] = field(default_factory=dict)
+    _stage: str = ""
+    _span: tuple = (0.0, 1.0)
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None:
+            self.cancel.check()
+
+    def report(self, fraction: float, stage: Optional[str] = None) -> None:
+        """Progress within the current span (set by the predictor) as overall fraction 0..1."""
+        if stage:
+            self._stage = stage
+        lo, hi = self._span
+        if self.progress is not None:
+            self.progress(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), self._stage)
+
+    def span(self, lo: float, hi: float, stage: str) -> None:
+        self._span = (lo, hi)
+        self._stage = stage
+        self.report(0.0)
+
+
+@dataclass
+class Decoded:
+    """A model's answer for one prompt, on the canonical grid."""
+
+    probability: np.ndarray  # float32 in [0, 1], canonical (k, j, i) shape
+    existence: Optional[float] = None  # probability (0..1) the target is present
+    extra: Dict[str, Any] = field(default_factory=dict)  # model-specific (p-values, boxes, ...)
+
+
+@dataclass
+class SliceDecoded:
+    """A 2D model's answer for one prompt on a batch of slices."""
+
+    probability: np.ndarray  # (n_slices, H, W) float32, canonical in-plane grid
+    existence: Optional[np.ndarray] = None  # (n_slices,) probabilities, or None
+
+
+class ModelAdapter:
+    """Base class. Subclasses set nothing else than what they override."""
+
+    def __init__(self, spec: ModelSpec, weights_dir: Optional[Path] = None, **options: Any) -> None:
+        self.spec = spec
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else None
+        self.options = options
+        self.device: Any = None
+        self.weights_revision: str = ",".join(f.revision for f in spec.files if f.revision) or spec.version
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def load(self, device: Any) -> None:
+        raise NotImplementedError
+
+    def to(self, device: Any) -> None:
+        self.device = device
+
+    # ---- common -----------------------------------------------------------------------------
+    def prepare(self, volume: Volume, preset: Preset, ctx: RunContext) -> Any:
+        raise NotImplementedError
+
+    # ---- 3D ---------------------------------------------------------------------------------
+    def encode(self, state: Any, ctx: RunContext) -> Any:
+        return state
+
+    def decode(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> List[Decoded]:
+        raise NotImplementedError
+
+    # ---- 2D ---------------------------------------------------------------------------------
+    def num_slices(self, state: Any) -> int:
+        raise NotImplementedError
+
+    def encode_slices(self, state: Any, indices: Sequence[int], ctx: RunContext) -> Any:
+        raise NotImplementedError
+
+    def decode_slices(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> List[SliceDecoded]:
+        raise NotImplementedError
+
+    def slice_shape(self, state: Any) -> tuple:
+        """(H, W) of the canonical in-plane grid the slice probabilities are returned on."""
+        raise NotImplementedError
+
+    # ---- optional -----------------------------------------------------------------------------
+    max_prompts_per_call: int = 16
+
+
+def elapsed(t0: float) -> float:
+    return round(time.perf_counter() - t0, 3)
+
+
+def weight_file(adapter: ModelAdapter, name: str) -> Path:
+    """Local path of the catalog file ``name`` of an adapter's model (package-shipped or cached)."""
+    from ..errors import WeightsError
+    from ..weights import locate
+
+    for wf in adapter.spec.files:
+        if wf.name == name:
+            path = locate(adapter.spec, wf, adapter.weights_dir)
+            if path is None:
+                raise WeightsError(f"Weight file '{name}' of model '{adapter.spec.id}' is missing: run `textseg models download {adapter.spec.id}`.")
+            return path
+    raise KeyError(f"model '{adapter.spec.id}' has no catalog file '{name}'")

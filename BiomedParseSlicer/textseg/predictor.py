@@ -1,0 +1,410 @@
+"""The predictor: encode an image once, decode many prompts (cf. segment-anything's SamPredictor).
+
+    predictor = Predictor("deepbet", device="auto")
+    predictor.set_image(volume, modality="MRI")
+    results = predictor.predict(["brain"])          # one PromptResult per prompt
+
+The same contract is implemented by ``textseg.client.RemotePredictor`` over HTTP.
+
+Geometry: the adapter sees the canonical (closest-LPS) volume; every probability map and mask
+comes back on exactly the input grid. Devices: ``auto`` picks cuda, then mps, then cpu. On a GPU
+out-of-memory error the batch is halved and retried, and finally the model moves to the CPU; each
+step is logged. Progress is reported as (fraction, stage); ``cancel`` (a CancelToken) stops the
+run between steps: prompts already completed are returned, the rest are left out.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import __version__
+from .catalog import ModelSpec, get_model
+from .errors import Cancelled, ModelError, UsageError
+from .models.base import CancelToken, Decoded, ModelAdapter, ProgressFn, RunContext
+from .presets import Preset, get_preset
+from .prompts import Prompt, parse_prompts
+from .volume import Volume
+
+log = logging.getLogger("textseg")
+
+_RETRY = object()
+PromptLike = Union[str, Prompt, Dict[str, Any]]
+
+
+@dataclass
+class PromptResult:
+    """The answer to one prompt, on the input volume's grid."""
+
+    prompt: Prompt
+    probability: np.ndarray  # float32 (k, j, i) in [0, 1]
+    mask: np.ndarray  # uint8 (k, j, i), 0/1
+    existence: Optional[float]  # 0..1, None when the model has no existence test
+    present: bool  # False: the existence test says the target is not in the image
+    provenance: Dict[str, Any]
+    message: str = ""
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.prompt.label
+
+    @property
+    def voxel_count(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+
+# ---- devices -----------------------------------------------------------------------------------
+def select_device(device: str = "auto") -> Any:
+    """'auto' -> cuda, then mps, then cpu; or a forced 'cpu' / 'cuda' / 'cuda:1' / 'mps'."""
+    import torch
+
+    name = (device or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but no CUDA GPU is available here. Use --device cpu or auto.")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps was asked for, but Apple MPS is not available here. Use --device cpu or auto.")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"Unknown device '{device}'. Use auto, cpu, cuda, cuda:N or mps.") from None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except Exception:  # pragma: no cover - torch without cuda module
+        pass
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def load_adapter(spec: ModelSpec, weights_dir: Optional[Path] = None, **options: Any) -> ModelAdapter:
+    module_name, _, class_name = spec.adapter.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as exc:
+        raise ModelError(
+            f"Model '{spec.id}' needs a package that is not installed ({exc.name or exc}). "
+            "Install the engine with its model extras: pip install 'textseg[models]'."
+        ) from exc
+    if weights_dir is None and spec.files:
+        from .weights import require_weights
+
+        weights_dir = require_weights(spec)
+    return cls(spec, weights_dir, **options)
+
+
+def _nbytes(obj: Any) -> int:
+    if hasattr(obj, "element_size") and hasattr(obj, "nelement"):
+        return int(obj.element_size() * obj.nelement())
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+class Predictor:
+    """Local predictor. See the module docstring."""
+
+    def __init__(
+        self,
+        model: Union[str, ModelSpec, ModelAdapter],
+        device: str = "auto",
+        weights_dir: Optional[Union[str, Path]] = None,
+        batch_size: Optional[int] = None,
+        seed: Optional[int] = None,
+        cache_bytes: int = 2 << 30,
+        log_fn: Optional[Callable[[str], None]] = None,
+        **adapter_options: Any,
+    ) -> None:
+        if isinstance(model, ModelAdapter):
+            self.adapter = model
+        else:
+            spec = get_model(model) if isinstance(model, str) else model
+            self.adapter = load_adapter(spec, Path(weights_dir) if weights_dir else None, **adapter_options)
+        self.spec: ModelSpec = self.adapter.spec
+        self.device = select_device(device)
+        self.batch_size = batch_size or (4 if self.spec.dims == 2 else 1)
+        self.seed = seed
+        self.cache_bytes = cache_bytes
+        self.messages: List[str] = []
+        self._log_fn = log_fn
+        self._loaded = False
+        self._volume: Optional[Volume] = None
+        self._canonical: Optional[Volume] = None
+        self._preset: Optional[Preset] = None
+        self._state: Any = None
+        self._encoded: Any = None
+        self._slice_cache: Dict[Tuple[int, ...], Any] = {}
+        self._slice_range: Optional[Tuple[int, int]] = None
+
+    # ---- logging -----------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        self.messages.append(msg)
+        log.info(msg)
+        if self._log_fn:
+            self._log_fn(msg)
+
+    def _context(self, progress: Optional[ProgressFn], cancel: Optional[CancelToken]) -> RunContext:
+        return RunContext(self.device, self.batch_size, progress, cancel, self._log, self.seed)
+
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            self.adapter.load(self.device)
+            self.adapter.device = self.device
+            self._loaded = True
+
+    def _run(self, fn: Callable[[RunContext], Any], ctx: RunContext, retry_same: bool = True) -> Any:
+        """Run fn, retrying with a smaller batch and finally on the CPU after GPU out-of-memory.
+
+        With ``retry_same=False`` the caller re-plans its work instead: _RETRY is returned after
+        the batch size (or device) was lowered."""
+        while True:
+            try:
+                return fn(ctx)
+            except Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - filtered below
+                if not is_out_of_memory(exc) or getattr(self.device, "type", "cpu") == "cpu":
+                    raise
+                self._free_gpu()
+                if ctx.batch_size > 1:
+                    ctx.batch_size = self.batch_size = max(1, ctx.batch_size // 2)
+                    self._log(f"GPU out of memory: retrying with batch size {ctx.batch_size}.")
+                else:
+                    import torch
+
+                    self._log("GPU out of memory even with batch size 1: continuing on the CPU (slower).")
+                    self.device = ctx.device = torch.device("cpu")
+                    self.adapter.to(self.device)
+                    self._slice_cache.clear()
+                    if self._encoded is not None and self.spec.dims == 3:
+                        self._encoded = self.adapter.encode(self._state, ctx)
+                if not retry_same:
+                    return _RETRY
+
+    def _free_gpu(self) -> None:
+        self._slice_cache.clear()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # pragma: no cover
+            pass
+
+    # ---- the contract --------------------------------------------------------------------------
+    def set_image(
+        self,
+        volume: Volume,
+        modality: Optional[str] = None,
+        site: Optional[str] = None,
+        slices: Optional[Tuple[int, int]] = None,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> None:
+        """Preprocess and (for 3D models) encode the image once.
+
+        ``slices`` = (first, stop) limits a 2D model to canonical slices first..stop-1 (the
+        slice axis of the canonical, closest-LPS volume: inferior to superior for axial images).
+        """
+        volume.check_usable()
+        modality = modality or self.spec.modalities[0]
+        preset = get_preset(modality, site)
+        if preset.modality not in self.spec.modalities:
+            raise UsageError(
+                f"Model '{self.spec.id}' does not support {preset.modality} images; it supports "
+                f"{', '.join(self.spec.modalities)}. Pick another model or modality."
+            )
+        if self.spec.sites and preset.site and preset.site not in self.spec.sites:
+            raise UsageError(
+                f"Model '{self.spec.id}' does not support the CT site '{preset.site}'; "
+                f"it supports {', '.join(self.spec.sites)}."
+            )
+        if volume.is_rgb and preset.modality in ("CT", "MRI", "PET"):
+            raise UsageError(f"An RGB image cannot be {preset.modality}: choose a photographic modality.")
+        ctx = self._context(progress, cancel)
+        ctx.span(0.0, 0.1, "loading model")
+        self._ensure_loaded()
+        self._volume, self._preset = volume, preset
+        self._canonical = volume.canonical()
+        self._encoded = None
+        self._slice_cache.clear()
+        ctx.span(0.1, 0.3, "preprocessing")
+        self._state = self.adapter.prepare(self._canonical, preset, ctx)
+        if self.spec.dims == 2:
+            n = self.adapter.num_slices(self._state)
+            first, stop = slices if slices is not None else (0, n)
+            if not (0 <= first < stop <= n):
+                raise UsageError(f"Slice range {first}:{stop} is outside the image's 0:{n} slices.")
+            self._slice_range = (first, stop)
+        else:
+            if slices is not None:
+                raise UsageError(f"Model '{self.spec.id}' is volumetric; a slice range applies to 2D models only.")
+            ctx.span(0.3, 1.0, "encoding image")
+            self._encoded = self._run(lambda c: self.adapter.encode(self._state, c), ctx)
+        ctx.span(1.0, 1.0, "image ready")
+
+    def reset_image(self) -> None:
+        self._volume = self._canonical = self._state = self._encoded = None
+        self._slice_cache.clear()
+
+    def predict(
+        self,
+        prompts: Union[str, Sequence[PromptLike]],
+        threshold: Optional[float] = None,
+        keep_absent: bool = False,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> List[PromptResult]:
+        """One result per prompt. Cancel keeps the prompts completed so far."""
+        if self._volume is None:
+            raise UsageError("No image set: call set_image(volume, modality) before predict().")
+        plist = parse_prompts(prompts)
+        for p in plist:
+            unsupported = set(p.kinds) - set(self.spec.prompt_kinds)
+            if unsupported:
+                raise UsageError(
+                    f"Model '{self.spec.id}' takes {'/'.join(self.spec.prompt_kinds)} prompts, not "
+                    f"{'/'.join(sorted(unsupported))} ('{p.label}')."
+                )
+            if not self.spec.free_text and p.text and self.spec.vocabulary and p.text.lower() not in {
+                v.lower() for v in self.spec.vocabulary
+            }:
+                raise UsageError(
+                    f"'{p.text}' is not a target of model '{self.spec.id}'. Known targets: "
+                    f"{', '.join(self.spec.vocabulary[:20])}{' ...' if len(self.spec.vocabulary) > 20 else ''}."
+                )
+        thr = self.spec.threshold if threshold is None else float(threshold)
+        ctx = self._context(progress, cancel)
+        results: List[PromptResult] = []
+        try:
+            if self.spec.dims == 2:
+                self._predict_slices(plist, thr, keep_absent, ctx, results)
+            else:
+                self._predict_volume(plist, thr, keep_absent, ctx, results)
+        except Cancelled:
+            self._log(f"Cancelled: kept {len(results)} of {len(plist)} completed prompt(s).")
+        ctx.span(1.0, 1.0, "done")
+        return results
+
+    # ---- execution paths -------------------------------------------------------------------------
+    def _predict_volume(self, plist, thr, keep_absent, ctx, results) -> None:
+        group = max(1, self.adapter.max_prompts_per_call)
+        for start in range(0, len(plist), group):
+            ctx.check_cancel()
+            chunk = plist[start : start + group]
+            ctx.span(start / len(plist), (start + len(chunk)) / len(plist), f"decoding '{chunk[0].label}'")
+            t0 = time.perf_counter()
+            decoded = self._run(lambda c: self.adapter.decode(self._encoded, chunk, c), ctx)
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            for p, d in zip(chunk, decoded):
+                results.append(self._finish(p, d.probability, d.existence, d.extra, thr, keep_absent, seconds))
+
+    def _predict_slices(self, plist, thr, keep_absent, ctx, results) -> None:
+        assert self._canonical is not None and self._slice_range is not None
+        first, stop = self._slice_range
+        h, w = self.adapter.slice_shape(self._state)
+        n_total = self.adapter.num_slices(self._state)
+        probs = [np.zeros((n_total, h, w), np.float32) for _ in plist]
+        exist = [np.zeros(n_total, np.float32) for _ in plist]
+        has_exist = [False] * len(plist)
+        t0 = time.perf_counter()
+        idx = first
+        group = max(1, self.adapter.max_prompts_per_call)
+        while idx < stop:
+            ctx.check_cancel()
+            batch = tuple(range(idx, min(stop, idx + ctx.batch_size)))
+            ctx.span((idx - first) / (stop - first), (batch[-1] + 1 - first) / (stop - first), f"slices {idx}-{batch[-1]}")
+            enc = self._slice_cache.get(batch)
+            if enc is None:
+                enc = self._run(lambda c: self.adapter.encode_slices(self._state, batch, c), ctx, retry_same=False)
+                if enc is _RETRY:  # batch size or device lowered after out-of-memory: re-plan
+                    continue
+                if _nbytes(enc) * ((stop - first) / len(batch)) <= self.cache_bytes:
+                    self._slice_cache[batch] = enc
+            for s in range(0, len(plist), group):
+                ctx.check_cancel()
+                chunk = plist[s : s + group]
+                outs = self._run(lambda c: self.adapter.decode_slices(enc, chunk, c), ctx, retry_same=False)
+                if outs is _RETRY:
+                    break
+                for j, o in enumerate(outs):
+                    probs[s + j][batch[0] : batch[-1] + 1] = o.probability
+                    if o.existence is not None:
+                        exist[s + j][batch[0] : batch[-1] + 1] = o.existence
+                        has_exist[s + j] = True
+            else:
+                idx = batch[-1] + 1
+        seconds = (time.perf_counter() - t0) / len(plist)
+        for j, p in enumerate(plist):
+            e = exist[j] if has_exist[j] else None
+            prob = probs[j]
+            existence = float(e[first:stop].max()) if e is not None else None
+            extra: Dict[str, Any] = {}
+            if e is not None and self.spec.existence_threshold is not None and not keep_absent:
+                absent = e < self.spec.existence_threshold
+                absent[:first] = absent[stop:] = False
+                prob[absent] = 0.0
+                extra["slices_absent"] = int(absent[first:stop].sum())
+            if e is not None:
+                extra["slice_existence"] = e[first:stop].round(4).tolist()
+            results.append(self._finish(p, prob, existence, extra, thr, keep_absent, seconds, canonical_2d=True))
+
+    def _finish(self, prompt, prob_canonical, existence, extra, thr, keep_absent, seconds, canonical_2d=False):
+        assert self._volume is not None and self._preset is not None
+        prob = self._volume.to_input_grid(np.asarray(prob_canonical, dtype=np.float32))
+        mask = (prob >= thr).astype(np.uint8) if thr > 0 else (prob > 0).astype(np.uint8)
+        present = True
+        message = ""
+        et = self.spec.existence_threshold
+        if existence is not None and et is not None and existence < et:
+            present = False
+            if keep_absent:
+                message = f"'{prompt.label}' is probably not in this image (existence {existence:.2f} < {et}); mask kept as asked."
+            else:
+                mask[:] = 0
+                message = (
+                    f"'{prompt.label}' is probably not in this image (existence {existence:.2f} < {et}): "
+                    "mask dropped. Use keep_absent / --keep-absent to keep it anyway."
+                )
+        elif not mask.any():
+            message = f"'{prompt.label}': the model found nothing above threshold {thr}."
+        if message:
+            self._log(message)
+        provenance = {
+            "model": self.spec.id,
+            "model_version": self.spec.version,
+            "weights_revision": self.adapter.weights_revision,
+            "engine": f"textseg {__version__}",
+            "prompt": prompt.to_dict(),
+            "modality": self._preset.modality,
+            "site": self._preset.site or "",
+            "threshold": thr,
+            "existence": None if existence is None else round(float(existence), 4),
+            "device": str(self.device),
+            "seconds": round(seconds, 3),
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if self.seed is not None:
+            provenance["seed"] = self.seed
+        return PromptResult(prompt, prob, mask, existence, present, provenance, message, dict(extra))

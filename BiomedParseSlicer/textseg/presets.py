@@ -1,0 +1,113 @@
+"""Modality presets: which modality (and CT body site) an image is, and how intensities are mapped.
+
+Modalities are BiomedParse's nine plus PET. CT sites carry HU windows with the exact numbers
+upstream models use (BiomedParse ``inference_utils/processing_utils.py`` CT_WINDOWS); MRI/PET and
+the photographic modalities use upstream's per-slice 0.5/99.5 percentile window over positive
+pixels. Each model adapter declares the modalities and sites it accepts (ModelSpec).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from .errors import UsageError
+
+MODALITIES: Tuple[str, ...] = (
+    "CT",
+    "MRI",
+    "X-Ray",
+    "Pathology",
+    "Ultrasound",
+    "Fundus",
+    "Endoscopy",
+    "Dermoscopy",
+    "OCT",
+    "PET",
+)
+
+_ALIASES = {
+    "MR": "MRI",
+    "XRAY": "X-Ray",
+    "X-RAY": "X-Ray",
+    "CR": "X-Ray",
+    "DX": "X-Ray",
+    "US": "Ultrasound",
+    "PT": "PET",
+    "SM": "Pathology",
+    "HISTOLOGY": "Pathology",
+    "ES": "Endoscopy",
+    "XC": "Dermoscopy",
+    "OP": "Fundus",
+}
+
+# HU windows (lower, upper). BiomedParse v1 CT_WINDOWS, verbatim.
+CT_WINDOWS: Dict[str, Tuple[float, float]] = {
+    "abdomen": (-150.0, 250.0),
+    "lung": (-1000.0, 1000.0),
+    "pelvis": (-55.0, 200.0),
+    "liver": (-25.0, 230.0),
+    "colon": (-68.0, 187.0),
+    "pancreas": (-100.0, 200.0),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    modality: str
+    site: Optional[str] = None
+    window: Optional[Tuple[float, float]] = None  # fixed intensity window (CT)
+    percentiles: Tuple[float, float] = (0.5, 99.5)  # used when window is None
+
+    @property
+    def key(self) -> str:
+        return f"{self.modality}:{self.site}" if self.site else self.modality
+
+
+def normalize_modality(modality: str) -> str:
+    m = str(modality).strip()
+    for canonical in MODALITIES:
+        if m.lower() == canonical.lower():
+            return canonical
+    alias = _ALIASES.get(m.upper().replace(" ", ""))
+    if alias:
+        return alias
+    raise UsageError(f"Unknown modality '{modality}'. Choose one of: {', '.join(MODALITIES)}.")
+
+
+def get_preset(modality: str, site: Optional[str] = None) -> Preset:
+    mod = normalize_modality(modality)
+    if mod == "CT":
+        site = (site or "abdomen").strip().lower()
+        if site not in CT_WINDOWS:
+            raise UsageError(f"Unknown CT site '{site}'. Choose one of: {', '.join(CT_WINDOWS)}.")
+        return Preset("CT", site, CT_WINDOWS[site])
+    if site:
+        return Preset(mod, site.strip().lower())
+    return Preset(mod)
+
+
+def window_to_uint8(image: np.ndarray, preset: Preset) -> np.ndarray:
+    """Upstream BiomedParse intensity mapping of one 2D slice (or RGB image) to 0..255.
+
+    CT: clip to the site's HU window. Others: clip to the 0.5/99.5 percentiles of the pixels > 0.
+    Then rescale with the clipped slice's own min/max to 0..255 (per slice, as upstream).
+    RGB images are returned unchanged (they are already 8-bit colour).
+    """
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim == 3 and img.shape[-1] in (3, 4):
+        return np.clip(image[..., :3], 0, 255).astype(np.uint8)
+    if preset.window is not None:
+        lo, hi = preset.window
+    else:
+        positive = img[img > 0]
+        if positive.size == 0:
+            return np.zeros(img.shape, np.uint8)
+        lo, hi = np.percentile(positive, preset.percentiles)
+    clipped = np.clip(img, lo, hi)
+    cmin, cmax = clipped.min(), clipped.max()
+    if cmax <= cmin:
+        return np.zeros(img.shape, np.uint8)
+    return ((clipped - cmin) / (cmax - cmin) * 255.0).astype(np.uint8)

@@ -1,0 +1,227 @@
+"""The engine's one image type: an array with its geometry.
+
+Axis order, written down once
+-----------------------------
+``Volume.array`` is indexed ``array[k, j, i]`` (slice, row, column), exactly what SimpleITK's
+``GetArrayFromImage`` and Slicer's ``arrayFromVolume`` return. RGB images carry a trailing
+channel axis: ``array[k, j, i, c]``. Everything geometric (``spacing``, index vectors, the
+columns of ``direction``) is in (i, j, k) order, as in ITK.
+
+Physical space is LPS (ITK/DICOM). ``ijk_to_lps`` and ``ijk_to_ras`` give the 4x4 matrices
+mapping a continuous index (i, j, k, 1) to millimetres; RAS is what Slicer uses.
+
+Canonical orientation
+---------------------
+Models see every image in one orientation: the axis permutation and flips (no resampling,
+so it is exact and reversible) that bring the image closest to LPS, i.e. ``i`` runs towards the
+patient's left, ``j`` towards posterior and ``k`` towards superior. An axial slice
+``array[k]`` then looks like a DICOM axial image in radiological convention (rows anterior to
+posterior, columns patient right to left). Oblique images keep their residual rotation in the
+direction matrix: an image rotated by less than 45 degrees gives the model the same array as
+the unrotated one, so the masks agree voxel for voxel. ``Orientation.to_canonical`` and
+``Orientation.from_canonical`` move arrays between the two; every mask the predictor returns is
+on exactly the input grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """An axis permutation + flips taking an array to canonical (closest-LPS) order.
+
+    ``perm[d]`` is the input (i, j, k) axis that becomes canonical axis ``d``; ``flip[d]`` says
+    whether that axis is reversed. Identity for an image already stored in LPS order.
+    """
+
+    perm: Tuple[int, int, int] = (0, 1, 2)
+    flip: Tuple[bool, bool, bool] = (False, False, False)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.perm == (0, 1, 2) and not any(self.flip)
+
+    @staticmethod
+    def from_direction(direction: np.ndarray) -> "Orientation":
+        """Closest axis-aligned orientation of a direction matrix (columns = i, j, k axes in LPS)."""
+        d = np.asarray(direction, dtype=float)
+        # Assign each physical axis (L, P, S) the index axis most aligned with it, greedily by
+        # largest absolute cosine, so that oblique images pick a consistent permutation.
+        perm = [-1, -1, -1]
+        used_index, used_phys = set(), set()
+        order = np.dstack(np.unravel_index(np.argsort(-np.abs(d), axis=None), d.shape))[0]
+        for phys, idx in order:
+            if phys in used_phys or idx in used_index:
+                continue
+            perm[phys] = int(idx)
+            used_phys.add(phys)
+            used_index.add(idx)
+        flip = tuple(bool(d[phys, perm[phys]] < 0) for phys in range(3))
+        return Orientation(tuple(perm), flip)  # type: ignore[arg-type]
+
+    # Arrays are stored [k, j, i, (c)]: numpy axis of index axis a is 2 - a.
+    def to_canonical(self, array: np.ndarray) -> np.ndarray:
+        if self.is_identity:
+            return array
+        np_axes = [2 - self.perm[d] for d in (2, 1, 0)]  # canonical array is [k', j', i']
+        out = np.transpose(array, np_axes + list(range(3, array.ndim)))
+        flips = [2 - d for d in range(3) if self.flip[d]]
+        return np.flip(out, axis=flips) if flips else out
+
+    def from_canonical(self, array: np.ndarray) -> np.ndarray:
+        if self.is_identity:
+            return array
+        flips = [2 - d for d in range(3) if self.flip[d]]
+        out = np.flip(array, axis=flips) if flips else array
+        np_axes = [2 - self.perm[d] for d in (2, 1, 0)]
+        inverse = list(np.argsort(np_axes)) + list(range(3, array.ndim))
+        return np.transpose(out, inverse)
+
+
+@dataclass
+class Volume:
+    """An image with geometry. See the module docstring for the axis conventions."""
+
+    array: np.ndarray
+    spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.array)
+        if self.array.ndim not in (3, 4):
+            raise InputError(
+                f"A Volume array must be [k, j, i] or [k, j, i, channel]; got {self.array.ndim} dimensions "
+                f"with shape {self.array.shape}."
+            )
+        if self.array.ndim == 4 and self.array.shape[3] not in (3, 4):
+            raise InputError(
+                f"Only RGB(A) images may have a channel axis; got {self.array.shape[3]} channels. "
+                "4D series (time, diffusion) are not supported: extract one 3D volume first."
+            )
+        self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
+        self.origin = tuple(float(o) for o in self.origin)  # type: ignore[assignment]
+        self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        if len(self.spacing) != 3 or any(not np.isfinite(s) or s <= 0 for s in self.spacing):
+            raise InputError(f"Voxel spacing must be three positive numbers; got {self.spacing}.")
+
+    # ---- shape -----------------------------------------------------------------------------
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """Spatial shape in array order (k, j, i)."""
+        return tuple(self.array.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def size(self) -> Tuple[int, int, int]:
+        """Spatial size in index order (i, j, k), as ITK reports it."""
+        return tuple(self.array.shape[:3][::-1])  # type: ignore[return-value]
+
+    @property
+    def is_rgb(self) -> bool:
+        return self.array.ndim == 4
+
+    @property
+    def is_2d(self) -> bool:
+        return self.array.shape[0] == 1
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(np.prod(self.spacing))
+
+    # ---- geometry --------------------------------------------------------------------------
+    @property
+    def ijk_to_lps(self) -> np.ndarray:
+        m = np.eye(4)
+        m[:3, :3] = self.direction @ np.diag(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    @property
+    def ijk_to_ras(self) -> np.ndarray:
+        return LPS_TO_RAS @ self.ijk_to_lps
+
+    @property
+    def lps_to_ijk(self) -> np.ndarray:
+        return np.linalg.inv(self.ijk_to_lps)
+
+    def index_to_physical(self, ijk: Sequence[Sequence[float]], space: str = "LPS") -> np.ndarray:
+        """Continuous (i, j, k) indices, shape (N, 3), to physical points (N, 3) in LPS or RAS."""
+        pts = np.atleast_2d(np.asarray(ijk, dtype=float))
+        m = self.ijk_to_lps if space.upper() == "LPS" else self.ijk_to_ras
+        return pts @ m[:3, :3].T + m[:3, 3]
+
+    def physical_to_index(self, points: Sequence[Sequence[float]], space: str = "LPS") -> np.ndarray:
+        """Physical points (N, 3) in LPS or RAS to continuous (i, j, k) indices (N, 3)."""
+        pts = np.atleast_2d(np.asarray(points, dtype=float))
+        if space.upper() == "RAS":
+            pts = pts * np.array([-1.0, -1.0, 1.0])
+        inv = self.lps_to_ijk
+        return pts @ inv[:3, :3].T + inv[:3, 3]
+
+    def same_grid(self, other: "Volume", tol: float = 1e-4) -> bool:
+        return self.shape == other.shape and np.allclose(self.ijk_to_lps, other.ijk_to_lps, atol=tol)
+
+    def with_array(self, array: np.ndarray, **metadata: Any) -> "Volume":
+        """A volume on the same grid holding another array (a mask, a probability map)."""
+        if array.shape[:3] != self.shape:
+            raise ValueError(f"array shape {array.shape[:3]} does not match the grid {self.shape}")
+        return Volume(array, self.spacing, self.origin, self.direction.copy(), {**self.metadata, **metadata})
+
+    # ---- canonical orientation -------------------------------------------------------------
+    @property
+    def orientation(self) -> Orientation:
+        return Orientation.from_direction(self.direction)
+
+    def canonical(self) -> "Volume":
+        """The same image in canonical (closest-LPS) array order, with matching geometry."""
+        o = self.orientation
+        if o.is_identity:
+            return self
+        arr = np.ascontiguousarray(o.to_canonical(self.array))
+        size = self.size
+        m = self.ijk_to_lps
+        new_dir = np.zeros((3, 3))
+        new_spacing = [0.0, 0.0, 0.0]
+        new_origin = np.array(self.origin, dtype=float)
+        for d in range(3):
+            src = o.perm[d]
+            col = self.direction[:, src].copy()
+            if o.flip[d]:
+                new_origin = new_origin + m[:3, src] * (size[src] - 1)
+                col = -col
+            new_dir[:, d] = col
+            new_spacing[d] = self.spacing[src]
+        return Volume(arr, tuple(new_spacing), tuple(new_origin), new_dir, dict(self.metadata))
+
+    def to_input_grid(self, canonical_array: np.ndarray) -> np.ndarray:
+        """Map an array on this volume's canonical grid back onto this volume's grid."""
+        out = self.orientation.from_canonical(canonical_array)
+        if out.shape[:3] != self.shape:
+            raise ValueError(f"canonical array of shape {canonical_array.shape} does not fit {self.shape}")
+        return np.ascontiguousarray(out)
+
+    # ---- checks ----------------------------------------------------------------------------
+    def check_usable(self, source: str = "image") -> None:
+        """Raise InputError for images no model can use (empty, NaN-only, constant)."""
+        if self.array.size == 0 or 0 in self.array.shape:
+            raise InputError(f"{source} is empty (shape {self.array.shape}).")
+        if np.issubdtype(self.array.dtype, np.floating):
+            finite = np.isfinite(self.array)
+            if not finite.any():
+                raise InputError(f"{source} contains only NaN/infinite values: nothing to segment.")
+
+    def describe(self) -> str:
+        return (
+            f"{'x'.join(map(str, self.size))} voxels, spacing {', '.join(f'{s:g}' for s in self.spacing)} mm"
+            f"{', RGB' if self.is_rgb else ''}"
+        )

@@ -1,0 +1,26 @@
+"""Shared fixtures. Tests that need ../shared/data skip with a clear reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared_file(*parts: str) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"needs the shared test data {p} (../shared/data beside the checkout, or TEXTSEG_SHARED_DATA)")
+    return p
+
+
+@pytest.fixture
+def textseg_home(tmp_path, monkeypatch):
+    """An empty, private weights cache."""
+    home = tmp_path / "textseg-home"
+    monkeypatch.setenv("TEXTSEG_HOME", str(home))
+    return home

@@ -1,0 +1,87 @@
+"""The predictor contract on the weight-free synthetic adapters: geometry, paths, cancel, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from textseg.errors import UsageError
+from textseg.models.base import CancelToken
+from textseg.predictor import Predictor
+from textseg.volume import Volume
+
+
+def _phantom():
+    arr = np.full((6, 8, 10), -1000, np.int16)
+    arr[1:5, 2:6, 1:9] = 400  # a "bone" block spanning both halves in i
+    return Volume(arr, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+
+
+@pytest.mark.parametrize("model", ["synthetic-3d", "synthetic-2d"])
+def test_exact_voxel_counts_and_sides(model):
+    v = _phantom()
+    p = Predictor(model, device="cpu", batch_size=4)
+    p.set_image(v, "CT")
+    bone, left, right = p.predict(["bone", "bone left", "bone right"])
+    assert bone.voxel_count == 4 * 4 * 8
+    # identity direction = LPS: "left" is the high-i half (i >= 5)
+    assert left.voxel_count == 4 * 4 * 4 and left.mask[:, :, 5:].sum() == left.voxel_count
+    assert right.voxel_count == 4 * 4 * 4 and right.mask[:, :, :5].sum() == right.voxel_count
+    assert bone.provenance["model"] == model and bone.provenance["prompt"] == {"text": "bone"}
+
+
+def test_flipped_copy_gives_same_physical_mask():
+    v = _phantom()
+    # the same physical image stored with i reversed: direction column 0 points right
+    flipped = Volume(v.array[:, :, ::-1].copy(), v.spacing, (9.0, 0.0, 0.0), np.diag([-1.0, 1.0, 1.0]))
+    p = Predictor("synthetic-3d", device="cpu")
+    p.set_image(flipped, "CT")
+    left = p.predict(["bone left"])[0]
+    p.set_image(v, "CT")
+    ref = p.predict(["bone left"])[0]
+    np.testing.assert_array_equal(left.mask[:, :, ::-1], ref.mask)
+
+
+def test_absent_target_is_dropped_with_message():
+    p = Predictor("synthetic-3d", device="cpu")
+    p.set_image(_phantom(), "CT")
+    r = p.predict(["nothing"])[0]
+    assert not r.present and r.voxel_count == 0 and "not in this image" in r.message
+
+
+def test_cancel_keeps_completed_prompts():
+    p = Predictor("synthetic-3d", device="cpu", delay=0.05)
+    p.set_image(_phantom(), "CT")
+    token = CancelToken()
+    seen = []
+
+    def progress(frac, stage):
+        seen.append((frac, stage))
+        if frac >= 0.5:
+            token.cancel()
+
+    results = p.predict(["bone", "air", "fat", "soft tissue"], progress=progress, cancel=token)
+    assert [r.prompt.text for r in results] == ["bone", "air"]
+    assert seen and all(0.0 <= f <= 1.0 for f, _ in seen)
+
+
+def test_slice_range_and_encode_once():
+    p = Predictor("synthetic-2d", device="cpu", batch_size=2)
+    p.set_image(_phantom(), "CT", slices=(2, 4))
+    results = p.predict(["bone", "bone left", "air"])
+    assert results[0].voxel_count == 2 * 4 * 8  # slices 2 and 3 only
+    assert p.adapter.calls["encode"] == 1  # one batch of 2 slices, encoded once for 3 prompts
+    p.predict(["fat"])
+    assert p.adapter.calls["encode"] == 1  # cached
+
+
+def test_bad_requests_are_clear():
+    p = Predictor("synthetic-3d", device="cpu")
+    with pytest.raises(UsageError, match="set_image"):
+        p.predict(["bone"])
+    with pytest.raises(UsageError, match="Unknown modality"):
+        p.set_image(_phantom(), "Sonar")
+    with pytest.raises(UsageError, match="slice range"):
+        p.set_image(_phantom(), "CT", slices=(0, 2))
+    with pytest.raises(UsageError, match="Unknown model"):
+        Predictor("no-such-model")
