@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import sys
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Test the engine of this checkout (also when another checkout is pip-installed in editable mode).
+sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
 SHARED = Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
