@@ -268,17 +268,8 @@ class Predictor:
         self._volume = self._canonical = self._state = self._encoded = None
         self._slice_cache.clear()
 
-    def predict(
-        self,
-        prompts: Union[str, Sequence[PromptLike]],
-        threshold: Optional[float] = None,
-        keep_absent: bool = False,
-        progress: Optional[ProgressFn] = None,
-        cancel: Optional[CancelToken] = None,
-    ) -> List[PromptResult]:
-        """One result per prompt. Cancel keeps the prompts completed so far."""
-        if self._volume is None:
-            raise UsageError("No image set: call set_image(volume, modality) before predict().")
+    def check_prompts(self, prompts: Union[str, Sequence[PromptLike]]) -> List[Prompt]:
+        """Parse and validate prompts against the model (kinds, vocabulary) without running it."""
         plist = parse_prompts(prompts)
         for p in plist:
             unsupported = set(p.kinds) - set(self.spec.prompt_kinds)
@@ -294,6 +285,20 @@ class Predictor:
                     f"'{p.text}' is not a target of model '{self.spec.id}'. Known targets: "
                     f"{', '.join(self.spec.vocabulary[:20])}{' ...' if len(self.spec.vocabulary) > 20 else ''}."
                 )
+        return plist
+
+    def predict(
+        self,
+        prompts: Union[str, Sequence[PromptLike]],
+        threshold: Optional[float] = None,
+        keep_absent: bool = False,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> List[PromptResult]:
+        """One result per prompt. Cancel keeps the prompts completed so far."""
+        if self._volume is None:
+            raise UsageError("No image set: call set_image(volume, modality) before predict().")
+        plist = self.check_prompts(prompts)
         thr = self.spec.threshold if threshold is None else float(threshold)
         ctx = self._context(progress, cancel)
         results: List[PromptResult] = []

@@ -1,0 +1,338 @@
+"""`textseg` command line: segment images (or a cohort folder) from text prompts, statistics, models.
+
+Exit codes: 0 ok, 1 failed, 2 bad usage. Errors are one line that says what to do; no tracebacks
+(set TEXTSEG_DEBUG=1 to see them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+from . import __version__
+from .errors import Cancelled, TextsegError, UsageError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SEG_SUFFIX = ".seg.nrrd"
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suf in IMAGE_SUFFIXES + (SEG_SUFFIX,):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.lower().endswith(SEG_SUFFIX)
+
+
+def _is_dicom_dir(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    for f in list(path.iterdir())[:20]:
+        if f.is_file():
+            try:
+                with open(f, "rb") as fh:
+                    fh.seek(128)
+                    if fh.read(4) == b"DICM":
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def cohort_cases(folder: Path) -> List[Path]:
+    """Image files and DICOM series folders directly inside ``folder``, sorted by name."""
+    cases = [p for p in sorted(folder.iterdir()) if _is_image(p) or _is_dicom_dir(p)]
+    if not cases:
+        raise UsageError(f"{folder}: no images (NIfTI, NRRD, MHA, PNG/JPEG/TIFF) or DICOM series folders inside.")
+    return cases
+
+
+def _parse_slices(text: Optional[str]):
+    if not text:
+        return None
+    try:
+        a, b = text.split(":")
+        return int(a), int(b)
+    except ValueError:
+        raise UsageError(f"--slices takes FIRST:STOP (e.g. 10:40), got '{text}'.") from None
+
+
+@contextmanager
+def _cancel_on_ctrl_c(token) -> Iterator[None]:
+    """First Ctrl-C asks the run to stop and keep completed prompts; a second one aborts."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if token.cancelled:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        token.cancel()
+        print("\nCancelling: completed prompts will be saved (Ctrl-C again to abort).", file=sys.stderr)
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        try:
+            signal.signal(signal.SIGINT, previous)
+        except ValueError:
+            pass
+
+
+def _prompts(args) -> List[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError("Give at least one --prompt TEXT (repeatable) or --prompts-file FILE (one per line).")
+    return prompts
+
+
+class _Bar:
+    """tqdm progress for one case: fraction 0..1 with the stage as description."""
+
+    def __init__(self, desc: str, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1000, desc=desc, disable=quiet, leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+        self.desc = desc
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        self.bar.set_description_str(f"{self.desc} [{stage}]", refresh=False)
+        self.bar.n = int(1000 * fraction)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
+    """Segment one image; write .seg.nrrd (+ optional labelmap/stats/DICOM SEG). Returns a summary."""
+    from .io import read_volume
+    from .errors import OutputExistsError
+    from .writers import segments_from_results, write_seg_nrrd
+
+    if out.exists() and not args.overwrite:  # before spending minutes on inference
+        raise OutputExistsError(f"{out} already exists; choose another name or pass --overwrite to replace it.")
+    volume = read_volume(image)
+    bar = _Bar(_stem(image), args.quiet)
+    try:
+        predictor.set_image(volume, args.modality, args.site, _parse_slices(args.slices), progress=bar, cancel=token)
+        results = predictor.predict(_prompts(args), args.threshold, args.keep_absent, progress=bar, cancel=token)
+    finally:
+        bar.close()
+    for r in results:
+        if r.message:
+            print(f"  {r.message}", file=sys.stderr)
+    segments = segments_from_results(results)
+    if not segments:
+        raise Cancelled(f"{image}: cancelled before any prompt completed; nothing written.")
+    write_seg_nrrd(out, volume, segments, overwrite=args.overwrite)
+    if args.labelmap:
+        from .writers import write_labelmap
+
+        write_labelmap(_derived(args.labelmap, out, image), volume, segments, overwrite=args.overwrite)
+    if args.dicom_seg:
+        from .writers import write_dicom_seg
+
+        write_dicom_seg(_derived(args.dicom_seg, out, image), volume, segments, overwrite=args.overwrite)
+    if args.stats:
+        from .statistics import compute_statistics, write_statistics
+
+        write_statistics(compute_statistics(volume, segments), _derived(args.stats, out, image), overwrite=args.overwrite)
+    summary = {
+        "image": str(image),
+        "output": str(out),
+        "segments": {r.name: r.voxel_count for r in results},
+        "complete": len(results) == len(_prompts(args)),
+    }
+    return summary
+
+
+def _derived(option: str, out: Path, image: Path) -> Path:
+    """In cohort mode an option names a folder; else a file."""
+    p = Path(option)
+    return p / (_stem(image) + "".join(Path(option).suffixes or [])) if p.is_dir() else p
+
+
+def cmd_segment(args) -> int:
+    from .models.base import CancelToken
+    from .predictor import Predictor
+
+    image = Path(args.image)
+    out = Path(args.out)
+    token = CancelToken()
+    if not image.exists():
+        raise UsageError(f"{image}: no such file or folder.")
+    cohort = image.is_dir() and not _is_dicom_dir(image)
+    if cohort and out.name.lower().endswith(SEG_SUFFIX):
+        raise UsageError(f"{image} is a cohort folder: --out must be a folder, not a file ({out}).")
+    if not cohort and not out.name.lower().endswith(SEG_SUFFIX):
+        raise UsageError(f"--out must end with {SEG_SUFFIX} (got {out}).")
+    predictor = Predictor(args.model, device=args.device, batch_size=args.batch_size, seed=args.seed)
+    predictor.check_prompts(_prompts(args))  # fail before spending minutes on inference
+    with _cancel_on_ctrl_c(token):
+        if not cohort:
+            summary = segment_one(predictor, image, out, args, token)
+            _print_summary(summary, args)
+            return 0 if summary["complete"] else 1
+        return _run_cohort(predictor, image, out, args, token)
+
+
+def _run_cohort(predictor, folder: Path, out_dir: Path, args, token) -> int:
+    """Every case of a folder; resumes where it stopped (existing outputs are skipped)."""
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / "cohort.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"cases": {}}
+    cases = cohort_cases(folder)
+    failed = 0
+    for case in tqdm(cases, desc="cohort", unit="case", disable=args.quiet):
+        out = out_dir / (_stem(case) + SEG_SUFFIX)
+        if out.exists() and not args.overwrite:
+            manifest["cases"].setdefault(case.name, {"status": "done", "output": str(out)})
+            continue
+        if token.cancelled:
+            break
+        try:
+            summary = segment_one(predictor, case, out, args, token)
+            manifest["cases"][case.name] = {"status": "done" if summary["complete"] else "partial", **summary}
+        except Cancelled as exc:
+            manifest["cases"][case.name] = {"status": "cancelled", "error": str(exc)}
+            break
+        except TextsegError as exc:
+            failed += 1
+            manifest["cases"][case.name] = {"status": "failed", "error": str(exc)}
+            print(f"error: {exc}", file=sys.stderr)
+        tmp = manifest_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, manifest_path)
+    done = sum(1 for c in manifest["cases"].values() if c["status"] == "done")
+    print(f"{done}/{len(cases)} cases done, {failed} failed; manifest: {manifest_path}")
+    return 0 if done == len(cases) else 1
+
+
+def _print_summary(summary: dict, args) -> None:
+    if args.quiet:
+        return
+    print(f"wrote {summary['output']}")
+    for name, n in summary["segments"].items():
+        print(f"  {name}: {n} voxels")
+
+
+def cmd_stats(args) -> int:
+    from .io import read_volume
+    from .statistics import compute_statistics, write_statistics
+    from .writers import read_segments
+
+    volume = read_volume(args.image)
+    segments = read_segments(args.segmentation, labels=args.labels, reference=volume)
+    rows = compute_statistics(volume, segments)
+    write_statistics(rows, args.out, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"wrote statistics of {len(rows)} segment(s) to {args.out}")
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from .catalog import list_models
+    from .weights import is_ready
+
+    for spec in list_models(include_hidden=getattr(args, "all", False)):
+        status = "ready" if is_ready(spec) else "weights missing"
+        print(f"{spec.id:20s} {spec.dims}D  {','.join(spec.modalities):28s} {status:16s} {spec.title}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textseg", description="Text-prompted medical image segmentation.")
+    parser.add_argument("--version", action="version", version=f"textseg {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("segment", help="segment an image (or every image of a folder) from text prompts")
+    p.add_argument("image", help="image file, DICOM series folder, or a folder of cases (cohort)")
+    p.add_argument("--prompt", "-p", action="append", help="target to segment, e.g. 'liver' (repeatable)")
+    p.add_argument("--prompts-file", help="text file with one prompt per line")
+    p.add_argument("--model", "-m", default="deepbet", help="model id (see `textseg models`); default: deepbet")
+    p.add_argument("--modality", help="CT, MRI, PET, X-Ray, Ultrasound, ... (default: the model's first)")
+    p.add_argument("--site", help="CT body site preset (abdomen, lung, ...)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--slices", help="FIRST:STOP slice range for 2D models (canonical axial slices)")
+    p.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
+    p.add_argument("--keep-absent", action="store_true", help="keep masks whose existence test failed")
+    p.add_argument("--batch-size", type=int, help="slices (2D) or windows (3D) per batch")
+    p.add_argument("--seed", type=int, help="seed for models that sample (reproducible results)")
+    p.add_argument("--out", "-o", required=True, help="output .seg.nrrd (a folder for a cohort)")
+    p.add_argument("--labelmap", help="also write a NIfTI labelmap (+ .labels.json)")
+    p.add_argument("--dicom-seg", help="also write DICOM SEG (DICOM series input)")
+    p.add_argument("--stats", help="also write segment statistics (.csv or .json)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("stats", help="segment statistics (volume, intensity, shape) to CSV/JSON")
+    p.add_argument("image")
+    p.add_argument("segmentation", help=".seg.nrrd, or a labelmap with --labels")
+    p.add_argument("--labels", help="JSON mapping label values to names (for labelmaps)")
+    p.add_argument("--out", "-o", required=True, help="stats.csv or stats.json")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
+    _add_optional_parsers(sub)
+    return parser
+
+
+def _add_optional_parsers(sub) -> None:
+    try:
+        from . import cli_models
+
+        cli_models.add_parser(sub)
+    except ImportError:
+        p = sub.add_parser("models", help="list models and whether their weights are present")
+        p.add_argument("--all", action="store_true", help=argparse.SUPPRESS)
+        p.set_defaults(func=cmd_models_list)
+    try:
+        from . import cli_serve
+
+        cli_serve.add_parser(sub)
+    except ImportError:
+        pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except TextsegError as exc:
+        if os.environ.get("TEXTSEG_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

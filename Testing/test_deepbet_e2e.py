@@ -1,0 +1,51 @@
+"""The embedded default model, for real: deepbet on the MNI152 head against its brain mask."""
+
+import numpy as np
+import pytest
+
+from conftest import shared_file
+
+pytest.importorskip("deepbet")
+
+
+@pytest.fixture(scope="module")
+def mni():
+    from textseg.io import read_volume
+
+    return read_volume(shared_file("mni152", "MNI152_T1.nii.gz")), read_volume(shared_file("mni152", "MNI152_mask.nii.gz"))
+
+
+def dice(a, b):
+    a, b = a > 0, b > 0
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def test_deepbet_brain_dice(mni):
+    from textseg.predictor import Predictor
+
+    t1, truth = mni
+    p = Predictor("deepbet", device="cpu")
+    p.set_image(t1, "MRI")
+    (r,) = p.predict(["brain"])
+    assert r.mask.shape == t1.shape and r.mask.dtype == np.uint8
+    assert dice(r.mask, truth.array) >= 0.93
+    assert r.provenance["model"] == "deepbet" and r.provenance["weights_revision"] == "1.0.2,1.0.2"
+
+
+def test_deepbet_on_a_flipped_copy_gives_the_same_physical_mask(mni):
+    """Same head stored with i and k reversed: the model must see the same canonical array."""
+    from textseg.predictor import Predictor
+    from textseg.volume import Volume
+
+    t1, _ = mni
+    m = t1.ijk_to_lps
+    size = np.array(t1.size)
+    origin = m[:3, 3] + m[:3, 0] * (size[0] - 1) + m[:3, 2] * (size[2] - 1)
+    direction = t1.direction @ np.diag([-1.0, 1.0, -1.0])
+    flipped = Volume(t1.array[::-1, :, ::-1].copy(), t1.spacing, tuple(origin), direction)
+    p = Predictor("deepbet", device="cpu")
+    p.set_image(t1, "MRI")
+    ref = p.predict(["brain"])[0].mask
+    p.set_image(flipped, "MRI")
+    got = p.predict(["brain"])[0].mask
+    np.testing.assert_array_equal(got[::-1, :, ::-1], ref)
