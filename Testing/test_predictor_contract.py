@@ -85,3 +85,23 @@ def test_bad_requests_are_clear():
         p.set_image(_phantom(), "CT", slices=(0, 2))
     with pytest.raises(UsageError, match="Unknown model"):
         Predictor("no-such-model")
+
+
+def test_cancel_in_slice_mode_keeps_whole_slices_as_partial_results():
+    from textseg.writers import segments_from_results
+
+    p = Predictor("synthetic-2d", device="cpu", batch_size=1)
+    p.set_image(_phantom(), "CT")
+    token = CancelToken()
+
+    def progress(frac, stage):
+        if stage == "slices 3-3":  # slices 0..2 are done when slice 3 starts
+            token.cancel()
+
+    results = p.predict(["bone", "air"], progress=progress, cancel=token)
+    assert [r.complete for r in results] == [False, False]
+    assert results[0].extra["slices_done"] == [0, 3]
+    assert results[0].voxel_count == 2 * 4 * 8  # bone lies in slices 1..4; only 1 and 2 were processed
+    assert results[0].mask[3:].sum() == 0
+    segs = segments_from_results(results)
+    assert segs[0].name == "bone (partial)" and segs[0].tags["textseg.complete"] == "false"

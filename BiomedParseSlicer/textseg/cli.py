@@ -159,7 +159,7 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
         "image": str(image),
         "output": str(out),
         "segments": {r.name: r.voxel_count for r in results},
-        "complete": len(results) == len(_prompts(args)),
+        "complete": len(results) == len(_prompts(args)) and all(r.complete for r in results),
     }
     return summary
 

@@ -51,6 +51,7 @@ class PromptResult:
     provenance: Dict[str, Any]
     message: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
+    complete: bool = True  # False: cancelled part-way (2D models: only some slices were processed)
 
     @property
     def name(self) -> str:
@@ -308,7 +309,10 @@ class Predictor:
             else:
                 self._predict_volume(plist, thr, keep_absent, ctx, results)
         except Cancelled:
-            self._log(f"Cancelled: kept {len(results)} of {len(plist)} completed prompt(s).")
+            done = sum(r.complete for r in results)
+            partial = len(results) - done
+            self._log(f"Cancelled: kept {done} of {len(plist)} completed prompt(s)"
+                      + (f" and {partial} partial result(s)." if partial else "."))
         ctx.span(1.0, 1.0, "done")
         return results
 
@@ -334,8 +338,40 @@ class Predictor:
         exist = [np.zeros(n_total, np.float32) for _ in plist]
         has_exist = [False] * len(plist)
         t0 = time.perf_counter()
-        idx = first
         group = max(1, self.adapter.max_prompts_per_call)
+        cancelled: Optional[Cancelled] = None
+        try:
+            self._slice_loop(plist, probs, exist, has_exist, first, stop, group, ctx)
+        except Cancelled as exc:
+            cancelled = exc
+        idx = self._slices_done
+        if idx == first:
+            raise cancelled or Cancelled("cancelled")
+        seconds = (time.perf_counter() - t0) / len(plist)
+        for j, p in enumerate(plist):
+            e = exist[j] if has_exist[j] else None
+            prob = probs[j]
+            prob[idx:] = 0.0  # a cancelled batch may be half decoded: keep whole slices only
+            existence = float(e[first:idx].max()) if e is not None else None
+            extra: Dict[str, Any] = {}
+            if e is not None and self.spec.existence_threshold is not None and not keep_absent:
+                absent = e < self.spec.existence_threshold
+                absent[:first] = absent[idx:] = False
+                prob[absent] = 0.0
+                extra["slices_absent"] = int(absent[first:idx].sum())
+            if e is not None:
+                extra["slice_existence"] = e[first:idx].round(4).tolist()
+            r = self._finish(p, prob, existence, extra, thr, keep_absent, seconds)
+            if cancelled is not None:
+                r.complete = False
+                r.extra["slices_done"] = [first, idx]
+                r.message = (r.message + " " if r.message else "") + f"Partial: cancelled after slices {first}:{idx} of {first}:{stop}."
+            results.append(r)
+        if cancelled is not None:
+            raise cancelled
+
+    def _slice_loop(self, plist, probs, exist, has_exist, first, stop, group, ctx) -> None:
+        idx = self._slices_done = first
         while idx < stop:
             ctx.check_cancel()
             batch = tuple(range(idx, min(stop, idx + ctx.batch_size)))
@@ -359,23 +395,9 @@ class Predictor:
                         exist[s + j][batch[0] : batch[-1] + 1] = o.existence
                         has_exist[s + j] = True
             else:
-                idx = batch[-1] + 1
-        seconds = (time.perf_counter() - t0) / len(plist)
-        for j, p in enumerate(plist):
-            e = exist[j] if has_exist[j] else None
-            prob = probs[j]
-            existence = float(e[first:stop].max()) if e is not None else None
-            extra: Dict[str, Any] = {}
-            if e is not None and self.spec.existence_threshold is not None and not keep_absent:
-                absent = e < self.spec.existence_threshold
-                absent[:first] = absent[stop:] = False
-                prob[absent] = 0.0
-                extra["slices_absent"] = int(absent[first:stop].sum())
-            if e is not None:
-                extra["slice_existence"] = e[first:stop].round(4).tolist()
-            results.append(self._finish(p, prob, existence, extra, thr, keep_absent, seconds, canonical_2d=True))
+                idx = self._slices_done = batch[-1] + 1
 
-    def _finish(self, prompt, prob_canonical, existence, extra, thr, keep_absent, seconds, canonical_2d=False):
+    def _finish(self, prompt, prob_canonical, existence, extra, thr, keep_absent, seconds):
         assert self._volume is not None and self._preset is not None
         prob = self._volume.to_input_grid(np.asarray(prob_canonical, dtype=np.float32))
         mask = (prob >= thr).astype(np.uint8) if thr > 0 else (prob > 0).astype(np.uint8)

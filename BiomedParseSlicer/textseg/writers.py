@@ -60,7 +60,11 @@ def segments_from_results(results: Sequence[Any]) -> List[Segment]:
     out = []
     for r in results:
         tags = {TAG_PREFIX + k: (v if isinstance(v, str) else json.dumps(v)) for k, v in r.provenance.items()}
-        out.append(Segment(r.name, r.mask, tags=tags))
+        name = r.name
+        if not getattr(r, "complete", True):  # cancelled part-way: keep it, but never pass it off as whole
+            tags[TAG_PREFIX + "complete"] = "false"
+            name += " (partial)"
+        out.append(Segment(name, r.mask, tags=tags))
     return out
 
 
