@@ -1,9 +1,11 @@
 """Writing and reading segmentations.
 
 ``.seg.nrrd`` (3D Slicer's format) is written with slicerio: one segment per prompt, overlapping
-segments in separate layers, name from the prompt, colour and terminology, and the provenance of
-each segment (model, version, prompt, threshold, ...) as segment tags ``textseg.<key>``.
-Outputs are never overwritten unless asked, and are written atomically (temp file + rename).
+segments in separate layers, name from the prompt, SNOMED CT terminology and standard colour from
+``terminology.lookup`` and the provenance of each segment (model, version, prompt, threshold, ...)
+as segment tags ``textseg.<key>``. ``labelmap.py`` writes NIfTI/NRRD label maps with a
+``.labels.json`` sidecar, ``dicomseg.py`` DICOM SEG. Outputs are never overwritten unless asked,
+and are written atomically (temp file + rename).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -56,12 +58,42 @@ def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
 
 
 def segments_from_results(results: Sequence[Any]) -> List[Segment]:
-    """Segments (name, mask, provenance tags) from predictor PromptResults."""
+    """Segments from predictor PromptResults: name = the prompt, SNOMED CT terminology and standard
+    colour from the shipped table (unknown prompts: generic Tissue, distinct palette colour), and
+    the provenance as ``textseg.<key>`` tags."""
+    from .terminology import distinct_colors, lookup
+
+    terms = [lookup(r.name) for r in results]
     out = []
-    for r in results:
+    for r, term, color in zip(results, terms, distinct_colors(terms)):
         tags = {TAG_PREFIX + k: (v if isinstance(v, str) else json.dumps(v)) for k, v in r.provenance.items()}
-        out.append(Segment(r.name, r.mask, tags=tags))
+        tags[TAG_PREFIX + "terminology_match"] = term.structure or "none (generic Tissue)"
+        out.append(Segment(r.name, r.mask, color, term.to_slicerio(), tags))
     return out
+
+
+def segment_terminology(segment: Segment):
+    """The segment's terminology as a ``terminology.Terminology`` (looked up from its name if unset)."""
+    from slicerio.segmentation import terminology_entry_from_string
+
+    from .terminology import Terminology, lookup
+
+    t = segment.terminology
+    if t is None:
+        found = lookup(segment.name)
+        return found if segment.color is None else replace(found, color=tuple(segment.color))
+    if isinstance(t, str):
+        t = terminology_entry_from_string(t)
+    return Terminology.from_slicerio(t, segment.color or lookup(segment.name).color)
+
+
+def _escape_tag(value: str) -> str:
+    """slicerio stores tags as ``key:value|key:value``: keep ``|`` and newlines out of values."""
+    return str(value).replace("%", "%25").replace("|", "%7C").replace("\n", "%0A")
+
+
+def _unescape_tag(value: str) -> str:
+    return value.replace("%0A", "\n").replace("%7C", "|").replace("%25", "%")
 
 
 def write_seg_nrrd(path: PathLike, reference: Volume, segments: Sequence[Segment], overwrite: bool = False) -> Path:
@@ -81,7 +113,7 @@ def write_seg_nrrd(path: PathLike, reference: Volume, segments: Sequence[Segment
         if s.terminology is not None:
             fields["terminology"] = s.terminology
         if s.tags:
-            fields["tags"] = dict(s.tags)
+            fields["tags"] = {k: _escape_tag(v) if k.startswith(TAG_PREFIX) else v for k, v in s.tags.items()}
         slicerio.add_segment(seg, np.asarray(s.mask).transpose(2, 1, 0) > 0, fields)  # slicerio voxels are IJK
     with atomic_output(path, overwrite) as tmp:
         slicerio.write_segmentation(str(tmp), seg)
@@ -116,7 +148,193 @@ def read_seg_nrrd(path: PathLike) -> Tuple[Volume, List[Segment]]:
     segments = []
     for s in seg["segments"]:
         mask = slicerio.segment_mask(seg, s).transpose(2, 1, 0).astype(np.uint8)
-        tags = {k: v for k, v in (s.get("tags") or {}).items()}
+        tags = {k: _unescape_tag(v) if k.startswith(TAG_PREFIX) else v for k, v in (s.get("tags") or {}).items()}
         segments.append(Segment(s.get("name", s.get("id", "")), mask, tuple(s["color"]) if "color" in s else None,
                                 s.get("terminology"), tags))
     return ref, segments
+
+
+# ---- NIfTI / NRRD label maps -------------------------------------------------------------------
+LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+LABELS_FORMAT = "textseg-labels/1"
+
+
+def labels_path(labelmap_path: PathLike) -> Path:
+    """The sidecar of a label map: ``ct_seg.nii.gz`` -> ``ct_seg.labels.json``."""
+    p = Path(labelmap_path)
+    name = p.name
+    for suf in LABELMAP_SUFFIXES:
+        if name.lower().endswith(suf):
+            name = name[: -len(suf)]
+            break
+    return p.with_name(name + ".labels.json")
+
+
+def write_labelmap(path: PathLike, reference: Volume, segments: Sequence[Segment], overwrite: bool = False) -> Path:
+    """A label map (NIfTI ``.nii.gz``/``.nii``, NRRD, MHA: by extension) with value ``n`` for the
+    n-th segment (1-based), plus the sidecar ``<name>.labels.json`` (value -> name, colour,
+    terminology, tags).
+
+    Overlap policy: a label map holds one label per voxel, so where segments overlap the *later*
+    segment (later prompt) wins. Nothing is lost silently: the sidecar records, per label, the
+    voxels it lost to later labels (``overwritten_voxels``) and its voxel count in the map. Use the
+    .seg.nrrd (layers) to keep overlaps."""
+    path = Path(path)
+    if not path.name.lower().endswith(LABELMAP_SUFFIXES):
+        raise InputError(f"{path}: a label map needs one of the extensions {', '.join(LABELMAP_SUFFIXES)}.")
+    side = labels_path(path)
+    for p in (path, side):
+        if p.exists() and not overwrite:
+            raise OutputExistsError(f"{p} already exists; choose another name or pass --overwrite to replace it.")
+    dtype = np.uint8 if len(segments) < 256 else np.uint16
+    labels = np.zeros(reference.shape, dtype)
+    entries = []
+    for value, s in enumerate(segments, start=1):
+        mask = _checked_mask(s, reference)
+        lost = labels[mask] if mask.any() else labels[:0]
+        for earlier, n in zip(*np.unique(lost[lost > 0], return_counts=True)):
+            entries[int(earlier) - 1]["overwritten_voxels"] += int(n)
+        labels[mask] = value
+        entries.append(_label_entry(value, s))
+    counts = np.bincount(labels.ravel(), minlength=len(segments) + 1)
+    for e in entries:
+        e["voxels"] = int(counts[e["value"]])
+    from .io import write_image
+
+    doc = {"format": LABELS_FORMAT, "labelmap": path.name, "overlap_policy": "later segment wins", "labels": entries}
+    with atomic_output(path, overwrite=True) as tmp:
+        write_image(reference, tmp, labels)
+        with atomic_output(side, overwrite=True) as tmp_side:
+            tmp_side.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def _checked_mask(s: Segment, reference: Volume) -> np.ndarray:
+    if s.mask.shape != reference.shape:
+        raise ValueError(f"segment '{s.name}' has shape {s.mask.shape}, reference grid is {reference.shape}")
+    return np.asarray(s.mask) > 0
+
+
+def _label_entry(value: int, s: Segment) -> Dict[str, Any]:
+    term = segment_terminology(s)
+    return {"value": value, "name": s.name, "color": [round(float(c), 6) for c in term.color],
+            "terminology": term.to_slicer_string(), "tags": dict(s.tags), "overwritten_voxels": 0}
+
+
+def read_labels(path: PathLike) -> Dict[int, Dict[str, Any]]:
+    """Label value -> {"name", optional "color", "terminology", "tags"} from a labels JSON: the
+    textseg sidecar, a TotalSegmentator-style ``{"1": "spleen", ...}`` or an nnU-Net-style
+    ``{"labels": {"background": 0, "liver": 1}}``."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such labels file.") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a JSON labels file ({exc}).") from None
+    labels = doc.get("labels", doc) if isinstance(doc, dict) else None
+    try:
+        if isinstance(labels, list):  # textseg sidecar
+            return {int(e["value"]): e for e in labels}
+        if isinstance(labels, dict) and all(str(k).strip().isdigit() for k in labels):  # "1": "spleen"
+            return {int(k): {"name": str(v)} for k, v in labels.items() if int(k) != 0}
+        if isinstance(labels, dict):  # "spleen": 1
+            return {int(v): {"name": str(k)} for k, v in labels.items() if int(v) != 0}
+    except (KeyError, TypeError, ValueError):
+        pass
+    raise InputError(f"{path}: unrecognised labels JSON. Expected the textseg .labels.json, "
+                     '{"1": "name", ...} or {"labels": {"name": 1, ...}}.')
+
+
+def read_labelmap(path: PathLike, labels: Optional[PathLike] = None) -> Tuple[Volume, List[Segment]]:
+    """Reference geometry and one Segment per label value present in the map.
+
+    Names, colours and terminology come from ``labels`` (default: the ``.labels.json`` sidecar if it
+    exists); values without an entry are named ``label_<value>`` and get terminology from the name.
+    Label values listed in the JSON but absent from the map are skipped."""
+    from .io import read_volume
+
+    vol = read_volume(path)
+    integral = np.issubdtype(vol.array.dtype, np.integer) or (
+        np.issubdtype(vol.array.dtype, np.floating) and bool(np.all(np.mod(vol.array, 1) == 0)))
+    if vol.is_rgb or not integral:
+        raise InputError(f"{path}: not a label map (values must be integers); give the segmentation, not the image.")
+    arr = vol.array.astype(np.int64, copy=False)
+    side = Path(labels) if labels is not None else labels_path(path)
+    info = read_labels(side) if (labels is not None or side.exists()) else {}
+    ref = vol.with_array(np.zeros(vol.shape, np.uint8))
+    segments = []
+    for value in np.unique(arr):
+        if value == 0:
+            continue
+        e = info.get(int(value), {})
+        name = e.get("name") or f"label_{int(value)}"
+        seg = Segment(name, (arr == value).astype(np.uint8), tuple(e["color"]) if e.get("color") else None,
+                      e.get("terminology"), {k: str(v) for k, v in (e.get("tags") or {}).items()})
+        if seg.terminology is None:
+            term = segment_terminology(seg)
+            seg.terminology, seg.color = term.to_slicerio(), seg.color or term.color
+        seg.tags.setdefault(TAG_PREFIX + "label_value", str(int(value)))
+        segments.append(seg)
+    return ref, segments
+
+
+def read_segments(path: PathLike, labels: Optional[PathLike] = None) -> Tuple[Volume, List[Segment]]:
+    """Any segmentation textseg reads: ``.seg.nrrd``/``.seg.nhdr`` (Slicer, overlaps kept), a DICOM
+    SEG file (``.dcm``), or a label map (NIfTI/NRRD/MHA) with an optional labels JSON."""
+    p = Path(path)
+    name = p.name.lower()
+    if name.endswith((".seg.nrrd", ".seg.nhdr")):
+        return read_seg_nrrd(p)
+    if name.endswith(".dcm") or (p.is_file() and _is_dicom_seg(p)):
+        from .dicomseg import read_dicom_seg
+
+        return read_dicom_seg(p)
+    if not name.endswith(LABELMAP_SUFFIXES):
+        raise InputError(f"{p}: unknown segmentation format. Give a .seg.nrrd, a DICOM SEG (.dcm) or a label map "
+                         f"({', '.join(LABELMAP_SUFFIXES)}) with its labels JSON.")
+    return read_labelmap(p, labels)
+
+
+def _is_dicom_seg(p: Path) -> bool:
+    with open(p, "rb") as f:
+        head = f.read(132)
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def write_dicom_seg(path: PathLike, reference: Volume, segments: Sequence[Segment], overwrite: bool = False,
+                    **kwargs: Any) -> Path:
+    """DICOM SEG (highdicom) for a volume read from a DICOM series; see ``dicomseg.write_dicom_seg``."""
+    from .dicomseg import write_dicom_seg as _write
+
+    return _write(path, reference, segments, overwrite, **kwargs)
+
+
+def write_segmentation(path: PathLike, reference: Volume, segments: Sequence[Segment], overwrite: bool = False) -> Path:
+    """Write by extension: ``.seg.nrrd`` (layers), ``.dcm`` (DICOM SEG) or a label map + labels JSON."""
+    name = Path(path).name.lower()
+    if name.endswith((".seg.nrrd", ".seg.nhdr")):
+        return write_seg_nrrd(path, reference, segments, overwrite)
+    if name.endswith(".dcm"):
+        return write_dicom_seg(path, reference, segments, overwrite)
+    if name.endswith(LABELMAP_SUFFIXES):
+        return write_labelmap(path, reference, segments, overwrite)
+    raise InputError(f"{path}: unknown output format. Use .seg.nrrd, .nii.gz (label map) or .dcm (DICOM SEG).")
+
+
+def resample_segments(source: Volume, segments: Sequence[Segment], target: Volume) -> List[Segment]:
+    """The segments (on ``source``'s grid) on ``target``'s grid: unchanged if the grids are the same,
+    else nearest-neighbour resampling in physical space (as Slicer does for statistics); voxels of
+    ``target`` outside ``source`` are background."""
+    if source.same_grid(target):
+        return list(segments)
+    import SimpleITK as sitk
+
+    from .io import to_sitk
+
+    ref_img = to_sitk(target, np.zeros(target.shape, np.uint8))
+    out = []
+    for s in segments:
+        img = sitk.Resample(to_sitk(source, np.asarray(s.mask, np.uint8)), ref_img, sitk.Transform(),
+                            sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        out.append(replace(s, mask=sitk.GetArrayFromImage(img)))
+    return out
