@@ -146,3 +146,20 @@ def test_write_csv_and_json(tmp_path):
     with pytest.raises(InputError, match=".csv or .json"):
         write_statistics(rows, tmp_path / "s.xlsx")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["s.csv", "s.json"]
+
+
+def test_statistics_for_files_labelmap_and_seg_nrrd(tmp_path):
+    from textseg.io import read_volume
+    from textseg.statistics import statistics_for_files
+    from textseg.writers import write_seg_nrrd
+
+    ct_path = shared_file("totalsegmentator-examples", "example_ct_sm.nii.gz")
+    seg_path = shared_file("totalsegmentator-examples", "example_seg.nii.gz")
+    labels = shared_file("totalsegmentator-examples", "example_seg_labels.json")
+    rows = statistics_for_files(ct_path, seg_path, labels)
+    ct = read_volume(ct_path)
+    _, segs = read_segments(seg_path, labels)  # eager: every mask at once
+    assert rows == compute_statistics(ct, segs)
+    liver = [s for s in segs if s.name == "liver"]
+    write_seg_nrrd(tmp_path / "liver.seg.nrrd", ct, liver)
+    assert statistics_for_files(ct_path, tmp_path / "liver.seg.nrrd") == [r for r in rows if r["segment"] == "liver"]

@@ -72,12 +72,13 @@ def compute_statistics(volume: Volume, segments: Sequence[Segment], reference: O
     .seg.nrrd or DICOM SEG of another extent): the masks are then resampled onto the image grid
     (nearest neighbour), as Slicer does. Empty segments get voxel_count 0 and None elsewhere.
     Intensity columns are None for RGB images."""
-    if reference is not None:
-        segments = resample_segments(reference, segments, volume)
     rows = []
-    for n, s in enumerate(segments):
+    for n in range(len(segments)):
         if cancel is not None:
             cancel.check()
+        s = segments[n]
+        if reference is not None:
+            s = resample_segments(reference, [s], volume)[0]
         if s.mask.shape != volume.shape:
             raise InputError(f"segment '{s.name}' has shape {s.mask.shape} but the image has {volume.shape}; "
                              "give the image the segmentation was made on.")
@@ -186,3 +187,16 @@ def _fmt(v: Any) -> Any:
     if isinstance(v, float):
         return repr(v)
     return v
+
+
+def statistics_for_files(image: PathLike, segmentation: PathLike, labels: Optional[PathLike] = None,
+                         progress: Optional[ProgressFn] = None, cancel: Any = None) -> List[Dict[str, Any]]:
+    """``textseg stats IMAGE SEGMENTATION``: read both (a .seg.nrrd, DICOM SEG or label map + labels
+    JSON), bring the segments onto the image grid and compute one row per segment. Label maps are
+    read lazily (one mask in memory at a time)."""
+    from .io import read_volume
+    from .writers import read_segments
+
+    volume = read_volume(image)
+    ref, segments = read_segments(segmentation, labels, lazy=True)
+    return compute_statistics(volume, segments, reference=ref, progress=progress, cancel=cancel)

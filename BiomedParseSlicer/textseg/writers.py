@@ -245,12 +245,15 @@ def read_labels(path: PathLike) -> Dict[int, Dict[str, Any]]:
                      '{"1": "name", ...} or {"labels": {"name": 1, ...}}.')
 
 
-def read_labelmap(path: PathLike, labels: Optional[PathLike] = None) -> Tuple[Volume, List[Segment]]:
+def read_labelmap(path: PathLike, labels: Optional[PathLike] = None, lazy: bool = False
+                  ) -> Tuple[Volume, Sequence[Segment]]:
     """Reference geometry and one Segment per label value present in the map.
 
     Names, colours and terminology come from ``labels`` (default: the ``.labels.json`` sidecar if it
     exists); values without an entry are named ``label_<value>`` and get terminology from the name.
-    Label values listed in the JSON but absent from the map are skipped."""
+    Label values listed in the JSON but absent from the map are skipped. ``lazy=True`` returns a
+    sequence that builds each segment's mask when it is accessed (one mask in memory at a time:
+    use it for statistics of maps with many labels)."""
     from .io import read_volume
 
     vol = read_volume(path)
@@ -258,29 +261,42 @@ def read_labelmap(path: PathLike, labels: Optional[PathLike] = None) -> Tuple[Vo
         np.issubdtype(vol.array.dtype, np.floating) and bool(np.all(np.mod(vol.array, 1) == 0)))
     if vol.is_rgb or not integral:
         raise InputError(f"{path}: not a label map (values must be integers); give the segmentation, not the image.")
-    arr = vol.array.astype(np.int64, copy=False)
     side = Path(labels) if labels is not None else labels_path(path)
     info = read_labels(side) if (labels is not None or side.exists()) else {}
-    ref = vol.with_array(np.zeros(vol.shape, np.uint8))
-    segments = []
-    for value in np.unique(arr):
-        if value == 0:
-            continue
-        e = info.get(int(value), {})
-        name = e.get("name") or f"label_{int(value)}"
-        seg = Segment(name, (arr == value).astype(np.uint8), tuple(e["color"]) if e.get("color") else None,
-                      e.get("terminology"), {k: str(v) for k, v in (e.get("tags") or {}).items()})
+    segments = LabelmapSegments(vol.array.astype(np.int64, copy=False), info)
+    return vol.with_array(np.zeros(vol.shape, np.uint8)), (segments if lazy else list(segments))
+
+
+class LabelmapSegments(Sequence):
+    """The segments of a label array, each mask built on access."""
+
+    def __init__(self, array: np.ndarray, info: Dict[int, Dict[str, Any]]) -> None:
+        self.array, self.info = array, info
+        self.values = [int(v) for v in np.unique(array) if v != 0]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        value = self.values[index]
+        e = self.info.get(value, {})
+        seg = Segment(e.get("name") or f"label_{value}", (self.array == value).astype(np.uint8),
+                      tuple(e["color"]) if e.get("color") else None, e.get("terminology"),
+                      {k: str(v) for k, v in (e.get("tags") or {}).items()})
         if seg.terminology is None:
             term = segment_terminology(seg)
             seg.terminology, seg.color = term.to_slicerio(), seg.color or term.color
-        seg.tags.setdefault(TAG_PREFIX + "label_value", str(int(value)))
-        segments.append(seg)
-    return ref, segments
+        seg.tags.setdefault(TAG_PREFIX + "label_value", str(value))
+        return seg
 
 
-def read_segments(path: PathLike, labels: Optional[PathLike] = None) -> Tuple[Volume, List[Segment]]:
+def read_segments(path: PathLike, labels: Optional[PathLike] = None, lazy: bool = False
+                  ) -> Tuple[Volume, Sequence[Segment]]:
     """Any segmentation textseg reads: ``.seg.nrrd``/``.seg.nhdr`` (Slicer, overlaps kept), a DICOM
-    SEG file (``.dcm``), or a label map (NIfTI/NRRD/MHA) with an optional labels JSON."""
+    SEG file (``.dcm``), or a label map (NIfTI/NRRD/MHA) with an optional labels JSON (``lazy``:
+    see ``read_labelmap``). Returns the segmentation's own grid and its segments."""
     p = Path(path)
     name = p.name.lower()
     if name.endswith((".seg.nrrd", ".seg.nhdr")):
@@ -292,7 +308,7 @@ def read_segments(path: PathLike, labels: Optional[PathLike] = None) -> Tuple[Vo
     if not name.endswith(LABELMAP_SUFFIXES):
         raise InputError(f"{p}: unknown segmentation format. Give a .seg.nrrd, a DICOM SEG (.dcm) or a label map "
                          f"({', '.join(LABELMAP_SUFFIXES)}) with its labels JSON.")
-    return read_labelmap(p, labels)
+    return read_labelmap(p, labels, lazy)
 
 
 def _is_dicom_seg(p: Path) -> bool:
