@@ -123,6 +123,15 @@ def table() -> Dict[str, Terminology]:
     return out
 
 
+def color_for(category: Code, type_: Code, type_modifier: Optional[Code] = None) -> Optional[Color]:
+    """The table's colour for these codes (first matching row), None if the table lacks them."""
+    for e in table().values():
+        if (e.category.value, e.type.value) == (category.value, type_.value) and (
+                type_modifier is None or (e.type_modifier and e.type_modifier.value == type_modifier.value)):
+            return e.color
+    return None
+
+
 def _code(row: dict, group: str) -> Optional[Code]:
     value = row[f"{group}.CodeValue"].strip()
     return Code(row[f"{group}.CodingSchemeDesignator"], value, row[f"{group}.CodeMeaning"]) if value else None
