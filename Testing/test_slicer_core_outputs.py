@@ -166,3 +166,17 @@ def test_statistics_agree_with_slicer_core_on_oblique_anisotropic_sphere(tmp_pat
     _, _, _, image = _segment_labelmap(node, 0)
     ours = compute_statistics(vol, [Segment("nodule", mask)])[0]
     _agree(ours, vol, image, ct, mask)
+
+
+def test_box_surface_is_slicers_estimate_not_the_face_area(tmp_path):
+    """A box's ITK surface estimate is below its voxel-face area; Slicer reports the same value."""
+    mask = np.zeros((10, 12, 14), np.uint8)
+    mask[2:6, 3:9, 4:11] = 1  # 7 x 6 x 4 voxels
+    vol = Volume(np.zeros(mask.shape, np.int16), (0.5, 0.7, 2.0))
+    path = write_seg_nrrd(tmp_path / "box.seg.nrrd", vol, [Segment("box", mask)])
+    _, node = _load_with_slicer(path)
+    _, _, _, image = _segment_labelmap(node, 0)
+    ours = compute_statistics(vol, [Segment("box", mask)])[0]
+    _agree(ours, vol, image, vol.array, mask)
+    faces = 2 * (3.5 * 4.2 + 3.5 * 8.0 + 4.2 * 8.0)
+    assert ours["surface_area_mm2"] < 0.75 * faces and ours["roundness"] > 1

@@ -173,3 +173,18 @@ def test_segments_without_terminology_get_it_from_their_name(tmp_path):
     assert bone["terminology"]["type"] == ["SCT", "272673000", "Bone"]  # a given Slicer string is kept
     assert bone["color"] == [241 / 255, 214 / 255, 145 / 255]  # colour of that code in the table
     assert bone["terminology"]["contextName"] == "Segmentation category and type - 3D Slicer General Anatomy list"
+
+
+def test_seg_nrrd_layers_and_empty_segments(tmp_path):
+    v, a, b = _grid()
+    c = np.zeros(v.shape, np.uint8)
+    c[0, 0, 0] = 1  # touches neither a nor b
+    empty = np.zeros(v.shape, np.uint8)
+    write_seg_nrrd(tmp_path / "l.seg.nrrd", v, [Segment("e", empty), Segment("a", a), Segment("b", b), Segment("c", c)])
+    seg = slicerio.read_segmentation(str(tmp_path / "l.seg.nrrd"))
+    placed = [(s["name"], s["layer"], s["labelValue"]) for s in seg["segments"]]
+    assert placed == [("e", 0, 1), ("a", 0, 2), ("b", 1, 1), ("c", 0, 3)]
+    assert seg["segments"][1]["extent"] == [2, 5, 2, 4, 1, 3]  # i0 i1 j0 j1 k0 k1 of a[1:4, 2:5, 2:6]
+    _, back = read_seg_nrrd(tmp_path / "l.seg.nrrd")
+    for s, m in zip(back, (empty, a, b, c)):
+        np.testing.assert_array_equal(s.mask, m)
