@@ -3,9 +3,9 @@
 ``.seg.nrrd`` (3D Slicer's format) is written with slicerio: one segment per prompt, overlapping
 segments in separate layers, name from the prompt, SNOMED CT terminology and standard colour from
 ``terminology.lookup`` and the provenance of each segment (model, version, prompt, threshold, ...)
-as segment tags ``textseg.<key>``. ``labelmap.py`` writes NIfTI/NRRD label maps with a
-``.labels.json`` sidecar, ``dicomseg.py`` DICOM SEG. Outputs are never overwritten unless asked,
-and are written atomically (temp file + rename).
+as segment tags ``textseg.<key>``. Label maps (NIfTI/NRRD/MHA) are written here too, with a
+``.labels.json`` sidecar; DICOM SEG lives in ``dicomseg.py``. ``read_segments`` reads all three.
+Outputs are never overwritten unless asked, and are written atomically (temp file + rename).
 """
 
 from __future__ import annotations
