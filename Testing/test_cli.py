@@ -91,3 +91,24 @@ def test_module_entry_point_runs_deepbet(tmp_path):
     assert proc.returncode == 0, proc.stderr
     _, segs = read_seg_nrrd(out)
     assert segs[0].name == "brain" and segs[0].mask.sum() > 1_000_000
+
+
+def test_stats_command_on_the_real_labelmap(tmp_path):
+    """`textseg stats` on the TotalSegmentator CT and its 117-class labelmap (liver = label 5)."""
+    import csv
+
+    import SimpleITK as sitk
+
+    ct = shared_file("totalsegmentator-examples", "example_ct_sm.nii.gz")
+    seg = shared_file("totalsegmentator-examples", "example_seg.nii.gz")
+    labels = shared_file("totalsegmentator-examples", "example_seg_labels.json")
+    out = tmp_path / "stats.csv"
+    assert main(["-q", "stats", str(ct), str(seg), "--labels", str(labels), "--out", str(out)]) == 0
+    rows = {r["segment"]: r for r in csv.DictReader(out.open())}
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))
+    img = sitk.GetArrayFromImage(sitk.ReadImage(str(ct))).astype(float)
+    liver = lab == 5
+    assert int(rows["liver"]["voxel_count"]) == int(liver.sum())
+    assert float(rows["liver"]["volume_mm3"]) == pytest.approx(liver.sum() * 27.0)
+    assert float(rows["liver"]["mean"]) == pytest.approx(img[liver].mean(), rel=1e-6)
+    assert main(["-q", "stats", str(ct), str(seg), "--labels", str(labels), "--out", str(out)]) == 1  # exists

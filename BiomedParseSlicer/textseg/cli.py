@@ -237,13 +237,13 @@ def _print_summary(summary: dict, args) -> None:
 
 
 def cmd_stats(args) -> int:
-    from .io import read_volume
-    from .statistics import compute_statistics, write_statistics
-    from .writers import read_segments
+    from .statistics import statistics_for_files, write_statistics
 
-    volume = read_volume(args.image)
-    segments = read_segments(args.segmentation, labels=args.labels, reference=volume)
-    rows = compute_statistics(volume, segments)
+    bar = _Bar("statistics", args.quiet)
+    try:
+        rows = statistics_for_files(args.image, args.segmentation, args.labels, progress=bar)
+    finally:
+        bar.close()
     write_statistics(rows, args.out, overwrite=args.overwrite)
     if not args.quiet:
         print(f"wrote statistics of {len(rows)} segment(s) to {args.out}")
