@@ -92,8 +92,8 @@ class BiomedParseSlicerParameterNode:
     prompts: str = ""
     promptHistory: str = ""  # newline-separated, most recent first
     model: str = "deepbet"
-    modality: str = ""
-    site: str = ""
+    modality: str = "CT"
+    site: str = "abdomen"
     where: str = "local"  # local | remote
     device: str = "auto"
     serverUrl: str = ""
@@ -115,6 +115,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
+        self._parameterNodeGuiTag = None
         self._task = None
         self._taskKind = ""
         self._localServer = None
@@ -260,9 +261,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.modelInfoLabel.text = f"{spec.description} {_('Licence')}: {spec.license or '?'}"
         self.updateState()
 
-    def onModalityChanged(self, text):
-        if self._parameterNode:
-            self._parameterNode.modality = text
+    def onModalityChanged(self, _text):
         self.updateState()
 
     def onVolumeChanged(self, node):
@@ -422,16 +421,11 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.log(_("Done: {n} segment(s).").format(n=len(results)))
 
     def onTestConnection(self):
-        url = self.ui.serverUrlLineEdit.text.strip().rstrip("/")
+        url = self.ui.serverUrlLineEdit.text.strip()
         key = self.ui.apiKeyLineEdit.text
 
         def work(progress, cancel):
-            import requests
-
-            headers = {"Authorization": f"Bearer {key}"} if key else {}
-            r = requests.get(url + "/health", headers=headers, timeout=10)
-            r.raise_for_status()
-            return f"Connected to {url}: {r.text[:200]}"
+            return runner.check_server(url, key)
 
         self._run(work, "connection")
 

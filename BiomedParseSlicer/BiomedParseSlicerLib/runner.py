@@ -172,6 +172,25 @@ class LocalServer:
         self.process = None
 
 
+def check_server(url: str, api_key: Optional[str] = None, timeout: float = 10.0) -> str:
+    """'Test connection': GET <url>/health; a message for the log, UsageError saying what is wrong."""
+    import requests
+
+    url = (url or "").strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"'{url}' is not a server URL; it looks like https://gpu-server.example.org:8000.")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = requests.get(url + "/health", headers=headers, timeout=timeout)
+    except requests.RequestException as exc:
+        raise UsageError(f"Cannot reach {url} ({type(exc).__name__}). Check the URL, the network/VPN and any proxy.") from None
+    if r.status_code in (401, 403):
+        raise UsageError(f"{url} refused the API key (HTTP {r.status_code}). Check the key with the server's administrator.")
+    if r.status_code != 200:
+        raise UsageError(f"{url}/health answered HTTP {r.status_code}; is this a textseg server?")
+    return f"Connected to {url}: {r.text[:200]}"
+
+
 def has_client() -> bool:
     try:
         import textseg.client  # noqa: F401
