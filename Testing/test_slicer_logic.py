@@ -280,3 +280,35 @@ def test_geometry_when_slicer_stores_the_file_flipped(app, logic, predictor):
     seg = logic.segment(node, prompts, "synthetic-3d", modality="MRI", predictor=predictor)
     checks.check_geometry(seg, logic.lastSegmentIDs, node, expected, reference)
     assert all(m.sum() > 10000 for m in expected.values())
+
+
+def test_markups_become_lps_box_and_point_prompts(app, logic, predictor, ct_path):
+    node = app.load_volume(ct_path)
+    reference = read_volume(ct_path)
+    b = [0.0] * 6
+    node.GetRASBounds(b)
+    centre = np.round([(b[0] + b[1]) / 2, (b[2] + b[3]) / 2, (b[4] + b[5]) / 2])
+    roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(*centre)  # RAS, inside the image
+    roi.SetSize(120.0, 90.0, 45.0)
+    box = mrml.roi_box_lps(roi)
+    lo, hi = centre - (60.0, 45.0, 22.5), centre + (60.0, 45.0, 22.5)  # the ROI in RAS
+    flip = np.array([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(box, [np.minimum(lo * flip, hi * flip), np.maximum(lo * flip, hi * flip)])
+    points = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPoint(1.5, -2.5, 3.0)
+    assert mrml.fiducial_points_lps(points) == ((-1.5, 2.5, 3.0),)
+    from textseg.prompts import Prompt
+
+    prompt = Prompt("bone", box)
+    expected = checks.engine_masks(reference, [prompt])
+    seg = logic.segment(node, [prompt], "synthetic-3d", modality="CT", predictor=predictor)
+    checks.check_geometry(seg, logic.lastSegmentIDs, node, expected, reference)
+    inside = checks.segment_centres_ras(seg, logic.lastSegmentIDs[0])
+    assert 0 < len(inside) < int(checks.engine_masks(reference, ["bone"])["bone"].sum())
+    assert ((inside >= lo - 1.5) & (inside <= hi + 1.5)).all()  # within half a 3 mm voxel
+
+
+def test_modality_guess(app, logic, ct_path):
+    assert logic.guessModality(app.load_volume(ct_path)) == ("CT", "abdomen")
+    assert logic.guessModality(app.load_volume(shared_file("mni152", "MNI152_T1.nii.gz")))[0] == "MRI"

@@ -1,6 +1,6 @@
 """A real MRML scene without the Slicer application, for scripts and tests with the PyPI
 ``slicer-core`` wheel: scene + application logic + the module logics the BiomedParseSlicer
-logic relies on (Colors, Volumes, Segmentations, Tables). Nothing here replaces ``slicer``."""
+logic relies on (Colors, Volumes, Segmentations, Tables, Markups). Nothing here replaces ``slicer``."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def create() -> HeadlessScene:
     app.SetModuleLogic("Colors", colors)
     for name, logic in (("Volumes", slicer.vtkSlicerVolumesLogic()),
                         ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic()),  # registers converters
-                        ("Tables", slicer.vtkSlicerTablesLogic())):
+                        ("Tables", slicer.vtkSlicerTablesLogic()),
+                        ("Markups", slicer.vtkSlicerMarkupsLogic())):
         logic.SetMRMLScene(scene)
         logic.SetMRMLApplicationLogic(app)
         app.SetModuleLogic(name, logic)

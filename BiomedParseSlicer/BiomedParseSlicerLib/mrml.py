@@ -270,7 +270,7 @@ def roi_box_lps(roi_node) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]
     b = [0.0] * 6
     roi_node.GetRASBounds(b)
     lo, hi = ras_to_lps([[b[0], b[2], b[4]], [b[1], b[3], b[5]]])
-    return tuple(np.minimum(lo, hi)), tuple(np.maximum(lo, hi))
+    return tuple(map(float, np.minimum(lo, hi))), tuple(map(float, np.maximum(lo, hi)))
 
 
 def fiducial_points_lps(fiducial_node) -> Tuple[Tuple[float, ...], ...]:
@@ -282,4 +282,4 @@ def fiducial_points_lps(fiducial_node) -> Tuple[Tuple[float, ...], ...]:
         p = [0.0, 0.0, 0.0]
         fiducial_node.GetNthControlPointPositionWorld(i, p)
         pts.append(p)
-    return tuple(tuple(p) for p in ras_to_lps(pts)) if pts else ()
+    return tuple(tuple(map(float, p)) for p in ras_to_lps(pts)) if pts else ()
