@@ -9,12 +9,13 @@ wheel (no Qt): the GUI imports below are guarded, ``slicer`` itself is never rep
 import json
 import logging
 import os
-from typing import List, Optional, Sequence
+from typing import Annotated, List, Optional, Sequence
 
 import slicer
 
 from BiomedParseSlicerLib import environment, mrml, runner, stats
 from textseg.errors import Cancelled, TextsegError, UsageError
+from textseg.presets import CT_WINDOWS, MODALITIES, normalize_modality
 from textseg.prompts import Prompt, parse_prompts
 from textseg.writers import segments_from_results
 
@@ -22,7 +23,7 @@ try:  # 3D Slicer application (Qt); absent from the slicer-core wheel
     import ctk
     import qt
     from slicer.i18n import tr as _
-    from slicer.parameterNodeWrapper import parameterNodeWrapper
+    from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
     from slicer.ScriptedLoadableModule import (
         ScriptedLoadableModule,
         ScriptedLoadableModuleLogic,
@@ -34,7 +35,7 @@ try:  # 3D Slicer application (Qt); absent from the slicer-core wheel
     HAVE_GUI = True
 except ImportError:  # headless (slicer-core): only the Logic is usable
     HAVE_GUI = False
-    ctk = qt = parameterNodeWrapper = None
+    ctk = qt = parameterNodeWrapper = Choice = None
 
     def _(text):
         return text
@@ -82,6 +83,14 @@ class BiomedParseSlicer(ScriptedLoadableModule):
 #
 # BiomedParseSlicerParameterNode
 #
+def _choice(values):
+    """A str parameter shown in a QComboBox (parameterNodeWrapper needs the Choice annotation)."""
+    return Annotated[str, Choice(list(values))] if Choice is not None else str
+
+
+DEVICES = ("auto", "cuda", "cpu", "mps")
+
+
 class BiomedParseSlicerParameterNode:
     """Saved with the scene: what to segment, with which model, where it runs. The API key is
     not saved in scenes (they get shared); it stays in the application settings."""
@@ -92,10 +101,10 @@ class BiomedParseSlicerParameterNode:
     prompts: str = ""
     promptHistory: str = ""  # newline-separated, most recent first
     model: str = "deepbet"
-    modality: str = "CT"
-    site: str = "abdomen"
+    modality: _choice(MODALITIES) = "CT"
+    site: _choice(CT_WINDOWS) = "abdomen"
     where: str = "local"  # local | remote
-    device: str = "auto"
+    device: _choice(DEVICES) = "auto"
     serverUrl: str = ""
 
 
@@ -140,11 +149,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.refreshSetup()
 
     def _fillChoices(self):
-        from textseg.presets import CT_WINDOWS, MODALITIES
-
-        self.ui.modalityComboBox.addItems(list(MODALITIES))
-        self.ui.siteComboBox.addItems(list(CT_WINDOWS))
-        self.ui.deviceComboBox.addItems(["auto", "cuda", "cpu", "mps"])
+        # modality, site and device combo boxes are filled by the parameter node's Choice annotations
         self.ui.apiKeyLineEdit.text = qt.QSettings().value("BiomedParseSlicer/apiKey", "")
         self.ui.hfTokenLineEdit.text = qt.QSettings().value("BiomedParseSlicer/hfToken", "")
         self.fillModels()
@@ -158,7 +163,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         ui.modalityComboBox.currentTextChanged.connect(self.onModalityChanged)
         ui.promptsEdit.textChanged.connect(self.onPromptsEdited)
         ui.addTargetLineEdit.returnPressed.connect(self.onAddTarget)
-        ui.historyComboBox.activated.connect(self.onHistoryChosen)
+        ui.historyComboBox.connect("activated(int)", self.onHistoryChosen)
         ui.localRadioButton.toggled.connect(self.onWhereChanged)
         ui.testConnectionButton.clicked.connect(self.onTestConnection)
         ui.apiKeyLineEdit.editingFinished.connect(lambda: qt.QSettings().setValue("BiomedParseSlicer/apiKey", ui.apiKeyLineEdit.text))
@@ -170,8 +175,12 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         ui.downloadButton.clicked.connect(self.onDownload)
         ui.importButton.clicked.connect(self.onImport)
         ui.stopServerButton.clicked.connect(self.stopLocalServer)
-        for seq in ("Ctrl+Return", "Ctrl+Enter"):
-            qt.QShortcut(qt.QKeySequence(seq), ui.promptsEdit, self.onApply)
+        self._shortcuts = []
+        for seq in ("Ctrl+Return", "Ctrl+Enter"):  # Ctrl+Enter in the targets box runs
+            shortcut = qt.QShortcut(qt.QKeySequence(seq), ui.promptsEdit)
+            shortcut.setContext(qt.Qt.WidgetShortcut)
+            shortcut.connect("activated()", self.onApply)
+            self._shortcuts.append(shortcut)
 
     def cleanup(self):
         self.removeObservers()
@@ -369,7 +378,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._run(work, "segment", {"volumeNode": volumeNode, "segNode": segNode, "replace": replace})
 
     def onSegmentEverything(self):
-        self.log(_("This model version offers no 'segment everything' in this engine yet."))
+        self.log(_("'Segment everything' is not available in this engine version yet."))
 
     def _run(self, fn, kind, context=None):
         self._task, self._taskKind, self._taskContext = runner.BackgroundTask(fn).start(), kind, context or {}
@@ -542,17 +551,34 @@ class BiomedParseSlicerLogic(ScriptedLoadableModuleLogic):
         return mrml.volume_from_node(volumeNode)
 
     def guessModality(self, volumeNode):
-        """(modality, CT site or None) from DICOM tags / intensities (textseg.presets.guess_modality
-        when the engine has it)."""
+        """(modality, CT site or None): the DICOM Modality tag when the volume came from DICOM
+        (inside Slicer), else textseg.presets.guess_modality when the engine has it, else the
+        intensities (air at -1000 HU and bone above +500: CT)."""
+        modality = self._dicomModality(volumeNode)
+        if modality:
+            return modality, ("abdomen" if modality == "CT" else None)
         from textseg import presets
 
-        volume = mrml.volume_from_node(volumeNode)
         guess = getattr(presets, "guess_modality", None)
         if guess is not None:
-            found = guess(volume)
+            found = guess(mrml.volume_from_node(volumeNode))
             return (found.modality, found.site) if hasattr(found, "modality") else (found, None)
-        low, high = float(volume.array.min()), float(volume.array.max())
+        image = volumeNode.GetImageData() if volumeNode is not None else None
+        if image is None:
+            raise UsageError("Select an input volume first.")
+        low, high = image.GetScalarRange()
         return ("CT", "abdomen") if low < -500 and high > 500 else ("MRI", None)
+
+    @staticmethod
+    def _dicomModality(volumeNode) -> Optional[str]:
+        uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split() if volumeNode else []
+        database = getattr(slicer, "dicomDatabase", None)
+        if not uids or database is None:
+            return None
+        try:
+            return normalize_modality(database.fileValue(database.fileForInstance(uids[0]), "0008,0060"))
+        except TextsegError:  # a modality no model knows (e.g. SEG): fall back to intensities
+            return None
 
     def existingSegmentsFor(self, segmentationNode, prompts) -> List[str]:
         """Segments an earlier run made for these prompts (the GUI asks before replacing them)."""
@@ -618,6 +644,9 @@ class BiomedParseSlicerTest(ScriptedLoadableModuleTest):
         from BiomedParseSlicerLib import checks
         from textseg.volume import Volume
 
+        if environment.installed_version("torch") is None:  # the engine's Predictor needs torch
+            self.delayDisplay("Skipped: the engine is not installed (BiomedParse > Setup > Install).")
+            return
         self.delayDisplay("Phantom: oblique, flipped CT-like volume")
         arr = np.full((20, 30, 40), -1000, np.int16)
         arr[4:16, 5:25, 6:34] = 40

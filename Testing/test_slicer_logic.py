@@ -22,7 +22,6 @@ import BiomedParseSlicer as module  # noqa: E402
 from BiomedParseSlicerLib import checks, headless, mrml, runner, stats  # noqa: E402
 from textseg.errors import OutputExistsError, UsageError  # noqa: E402
 from textseg.io import read_volume  # noqa: E402
-from textseg.models.base import CancelToken  # noqa: E402
 from textseg.predictor import Predictor  # noqa: E402
 from textseg.writers import Segment  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Draw the extension icon (128x128): an axial slice with a coloured segment and a text-prompt bubble."""
 import sys
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 S = 4  # supersample
 W = 128 * S
 img = Image.new("RGBA", (W, W), (0, 0, 0, 0))
