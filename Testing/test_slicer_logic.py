@@ -227,17 +227,25 @@ def test_segment_in_worker_thread_with_progress_and_cancel(app, logic, ct_path):
     assert len(mrml.segment_ids(seg)) == len(task.result)
 
 
+def test_module_self_test_checks_on_phantom(app, logic, tmp_path):
+    """The checks BiomedParseSlicerTest runs inside Slicer, here on the real slicer-core."""
+    checks.run_phantom_checks(logic, app.scene, tmp_path)
+
+
 def test_local_server_lifecycle(tmp_path):
     script = tmp_path / "serve.py"
     script.write_text(
-        "import http.server, sys\n"
+        "import http.server, sys, textseg\n"
+        "print('engine at', textseg.__file__, flush=True)\n"
         "class H(http.server.BaseHTTPRequestHandler):\n"
         "    def do_GET(self):\n"
         "        self.send_response(200 if self.path == '/health' else 404); self.end_headers(); self.wfile.write(b'ok')\n"
         "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
     port = runner.free_port()
-    server = runner.LocalServer([sys.executable, str(script), str(port)], port=port, log_path=tmp_path / "log")
+    # -S: no site-packages (no editable install), so textseg must come from PYTHONPATH (engine_environment)
+    server = runner.LocalServer([sys.executable, "-S", str(script), str(port)], port=port, log_path=tmp_path / "log")
     assert server.start(timeout=30) == f"http://127.0.0.1:{port}" and server.running
+    assert f"engine at {ROOT / 'BiomedParseSlicer' / 'textseg' / '__init__.py'}" in server.log_tail()
     server.stop()
     assert not server.running
     broken = runner.LocalServer([sys.executable, "-c", "raise SystemExit('no engine here')"], log_path=tmp_path / "l2")

@@ -163,3 +163,36 @@ def check_statistics(table_node, segmentation_node, volume_node) -> None:
                 continue
             expect(abs(float(got) - float(want)) <= 1e-6 * max(1.0, abs(float(want))) + 1e-9,
                    f"'{name}' {key}: table {got} != SegmentStatistics {want}")
+
+
+def phantom():
+    """A CT-like phantom stored oblique (20 degrees) and flipped, with 'bone' off-centre."""
+    from textseg.volume import Volume
+
+    arr = np.full((20, 30, 40), -1000, np.int16)
+    arr[4:16, 5:25, 6:34] = 40
+    arr[6:14, 8:20, 8:30] = 700
+    a = np.deg2rad(20)
+    direction = np.array([[-np.cos(a), -np.sin(a), 0], [np.sin(a), -np.cos(a), 0], [0, 0, 1]])
+    return Volume(arr, (0.8, 0.9, 2.5), (12.0, -30.0, 7.0), direction)
+
+
+def run_phantom_checks(logic, scene, folder) -> None:
+    """Everything on a phantom, as the module's self-test runs it inside Slicer (and pytest headless)."""
+    import os
+
+    reference = phantom()
+    node = mrml.volume_node_from_volume(scene, reference, "phantom")
+    prompts = ["bone left", "bone"]
+    expected = engine_masks(reference, prompts)
+    expect(all(m.any() for m in expected.values()), "phantom: the engine found nothing")
+    seg = logic.segment(node, prompts, "synthetic-3d", modality="CT")
+    check_geometry(seg, logic.lastSegmentIDs, node, expected, reference)
+    for sid, prompt in zip(logic.lastSegmentIDs, prompts):
+        check_provenance(seg, sid, "synthetic-3d", prompt)
+    before = segment_state(seg, node)
+    logic.segment(node, ["bone"], "synthetic-3d", modality="CT", segmentationNode=seg, replace=True)
+    expect(len(before) == len(mrml.segment_ids(seg)), "re-run with replace added a segment")
+    check_preserved(before, segment_state(seg, node), changed=logic.lastSegmentIDs)
+    check_seg_nrrd(seg, os.path.join(str(folder), "phantom.seg.nrrd"), reference, expected)
+    check_statistics(logic.statistics(seg, node), seg, node)

@@ -95,6 +95,22 @@ def volume_from_node(node) -> Volume:
     return Volume(arr, tuple(spacing), tuple(ijk_to_lps[:3, 3]), direction, meta)
 
 
+def volume_node_from_volume(scene, volume: Volume, name: str = "volume"):
+    """A scalar volume node holding an engine Volume (array and geometry), e.g. a phantom."""
+    from vtkmodules.util.numpy_support import get_vtk_array_type
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+
+    image = vtkImageData()
+    image.SetDimensions(volume.size)
+    arr = np.ascontiguousarray(volume.array)
+    image.GetPointData().SetScalars(numpy_to_vtk(arr.ravel(), deep=True, array_type=get_vtk_array_type(arr.dtype)))
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(numpy_to_matrix(volume.ijk_to_ras))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
 # ---- masks <-> segments --------------------------------------------------------------------------
 def oriented_image(mask: np.ndarray, ijk_to_ras_matrix: np.ndarray):
     img = slicer.vtkOrientedImageData()

@@ -99,6 +99,17 @@ def python_executable() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
+def engine_environment() -> dict:
+    """This process's environment with the folder holding ``textseg`` first on PYTHONPATH: an
+    extension's module folder is on Slicer's path, but not necessarily on PythonSlicer's."""
+    import textseg
+
+    folder = str(Path(textseg.__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([folder] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,7 +142,7 @@ class LocalServer:
             return self.url
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL, env=engine_environment())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if cancel is not None:
