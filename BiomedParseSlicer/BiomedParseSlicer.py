@@ -197,6 +197,8 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event):
+        if self._task is not None:  # its results would have nowhere to go
+            self._task.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -419,6 +421,9 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def _showResults(self, results):
         c = self._taskContext
+        if c["volumeNode"].GetScene() is None:
+            self.log(_("The input volume was removed from the scene meanwhile: results discarded."))
+            return
         for r in results:
             if r.message:
                 self.log(r.message)

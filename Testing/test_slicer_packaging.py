@@ -121,3 +121,13 @@ def test_install_asks_first_and_never_touches_bundled_packages(monkeypatch):
     monkeypatch.setattr(environment, "installed_version", lambda name: None if name == "numpy" else "1")
     with pytest.raises(RuntimeError, match="never installs or replaces"):
         environment.install(False, lambda msg: True, installed.extend)
+
+
+def test_download_progress_adapter():
+    from BiomedParseSlicerLib import environment
+
+    seen = []
+    report = environment.byte_progress(lambda f, stage: seen.append((round(f, 3), stage)))
+    report(50_000_000, 200_000_000)
+    report(0.5, "verifying")
+    assert seen == [(0.25, "downloading 50 of 200 MB"), (0.5, "verifying")]

@@ -100,7 +100,19 @@ def download_model(model_id: str, progress=None, cancel=None, token: Optional[st
 
     if not hasattr(weights, "download"):
         raise RuntimeError("This engine version cannot download weights yet: use 'Import from file'.")
-    return weights.download(model_id, progress=progress, cancel=cancel, token=token)
+    return weights.download(model_id, progress=byte_progress(progress) if progress else None, cancel=cancel, token=token)
+
+
+def byte_progress(progress):
+    """Adapt a downloader's (bytes done, bytes total) or (fraction, stage) callback to (fraction, stage)."""
+
+    def report(done, total=None):
+        if isinstance(total, (int, float)) and not isinstance(total, bool) and total > 0:
+            progress(done / total, f"downloading {done / 1e6:.0f} of {total / 1e6:.0f} MB")
+        else:
+            progress(float(done), str(total or "downloading"))
+
+    return report
 
 
 def import_model_file(model_id: str, path: str):
