@@ -124,6 +124,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._restoring = False
         self._task = None
         self._taskKind = ""
         self._localServer = None
@@ -215,17 +216,19 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self._restoreFromParameterNode()
+            self._restoring = True
+            try:
+                self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+                self._restoreFromParameterNode()
+            finally:
+                self._restoring = False
 
     def _restoreFromParameterNode(self):
         p = self._parameterNode
         self.ui.promptsEdit.setPlainText(p.prompts)
         self.ui.remoteRadioButton.checked = p.where == "remote"
         self.ui.localRadioButton.checked = p.where != "remote"
-        index = self.ui.modelComboBox.findData(p.model)
-        if index >= 0:
-            self.ui.modelComboBox.currentIndex = index
+        self.fillModels()  # selects p.model
         self._fillHistory()
         self.updateState()
 
@@ -250,13 +253,20 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         ui.stopServerButton.enabled = self._localServer is not None and self._localServer.running
 
     def fillModels(self):
-        self.ui.modelComboBox.clear()
+        """(Re)fill the model list, marking ready models, keeping the chosen model selected."""
+        combo = self.ui.modelComboBox
+        keep = self._parameterNode.model if self._parameterNode else combo.currentData
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
         self._specs = {}
         for row in environment.model_rows():
             spec = row["spec"]
             self._specs[spec.id] = spec
             mark = "\u2713 " if row["ready"] else _("(download needed) ")
-            self.ui.modelComboBox.addItem(f"{mark}{spec.title}", spec.id)
+            combo.addItem(f"{mark}{spec.title}", spec.id)
+        combo.currentIndex = max(0, combo.findData(keep))
+        combo.blockSignals(wasBlocked)
+        self.onModelChanged()
 
     def onModelChanged(self, _index=None):
         spec = self.currentSpec()
@@ -275,7 +285,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.updateState()
 
     def onVolumeChanged(self, node):
-        if node is not None:
+        if node is not None and not self._restoring:  # a saved scene keeps its modality
             modality, site = self.logic.guessModality(node)
             self.ui.modalityComboBox.setCurrentText(modality)
             if site:
@@ -475,7 +485,6 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         lines = [f"{name}: {version or _('missing')}" for name, version in environment.status(local).items()]
         self.ui.dependencyStatusLabel.text = "\n".join(lines)
         self.fillModels()
-        self.onModelChanged()
 
     def onInstall(self):
         local = not self.ui.clientOnlyCheckBox.checked

@@ -319,3 +319,22 @@ def test_markups_become_lps_box_and_point_prompts(app, logic, predictor, ct_path
 def test_modality_guess(app, logic, ct_path):
     assert logic.guessModality(app.load_volume(ct_path)) == ("CT", "abdomen")
     assert logic.guessModality(app.load_volume(shared_file("mni152", "MNI152_T1.nii.gz")))[0] == "MRI"
+
+
+def test_rgb_vector_volume_keeps_channels(app, logic):
+    from vtkmodules.util.numpy_support import numpy_to_vtk
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+
+    rgb = np.random.default_rng(0).integers(0, 255, (1, 6, 8, 3), dtype=np.uint8)  # one 2D RGB slice
+    image = vtkImageData()
+    image.SetDimensions(8, 6, 1)
+    image.GetPointData().SetScalars(numpy_to_vtk(rgb.reshape(-1, 3), deep=True))
+    node = app.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "photo")
+    node.SetAndObserveImageData(image)
+    node.SetSpacing(0.5, 0.25, 1.0)
+    volume = logic.volumeFromNode(node)
+    assert volume.is_rgb and volume.is_2d and np.array_equal(volume.array, rgb)
+    np.testing.assert_allclose(volume.spacing, (0.5, 0.25, 1.0))
+    label = app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    with pytest.raises(UsageError, match="label map"):
+        logic.volumeFromNode(label)
