@@ -338,3 +338,27 @@ def test_rgb_vector_volume_keeps_channels(app, logic):
     label = app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
     with pytest.raises(UsageError, match="label map"):
         logic.volumeFromNode(label)
+
+
+def test_slicer_terminology_gives_snomed_codes_and_standard_colours(ct_path, predictor):
+    """With Slicer's terminology files (Slicer's Modules/Loadable/Terminologies/Resources, not in the
+    slicer-core wheel): segments get SNOMED codes and Slicer's standard colours."""
+    import os
+
+    folder = os.environ.get("SLICER_TERMINOLOGIES_DIR")
+    if not folder or not Path(folder, "SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.term.json").is_file():
+        pytest.skip("set SLICER_TERMINOLOGIES_DIR to a folder with Slicer's *.term.json files")
+    app = headless.create(folder)
+    logic = module.BiomedParseSlicerLogic(scene=app.scene, terminologyLogic=app.logics["Terminologies"])
+    node = app.load_volume(ct_path)
+    seg = logic.segment(node, ["bone"], "synthetic-3d", modality="CT", predictor=predictor)
+    bone = seg.GetSegmentation().GetSegment(logic.lastSegmentIDs[0])
+    assert "SCT^272673000^Bone" in bone.GetTerminology()
+    np.testing.assert_allclose(bone.GetColor(), np.array([241, 214, 145]) / 255)
+    mask = mrml.segment_mask(seg, logic.lastSegmentIDs[0], node)
+    sid = mrml.add_segment(seg, Segment("left kidney", mask), node, 1, terminology_logic=app.logics["Terminologies"])
+    kidney = seg.GetSegmentation().GetSegment(sid)
+    assert "SCT^64033007^Kidney~SCT^7771000^Left" in kidney.GetTerminology()
+    np.testing.assert_allclose(kidney.GetColor(), np.array([185, 102, 83]) / 255)
+    sid = mrml.add_segment(seg, Segment("my lesion", mask), node, 3, terminology_logic=app.logics["Terminologies"])
+    assert seg.GetSegmentation().GetSegment(sid).GetColor() == pytest.approx(mrml.PALETTE[3])  # unknown: palette

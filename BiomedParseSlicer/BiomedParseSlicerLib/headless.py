@@ -28,7 +28,9 @@ class HeadlessScene:
         return node
 
 
-def create() -> HeadlessScene:
+def create(terminologies_dir=None) -> HeadlessScene:
+    """The scene and logics. ``terminologies_dir``: a folder with Slicer's ``*.term.json`` files
+    (not in the slicer-core wheel) to enable the terminology logic (``result.logics["Terminologies"]``)."""
     scene = slicer.vtkMRMLScene()
     app = slicer.vtkSlicerApplicationLogic()
     app.SetMRMLScene(scene)
@@ -47,4 +49,11 @@ def create() -> HeadlessScene:
         logic.SetMRMLApplicationLogic(app)
         app.SetModuleLogic(name, logic)
         result.logics[name] = logic
+    if terminologies_dir:
+        terminologies = slicer.vtkSlicerTerminologiesModuleLogic()
+        terminologies.SetModuleShareDirectory(str(terminologies_dir))  # before SetMRMLScene: loads the files
+        terminologies.SetMRMLScene(scene)
+        terminologies.SetMRMLApplicationLogic(app)
+        app.SetModuleLogic("Terminologies", terminologies)
+        result.logics["Terminologies"] = terminologies
     return result

@@ -193,14 +193,18 @@ def slicer_terminology(name: str, terminology_logic) -> Tuple[Optional[str], Opt
     for this label (inside Slicer; the slicer-core wheel ships no terminology files)."""
     if terminology_logic is None:
         return None, None
+    context = "Segmentation category and type - 3D Slicer General Anatomy list"
     try:
         entry = slicer.vtkSlicerTerminologyEntry()
-        context = "Segmentation category and type - 3D Slicer General Anatomy list"
-        if not terminology_logic.FindTypeInTerminologyBy3dSlicerLabel(context, name, entry):
+        if not any(terminology_logic.FindTypeInTerminologyBy3dSlicerLabel(context, label, entry)
+                   for label in dict.fromkeys((name, name.lower()))):
             return None, None
-        rgb = entry.GetTypeObject().GetRecommendedDisplayRGBValue()
+        coded = entry.GetTypeModifierObject()  # e.g. 'left kidney': the colour is on the modifier
+        if coded is None or not coded.GetCodeValue():
+            coded = entry.GetTypeObject()
+        rgb = coded.GetRecommendedDisplayRGBValue()
         return terminology_logic.SerializeTerminologyEntry(entry), tuple(c / 255.0 for c in rgb[:3])
-    except (AttributeError, TypeError):  # older/newer terminology API: keep the engine's values
+    except (AttributeError, TypeError):  # another terminology API: keep the engine's values
         return None, None
 
 
