@@ -342,8 +342,11 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return lambda progress, cancel: runner.make_predictor(spec.id, "remote", url=url, api_key=key)
         if not runner.has_client():  # engine without server: in-process predictor in the worker thread
             return lambda progress, cancel: self.logic.localPredictor(spec.id, device)
+        if self._localServer is not None and self._localServer.device != device:
+            self._localServer.stop()  # restarted below with the new device
+            self._localServer = None
         if self._localServer is None:
-            self._localServer = runner.LocalServer()
+            self._localServer = runner.LocalServer(device=device)
 
         def start(progress, cancel):
             progress(0.0, "starting the local inference server")

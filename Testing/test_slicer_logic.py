@@ -248,6 +248,8 @@ def test_local_server_lifecycle(tmp_path):
     assert f"engine at {ROOT / 'BiomedParseSlicer' / 'textseg' / '__init__.py'}" in server.log_tail()
     server.stop()
     assert not server.running
+    assert runner.engine_environment("cpu")["CUDA_VISIBLE_DEVICES"] == ""
+    assert runner.engine_environment("cuda:1")["CUDA_VISIBLE_DEVICES"] == "1"
     broken = runner.LocalServer([sys.executable, "-c", "raise SystemExit('no engine here')"], log_path=tmp_path / "l2")
     with pytest.raises(Exception, match="stopped at start-up(.|\n)*no engine here"):
         broken.start(timeout=30)

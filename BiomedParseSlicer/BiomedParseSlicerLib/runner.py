@@ -99,14 +99,19 @@ def python_executable() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
-def engine_environment() -> dict:
-    """This process's environment with the folder holding ``textseg`` first on PYTHONPATH: an
-    extension's module folder is on Slicer's path, but not necessarily on PythonSlicer's."""
+def engine_environment(device: str = "auto") -> dict:
+    """This process's environment with the folder holding ``textseg`` first on PYTHONPATH (an
+    extension's module folder is on Slicer's path, not necessarily on PythonSlicer's). The device
+    choice reaches the server through CUDA_VISIBLE_DEVICES: 'cpu' hides the GPUs, 'cuda:N' shows GPU N."""
     import textseg
 
     folder = str(Path(textseg.__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([folder] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif device.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
     return env
 
 
@@ -120,8 +125,9 @@ class LocalServer:
     """The engine's server on 127.0.0.1 in a background process (one per Slicer session)."""
 
     def __init__(self, command: Optional[List[str]] = None, port: Optional[int] = None,
-                 log_path: Optional[Path] = None, health_path: str = "/health") -> None:
+                 log_path: Optional[Path] = None, health_path: str = "/health", device: str = "auto") -> None:
         self.port = port or free_port()
+        self.device = device
         self.command = command or [python_executable(), "-m", "textseg", "serve", "--host", "127.0.0.1",
                                    "--port", str(self.port)]
         self.log_path = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"textseg-server-{self.port}.log"
@@ -142,7 +148,7 @@ class LocalServer:
             return self.url
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=engine_environment())
+                                            stdin=subprocess.DEVNULL, env=engine_environment(self.device))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if cancel is not None:
