@@ -85,4 +85,5 @@ doc = f'''<ui version="4.0"><class>BiomedParseSlicer</class>
 '''
 from xml.dom import minidom
 pretty = minidom.parseString(doc).toprettyxml(indent=" ")
-open(sys.argv[1], "w").write(pretty.replace('<?xml version="1.0" ?>', '<?xml version="1.0" encoding="UTF-8"?>'))
+pretty = pretty.replace('<?xml version="1.0" ?>', '<?xml version="1.0" encoding="UTF-8"?>')
+open(sys.argv[1], "w").write("\n".join(line for line in pretty.splitlines() if line.strip()) + "\n")
