@@ -472,6 +472,8 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         with slicer.util.tryWithErrorDisplay(_("Statistics failed."), waitCursor=True):
             table = self.logic.statistics(segNode, volumeNode, self._parameterNode.statisticsTable)
             self._parameterNode.statisticsTable = table
+            layoutManager = slicer.app.layoutManager()  # a layout with a table view, as Segment Statistics does
+            layoutManager.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layoutManager.layout))
             slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
             slicer.app.applicationLogic().PropagateTableSelection()
 
