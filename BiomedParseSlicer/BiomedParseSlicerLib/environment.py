@@ -1,0 +1,123 @@
+"""What the engine needs, what is installed, and installing it (after the user confirms).
+
+Lists here mirror pyproject.toml's extras (a test keeps them equal). Packages that 3D Slicer
+bundles (numpy, scipy, SimpleITK, requests, ...) are never installed or upgraded by the module;
+torch is installed through the PyTorch extension (SlicerPyTorch's ``PyTorchUtils``), which
+picks the build for the computer's GPU/CUDA.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Callable, Dict, List, Optional
+
+# Bundled with 3D Slicer >= 5.8: never installed or replaced from here.
+SLICER_BUNDLED = ("numpy", "scipy", "SimpleITK", "requests")
+# The engine's own dependencies (pyproject [project.dependencies]): enough for client-only mode.
+CLIENT_REQUIREMENTS = ("numpy>=1.24", "scipy>=1.10", "SimpleITK>=2.3", "slicerio>=1.1", "pynrrd>=1.0", "tqdm>=4.60",
+                       "requests>=2.28", "filelock>=3.12", "huggingface_hub>=0.23")
+# Needed to run models in this computer (torch comes from the PyTorch extension).
+MODEL_REQUIREMENTS = ("deepbet==1.0.2", "monai>=1.3", "safetensors>=0.4", "einops>=0.6", "ftfy>=6", "regex")
+SERVER_REQUIREMENTS = ("fastapi>=0.110", "uvicorn>=0.27", "python-multipart>=0.0.9")
+
+
+def requirement_name(requirement: str) -> str:
+    for sep in ("==", ">=", "<=", "~=", ">", "<", "["):
+        requirement = requirement.split(sep)[0]
+    return requirement.strip()
+
+
+def installed_version(name: str) -> Optional[str]:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def status(local: bool = True) -> Dict[str, Optional[str]]:
+    """Package -> installed version (None: missing) for client-only or local use."""
+    names = [requirement_name(r) for r in CLIENT_REQUIREMENTS]
+    if local:
+        names += ["torch"] + [requirement_name(r) for r in MODEL_REQUIREMENTS + SERVER_REQUIREMENTS]
+    return {n: installed_version(n) for n in names}
+
+
+def missing_requirements(local: bool = True) -> List[str]:
+    reqs = list(CLIENT_REQUIREMENTS) + (list(MODEL_REQUIREMENTS + SERVER_REQUIREMENTS) if local else [])
+    return [r for r in reqs if installed_version(requirement_name(r)) is None]
+
+
+def install(local: bool, confirm: Callable[[str], bool], pip_install: Callable[[List[str]], None],
+            install_torch: Optional[Callable[[], bool]] = None) -> List[str]:
+    """Install what is missing after ``confirm(message)`` says yes; returns what was installed.
+    Inside Slicer, ``pip_install`` is slicer.util.pip_install and ``install_torch`` calls the
+    PyTorch extension (see ``torch_installer``)."""
+    missing = missing_requirements(local)
+    need_torch = local and installed_version("torch") is None
+    if not missing and not need_torch:
+        return []
+    what = ", ".join(missing + (["torch (via the PyTorch extension)"] if need_torch else []))
+    broken = [r for r in missing if requirement_name(r) in SLICER_BUNDLED]
+    if broken:
+        raise RuntimeError(f"{', '.join(broken)} should come with 3D Slicer but are missing: reinstall Slicer "
+                           "(>= 5.8); the module never installs or replaces packages Slicer bundles.")
+    if not confirm(f"BiomedParseSlicer needs these Python packages: {what}. Install them now?"):
+        return []
+    if need_torch:
+        if install_torch is None or not install_torch():
+            raise RuntimeError("torch is not installed: install the 'PyTorch' extension from the Extensions "
+                               "Manager, restart Slicer, and try again (or use a remote server).")
+    if missing:
+        pip_install(missing)
+    return missing + (["torch"] if need_torch else [])
+
+
+def torch_installer() -> Optional[Callable[[], bool]]:
+    """SlicerPyTorch's installer, or None when the PyTorch extension is not installed."""
+    try:
+        import PyTorchUtils
+    except ImportError:
+        return None
+
+    def install_torch() -> bool:
+        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is not None
+
+    return install_torch
+
+
+def model_rows() -> List[Dict[str, object]]:
+    """Catalog models with readiness, for the model selector and the setup table."""
+    from textseg.catalog import list_models
+    from textseg.weights import is_ready
+
+    return [{"id": s.id, "title": s.title, "ready": is_ready(s), "license": s.license, "spec": s}
+            for s in list_models()]
+
+
+def download_model(model_id: str, progress=None, cancel=None, token: Optional[str] = None):
+    """textseg.weights.download when this engine has it (issue #3), else a clear message."""
+    from textseg import weights
+
+    if not hasattr(weights, "download"):
+        raise RuntimeError("This engine version cannot download weights yet: use 'Import from file'.")
+    return weights.download(model_id, progress=byte_progress(progress) if progress else None, cancel=cancel, token=token)
+
+
+def byte_progress(progress):
+    """Adapt a downloader's (bytes done, bytes total) or (fraction, stage) callback to (fraction, stage)."""
+
+    def report(done, total=None):
+        if isinstance(total, (int, float)) and not isinstance(total, bool) and total > 0:
+            progress(done / total, f"downloading {done / 1e6:.0f} of {total / 1e6:.0f} MB")
+        else:
+            progress(float(done), str(total or "downloading"))
+
+    return report
+
+
+def import_model_file(model_id: str, path: str):
+    from textseg import weights
+
+    if not hasattr(weights, "import_file"):
+        raise RuntimeError("This engine version cannot import weight files yet; update the extension.")
+    return weights.import_file(model_id, path)

@@ -1,0 +1,366 @@
+"""The Slicer module's Logic with the REAL Slicer core (PyPI slicer-core): real MRML scene, volume
+nodes read by Slicer's own reader, vtkMRMLSegmentationNode, .seg.nrrd written by Slicer.
+No fake slicer module: skipped with a reason when slicer-core is not installed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, shared_file
+
+slicer_core = pytest.importorskip("slicer_core", reason="needs the real Slicer core: pip install slicer-core (test extra)")
+import slicer  # noqa: E402  (the real package from slicer-core)
+
+sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
+import BiomedParseSlicer as module  # noqa: E402
+from BiomedParseSlicerLib import checks, headless, mrml, runner, stats  # noqa: E402
+from textseg.errors import OutputExistsError, UsageError  # noqa: E402
+from textseg.io import read_volume  # noqa: E402
+from textseg.predictor import Predictor  # noqa: E402
+from textseg.writers import Segment  # noqa: E402
+
+PROMPTS = ["bone left", "bone", "soft tissue superior"]
+
+
+def _write_variant(src: Path, dst: Path, kind: str) -> Path:
+    """The same CT stored flipped along i (same physical image) or with a 25-degree oblique direction."""
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(src))
+    if kind == "flipped":
+        out = sitk.Flip(img, [True, False, True])  # keeps physical positions: a re-stored copy
+    else:
+        out = sitk.Image(img)
+        a = np.deg2rad(25)
+        rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+        out.SetDirection(tuple((rot @ np.array(img.GetDirection()).reshape(3, 3)).ravel()))
+    sitk.WriteImage(out, str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def ct_path():
+    return shared_file("totalsegmentator-examples", "example_ct_sm.nii.gz")
+
+
+@pytest.fixture
+def app():
+    return headless.create()
+
+
+@pytest.fixture
+def logic(app):
+    return module.BiomedParseSlicerLogic(scene=app.scene)
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor("synthetic-3d", device="cpu")
+
+
+def test_module_imports_headless_without_faking_slicer():
+    assert module.HAVE_GUI is False  # slicer-core has no Qt: the GUI part is inactive ...
+    assert "qt" not in sys.modules and not hasattr(slicer, "ScriptedLoadableModule")  # ... and nothing was faked
+    assert slicer.vtkMRMLScene is slicer_core.vtkMRMLScene
+
+
+@pytest.mark.parametrize("variant", ["original", "flipped", "oblique"])
+def test_geometry_round_trip(app, logic, predictor, ct_path, tmp_path, variant):
+    path = ct_path if variant == "original" else _write_variant(ct_path, tmp_path / f"{variant}.nii.gz", variant)
+    node = app.load_volume(path)
+    reference = read_volume(path)  # SimpleITK, independent of Slicer's reader
+    volume = logic.volumeFromNode(node)
+    assert volume.same_grid(reference, tol=1e-4) and np.array_equal(volume.array, reference.array)
+    expected = checks.engine_masks(reference, PROMPTS)
+    seg = logic.segment(node, PROMPTS, "synthetic-3d", modality="CT", predictor=predictor)
+    assert [seg.GetSegmentation().GetSegment(s).GetName() for s in logic.lastSegmentIDs] == PROMPTS
+    checks.check_geometry(seg, logic.lastSegmentIDs, node, expected, reference)
+    assert all(expected[p].any() for p in PROMPTS)
+    checks.check_seg_nrrd(seg, tmp_path / "out.seg.nrrd", reference, expected)
+
+
+def test_flipped_copy_gives_the_same_physical_segment(app, logic, predictor, ct_path, tmp_path):
+    """'bone left' depends on orientation: the re-stored copy must give the same RAS voxels."""
+    centres = {}
+    for variant in ("original", "flipped"):
+        path = ct_path if variant == "original" else _write_variant(ct_path, tmp_path / "f.nii.gz", variant)
+        node = app.load_volume(path)
+        seg = logic.segment(node, ["bone left"], "synthetic-3d", modality="CT", predictor=predictor)
+        centres[variant] = checks.segment_centres_ras(seg, logic.lastSegmentIDs[0])
+    assert len(centres["original"]) > 1000
+    np.testing.assert_allclose(centres["flipped"], centres["original"], atol=1e-3)
+    # patient left is RAS x < 0 side of the body centre: every voxel lies left of the image centre
+    node = app.load_volume(ct_path)
+    b = [0.0] * 6
+    node.GetRASBounds(b)
+    assert (centres["original"][:, 0] <= (b[0] + b[1]) / 2 + 1.5).all()
+
+
+def test_parent_transform_linear_is_applied_nonlinear_refused(app, logic, predictor, ct_path):
+    node = app.load_volume(ct_path)
+    transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    m = np.eye(4)
+    m[:3, :3] = [[0, -1, 0], [1, 0, 0], [0, 0, 1]]  # 90 degrees about S
+    m[:3, 3] = (5, -7, 11)
+    transform.SetMatrixTransformToParent(mrml.numpy_to_matrix(m))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    volume = logic.volumeFromNode(node)
+    np.testing.assert_allclose(volume.ijk_to_ras, m @ mrml.ijk_to_ras(node), atol=1e-9)
+    seg = logic.segment(node, ["bone"], "synthetic-3d", modality="CT", predictor=predictor)
+    assert seg.GetParentTransformNode() is transform  # segments stay on the volume's own grid
+    expected = checks.engine_masks(volume, ["bone"])
+    np.testing.assert_array_equal(mrml.segment_mask(seg, logic.lastSegmentIDs[0], node), expected["bone"])
+
+    grid = app.scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    transform.SetAndObserveTransformNodeID(grid.GetID())
+    grid.SetAndObserveTransformToParent(slicer.vtkOrientedGridTransform())
+    with pytest.raises(UsageError, match="Harden"):
+        logic.volumeFromNode(node)
+
+
+def test_existing_segments_preserved_and_rerun_replaces_only_its_own(app, logic, predictor, ct_path):
+    node = app.load_volume(ct_path)
+    seg = mrml.prepare_segmentation_node(app.scene, node)
+    drawn = np.zeros(node.GetImageData().GetDimensions()[::-1], np.uint8)
+    drawn[10:20, 30:60, 40:80] = 1
+    user_id = seg.GetSegmentation().AddEmptySegment("", "bone", (0.1, 0.2, 0.3))  # a user's segment, same name
+    mrml.set_segment_mask(seg, user_id, drawn, node)
+    logic.segment(node, ["bone", "air"], "synthetic-3d", modality="CT", segmentationNode=seg, predictor=predictor)
+    first_ids = list(logic.lastSegmentIDs)
+    assert len(mrml.segment_ids(seg)) == 3 and user_id not in first_ids
+    before = checks.segment_state(seg, node)
+    assert logic.existingSegmentsFor(seg, ["bone"]) == [first_ids[0]]  # the user's 'bone' is not a match
+
+    logic.segment(node, ["bone left"], "synthetic-3d", modality="CT", segmentationNode=seg, predictor=predictor,
+                  replace=True)  # a different prompt: added, nothing replaced
+    assert len(mrml.segment_ids(seg)) == 4
+    checks.check_preserved(before, checks.segment_state(seg, node))
+
+    before = checks.segment_state(seg, node)
+    bone_again = Predictor("synthetic-3d", device="cpu")
+    logic.segment(node, ["BONE"], "synthetic-3d", modality="CT", segmentationNode=seg, predictor=bone_again, replace=True)
+    assert logic.lastSegmentIDs == [first_ids[0]] and len(mrml.segment_ids(seg)) == 4
+    checks.check_preserved(before, checks.segment_state(seg, node), changed=[first_ids[0]])
+    np.testing.assert_array_equal(mrml.segment_mask(seg, user_id, node), drawn)
+
+    logic.segment(node, ["bone"], "synthetic-3d", modality="CT", segmentationNode=seg, predictor=predictor, replace=False)
+    assert len(mrml.segment_ids(seg)) == 5  # without replace: added beside
+
+
+def test_terminology_colour_and_provenance(app, logic, predictor, ct_path, tmp_path):
+    node = app.load_volume(ct_path)
+    seg = logic.segment(node, ["bone", "air"], "synthetic-3d", modality="CT", predictor=predictor)
+    for sid, prompt in zip(logic.lastSegmentIDs, ["bone", "air"]):
+        checks.check_provenance(seg, sid, "synthetic-3d", prompt)
+    s = seg.GetSegmentation().GetSegment(logic.lastSegmentIDs[0])
+    assert mrml.get_tag(s, "textseg.modality") == "CT" and json.loads(mrml.get_tag(s, "textseg.threshold")) == 0.5
+    colours = {tuple(seg.GetSegmentation().GetSegment(i).GetColor()) for i in logic.lastSegmentIDs}
+    assert len(colours) == 2  # distinct, fixed colours
+
+    # colour and terminology provided by the engine (textseg.terminology) are what Slicer stores
+    term = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+            "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^")
+    mask = mrml.segment_mask(seg, logic.lastSegmentIDs[0], node)
+    sid = mrml.add_segment(seg, Segment("liver", mask, (0.87, 0.51, 0.40), term, {"textseg.model": "m"}), node, 5)
+    s = seg.GetSegmentation().GetSegment(sid)
+    assert s.GetTerminology() == term and np.allclose(s.GetColor(), (0.87, 0.51, 0.40))
+    slicerio_term = {"contextName": "c", "category": ["SCT", "123037004", "Anatomical Structure"],
+                     "type": ["SCT", "10200004", "Liver"]}
+    assert mrml.terminology_string(slicerio_term).startswith("c~SCT^123037004^Anatomical Structure~SCT^10200004^Liver")
+    storage = seg.CreateDefaultStorageNode()
+    storage.SetFileName(str(tmp_path / "t.seg.nrrd"))
+    assert storage.WriteData(seg)
+    from textseg.writers import read_seg_nrrd
+
+    read = {s.name: s for s in read_seg_nrrd(tmp_path / "t.seg.nrrd")[1]}
+    assert read["liver"].terminology["type"] == ["SCT", "10200004", "Liver"]
+    assert read["bone"].tags["textseg.model"] == "synthetic-3d"
+
+
+def test_statistics_table_and_csv_equal_segment_statistics(app, logic, predictor, ct_path, tmp_path):
+    node = app.load_volume(ct_path)
+    seg = logic.segment(node, ["bone", "air", "nothing"], "synthetic-3d", modality="CT", predictor=predictor)
+    # a user edit after the run is included: erase a block from 'bone'
+    bone = mrml.segment_mask(seg, logic.lastSegmentIDs[0], node)
+    bone[:, :, :40] = 0
+    mrml.set_segment_mask(seg, logic.lastSegmentIDs[0], bone, node)
+    csv_path = tmp_path / "stats.csv"
+    table = logic.statistics(seg, node, csvPath=csv_path)
+    checks.check_statistics(table, seg, node)
+    t = table.GetTable()
+    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == stats.headers("")
+    assert t.GetNumberOfRows() == 3 and t.GetColumn(1).GetValue(0) == int(bone.sum())
+    assert t.GetColumn(1).GetValue(2) == 0  # 'nothing': empty segment, zero voxels
+    ct = read_volume(ct_path).array
+    assert abs(t.GetColumn(7).GetValue(0) - float(np.median(ct[bone > 0]))) < 1e-9
+    rows = list(csv.reader(open(csv_path)))
+    assert rows[0][:4] == ["Segment", "Number of voxels [voxels]", "Volume [mm3]", "Volume [cm3]"]
+    assert rows[1][0] == "bone" and int(rows[1][1]) == int(bone.sum()) and rows[3][4] == ""
+    assert float(rows[1][2]) == pytest.approx(bone.sum() * 27.0)  # 3 mm isotropic voxels
+    with pytest.raises(OutputExistsError):
+        logic.statistics(seg, node, table, csvPath=csv_path)  # never overwrites silently
+    assert table.GetNumberOfColumns() == len(stats.COLUMNS)
+
+
+def test_segment_in_worker_thread_with_progress_and_cancel(app, logic, ct_path):
+    node = app.load_volume(ct_path)
+    volume = logic.volumeFromNode(node)
+    slow = Predictor("synthetic-3d", device="cpu", delay=0.3)
+    task = runner.BackgroundTask(lambda progress, cancel: logic.predict(
+        volume, ["bone", "air", "fat"], "synthetic-3d", "CT", None, slow, progress, cancel)).start()
+    seen = []
+    while not task.done:
+        snap = task.poll()
+        seen.append(snap.fraction)
+        if snap.fraction > 0.7 and not task.cancel_token.cancelled:
+            task.cancel()  # after the first prompt finished
+        task.wait(0.02)
+    assert task.error is None and 1 <= len(task.result) < 3  # finished prompts are kept
+    assert seen == sorted(seen) and max(seen) > 0.5
+    seg = logic.addResults(node, task.result)
+    assert len(mrml.segment_ids(seg)) == len(task.result)
+
+
+def test_module_self_test_checks_on_phantom(app, logic, tmp_path):
+    """The checks BiomedParseSlicerTest runs inside Slicer, here on the real slicer-core."""
+    checks.run_phantom_checks(logic, app.scene, tmp_path)
+
+
+def test_local_server_lifecycle(tmp_path):
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import http.server, sys, textseg\n"
+        "print('engine at', textseg.__file__, flush=True)\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200 if self.path == '/health' else 404); self.end_headers(); self.wfile.write(b'ok')\n"
+        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
+    port = runner.free_port()
+    # -S: no site-packages (no editable install), so textseg must come from PYTHONPATH (engine_environment)
+    server = runner.LocalServer([sys.executable, "-S", str(script), str(port)], port=port, log_path=tmp_path / "log")
+    assert server.start(timeout=30) == f"http://127.0.0.1:{port}" and server.running
+    assert f"engine at {ROOT / 'BiomedParseSlicer' / 'textseg' / '__init__.py'}" in server.log_tail()
+    server.stop()
+    assert not server.running
+    assert runner.engine_environment("cpu")["CUDA_VISIBLE_DEVICES"] == ""
+    assert runner.engine_environment("cuda:1")["CUDA_VISIBLE_DEVICES"] == "1"
+    broken = runner.LocalServer([sys.executable, "-c", "raise SystemExit('no engine here')"], log_path=tmp_path / "l2")
+    with pytest.raises(Exception, match="stopped at start-up(.|\n)*no engine here"):
+        broken.start(timeout=30)
+
+
+def test_bad_inputs_give_clear_errors(app, logic):
+    empty = app.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(Exception, match="has no voxels"):
+        logic.volumeFromNode(empty)
+    with pytest.raises(UsageError, match="Select an input volume"):
+        logic.volumeFromNode(None)
+
+
+@pytest.mark.slow
+def test_deepbet_real_run(app, logic):
+    t1 = shared_file("mni152", "MNI152_T1.nii.gz")
+    pytest.importorskip("deepbet")
+    node = app.load_volume(t1)
+    seg = logic.segment(node, ["brain"], "deepbet", modality="MRI", predictor=Predictor("deepbet", device="cpu"))
+    got = mrml.segment_mask(seg, logic.lastSegmentIDs[0], node)
+    truth_node = app.load_volume(shared_file("mni152", "MNI152_mask.nii.gz"))  # same reader: same voxel order
+    truth = mrml.array_from_node(truth_node) > 0
+    dice = 2 * np.logical_and(got, truth).sum() / (got.sum() + truth.sum())
+    assert dice > 0.94, dice  # the engine alone scores 0.952 on this pair
+    assert mrml.get_tag(seg.GetSegmentation().GetSegment(logic.lastSegmentIDs[0]), "textseg.model") == "deepbet"
+
+
+def test_geometry_when_slicer_stores_the_file_flipped(app, logic, predictor):
+    """Slicer's reader stores MNI152 with k reversed relative to SimpleITK: the segments must still
+    sit on the engine's voxels in RAS."""
+    t1 = shared_file("mni152", "MNI152_T1.nii.gz")
+    node = app.load_volume(t1)
+    reference = read_volume(t1)
+    assert not np.allclose(mrml.ijk_to_ras(node), reference.ijk_to_ras)  # the premise of this test
+    prompts = ["3000..9000 left", "3000..9000 superior"]
+    expected = checks.engine_masks(reference, prompts, modality="MRI")
+    seg = logic.segment(node, prompts, "synthetic-3d", modality="MRI", predictor=predictor)
+    checks.check_geometry(seg, logic.lastSegmentIDs, node, expected, reference)
+    assert all(m.sum() > 10000 for m in expected.values())
+
+
+def test_markups_become_lps_box_and_point_prompts(app, logic, predictor, ct_path):
+    node = app.load_volume(ct_path)
+    reference = read_volume(ct_path)
+    b = [0.0] * 6
+    node.GetRASBounds(b)
+    centre = np.round([(b[0] + b[1]) / 2, (b[2] + b[3]) / 2, (b[4] + b[5]) / 2])
+    roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(*centre)  # RAS, inside the image
+    roi.SetSize(120.0, 90.0, 45.0)
+    box = mrml.roi_box_lps(roi)
+    lo, hi = centre - (60.0, 45.0, 22.5), centre + (60.0, 45.0, 22.5)  # the ROI in RAS
+    flip = np.array([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(box, [np.minimum(lo * flip, hi * flip), np.maximum(lo * flip, hi * flip)])
+    points = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPoint(1.5, -2.5, 3.0)
+    assert mrml.fiducial_points_lps(points) == ((-1.5, 2.5, 3.0),)
+    from textseg.prompts import Prompt
+
+    prompt = Prompt("bone", box)
+    expected = checks.engine_masks(reference, [prompt])
+    seg = logic.segment(node, [prompt], "synthetic-3d", modality="CT", predictor=predictor)
+    checks.check_geometry(seg, logic.lastSegmentIDs, node, expected, reference)
+    inside = checks.segment_centres_ras(seg, logic.lastSegmentIDs[0])
+    assert 0 < len(inside) < int(checks.engine_masks(reference, ["bone"])["bone"].sum())
+    assert ((inside >= lo - 1.5) & (inside <= hi + 1.5)).all()  # within half a 3 mm voxel
+
+
+def test_modality_guess(app, logic, ct_path):
+    assert logic.guessModality(app.load_volume(ct_path)) == ("CT", "abdomen")
+    assert logic.guessModality(app.load_volume(shared_file("mni152", "MNI152_T1.nii.gz")))[0] == "MRI"
+
+
+def test_rgb_vector_volume_keeps_channels(app, logic):
+    from vtkmodules.util.numpy_support import numpy_to_vtk
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+
+    rgb = np.random.default_rng(0).integers(0, 255, (1, 6, 8, 3), dtype=np.uint8)  # one 2D RGB slice
+    image = vtkImageData()
+    image.SetDimensions(8, 6, 1)
+    image.GetPointData().SetScalars(numpy_to_vtk(rgb.reshape(-1, 3), deep=True))
+    node = app.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "photo")
+    node.SetAndObserveImageData(image)
+    node.SetSpacing(0.5, 0.25, 1.0)
+    volume = logic.volumeFromNode(node)
+    assert volume.is_rgb and volume.is_2d and np.array_equal(volume.array, rgb)
+    np.testing.assert_allclose(volume.spacing, (0.5, 0.25, 1.0))
+    label = app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    with pytest.raises(UsageError, match="label map"):
+        logic.volumeFromNode(label)
+
+
+def test_slicer_terminology_gives_snomed_codes_and_standard_colours(ct_path, predictor):
+    """With Slicer's terminology files (Slicer's Modules/Loadable/Terminologies/Resources, not in the
+    slicer-core wheel): segments get SNOMED codes and Slicer's standard colours."""
+    import os
+
+    folder = os.environ.get("SLICER_TERMINOLOGIES_DIR")
+    if not folder or not Path(folder, "SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.term.json").is_file():
+        pytest.skip("set SLICER_TERMINOLOGIES_DIR to a folder with Slicer's *.term.json files")
+    app = headless.create(folder)
+    logic = module.BiomedParseSlicerLogic(scene=app.scene, terminologyLogic=app.logics["Terminologies"])
+    node = app.load_volume(ct_path)
+    seg = logic.segment(node, ["bone"], "synthetic-3d", modality="CT", predictor=predictor)
+    bone = seg.GetSegmentation().GetSegment(logic.lastSegmentIDs[0])
+    assert "SCT^272673000^Bone" in bone.GetTerminology()
+    np.testing.assert_allclose(bone.GetColor(), np.array([241, 214, 145]) / 255)
+    mask = mrml.segment_mask(seg, logic.lastSegmentIDs[0], node)
+    sid = mrml.add_segment(seg, Segment("left kidney", mask), node, 1, terminology_logic=app.logics["Terminologies"])
+    kidney = seg.GetSegmentation().GetSegment(sid)
+    assert "SCT^64033007^Kidney~SCT^7771000^Left" in kidney.GetTerminology()
+    np.testing.assert_allclose(kidney.GetColor(), np.array([185, 102, 83]) / 255)
+    sid = mrml.add_segment(seg, Segment("my lesion", mask), node, 3, terminology_logic=app.logics["Terminologies"])
+    assert seg.GetSegmentation().GetSegment(sid).GetColor() == pytest.approx(mrml.PALETTE[3])  # unknown: palette

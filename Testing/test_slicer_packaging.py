@@ -1,0 +1,133 @@
+"""Packaging of the Slicer extension: CMake lists every shipped file, the panel's widgets exist,
+the module file stays UI/MRML glue, metadata files agree, requirement lists match pyproject."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "Utilities"))
+import update_cmake_scripts  # noqa: E402
+
+MODULE = ROOT / "BiomedParseSlicer"
+MODULE_PY = MODULE / "BiomedParseSlicer.py"
+UI = MODULE / "Resources" / "UI" / "BiomedParseSlicer.ui"
+
+
+def test_cmake_lists_every_shipped_file():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    scripts, resources = update_cmake_scripts.expected_lists()
+    assert "textseg/predictor.py" in scripts and "BiomedParseSlicerLib/mrml.py" in scripts
+    fix = "run `python Utilities/update_cmake_scripts.py`"
+    assert update_cmake_scripts.cmake_list("MODULE_PYTHON_SCRIPTS", text) == scripts, fix
+    assert update_cmake_scripts.cmake_list("MODULE_PYTHON_RESOURCES", text) == resources, fix
+    assert "WITH_GENERIC_TESTS" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+def test_stale_list_is_detected(tmp_path):
+    text = (MODULE / "CMakeLists.txt").read_text().replace("  textseg/volume.py\n", "")
+    assert "textseg/volume.py" not in update_cmake_scripts.cmake_list("MODULE_PYTHON_SCRIPTS", text)
+    assert update_cmake_scripts.rewrite(text) == (MODULE / "CMakeLists.txt").read_text()
+
+
+def test_ui_has_every_widget_the_module_uses_and_parameters_exist():
+    tree = ET.parse(UI)
+    names = {w.get("name") for w in tree.iter("widget")}
+    used = set(re.findall(r"\bui\.(\w+)", MODULE_PY.read_text()))
+    assert used and used <= names, f"widgets missing from the .ui: {sorted(used - names)}"
+    params = {p.find("string").text for p in tree.iter("property") if p.get("name") == "SlicerParameterName"}
+    fields = set(_parameter_fields())
+    assert params and params <= fields, f"unknown parameters: {sorted(params - fields)}"
+    receivers = {c.find("receiver").text for c in tree.iter("connection")}
+    combos = {w.get("name") for w in tree.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    assert combos == receivers  # every node selector gets the scene
+
+
+def _parameter_fields():
+    mod = ast.parse(MODULE_PY.read_text())
+    cls = next(n for n in mod.body if isinstance(n, ast.ClassDef) and n.name == "BiomedParseSlicerParameterNode")
+    return [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)]
+
+
+def test_module_file_is_ui_and_mrml_glue_only():
+    imported = set()
+    for node in ast.walk(ast.parse(MODULE_PY.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & {"torch", "requests", "urllib", "http", "httpx", "fastapi", "uvicorn", "subprocess"}
+    classes = [n.name for n in ast.parse(MODULE_PY.read_text()).body if isinstance(n, ast.ClassDef)]
+    order = ["BiomedParseSlicer", "BiomedParseSlicerParameterNode", "BiomedParseSlicerWidget",
+             "BiomedParseSlicerLogic", "BiomedParseSlicerTest"]
+    assert [c for c in classes if c in order] == order  # Slicer's template order
+
+
+def test_icon_is_128_png():
+    import numpy as np
+
+    Image = pytest.importorskip("PIL.Image", reason="needs Pillow (comes with scikit-image, test extra)")
+    with Image.open(MODULE / "Resources" / "Icons" / "BiomedParseSlicer.png") as im:
+        assert im.format == "PNG" and im.size == (128, 128)
+        assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 20  # a picture, not a flat placeholder
+
+
+def test_extension_metadata_agrees():
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    s4ext = dict(line.split(" ", 1) if " " in line else (line, "")
+                 for line in (ROOT / "BiomedParseSlicer.s4ext").read_text().splitlines()
+                 if line.strip() and not line.startswith("#"))
+    index = json.loads((ROOT / "BiomedParseSlicer.json").read_text())
+    assert index["$schema"].endswith("slicer-extension-catalog-item-schema-v1.0.0.json#")
+    assert set(index) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "scm", "scmrevision", "scmurl", "tier"}
+    depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]*)"\)', cmake).group(1).split()
+    assert index["build_dependencies"] == depends == s4ext["depends"].split()
+    category = re.search(r'set\(EXTENSION_CATEGORY "([^"]*)"\)', cmake).group(1)
+    assert index["category"] == category == s4ext["category"]
+    assert s4ext["scmurl"].rstrip(".git") == index["scmurl"] and "add_subdirectory(BiomedParseSlicer)" in cmake
+    assert 'VERSION_LESS "5.8"' in cmake  # the supported versions are enforced at build time
+    assert "Apache License" in (ROOT / "LICENSE").read_text() and "CC-BY-NC-SA" in (ROOT / "NOTICE").read_text()
+
+
+def test_requirement_lists_match_pyproject():
+    from BiomedParseSlicerLib import environment
+
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = pyproject["optional-dependencies"]
+    assert list(environment.CLIENT_REQUIREMENTS) == pyproject["dependencies"]
+    assert list(environment.MODEL_REQUIREMENTS) == [r for r in extras["models"] if not r.startswith("torch")]
+    assert list(environment.SERVER_REQUIREMENTS) == extras["server"]
+
+
+def test_install_asks_first_and_never_touches_bundled_packages(monkeypatch):
+    from BiomedParseSlicerLib import environment
+
+    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("pynrrd", "torch") else "1")
+    installed = []
+    assert environment.install(True, lambda msg: False, installed.extend) == [] and installed == []  # declined
+    asked = []
+    done = environment.install(True, lambda msg: asked.append(msg) or True, installed.extend, install_torch=lambda: True)
+    assert installed == ["pynrrd>=1.0"] and done == ["pynrrd>=1.0", "torch"] and "PyTorch extension" in asked[0]
+    with pytest.raises(RuntimeError, match="PyTorch"):
+        environment.install(True, lambda msg: True, installed.extend, install_torch=None)
+    monkeypatch.setattr(environment, "installed_version", lambda name: None if name == "numpy" else "1")
+    with pytest.raises(RuntimeError, match="never installs or replaces"):
+        environment.install(False, lambda msg: True, installed.extend)
+
+
+def test_download_progress_adapter():
+    from BiomedParseSlicerLib import environment
+
+    seen = []
+    report = environment.byte_progress(lambda f, stage: seen.append((round(f, 3), stage)))
+    report(50_000_000, 200_000_000)
+    report(0.5, "verifying")
+    assert seen == [(0.25, "downloading 50 of 200 MB"), (0.5, "verifying")]
