@@ -118,6 +118,11 @@ def test_install_asks_first_and_never_touches_bundled_packages(monkeypatch):
     assert installed == ["pynrrd>=1.0"] and done == ["pynrrd>=1.0", "torch"] and "PyTorch extension" in asked[0]
     with pytest.raises(RuntimeError, match="PyTorch"):
         environment.install(True, lambda msg: True, installed.extend, install_torch=None)
+    # open_clip_torch goes in alone with --no-deps (its dependencies would replace torch)
+    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("open_clip_torch", "regex") else "1")
+    calls = []
+    environment.install(True, lambda msg: True, calls.append)
+    assert calls == [["--no-deps", "open_clip_torch==3.3.0"], ["regex"]]
     monkeypatch.setattr(environment, "installed_version", lambda name: None if name == "numpy" else "1")
     with pytest.raises(RuntimeError, match="never installs or replaces"):
         environment.install(False, lambda msg: True, installed.extend)

@@ -17,7 +17,11 @@ SLICER_BUNDLED = ("numpy", "scipy", "SimpleITK", "requests")
 CLIENT_REQUIREMENTS = ("numpy>=1.24", "scipy>=1.10", "SimpleITK>=2.3", "slicerio>=1.1", "pynrrd>=1.0", "tqdm>=4.60",
                        "requests>=2.28", "filelock>=3.12", "huggingface_hub>=0.23")
 # Needed to run models in this computer (torch comes from the PyTorch extension).
-MODEL_REQUIREMENTS = ("deepbet==1.0.2", "monai>=1.3", "safetensors>=0.4", "einops>=0.6", "ftfy>=6", "regex")
+MODEL_REQUIREMENTS = ("deepbet==1.0.2", "monai>=1.3", "safetensors>=0.4", "einops>=0.6", "ftfy>=6", "regex",
+                      "transformers>=4.40")
+# Installed with --no-deps: its dependencies (torchvision, timm) would replace Slicer's torch. Its wheel
+# carries the CLIP BPE vocabulary used by BiomedParse and SegVol (textseg.models.clip_tokenizer).
+NO_DEPS_REQUIREMENTS = ("open_clip_torch==3.3.0",)
 SERVER_REQUIREMENTS = ("fastapi>=0.110", "uvicorn>=0.27", "python-multipart>=0.0.9")
 
 
@@ -43,7 +47,8 @@ def status(local: bool = True) -> Dict[str, Optional[str]]:
 
 
 def missing_requirements(local: bool = True) -> List[str]:
-    reqs = list(CLIENT_REQUIREMENTS) + (list(MODEL_REQUIREMENTS + SERVER_REQUIREMENTS) if local else [])
+    reqs = list(CLIENT_REQUIREMENTS) + (list(MODEL_REQUIREMENTS + SERVER_REQUIREMENTS + NO_DEPS_REQUIREMENTS)
+                                        if local else [])
     return [r for r in reqs if installed_version(requirement_name(r)) is None]
 
 
@@ -67,8 +72,11 @@ def install(local: bool, confirm: Callable[[str], bool], pip_install: Callable[[
         if install_torch is None or not install_torch():
             raise RuntimeError("torch is not installed: install the 'PyTorch' extension from the Extensions "
                                "Manager, restart Slicer, and try again (or use a remote server).")
-    if missing:
-        pip_install(missing)
+    no_deps = [r for r in missing if r in NO_DEPS_REQUIREMENTS]
+    if no_deps:
+        pip_install(["--no-deps"] + no_deps)
+    if len(no_deps) < len(missing):
+        pip_install([r for r in missing if r not in NO_DEPS_REQUIREMENTS])
     return missing + (["torch"] if need_torch else [])
 
 
