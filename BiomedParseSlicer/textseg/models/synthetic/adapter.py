@@ -60,6 +60,8 @@ def _box_mask(volume, prompt: Prompt) -> np.ndarray:
     hi = np.floor(corners.max(0) + 0.5).astype(int)
     m = np.zeros(volume.shape, bool)
     lo = np.maximum(lo, 0)
+    if (hi < 0).any():  # box entirely before the image: nothing inside
+        return m
     m[lo[2] : hi[2] + 1, lo[1] : hi[1] + 1, lo[0] : hi[0] + 1] = True
     return m
 
