@@ -28,12 +28,12 @@ import numpy as np
 from . import errors
 from .catalog import ModelSpec, WeightFile
 from .errors import AuthError, Cancelled, InputError, ServerError, UsageError
+from .models.base import CancelToken, ProgressFn
 from .predictor import PromptLike, PromptResult
 from .prompts import Prompt, parse_prompts
 from .volume import Volume
 from .wire import API_VERSION, client_headers, dequantize, npy_load, sha256, volume_to_nrrd
 
-ProgressFn = Any  # Callable[[float, str], None]
 _RETRY_STATUS = (429, 502, 503, 504)
 
 
@@ -138,7 +138,7 @@ class RemotePredictor:
         site: Optional[str] = None,
         slices: Optional[Tuple[int, int]] = None,
         progress: Optional[ProgressFn] = None,
-        cancel: Optional[Any] = None,
+        cancel: Optional[CancelToken] = None,
     ) -> None:
         """Upload the image (once) and prepare it on the server."""
         volume.check_usable()
@@ -161,7 +161,7 @@ class RemotePredictor:
         threshold: Optional[float] = None,
         keep_absent: bool = False,
         progress: Optional[ProgressFn] = None,
-        cancel: Optional[Any] = None,
+        cancel: Optional[CancelToken] = None,
     ) -> List[PromptResult]:
         """One result per prompt (completed ones only after a cancel), as the local Predictor."""
         if self._volume is None:

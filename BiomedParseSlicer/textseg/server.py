@@ -249,10 +249,11 @@ class JobManager:
             shutil.rmtree(self.root, ignore_errors=True)
 
     # ---- volumes ------------------------------------------------------------------------------
-    def get_volume(self, sha: str) -> Optional[StoredVolume]:
+    def get_volume(self, sha: str, touch: bool = True) -> Optional[StoredVolume]:
+        """The stored volume; ``touch`` (a job uses it) restarts its expiry clock, a HEAD does not."""
         with self.lock:
             v = self.volumes.get(sha)
-            if v is not None:
+            if v is not None and touch:
                 v.last_used = time.monotonic()
             return v
 
@@ -487,7 +488,7 @@ def create_app(settings: Settings):
     @app.head("/v1/volumes/{sha}")
     @app.get("/v1/volumes/{sha}")
     async def volume_info(sha: str):
-        v = manager.get_volume(_sha(sha))
+        v = manager.get_volume(_sha(sha), touch=False)
         if v is None:
             raise ApiError(404, "volume_not_found", "The server does not hold this volume (never uploaded, or expired): upload it again.")
         return {"volume": v.sha, "shape": list(v.shape), "dtype": v.dtype, **v.geometry}
