@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import inspect
+import json
 import os
 import signal
 import threading
@@ -19,11 +20,12 @@ import pytest
 import requests
 
 from conftest import shared_file
-from textseg.errors import AuthError, InputError, ServerError, UsageError
+from textseg.errors import AuthError, InputError, OutputExistsError, ServerError, UsageError
 from textseg.models.base import CancelToken
 from textseg.predictor import Predictor
 from textseg.volume import Volume
 from textseg.wire import API_HEADER, sha256, volume_to_nrrd
+from textseg.writers import read_seg_nrrd
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -98,7 +100,7 @@ def test_remote_predictor_has_the_local_signatures():
         assert inspect.signature(getattr(RemotePredictor, name)) == inspect.signature(getattr(Predictor, name)), name
 
 
-def test_round_trip_on_real_ct_equals_local_predictor(fast):
+def test_round_trip_on_real_ct_equals_local_predictor(fast, tmp_path):
     ct = _ct()
     session = CountingSession()
     rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY, session=session)
@@ -116,6 +118,15 @@ def test_round_trip_on_real_ct_equals_local_predictor(fast):
     assert seen[0] == (0.0, "uploading image") and seen[-1][0] == 1.0
     assert all(0.0 <= f <= 1.0 for f, _ in seen)
     assert session.count("PUT", "volumes/") == 1
+    # the job's .seg.nrrd (written on the server by textseg.writers): same masks, names, provenance tags
+    path = rp.download_seg_nrrd(rp.last_job, tmp_path / "remote.seg.nrrd")
+    ref, segments = read_seg_nrrd(path)
+    assert ref.same_grid(ct) and [s.name for s in segments] == [r.name for r in local]
+    for seg, r in zip(segments, local):
+        np.testing.assert_array_equal(seg.mask, r.mask)
+        assert seg.tags["textseg.model"] == "synthetic-3d" and json.loads(seg.tags["textseg.prompt"]) == r.prompt.to_dict()
+    with pytest.raises(OutputExistsError):
+        rp.download_seg_nrrd(rp.last_job, path)
     # the same image again: HEAD finds it, nothing is uploaded a second time
     rp.set_image(ct, "CT", site="abdomen")
     assert session.count("PUT", "volumes/") == 1 and session.count("HEAD", "volumes/") == 2

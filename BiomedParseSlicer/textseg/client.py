@@ -6,10 +6,11 @@
 
 ``set_image`` uploads the volume unless the server already holds it (HEAD by sha256), then runs
 a job that prepares (encodes) it, so errors such as an unsupported modality surface here, as with
-the local Predictor. ``predict`` runs a job and rebuilds the PromptResults from the returned
-``.seg.nrrd`` (masks, exact) and its JSON metadata (existence, present, message, provenance,
-extra) plus the probability maps (uint8-quantized by default: |error| <= 1/510; pass
-``probabilities="float32"`` for exact ones or ``"none"`` to skip them). Progress comes from a
+the local Predictor. ``predict`` runs a job and rebuilds the PromptResults from the job's JSON
+metadata (prompt, existence, present, message, provenance, extra) and its arrays: masks exact
+(bit-packed), probabilities uint8-quantized by default (|error| <= 1/510; pass
+``probabilities="float32"`` for exact ones or ``"none"`` to skip them). The job's ``.seg.nrrd``
+(written on the server with textseg.writers) is saved by ``download_seg_nrrd(last_job, path)``. Progress comes from a
 long poll of the job; a CancelToken cancels the job on the server (DELETE); completed prompts
 are kept. 429/503 are retried with backoff (Retry-After honoured); a volume the server expired
 is uploaded again transparently.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -32,7 +32,7 @@ from .models.base import CancelToken, ProgressFn
 from .predictor import PromptLike, PromptResult
 from .prompts import Prompt, parse_prompts
 from .volume import Volume
-from .wire import API_VERSION, client_headers, dequantize, npy_load, sha256, volume_to_nrrd
+from .wire import API_VERSION, client_headers, dequantize, load_npz, sha256, unpack_mask, volume_to_nrrd
 
 _RETRY_STATUS = (429, 502, 503, 504)
 
@@ -59,12 +59,13 @@ class RemotePredictor:
         retries: int = 5,
         backoff: float = 0.5,
         probabilities: str = "uint8",
-        compress: bool = True,
+        compress: Optional[bool] = None,
         verify: Union[bool, str] = True,
         session: Any = None,
     ) -> None:
         """``timeout``: the longest a set_image/predict call waits for its job (seconds);
-        ``request_timeout``: (connect, read) of each HTTP request; ``retries``/``backoff``: how
+        ``request_timeout``: (connect, read) of each HTTP request; ``compress``: gzip uploads
+        (default: yes unless the server is on this machine); ``retries``/``backoff``: how
         often and how patiently 429/503 and dropped connections are retried; ``verify``: TLS
         verification (True, or a CA bundle path for a private CA)."""
         import requests
@@ -79,13 +80,14 @@ class RemotePredictor:
         if probabilities not in ("uint8", "float32", "none"):
             raise UsageError("probabilities must be 'uint8', 'float32' or 'none'.")
         self.probabilities = probabilities
-        self.compress = compress
+        self.compress = compress if compress is not None else not _is_loopback_url(self.url)
         self.http = session or requests.Session()
         self.http.verify = verify
         self.http.headers.update(client_headers())
         if self.api_key:
             self.http.headers["Authorization"] = f"Bearer {self.api_key}"
         self.messages: List[str] = []
+        self.last_job: Optional[str] = None  # id of the last predict job (see download_seg_nrrd)
         self._volume: Optional[Volume] = None
         self._sha: Optional[str] = None
         self._nrrd: Optional[bytes] = None
@@ -168,6 +170,7 @@ class RemotePredictor:
             raise UsageError("No image set: call set_image(volume, modality) before predict().")
         plist = [p.to_dict() for p in parse_prompts(prompts)]
         job = self._run_job(plist, progress, cancel, threshold=threshold, keep_absent=keep_absent)
+        self.last_job = job["id"]
         if job["state"] == "cancelled":
             self.messages.append(f"Cancelled: kept {job['results'] or 0} of {len(plist)} completed prompt(s).")
         return self._results(job) if job.get("results") else []
@@ -226,34 +229,38 @@ class RemotePredictor:
         return job
 
     def _results(self, job: Dict[str, Any]) -> List[PromptResult]:
-        from .writers import read_seg_nrrd
-
         jid = job["id"]
         meta = self._request("GET", f"/v1/jobs/{jid}/result.json").json()
-        seg = self._request("GET", f"/v1/jobs/{jid}/result").content
-        fd, path = tempfile.mkstemp(suffix=".seg.nrrd")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(seg)
-            _, segments = read_seg_nrrd(path)
-        finally:
-            os.remove(path)
+        accept = {} if self.compress else {"Accept-Encoding": "identity"}  # loopback: skip gzip both ways
+        arrays = load_npz(self._request("GET", f"/v1/jobs/{jid}/arrays", headers=accept).content)
         assert self._volume is not None
-        records = meta["results"]
-        if len(segments) != len(records):
-            raise ServerError(f"The server's result has {len(segments)} segments for {len(records)} prompts; try again.")
+        shape = tuple(meta["shape"])
         out = []
-        for rec, s in zip(records, segments):
-            mask = np.ascontiguousarray(s.mask, dtype=np.uint8)
-            if mask.shape != self._volume.shape or int(mask.sum()) != rec["voxel_count"]:
+        for rec in meta["results"]:
+            n = rec["index"]
+            mask = unpack_mask(arrays[f"mask_{n}"], shape)
+            if shape != self._volume.shape or int(np.count_nonzero(mask)) != rec["voxel_count"]:
                 raise ServerError("The server's result does not match the image (shape or voxel count); try again.")
-            if rec["probability"]:
-                prob = dequantize(npy_load(self._request("GET", f"/v1/jobs/{jid}/probability/{rec['index']}").content))
-            else:
-                prob = mask.astype(np.float32)
+            prob = dequantize(arrays[f"prob_{n}"]) if rec["probability"] else mask.astype(np.float32)
             out.append(PromptResult(Prompt.from_any(rec["prompt"]), prob, mask, rec["existence"], rec["present"],
                                     rec["provenance"], rec["message"], rec["extra"]))
         return out
+
+    def download_seg_nrrd(self, job_id: str, path: Union[str, "os.PathLike"], overwrite: bool = False) -> str:
+        """Save a finished job's .seg.nrrd (written on the server with textseg.writers) to ``path``."""
+        from .writers import atomic_output
+
+        data = self._request("GET", f"/v1/jobs/{job_id}/result").content
+        with atomic_output(path, overwrite) as tmp:
+            tmp.write_bytes(data)
+        return str(path)
+
+
+def _is_loopback_url(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _retry_after(r, default: float) -> float:

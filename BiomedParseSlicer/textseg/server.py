@@ -5,8 +5,9 @@
     POST   /v1/jobs                     {volume, model, modality, site, slices, prompts, ...} -> 202
     GET    /v1/jobs/{id}?wait=&version= state, stage, progress (long poll)
     DELETE /v1/jobs/{id}                cancel (completed prompts are kept)
-    GET    /v1/jobs/{id}/result         the .seg.nrrd;  /result.json: per-prompt metadata
-    GET    /v1/jobs/{id}/probability/{n} the probability map of prompt n (.npy, gzip)
+    GET    /v1/jobs/{id}/result         the .seg.nrrd (segments, names, provenance tags)
+    GET    /v1/jobs/{id}/result.json    per-prompt metadata (prompt, existence, present, message, ...)
+    GET    /v1/jobs/{id}/arrays         masks (bit-packed) and probabilities as .npz (gzip if accepted)
     GET    /v1/health, /health, /v1/models, /v1/workers
 
 Jobs run on one worker process per device (textseg.server_workers) behind a bounded queue.
@@ -567,18 +568,61 @@ def create_app(settings: Settings):
         job = _job(job_id)
         if not _finished(job)["results"]:
             raise ApiError(404, "no_result", "This job produced no segments (no prompts, or cancelled before the first).")
-        return FileResponse(job.dir / "result.seg.nrrd", media_type="application/octet-stream", filename=f"{job.id}.seg.nrrd")
+        path = await run_in_threadpool(seg_nrrd_path, job)
+        return FileResponse(path, media_type="application/octet-stream", filename=f"{job.id}.seg.nrrd")
 
-    @app.get("/v1/jobs/{job_id}/probability/{index}")
-    async def probability(job_id: str, index: int):
+    @app.get("/v1/jobs/{job_id}/arrays")
+    async def result_arrays(job_id: str, request: Request):
         job = _job(job_id)
-        results = _finished(job)["results"]
-        if not 0 <= index < len(results) or not results[index]["probability"]:
-            raise ApiError(404, "no_probability", f"No probability map {index} in this job's result.")
-        data = await run_in_threadpool((job.dir / f"prob_{index}.npy.gz").read_bytes)
-        return Response(data, media_type="application/octet-stream", headers={"Content-Encoding": "gzip"})
+        _finished(job)
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            path = await run_in_threadpool(_gzipped, job.dir / "arrays.npz")
+            return FileResponse(path, media_type="application/octet-stream", headers={"Content-Encoding": "gzip"})
+        return FileResponse(job.dir / "arrays.npz", media_type="application/octet-stream")
 
     return app
+
+
+_SEG_LOCK = threading.Lock()
+
+
+def _gzipped(path: Path) -> Path:
+    """``path`` + .gz (gzip level 1), written once, atomically."""
+    import gzip
+
+    gz = path.with_name(path.name + ".gz")
+    with _SEG_LOCK:
+        if not gz.exists():
+            tmp = gz.with_name(gz.name + ".tmp")
+            with open(path, "rb") as src, gzip.open(tmp, "wb", compresslevel=1) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, gz)
+    return gz
+
+
+def seg_nrrd_path(job: Job) -> Path:
+    """The job's .seg.nrrd, written (once, atomically) with textseg.writers from its arrays."""
+    import numpy as np
+
+    from .predictor import PromptResult
+    from .prompts import Prompt
+    from .volume import Volume
+    from .wire import load_npz, unpack_mask
+    from .writers import segments_from_results, write_seg_nrrd
+
+    path = job.dir / "result.seg.nrrd"
+    with _SEG_LOCK:
+        if not path.exists():
+            meta = job.meta or {}
+            shape = meta["shape"]
+            arrays = load_npz((job.dir / "arrays.npz").read_bytes())
+            results = [PromptResult(Prompt.from_any(r["prompt"]), None, unpack_mask(arrays[f"mask_{r['index']}"], shape),
+                                    r["existence"], r["present"], r["provenance"], r["message"], r["extra"])
+                       for r in meta["results"]]
+            g = job.volume.geometry
+            reference = Volume(np.zeros(shape, np.uint8), g["spacing"], g["origin"], g["direction"])
+            write_seg_nrrd(path, reference, segments_from_results(results))
+    return path
 
 
 async def _receive(request, path: Path, gzipped: bool, limit: int) -> Tuple[str, int]:

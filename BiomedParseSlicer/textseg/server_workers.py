@@ -11,7 +11,6 @@ same uploaded volume (same modality/site/slices) encode the image once.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import multiprocessing as mp
@@ -84,20 +83,23 @@ def _scaled(progress, lo: float, hi: float):
 
 
 def write_outputs(out_dir: Path, volume, results, prob_mode: str) -> Dict[str, Any]:
-    """result.seg.nrrd + prob_<n>.npy.gz + result.json in out_dir; returns the JSON document."""
-    from .wire import npy_bytes, quantize, result_record
-    from .writers import segments_from_results, write_seg_nrrd
+    """arrays.npz (bit-packed masks, probabilities) + result.json in out_dir; returns the JSON.
+
+    The .seg.nrrd is written from these on the first GET of /result (see server.seg_nrrd_path):
+    slicerio's segment packing costs seconds on large images, which a RemotePredictor (which
+    needs only the arrays) should not wait for."""
+    from .wire import quantize, result_record
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = []
+    arrays, records = {}, []
     for n, r in enumerate(results):
-        prob = None
+        arrays[f"mask_{n}"] = np.packbits(np.asarray(r.mask, dtype=bool).ravel())
         if prob_mode != "none":
-            (out_dir / f"prob_{n}.npy.gz").write_bytes(gzip.compress(npy_bytes(quantize(r.probability, prob_mode)), 1))
-            prob = prob_mode
-        records.append(result_record(n, r, prob))
-    if results:
-        write_seg_nrrd(out_dir / "result.seg.nrrd", volume, segments_from_results(results))
+            arrays[f"prob_{n}"] = quantize(r.probability, prob_mode)
+        records.append(result_record(n, r, None if prob_mode == "none" else prob_mode))
+    tmp = out_dir / "arrays.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out_dir / "arrays.npz")
     meta = {"results": records, "shape": list(volume.shape)}
     (out_dir / "result.json").write_text(json.dumps(meta))
     return meta
