@@ -54,12 +54,23 @@ class WorkerState:
             self.predictors[model]._ensure_loaded()
         return self.predictors[model]
 
-    def run(self, job: Dict[str, Any], progress: Callable[[float, str], None], cancel, out_dir: Path) -> Dict[str, Any]:
-        """Set the image if this predictor does not hold it yet, predict, write the outputs."""
+    def execute(self, job: Dict[str, Any], progress: Callable[[float, str], None], cancel,
+                on_results: Optional[Callable[[list], None]] = None) -> list:
+        """Set the image if this predictor does not hold it yet, then predict; returns the results.
+
+        With ``on_results`` (the Ray backend streams results back), a 3D model's prompts are
+        predicted group by group and each group's results are handed over as soon as they exist,
+        so a cancel keeps the completed ones there too."""
         pred = self.predictor(job["model"])
         pred.messages.clear()
         if self.volume_key != job["volume"]:
-            self.volume = load_volume(job["volume_path"], job["geometry"])
+            if "array" in job:  # shipped with the job (Ray: possibly another machine)
+                from .volume import Volume
+
+                g = job["geometry"]
+                self.volume = Volume(job["array"], g["spacing"], g["origin"], np.array(g["direction"]))
+            else:
+                self.volume = load_volume(job["volume_path"], job["geometry"])
             self.volume_key = job["volume"]
         key = (job["volume"], job.get("modality"), job.get("site"), tuple(job["slices"]) if job.get("slices") else None)
         prompts = job.get("prompts") or []
@@ -69,11 +80,26 @@ class WorkerState:
             self.images.pop(job["model"], None)
             pred.set_image(self.volume, job.get("modality"), job.get("site"), key[3], _scaled(progress, 0.0, split), cancel)
             self.images[job["model"]] = key
-        results = []
-        if prompts:
-            results = pred.predict(prompts, job.get("threshold"), bool(job.get("keep_absent")), _scaled(progress, split, 1.0), cancel)
-        meta = write_outputs(out_dir, self.volume, results, job.get("probabilities", "uint8"))
-        meta["messages"] = list(pred.messages)
+        results: list = []
+        group = max(1, pred.adapter.max_prompts_per_call) if (on_results and pred.spec.dims == 3) else max(1, len(prompts))
+        for start in range(0, len(prompts), group):
+            chunk = prompts[start : start + group]
+            lo = split + (1.0 - split) * start / len(prompts)
+            hi = split + (1.0 - split) * (start + len(chunk)) / len(prompts)
+            done = pred.predict(chunk, job.get("threshold"), bool(job.get("keep_absent")), _scaled(progress, lo, hi), cancel)
+            results.extend(done)
+            if on_results and done:
+                on_results(done)
+            if len(done) < len(chunk):
+                break  # cancelled
+        return results
+
+    def run(self, job: Dict[str, Any], progress: Callable[[float, str], None], cancel, out_dir: Path) -> Dict[str, Any]:
+        """execute() and write the outputs for the server (worker-process backend)."""
+        results = self.execute(job, progress, cancel)
+        prompts = job.get("prompts") or []
+        meta = write_outputs(out_dir, self.volume.shape, results, job.get("probabilities", "uint8"))
+        meta["messages"] = list(self.predictor(job["model"]).messages)
         meta["cancelled"] = bool(cancel is not None and cancel.cancelled and len(results) < len(prompts))
         return meta
 
@@ -82,7 +108,7 @@ def _scaled(progress, lo: float, hi: float):
     return lambda f, stage: progress(lo + (hi - lo) * f, stage)
 
 
-def write_outputs(out_dir: Path, volume, results, prob_mode: str) -> Dict[str, Any]:
+def write_outputs(out_dir: Path, shape, results, prob_mode: str) -> Dict[str, Any]:
     """arrays.npz (bit-packed masks, probabilities) + result.json in out_dir; returns the JSON.
 
     The .seg.nrrd is written from these on the first GET of /result (see server.seg_nrrd_path):
@@ -100,7 +126,7 @@ def write_outputs(out_dir: Path, volume, results, prob_mode: str) -> Dict[str, A
     tmp = out_dir / "arrays.tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, out_dir / "arrays.npz")
-    meta = {"results": records, "shape": list(volume.shape)}
+    meta = {"results": records, "shape": list(shape)}
     (out_dir / "result.json").write_text(json.dumps(meta))
     return meta
 
