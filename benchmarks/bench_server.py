@@ -63,7 +63,7 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def overhead(url, shape, delay, repeats):
+def overhead(url, shape, delay, repeats, probabilities="uint8"):
     """Median times of local vs remote set_image + predict; each repeat uses a new image (so the
     remote side uploads it), after one warm-up round on each side."""
     prompts = ["bone", "soft tissue left"]
@@ -73,7 +73,7 @@ def overhead(url, shape, delay, repeats):
         vol = ct_like(shape, seed=100 + rep)
         _, t_ls = timed(lambda: lp.set_image(vol, "CT"))
         local, t_lp = timed(lambda: lp.predict(prompts))
-        rp = RemotePredictor(url, "synthetic-3d")
+        rp = RemotePredictor(url, "synthetic-3d", probabilities=probabilities)
         _, t_rs = timed(lambda: rp.set_image(vol, "CT"))
         remote, t_rp = timed(lambda: rp.predict(prompts))
         assert all(np.array_equal(a.mask, b.mask) for a, b in zip(remote, local))
@@ -88,9 +88,17 @@ def load(url, clients, seconds, shape):
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
 
+    setup_jobs, setup_errors = [0], []
+
     def client(n):
-        rp = RemotePredictor(url, "synthetic-3d", session=session, retries=20)
-        rp.set_image(ct_like(shape, seed=n), "CT")
+        try:
+            rp = RemotePredictor(url, "synthetic-3d", session=session, retries=20)
+            rp.set_image(ct_like(shape, seed=n), "CT")
+        except Exception as exc:  # noqa: BLE001 - reported
+            setup_errors.append(f"set-up: {type(exc).__name__}: {exc}")
+            return
+        with lock:
+            setup_jobs[0] += 1
         while time.monotonic() < stop_at:
             t0 = time.perf_counter()
             try:
@@ -112,12 +120,12 @@ def load(url, clients, seconds, shape):
         t.join()
     wall = time.perf_counter() - t0
     st = session.status
-    accepted = sum(v for (m, p, s), v in st.items() if m == "POST" and p == "jobs" and s == 202) - clients  # minus set_image jobs
+    accepted = sum(v for (m, p, s), v in st.items() if m == "POST" and p == "jobs" and s == 202) - setup_jobs[0]
     rejected = sum(v for (m, p, s), v in st.items() if m == "POST" and p == "jobs" and s == 429)
     lost = accepted - done[0] - len(errors)
     return {"jobs": done[0], "wall": wall, "throughput": done[0] / wall, "p50": np.percentile(lat, 50) if lat else float("nan"),
             "p95": np.percentile(lat, 95) if lat else float("nan"), "rejected": rejected, "failed": len(errors), "lost": lost,
-            "errors": errors[:3]}
+            "errors": setup_errors + errors[:3]}
 
 
 def main(argv=None):
@@ -131,6 +139,8 @@ def main(argv=None):
     ap.add_argument("--delay", type=float, default=0.0, help="emulated model seconds per prompt (synthetic adapter)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--probabilities", default="uint8", choices=["uint8", "float32", "none"],
+                    help="how the remote side returns probability maps (overhead part)")
     args = ap.parse_args(argv)
     size = tuple(int(x) for x in args.size.split(","))[::-1]
     load_size = tuple(int(x) for x in args.load_size.split(","))[::-1]
@@ -139,13 +149,13 @@ def main(argv=None):
     print(f"# textseg server benchmark: {os.cpu_count()} CPU cores, {args.workers} cpu worker(s), loopback")
     with running_server(settings) as url:
         if not args.skip_overhead:
-            ls, lp, rs, rp = overhead(url, size, args.delay, args.repeats)
+            ls, lp, rs, rp = overhead(url, size, args.delay, args.repeats, args.probabilities)
             print(f"\n## Overhead, {'x'.join(map(str, size[::-1]))} int16 volume, 2 prompts, delay {args.delay:g} s/prompt "
-                  f"(median of {args.repeats}, after a warm-up)\n")
+                  f"(median of {args.repeats}, after a warm-up), probabilities {args.probabilities}\n")
             print("| step | local (s) | remote (s) | overhead (s) | overhead |")
             print("|---|---|---|---|---|")
             print(f"| set_image (remote: upload + prepare) | {ls:.2f} | {rs:.2f} | {rs - ls:.2f} | {100 * (rs - ls) / ls:.0f}% |")
-            print(f"| predict (remote: job + seg.nrrd + probabilities) | {lp:.2f} | {rp:.2f} | {rp - lp:.2f} | {100 * (rp - lp) / lp:.0f}% |")
+            print(f"| predict (remote: job + masks + probabilities) | {lp:.2f} | {rp:.2f} | {rp - lp:.2f} | {100 * (rp - lp) / lp:.0f}% |")
             print(f"| total | {ls + lp:.2f} | {rs + rp:.2f} | {rs + rp - ls - lp:.2f} | {100 * (rs + rp - ls - lp) / (ls + lp):.0f}% |")
         r = load(url, args.clients, args.seconds, load_size)
         print(f"\n## Load: {args.clients} clients for {args.seconds:g} s, {'x'.join(map(str, load_size[::-1]))} volumes, "

@@ -32,7 +32,7 @@ from .models.base import CancelToken, ProgressFn
 from .predictor import PromptLike, PromptResult
 from .prompts import Prompt, parse_prompts
 from .volume import Volume
-from .wire import API_VERSION, client_headers, dequantize, load_npz, sha256, unpack_mask, volume_to_nrrd
+from .wire import API_VERSION, client_headers, decode_probability, load_npz, sha256, unpack_mask, volume_to_nrrd
 
 _RETRY_STATUS = (429, 502, 503, 504)
 
@@ -232,7 +232,12 @@ class RemotePredictor:
         jid = job["id"]
         meta = self._request("GET", f"/v1/jobs/{jid}/result.json").json()
         accept = {} if self.compress else {"Accept-Encoding": "identity"}  # loopback: skip gzip both ways
-        arrays = load_npz(self._request("GET", f"/v1/jobs/{jid}/arrays", headers=accept).content)
+        r = self._request("GET", f"/v1/jobs/{jid}/arrays", headers=accept, stream=True)
+        try:
+            data = r.raw.read(decode_content=True)  # one read: requests' 10 kB .content chunks are slow for 100 MB
+        finally:
+            r.close()
+        arrays = load_npz(data)
         assert self._volume is not None
         shape = tuple(meta["shape"])
         out = []
@@ -241,7 +246,7 @@ class RemotePredictor:
             mask = unpack_mask(arrays[f"mask_{n}"], shape)
             if shape != self._volume.shape or int(np.count_nonzero(mask)) != rec["voxel_count"]:
                 raise ServerError("The server's result does not match the image (shape or voxel count); try again.")
-            prob = dequantize(arrays[f"prob_{n}"]) if rec["probability"] else mask.astype(np.float32)
+            prob = decode_probability(arrays, n, shape) if rec["probability"] else mask.astype(np.float32)
             out.append(PromptResult(Prompt.from_any(rec["prompt"]), prob, mask, rec["existence"], rec["present"],
                                     rec["provenance"], rec["message"], rec["extra"]))
         return out

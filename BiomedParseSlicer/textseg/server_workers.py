@@ -114,14 +114,14 @@ def write_outputs(out_dir: Path, shape, results, prob_mode: str) -> Dict[str, An
     The .seg.nrrd is written from these on the first GET of /result (see server.seg_nrrd_path):
     slicerio's segment packing costs seconds on large images, which a RemotePredictor (which
     needs only the arrays) should not wait for."""
-    from .wire import quantize, result_record
+    from .wire import encode_probability, result_record
 
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays, records = {}, []
     for n, r in enumerate(results):
         arrays[f"mask_{n}"] = np.packbits(np.asarray(r.mask, dtype=bool).ravel())
         if prob_mode != "none":
-            arrays[f"prob_{n}"] = quantize(r.probability, prob_mode)
+            arrays.update(encode_probability(r.probability, prob_mode, n))
         records.append(result_record(n, r, None if prob_mode == "none" else prob_mode))
     tmp = out_dir / "arrays.tmp.npz"
     np.savez(tmp, **arrays)

@@ -4,8 +4,9 @@
   ``Content-Encoding``), keyed by the sha256 of the NRRD bytes.
 * Results come down as a ``.seg.nrrd`` (masks, names, provenance tags; textseg.writers) plus a
   JSON document holding what a seg.nrrd cannot carry exactly (existence, present, message,
-  extra, the prompt) and, per prompt, an optional probability map as a gzip-compressed ``.npy``
-  (uint8-quantized by default, float32 on request).
+  extra, the prompt) and an ``.npz`` of arrays: each mask bit-packed (exact) and, per prompt,
+  an optional probability map, sparse (bitmap of non-zero voxels + their values), uint8-quantized
+  by default or float32 on request. gzip travels only where the client asks for it.
 """
 
 from __future__ import annotations
@@ -114,6 +115,22 @@ def quantize(prob: np.ndarray, mode: str) -> np.ndarray:
     np.clip(tmp, 0.0, 255.0, out=tmp)
     tmp += np.float32(0.5)
     return tmp.astype(np.uint8)  # round half up: |error| <= 1/510 after dequantize
+
+
+def encode_probability(prob: np.ndarray, mode: str, n: int) -> Dict[str, np.ndarray]:
+    """Sparse: a bitmap of the non-zero voxels + their (quantized) values. Models put ~0 almost
+    everywhere, so this is a fraction of the dense size without costing a compressor."""
+    q = quantize(prob, mode).ravel()
+    nz = q != 0
+    return {f"probnz_{n}": np.packbits(nz), f"probv_{n}": q[nz]}
+
+
+def decode_probability(arrays: Dict[str, np.ndarray], n: int, shape) -> np.ndarray:
+    nz = unpack_mask(arrays[f"probnz_{n}"], (int(np.prod(shape)),)).view(bool)
+    values = arrays[f"probv_{n}"]
+    out = np.zeros(nz.shape, np.float32)
+    out[nz] = dequantize(values)
+    return out.reshape(tuple(shape))
 
 
 def dequantize(arr: np.ndarray) -> np.ndarray:
