@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,12 +230,78 @@ def test_hidden_models_are_not_offered_by_default():
     assert r.status_code == 404 and r.json()["error"] == "unknown_model"
 
 
+def test_client_imports_without_torch_or_fastapi():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import textseg.client; "
+            "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'starlette', 'SimpleITK') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parents[1] / "BiomedParseSlicer")],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_serve_options(tmp_path):
+    import argparse
+
+    from textseg.cli_serve import add_parser, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    args = parser.parse_args(["serve", "--devices", "cpu", "--workers", "3", "--api-key-file", str(key), "--queue-size", "5",
+                              "--session-ttl", "60", "--max-upload-mb", "1.5", "--preload", "deepbet, synthetic-3d"])
+    s = settings_from_args(args)
+    assert s.devices == ("cpu", "cpu", "cpu") and s.api_key == "s3cret" and s.queue_size == 5
+    assert s.session_ttl == 60 and s.max_upload_bytes == int(1.5 * 2**20) and s.preload == ("deepbet", "synthetic-3d")
+    with pytest.raises(UsageError, match="--api-key-file"):
+        settings_from_args(parser.parse_args(["serve", "--api-key-file", str(tmp_path / "missing")]))
+
+
 def test_non_loopback_without_key_is_refused():
     from textseg.cli_serve import main
 
     with pytest.raises(UsageError, match="needs an API key"):
         create_app(Settings(host="0.0.0.0", devices=("cpu",)))
     assert main(["serve", "--host", "0.0.0.0", "--port", "1", "--devices", "cpu"]) == 2
+
+
+def test_unreachable_server_and_5xx_are_clear_errors():
+    import http.server
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match=f"Cannot reach the textseg server at http://127.0.0.1:{port}.*Is it running"):
+        RemotePredictor(f"http://127.0.0.1:{port}", "synthetic-3d")
+    assert time.monotonic() - t0 < 5
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # a proxy in front of a dead server: 503 (retried), then 500
+            hits.append(self.path)
+            status = 503 if len(hits) == 1 else 500
+            body = b'{"error": "internal", "message": "Internal server error (reference ab12)."}'
+            self.send_response(status)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ServerError, match=r"failed \(500\): Internal server error \(reference ab12\)"):
+            RemotePredictor(f"http://127.0.0.1:{httpd.server_port}", "synthetic-3d")
+        assert hits == ["/v1/health", "/v1/health"]
+    finally:
+        httpd.shutdown()
 
 
 # ---- jobs: cancel, expiry, limits, queue, crashes ---------------------------------------------------------

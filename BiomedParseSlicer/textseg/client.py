@@ -107,7 +107,10 @@ class RemotePredictor:
             except requests.exceptions.SSLError as exc:
                 raise ServerError(f"TLS error talking to {self.url}: {exc}. Check the certificate (verify=CA bundle path).") from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-                if attempt >= self.retries:
+                # a POST that may have reached the server is not repeated (it would run the job twice);
+                # an unreachable server is reported after two quick retries, not after minutes
+                unsent = isinstance(exc, requests.exceptions.ConnectTimeout) or "NewConnectionError" in repr(exc)
+                if attempt >= min(self.retries, 2) or (method == "POST" and not unsent):
                     raise ServerError(f"Cannot reach the textseg server at {self.url} ({type(exc).__name__}). Is it running "
                                       "(`textseg serve`), is the address right, and does a firewall allow it?") from None
                 time.sleep(delay)

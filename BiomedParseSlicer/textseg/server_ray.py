@@ -160,6 +160,7 @@ class RayBackend:
     def __init__(self, manager) -> None:
         self.manager = manager
         self.local_testing = False
+        self.started_ray = False
 
     def start(self) -> List[RayDispatcher]:
         import ray
@@ -169,6 +170,7 @@ class RayBackend:
         opts = s.ray_options or {}
         self.local_testing = bool(opts.get("local_testing"))
         if not self.local_testing and not ray.is_initialized():
+            self.started_ray = True
             ray.init(address=opts.get("address"), ignore_reinit_error=True, log_to_driver=False)
         gpus = opts.get("num_gpus")
         if gpus is None:
@@ -190,5 +192,10 @@ class RayBackend:
                 from ray import serve
 
                 serve.delete("textseg")
+                if self.started_ray:  # a local Ray instance we started: take its processes down too
+                    import ray
+
+                    serve.shutdown()
+                    ray.shutdown()
             except Exception:  # noqa: BLE001 - shutting down anyway
                 pass
