@@ -54,7 +54,7 @@ class Settings:
     result_ttl: float = 3600.0  # seconds a finished job and its result are kept
     max_upload_bytes: int = 2 << 30  # decoded NRRD size
     work_dir: Optional[str] = None  # default: a private temp folder removed at shutdown
-    show_test_models: bool = False  # offer hidden test-only adapters (tests only)
+    show_test_models: bool = False  # offer hidden test-only adapters (tests only; or TEXTSEG_SHOW_TEST_MODELS=1)
     adapter_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # server-side, per model
     weights_dir: Optional[str] = None
     ray: bool = False
@@ -266,7 +266,7 @@ class JobManager:
             volume = nrrd_to_volume(fh, "The uploaded image")
         volume.check_usable("The uploaded image")
         path = self.volumes_dir / f"{sha}.npy"
-        tmp = path.with_suffix(".tmp.npy")
+        tmp = self.volumes_dir / f"{sha}.{uuid.uuid4().hex}.tmp.npy"  # two uploads of one image may race
         np.save(tmp, volume.array, allow_pickle=False)
         os.replace(tmp, path)
         geometry = {"spacing": list(volume.spacing), "origin": list(volume.origin), "direction": volume.direction.tolist()}
@@ -370,7 +370,7 @@ def _check_request(body: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
         spec = get_model(model)
     except UsageError as exc:
         raise ApiError(404, "unknown_model", str(exc)) from None
-    if spec.hidden and not settings.show_test_models:
+    if spec.hidden and not (settings.show_test_models or os.environ.get("TEXTSEG_SHOW_TEST_MODELS") == "1"):
         raise ApiError(404, "unknown_model", f"Unknown model '{model}'. See GET /v1/models.")
     if not is_ready(spec, Path(settings.weights_dir) if settings.weights_dir else None):
         raise ApiError(409, "weights_missing", f"The server does not have the weights of model '{model}'; its administrator "
