@@ -166,6 +166,15 @@ def test_slice_wise_model_with_slice_range(fast):
     assert remote[0].voxel_count == 2 * 4 * 8 and remote[0].extra["slice_existence"] == [1.0, 1.0]
     with pytest.raises(UsageError, match="outside the image's 0:6 slices"):
         rp.set_image(v, "CT", slices=(4, 9))
+    # an RGB image (pathology) travels as a vector NRRD
+    rgb = np.zeros((1, 8, 10, 3), np.uint8)
+    rgb[0, 2:5, 3:9] = (200, 120, 90)  # mean 136.7
+    photo = Volume(rgb, (0.25, 0.25, 1.0))
+    rp.set_image(photo, "Pathology")
+    remote = rp.predict(["100..150"])
+    lp.set_image(photo, "Pathology")
+    _assert_same(remote, lp.predict(["100..150"]))
+    assert remote[0].voxel_count == 3 * 6
 
 
 def test_set_image_errors_come_from_the_server(fast):
@@ -233,9 +242,10 @@ def test_malformed_uploads_are_rejected_and_server_keeps_serving(fast):
     assert rp.predict(["bone"])[0].voxel_count == 4 * 4 * 8
 
 
-def test_hidden_models_are_not_offered_by_default():
+def test_hidden_models_are_not_offered_by_default(monkeypatch):
     from fastapi.testclient import TestClient
 
+    monkeypatch.delenv("TEXTSEG_SHOW_TEST_MODELS", raising=False)
     client = TestClient(create_app(Settings(devices=("cpu",))))  # no lifespan: request checking only
     ids = [m["id"] for m in client.get("/v1/models").json()["models"]]
     assert "deepbet" in ids and not any(i.startswith("synthetic") for i in ids)
