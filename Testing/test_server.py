@@ -54,8 +54,13 @@ class CountingSession(requests.Session):
 
 
 @pytest.fixture(scope="module")
-def fast():
-    s = Settings(port=0, api_key=KEY, devices=("cpu",), show_test_models=True, max_upload_bytes=64 << 20)
+def fast_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("server-work")
+
+
+@pytest.fixture(scope="module")
+def fast(fast_dir):
+    s = Settings(port=0, api_key=KEY, devices=("cpu",), show_test_models=True, max_upload_bytes=64 << 20, work_dir=str(fast_dir))
     with running_server(s) as url:
         yield url
 
@@ -325,6 +330,19 @@ def test_unreachable_server_and_5xx_are_clear_errors():
         assert hits == ["/v1/health", "/v1/health"]
     finally:
         httpd.shutdown()
+
+
+def test_internal_errors_are_json_without_traceback(fast, fast_dir):
+    rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY)
+    rp.set_image(_phantom(), "CT")
+    rp.predict(["bone"])
+    (fast_dir / "jobs" / rp.last_job / "arrays.npz").unlink()  # e.g. an administrator cleaned the disk
+    r = requests.get(f"{fast}/v1/jobs/{rp.last_job}/arrays", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert r.status_code == 500 and r.json()["error"] == "internal" and "reference" in r.json()["message"]
+    assert "Traceback" not in r.text and str(fast_dir) not in r.text
+    with pytest.raises(ServerError, match=r"failed \(500\): Internal server error \(reference"):
+        rp._results({"id": rp.last_job})
+    assert rp.predict(["air"])[0].voxel_count > 0  # still serving
 
 
 # ---- jobs: cancel, expiry, limits, queue, crashes ---------------------------------------------------------

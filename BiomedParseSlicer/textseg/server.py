@@ -17,7 +17,6 @@ Jobs run on one worker process per device (textseg.server_workers) behind a boun
 import asyncio
 import hmac
 import ipaddress
-import json
 import logging
 import math
 import os
@@ -31,10 +30,10 @@ from collections import deque
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from . import __version__
-from .errors import InputError, TextsegError, UsageError, WeightsError
+from .errors import TextsegError, UsageError
 from .wire import API_HEADER, API_VERSION, PROBABILITY_MODES, VERSION_HEADER, nrrd_to_volume, version_mismatch_message
 
 log = logging.getLogger("textseg.server")
@@ -401,7 +400,7 @@ def create_app(settings: Settings):
     """The FastAPI application. Refuses to run without an API key on a non-loopback address."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
