@@ -332,16 +332,22 @@ def test_unreachable_server_and_5xx_are_clear_errors():
         httpd.shutdown()
 
 
-def test_internal_errors_are_json_without_traceback(fast, fast_dir):
+def test_internal_errors_are_json_without_traceback(fast, fast_dir, tmp_path):
     rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY)
     rp.set_image(_phantom(), "CT")
     rp.predict(["bone"])
-    (fast_dir / "jobs" / rp.last_job / "arrays.npz").unlink()  # e.g. an administrator cleaned the disk
-    r = requests.get(f"{fast}/v1/jobs/{rp.last_job}/arrays", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    h = {"Authorization": f"Bearer {KEY}"}
+    arrays = fast_dir / "jobs" / rp.last_job / "arrays.npz"
+    arrays.write_bytes(b"damaged")  # a broken disk: building the seg.nrrd fails inside the server
+    r = requests.get(f"{fast}/v1/jobs/{rp.last_job}/result", headers=h, timeout=10)
     assert r.status_code == 500 and r.json()["error"] == "internal" and "reference" in r.json()["message"]
     assert "Traceback" not in r.text and str(fast_dir) not in r.text
     with pytest.raises(ServerError, match=r"failed \(500\): Internal server error \(reference"):
-        rp._results({"id": rp.last_job})
+        rp.download_seg_nrrd(rp.last_job, tmp_path / "x.seg.nrrd")
+    assert not (tmp_path / "x.seg.nrrd").exists()
+    arrays.unlink()  # an administrator cleaned the disk
+    r = requests.get(f"{fast}/v1/jobs/{rp.last_job}/arrays", headers=h, timeout=10)
+    assert r.status_code == 404 and r.json()["error"] == "result_missing"
     assert rp.predict(["air"])[0].voxel_count > 0  # still serving
 
 

@@ -555,6 +555,8 @@ def create_app(settings: Settings):
             raise ApiError(409, "job_failed", f"The job failed: {job.error['message'] if job.error else ''}")
         if job.meta is None:
             raise ApiError(409, "not_ready", f"The job is {job.state}; its result is not available.")
+        if not (job.dir / "arrays.npz").is_file():  # checked here: a FileResponse failing mid-response drops the connection
+            raise ApiError(404, "result_missing", "This job's result files are no longer on the server; run the job again.")
         return job.meta
 
     @app.get("/v1/jobs/{job_id}/result.json")
