@@ -124,6 +124,8 @@ def test_round_trip_on_real_ct_equals_local_predictor(fast, tmp_path):
     assert seen[0] == (0.0, "uploading image") and seen[-1][0] == 1.0
     assert all(0.0 <= f <= 1.0 for f, _ in seen)
     assert session.count("PUT", "volumes/") == 1
+    # the worker's Predictor kept the image prepared by set_image: predict did not encode it again
+    assert _job_state(fast, rp.last_job, {"Authorization": f"Bearer {KEY}"})["image_reused"] is True
     # the job's .seg.nrrd (written on the server by textseg.writers): same masks, names, provenance tags
     path = rp.download_seg_nrrd(rp.last_job, tmp_path / "remote.seg.nrrd")
     ref, segments = read_seg_nrrd(path)
@@ -156,6 +158,7 @@ def test_deepbet_round_trip_on_mni152_equals_local(fast):
     rq = RemotePredictor(fast, "deepbet", api_key=KEY)
     rq.set_image(mri, "MRI")
     q = rq.predict(["brain"])[0]
+    assert _job_state(fast, rq.last_job, {"Authorization": f"Bearer {KEY}"})["image_reused"] is True
     np.testing.assert_array_equal(q.mask, local[0].mask)
     assert np.abs(q.probability - local[0].probability).max() <= 1 / 510 + 1e-6
 

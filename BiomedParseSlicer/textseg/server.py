@@ -157,6 +157,7 @@ class Job:
             "created": self.created, "started": self.started, "finished": self.finished,
             "results": None if self.meta is None else len(self.meta["results"]),
             "messages": [] if self.meta is None else self.meta.get("messages", []),
+            "image_reused": None if self.meta is None else self.meta.get("image_reused"),
         }
         if self.state == "queued":
             d["queue_position"] = self.manager.queue_position(self)

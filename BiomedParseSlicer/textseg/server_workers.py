@@ -44,6 +44,7 @@ class WorkerState:
         self.images: Dict[str, Tuple] = {}  # model -> key of the image set on its predictor
         self.volume_key: Optional[str] = None
         self.volume = None
+        self.image_reused = False  # did the last job find its image already prepared (encoded)?
 
     def predictor(self, model: str):
         if model not in self.predictors:
@@ -75,6 +76,7 @@ class WorkerState:
         key = (job["volume"], job.get("modality"), job.get("site"), tuple(job["slices"]) if job.get("slices") else None)
         prompts = job.get("prompts") or []
         need_image = self.images.get(job["model"]) != key
+        self.image_reused = not need_image
         split = 0.3 if (need_image and prompts) else (1.0 if need_image else 0.0)
         if need_image:
             self.images.pop(job["model"], None)
@@ -100,6 +102,7 @@ class WorkerState:
         prompts = job.get("prompts") or []
         meta = write_outputs(out_dir, self.volume.shape, results, job.get("probabilities", "uint8"))
         meta["messages"] = list(self.predictor(job["model"]).messages)
+        meta["image_reused"] = self.image_reused
         meta["cancelled"] = bool(cancel is not None and cancel.cancelled and len(results) < len(prompts))
         return meta
 
