@@ -83,10 +83,10 @@ def _load() -> None:
     global _LOADED
     if _LOADED:
         return
-    _LOADED = True
     for mod in _FAMILY_MODULES:
         for spec in importlib.import_module(mod).SPECS:
             _REGISTRY.setdefault(spec.id, spec)
+    _LOADED = True  # only now: a concurrent caller (server threads) must not see a half-filled registry
 
 
 def list_models(include_hidden: bool = False) -> List[ModelSpec]:

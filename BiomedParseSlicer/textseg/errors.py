@@ -31,3 +31,11 @@ class OutputExistsError(TextsegError):
 
 class Cancelled(TextsegError):
     """The operation was cancelled by the user. Completed work is kept."""
+
+
+class ServerError(TextsegError):
+    """A remote inference server cannot be reached, failed, or speaks another API version."""
+
+
+class AuthError(ServerError):
+    """The remote server refused the API key (missing or wrong)."""

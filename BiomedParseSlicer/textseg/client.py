@@ -1,0 +1,306 @@
+"""RemotePredictor: the Predictor contract over HTTP (requests + numpy only; runs inside Slicer).
+
+    predictor = RemotePredictor("https://gpu.example.org", "deepbet", api_key="...")
+    predictor.set_image(volume, modality="MRI")        # uploads once (sha256), prepares the image
+    results = predictor.predict(["brain"])             # list[PromptResult], as locally
+
+``set_image`` uploads the volume unless the server already holds it (HEAD by sha256), then runs
+a job that prepares (encodes) it, so errors such as an unsupported modality surface here, as with
+the local Predictor. ``predict`` runs a job and rebuilds the PromptResults from the job's JSON
+metadata (prompt, existence, present, message, provenance, extra) and its arrays: masks exact
+(bit-packed), probabilities uint8-quantized by default (|error| <= 1/510; pass
+``probabilities="float32"`` for exact ones or ``"none"`` to skip them). The job's ``.seg.nrrd``
+(written on the server with textseg.writers) is saved by ``download_seg_nrrd(last_job, path)``. Progress comes from a
+long poll of the job; a CancelToken cancels the job on the server (DELETE); completed prompts
+are kept. 429/503 are retried with backoff (Retry-After honoured); a volume the server expired
+is uploaded again transparently.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import errors
+from .catalog import ModelSpec, WeightFile
+from .errors import AuthError, Cancelled, InputError, ServerError, UsageError
+from .models.base import CancelToken, ProgressFn
+from .predictor import PromptLike, PromptResult
+from .prompts import Prompt, parse_prompts
+from .volume import Volume
+from .wire import API_VERSION, client_headers, decode_probability, load_npz, sha256, unpack_mask, volume_to_nrrd
+
+_RETRY_STATUS = (429, 502, 503, 504)
+
+
+def spec_from_dict(d: Dict[str, Any]) -> ModelSpec:
+    fields = set(ModelSpec.__dataclass_fields__)
+    kw = {k: v for k, v in d.items() if k in fields}
+    kw["files"] = tuple(WeightFile(**{k: v for k, v in f.items() if k in WeightFile.__dataclass_fields__}) for f in d.get("files", ()))
+    for k in ("modalities", "prompt_kinds", "sites", "vocabulary"):
+        kw[k] = tuple(kw.get(k) or ())
+    return ModelSpec(**kw)
+
+
+class RemotePredictor:
+    """Same contract as textseg.predictor.Predictor, running on a textseg server."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key: Optional[str] = None,
+        timeout: float = 3600.0,
+        request_timeout: Tuple[float, float] = (5.0, 120.0),
+        retries: int = 5,
+        backoff: float = 0.5,
+        probabilities: str = "uint8",
+        compress: Optional[bool] = None,
+        verify: Union[bool, str] = True,
+        session: Any = None,
+    ) -> None:
+        """``timeout``: the longest a set_image/predict call waits for its job (seconds);
+        ``request_timeout``: (connect, read) of each HTTP request; ``compress``: gzip uploads
+        (default: yes unless the server is on this machine); ``retries``/``backoff``: how
+        often and how patiently 429/503 and dropped connections are retried; ``verify``: TLS
+        verification (True, or a CA bundle path for a private CA)."""
+        import requests
+
+        self.url = url.rstrip("/")
+        self.model = model
+        self.api_key = api_key if api_key is not None else os.environ.get("TEXTSEG_API_KEY")
+        self.timeout = float(timeout)
+        self.request_timeout = request_timeout
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        if probabilities not in ("uint8", "float32", "none"):
+            raise UsageError("probabilities must be 'uint8', 'float32' or 'none'.")
+        self.probabilities = probabilities
+        self.compress = compress if compress is not None else not _is_loopback_url(self.url)
+        self.http = session or requests.Session()
+        self.http.verify = verify
+        self.http.headers.update(client_headers())
+        if self.api_key:
+            self.http.headers["Authorization"] = f"Bearer {self.api_key}"
+        self.messages: List[str] = []
+        self.last_job: Optional[str] = None  # id of the last predict job (see download_seg_nrrd)
+        self._volume: Optional[Volume] = None
+        self._sha: Optional[str] = None
+        self._nrrd: Optional[bytes] = None
+        self._image: Dict[str, Any] = {}
+        self.server = self._request("GET", "/v1/health").json()
+        self.spec: ModelSpec = self._find_spec(model)
+
+    # ---- HTTP ------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, expect: Sequence[int] = (200,), **kw: Any):
+        """One request with retries on 429/502/503/504 and dropped connections; errors -> textseg.errors."""
+        import requests
+
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.http.request(method, self.url + path, timeout=self.request_timeout, **kw)
+            except requests.exceptions.SSLError as exc:
+                raise ServerError(f"TLS error talking to {self.url}: {exc}. Check the certificate (verify=CA bundle path).") from None
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+                # a POST that may have reached the server is not repeated (it would run the job twice);
+                # an unreachable server is reported after two quick retries, not after minutes
+                unsent = isinstance(exc, requests.exceptions.ConnectTimeout) or "NewConnectionError" in repr(exc)
+                if attempt >= min(self.retries, 2) or (method == "POST" and not unsent):
+                    raise ServerError(f"Cannot reach the textseg server at {self.url} ({type(exc).__name__}). Is it running "
+                                      "(`textseg serve`), is the address right, and does a firewall allow it?") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            if r.status_code in _RETRY_STATUS and attempt < self.retries:
+                wait = _retry_after(r, delay)
+                time.sleep(wait)
+                delay = min(max(delay * 2, wait), 30.0)
+                continue
+            if r.status_code in expect:
+                return r
+            raise _http_error(r, self.url)
+        raise ServerError(f"The server at {self.url} stayed busy after {self.retries} retries; try again later.")
+
+    def _find_spec(self, model: str) -> ModelSpec:
+        for d in self._request("GET", "/v1/models").json()["models"]:
+            if d["id"] == model:
+                if not d.get("ready", True):
+                    raise errors.WeightsError(f"The server at {self.url} does not have the weights of '{model}'; its "
+                                              f"administrator must run `textseg models download {model}`.")
+                return spec_from_dict(d)
+        raise UsageError(f"The server at {self.url} does not offer model '{model}'. See its /v1/models.")
+
+    # ---- the contract ----------------------------------------------------------------------------
+    def set_image(
+        self,
+        volume: Volume,
+        modality: Optional[str] = None,
+        site: Optional[str] = None,
+        slices: Optional[Tuple[int, int]] = None,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> None:
+        """Upload the image (once) and prepare it on the server."""
+        volume.check_usable()
+        self._volume = volume
+        self._nrrd = volume_to_nrrd(volume)
+        self._sha = sha256(self._nrrd)
+        self._image = {"modality": modality, "site": site, "slices": list(slices) if slices is not None else None}
+        self._upload(progress)
+        job = self._run_job([], progress, cancel, scale=(0.1, 1.0))
+        if job["state"] == "cancelled":
+            raise Cancelled("Cancelled by the user while the image was being prepared.")
+
+    def reset_image(self) -> None:
+        self._volume = self._sha = self._nrrd = None
+        self._image = {}
+
+    def predict(
+        self,
+        prompts: Union[str, Sequence[PromptLike]],
+        threshold: Optional[float] = None,
+        keep_absent: bool = False,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> List[PromptResult]:
+        """One result per prompt (completed ones only after a cancel), as the local Predictor."""
+        if self._volume is None:
+            raise UsageError("No image set: call set_image(volume, modality) before predict().")
+        plist = [p.to_dict() for p in parse_prompts(prompts)]
+        job = self._run_job(plist, progress, cancel, threshold=threshold, keep_absent=keep_absent)
+        self.last_job = job["id"]
+        if job["state"] == "cancelled":
+            self.messages.append(f"Cancelled: kept {job['results'] or 0} of {len(plist)} completed prompt(s).")
+        return self._results(job) if job.get("results") else []
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _upload(self, progress: Optional[ProgressFn]) -> None:
+        assert self._nrrd is not None and self._sha is not None
+        r = self._request("HEAD", f"/v1/volumes/{self._sha}", expect=(200, 404))
+        if r.status_code == 200:
+            return
+        limit = self.server.get("max_upload_bytes")
+        if limit and len(self._nrrd) > limit:
+            raise InputError(f"The image ({len(self._nrrd) / 2**20:.0f} MiB) is larger than the server accepts "
+                             f"({limit / 2**20:.0f} MiB). Crop it, or ask the administrator to raise --max-upload-mb.")
+        if progress:
+            progress(0.0, "uploading image")
+        body, headers = self._nrrd, {"Content-Type": "application/octet-stream"}
+        if self.compress:
+            body, headers["Content-Encoding"] = gzip.compress(self._nrrd, 1), "gzip"
+        self._request("PUT", f"/v1/volumes/{self._sha}", expect=(200, 201), data=body, headers=headers)
+
+    def _submit(self, body: Dict[str, Any], progress) -> Dict[str, Any]:
+        r = self._request("POST", "/v1/jobs", expect=(202, 404), json=body)
+        if r.status_code == 404 and r.json().get("error") == "volume_not_found":
+            self._upload(progress)  # the server expired our session: send the image again
+            r = self._request("POST", "/v1/jobs", expect=(202,), json=body)
+        elif r.status_code == 404:
+            raise _http_error(r, self.url)
+        return r.json()
+
+    def _run_job(self, prompts, progress, cancel, scale=(0.0, 1.0), **options: Any) -> Dict[str, Any]:
+        body = {"volume": self._sha, "model": self.model, **self._image, "prompts": prompts,
+                "probabilities": self.probabilities, **options}
+        job = self._submit(body, progress)
+        lo, hi = scale
+        deadline = time.monotonic() + self.timeout
+        cancelled = False
+        while job["state"] not in ("done", "failed", "cancelled"):
+            if cancel is not None and cancel.cancelled and not cancelled:
+                cancelled = True
+                job = self._request("DELETE", f"/v1/jobs/{job['id']}").json()
+                continue
+            if time.monotonic() > deadline:
+                self._request("DELETE", f"/v1/jobs/{job['id']}")
+                raise ServerError(f"The job did not finish within {self.timeout:g} s (it was {job['stage']}); it was cancelled. "
+                                  "Raise the client's timeout for large images or busy servers.")
+            job = self._request("GET", f"/v1/jobs/{job['id']}", params={"wait": 1.0, "version": job["version"]}).json()
+            if progress is not None:
+                progress(lo + (hi - lo) * job["progress"], job["stage"])
+        self.messages.extend(job.get("messages") or [])
+        if job["state"] == "failed":
+            err = job.get("error") or {}
+            cls = getattr(errors, err.get("type", ""), None)
+            cls = cls if isinstance(cls, type) and issubclass(cls, errors.TextsegError) else ServerError
+            raise cls(err.get("message") or "The job failed on the server.")
+        return job
+
+    def _results(self, job: Dict[str, Any]) -> List[PromptResult]:
+        jid = job["id"]
+        meta = self._request("GET", f"/v1/jobs/{jid}/result.json").json()
+        accept = {} if self.compress else {"Accept-Encoding": "identity"}  # loopback: skip gzip both ways
+        r = self._request("GET", f"/v1/jobs/{jid}/arrays", headers=accept, stream=True)
+        try:
+            data = r.raw.read(decode_content=True)  # one read: requests' 10 kB .content chunks are slow for 100 MB
+        finally:
+            r.close()
+        arrays = load_npz(data)
+        assert self._volume is not None
+        shape = tuple(meta["shape"])
+        out = []
+        for rec in meta["results"]:
+            n = rec["index"]
+            mask = unpack_mask(arrays[f"mask_{n}"], shape)
+            if shape != self._volume.shape or int(np.count_nonzero(mask)) != rec["voxel_count"]:
+                raise ServerError("The server's result does not match the image (shape or voxel count); try again.")
+            prob = decode_probability(arrays, n, shape) if rec["probability"] else mask.astype(np.float32)
+            out.append(PromptResult(Prompt.from_any(rec["prompt"]), prob, mask, rec["existence"], rec["present"],
+                                    rec["provenance"], rec["message"], rec["extra"]))
+        return out
+
+    def download_seg_nrrd(self, job_id: str, path: Union[str, "os.PathLike"], overwrite: bool = False) -> str:
+        """Save a finished job's .seg.nrrd (written on the server with textseg.writers) to ``path``."""
+        from .writers import atomic_output
+
+        data = self._request("GET", f"/v1/jobs/{job_id}/result").content
+        with atomic_output(path, overwrite) as tmp:
+            tmp.write_bytes(data)
+        return str(path)
+
+
+def _is_loopback_url(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _retry_after(r, default: float) -> float:
+    try:
+        return max(0.0, float(r.headers.get("Retry-After", default)))
+    except ValueError:
+        return default
+
+
+def _http_error(r, url: str) -> errors.TextsegError:
+    try:
+        body = r.json()
+        msg = body.get("message") or r.text[:300]
+        code = body.get("error", "")
+    except ValueError:
+        msg, code = r.text[:300] or r.reason, ""
+    s = r.status_code
+    if s == 401:
+        return AuthError(f"The server at {url} needs an API key: pass api_key= / --api-key or set TEXTSEG_API_KEY. ({msg})")
+    if s == 403:
+        return AuthError(f"The server at {url} refused the API key; check it with the administrator. ({msg})")
+    if s == 413:
+        return InputError(f"The image is too large for the server at {url}: {msg}")
+    if s == 426:
+        return ServerError(msg)
+    if s == 404:
+        return UsageError(f"{msg}" if code else f"{url} has no such resource ({r.request.method} {r.request.path_url}); is it a textseg server of API {API_VERSION}?")
+    if s == 409 and code == "weights_missing":
+        return errors.WeightsError(msg)
+    if 400 <= s < 500:
+        cls = getattr(errors, code, None)
+        if isinstance(cls, type) and issubclass(cls, errors.TextsegError):
+            return cls(msg)
+        return UsageError(f"The server at {url} rejected the request ({s}): {msg}")
+    return ServerError(f"The server at {url} failed ({s}): {msg}. Try again; if it persists, check the server log.")

@@ -1,0 +1,326 @@
+"""Inference workers of ``textseg serve``: one process per device, each reusing its Predictors.
+
+Why processes and not threads: a worker that dies (CUDA fault, segfault in a native library, the
+kernel's out-of-memory killer) takes only its own process down. The server notices the dead
+pipe, marks the job it was running as failed with the reason (exit code or signal), starts a
+fresh worker for that device and keeps serving. GPU memory is also freed with the process.
+
+A worker keeps one Predictor per model and remembers which image each one holds, so jobs on the
+same uploaded volume (same modality/site/slices) encode the image once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+log = logging.getLogger("textseg.server")
+
+
+# ---- job execution (inside a worker process, or a Ray replica) --------------------------------
+def load_volume(npy_path: str, geometry: Dict[str, Any]):
+    from .volume import Volume
+
+    return Volume(np.load(npy_path, allow_pickle=False), geometry["spacing"], geometry["origin"], np.array(geometry["direction"]))
+
+
+class WorkerState:
+    """Predictors (one per model) and the image each one holds."""
+
+    def __init__(self, device: str, adapter_options: Dict[str, Dict[str, Any]], weights_dir: Optional[str] = None):
+        self.device = device
+        self.adapter_options = adapter_options
+        self.weights_dir = weights_dir
+        self.predictors: Dict[str, Any] = {}
+        self.images: Dict[str, Tuple] = {}  # model -> key of the image set on its predictor
+        self.volume_key: Optional[str] = None
+        self.volume = None
+        self.image_reused = False  # did the last job find its image already prepared (encoded)?
+
+    def predictor(self, model: str):
+        if model not in self.predictors:
+            from .predictor import Predictor
+
+            opts = dict(self.adapter_options.get(model, {}))
+            self.predictors[model] = Predictor(model, device=self.device, weights_dir=self.weights_dir, **opts)
+            self.predictors[model]._ensure_loaded()
+        return self.predictors[model]
+
+    def execute(self, job: Dict[str, Any], progress: Callable[[float, str], None], cancel,
+                on_results: Optional[Callable[[list], None]] = None) -> list:
+        """Set the image if this predictor does not hold it yet, then predict; returns the results.
+
+        With ``on_results`` (the Ray backend streams results back), a 3D model's prompts are
+        predicted group by group and each group's results are handed over as soon as they exist,
+        so a cancel keeps the completed ones there too."""
+        pred = self.predictor(job["model"])
+        pred.messages.clear()
+        if self.volume_key != job["volume"]:
+            if "array" in job:  # shipped with the job (Ray: possibly another machine)
+                from .volume import Volume
+
+                g = job["geometry"]
+                self.volume = Volume(job["array"], g["spacing"], g["origin"], np.array(g["direction"]))
+            else:
+                self.volume = load_volume(job["volume_path"], job["geometry"])
+            self.volume_key = job["volume"]
+        key = (job["volume"], job.get("modality"), job.get("site"), tuple(job["slices"]) if job.get("slices") else None)
+        prompts = job.get("prompts") or []
+        need_image = self.images.get(job["model"]) != key
+        self.image_reused = not need_image
+        split = 0.3 if (need_image and prompts) else (1.0 if need_image else 0.0)
+        if need_image:
+            self.images.pop(job["model"], None)
+            pred.set_image(self.volume, job.get("modality"), job.get("site"), key[3], _scaled(progress, 0.0, split), cancel)
+            self.images[job["model"]] = key
+        results: list = []
+        group = max(1, pred.adapter.max_prompts_per_call) if (on_results and pred.spec.dims == 3) else max(1, len(prompts))
+        for start in range(0, len(prompts), group):
+            chunk = prompts[start : start + group]
+            lo = split + (1.0 - split) * start / len(prompts)
+            hi = split + (1.0 - split) * (start + len(chunk)) / len(prompts)
+            done = pred.predict(chunk, job.get("threshold"), bool(job.get("keep_absent")), _scaled(progress, lo, hi), cancel)
+            results.extend(done)
+            if on_results and done:
+                on_results(done)
+            if len(done) < len(chunk):
+                break  # cancelled
+        return results
+
+    def run(self, job: Dict[str, Any], progress: Callable[[float, str], None], cancel, out_dir: Path) -> Dict[str, Any]:
+        """execute() and write the outputs for the server (worker-process backend)."""
+        results = self.execute(job, progress, cancel)
+        prompts = job.get("prompts") or []
+        meta = write_outputs(out_dir, self.volume.shape, results, job.get("probabilities", "uint8"))
+        meta["messages"] = list(self.predictor(job["model"]).messages)
+        meta["image_reused"] = self.image_reused
+        meta["cancelled"] = bool(cancel is not None and cancel.cancelled and len(results) < len(prompts))
+        return meta
+
+
+def _scaled(progress, lo: float, hi: float):
+    return lambda f, stage: progress(lo + (hi - lo) * f, stage)
+
+
+def write_outputs(out_dir: Path, shape, results, prob_mode: str) -> Dict[str, Any]:
+    """arrays.npz (bit-packed masks, probabilities) + result.json in out_dir; returns the JSON.
+
+    The .seg.nrrd is written from these on the first GET of /result (see server.seg_nrrd_path):
+    slicerio's segment packing costs seconds on large images, which a RemotePredictor (which
+    needs only the arrays) should not wait for."""
+    from .wire import encode_probability, result_record
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arrays, records = {}, []
+    for n, r in enumerate(results):
+        arrays[f"mask_{n}"] = np.packbits(np.asarray(r.mask, dtype=bool).ravel())
+        if prob_mode != "none":
+            arrays.update(encode_probability(r.probability, prob_mode, n))
+        records.append(result_record(n, r, None if prob_mode == "none" else prob_mode))
+    tmp = out_dir / "arrays.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out_dir / "arrays.npz")
+    meta = {"results": records, "shape": list(shape)}
+    (out_dir / "result.json").write_text(json.dumps(meta))
+    return meta
+
+
+# ---- the worker process -------------------------------------------------------------------------
+def _event_token(event):
+    """A CancelToken backed by a multiprocessing.Event that the server process sets."""
+    from .models.base import CancelToken
+
+    token = CancelToken()
+    token._event = event  # same set()/is_set() interface, shared across processes
+    return token
+
+
+def worker_main(conn, cancel_event, device: str, options: Dict[str, Any]) -> None:
+    """Entry point of a worker process: load models, then run jobs sent over ``conn``."""
+    from .errors import Cancelled, TextsegError
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's business
+    logging.basicConfig(level=options.get("log_level", "INFO"), format="%(asctime)s worker[%(process)d] %(message)s")
+    state = WorkerState(device, options.get("adapter_options", {}), options.get("weights_dir"))
+    for model in options.get("preload", ()):
+        try:
+            state.predictor(model)
+        except Exception as exc:  # noqa: BLE001 - a missing model must not stop the worker
+            log.error("preloading %s failed: %s", model, exc)
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        last = [0.0]
+
+        def progress(frac: float, stage: str) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 0.05 or frac >= 1.0:
+                last[0] = now
+                conn.send(("progress", float(frac), stage))
+
+        try:
+            meta = state.run(job, progress, _event_token(cancel_event), Path(job["out_dir"]))
+            conn.send(("done", meta))
+        except Cancelled as exc:
+            conn.send(("cancelled", str(exc)))
+        except TextsegError as exc:
+            conn.send(("error", type(exc).__name__, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - reported to the client without a traceback
+            log.exception("job %s failed", job.get("id"))
+            conn.send(("error", "ModelError", f"The model failed on the server ({type(exc).__name__}: {str(exc)[:300]}). The server log has the details."))
+
+
+def describe_exit(code: Optional[int]) -> str:
+    if code is None:
+        return "it stopped responding"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the system may have run out of memory)" if name == "SIGKILL" else ""
+        return f"it was killed by {name}{hint}"
+    return f"it exited with code {code}"
+
+
+class ProcessWorker:
+    """One worker process on one device, fed by a dispatcher thread from the server's job queue."""
+
+    def __init__(self, index: int, device: str, options: Dict[str, Any], manager) -> None:
+        self.index, self.device, self.options, self.manager = index, device, options, manager
+        self.ctx = mp.get_context("spawn")  # no fork: CUDA and uvicorn's threads do not survive it
+        self.proc = None
+        self.conn = None
+        self.cancel_event = self.ctx.Event()
+        self.job = None
+        self.ready = False
+        self.restarts = 0
+        self.thread = threading.Thread(target=self._loop, name=f"textseg-dispatch-{index}", daemon=True)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def _spawn(self) -> None:
+        parent, child = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=worker_main, args=(child, self.cancel_event, self.device, self.options),
+                                     name=f"textseg-worker-{self.index}", daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        while not self.manager.stopping.is_set():
+            if self.conn.poll(0.1):
+                try:
+                    msg = self.conn.recv()
+                except (EOFError, OSError):
+                    break
+                if msg[0] == "ready":
+                    self.ready = True
+                    log.info("worker %d ready on %s (pid %d)", self.index, self.device, msg[1])
+                    return
+            elif not self.proc.is_alive():
+                break
+        self.proc.join(1)
+        log.error("worker %d on %s failed to start: %s", self.index, self.device, describe_exit(self.proc.exitcode))
+        time.sleep(1.0)
+
+    def stop(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        if self.proc is not None:
+            self.proc.join(3)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(3)
+
+    def info(self) -> Dict[str, Any]:
+        return {
+            "index": self.index,
+            "device": self.device,
+            "pid": self.proc.pid if self.proc is not None else None,
+            "alive": bool(self.proc is not None and self.proc.is_alive()),
+            "ready": self.ready,
+            "job": self.job.id if self.job is not None else None,
+            "restarts": self.restarts,
+        }
+
+    # ---- dispatch ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self.manager.stopping.is_set():
+            if self.proc is None or not self.proc.is_alive() or not self.ready:
+                if self.proc is not None:
+                    self.restarts += 1
+                self.ready = False
+                self._spawn()
+                continue
+            job = self.manager.next_job(timeout=0.2)
+            if job is None:
+                continue
+            self.job = job
+            try:
+                self._run(job)
+            finally:
+                self.job = None
+
+    def _run(self, job) -> None:
+        self.cancel_event.clear()
+        job.start(self.device)
+        try:
+            self.conn.send(job.payload())
+        except (OSError, BrokenPipeError):
+            self._crashed(job)
+            return
+        while True:
+            if job.cancel_requested:
+                self.cancel_event.set()
+            try:
+                if self.conn.poll(0.05):
+                    msg = self.conn.recv()
+                elif not self.proc.is_alive():
+                    if self.conn.poll(0):
+                        continue  # read what it said before it died
+                    self._crashed(job)
+                    return
+                else:
+                    continue
+            except (EOFError, OSError):
+                self._crashed(job)
+                return
+            kind = msg[0]
+            if kind == "progress":
+                job.set_progress(msg[1], msg[2])
+            elif kind == "done":
+                job.finish(msg[1])
+                return
+            elif kind == "cancelled":
+                job.cancelled_before_results()
+                return
+            elif kind == "error":
+                job.fail(msg[1], msg[2])
+                return
+
+    def _crashed(self, job) -> None:
+        self.proc.join(2)
+        why = describe_exit(self.proc.exitcode)
+        self.ready = False
+        log.error("worker %d on %s died during job %s: %s; restarting it", self.index, self.device, job.id, why)
+        job.fail("ServerError", f"The server's worker process on {self.device} died while running this job ({why}). "
+                 "The server restarted the worker and keeps serving; submit the job again, and tell the administrator "
+                 "if it happens again (the image may be too large for the device's memory).")

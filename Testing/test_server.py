@@ -1,0 +1,495 @@
+"""The inference server and RemotePredictor against real uvicorn servers on 127.0.0.1.
+
+Two servers (module scope): ``fast`` (one cpu worker, API key) for round trips and request
+checking; ``slow`` (two cpu workers, synthetic adapter delayed 2 s per prompt, queue of 1,
+1 s session expiry, 1 MiB upload limit) for cancel, expiry, queue-full and worker crashes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import inspect
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import shared_file
+from textseg.errors import AuthError, InputError, OutputExistsError, ServerError, UsageError
+from textseg.models.base import CancelToken
+from textseg.predictor import Predictor
+from textseg.volume import Volume
+from textseg.wire import API_HEADER, sha256, volume_to_nrrd
+from textseg.writers import read_seg_nrrd
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+from textseg.client import RemotePredictor  # noqa: E402
+from textseg.server import Settings, create_app, running_server  # noqa: E402
+
+KEY = "test-key-7f3a"
+CT_PROMPTS = ["bone", "air left", "fat superior", "nothing",
+              {"text": "soft tissue", "box": [[57.9, -101.3, 124.3], [-62.0, -221.3, 154.3]]}]
+
+
+class CountingSession(requests.Session):
+    """A requests session that counts requests by method (to see uploads happen or not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def request(self, method, url, *a, **kw):
+        self.calls.append((method, url.split("/v1/")[-1]))
+        return super().request(method, url, *a, **kw)
+
+    def count(self, method, prefix):
+        return sum(1 for m, u in self.calls if m == method and u.startswith(prefix))
+
+
+@pytest.fixture(scope="module")
+def fast_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("server-work")
+
+
+@pytest.fixture(scope="module")
+def fast(fast_dir):
+    s = Settings(port=0, api_key=KEY, devices=("cpu",), show_test_models=True, max_upload_bytes=64 << 20, work_dir=str(fast_dir))
+    with running_server(s) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def slow():
+    s = Settings(port=0, devices=("cpu", "cpu"), show_test_models=True, queue_size=1, session_ttl=1.0,
+                 max_upload_bytes=1 << 20, adapter_options={"synthetic-3d": {"delay": 2.0}})
+    with running_server(s) as url:
+        yield url
+
+
+def _phantom():
+    arr = np.full((6, 8, 10), -1000, np.int16)
+    arr[1:5, 2:6, 1:9] = 400
+    return Volume(arr, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+
+
+def _ct():
+    from textseg.io import read_volume
+
+    return read_volume(shared_file("totalsegmentator-examples", "example_ct_sm.nii.gz"))
+
+
+def _assert_same(remote, local, prob_atol=0.0):
+    assert [r.prompt for r in remote] == [r.prompt for r in local]
+    for a, b in zip(remote, local):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.mask.dtype == b.mask.dtype == np.uint8
+        np.testing.assert_allclose(a.probability, b.probability, rtol=0, atol=prob_atol)
+        assert (a.existence, a.present, a.message, a.extra) == (b.existence, b.present, b.message, b.extra)
+        drop = ("time", "seconds")
+        assert {k: v for k, v in a.provenance.items() if k not in drop} == {k: v for k, v in b.provenance.items() if k not in drop}
+
+
+def _job_state(url, jid, headers=None):
+    return requests.get(f"{url}/v1/jobs/{jid}", headers=headers, timeout=10).json()
+
+
+# ---- contract ------------------------------------------------------------------------------------
+def test_remote_predictor_has_the_local_signatures():
+    for name in ("set_image", "predict", "reset_image"):
+        assert inspect.signature(getattr(RemotePredictor, name)) == inspect.signature(getattr(Predictor, name)), name
+
+
+def test_round_trip_on_real_ct_equals_local_predictor(fast, tmp_path):
+    ct = _ct()
+    session = CountingSession()
+    rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY, session=session)
+    assert rp.spec.id == "synthetic-3d" and rp.spec.dims == 3 and "box" in rp.spec.prompt_kinds
+    seen = []
+    rp.set_image(ct, "CT", site="abdomen", progress=lambda f, s: seen.append((f, s)))
+    remote = rp.predict(CT_PROMPTS, progress=lambda f, s: seen.append((f, s)))
+    lp = Predictor("synthetic-3d", device="cpu")
+    lp.set_image(ct, "CT", site="abdomen")
+    local = lp.predict(CT_PROMPTS)
+    _assert_same(remote, local)
+    assert [r.voxel_count for r in remote] == [r.voxel_count for r in local]
+    assert remote[0].voxel_count > 1000 and remote[3].voxel_count == 0 and not remote[3].present
+    assert 0 < remote[4].voxel_count < remote[4].mask.size
+    assert seen[0] == (0.0, "uploading image") and seen[-1][0] == 1.0
+    assert all(0.0 <= f <= 1.0 for f, _ in seen)
+    assert session.count("PUT", "volumes/") == 1
+    # the worker's Predictor kept the image prepared by set_image: predict did not encode it again
+    assert _job_state(fast, rp.last_job, {"Authorization": f"Bearer {KEY}"})["image_reused"] is True
+    # the job's .seg.nrrd (written on the server by textseg.writers): same masks, names, provenance tags
+    path = rp.download_seg_nrrd(rp.last_job, tmp_path / "remote.seg.nrrd")
+    ref, segments = read_seg_nrrd(path)
+    assert ref.same_grid(ct) and [s.name for s in segments] == [r.name for r in local]
+    for seg, r in zip(segments, local):
+        np.testing.assert_array_equal(seg.mask, r.mask)
+        assert seg.tags["textseg.model"] == "synthetic-3d" and json.loads(seg.tags["textseg.prompt"]) == r.prompt.to_dict()
+    with pytest.raises(OutputExistsError):
+        rp.download_seg_nrrd(rp.last_job, path)
+    # the same image again: HEAD finds it, nothing is uploaded a second time
+    rp.set_image(ct, "CT", site="abdomen")
+    assert session.count("PUT", "volumes/") == 1 and session.count("HEAD", "volumes/") == 2
+    assert rp.predict("bone\nair")[0].voxel_count == local[0].voxel_count
+
+
+@pytest.mark.slow
+def test_deepbet_round_trip_on_mni152_equals_local(fast):
+    from textseg.io import read_volume
+
+    mri = read_volume(shared_file("mni152", "MNI152_T1.nii.gz"))
+    rp = RemotePredictor(fast, "deepbet", api_key=KEY, probabilities="float32")
+    rp.set_image(mri, "MRI")
+    remote = rp.predict(["brain"])
+    lp = Predictor("deepbet", device="cpu")
+    lp.set_image(mri, "MRI")
+    local = lp.predict(["brain"])
+    _assert_same(remote, local, prob_atol=1e-5)
+    assert remote[0].voxel_count > 1_000_000  # an adult brain at 1 mm: well over a litre
+    # default transfer: uint8-quantized probabilities, same mask; the image is not encoded again
+    rq = RemotePredictor(fast, "deepbet", api_key=KEY)
+    rq.set_image(mri, "MRI")
+    q = rq.predict(["brain"])[0]
+    assert _job_state(fast, rq.last_job, {"Authorization": f"Bearer {KEY}"})["image_reused"] is True
+    np.testing.assert_array_equal(q.mask, local[0].mask)
+    assert np.abs(q.probability - local[0].probability).max() <= 1 / 510 + 1e-6
+
+
+def test_slice_wise_model_with_slice_range(fast):
+    v = _phantom()
+    rp = RemotePredictor(fast, "synthetic-2d", api_key=KEY, probabilities="float32")
+    rp.set_image(v, "CT", slices=(2, 4))
+    remote = rp.predict(["bone", "bone left"], keep_absent=True)
+    lp = Predictor("synthetic-2d", device="cpu")
+    lp.set_image(v, "CT", slices=(2, 4))
+    _assert_same(remote, lp.predict(["bone", "bone left"], keep_absent=True))
+    assert remote[0].voxel_count == 2 * 4 * 8 and remote[0].extra["slice_existence"] == [1.0, 1.0]
+    with pytest.raises(UsageError, match="outside the image's 0:6 slices"):
+        rp.set_image(v, "CT", slices=(4, 9))
+    # an RGB image (pathology) travels as a vector NRRD
+    rgb = np.zeros((1, 8, 10, 3), np.uint8)
+    rgb[0, 2:5, 3:9] = (200, 120, 90)  # mean 136.7
+    photo = Volume(rgb, (0.25, 0.25, 1.0))
+    rp.set_image(photo, "Pathology")
+    remote = rp.predict(["100..150"])
+    lp.set_image(photo, "Pathology")
+    _assert_same(remote, lp.predict(["100..150"]))
+    assert remote[0].voxel_count == 3 * 6
+
+
+def test_set_image_errors_come_from_the_server(fast):
+    rp = RemotePredictor(fast, "deepbet", api_key=KEY)
+    with pytest.raises(UsageError, match="does not support CT"):
+        rp.set_image(_phantom(), "CT")
+    with pytest.raises(UsageError, match="set_image"):
+        RemotePredictor(fast, "synthetic-3d", api_key=KEY).predict(["bone"])
+    with pytest.raises(UsageError, match="does not offer model 'no-such-model'"):
+        RemotePredictor(fast, "no-such-model", api_key=KEY)
+
+
+# ---- security and bad requests ---------------------------------------------------------------------
+def test_api_key_is_required_and_checked(fast):
+    assert requests.get(f"{fast}/v1/health", timeout=5).json()["auth"] is True  # health is public
+    r = requests.get(f"{fast}/v1/models", timeout=5)
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer" and "API key" in r.json()["message"]
+    r = requests.get(f"{fast}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=5)
+    assert r.status_code == 403 and r.json()["error"] == "forbidden"
+    with pytest.raises(AuthError, match="needs an API key"):
+        RemotePredictor(fast, "synthetic-3d", api_key="")
+    with pytest.raises(AuthError, match="refused the API key"):
+        RemotePredictor(fast, "synthetic-3d", api_key="wrong")
+    models = requests.get(f"{fast}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=5).json()["models"]
+    deepbet = next(m for m in models if m["id"] == "deepbet")
+    assert deepbet["ready"] is True and deepbet["modalities"] == ["MRI"]
+
+
+def test_version_mismatch_gets_a_clear_message(fast, monkeypatch):
+    r = requests.get(f"{fast}/v1/health", headers={API_HEADER: "99"}, timeout=5)
+    assert r.status_code == 426 and "speaks API 1" in r.json()["message"] and "API 99" in r.json()["message"]
+    import textseg.client as client
+
+    monkeypatch.setattr(client, "client_headers", lambda: {API_HEADER: "99", "X-Textseg-Version": "9.0"})
+    with pytest.raises(ServerError, match=r"your client speaks API 99 \(textseg 9.0\). Install a matching textseg"):
+        RemotePredictor(fast, "synthetic-3d", api_key=KEY)
+
+
+def test_malformed_uploads_are_rejected_and_server_keeps_serving(fast):
+    h = {"Authorization": f"Bearer {KEY}"}
+    garbage = b"this is not an image" * 100
+    cases = [
+        (garbage, sha256(garbage), {}, 400, "not a readable NRRD"),
+        (garbage, "0" * 64, {}, 400, "sha256"),
+        (b"\x1f\x8b\x08garbage", sha256(b""), {"Content-Encoding": "gzip"}, 400, "gzip"),
+        (garbage, "not-a-hash", {}, 400, "64 hex"),
+    ]
+    four_d = volume_to_nrrd(Volume(np.zeros((2, 3, 4), np.int16))).replace(b"dimension: 3", b"dimension: 2", 1)
+    cases.append((four_d, sha256(four_d), {}, 400, "NRRD"))
+    for body, sha, extra, status, words in cases:
+        r = requests.put(f"{fast}/v1/volumes/{sha}", data=body, headers={**h, **extra}, timeout=10)
+        assert r.status_code == status, (words, r.text)
+        assert words in r.json()["message"] and "Traceback" not in r.text
+    for bad, words in [({"volume": "0" * 64, "model": "synthetic-3d", "path": "/etc/passwd"}, "Unknown job field"),
+                       ({"volume": "0" * 64, "model": "synthetic-3d", "prompts": [{"text": "x", "file": "/tmp/a"}]}, "Unknown prompt fields"),
+                       ({"volume": "0" * 64, "model": "synthetic-3d"}, "upload it again"),
+                       ({"volume": "0" * 64, "model": "synthetic-3d", "prompts": "bone"}, "must be a list")]:
+        r = requests.post(f"{fast}/v1/jobs", json=bad, headers=h, timeout=10)
+        assert 400 <= r.status_code < 500 and words in r.json()["message"], r.text
+    r = requests.post(f"{fast}/v1/jobs", data=b"{not json", headers=h, timeout=10)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+    assert requests.get(f"{fast}/v1/jobs/nope", headers=h, timeout=5).status_code == 404
+    rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY)  # still serving
+    rp.set_image(_phantom(), "CT")
+    assert rp.predict(["bone"])[0].voxel_count == 4 * 4 * 8
+
+
+def test_hidden_models_are_not_offered_by_default(monkeypatch):
+    from fastapi.testclient import TestClient
+
+    monkeypatch.delenv("TEXTSEG_SHOW_TEST_MODELS", raising=False)
+    client = TestClient(create_app(Settings(devices=("cpu",))))  # no lifespan: request checking only
+    ids = [m["id"] for m in client.get("/v1/models").json()["models"]]
+    assert "deepbet" in ids and not any(i.startswith("synthetic") for i in ids)
+    r = client.post("/v1/jobs", json={"volume": "0" * 64, "model": "synthetic-3d", "prompts": ["bone"]})
+    assert r.status_code == 404 and r.json()["error"] == "unknown_model"
+
+
+def test_client_imports_without_torch_or_fastapi():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import textseg.client; "
+            "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'starlette', 'SimpleITK') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parents[1] / "BiomedParseSlicer")],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_serve_options(tmp_path):
+    import argparse
+
+    from textseg.cli_serve import add_parser, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    args = parser.parse_args(["serve", "--devices", "cpu", "--workers", "3", "--api-key-file", str(key), "--queue-size", "5",
+                              "--session-ttl", "60", "--max-upload-mb", "1.5", "--preload", "deepbet, synthetic-3d"])
+    s = settings_from_args(args)
+    assert s.devices == ("cpu", "cpu", "cpu") and s.api_key == "s3cret" and s.queue_size == 5
+    assert s.session_ttl == 60 and s.max_upload_bytes == int(1.5 * 2**20) and s.preload == ("deepbet", "synthetic-3d")
+    with pytest.raises(UsageError, match="--api-key-file"):
+        settings_from_args(parser.parse_args(["serve", "--api-key-file", str(tmp_path / "missing")]))
+
+
+def test_non_loopback_without_key_is_refused():
+    from textseg.cli_serve import main
+
+    with pytest.raises(UsageError, match="needs an API key"):
+        create_app(Settings(host="0.0.0.0", devices=("cpu",)))
+    assert main(["serve", "--host", "0.0.0.0", "--port", "1", "--devices", "cpu"]) == 2
+
+
+def test_unreachable_server_and_5xx_are_clear_errors():
+    import http.server
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match=f"Cannot reach the textseg server at http://127.0.0.1:{port}.*Is it running"):
+        RemotePredictor(f"http://127.0.0.1:{port}", "synthetic-3d")
+    assert time.monotonic() - t0 < 5
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # a proxy in front of a dead server: 503 (retried), then 500
+            hits.append(self.path)
+            status = 503 if len(hits) == 1 else 500
+            body = b'{"error": "internal", "message": "Internal server error (reference ab12)."}'
+            self.send_response(status)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ServerError, match=r"failed \(500\): Internal server error \(reference ab12\)"):
+            RemotePredictor(f"http://127.0.0.1:{httpd.server_port}", "synthetic-3d")
+        assert hits == ["/v1/health", "/v1/health"]
+    finally:
+        httpd.shutdown()
+
+
+def test_internal_errors_are_json_without_traceback(fast, fast_dir, tmp_path):
+    rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY)
+    rp.set_image(_phantom(), "CT")
+    rp.predict(["bone"])
+    h = {"Authorization": f"Bearer {KEY}"}
+    arrays = fast_dir / "jobs" / rp.last_job / "arrays.npz"
+    arrays.write_bytes(b"damaged")  # a broken disk: building the seg.nrrd fails inside the server
+    r = requests.get(f"{fast}/v1/jobs/{rp.last_job}/result", headers=h, timeout=10)
+    assert r.status_code == 500 and r.json()["error"] == "internal" and "reference" in r.json()["message"]
+    assert "Traceback" not in r.text and str(fast_dir) not in r.text
+    with pytest.raises(ServerError, match=r"failed \(500\): Internal server error \(reference"):
+        rp.download_seg_nrrd(rp.last_job, tmp_path / "x.seg.nrrd")
+    assert not (tmp_path / "x.seg.nrrd").exists()
+    arrays.unlink()  # an administrator cleaned the disk
+    r = requests.get(f"{fast}/v1/jobs/{rp.last_job}/arrays", headers=h, timeout=10)
+    assert r.status_code == 404 and r.json()["error"] == "result_missing"
+    assert rp.predict(["air"])[0].voxel_count > 0  # still serving
+
+
+# ---- jobs: cancel, expiry, limits, queue, crashes ---------------------------------------------------------
+def test_cancel_mid_job_keeps_completed_prompts(slow):
+    v = _phantom()
+    rp = RemotePredictor(slow, "synthetic-3d")
+    rp.set_image(v, "CT")
+    token = CancelToken()
+    stages = []
+
+    def progress(frac, stage):
+        stages.append(stage)
+        if "'fat'" in stage:  # the third prompt has started: the first two are complete
+            token.cancel()
+
+    t0 = time.monotonic()
+    results = rp.predict(["bone", "air", "fat", "soft tissue"], progress=progress, cancel=token)
+    assert time.monotonic() - t0 < 7.5  # 4 prompts x 2 s would take 8 s
+    assert [r.prompt.text for r in results] == ["bone", "air"]
+    lp = Predictor("synthetic-3d", device="cpu")
+    lp.set_image(v, "CT")
+    _assert_same(results, lp.predict(["bone", "air"]))
+    assert any("kept 2 of 4" in m for m in rp.messages)
+
+
+def test_expired_session_is_uploaded_again_transparently(slow):
+    v = _phantom()
+    v.array[0, 0, 0] = 7  # an image no other test uploads
+    session = CountingSession()
+    rp = RemotePredictor(slow, "synthetic-3d", session=session)
+    rp.set_image(v, "CT")
+    assert session.count("PUT", "volumes/") == 1
+    sha = sha256(volume_to_nrrd(v))
+    deadline = time.monotonic() + 10
+    while requests.head(f"{slow}/v1/volumes/{sha}", timeout=5).status_code == 200:
+        assert time.monotonic() < deadline, "the volume did not expire"
+        time.sleep(0.2)
+    r = rp.predict(["bone"])[0]
+    assert r.voxel_count == 4 * 4 * 8 and session.count("PUT", "volumes/") == 2
+
+
+def test_oversized_upload_is_413_and_server_keeps_serving(slow):
+    big = Volume(np.zeros((40, 64, 256), np.int16))  # 1.25 MiB > the 1 MiB limit
+    body = volume_to_nrrd(big)
+    r = requests.put(f"{slow}/v1/volumes/{sha256(body)}", data=body, timeout=10)
+    assert r.status_code == 413 and "--max-upload-mb" in r.json()["message"]
+    r = requests.put(f"{slow}/v1/volumes/{sha256(body)}", data=gzip.compress(body), headers={"Content-Encoding": "gzip"}, timeout=10)
+    assert r.status_code == 413  # the limit applies to the decoded size (no gzip bombs)
+    rp = RemotePredictor(slow, "synthetic-3d")
+    with pytest.raises(InputError, match="larger than the server accepts"):
+        rp.set_image(big, "CT")
+    rp.set_image(_phantom(), "CT")
+    assert rp.spec.id == "synthetic-3d"
+
+
+def _upload(url, v):
+    body = volume_to_nrrd(v)
+    requests.put(f"{url}/v1/volumes/{sha256(body)}", data=body, timeout=10).raise_for_status()
+    return sha256(body)
+
+
+def _submit(url, sha, prompts):
+    return requests.post(f"{url}/v1/jobs", json={"volume": sha, "model": "synthetic-3d", "modality": "CT", "prompts": prompts}, timeout=10)
+
+
+def _wait(url, jid, states, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        j = _job_state(url, jid)
+        if j["state"] in states:
+            return j
+        assert time.monotonic() < deadline, j
+        time.sleep(0.05)
+
+
+def test_queue_full_gives_429_and_client_honours_retry_after(slow):
+    v = _phantom()
+    sha = _upload(slow, v)
+    rp = RemotePredictor(slow, "synthetic-3d", retries=8)
+    rp.set_image(v, "CT")
+    running = [_submit(slow, sha, ["bone"]).json()["id"] for _ in range(2)]  # both workers busy for 2 s
+    for jid in running:
+        _wait(slow, jid, ("running",))
+    queued = _submit(slow, sha, ["air"])
+    assert queued.status_code == 202
+    r = _submit(slow, sha, ["fat"])
+    assert r.status_code == 429 and r.json()["error"] == "queue_full"
+    retry_after = int(r.headers["Retry-After"])
+    assert 1 <= retry_after <= 60
+    t0 = time.monotonic()
+    res = rp.predict(["bone"])  # gets 429, waits Retry-After, then runs
+    assert time.monotonic() - t0 >= retry_after
+    assert res[0].voxel_count == 4 * 4 * 8
+    for jid in running + [queued.json()["id"]]:
+        assert _wait(slow, jid, ("done", "failed", "cancelled"))["state"] == "done"
+
+
+def test_worker_crash_fails_only_that_job(slow):
+    sha = _upload(slow, _phantom())
+    doomed = _submit(slow, sha, ["bone", "air", "fat"]).json()["id"]
+    _wait(slow, doomed, ("running",))
+    other = _submit(slow, sha, ["bone"]).json()["id"]
+    _wait(slow, other, ("running",))
+    workers = requests.get(f"{slow}/v1/workers", timeout=5).json()["workers"]
+    victim = next(w for w in workers if w["job"] == doomed)
+    os.kill(victim["pid"], signal.SIGSEGV)  # a real crash of the worker process
+    failed = _wait(slow, doomed, ("done", "failed", "cancelled"))
+    assert failed["state"] == "failed" and failed["error"]["type"] == "ServerError"
+    assert "SIGSEGV" in failed["error"]["message"] and "restarted the worker" in failed["error"]["message"]
+    assert _wait(slow, other, ("done", "failed", "cancelled"))["state"] == "done"
+    # the dead worker is replaced and the server keeps serving
+    deadline = time.monotonic() + 60
+    while True:
+        w = requests.get(f"{slow}/v1/workers", timeout=5).json()["workers"][victim["index"]]
+        if w["ready"] and w["alive"] and w["pid"] != victim["pid"]:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert w["restarts"] == 1
+    rp = RemotePredictor(slow, "synthetic-3d")
+    rp.set_image(_phantom(), "CT")
+    with pytest.raises(ServerError, match="died"):
+        # the client raises the job's failure reason (run one, crash it)
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("r", _kill_running(slow)))
+        t.start()
+        try:
+            rp.predict(["bone", "air", "fat"])
+        finally:
+            t.join()
+
+
+def _kill_running(url):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for w in requests.get(f"{url}/v1/workers", timeout=5).json()["workers"]:
+            if w["job"] and _job_state(url, w["job"])["state"] == "running":
+                time.sleep(0.3)
+                os.kill(w["pid"], signal.SIGKILL)
+                return w["pid"]
+        time.sleep(0.05)
