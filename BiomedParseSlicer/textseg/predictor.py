@@ -229,6 +229,11 @@ class Predictor:
         slice axis of the canonical, closest-LPS volume: inferior to superior for axial images).
         """
         volume.check_usable()
+        if np.issubdtype(volume.array.dtype, np.floating) and not np.isfinite(volume.array).all():
+            finite = np.isfinite(volume.array)
+            fill = float(volume.array[finite].min())
+            self._log(f"{int((~finite).sum())} NaN/infinite voxels set to the image minimum ({fill:g}) for the model.")
+            volume = volume.with_array(np.where(finite, volume.array, fill))
         modality = modality or self.spec.modalities[0]
         preset = get_preset(modality, site)
         if preset.modality not in self.spec.modalities:
