@@ -43,7 +43,8 @@ _ALIASES = {
     "OP": "Fundus",
 }
 
-# HU windows (lower, upper). BiomedParse v1 CT_WINDOWS, verbatim.
+# HU windows (lower, upper). The first six are BiomedParse v1's CT_WINDOWS verbatim
+# (microsoft/BiomedParse inference_utils/processing_utils.py); the models were trained with them.
 CT_WINDOWS: Dict[str, Tuple[float, float]] = {
     "abdomen": (-150.0, 250.0),
     "lung": (-1000.0, 1000.0),
@@ -51,7 +52,23 @@ CT_WINDOWS: Dict[str, Tuple[float, float]] = {
     "liver": (-25.0, 230.0),
     "colon": (-68.0, 187.0),
     "pancreas": (-100.0, 200.0),
+    # Standard radiology window/level values (no upstream model uses these sites; W/L given):
+    "brain": (0.0, 80.0),  # W80 L40
+    "bone": (-500.0, 1300.0),  # W1800 L400
+    "soft tissue": (-150.0, 250.0),  # W400 L50
+    "mediastinum": (-125.0, 225.0),  # W350 L50
 }
+CT_WINDOW_SOURCES: Dict[str, str] = {
+    **{k: "BiomedParse v1 CT_WINDOWS" for k in ("abdomen", "lung", "pelvis", "liver", "colon", "pancreas")},
+    **{k: "standard radiology window/level" for k in ("brain", "bone", "soft tissue", "mediastinum")},
+}
+# DICOM BodyPartExamined -> CT site
+_BODY_PARTS = {
+    "ABDOMEN": "abdomen", "CHEST": "lung", "THORAX": "lung", "LUNG": "lung", "PELVIS": "pelvis",
+    "LIVER": "liver", "COLON": "colon", "PANCREAS": "pancreas", "HEAD": "brain", "BRAIN": "brain",
+    "SKULL": "brain", "ABDOMENPELVIS": "abdomen", "CHESTABDOMEN": "abdomen",
+}
+_PHOTO = ("Pathology", "Fundus", "Endoscopy", "Dermoscopy")
 
 
 @dataclass(frozen=True)
@@ -87,6 +104,37 @@ def get_preset(modality: str, site: Optional[str] = None) -> Preset:
     if site:
         return Preset(mod, site.strip().lower())
     return Preset(mod)
+
+
+def guess_modality(volume) -> Tuple[Optional[str], Optional[str], str]:
+    """(modality, CT site or None, reason) from DICOM tags when present, else from intensities.
+
+    A guess for pre-filling the Slicer panel: the user confirms or changes it."""
+    tags = volume.metadata.get("dicom") or {}
+    code = (tags.get("Modality") or volume.metadata.get("modality") or "").strip()
+    if code:
+        try:
+            mod = normalize_modality(code)
+        except UsageError:
+            mod = None
+        if mod:
+            site = None
+            if mod == "CT":
+                part = (tags.get("BodyPartExamined") or "").upper().replace(" ", "").replace("_", "")
+                site = _BODY_PARTS.get(part)
+            return mod, site, f"DICOM Modality {code}" + (f", BodyPartExamined {tags.get('BodyPartExamined')}" if site else "")
+    arr = np.asarray(volume.array)
+    if volume.is_rgb:
+        return "Pathology", None, "RGB image: a photographic modality (pathology, fundus, endoscopy, dermoscopy); check"
+    finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr.ravel()
+    if finite.size == 0:
+        return None, None, "no finite intensities"
+    lo, hi = np.percentile(finite, [1, 99])
+    if volume.is_2d:
+        return "X-Ray", None, "single grey 2D image"
+    if lo <= -500 and hi >= 100:
+        return "CT", None, f"intensities look like Hounsfield units (1st percentile {lo:.0f})"
+    return "MRI", None, "non-negative intensities without a Hounsfield air value (MRI or PET: check)"
 
 
 def window_to_uint8(image: np.ndarray, preset: Preset) -> np.ndarray:
