@@ -14,7 +14,7 @@ import slicer
 
 from BiomedParseSlicerLib import environment, mrml, runner, stats
 from textseg.errors import Cancelled, TextsegError, UsageError
-from textseg.presets import CT_WINDOWS, MODALITIES, normalize_modality
+from textseg.presets import CT_WINDOWS, MODALITIES, guess_modality, normalize_modality
 from textseg.prompts import Prompt, parse_prompts
 from textseg.writers import segments_from_results
 
@@ -286,8 +286,10 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onVolumeChanged(self, node):
         if node is not None and not self._restoring:  # a saved scene keeps its modality
-            modality, site = self.logic.guessModality(node)
-            self.ui.modalityComboBox.setCurrentText(modality)
+            modality, site, reason = self.logic.guessModality(node)
+            if modality:
+                self.ui.modalityComboBox.setCurrentText(modality)
+                self.log(_("Modality guessed: {modality} ({reason}). Change it if wrong.").format(modality=modality, reason=reason))
             if site:
                 self.ui.siteComboBox.setCurrentText(site)
         self.updateState()
@@ -569,23 +571,14 @@ class BiomedParseSlicerLogic(ScriptedLoadableModuleLogic):
         return mrml.volume_from_node(volumeNode)
 
     def guessModality(self, volumeNode):
-        """(modality, CT site or None): the DICOM Modality tag when the volume came from DICOM
-        (inside Slicer), else textseg.presets.guess_modality when the engine has it, else the
-        intensities (air at -1000 HU and bone above +500: CT)."""
+        """(modality, CT site or None, reason): the DICOM Modality tag when the volume came from
+        DICOM (inside Slicer), else textseg.presets.guess_modality from the intensities."""
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            raise UsageError("Select an input volume first.")
         modality = self._dicomModality(volumeNode)
         if modality:
-            return modality, ("abdomen" if modality == "CT" else None)
-        from textseg import presets
-
-        guess = getattr(presets, "guess_modality", None)
-        if guess is not None:
-            found = guess(mrml.volume_from_node(volumeNode))
-            return (found.modality, found.site) if hasattr(found, "modality") else (found, None)
-        image = volumeNode.GetImageData() if volumeNode is not None else None
-        if image is None:
-            raise UsageError("Select an input volume first.")
-        low, high = image.GetScalarRange()
-        return ("CT", "abdomen") if low < -500 and high > 500 else ("MRI", None)
+            return modality, ("abdomen" if modality == "CT" else None), "DICOM Modality tag"
+        return guess_modality(mrml.volume_from_node(volumeNode))
 
     @staticmethod
     def _dicomModality(volumeNode) -> Optional[str]:
@@ -619,7 +612,9 @@ class BiomedParseSlicerLogic(ScriptedLoadableModuleLogic):
         otherwise new segments are added. Other segments are never touched."""
         volume = self.volumeFromNode(volumeNode)
         if modality is None:
-            modality, guessed_site = self.guessModality(volumeNode)
+            modality, guessed_site, reason = self.guessModality(volumeNode)
+            if modality is None:
+                raise UsageError(f"Cannot tell the modality of this volume ({reason}): pass modality=.")
             site = site or guessed_site
         results = self.predict(volume, prompts, model, modality, site, predictor, progress, cancel)
         return self.addResults(volumeNode, results, segmentationNode, replace)
