@@ -116,3 +116,29 @@ def test_box_prompt_in_physical_coordinates():
     inside, outside = p.predict([Prompt("bone", box=((1, 2, 2), (4, 5, 6))), Prompt("bone", box=((-9, -9, -9), (-5, -5, -5)))])
     assert inside.voxel_count == 4 * 4 * 3  # i 1..4, j 2..5, k 1..3
     assert outside.voxel_count == 0
+
+
+def _on_fake_gpu(p):
+    """Pretend the predictor runs on a GPU (the synthetic adapter simulates its memory)."""
+    import torch
+
+    p.device = torch.device("cuda")
+    return p
+
+
+def test_gpu_out_of_memory_halves_the_batch_and_says_so():
+    p = _on_fake_gpu(Predictor("synthetic-2d", device="cpu", batch_size=4, fits=1))
+    p.set_image(_phantom(), "CT")
+    (r,) = p.predict(["bone"])
+    assert r.voxel_count == 4 * 4 * 8  # every slice done despite the failures
+    assert p.batch_size == 1 and p.adapter.calls["oom"] == 2  # 4 -> 2 -> 1
+    assert [m for m in p.messages if "out of memory" in m] == [
+        "GPU out of memory: retrying with batch size 2.", "GPU out of memory: retrying with batch size 1."]
+
+
+def test_gpu_out_of_memory_at_batch_one_moves_to_the_cpu():
+    p = _on_fake_gpu(Predictor("synthetic-3d", device="cpu", batch_size=1, fits=0))
+    p.set_image(_phantom(), "CT")
+    assert str(p.device) == "cpu" and p.adapter.calls["to"] == ["cpu"]
+    assert any("continuing on the CPU" in m for m in p.messages)
+    assert p.predict(["bone"])[0].provenance["device"] == "cpu"

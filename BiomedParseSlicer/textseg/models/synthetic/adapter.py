@@ -67,10 +67,25 @@ def _box_mask(volume, prompt: Prompt) -> np.ndarray:
 
 
 class _Base(ModelAdapter):
+    """Options: ``delay`` (seconds per step, for cancel tests); ``fits`` (simulated GPU memory:
+    on a cuda device, a batch larger than ``fits`` raises torch's OutOfMemoryError; 0 = nothing fits)."""
+
     def load(self, device: Any) -> None:
         self.device = device
         self.delay = float(self.options.get("delay", 0.0))
-        self.calls = {"encode": 0, "decode": 0}
+        self.fits = self.options.get("fits")
+        self.calls = {"encode": 0, "decode": 0, "oom": 0, "to": []}
+
+    def to(self, device: Any) -> None:
+        self.device = device
+        self.calls["to"].append(str(device))
+
+    def _simulate_memory(self, ctx: RunContext, batch: int) -> None:
+        if self.fits is not None and getattr(ctx.device, "type", "cpu") == "cuda" and batch > self.fits:
+            import torch
+
+            self.calls["oom"] += 1
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated: batch {batch} > {self.fits})")
 
     def prepare(self, volume, preset, ctx: RunContext) -> Any:
         arr = np.asarray(volume.array, dtype=np.float32)
@@ -91,6 +106,7 @@ class Synthetic3D(_Base):
     max_prompts_per_call = 1
 
     def encode(self, state: Any, ctx: RunContext) -> Any:
+        self._simulate_memory(ctx, ctx.batch_size)
         self.calls["encode"] += 1
         return state
 
@@ -117,6 +133,7 @@ class Synthetic2D(_Base):
         return state["array"].shape[1:3]
 
     def encode_slices(self, state: Any, indices: Sequence[int], ctx: RunContext) -> Any:
+        self._simulate_memory(ctx, len(indices))
         self.calls["encode"] += 1
         if self.delay:
             time.sleep(self.delay)
