@@ -102,7 +102,7 @@ def _job_state(url, jid, headers=None):
 
 # ---- contract ------------------------------------------------------------------------------------
 def test_remote_predictor_has_the_local_signatures():
-    for name in ("set_image", "predict", "reset_image"):
+    for name in ("set_image", "predict", "reset_image", "check_prompts"):
         assert inspect.signature(getattr(RemotePredictor, name)) == inspect.signature(getattr(Predictor, name)), name
 
 
@@ -493,3 +493,21 @@ def _kill_running(url):
                 os.kill(w["pid"], signal.SIGKILL)
                 return w["pid"]
         time.sleep(0.05)
+
+
+def test_cli_segment_on_a_server_equals_local(fast, tmp_path, monkeypatch):
+    """`textseg segment --server URL` writes the same segments as the local run."""
+    from textseg.cli import main
+    from textseg.writers import read_seg_nrrd
+
+    monkeypatch.setenv("TEXTSEG_SHOW_TEST_MODELS", "1")
+    ct = shared_file("totalsegmentator-examples", "example_ct_sm.nii.gz")
+    common = ["-q", "segment", str(ct), "-m", "synthetic-3d", "--modality", "CT", "-p", "bone", "-p", "air left"]
+    assert main(common + ["--out", str(tmp_path / "local.seg.nrrd")]) == 0
+    assert main(common + ["--server", fast, "--api-key", KEY, "--out", str(tmp_path / "remote.seg.nrrd")]) == 0
+    (_, local), (_, remote) = read_seg_nrrd(tmp_path / "local.seg.nrrd"), read_seg_nrrd(tmp_path / "remote.seg.nrrd")
+    assert [s.name for s in remote] == ["bone", "air left"]
+    for a, b in zip(local, remote):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.terminology == b.terminology and a.tags["textseg.model"] == b.tags["textseg.model"]
+    assert main(common + ["--server", fast, "--api-key", "wrong", "--out", str(tmp_path / "x.seg.nrrd")]) == 1

@@ -184,7 +184,14 @@ def cmd_segment(args) -> int:
         raise UsageError(f"{image} is a cohort folder: --out must be a folder, not a file ({out}).")
     if not cohort and not out.name.lower().endswith(SEG_SUFFIX):
         raise UsageError(f"--out must end with {SEG_SUFFIX} (got {out}).")
-    predictor = Predictor(args.model, device=args.device, batch_size=args.batch_size, seed=args.seed)
+    if args.server:
+        from .client import RemotePredictor
+
+        if args.device != "auto" or args.batch_size or args.seed is not None:
+            raise UsageError("--device, --batch-size and --seed are the server's settings; leave them out with --server.")
+        predictor = RemotePredictor(args.server, args.model, api_key=args.api_key or os.environ.get("TEXTSEG_API_KEY"))
+    else:
+        predictor = Predictor(args.model, device=args.device, batch_size=args.batch_size, seed=args.seed)
     predictor.check_prompts(_prompts(args))  # fail before spending minutes on inference
     with _cancel_on_ctrl_c(token):
         if not cohort:
@@ -279,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-absent", action="store_true", help="keep masks whose existence test failed")
     p.add_argument("--batch-size", type=int, help="slices (2D) or windows (3D) per batch")
     p.add_argument("--seed", type=int, help="seed for models that sample (reproducible results)")
+    p.add_argument("--server", help="run on a textseg server (URL) instead of this computer")
+    p.add_argument("--api-key", help="the server's API key (default: $TEXTSEG_API_KEY)")
     p.add_argument("--out", "-o", required=True, help="output .seg.nrrd (a folder for a cohort)")
     p.add_argument("--labelmap", help="also write a NIfTI labelmap (+ .labels.json)")
     p.add_argument("--dicom-seg", help="also write DICOM SEG (DICOM series input)")

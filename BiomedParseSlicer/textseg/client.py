@@ -29,7 +29,7 @@ from . import errors
 from .catalog import ModelSpec, WeightFile
 from .errors import AuthError, Cancelled, InputError, ServerError, UsageError
 from .models.base import CancelToken, ProgressFn
-from .predictor import PromptLike, PromptResult
+from .predictor import PromptLike, PromptResult, check_prompts
 from .prompts import Prompt, parse_prompts
 from .volume import Volume
 from .wire import API_VERSION, client_headers, decode_probability, load_npz, sha256, unpack_mask, volume_to_nrrd
@@ -155,6 +155,10 @@ class RemotePredictor:
         job = self._run_job([], progress, cancel, scale=(0.1, 1.0))
         if job["state"] == "cancelled":
             raise Cancelled("Cancelled by the user while the image was being prepared.")
+
+    def check_prompts(self, prompts: Union[str, Sequence[PromptLike]]) -> List[Prompt]:
+        """Parse and validate prompts against the server's model without running it."""
+        return check_prompts(self.spec, prompts)
 
     def reset_image(self) -> None:
         self._volume = self._sha = self._nrrd = None

@@ -111,6 +111,26 @@ def load_adapter(spec: ModelSpec, weights_dir: Optional[Path] = None, **options:
     return cls(spec, weights_dir, **options)
 
 
+def check_prompts(spec: ModelSpec, prompts: Union[str, Sequence[PromptLike]]) -> List[Prompt]:
+    """Parse and validate prompts against the model (kinds, vocabulary) without running it."""
+    plist = parse_prompts(prompts)
+    for p in plist:
+        unsupported = set(p.kinds) - set(spec.prompt_kinds)
+        if unsupported:
+            raise UsageError(
+                f"Model '{spec.id}' takes {'/'.join(spec.prompt_kinds)} prompts, not "
+                f"{'/'.join(sorted(unsupported))} ('{p.label}')."
+            )
+        if not spec.free_text and p.text and spec.vocabulary and p.text.lower() not in {
+            v.lower() for v in spec.vocabulary
+        }:
+            raise UsageError(
+                f"'{p.text}' is not a target of model '{spec.id}'. Known targets: "
+                f"{', '.join(spec.vocabulary[:20])}{' ...' if len(spec.vocabulary) > 20 else ''}."
+            )
+    return plist
+
+
 def _nbytes(obj: Any) -> int:
     if hasattr(obj, "element_size") and hasattr(obj, "nelement"):
         return int(obj.element_size() * obj.nelement())
@@ -276,22 +296,7 @@ class Predictor:
 
     def check_prompts(self, prompts: Union[str, Sequence[PromptLike]]) -> List[Prompt]:
         """Parse and validate prompts against the model (kinds, vocabulary) without running it."""
-        plist = parse_prompts(prompts)
-        for p in plist:
-            unsupported = set(p.kinds) - set(self.spec.prompt_kinds)
-            if unsupported:
-                raise UsageError(
-                    f"Model '{self.spec.id}' takes {'/'.join(self.spec.prompt_kinds)} prompts, not "
-                    f"{'/'.join(sorted(unsupported))} ('{p.label}')."
-                )
-            if not self.spec.free_text and p.text and self.spec.vocabulary and p.text.lower() not in {
-                v.lower() for v in self.spec.vocabulary
-            }:
-                raise UsageError(
-                    f"'{p.text}' is not a target of model '{self.spec.id}'. Known targets: "
-                    f"{', '.join(self.spec.vocabulary[:20])}{' ...' if len(self.spec.vocabulary) > 20 else ''}."
-                )
-        return plist
+        return check_prompts(self.spec, prompts)
 
     def predict(
         self,
