@@ -188,3 +188,15 @@ def test_seg_nrrd_layers_and_empty_segments(tmp_path):
     _, back = read_seg_nrrd(tmp_path / "l.seg.nrrd")
     for s, m in zip(back, (empty, a, b, c)):
         np.testing.assert_array_equal(s.mask, m)
+
+
+def test_outputs_get_the_usual_file_permissions(tmp_path):
+    import os
+    import stat
+
+    v = Volume(np.zeros((2, 2, 2), np.int16))
+    path = tmp_path / "p.seg.nrrd"
+    write_seg_nrrd(path, v, [Segment("x", np.ones(v.shape, np.uint8))])
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
