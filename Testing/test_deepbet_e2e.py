@@ -49,3 +49,19 @@ def test_deepbet_on_a_flipped_copy_gives_the_same_physical_mask(mni):
     p.set_image(flipped, "MRI")
     got = p.predict(["brain"])[0].mask
     np.testing.assert_array_equal(got[::-1, :, ::-1], ref)
+
+
+def test_equals_deepbets_own_pipeline(mni):
+    """Our adapter (canonical LPS -> deepbet's RAS order -> back) gives deepbet's own mask, voxel for voxel."""
+    import nibabel as nib
+    from deepbet import BrainExtraction
+
+    from textseg.predictor import Predictor
+
+    path = shared_file("mni152", "MNI152_T1.nii.gz")
+    _, mask_img, _ = BrainExtraction(no_gpu=True).run(nib.load(str(path)))
+    theirs = np.asarray(mask_img.dataobj).astype(np.uint8).transpose(2, 1, 0)  # nibabel [x,y,z] -> [k,j,i]
+    t1, _ = mni
+    p = Predictor("deepbet", device="cpu")
+    p.set_image(t1, "MRI")
+    np.testing.assert_array_equal(p.predict(["brain"])[0].mask, theirs)
