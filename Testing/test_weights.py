@@ -285,6 +285,62 @@ def test_two_processes_download_the_same_file(env, hub):
     assert not (env / "models/t-concurrent/w.bin.part").exists()
 
 
+_CLI_CHILD = """
+import json, sys
+sys.path.insert(0, {src!r})
+from textseg import catalog
+from textseg.catalog import ModelSpec, WeightFile
+from textseg.cli_models import main
+files = tuple(WeightFile(**f) for f in json.loads(sys.argv[1]))
+catalog.register(ModelSpec(id={model_id!r}, family="test", title="t", version="1", dims=3, modalities=("CT",),
+                           adapter="x:y", files=files, hidden=True))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_cli_child(spec: ModelSpec, args: list, env_vars: dict) -> subprocess.CompletedProcess:
+    """``textseg models ARGS`` in a fresh process (fresh HTTP sessions, real environment)."""
+    code = _CLI_CHILD.format(src=str(ROOT / "BiomedParseSlicer"), model_id=spec.id)
+    files = json.dumps([f.__dict__ for f in spec.files])
+    return subprocess.run([sys.executable, "-c", code, files, *args], capture_output=True, text=True, timeout=60, env=env_vars)
+
+
+def test_dead_proxy_is_named_in_the_error(env, hub):
+    spec = publish(hub, "t-proxy", {"w.bin": blob(2000, 23)})
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proxied = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    proxied.update(HTTP_PROXY=f"http://127.0.0.1:{port}", http_proxy=f"http://127.0.0.1:{port}")
+    r = run_cli_child(spec, ["download", "t-proxy", "--quiet"], proxied)
+    assert r.returncode == 1 and hub.log == []
+    assert r.stderr.startswith(f"error: Cannot reach {hub.endpoint} through the proxy http://127.0.0.1:{port}")
+    assert "HTTPS_PROXY/HTTP_PROXY" in r.stderr and "textseg models import t-proxy FILE" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    direct = run_cli_child(spec, ["download", "t-proxy", "--quiet"], dict(os.environ))  # same, without the proxy
+    assert direct.returncode == 0, direct.stderr
+    assert (env / "models/t-proxy/w.bin").stat().st_size == 2000
+
+
+def test_plain_url_file_and_missing_remote_entries(env, hub):
+    data = blob(30_000, 24)
+    spec = publish(hub, "t-url", {"w.bin": data})
+    wf = spec.files[0]
+    direct = WeightFile(name="direct.bin", url=f"{hub.cdn}/lfs/{sha(data)}", size=len(data), sha256=sha(data))
+    wrong_rev = WeightFile(**{**wf.__dict__, "name": "rev.bin", "revision": "f" * 40})
+    wrong_file = WeightFile(**{**wf.__dict__, "name": "nofile.bin", "filename": "weights/nope.bin"})
+    for i, f in enumerate((direct, wrong_rev, wrong_file)):
+        catalog.register(ModelSpec(**{**spec.__dict__, "id": f"t-url{i}", "files": (f,)}))
+    weights.download("t-url0")
+    assert (env / "models/t-url0/direct.bin").read_bytes() == data
+    assert hub.requests(server="hub") == []  # a plain URL needs no hub
+    with pytest.raises(weights.RemoteNotFoundError, match=r"f{40}/weights/w.bin is not on .*RevisionNotFoundError"):
+        weights.download("t-url1")
+    with pytest.raises(weights.RemoteNotFoundError, match=r"weights/nope.bin is not on .*EntryNotFoundError"):
+        weights.download("t-url2")
+
+
 # ---- offline import, verify, remove, status ------------------------------------------------------
 def test_import_good_and_bad_files(env, hub, tmp_path):
     a, b = blob(30_000, 14), blob(20_000, 15)

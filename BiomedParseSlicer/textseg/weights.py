@@ -482,7 +482,19 @@ def _network_message(spec: ModelSpec, wf: WeightFile, e: BaseException) -> str:
             "For a mirror, set HF_ENDPOINT.")
     if "offline" in text.lower():
         hint = "HF_HUB_OFFLINE is set: unset it to download."
-    return f"Cannot reach {endpoint() if not wf.url else wf.url} to download '{spec.id}' ({text}). {hint} {_manual_hint(spec, wf)}"
+    target = wf.url or endpoint()
+    proxy = _proxy_for(target)
+    via = f" through the proxy {proxy}" if proxy else ""
+    if proxy:
+        hint = "Check the proxy address in HTTPS_PROXY/HTTP_PROXY (or add the host to NO_PROXY); for a company CA set REQUESTS_CA_BUNDLE."
+    return f"Cannot reach {target}{via} to download '{spec.id}' ({text}). {hint} {_manual_hint(spec, wf)}"
+
+
+def _proxy_for(url: str) -> Optional[str]:
+    from requests.utils import get_environ_proxies
+
+    proxies = get_environ_proxies(url)
+    return proxies.get(url.split(":", 1)[0].lower()) or proxies.get("all")
 
 
 def _hub_metadata(spec: ModelSpec, wf: WeightFile, token: Optional[str]) -> _Remote:
