@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
-from . import __version__
+from . import __version__, cli_models, cli_serve
 from .errors import Cancelled, TextsegError, UsageError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -257,16 +257,6 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def cmd_models_list(args) -> int:
-    from .catalog import list_models
-    from .weights import is_ready
-
-    for spec in list_models(include_hidden=getattr(args, "all", False)):
-        status = "ready" if is_ready(spec) else "weights missing"
-        print(f"{spec.id:20s} {spec.dims}D  {','.join(spec.modalities):28s} {status:16s} {spec.title}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textseg", description="Text-prompted medical image segmentation.")
     parser.add_argument("--version", action="version", version=f"textseg {__version__}")
@@ -303,25 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_stats)
 
-    _add_optional_parsers(sub)
+    cli_models.add_parser(sub)
+    cli_serve.add_parser(sub)
     return parser
-
-
-def _add_optional_parsers(sub) -> None:
-    try:
-        from . import cli_models
-
-        cli_models.add_parser(sub)
-    except ImportError:
-        p = sub.add_parser("models", help="list models and whether their weights are present")
-        p.add_argument("--all", action="store_true", help=argparse.SUPPRESS)
-        p.set_defaults(func=cmd_models_list)
-    try:
-        from . import cli_serve
-
-        cli_serve.add_parser(sub)
-    except ImportError:
-        pass
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
