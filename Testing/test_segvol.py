@@ -137,3 +137,131 @@ def test_window_embeddings_are_cached_across_prompts(oracle_adapter):
         ad.net.encode_image = orig
     assert n_first == 4 and len(calls) == 4  # second prompt: every window from the cache
     np.testing.assert_array_equal(a.probability, b.probability)
+
+
+# ------------------------------------------------------------------------------------------------
+# full-size key contract and loader errors
+def test_full_size_model_loads_the_official_key_set_strictly():
+    from textseg.models.segvol.network import check_state_dict, remap_state_dict
+
+    contract = json.loads((FIX / "segvol_keys.json").read_text())
+    assert len(contract["keys"]) == 474 and contract["n_parameters"] == 180891216
+    with torch.device("meta"):
+        net = SegVolNet()
+    # as stored in BAAI/SegVol's pytorch_model.bin: 'model.' prefix plus the transformers 4.18 buffer
+    sd = {"model." + k: torch.empty(s, device="meta") for k, s in contract["keys"].items()}
+    sd["model." + CLIP_OFFICIAL + "embeddings.position_ids"] = torch.empty((1, 77), device="meta")
+    sd = remap_state_dict(sd, net.state_dict().keys())
+    check_state_dict(net, sd, "contract")
+    net.load_state_dict(sd, strict=True, assign=True)
+    assert sum(v.numel() for v in net.state_dict().values()) == contract["n_parameters"]  # incl. the PE buffer
+
+
+def test_loader_errors(tmp_path):
+    net = SegVolNet(reduced_config(np.load(FIX / "segvol_oracle_zoom.npz")))
+    with pytest.raises(WeightsError, match="textseg models download segvol"):
+        load_checkpoint(net, tmp_path / "absent.bin")
+    good = tmp_path / "good.bin"
+    torch.save({"model." + k: v for k, v in net.state_dict().items()}, good)
+    load_checkpoint(net, good)  # HF layout loads
+    cut = tmp_path / "pytorch_model.bin"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="truncated or corrupt"):
+        load_checkpoint(net, cut)
+    other = tmp_path / "other.bin"
+    sd = {k: v for k, v in net.state_dict().items() if not k.startswith("mask_decoder.")}
+    sd["image_encoder.norm.weight"] = torch.ones(5)
+    sd["head.weight"] = torch.ones(2)
+    torch.save(sd, other)
+    with pytest.raises(WeightsError, match=r"missing keys: mask_decoder.*1 unexpected keys: head.weight.*1 keys with another shape: image_encoder.norm.weight"):
+        load_checkpoint(net, other)
+    junk = tmp_path / "junk.bin"
+    torch.save({"epoch": 3, "note": "not weights"}, junk)
+    with pytest.raises(WeightsError, match="not a SegVol checkpoint"):
+        load_checkpoint(net, junk)
+
+
+# ------------------------------------------------------------------------------------------------
+# physical prompts on flipped / permuted real CT
+def reoriented(vol: Volume, perm, flips) -> Volume:
+    """The same image stored another way: new index axis d = old axis perm[d], reversed if flips[d]."""
+    arr = np.transpose(vol.array, [2 - perm[d] for d in (2, 1, 0)])
+    arr = np.flip(arr, [2 - d for d in range(3) if flips[d]]) if any(flips) else arr
+    m = np.zeros((4, 4))
+    m[3, 3] = 1
+    size = vol.size
+    for d in range(3):
+        m[perm[d], d] = -1.0 if flips[d] else 1.0
+        m[perm[d], 3] = size[perm[d]] - 1 if flips[d] else 0.0
+    a = vol.ijk_to_lps @ m
+    spacing = np.linalg.norm(a[:3, :3], axis=0)
+    return Volume(np.ascontiguousarray(arr), tuple(spacing), tuple(a[:3, 3]), a[:3, :3] / spacing)
+
+
+@pytest.fixture(scope="module")
+def real_ct():
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(shared_file("totalsegmentator-examples", "example_ct_sm.nii.gz")))
+    return Volume(sitk.GetArrayFromImage(img).astype(np.float32), img.GetSpacing(), img.GetOrigin(),
+                  np.array(img.GetDirection()).reshape(3, 3))
+
+
+def test_box_and_points_map_to_the_same_place_on_reoriented_ct(oracle_adapter, real_ct):
+    ad, ctx = oracle_adapter, RunContext(device=torch.device("cpu"))
+    # a box of whole voxels: index corners (30, 20, 5)..(70, 60, 20) of the stored image, in LPS mm
+    lo, hi = np.array([30, 20, 5]), np.array([70, 60, 20])
+    box = real_ct.index_to_physical(np.stack([lo, hi]))
+    pts = real_ct.index_to_physical([[50, 40, 12], [90, 30, 25]])
+    prompt = Prompt("", tuple(map(tuple, box)), tuple(map(tuple, pts)), (1, 0))
+    inside = np.zeros(real_ct.shape, bool)
+    inside[lo[2] : hi[2] + 1, lo[1] : hi[1] + 1, lo[0] : hi[0] + 1] = True
+    grids = []
+    for perm, flips in [((0, 1, 2), (False, False, False)), ((0, 1, 2), (True, False, True)),
+                        ((1, 0, 2), (False, True, False)), ((2, 0, 1), (True, True, True))]:
+        vol = reoriented(real_ct, perm, flips)
+        state = ad.prepare(vol.canonical(), None, ctx)
+        g = ad.map_prompt(state, prompt)
+        grids.append(g)
+        # the crop-space box, mapped back to the stored grid, holds exactly the voxels in the box
+        crop, zo = state.geo.crop_shape, ad.window
+        c = state.geo.canonical_to_crop(vol.canonical().physical_to_index(box)[:, ::-1])
+        a, b = np.floor(c.min(0) + 0.5).astype(int), np.floor(c.max(0) + 0.5).astype(int)
+        cube = np.zeros(crop, np.float32)
+        cube[a[0] : b[0] + 1, a[1] : b[1] + 1, a[2] : b[2] + 1] = 1
+        back = vol.to_input_grid(state.geo.to_canonical(cube))
+        same = reoriented(Volume(back.astype(np.float32), vol.spacing, vol.origin, vol.direction), *inverse(perm, flips))
+        assert same.array.shape == real_ct.shape and (same.array > 0).sum() == inside.sum() == 41 * 41 * 16
+        np.testing.assert_array_equal(same.array > 0, inside)
+    for g in grids[1:]:
+        np.testing.assert_array_equal(g.box_zo.numpy(), grids[0].box_zo.numpy())
+        np.testing.assert_array_equal(g.points_zo[0].numpy(), grids[0].points_zo[0].numpy())
+        np.testing.assert_array_equal(g.points_zo[1].numpy(), [1.0, 0.0])
+        np.testing.assert_array_equal(g.point_map.numpy(), grids[0].point_map.numpy())
+
+
+def inverse(perm, flips):
+    inv = [0, 0, 0]
+    for d in range(3):
+        inv[perm[d]] = d
+    return tuple(inv), tuple(flips[inv[d]] for d in range(3))
+
+
+def test_predictions_follow_the_image_on_reoriented_ct(oracle_adapter, real_ct):
+    """Box + text through the Predictor: the answer on a flipped/permuted copy is the same physically."""
+    from textseg.predictor import Predictor
+
+    box = real_ct.index_to_physical([[30, 20, 5], [70, 60, 20]])
+    prompt = Prompt("liver", tuple(map(tuple, box)))
+    outs = []
+    for perm, flips in [((0, 1, 2), (False, False, False)), ((2, 0, 1), (True, False, True))]:
+        vol = reoriented(real_ct, perm, flips)
+        pred = Predictor(oracle_adapter, device="cpu", seed=0)
+        pred.set_image(vol, "CT")
+        r = pred.predict([prompt], threshold=0.5)[0]
+        assert r.probability.shape == vol.shape
+        back = reoriented(Volume(r.probability, vol.spacing, vol.origin, vol.direction), *inverse(perm, flips))
+        outs.append(back.array)
+        assert r.extra.get("roi") is None or len(r.extra["roi"]) == 6
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-5
+    assert (outs[0] > 0.5).sum() > 0

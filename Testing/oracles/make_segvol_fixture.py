@@ -18,6 +18,7 @@ What it does:
    box comes from a label, as in the demo). Hooks record the zoom-out logits, the ROI from
    ``logits2roi_coor`` and the box given to every sliding window; the stitched logits are the
    function's result.
+4. Writes ``segvol_keys.json``: every key and shape of the full-size model (meta device).
 
 The only patches are ``.cuda()`` -> no-op (the demo hard-codes CUDA), ``LoadImage(image_only=False)``
 (MONAI 0.9's return value, which the demo unpacks), ``Orientationd`` -> pass-through (what MONAI 0.9
@@ -174,6 +175,28 @@ def run_demo(model, ct_path, gt_path, use_box: bool):
     return rec
 
 
+def key_contract(up: Path, commit: str) -> dict:
+    """Every key and shape of the released SegVol (full size), built on the meta device."""
+    import torch
+    import transformers
+
+    from network.model import SegVol
+    from segment_anything_volumetric.build_sam import sam_model_registry
+
+    args = argparse.Namespace(spatial_size=(32, 256, 256), patch_size=(4, 16, 16))
+    with torch.device("meta"):
+        sam = sam_model_registry["vit"](args=args)
+        model = SegVol(image_encoder=sam.image_encoder, mask_decoder=sam.mask_decoder, prompt_encoder=sam.prompt_encoder,
+                       clip_ckpt=str(up / "config" / "clip"), roi_size=args.spatial_size, patch_size=args.patch_size,
+                       test_mode=True)
+    keys = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return {"source": f"BAAI-DCAI/SegVol@{commit} inference_demo.py model (sam_model_registry['vit'] + SegVol), "
+                      f"transformers {transformers.__version__}; checkpoint keys carry a 'module.' (GitHub) or "
+                      "'model.' (HF) prefix and, from transformers 4.18, "
+                      "text_encoder.clip_text_model.text_model.embeddings.position_ids",
+            "n_parameters": int(sum(np.prod(s) for s in keys.values())), "keys": keys}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("upstream", type=Path, help="checkout of github.com/BAAI-DCAI/SegVol")
@@ -196,6 +219,9 @@ def main() -> None:
     nib.save(nib.Nifti1Image(ct, affine), tmp / "ct.nii.gz")
     nib.save(nib.Nifti1Image(label, affine), tmp / "label.nii.gz")
     a.out.mkdir(parents=True, exist_ok=True)
+    contract = key_contract(up, a.upstream_commit)
+    (a.out / "segvol_keys.json").write_text(json.dumps(contract, indent=0) + "\n")
+    print("segvol_keys.json", len(contract["keys"]), "keys", contract["n_parameters"], "parameters")
     common = dict(ct_xyz=ct, affine_ras=affine, seed=np.int64(SEED), config=json.dumps(REDUCED),
                   keys=np.array(keys), weights_sha256=weights_digest(model.state_dict()), prompt="liver",
                   upstream_commit=a.upstream_commit)

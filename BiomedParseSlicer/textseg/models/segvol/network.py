@@ -387,22 +387,29 @@ def remap_state_dict(sd: Dict[str, torch.Tensor], own_keys=None) -> Dict[str, to
     return out
 
 
-def load_checkpoint(model: SegVolNet, path: Path) -> None:
-    """Load official SegVol weights strictly; a WeightsError says what is wrong."""
+def check_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], name: str) -> None:
+    """Raise a WeightsError naming missing, unexpected and mis-shaped keys."""
     own = model.state_dict()
-    sd = remap_state_dict(_read_state_dict(path), own.keys())
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     bad = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-    if missing or unexpected or bad:
-        def few(keys):
-            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+    if not (missing or unexpected or bad):
+        return
 
-        parts = [f"{len(missing)} missing keys: {few(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected keys: {few(unexpected)}" if unexpected else "",
-                 f"{len(bad)} keys with another shape: {few(bad)}" if bad else ""]
-        raise WeightsError(
-            f"{Path(path).name} is not a SegVol checkpoint of this architecture ("
-            + "; ".join(p for p in parts if p) + "). Use BAAI/SegVol's pytorch_model.bin or SegVol_v1.pth."
-        )
+    def few(keys):
+        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+    parts = [f"{len(missing)} missing keys: {few(missing)}" if missing else "",
+             f"{len(unexpected)} unexpected keys: {few(unexpected)}" if unexpected else "",
+             f"{len(bad)} keys with another shape: {few(bad)}" if bad else ""]
+    raise WeightsError(
+        f"{name} is not a SegVol checkpoint of this architecture (" + "; ".join(p for p in parts if p)
+        + "). Use BAAI/SegVol's pytorch_model.bin (or model.safetensors) or the GitHub release SegVol_v1.pth."
+    )
+
+
+def load_checkpoint(model: SegVolNet, path: Path) -> None:
+    """Load official SegVol weights strictly; a WeightsError says what is wrong."""
+    sd = remap_state_dict(_read_state_dict(path), model.state_dict().keys())
+    check_state_dict(model, sd, Path(path).name)
     model.load_state_dict(sd, strict=True)
