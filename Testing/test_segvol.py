@@ -91,8 +91,9 @@ def fixture_volume(fx) -> Volume:
     return Volume(fx["ct_xyz"].transpose(2, 1, 0), tuple(spacing), tuple(origin), direction)
 
 
-@pytest.mark.parametrize("name", ["segvol_oracle_zoom.npz", "segvol_oracle_box_text.npz"])
-def test_matches_official_zoom_out_zoom_in(oracle_adapter, name):
+@pytest.mark.parametrize("name, n_windows", [("segvol_oracle_zoom.npz", 4), ("segvol_oracle_box_text.npz", 4),
+                                             ("segvol_oracle_box_text_thin.npz", 1)])
+def test_matches_official_zoom_out_zoom_in(oracle_adapter, name, n_windows):
     fx = np.load(FIX / name)
     ad = oracle_adapter
     ctx = RunContext(device=torch.device("cpu"))
@@ -107,7 +108,7 @@ def test_matches_official_zoom_out_zoom_in(oracle_adapter, name):
     r = ad.run(state, ad.text_embedding(str(fx["prompt"])), grid, ctx)
     assert np.abs(r["zoom_out_logits"].numpy() - fx["zoom_out_logits"]).max() <= TOL
     assert list(r["roi"]) == fx["roi"].tolist()
-    assert len(r["window_boxes"]) == len(fx["window_boxes"]) == 4
+    assert len(r["window_boxes"]) == len(fx["window_boxes"]) == n_windows
     for got, want in zip(r["window_boxes"], fx["window_boxes"]):
         if want[0] == -2:  # text-only windows get no box
             assert got is None

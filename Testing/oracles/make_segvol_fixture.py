@@ -46,6 +46,10 @@ REDUCED = dict(
     decoder_depth=1, decoder_mlp_dim=256, decoder_heads=8, iou_head_hidden=256, mask_in_chans=16,
     text_config=dict(hidden_size=512, intermediate_size=256, num_hidden_layers=1, num_attention_heads=8),
 )
+FULL = dict(
+    img_size=[32, 256, 256], patch_size=[4, 16, 16], hidden_size=768, mlp_dim=3072, num_layers=12, num_heads=12,
+    decoder_depth=2, decoder_mlp_dim=2048, decoder_heads=8, iou_head_hidden=256, mask_in_chans=16, text_config={},
+)
 LN_LIKE = ("mask_decoder.output_upscaling.1.weight",)  # multi-dimensional LayerNorm weight
 
 
@@ -75,7 +79,7 @@ def synthetic_ct(shape_xyz=(84, 76, 22), seed=SEED):
     x, y, z = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape_xyz], indexing="ij")
     cx, cy = shape_xyz[0] / 2, shape_xyz[1] / 2
     body = ((x - cx) / 34) ** 2 + ((y - cy) / 28) ** 2 < 1
-    organ = ((x - cx - 10) / 12) ** 2 + ((y - cy + 4) / 9) ** 2 + ((z - 11) / 7) ** 2 < 1
+    organ = ((x - cx - 10) / 12) ** 2 + ((y - cy + 4) / 9) ** 2 + ((z - shape_xyz[2] / 2) / 7) ** 2 < 1
     bone = ((x - cx) / 5) ** 2 + ((y - cy - 18) / 5) ** 2 < 1
     ct = np.full(shape_xyz, -1000.0, np.float32)
     ct[body] = 40.0
@@ -106,7 +110,7 @@ def setup_upstream(up: Path):
     pkg.sam_model_registry = build_sam.sam_model_registry
 
 
-def build_upstream(up: Path):
+def build_upstream(up: Path, c: dict = REDUCED):
     import torch
     from monai.networks.nets import ViT
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -114,7 +118,6 @@ def build_upstream(up: Path):
     from network.model import SegVol
     from segment_anything_volumetric.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
-    c = REDUCED
     img, patch = np.array(c["img_size"]), np.array(c["patch_size"])
     vit = ViT(in_channels=1, img_size=c["img_size"], patch_size=c["patch_size"], hidden_size=c["hidden_size"],
               mlp_dim=c["mlp_dim"], num_layers=c["num_layers"], num_heads=c["num_heads"], pos_embed="perceptron",
@@ -128,7 +131,8 @@ def build_upstream(up: Path):
                      image_size=img, patch_size=patch)
     model = SegVol(image_encoder=vit, mask_decoder=md, prompt_encoder=pe, clip_ckpt=str(up / "config" / "clip"),
                    roi_size=c["img_size"], patch_size=c["patch_size"], test_mode=True)
-    model.text_encoder.clip_text_model = CLIPTextModel(CLIPTextConfig(**c["text_config"]))
+    if c["text_config"]:
+        model.text_encoder.clip_text_model = CLIPTextModel(CLIPTextConfig(**c["text_config"]))
     sd = model.state_dict()
     keys = sorted(sd)
     new = {k: torch.from_numpy(recipe_tensor(k, sd[k].shape, i)) if sd[k].is_floating_point() else sd[k]
@@ -211,21 +215,25 @@ def main() -> None:
     up = a.upstream.resolve()
     setup_upstream(up)
     model, keys = build_upstream(up)
-    ct, label = synthetic_ct()
     affine = np.diag([0.8, 0.8, 2.5, 1.0])  # RAS, as MONAI's LoadImage reads NIfTI
     affine[:3, 3] = (-30.0, -25.0, 100.0)
     tmp = Path("/tmp/segvol-fixture")
     tmp.mkdir(exist_ok=True)
-    nib.save(nib.Nifti1Image(ct, affine), tmp / "ct.nii.gz")
-    nib.save(nib.Nifti1Image(label, affine), tmp / "label.nii.gz")
     a.out.mkdir(parents=True, exist_ok=True)
     contract = key_contract(up, a.upstream_commit)
     (a.out / "segvol_keys.json").write_text(json.dumps(contract, indent=0) + "\n")
     print("segvol_keys.json", len(contract["keys"]), "keys", contract["n_parameters"], "parameters")
-    common = dict(ct_xyz=ct, affine_ras=affine, seed=np.int64(SEED), config=json.dumps(REDUCED),
-                  keys=np.array(keys), weights_sha256=weights_digest(model.state_dict()), prompt="liver",
-                  upstream_commit=a.upstream_commit)
-    for name, use_box in (("segvol_oracle_zoom.npz", False), ("segvol_oracle_box_text.npz", True)):
+    # (file, CT shape [x, y, z], box prompt): a 4-window run without and with a box, and a thin CT
+    # whose ROI is smaller than the window (one padded window: the box comes from the user's box).
+    runs = (("segvol_oracle_zoom.npz", (84, 76, 22), False), ("segvol_oracle_box_text.npz", (84, 76, 22), True),
+            ("segvol_oracle_box_text_thin.npz", (60, 56, 10), True))
+    for name, shape, use_box in runs:
+        ct, label = synthetic_ct(shape)
+        nib.save(nib.Nifti1Image(ct, affine), tmp / "ct.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), tmp / "label.nii.gz")
+        common = dict(ct_xyz=ct, affine_ras=affine, seed=np.int64(SEED), config=json.dumps(REDUCED),
+                      keys=np.array(keys), weights_sha256=weights_digest(model.state_dict()), prompt="liver",
+                      upstream_commit=a.upstream_commit)
         rec = run_demo(model, tmp / "ct.nii.gz", tmp / "label.nii.gz", use_box)
         extra = {} if rec["zoom_out_box"] is None else {"zoom_out_box": rec["zoom_out_box"]}
         np.savez_compressed(a.out / name, **common, **extra, zoom_out_logits=rec["zoom_out_logits"], roi=rec["roi"],

@@ -193,7 +193,9 @@ class SegVolAdapter(ModelAdapter):
         self.net = SegVolNet(self.cfg).eval()
         load_checkpoint(self.net, weight_file(self, "pytorch_model.bin"))
         self.to(device)
-        self.text_cache: Dict[str, torch.Tensor] = {}
+        from ..clip_tokenizer import get_clip_tokenizer
+
+        self.tokenizer = get_clip_tokenizer(self.options.get("tokenizer_dir"))  # fails early if unavailable
 
     def to(self, device: Any) -> None:
         self.device = torch.device(device)
@@ -234,10 +236,7 @@ class SegVolAdapter(ModelAdapter):
     @torch.no_grad()
     def text_embedding(self, text: str) -> torch.Tensor:
         if text not in self.text_cache:
-            from ..clip_tokenizer import get_clip_tokenizer
-
-            tok = get_clip_tokenizer(self.options.get("tokenizer_dir"))
-            enc = tok([TEMPLATE.format(text)], padding=True, truncation=True, max_length=77, return_tensors="pt")
+            enc = self.tokenizer([TEMPLATE.format(text)], padding=True, truncation=True, max_length=77, return_tensors="pt")
             self.text_cache[text] = self.net.encode_text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
         return self.text_cache[text]
 
@@ -311,13 +310,15 @@ class SegVolAdapter(ModelAdapter):
             key = self._window_key(roi, wsl, pad_before, image.shape[2:])
             emb = self._window_embedding(state, window, key)
             boxes = points = None
+            # Upstream slices the UNPADDED prompt map with the padded window coordinates (only
+            # matters where the ROI is smaller than the window); kept for equality with it.
             if grid.points_zo is not None:
-                wmap = F.pad(prompt_map, pad)[(0, 0) + wsl]
+                wmap = prompt_map[(0, 0) + wsl]
                 p, l = select_points(wmap, gen)
                 points = (p[None].to(self.device), l[None].to(self.device))
                 boxes = generate_box(preds[(0, 0) + wsl])[None].to(self.device)
             elif grid.box_zo is not None:
-                src = F.pad(prompt_map, pad) if n_win == 1 else preds
+                src = prompt_map if n_win == 1 else preds
                 boxes = generate_box(src[(0, 0) + wsl])[None].to(self.device)
             out["window_boxes"].append(None if boxes is None else boxes[0].cpu().numpy())
             done[0] += 1
