@@ -100,18 +100,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def worker_ours(a, cfg: dict) -> dict:
+def our_config(cfg: dict):
+    sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
+    from textseg.models.segvol.network import SegVolConfig
+
+    return SegVolConfig(**dict(cfg, img_size=tuple(cfg["img_size"]), patch_size=tuple(cfg["patch_size"])))
+
+
+def worker_weights(a, cfg: dict) -> dict:
+    """Write the recipe weights as an HF-layout checkpoint (own process: keeps the timed ones lean)."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
-    from textseg.catalog import get_model
-    from textseg.io import read_volume
-    from textseg.models.segvol.adapter import SegVolAdapter
-    from textseg.models.segvol.network import CLIP_FLAT, CLIP_OFFICIAL, SegVolConfig, SegVolNet
-    from textseg.predictor import Predictor
+    sc = our_config(cfg)
+    from textseg.models.segvol.network import CLIP_FLAT, CLIP_OFFICIAL, SegVolNet
 
-    c = dict(cfg, img_size=tuple(cfg["img_size"]), patch_size=tuple(cfg["patch_size"]))
-    sc = SegVolConfig(**c)
     own = SegVolNet(sc).state_dict()
     official = {(CLIP_OFFICIAL + k[len(CLIP_FLAT):] if k.startswith(CLIP_FLAT) and not k.startswith(CLIP_OFFICIAL) else k): v
                 for k, v in own.items()}
@@ -119,7 +121,16 @@ def worker_ours(a, cfg: dict) -> dict:
     wdir = Path(a.work) / "weights"
     wdir.mkdir(exist_ok=True)
     torch.save({"model." + k: v for k, v in sd.items()}, wdir / "pytorch_model.bin")
-    del sd, own
+    return {}
+
+
+def worker_ours(a, cfg: dict) -> dict:
+    sc, wdir = our_config(cfg), Path(a.work) / "weights"
+    from textseg.catalog import get_model
+    from textseg.io import read_volume
+    from textseg.models.segvol.adapter import SegVolAdapter
+    from textseg.predictor import Predictor
+
     pred = Predictor(SegVolAdapter(get_model("segvol"), weights_dir=wdir, config=sc), device=a.device, seed=0)
     pred._ensure_loaded()  # model load is not timed on either side
     sync(a.device)
@@ -169,7 +180,7 @@ def main() -> None:
     ap.add_argument("--config", choices=["full", "reduced"], default="full")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--worker", choices=["ours", "upstream"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "upstream", "weights"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -179,7 +190,7 @@ def main() -> None:
 
         if a.threads:
             torch.set_num_threads(a.threads)
-        r = (worker_ours if a.worker == "ours" else worker_upstream)(a, cfg)
+        r = {"ours": worker_ours, "upstream": worker_upstream, "weights": worker_weights}[a.worker](a, cfg)
         print("RESULT " + json.dumps(r))
         return
     import torch
@@ -188,15 +199,17 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="segvol-bench-") as work:
         make_inputs(tuple(a.size), max(a.prompts), Path(work))
-        for n in a.prompts:
-            for impl, py in (("upstream", a.upstream_python), ("ours", sys.executable)):
-                cmd = [py, __file__, "--worker", impl, "--n", str(n), "--work", work, "--upstream", a.upstream,
-                       "--upstream-python", a.upstream_python, "--config", a.config, "--device", a.device,
-                       "--threads", str(a.threads)]
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-                if p.returncode or not line:
-                    sys.exit(f"{impl} failed:\n{p.stderr[-3000:]}")
+        jobs = [(0, "weights", sys.executable)]
+        jobs += [(n, impl, py) for n in a.prompts for impl, py in (("upstream", a.upstream_python), ("ours", sys.executable))]
+        for n, impl, py in jobs:
+            cmd = [py, __file__, "--worker", impl, "--n", str(n), "--work", work, "--upstream", a.upstream,
+                   "--upstream-python", a.upstream_python, "--config", a.config, "--device", a.device,
+                   "--threads", str(a.threads)]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            if p.returncode or not line:
+                sys.exit(f"{impl} failed:\n{p.stderr[-3000:]}")
+            if impl != "weights":
                 rows.append((n, impl, json.loads(line[0][7:])))
     print(f"\nSegVol ({a.config} config), CT {'x'.join(map(str, a.size))}, device: {device_name}, text prompts, zoom-out-zoom-in")
     print("peak MB: whole process during the run (CPU: RSS incl. libraries and weights); +MB: above its start")

@@ -27,6 +27,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data.utils import dense_patch_slices
+from monai.inferers import sliding_window_inference
+from monai.inferers.utils import _get_scan_interval
+from monai.transforms.utils import generate_spatial_bounding_box
 
 from ...errors import InputError
 from ...prompts import Prompt
@@ -85,8 +89,6 @@ class Geometry:
 
 def preprocess(canonical: np.ndarray, window: Sequence[int]) -> Tuple[np.ndarray, Geometry]:
     """Upstream's CT preprocessing on a canonical array; returns the cropped image and its geometry."""
-    from monai.transforms.utils import generate_spatial_bounding_box
-
     zyx = model_array(np.asarray(canonical, dtype=np.float32))
     # Flatten in upstream's (x, y, z) memory order so the float32 statistics match bit for bit.
     arr = foreground_normalize(np.ascontiguousarray(zyx.transpose(2, 1, 0))).transpose(2, 1, 0).astype(np.float32)
@@ -278,10 +280,6 @@ class SegVolAdapter(ModelAdapter):
     def run(self, state: SegVolState, text_emb, grid: PromptGrid, ctx: RunContext, zoom_in: bool = True,
             generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
         """Upstream's zoom_in_zoom_out for one prompt; crop-space logits plus what was decided."""
-        from monai.data.utils import dense_patch_slices
-        from monai.inferers import sliding_window_inference
-        from monai.inferers.utils import _get_scan_interval
-
         zo = self.zoom_out_logits(state, text_emb, grid).float().cpu()
         logits = F.interpolate(zo, size=state.geo.crop_shape, mode="nearest")[0, 0]
         out: Dict[str, Any] = {"zoom_out_logits": zo[0, 0], "roi": None, "window_boxes": []}

@@ -308,6 +308,8 @@ def build_vit(cfg: SegVolConfig) -> nn.Module:
     for block in vit.blocks:  # MONAI >= 1.4 always builds this (unused) norm; the checkpoint has none
         if not getattr(block, "with_cross_attention", True) and hasattr(block, "norm_cross_attn"):
             del block.norm_cross_attn
+        if hasattr(block.attn, "use_flash_attention"):  # torch's fused attention: same math, faster
+            block.attn.use_flash_attention = True
     return vit
 
 
