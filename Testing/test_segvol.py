@@ -266,3 +266,30 @@ def test_predictions_follow_the_image_on_reoriented_ct(oracle_adapter, real_ct):
         assert r.extra.get("roi") is None or len(r.extra["roi"]) == 6
     assert np.abs(outs[0] - outs[1]).max() <= 1e-5
     assert (outs[0] > 0.5).sum() > 0
+
+
+def test_point_prompts_are_seeded_and_runs_can_be_cancelled(oracle_adapter):
+    from textseg.errors import Cancelled
+    from textseg.models.base import CancelToken
+
+    fx = np.load(FIX / "segvol_oracle_zoom.npz")
+    vol = fixture_volume(fx)
+    ad = oracle_adapter
+    state = ad.encode(ad.prepare(vol.canonical(), None, RunContext(device=torch.device("cpu"))), RunContext(device=torch.device("cpu")))
+    pts = vol.index_to_physical([[52, 34, 11], [20, 20, 5]])  # inside the 'organ', and outside
+    prompt = Prompt("liver", points=tuple(map(tuple, pts)), point_labels=(1, 0))
+    runs = [ad.decode(state, [prompt], RunContext(device=torch.device("cpu"), seed=s))[0] for s in (7, 7)]
+    np.testing.assert_array_equal(runs[0].probability, runs[1].probability)
+    assert runs[0].extra["windows"] == 4 and runs[0].probability.shape == vol.shape
+    g = ad.map_prompt(state, prompt)
+    assert g.points_zo[1].tolist() == [1.0, 0.0] and int(g.point_map.sum()) > 0
+    token, seen = CancelToken(), []
+
+    def progress(f, stage):
+        seen.append(f)
+        if len(seen) == 2:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        ad.decode(state, [Prompt("liver")], RunContext(device=torch.device("cpu"), progress=progress, cancel=token))
+    assert len(seen) == 2
