@@ -17,6 +17,7 @@ from .errors import UsageError
 _FAMILY_MODULES = (
     "textseg.models.deepbet",
     "textseg.models.synthetic",
+    "textseg.models.segvol",
 )
 
 
