@@ -17,8 +17,8 @@ SLICER_BUNDLED = ("numpy", "scipy", "SimpleITK", "requests")
 CLIENT_REQUIREMENTS = ("numpy>=1.24", "scipy>=1.10", "SimpleITK>=2.3", "slicerio>=1.1", "pynrrd>=1.0", "tqdm>=4.60",
                        "requests>=2.28", "filelock>=3.12", "huggingface_hub>=0.23")
 # Needed to run models in this computer (torch comes from the PyTorch extension).
-MODEL_REQUIREMENTS = ("deepbet==1.0.2", "monai>=1.3", "safetensors>=0.4", "einops>=0.6", "ftfy>=6", "regex",
-                      "transformers>=4.40")
+MODEL_REQUIREMENTS = ("deepbet==1.0.2", "monai>=1.3", "safetensors>=0.4", "einops>=0.6", "transformers>=4.40",
+                      "ftfy>=6", "regex")
 # Installed with --no-deps: its dependencies (torchvision, timm) would replace Slicer's torch. Its wheel
 # carries the CLIP BPE vocabulary used by BiomedParse and SegVol (textseg.models.clip_tokenizer).
 NO_DEPS_REQUIREMENTS = ("open_clip_torch==3.3.0",)
