@@ -87,3 +87,74 @@ def test_independent_prompts_batched_equal_single_calls(oracle):
     assert np.abs(captions[1].numpy() - oracle["b_pred_captions"]).max() <= TOL
     # and the concatenated call really is different (what the compat mode reproduces)
     assert np.abs(oracle["ab_pred_masks"] - oracle["a_pred_masks"]).max() > 0.01
+
+
+# ---- existence: upstream check_mask_stats -----------------------------------------------------------
+def test_ks_p_value_equals_scipy_kstest_on_known_beta():
+    from scipy import stats
+
+    params = np.array([[2.0, 5.0], [8.0, 3.0], [0.7, 0.9], [30.0, 2.0]])
+    xs = np.array([[0.3, 0.9, 0.5, 0.95], [0.01, 0.2, 0.99, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    ours = ex.ks_pvalue_beta(xs, params[None, :, 0], params[None, :, 1])
+    for r, row in enumerate(xs):
+        for c, x in enumerate(row):
+            want = stats.kstest([x], stats.beta(*params[c]).cdf).pvalue
+            assert ours[r, c] == pytest.approx(want, rel=1e-9, abs=1e-12)
+    adj = ex.adjusted_p_value(xs, params)
+    want0 = np.prod([stats.kstest([x], stats.beta(*params[c]).cdf).pvalue for c, x in enumerate(xs[0])]) ** 0.25
+    assert adj[0] == pytest.approx(want0, rel=1e-9) and adj[2] == 0.0
+
+
+def test_mask_stats_follow_upstream_rules():
+    rgb = np.zeros((2, 4, 4, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 100, 50, 200
+    prob = np.zeros((2, 4, 4))
+    prob[0, :2, :2] = 255.0  # 4 pixels >= 128
+    prob[0, 3, 3] = 128.0  # boundary: included
+    prob[0, 2, 2] = 127.9  # excluded
+    prob[1] = 127.0  # max <= 127: all-zero statistics
+    s = ex.mask_stats(prob, rgb)
+    assert s[0].tolist() == pytest.approx([(4 * 255 + 128) / 5 / 256, 100 / 256, 50 / 256, 200 / 256])
+    assert s[1].tolist() == [0, 0, 0, 0]
+
+
+def test_target_dist_errors(tmp_path):
+    good = tmp_path / "target_dist.json"
+    good.write_text(json.dumps({"CT-Abdomen": {"liver": [[2, 5], [3, 3], [3, 3], [3, 3]]}}))
+    dist = ex.load_target_dist(good)
+    it, key, params = ex.find_params(dist, ["CT-Chest", "CT-Abdomen"], "Liver")
+    assert (it, key, params.shape) == ("CT-Abdomen", "liver", (4, 2))
+    assert ex.find_params(dist, ["CT-Abdomen"], "hello world") is None
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"CT-Abdomen": {"liver": [[2, 5]]}}')
+    with pytest.raises(WeightsError, match="target_dist"):
+        ex.load_target_dist(bad)
+    bad.write_text('{"CT-Abd')
+    with pytest.raises(WeightsError, match="Download it again"):
+        ex.load_target_dist(bad)
+
+
+# ---- recognition rules (upstream non_maxima_suppression, combine_masks) ----------------------------
+def test_nms_drops_masks_mostly_inside_a_better_one():
+    a = np.zeros((10, 10)); a[:, :6] = 0.9
+    b = np.zeros((10, 10)); b[:, 2:7] = 0.8  # 40 of 50 pixels inside a
+    c = np.zeros((10, 10)); c[:, 5:] = 0.7  # 10 of 50 inside a
+    empty = np.zeros((10, 10))
+    kept = ex.non_maxima_suppression({"a": a, "b": b, "c": c, "e": empty}, {"a": 0.9, "b": 0.5, "c": 0.3, "e": 1.0})
+    assert kept == ["a", "c"]
+    # order is by p-value: with b first, a is the one dropped (40 of its 60 pixels lie in b)
+    assert ex.non_maxima_suppression({"a": a, "b": b}, {"a": 0.1, "b": 0.9}) == ["b"]
+
+
+def test_combine_masks_pixelwise_argmax_and_discard():
+    a = np.zeros((4, 10)); a[:, :6] = 0.9
+    b = np.zeros((4, 10)); b[:, 4:] = 0.6
+    small = np.zeros((4, 10)); small[:, 5:7] = 0.55  # loses all its pixels to a (0.9) / b (0.6)
+    m = ex.combine_masks({"a": a, "b": b, "small": small})
+    assert set(m) == {"a", "b"}
+    assert int(m["a"].sum()) == 24 and int(m["b"].sum()) == 16 and not (m["a"] & m["b"]).any()
+    # the most confident target is kept even when it loses most of its area
+    weak = np.zeros((4, 10)); weak[:, :] = 0.3
+    strong = np.zeros((4, 10)); strong[:, 1:] = 0.35
+    m2 = ex.combine_masks({"weak": weak, "strong": strong})
+    assert set(m2) == {"strong"} and int(m2["strong"].sum()) == 0  # nothing > 0.5
