@@ -158,3 +158,26 @@ def test_combine_masks_pixelwise_argmax_and_discard():
     strong = np.zeros((4, 10)); strong[:, 1:] = 0.35
     m2 = ex.combine_masks({"weak": weak, "strong": strong})
     assert set(m2) == {"strong"} and int(m2["strong"].sum()) == 0  # nothing > 0.5
+
+
+# ---- preprocessing oracle on real scans ------------------------------------------------------------
+@pytest.mark.parametrize("case,rel,k,modality,site", [
+    ("ct", "totalsegmentator-examples/example_ct_sm.nii.gz", 15, "CT", "abdomen"),  # 101x122: odd difference
+    ("mr", "totalsegmentator-examples/example_mr_sm.nii.gz", 10, "MRI", None),  # percentile window
+])
+def test_preprocessing_equals_upstream_elementwise(case, rel, k, modality, site):
+    from conftest import shared_file
+    from textseg.io import read_volume
+    from textseg.models.biomedparse.v1_preprocess import preprocess_slice
+    from textseg.presets import get_preset
+
+    want = np.load(FIX / "biomedparse_v1_preprocess.npz")[case]
+    sl = read_volume(shared_file(*rel.split("/"))).canonical().array[k]
+    img, pad = preprocess_slice(sl, get_preset(modality, site))
+    assert img.dtype == np.uint8 and img.shape == (1024, 1024, 3)
+    assert np.array_equal(img[..., 0], want) and np.array_equal(img[..., 1], img[..., 2])
+    assert pad.shape == sl.shape
+    if case == "ct":  # the quirk: 101x122 -> padded 121x122, not square
+        assert pad.padded == (121, 122) and pad.offset == (10, 0)
+    else:  # 91x117 -> 117x117
+        assert pad.padded == (117, 117) and pad.offset == (13, 0)

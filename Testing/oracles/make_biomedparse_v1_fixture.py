@@ -22,6 +22,9 @@ Writes:
   probability map; plus the image features (mask features and the three decoder scales) of the image.
   The state dict is stored flat as ``sd/<key>``; the 49408-row token embedding is stored sparsely
   (``sd_rows/...``: only the rows of the prompts' tokens; the others are never read and are zero).
+* ``biomedparse_v1_preprocess.npz`` (with ``--shared``, the shared test data folder): upstream
+  ``process_intensity_image`` on canonical slices of real scans (``PREPROCESS_CASES``: a CT slice
+  with an odd size difference, abdomen window; an MR slice, percentile window), first channel.
 * ``biomedparse_v1_keys.json``: every key, shape and dtype of the full-size official state dict
   (``configs/biomedparse_inference.yaml``), built on the CPU (about 1.5 GB).
 """
@@ -40,6 +43,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+PREPROCESS_CASES = {  # name: (file under the shared data folder, canonical slice, is_CT, site)
+    "ct": ("totalsegmentator-examples/example_ct_sm.nii.gz", 15, True, "abdomen"),
+    "mr": ("totalsegmentator-examples/example_mr_sm.nii.gz", 10, False, None),
+}
 PROMPT_SETS = {"a": ["liver"], "b": ["left kidney"], "ab": ["liver", "left kidney"]}
 SIZE = 128
 REDUCED = {
@@ -151,10 +158,24 @@ def image_features(model, image: np.ndarray):
     return out
 
 
+def preprocess_oracle(shared: Path, out: Path) -> None:
+    from inference_utils.processing_utils import process_intensity_image  # upstream
+    from textseg.io import read_volume
+
+    data = {}
+    for name, (rel, k, is_ct, site) in PREPROCESS_CASES.items():
+        sl = read_volume(shared / rel).canonical().array[k].astype(np.float64)
+        img = process_intensity_image(sl, is_ct, site)
+        assert img.shape == (1024, 1024, 3) and (img == img[..., :1]).all()
+        data[name] = img[..., 0]
+    np.savez_compressed(out / "biomedparse_v1_preprocess.npz", **data)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--upstream", required=True, type=Path, help="checkout of microsoft/BiomedParse (main @ 750eb40)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "fixtures")
+    ap.add_argument("--shared", type=Path, help="shared test data folder (for the preprocessing oracle)")
     args = ap.parse_args()
     upstream = args.upstream.resolve()
     os.chdir(upstream)  # upstream reads some files relative to its root
@@ -201,6 +222,8 @@ def main() -> None:
     full = build(upstream, load_config(upstream, tok_dir, reduced=False))  # CPU: upstream calls .item() at init
     keys = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in full.state_dict().items()}
     (args.out / "biomedparse_v1_keys.json").write_text(json.dumps(keys, indent=0, sort_keys=True) + "\n")
+    if args.shared:
+        preprocess_oracle(args.shared.resolve(), args.out)
     print(f"wrote {args.out}/biomedparse_v1_oracle.npz and biomedparse_v1_keys.json ({len(keys)} keys)")
 
 
