@@ -160,3 +160,101 @@ def test_open_full_rows():
     m[0, 1, 2] = False
     out = open_full_rows(m)
     assert bool(out[0, 1].sum() == 4) and not out[0, 0].any() and not out[1].any()
+
+
+# ---- BoltzFormer decoder vs upstream (Testing/oracles/make_biomedparse_v2_fixture.py) ------------------
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from textseg.models.biomedparse.v2_decoder import BoltzFormerDecoder, Sampling  # noqa: E402
+
+DEC_ORACLE = Path(__file__).parent / "fixtures" / "biomedparse_v2_decoder_oracle.npz"
+TOL = 1e-4  # fp32 CPU, max abs logit difference
+PRED = "sem_seg_head.predictor."
+
+
+class Head(torch.nn.Module):
+    """Just enough of the model to carry the predictor under its official prefix."""
+
+    def __init__(self, dec):
+        super().__init__()
+        self.sem_seg_head = torch.nn.Module()
+        self.sem_seg_head.predictor = dec
+
+
+@pytest.fixture(scope="module")
+def dec_oracle():
+    return dict(np.load(DEC_ORACLE))
+
+
+@pytest.fixture(scope="module")
+def decoder(dec_oracle, tmp_path_factory):
+    """Our decoder with the fixture's upstream weights, loaded from an official-layout .ckpt by our loader."""
+    sd = {"model." + PRED + k[3:]: torch.from_numpy(v) for k, v in dec_oracle.items() if k.startswith("sd/")}
+    path = tmp_path_factory.mktemp("v2") / "biomedparse_v2.ckpt"
+    torch.save({"state_dict": sd, "epoch": 0}, path)
+    dec = BoltzFormerDecoder(hidden_dim=32, dim_proj=32, num_queries=6, nheads=4, dim_feedforward=64, dec_layers=3,
+                             mask_dim=32)
+    load_v2_weights(Head(dec), path)
+    return dec.eval()
+
+
+def tiled(o, p=2):
+    feats = [torch.from_numpy(o[f"feat{i}"]).repeat_interleave(p, 0) for i in range(3)]
+    return feats, torch.from_numpy(o["mask_features"]).repeat_interleave(p, 0), torch.from_numpy(o["tokens"]).repeat(1, 2, 1)
+
+
+def spy_heads(dec):
+    got = []
+    orig = dec.head
+
+    def spy(*a, **k):
+        got.append(orig(*a, **k))
+        return got[-1]
+
+    dec.head = spy
+    return got, lambda: delattr(dec, "head")
+
+
+@pytest.mark.parametrize("run", ["boltz", "full"])
+def test_decoder_equals_upstream(decoder, dec_oracle, run):
+    o = dec_oracle
+    feats, mf, tokens = tiled(o)
+    g = torch.Generator().manual_seed(int(o["seed"]))
+    sampling = Sampling(deterministic=run == "full", generator=g)
+    got, restore = spy_heads(decoder)
+    with torch.no_grad():
+        out = decoder(feats, mf, tokens, None, sampling)
+        out2 = decoder(feats, mf, tokens, None, sampling) if run == "boltz" else None
+    restore()
+    assert len(got) == (8 if run == "boltz" else 4)  # 4 heads per forward (initial + 3 layers)
+    for i, (masks, attn) in enumerate(got[:4]):
+        assert np.abs(masks.numpy() - o[f"{run}/head{i}"]).max() <= TOL
+        ref = o[f"{run}/attn{i}"]
+        if run == "full":
+            assert ref.all() and attn.numpy().all()  # threshold 1.1: all blocked, rows opened before use
+        else:
+            assert np.array_equal(attn.numpy(), ref)  # the same random draws in the same order
+    assert np.abs(out.masks.numpy() - o[f"{run}/pred_gmasks"]).max() <= TOL
+    assert np.abs(out.existence.numpy() - o[f"{run}/object_existence"]).max() <= TOL
+    if out2 is not None:  # the next slice batch continues upstream's RNG stream
+        assert np.abs(out2.masks.numpy() - o["boltz2/pred_gmasks"]).max() <= TOL
+        assert not np.allclose(o["boltz2/pred_gmasks"], o["boltz/pred_gmasks"])
+
+
+def test_decoder_prompts_independent_by_default(decoder, dec_oracle):
+    """Default mode: padding masked and per-row seeds: 'short' alone == 'short' next to a longer prompt."""
+    o = dec_oracle
+    feats, mf, tokens = tiled(o)
+    pad = torch.from_numpy(np.abs(o["tokens"]).sum(-1) == 0).T.repeat(2, 1)  # (B*P, T)
+    short_len = int((~pad[0]).sum())
+    with torch.no_grad():
+        both = decoder(feats, mf, tokens, pad, Sampling(row_seeds=[11, 12, 11, 12]))
+        alone = decoder([f[0::2] for f in feats], mf[0::2], tokens[:short_len, 0::2], None,
+                        Sampling(row_seeds=[11, 11]))
+        compat = decoder(feats, mf, tokens, None, Sampling(row_seeds=[11, 12, 11, 12]))
+    assert np.abs(both.masks[0::2].numpy() - alone.masks.numpy()).max() <= 1e-4
+    assert np.abs(both.existence[0::2].numpy() - alone.existence.numpy()).max() <= 1e-4
+    # upstream's unmasked zero padding changes the short prompt's result
+    assert np.abs(compat.masks[0::2].numpy() - alone.masks.numpy()).max() > 1e-2

@@ -1,0 +1,113 @@
+"""Build the BiomedParse v2 oracle fixtures from the official upstream code.
+
+Usage (from the repository root, with a checkout of microsoft/BiomedParse branch v2 @ f571d5c, or its
+runnable fork Lsyyh/BiomedParse_v2 whose ``src/model/transformer_decoder`` is the same code):
+
+    PYTHONPATH=<import stand-ins>:<upstream checkout> python Testing/oracles/make_biomedparse_v2_fixture.py \
+        --upstream /path/to/BiomedParse [--out Testing/fixtures]
+
+Upstream's decoder package imports ``timm.models.layers`` (``trunc_normal_``, ``DropPath``),
+``fvcore.nn.weight_init`` and ``detectron2.layers.Conv2d`` at module level; none of them run on the
+decoder's forward path. Install them, or put CPU stand-ins on PYTHONPATH. Neither the upstream code nor
+such stand-ins belong in this repository.
+
+Writes ``biomedparse_v2_decoder_oracle.npz``: upstream ``BoltzFormerTextDecoder`` in a reduced
+configuration (hidden 32, 4 heads, 6 queries of which 2 edge queries, 3 layers, FFN 64) with seeded random
+weights (``sd/<key>``, the names below ``sem_seg_head.predictor.``), random multi-scale features for 2 slices
+(2x2, 4x4, 8x8; mask features 16x16), and grounding tokens of two prompts of different lengths (3 and 7
+tokens) built exactly as upstream ``MaskFormerHead.encode_prompts`` (``pad_sequence(padding_value=-1)``, the
+padding rows zeroed) and tiled as ``forward_eval`` tiles them (slice-major, prompt-minor). Upstream's forward
+runs twice with ``torch.manual_seed(SEED)`` (Boltzmann sampling on, two consecutive slice batches, so the
+fixture pins the RNG order across calls) and once with ``do_boltzmann=False``. Saved per run: every
+prediction head's mask logits (``<run>/head<i>``) and sampled attention mask (``<run>/attn<i>``, bool), the
+final ``pred_gmasks`` and ``object_existence``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SEED = 20260
+CFG = dict(in_channels=32, hidden_dim=32, dim_proj=32, num_queries=6, nheads=4, dim_feedforward=64, dec_layers=3,
+           mask_dim=32, pre_self_attention=True)
+SAMPLING = dict(mask_threshold=1.1, do_boltzmann=True, sample_ratio=0.1, base_temp=1)
+SLICES, TOKENS = 2, (3, 7)
+SIZES = ((2, 2), (4, 4), (8, 8))
+
+
+def build(upstream: Path, do_boltzmann: bool):
+    sys.path.insert(0, str(upstream))
+    from src.model.transformer_decoder.boltzformer_cls_decoder import BoltzFormerTextDecoder
+
+    torch.manual_seed(0)
+    dec = BoltzFormerTextDecoder(None, boltzmann_sampling=dict(SAMPLING, do_boltzmann=do_boltzmann), **CFG).eval()
+    with torch.no_grad():  # every tensor random (LayerNorm weights around 1) so nothing is trivially zero
+        for k, p in dec.state_dict().items():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in k and k.endswith("weight") else 0.12 * torch.randn_like(p))
+    return dec
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    c = CFG["hidden_dim"]
+    feats = [torch.randn(SLICES, c, *s, generator=g) for s in SIZES]
+    mask_features = torch.randn(SLICES, c, 16, 16, generator=g)
+    token_emb = [torch.randn(n, c, generator=g) for n in TOKENS]
+    q = torch.nn.utils.rnn.pad_sequence(token_emb, padding_value=-1)  # (T, P, C), upstream encode_prompts
+    q[q.sum(dim=-1) == -q.shape[-1]] = 0
+    return feats, mask_features, q
+
+
+def tile(x: torch.Tensor, p: int) -> torch.Tensor:  # upstream tile_feature
+    b = x.shape[0]
+    return x.view(b, 1, *x.shape[1:]).expand(-1, p, *x.shape[1:]).reshape(b * p, *x.shape[1:])
+
+
+def run(dec, feats, mask_features, tokens, out: dict, name: str) -> None:
+    heads = []
+    orig = dec.forward_prediction_heads
+
+    def spy(*a, **k):
+        res = orig(*a, **k)
+        heads.append((res[0].detach().clone(), res[1].detach().clone()))
+        return res
+
+    dec.forward_prediction_heads = spy
+    p = tokens.shape[1]
+    with torch.no_grad():
+        res = dec([tile(f, p) for f in feats], tile(mask_features, p), extra={"grounding_tokens": tokens.repeat(1, SLICES, 1)})
+    dec.forward_prediction_heads = orig
+    for i, (m, a) in enumerate(heads):
+        out[f"{name}/head{i}"] = m.numpy()
+        out[f"{name}/attn{i}"] = a.numpy()
+    out[f"{name}/pred_gmasks"] = res["pred_gmasks"].numpy()
+    out[f"{name}/object_existence"] = res["object_existence"].numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--upstream", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "fixtures")
+    args = ap.parse_args()
+    feats, mask_features, tokens = inputs()
+    out = {f"feat{i}": f.numpy() for i, f in enumerate(feats)}
+    out.update(mask_features=mask_features.numpy(), tokens=tokens.numpy(), seed=np.array(SEED))
+    dec = build(args.upstream, True)
+    out.update({f"sd/{k}": v.numpy() for k, v in dec.state_dict().items()})
+    torch.manual_seed(SEED)
+    run(dec, feats, mask_features, tokens, out, "boltz")
+    run(dec, feats, mask_features, tokens, out, "boltz2")  # second batch: continues the same RNG stream
+    run(build(args.upstream, False), feats, mask_features, tokens, out, "full")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "biomedparse_v2_decoder_oracle.npz"
+    np.savez_compressed(path, **out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {len(out)} arrays)")
+
+
+if __name__ == "__main__":
+    main()
