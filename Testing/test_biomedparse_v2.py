@@ -258,3 +258,64 @@ def test_decoder_prompts_independent_by_default(decoder, dec_oracle):
     assert np.abs(both.existence[0::2].numpy() - alone.existence.numpy()).max() <= 1e-4
     # upstream's unmasked zero padding changes the short prompt's result
     assert np.abs(compat.masks[0::2].numpy() - alone.masks.numpy()).max() > 1e-2
+
+
+# ---- preprocessing / output geometry vs upstream utils.py (real CT) ------------------------------------
+from conftest import shared_file  # noqa: E402
+
+from textseg.models.biomedparse import v2_preprocess as pre  # noqa: E402
+
+PRE_ORACLE = Path(__file__).parent / "fixtures" / "biomedparse_v2_preprocess.npz"
+
+
+def ct_uint8() -> np.ndarray:
+    import SimpleITK as sitk
+
+    from textseg.presets import get_preset, window_to_uint8
+
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_file("totalsegmentator-examples/example_ct_sm.nii.gz"))))
+    preset = get_preset("CT", "abdomen")
+    return np.stack([window_to_uint8(s, preset) for s in arr])[:, :, 6:116]
+
+
+@pytest.mark.parametrize("path", ["uint8", "float"])
+def test_square_pad_resize_equals_upstream(path):
+    o = dict(np.load(PRE_ORACLE))
+    vol = ct_uint8()
+    assert vol.shape == tuple(o["shape"]) == (30, 101, 110)
+    assert pre.upstream_axis(vol.shape) == int(o[f"{path}/axis"]) == 0
+    idx = [0, 15, 29]
+    res, pad, padded = pre.square_pad_resize(vol[idx], resize_path=path)
+    assert pad == o[f"{path}/pad"].tolist() == [[0, 0], [4, 5], [0, 0]] and padded == int(o[f"{path}/padded"]) == 110
+    assert res.dtype == torch.int32 and np.array_equal(res.numpy(), o[f"{path}/slices"])
+
+
+def test_uint8_and_float_paths_differ():
+    vol = ct_uint8()[[15]]
+    a = pre.square_pad_resize(vol, resize_path="uint8")[0]
+    b = pre.square_pad_resize(vol, resize_path="float")[0]
+    assert (a != b).float().mean() > 0.05 and int(b.min()) < 0  # float path overshoots below 0
+    with pytest.raises(ValueError):
+        pre.square_pad_resize(vol, resize_path="half")
+
+
+def test_restore_grid_equals_upstream():
+    o = dict(np.load(PRE_ORACLE))
+    y, x = np.mgrid[:512, :512]
+    labels = torch.from_numpy(np.stack([((x // 37 + y // 53 + k) % 4) for k in range(3)]).astype(np.int32))
+    out = pre.restore_grid(labels, [[0, 0], [4, 5], [0, 0]], 110)
+    assert tuple(out.shape) == (3, 101, 110) and np.array_equal(out.numpy(), o["restored"])
+
+
+def test_upstream_axis_rule():
+    assert pre.upstream_axis((30, 101, 110)) == 0
+    assert pre.upstream_axis((512, 40, 512)) == 1  # shortest axis when the other two differ a lot
+    assert pre.upstream_axis((200, 512, 100)) == 2
+
+
+def test_pack_neighbours_edge_rule():
+    vol = torch.arange(4).view(4, 1, 1).expand(4, 2, 2)
+    got = pre.pack_neighbours(vol, range(4))[:, :, 0, 0].tolist()
+    assert got == [[0, 1, 1], [1, 0, 2], [2, 1, 3], [3, 2, 2]]
+    assert pre.pack_neighbours(vol[:1], [0])[0, :, 0, 0].tolist() == [0, 0, 0]
+    assert abs(pre.PIXEL_MEAN - 114.495) < 1e-9 and abs(pre.PIXEL_STD - 57.63) < 1e-9

@@ -21,6 +21,13 @@ runs twice with ``torch.manual_seed(SEED)`` (Boltzmann sampling on, two consecut
 fixture pins the RNG order across calls) and once with ``do_boltzmann=False``. Saved per run: every
 prediction head's mask logits (``<run>/head<i>``) and sampled attention mask (``<run>/attn<i>``, bool), the
 final ``pred_gmasks`` and ``object_existence``.
+
+With ``--shared <shared data folder>`` also ``biomedparse_v2_preprocess.npz``: upstream ``utils.process_input``
+(axis, square pad, bicubic to 512, ``.int()``) on the real CT ``totalsegmentator-examples/example_ct_sm.nii.gz``
+windowed slice by slice with ``textseg.presets.window_to_uint8`` (CT abdomen) and cropped in-plane to 101x110
+so the padding is odd, both as uint8 (upstream's path for challenge npz) and as float32; slices
+``PRE_SLICES`` are stored. And ``utils.process_output`` of a synthetic 512x512 label pattern (``label_pattern``)
+back onto that grid.
 """
 
 from __future__ import annotations
@@ -89,11 +96,48 @@ def run(dec, feats, mask_features, tokens, out: dict, name: str) -> None:
     out[f"{name}/object_existence"] = res["object_existence"].numpy()
 
 
+PRE_SLICES = (0, 15, 29)
+
+
+def label_pattern(d: int, size: int = 512) -> np.ndarray:
+    y, x = np.mgrid[:size, :size]
+    return np.stack([((x // 37 + y // 53 + k) % 4) for k in range(d)]).astype(np.int32)
+
+
+def ct_uint8(shared: Path) -> np.ndarray:
+    import SimpleITK as sitk
+    from textseg.presets import get_preset, window_to_uint8
+
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(shared / "totalsegmentator-examples/example_ct_sm.nii.gz")))
+    preset = get_preset("CT", "abdomen")
+    return np.stack([window_to_uint8(s, preset) for s in arr])[:, :, 6:116]
+
+
+def preprocess_oracle(upstream: Path, shared: Path, out_dir: Path) -> None:
+    sys.path.insert(0, str(upstream))
+    import utils as up
+
+    vol = ct_uint8(shared)
+    out = {"shape": np.array(vol.shape)}
+    for path, arr in (("uint8", vol), ("float", vol.astype(np.float32))):
+        res, pad, padded, axis = up.process_input(arr, 512)
+        out[f"{path}/slices"] = res.int().numpy()[list(PRE_SLICES)].astype(np.int16)
+        out.update({f"{path}/pad": np.array(pad), f"{path}/padded": np.array(padded), f"{path}/axis": np.array(axis)})
+    labels = torch.from_numpy(label_pattern(3))
+    out["restored"] = up.process_output(labels, pad, padded, 0).astype(np.int8)
+    path = out_dir / "biomedparse_v2_preprocess.npz"
+    np.savez_compressed(path, **out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--upstream", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "fixtures")
+    ap.add_argument("--shared", type=Path, help="shared test data folder (for the preprocessing oracle)")
     args = ap.parse_args()
+    if args.shared:
+        preprocess_oracle(args.upstream, args.shared, args.out)
     feats, mask_features, tokens = inputs()
     out = {f"feat{i}": f.numpy() for i, f in enumerate(feats)}
     out.update(mask_features=mask_features.numpy(), tokens=tokens.numpy(), seed=np.array(SEED))
