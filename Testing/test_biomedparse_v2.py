@@ -319,3 +319,22 @@ def test_pack_neighbours_edge_rule():
     assert got == [[0, 1, 1], [1, 0, 2], [2, 1, 3], [3, 2, 2]]
     assert pre.pack_neighbours(vol[:1], [0])[0, :, 0, 0].tolist() == [0, 0, 0]
     assert abs(pre.PIXEL_MEAN - 114.495) < 1e-9 and abs(pre.PIXEL_STD - 57.63) < 1e-9
+
+
+# ---- full-size key contract ----------------------------------------------------------------------------
+def test_full_size_predictor_loads_official_keys_strictly():
+    import json
+
+    from textseg.models.biomedparse.v2_loader import check_keys
+
+    spec = json.loads((Path(__file__).parent / "fixtures" / "biomedparse_v2_predictor_keys.json").read_text())
+    assert len(spec["keys"]) == 297
+    with torch.device("meta"):
+        dec = BoltzFormerDecoder()  # defaults = upstream's full-size config
+        sd = {k[len(PRED):]: torch.empty(shape, dtype=getattr(torch, dt)) for k, (shape, dt) in spec["keys"].items()}
+    check_keys(dec.state_dict(), sd, Path("biomedparse_v2_predictor_keys.json"))
+    dec.load_state_dict(sd, strict=True, assign=True)
+    n = sum(p.numel() for p in dec.parameters())
+    assert n == sum(int(np.prod(s)) for s, _ in spec["keys"].values())
+    # the notes' measured sizes: self/cross-attn 9.46 M each, FFN 18.91 M, classifier 9.46 + 18.91 M, ...
+    assert abs(sum(p.numel() for p in dec.transformer_ffn_layers.parameters()) / 1e6 - 18.91) < 0.01

@@ -22,6 +22,10 @@ fixture pins the RNG order across calls) and once with ``do_boltzmann=False``. S
 prediction head's mask logits (``<run>/head<i>``) and sampled attention mask (``<run>/attn<i>``, bool), the
 final ``pred_gmasks`` and ``object_existence``.
 
+``biomedparse_v2_predictor_keys.json``: every key, shape and dtype of the full-size predictor
+(``boltzformer_decoder.yaml``: hidden 512, 16 queries, 9 layers, FFN 2048) below ``sem_seg_head.predictor.``,
+language encoder excluded, built on the meta device.
+
 With ``--shared <shared data folder>`` also ``biomedparse_v2_preprocess.npz``: upstream ``utils.process_input``
 (axis, square pad, bicubic to 512, ``.int()``) on the real CT ``totalsegmentator-examples/example_ct_sm.nii.gz``
 windowed slice by slice with ``textseg.presets.window_to_uint8`` (CT abdomen) and cropped in-plane to 101x110
@@ -33,6 +37,7 @@ back onto that grid.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -130,6 +135,24 @@ def preprocess_oracle(upstream: Path, shared: Path, out_dir: Path) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
+FULL = dict(in_channels=512, hidden_dim=512, dim_proj=512, num_queries=16, nheads=8, dim_feedforward=2048,
+            dec_layers=9, mask_dim=512, pre_self_attention=True)  # configs/model/.../boltzformer_decoder.yaml
+
+
+def predictor_keys(upstream: Path, out_dir: Path) -> None:
+    """Every key/shape/dtype of the full-size predictor (language encoder excluded), built on the meta device."""
+    sys.path.insert(0, str(upstream))
+    from src.model.transformer_decoder.boltzformer_cls_decoder import BoltzFormerTextDecoder
+
+    with torch.device("meta"):
+        dec = BoltzFormerTextDecoder(None, boltzmann_sampling=SAMPLING, **FULL)
+    keys = {"sem_seg_head.predictor." + k: [list(v.shape), str(v.dtype).replace("torch.", "")]
+            for k, v in dec.state_dict().items()}
+    path = out_dir / "biomedparse_v2_predictor_keys.json"
+    path.write_text(json.dumps({"config": FULL, "keys": keys}, indent=0, sort_keys=True) + "\n")
+    print(f"wrote {path} ({len(keys)} keys)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--upstream", type=Path, required=True)
@@ -138,6 +161,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.shared:
         preprocess_oracle(args.upstream, args.shared, args.out)
+    predictor_keys(args.upstream, args.out)
     feats, mask_features, tokens = inputs()
     out = {f"feat{i}": f.numpy() for i, f in enumerate(feats)}
     out.update(mask_features=mask_features.numpy(), tokens=tokens.numpy(), seed=np.array(SEED))
