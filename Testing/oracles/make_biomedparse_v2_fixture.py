@@ -153,15 +153,101 @@ def predictor_keys(upstream: Path, out_dir: Path) -> None:
     print(f"wrote {path} ({len(keys)} keys)")
 
 
+MODEL_SEED = 4242
+MODEL_PROMPTS = "liver[SEP]Visualization of the left kidney in abdominal CT imaging"
+BACKBONE = dict(pretrain_img_size=224, patch_size=4, in_chans=3, drop_rate=0.0, drop_path_rate=0.3, mlp_ratio=4.0,
+                patch_norm=True, use_conv_embed=True, use_checkpoint=False, out_indices=[0, 1, 2, 3],
+                scaling_modulator=True, use_layerscale=True, out_features=["res2", "res3", "res4", "res5"],
+                use_postln=True, use_postln_in_modulation=False)  # configs/model/backbone/d2focal.yaml
+
+
+def build_model(upstream: Path, reduced: bool, tokenizer_dir: Path):
+    """Upstream BiomedParseModel as configs/model/biomedparse_3D.yaml builds it (hydra done by hand)."""
+    sys.path.insert(0, str(upstream))
+    from transformers import CLIPTokenizer
+    from src.model.backbone.focal import D2FocalNet
+    from src.model.biomedparse_3D import BiomedParseModel, MaskFormerHead
+    from src.model.pixel_decoder.transformer_encoder_fpn import TransformerEncoderPixelDecoder
+    from src.model.transformer_decoder.boltzformer_cls_decoder import BoltzFormerTextDecoder
+    from src.model.transformer_decoder.language_encoders.language_transformer import get_transformer_encoder
+    from src.model.transformer_decoder.language_encoders.seem_language_encoder import SEEMLanguageEncoder
+
+    r = reduced
+    emb, conv, text = (8, 32, 32) if r else (192, 512, 512)
+    backbone = D2FocalNet(embed_dim=emb, depths=[1, 1, 1, 1] if r else [2, 2, 18, 2],
+                          focal_levels=[2] * 4 if r else [4] * 4, focal_windows=[3] * 4, **BACKBONE)
+    pixel = TransformerEncoderPixelDecoder(transformer_dropout=0.0, transformer_nheads=4 if r else 8,
+                                           transformer_dim_feedforward=64 if r else 2048,
+                                           transformer_enc_layers=1 if r else 6, conv_dim=conv, mask_dim=conv,
+                                           norm="GN", transformer_pre_norm=False, mask_on=True)
+    enc = get_transformer_encoder(dict(CONTEXT_LENGTH=77, VOCAB_SIZE=49408, WIDTH=text, LAYERS=1 if r else 12,
+                                       HEADS=4 if r else 8, AUTOGRESSIVE=True, LOAD_PRETRAINED=False), verbose=False)
+    tok = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"))
+    lang = SEEMLanguageEncoder(tok, "clip", enc, torch.nn.Parameter(torch.randn(text, text)), 77)
+    pred = BoltzFormerTextDecoder(lang, boltzmann_sampling=SAMPLING, **(CFG if r else FULL))
+    return BiomedParseModel(backbone, MaskFormerHead(pixel, pred), convolute_outputs=False, out_channels_1=16,
+                            edge_queries=2 if r else 4).eval()
+
+
+def model_oracle(upstream: Path, tokenizer_dir: Path, out_dir: Path) -> None:
+    """Reduced upstream model, seeded random weights; forward_eval on 3 slices of 64x64, slice batch 2."""
+    torch.manual_seed(0)
+    model = build_model(upstream, True, tokenizer_dir)
+    with torch.no_grad():
+        for k, p in model.state_dict().items():
+            if k in ("pixel_mean", "pixel_std"):
+                continue
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in k and k.endswith("weight") else 0.12 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(2)
+    vol = (torch.rand(3, 64, 64, generator=g) * 255).int()
+    out = {"image": vol.numpy().astype(np.uint8), "seed": np.array(MODEL_SEED), "prompts": np.array(MODEL_PROMPTS)}
+    captured = []
+
+    def hook(module, inputs, output):  # per-stage activations of every slice batch (returns None: output kept)
+        captured.append({k: v.clone() for k, v in output.items()})
+
+    model.backbone.register_forward_hook(hook)
+    with torch.no_grad():
+        torch.manual_seed(MODEL_SEED)
+        res = model({"image": vol.unsqueeze(0), "text": [MODEL_PROMPTS]}, mode="eval", slice_batch_size=2)["predictions"]
+    for k in captured[0]:
+        out[f"backbone/{k}"] = torch.cat([c[k] for c in captured]).numpy()
+    for k in ("pred_gmasks", "edge_masks", "object_existence"):
+        out[k] = res[k].numpy()
+    ids = model.sem_seg_head.predictor.language_encoder.tokenizer(MODEL_PROMPTS.split("[SEP]"), padding="max_length",
+                                                                   max_length=77, truncation=True)["input_ids"]
+    used = sorted({int(i) for row in ids for i in row})
+    for k, v in model.state_dict().items():
+        if k.endswith("token_embedding.weight"):  # store only the rows the prompts read (the rest is never used)
+            out["sd_rows/" + k], out["sd_rows_values/" + k], out["sd_shape/" + k] = np.array(used), v[used].numpy(), np.array(v.shape)
+        else:
+            out["sd/" + k] = v.numpy()
+    path = out_dir / "biomedparse_v2_model_oracle.npz"
+    np.savez_compressed(path, **out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def model_keys(upstream: Path, tokenizer_dir: Path, out_dir: Path) -> None:
+    model = build_model(upstream, False, tokenizer_dir)  # on the CPU (~1.5 GB): the backbone calls .item()
+    keys = {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model.state_dict().items()}
+    path = out_dir / "biomedparse_v2_keys.json"
+    path.write_text(json.dumps(keys, sort_keys=True) + "\n")
+    print(f"wrote {path} ({len(keys)} keys, {sum(int(np.prod(s)) for s, _ in keys.values()) / 1e6:.2f} M values)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--upstream", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "fixtures")
     ap.add_argument("--shared", type=Path, help="shared test data folder (for the preprocessing oracle)")
+    ap.add_argument("--tokenizer", type=Path, help="folder with CLIP vocab.json + merges.txt (full-model fixtures)")
     args = ap.parse_args()
     if args.shared:
         preprocess_oracle(args.upstream, args.shared, args.out)
     predictor_keys(args.upstream, args.out)
+    if args.tokenizer:
+        model_oracle(args.upstream, args.tokenizer, args.out)
+        model_keys(args.upstream, args.tokenizer, args.out)
     feats, mask_features, tokens = inputs()
     out = {f"feat{i}": f.numpy() for i, f in enumerate(feats)}
     out.update(mask_features=mask_features.numpy(), tokens=tokens.numpy(), seed=np.array(SEED))
