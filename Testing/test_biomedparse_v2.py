@@ -22,7 +22,7 @@ def test_spec_registered_next_to_v1():
     ids = [s.id for s in catalog.list_models(include_hidden=True)]
     assert "biomedparse-v1" in ids and "biomedparse-v2" in ids
     spec = catalog.get_model("biomedparse-v2")
-    assert spec is v2_spec.SPEC and spec.hidden  # hidden until the network/adapter land
+    assert spec is v2_spec.SPEC and not spec.hidden
     assert spec.dims == 2 and spec.existence_threshold == 0.5 and spec.recognition
     (f,) = spec.files
     assert (f.filename, f.gated, f.revision) == ("biomedparse_v2.ckpt", True,
@@ -443,3 +443,61 @@ def test_full_size_model_loads_official_keys_strictly():
     check_keys(model.state_dict(), sd, KEYS)
     model.load_state_dict(sd, strict=True, assign=True)
     assert abs(sum(p.numel() for p in model.parameters()) + 6 - 371.80e6) < 0.01e6  # + pixel_mean/std buffers
+
+
+# ---- adapter through the Predictor (reduced model, official-layout .ckpt) -------------------------------
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    _v2_model()
+    d = tmp_path_factory.mktemp("v2w")
+    official_ckpt(dict(np.load(MODEL_ORACLE)), d / "biomedparse_v2.ckpt")
+    return d
+
+
+def predictor(weights_dir, **options):
+    from textseg.models.biomedparse.v2_model import REDUCED
+    from textseg.predictor import Predictor
+
+    return Predictor("biomedparse-v2", device="cpu", weights_dir=weights_dir, seed=3, config=REDUCED, **options)
+
+
+def ct_volume(direction=None, transpose=None):
+    from textseg.volume import Volume
+
+    rng = np.random.default_rng(5)
+    arr = rng.integers(-200, 300, size=(6, 40, 52)).astype(np.int16)
+    if transpose is None:
+        return Volume(arr, spacing=(0.8, 0.9, 2.5))
+    # the same physical image stored with the array axes permuted (k <-> j) and the direction to match
+    return Volume(np.ascontiguousarray(arr.transpose(transpose)), spacing=(0.8, 2.5, 0.9), direction=direction)
+
+
+def test_adapter_axis_from_geometry_on_permuted_volume(weights_dir):
+    p = predictor(weights_dir)
+    p.set_image(ct_volume(), "CT", "abdomen")
+    (a,) = p.predict(["liver"], keep_absent=True)
+    perm = np.array([[1, 0, 0], [0, 0, 1], [0, 1, 0]], float)  # i->x, j->z, k->y
+    p.set_image(ct_volume(perm, (1, 0, 2)), "CT", "abdomen")
+    (b,) = p.predict(["liver"], keep_absent=True)
+    assert a.probability.shape == (6, 40, 52) and b.probability.shape == (40, 6, 52)
+    assert np.abs(a.probability - b.probability.transpose(1, 0, 2)).max() <= 1e-5
+    assert 0.0 <= float(a.existence) <= 1.0 and 0 < float(a.probability.std())
+
+
+def test_adapter_prompts_independent_and_compat_refuses_shape_axis(weights_dir):
+    p = predictor(weights_dir)
+    p.set_image(ct_volume(), "CT", "abdomen")
+    (alone,) = p.predict(["liver"], keep_absent=True)
+    both = p.predict(["liver", "Visualization of the left kidney in abdominal CT imaging"], keep_absent=True)
+    assert np.abs(both[0].probability - alone.probability).max() <= 1e-5
+    c = predictor(weights_dir, compat_upstream=True)
+    c.set_image(ct_volume(), "CT", "abdomen")
+    (ca,) = c.predict(["liver"], keep_absent=True)
+    cb = c.predict(["liver", "Visualization of the left kidney in abdominal CT imaging"], keep_absent=True)
+    assert np.abs(cb[0].probability - ca.probability).max() > 1e-4  # upstream semantics: prompts interact
+    from textseg.errors import TextsegError
+    from textseg.volume import Volume
+
+    with pytest.raises(TextsegError, match="shape rule"):
+        c.set_image(Volume(np.zeros((60, 8, 64), np.int16)), "CT", "abdomen")
+        c.predict(["liver"])

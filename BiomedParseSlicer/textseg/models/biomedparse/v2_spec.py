@@ -94,9 +94,6 @@ SPEC = ModelSpec(
     recognition=True,
     vocabulary=vocabulary(),
     free_text=True,
-    # Hidden until v2_adapter (network + adapter) lands: the spec, loader and Boltzmann sampling exist,
-    # the network does not yet, so the model must not be offered to users.
-    hidden=True,
 )
 
 SPECS = [SPEC]
