@@ -83,7 +83,7 @@ class BiomedParseV2Adapter(ModelAdapter):
 
     def encode_slices(self, state: Any, indices: Sequence[int], ctx: RunContext) -> Any:
         d = self.num_slices(state)
-        needed = sorted({j for k in indices for j in (k, k - 1 if k else min(1, d - 1), k + 1 if k < d - 1 else max(d - 2, 0))})
+        needed = sorted({j for k in indices for j in pre.neighbours(k, d)})
         for n, j in enumerate(needed):
             ctx.check_cancel()
             self._u8(state, j)
@@ -91,13 +91,9 @@ class BiomedParseV2Adapter(ModelAdapter):
         local = {j: i for i, j in enumerate(needed)}
         vol = np.stack([state["u8"][j] for j in needed])
         resized, pad, padded = pre.square_pad_resize(vol, self.model.cfg.image_size, self.resize_path)
-        packed = []
-        for k in indices:  # [current, previous, next] with upstream's edge rule, in local indices
-            prev = k - 1 if k > 0 else min(1, d - 1)
-            nxt = k + 1 if k < d - 1 else max(d - 2, 0)
-            packed.append(torch.stack([resized[local[k]], resized[local[prev]], resized[local[nxt]]]))
+        packed = torch.stack([torch.stack([resized[local[j]] for j in pre.neighbours(k, d)]) for k in indices])
         with torch.inference_mode():
-            enc = self.model.encode(torch.stack(packed).to(self.device))
+            enc = self.model.encode(packed.to(self.device))
         ctx.report(0.6)
         return {"enc": enc, "indices": list(indices), "pad": pad, "padded": padded, "seed": state["seed"]}
 

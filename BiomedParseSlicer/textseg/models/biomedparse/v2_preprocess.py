@@ -54,18 +54,16 @@ def square_pad_resize(vol: np.ndarray, size: int = SIZE, resize_path: str = "uin
     return out.squeeze(0).int(), pad, padded
 
 
+def neighbours(k: int, d: int) -> Tuple[int, int, int]:
+    """(current, previous, next) of slice k of d: reflection at the ends, one slice repeated."""
+    if d == 1:
+        return k, k, k
+    return k, (k - 1 if k > 0 else 1), (k + 1 if k < d - 1 else d - 2)
+
+
 def pack_neighbours(vol: Tensor, index: Sequence[int]) -> Tensor:
     """(D, H, W) -> (len(index), 3, H, W): [current, previous, next] with upstream's edge rule."""
-    d = vol.shape[0]
-    rows = []
-    for k in index:
-        if d == 1:
-            prev = nxt = k
-        else:
-            prev = k - 1 if k > 0 else 1
-            nxt = k + 1 if k < d - 1 else d - 2
-        rows.append(torch.stack([vol[k], vol[prev], vol[nxt]]))
-    return torch.stack(rows)
+    return torch.stack([torch.stack([vol[j] for j in neighbours(k, vol.shape[0])]) for k in index])
 
 
 def normalise(x: Tensor, mean: float = PIXEL_MEAN, std: float = PIXEL_STD) -> Tensor:
