@@ -501,3 +501,16 @@ def test_adapter_prompts_independent_and_compat_refuses_shape_axis(weights_dir):
     with pytest.raises(TextsegError, match="shape rule"):
         c.set_image(Volume(np.zeros((60, 8, 64), np.int16)), "CT", "abdomen")
         c.predict(["liver"])
+
+
+def test_adapter_slice_batching_does_not_change_results(weights_dir):
+    """Neighbour channels come from the whole volume, also across slice-batch borders (batch 4 vs 1)."""
+    from textseg.models.biomedparse.v2_model import REDUCED
+    from textseg.predictor import Predictor
+
+    res = []
+    for bs in (4, 1):
+        p = Predictor("biomedparse-v2", device="cpu", weights_dir=weights_dir, seed=3, batch_size=bs, config=REDUCED)
+        p.set_image(ct_volume(), "CT", "abdomen")
+        res.append(p.predict(["liver"], keep_absent=True)[0])
+    assert np.abs(res[0].probability - res[1].probability).max() <= 1e-5
