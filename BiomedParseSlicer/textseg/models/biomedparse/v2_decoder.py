@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .v1_decoder import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer, sine_position_embedding
 from .v2_boltzmann import boltzmann_attention_mask, open_full_rows
-import torch.nn.functional as F
 
 
 @dataclass
@@ -109,7 +109,7 @@ class BoltzFormerDecoder(nn.Module):
             return boltzmann_attention_mask(rep, layer_id, generator=s.generator, **kw)
         rows = []
         for b, seed in enumerate(s.row_seeds):
-            g = torch.Generator(device=prob.device).manual_seed(int(seed) * 1009 + layer_id + 1)
+            g = torch.Generator(device=prob.device).manual_seed((int(seed) * 1009 + layer_id + 1) % (2 ** 63))
             rows.append(boltzmann_attention_mask(prob[b:b + 1].unsqueeze(1).repeat(1, h, 1, 1).flatten(0, 1),
                                                  layer_id, generator=g, **kw))
         return torch.cat(rows)
