@@ -18,7 +18,7 @@ CLIENT_REQUIREMENTS = ("numpy>=1.24", "scipy>=1.10", "SimpleITK>=2.3", "slicerio
                        "requests>=2.28", "filelock>=3.12", "huggingface_hub>=0.23")
 # Needed to run models in this computer (torch comes from the PyTorch extension).
 MODEL_REQUIREMENTS = ("deepbet==1.0.2", "monai>=1.3", "safetensors>=0.4", "einops>=0.6", "transformers>=4.40",
-                      "ftfy>=6", "regex")
+                      "ftfy>=6", "regex", "scikit-image>=0.21")
 # Installed with --no-deps: its dependencies (torchvision, timm) would replace Slicer's torch. Its wheel
 # carries the CLIP BPE vocabulary used by BiomedParse and SegVol (textseg.models.clip_tokenizer).
 NO_DEPS_REQUIREMENTS = ("open_clip_torch==3.3.0",)

@@ -16,6 +16,7 @@ from .errors import UsageError
 # Families whose specs are collected. Each module exposes SPECS: list[ModelSpec].
 _FAMILY_MODULES = (
     "textseg.models.deepbet",
+    "textseg.models.biomedparse",
     "textseg.models.synthetic",
     "textseg.models.segvol",
 )

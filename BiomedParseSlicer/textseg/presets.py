@@ -147,15 +147,22 @@ def window_to_uint8(image: np.ndarray, preset: Preset) -> np.ndarray:
     img = np.asarray(image, dtype=np.float64)
     if img.ndim == 3 and img.shape[-1] in (3, 4):
         return np.clip(image[..., :3], 0, 255).astype(np.uint8)
+    return window_to_255(img, preset).astype(np.uint8)
+
+
+def window_to_255(image: np.ndarray, preset: Preset) -> np.ndarray:
+    """``window_to_uint8`` of a 2D slice before the cast: float64 in 0..255 (BiomedParse v1 resizes
+    this float image and casts only after the resize)."""
+    img = np.asarray(image, dtype=np.float64)
     if preset.window is not None:
         lo, hi = preset.window
     else:
         positive = img[img > 0]
         if positive.size == 0:
-            return np.zeros(img.shape, np.uint8)
+            return np.zeros(img.shape, np.float64)
         lo, hi = np.percentile(positive, preset.percentiles)
     clipped = np.clip(img, lo, hi)
     cmin, cmax = clipped.min(), clipped.max()
     if cmax <= cmin:
-        return np.zeros(img.shape, np.uint8)
-    return ((clipped - cmin) / (cmax - cmin) * 255.0).astype(np.uint8)
+        return np.zeros(img.shape, np.float64)
+    return (clipped - cmin) / (cmax - cmin) * 255.0

@@ -1,0 +1,267 @@
+"""Build the BiomedParse v2 oracle fixtures from the official upstream code.
+
+Usage (from the repository root, with a checkout of microsoft/BiomedParse branch v2 @ f571d5c, or its
+runnable fork Lsyyh/BiomedParse_v2 whose ``src/model/transformer_decoder`` is the same code):
+
+    PYTHONPATH=<import stand-ins>:<upstream checkout> python Testing/oracles/make_biomedparse_v2_fixture.py \
+        --upstream /path/to/BiomedParse [--out Testing/fixtures]
+
+Upstream's decoder package imports ``timm.models.layers`` (``trunc_normal_``, ``DropPath``),
+``fvcore.nn.weight_init`` and ``detectron2.layers.Conv2d`` at module level; none of them run on the
+decoder's forward path. Install them, or put CPU stand-ins on PYTHONPATH. Neither the upstream code nor
+such stand-ins belong in this repository.
+
+Writes ``biomedparse_v2_decoder_oracle.npz``: upstream ``BoltzFormerTextDecoder`` in a reduced
+configuration (hidden 32, 4 heads, 6 queries of which 2 edge queries, 3 layers, FFN 64) with seeded random
+weights (``sd/<key>``, the names below ``sem_seg_head.predictor.``), random multi-scale features for 2 slices
+(2x2, 4x4, 8x8; mask features 16x16), and grounding tokens of two prompts of different lengths (3 and 7
+tokens) built exactly as upstream ``MaskFormerHead.encode_prompts`` (``pad_sequence(padding_value=-1)``, the
+padding rows zeroed) and tiled as ``forward_eval`` tiles them (slice-major, prompt-minor). Upstream's forward
+runs twice with ``torch.manual_seed(SEED)`` (Boltzmann sampling on, two consecutive slice batches, so the
+fixture pins the RNG order across calls) and once with ``do_boltzmann=False``. Saved per run: every
+prediction head's mask logits (``<run>/head<i>``) and sampled attention mask (``<run>/attn<i>``, bool), the
+final ``pred_gmasks`` and ``object_existence``.
+
+``biomedparse_v2_predictor_keys.json``: every key, shape and dtype of the full-size predictor
+(``boltzformer_decoder.yaml``: hidden 512, 16 queries, 9 layers, FFN 2048) below ``sem_seg_head.predictor.``,
+language encoder excluded, built on the meta device.
+
+With ``--shared <shared data folder>`` also ``biomedparse_v2_preprocess.npz``: upstream ``utils.process_input``
+(axis, square pad, bicubic to 512, ``.int()``) on the real CT ``totalsegmentator-examples/example_ct_sm.nii.gz``
+windowed slice by slice with ``textseg.presets.window_to_uint8`` (CT abdomen) and cropped in-plane to 101x110
+so the padding is odd, both as uint8 (upstream's path for challenge npz) and as float32; slices
+``PRE_SLICES`` are stored. And ``utils.process_output`` of a synthetic 512x512 label pattern (``label_pattern``)
+back onto that grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SEED = 20260
+CFG = dict(in_channels=32, hidden_dim=32, dim_proj=32, num_queries=6, nheads=4, dim_feedforward=64, dec_layers=3,
+           mask_dim=32, pre_self_attention=True)
+SAMPLING = dict(mask_threshold=1.1, do_boltzmann=True, sample_ratio=0.1, base_temp=1)
+SLICES, TOKENS = 2, (3, 7)
+SIZES = ((2, 2), (4, 4), (8, 8))
+
+
+def build(upstream: Path, do_boltzmann: bool):
+    sys.path.insert(0, str(upstream))
+    from src.model.transformer_decoder.boltzformer_cls_decoder import BoltzFormerTextDecoder
+
+    torch.manual_seed(0)
+    dec = BoltzFormerTextDecoder(None, boltzmann_sampling=dict(SAMPLING, do_boltzmann=do_boltzmann), **CFG).eval()
+    with torch.no_grad():  # every tensor random (LayerNorm weights around 1) so nothing is trivially zero
+        for k, p in dec.state_dict().items():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in k and k.endswith("weight") else 0.12 * torch.randn_like(p))
+    return dec
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    c = CFG["hidden_dim"]
+    feats = [torch.randn(SLICES, c, *s, generator=g) for s in SIZES]
+    mask_features = torch.randn(SLICES, c, 16, 16, generator=g)
+    token_emb = [torch.randn(n, c, generator=g) for n in TOKENS]
+    q = torch.nn.utils.rnn.pad_sequence(token_emb, padding_value=-1)  # (T, P, C), upstream encode_prompts
+    q[q.sum(dim=-1) == -q.shape[-1]] = 0
+    return feats, mask_features, q
+
+
+def tile(x: torch.Tensor, p: int) -> torch.Tensor:  # upstream tile_feature
+    b = x.shape[0]
+    return x.view(b, 1, *x.shape[1:]).expand(-1, p, *x.shape[1:]).reshape(b * p, *x.shape[1:])
+
+
+def run(dec, feats, mask_features, tokens, out: dict, name: str) -> None:
+    heads = []
+    orig = dec.forward_prediction_heads
+
+    def spy(*a, **k):
+        res = orig(*a, **k)
+        heads.append((res[0].detach().clone(), res[1].detach().clone()))
+        return res
+
+    dec.forward_prediction_heads = spy
+    p = tokens.shape[1]
+    with torch.no_grad():
+        res = dec([tile(f, p) for f in feats], tile(mask_features, p), extra={"grounding_tokens": tokens.repeat(1, SLICES, 1)})
+    dec.forward_prediction_heads = orig
+    for i, (m, a) in enumerate(heads):
+        out[f"{name}/head{i}"] = m.numpy()
+        out[f"{name}/attn{i}"] = a.numpy()
+    out[f"{name}/pred_gmasks"] = res["pred_gmasks"].numpy()
+    out[f"{name}/object_existence"] = res["object_existence"].numpy()
+
+
+PRE_SLICES = (0, 15, 29)
+
+
+def label_pattern(d: int, size: int = 512) -> np.ndarray:
+    y, x = np.mgrid[:size, :size]
+    return np.stack([((x // 37 + y // 53 + k) % 4) for k in range(d)]).astype(np.int32)
+
+
+def ct_uint8(shared: Path) -> np.ndarray:
+    import SimpleITK as sitk
+    from textseg.presets import get_preset, window_to_uint8
+
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(shared / "totalsegmentator-examples/example_ct_sm.nii.gz")))
+    preset = get_preset("CT", "abdomen")
+    return np.stack([window_to_uint8(s, preset) for s in arr])[:, :, 6:116]
+
+
+def preprocess_oracle(upstream: Path, shared: Path, out_dir: Path) -> None:
+    sys.path.insert(0, str(upstream))
+    import utils as up
+
+    vol = ct_uint8(shared)
+    out = {"shape": np.array(vol.shape)}
+    for path, arr in (("uint8", vol), ("float", vol.astype(np.float32))):
+        res, pad, padded, axis = up.process_input(arr, 512)
+        out[f"{path}/slices"] = res.int().numpy()[list(PRE_SLICES)].astype(np.int16)
+        out.update({f"{path}/pad": np.array(pad), f"{path}/padded": np.array(padded), f"{path}/axis": np.array(axis)})
+    labels = torch.from_numpy(label_pattern(3))
+    out["restored"] = up.process_output(labels, pad, padded, 0).astype(np.int8)
+    path = out_dir / "biomedparse_v2_preprocess.npz"
+    np.savez_compressed(path, **out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+FULL = dict(in_channels=512, hidden_dim=512, dim_proj=512, num_queries=16, nheads=8, dim_feedforward=2048,
+            dec_layers=9, mask_dim=512, pre_self_attention=True)  # configs/model/.../boltzformer_decoder.yaml
+
+
+def predictor_keys(upstream: Path, out_dir: Path) -> None:
+    """Every key/shape/dtype of the full-size predictor (language encoder excluded), built on the meta device."""
+    sys.path.insert(0, str(upstream))
+    from src.model.transformer_decoder.boltzformer_cls_decoder import BoltzFormerTextDecoder
+
+    with torch.device("meta"):
+        dec = BoltzFormerTextDecoder(None, boltzmann_sampling=SAMPLING, **FULL)
+    keys = {"sem_seg_head.predictor." + k: [list(v.shape), str(v.dtype).replace("torch.", "")]
+            for k, v in dec.state_dict().items()}
+    path = out_dir / "biomedparse_v2_predictor_keys.json"
+    path.write_text(json.dumps({"config": FULL, "keys": keys}, indent=0, sort_keys=True) + "\n")
+    print(f"wrote {path} ({len(keys)} keys)")
+
+
+MODEL_SEED = 4242
+MODEL_PROMPTS = "liver[SEP]Visualization of the left kidney in abdominal CT imaging"
+BACKBONE = dict(pretrain_img_size=224, patch_size=4, in_chans=3, drop_rate=0.0, drop_path_rate=0.3, mlp_ratio=4.0,
+                patch_norm=True, use_conv_embed=True, use_checkpoint=False, out_indices=[0, 1, 2, 3],
+                scaling_modulator=True, use_layerscale=True, out_features=["res2", "res3", "res4", "res5"],
+                use_postln=True, use_postln_in_modulation=False)  # configs/model/backbone/d2focal.yaml
+
+
+def build_model(upstream: Path, reduced: bool, tokenizer_dir: Path):
+    """Upstream BiomedParseModel as configs/model/biomedparse_3D.yaml builds it (hydra done by hand)."""
+    sys.path.insert(0, str(upstream))
+    from transformers import CLIPTokenizer
+    from src.model.backbone.focal import D2FocalNet
+    from src.model.biomedparse_3D import BiomedParseModel, MaskFormerHead
+    from src.model.pixel_decoder.transformer_encoder_fpn import TransformerEncoderPixelDecoder
+    from src.model.transformer_decoder.boltzformer_cls_decoder import BoltzFormerTextDecoder
+    from src.model.transformer_decoder.language_encoders.language_transformer import get_transformer_encoder
+    from src.model.transformer_decoder.language_encoders.seem_language_encoder import SEEMLanguageEncoder
+
+    r = reduced
+    emb, conv, text = (8, 32, 32) if r else (192, 512, 512)
+    backbone = D2FocalNet(embed_dim=emb, depths=[1, 1, 1, 1] if r else [2, 2, 18, 2],
+                          focal_levels=[2] * 4 if r else [4] * 4, focal_windows=[3] * 4, **BACKBONE)
+    pixel = TransformerEncoderPixelDecoder(transformer_dropout=0.0, transformer_nheads=4 if r else 8,
+                                           transformer_dim_feedforward=64 if r else 2048,
+                                           transformer_enc_layers=1 if r else 6, conv_dim=conv, mask_dim=conv,
+                                           norm="GN", transformer_pre_norm=False, mask_on=True)
+    enc = get_transformer_encoder(dict(CONTEXT_LENGTH=77, VOCAB_SIZE=49408, WIDTH=text, LAYERS=1 if r else 12,
+                                       HEADS=4 if r else 8, AUTOGRESSIVE=True, LOAD_PRETRAINED=False), verbose=False)
+    tok = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"))
+    lang = SEEMLanguageEncoder(tok, "clip", enc, torch.nn.Parameter(torch.randn(text, text)), 77)
+    pred = BoltzFormerTextDecoder(lang, boltzmann_sampling=SAMPLING, **(CFG if r else FULL))
+    return BiomedParseModel(backbone, MaskFormerHead(pixel, pred), convolute_outputs=False, out_channels_1=16,
+                            edge_queries=2 if r else 4).eval()
+
+
+def model_oracle(upstream: Path, tokenizer_dir: Path, out_dir: Path) -> None:
+    """Reduced upstream model, seeded random weights; forward_eval on 3 slices of 64x64, slice batch 2."""
+    torch.manual_seed(0)
+    model = build_model(upstream, True, tokenizer_dir)
+    with torch.no_grad():
+        for k, p in model.state_dict().items():
+            if k in ("pixel_mean", "pixel_std"):
+                continue
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in k and k.endswith("weight") else 0.12 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(2)
+    vol = (torch.rand(3, 64, 64, generator=g) * 255).int()
+    out = {"image": vol.numpy().astype(np.uint8), "seed": np.array(MODEL_SEED), "prompts": np.array(MODEL_PROMPTS)}
+    captured = []
+
+    def hook(module, inputs, output):  # per-stage activations of every slice batch (returns None: output kept)
+        captured.append({k: v.clone() for k, v in output.items()})
+
+    model.backbone.register_forward_hook(hook)
+    with torch.no_grad():
+        torch.manual_seed(MODEL_SEED)
+        res = model({"image": vol.unsqueeze(0), "text": [MODEL_PROMPTS]}, mode="eval", slice_batch_size=2)["predictions"]
+    for k in captured[0]:
+        out[f"backbone/{k}"] = torch.cat([c[k] for c in captured]).numpy()
+    for k in ("pred_gmasks", "edge_masks", "object_existence"):
+        out[k] = res[k].numpy()
+    ids = model.sem_seg_head.predictor.language_encoder.tokenizer(MODEL_PROMPTS.split("[SEP]"), padding="max_length",
+                                                                   max_length=77, truncation=True)["input_ids"]
+    used = sorted({int(i) for row in ids for i in row})
+    for k, v in model.state_dict().items():
+        if k.endswith("token_embedding.weight"):  # store only the rows the prompts read (the rest is never used)
+            out["sd_rows/" + k], out["sd_rows_values/" + k], out["sd_shape/" + k] = np.array(used), v[used].numpy(), np.array(v.shape)
+        else:
+            out["sd/" + k] = v.numpy()
+    path = out_dir / "biomedparse_v2_model_oracle.npz"
+    np.savez_compressed(path, **out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def model_keys(upstream: Path, tokenizer_dir: Path, out_dir: Path) -> None:
+    model = build_model(upstream, False, tokenizer_dir)  # on the CPU (~1.5 GB): the backbone calls .item()
+    keys = {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model.state_dict().items()}
+    path = out_dir / "biomedparse_v2_keys.json"
+    path.write_text(json.dumps(keys, sort_keys=True) + "\n")
+    print(f"wrote {path} ({len(keys)} keys, {sum(int(np.prod(s)) for s, _ in keys.values()) / 1e6:.2f} M values)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--upstream", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "fixtures")
+    ap.add_argument("--shared", type=Path, help="shared test data folder (for the preprocessing oracle)")
+    ap.add_argument("--tokenizer", type=Path, help="folder with CLIP vocab.json + merges.txt (full-model fixtures)")
+    args = ap.parse_args()
+    if args.shared:
+        preprocess_oracle(args.upstream, args.shared, args.out)
+    predictor_keys(args.upstream, args.out)
+    if args.tokenizer:
+        model_oracle(args.upstream, args.tokenizer, args.out)
+        model_keys(args.upstream, args.tokenizer, args.out)
+    feats, mask_features, tokens = inputs()
+    out = {f"feat{i}": f.numpy() for i, f in enumerate(feats)}
+    out.update(mask_features=mask_features.numpy(), tokens=tokens.numpy(), seed=np.array(SEED))
+    dec = build(args.upstream, True)
+    out.update({f"sd/{k}": v.numpy() for k, v in dec.state_dict().items()})
+    torch.manual_seed(SEED)
+    run(dec, feats, mask_features, tokens, out, "boltz")
+    run(dec, feats, mask_features, tokens, out, "boltz2")  # second batch: continues the same RNG stream
+    run(build(args.upstream, False), feats, mask_features, tokens, out, "full")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "biomedparse_v2_decoder_oracle.npz"
+    np.savez_compressed(path, **out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {len(out)} arrays)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,516 @@
+"""BiomedParse v2: catalog spec, checkpoint loader (official Lightning layout) and BoltzFormer's Boltzmann
+attention sampling (formula, RNG order, deterministic full-attention option)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from textseg import catalog
+from textseg.models.biomedparse import v2_spec
+
+torch = pytest.importorskip("torch")
+
+from textseg.errors import WeightsError  # noqa: E402
+from textseg.models.biomedparse.v2_boltzmann import boltzmann_attention_mask, open_full_rows  # noqa: E402
+from textseg.models.biomedparse.v2_loader import LOSS_KEYS, load_v2_weights, read_v2_state_dict  # noqa: E402
+
+
+# ---- spec ----------------------------------------------------------------------------------------------
+def test_spec_registered_next_to_v1():
+    ids = [s.id for s in catalog.list_models(include_hidden=True)]
+    assert "biomedparse-v1" in ids and "biomedparse-v2" in ids
+    spec = catalog.get_model("biomedparse-v2")
+    assert spec is v2_spec.SPEC and not spec.hidden
+    assert spec.dims == 2 and spec.existence_threshold == 0.5 and spec.recognition
+    (f,) = spec.files
+    assert (f.filename, f.gated, f.revision) == ("biomedparse_v2.ckpt", True,
+                                                  "e473e5b2b1a3f44649734afd3dc7cf1770aaa9e2")
+    assert spec.license == "CC-BY-NC-SA-4.0" and "Boltzmann Attention Sampling" in spec.citation
+    assert set(spec.modalities) == {"CT", "MRI", "Ultrasound", "PET", "Microscopy"}
+    assert len(spec.vocabulary) == len(set(spec.vocabulary)) and "liver" in spec.vocabulary
+    assert "enhancing tissue" in spec.vocabulary and "mitochondria" in spec.vocabulary
+
+
+def test_prompt_sentence_matches_upstream_example():
+    # examples/imgs/CT_AMOS_amos_0018.npz prompt 6 and 13
+    assert v2_spec.prompt_sentence("liver", "CT", "abdomen") == "Visualization of the liver in abdominal CT imaging"
+    assert v2_spec.prompt_sentence("duodenum", "CT", "abdomen") == \
+        "Visualization of the duodenum in abdominal CT imaging"
+    own = "Segmentation of enhancing tissue in head post-contrast T1-weighted MR"
+    assert v2_spec.prompt_sentence(own, "MRI", "brain") == own
+    assert v2_spec.prompt_sentence("mitochondria", "Microscopy") == "Visualization of the mitochondria in Microscopy imaging"
+
+
+# ---- loader --------------------------------------------------------------------------------------------
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Linear(32, 8)
+        self.register_buffer("pixel_mean", torch.full((1, 3, 1, 1), 114.495))
+
+
+def lightning_ckpt(path, model, extra=None, drop=None):
+    sd = {"model." + k: v.clone() + 1 for k, v in model.state_dict().items() if k != drop}
+    sd.update({"model." + k: torch.ones(2) for k in LOSS_KEYS})
+    sd.update(extra or {})
+    torch.save({"state_dict": sd, "epoch": 3, "optimizer_states": [{"step": torch.tensor(7)}]}, path)
+
+
+def test_loader_reads_official_layout(tmp_path):
+    src = Tiny()
+    p = tmp_path / "biomedparse_v2.ckpt"
+    lightning_ckpt(p, src)
+    sd = read_v2_state_dict(p)
+    assert sorted(sd) == ["backbone.bias", "backbone.weight", "pixel_mean"]
+    dst = Tiny()
+    load_v2_weights(dst, p)
+    assert torch.equal(dst.backbone.weight, src.backbone.weight + 1)
+    assert torch.allclose(dst.pixel_mean, torch.full((1, 3, 1, 1), 115.495))
+
+
+def test_loader_safetensors(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    src = Tiny()
+    p = tmp_path / "v2.safetensors"
+    safetensors.save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(p))
+    dst = Tiny()
+    load_v2_weights(dst, p)
+    assert torch.equal(dst.backbone.bias, src.backbone.bias)
+
+
+def test_loader_meta_device(tmp_path):
+    p = tmp_path / "biomedparse_v2.ckpt"
+    lightning_ckpt(p, Tiny())
+    with torch.device("meta"):
+        dst = Tiny()
+    load_v2_weights(dst, p)
+    assert not dst.backbone.weight.is_meta and float(dst.backbone.weight.detach().sum()) != 0
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        read_v2_state_dict(tmp_path / "missing.ckpt")
+    ptr = tmp_path / "pointer.ckpt"
+    ptr.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 4460000000\n")
+    with pytest.raises(WeightsError, match="Git LFS pointer"):
+        read_v2_state_dict(ptr)
+    good = tmp_path / "good.ckpt"
+    lightning_ckpt(good, Tiny())
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="truncated"):
+        read_v2_state_dict(cut)
+    extra = tmp_path / "extra.ckpt"
+    lightning_ckpt(extra, Tiny(), extra={"model.sem_seg_head.extra": torch.zeros(1)}, drop="backbone.bias")
+    with pytest.raises(WeightsError, match=r"1 missing: backbone.bias; 1 unexpected: sem_seg_head.extra"):
+        load_v2_weights(Tiny(), extra)
+    wrong = Tiny()
+    wrong.backbone = torch.nn.Linear(32, 9)
+    with pytest.raises(WeightsError, match=r"2 with another shape: backbone.bias \(8,\) != \(9,\), backbone.weight \(8, 32\) != \(9, 32\)"):
+        load_v2_weights(wrong, good)
+
+
+# ---- Boltzmann sampling --------------------------------------------------------------------------------
+def test_deterministic_mode_is_threshold_only():
+    prob = torch.rand(16, 4, 64)
+    full = boltzmann_attention_mask(prob, 0, deterministic=True)
+    assert full.all() and not open_full_rows(full).any()  # threshold 1.1: all blocked -> rows opened -> full
+    m = boltzmann_attention_mask(prob, 0, threshold=0.5, deterministic=True)
+    assert torch.equal(m, prob < 0.5)
+
+
+def test_seeded_generator_reproduces_global_rng_order():
+    """Two heads drawn with a seeded generator == upstream's rand_like on the seeded global RNG."""
+    probs = [torch.rand(8, 16, 9 * 9), torch.rand(8, 16, 17 * 17)]
+    g = torch.Generator().manual_seed(1234)
+    ours = [boltzmann_attention_mask(p, i - 1, generator=g) for i, p in enumerate(probs)]
+    torch.manual_seed(1234)
+    for i, p in enumerate(probs):
+        w = torch.exp(p / (1.0 / (2 + i - 1)))
+        w = w / w.sum(-1, keepdim=True)
+        ref = torch.rand_like(w) < (1 - w) ** int(p.shape[-1] * 0.1)
+        assert torch.equal(ours[i], ref)
+    g2 = torch.Generator().manual_seed(1235)
+    assert not torch.equal(boltzmann_attention_mask(probs[0], -1, generator=g2), ours[0])
+
+
+def test_uniform_probabilities_open_expected_fraction():
+    """Equal weights 1/N: a position opens with probability 1-(1-1/N)^int(0.1N) (binomial bounds)."""
+    n_pos = 400
+    prob = torch.full((64, 16, n_pos), 0.3)
+    g = torch.Generator().manual_seed(0)
+    opened = (~boltzmann_attention_mask(prob, 3, generator=g)).float()
+    expect = 1 - (1 - 1 / n_pos) ** int(0.1 * n_pos)
+    sd = math.sqrt(expect * (1 - expect) / opened.numel())
+    assert abs(float(opened.mean()) - expect) < 5 * sd
+
+
+def test_low_temperature_favours_high_probability_positions():
+    prob = torch.zeros(256, 1, 100)
+    prob[..., :10] = 0.9
+    g = torch.Generator().manual_seed(0)
+    opened = ~boltzmann_attention_mask(prob, 8, generator=g)  # T = 0.1: weights e^9 higher on the first 10
+    assert float(opened[..., :10].float().mean()) > 0.6 > 0.01 > float(opened[..., 10:].float().mean())
+
+
+def test_open_full_rows():
+    m = torch.ones(2, 3, 5, dtype=torch.bool)
+    m[0, 1, 2] = False
+    out = open_full_rows(m)
+    assert bool(out[0, 1].sum() == 4) and not out[0, 0].any() and not out[1].any()
+
+
+# ---- BoltzFormer decoder vs upstream (Testing/oracles/make_biomedparse_v2_fixture.py) ------------------
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from textseg.models.biomedparse.v2_decoder import BoltzFormerDecoder, Sampling  # noqa: E402
+
+DEC_ORACLE = Path(__file__).parent / "fixtures" / "biomedparse_v2_decoder_oracle.npz"
+TOL = 1e-4  # fp32 CPU, max abs logit difference
+PRED = "sem_seg_head.predictor."
+
+
+class Head(torch.nn.Module):
+    """Just enough of the model to carry the predictor under its official prefix."""
+
+    def __init__(self, dec):
+        super().__init__()
+        self.sem_seg_head = torch.nn.Module()
+        self.sem_seg_head.predictor = dec
+
+
+@pytest.fixture(scope="module")
+def dec_oracle():
+    return dict(np.load(DEC_ORACLE))
+
+
+@pytest.fixture(scope="module")
+def decoder(dec_oracle, tmp_path_factory):
+    """Our decoder with the fixture's upstream weights, loaded from an official-layout .ckpt by our loader."""
+    sd = {"model." + PRED + k[3:]: torch.from_numpy(v) for k, v in dec_oracle.items() if k.startswith("sd/")}
+    path = tmp_path_factory.mktemp("v2") / "biomedparse_v2.ckpt"
+    torch.save({"state_dict": sd, "epoch": 0}, path)
+    dec = BoltzFormerDecoder(hidden_dim=32, dim_proj=32, num_queries=6, nheads=4, dim_feedforward=64, dec_layers=3,
+                             mask_dim=32)
+    load_v2_weights(Head(dec), path)
+    return dec.eval()
+
+
+def tiled(o, p=2):
+    feats = [torch.from_numpy(o[f"feat{i}"]).repeat_interleave(p, 0) for i in range(3)]
+    return feats, torch.from_numpy(o["mask_features"]).repeat_interleave(p, 0), torch.from_numpy(o["tokens"]).repeat(1, 2, 1)
+
+
+def spy_heads(dec):
+    got = []
+    orig = dec.head
+
+    def spy(*a, **k):
+        got.append(orig(*a, **k))
+        return got[-1]
+
+    dec.head = spy
+    return got, lambda: delattr(dec, "head")
+
+
+@pytest.mark.parametrize("run", ["boltz", "full"])
+def test_decoder_equals_upstream(decoder, dec_oracle, run):
+    o = dec_oracle
+    feats, mf, tokens = tiled(o)
+    g = torch.Generator().manual_seed(int(o["seed"]))
+    sampling = Sampling(deterministic=run == "full", generator=g)
+    got, restore = spy_heads(decoder)
+    with torch.no_grad():
+        out = decoder(feats, mf, tokens, None, sampling)
+        out2 = decoder(feats, mf, tokens, None, sampling) if run == "boltz" else None
+    restore()
+    assert len(got) == (8 if run == "boltz" else 4)  # 4 heads per forward (initial + 3 layers)
+    for i, (masks, attn) in enumerate(got[:4]):
+        assert np.abs(masks.numpy() - o[f"{run}/head{i}"]).max() <= TOL
+        ref = o[f"{run}/attn{i}"]
+        if run == "full":
+            assert ref.all() and attn.numpy().all()  # threshold 1.1: all blocked, rows opened before use
+        else:
+            assert np.array_equal(attn.numpy(), ref)  # the same random draws in the same order
+    assert np.abs(out.masks.numpy() - o[f"{run}/pred_gmasks"]).max() <= TOL
+    assert np.abs(out.existence.numpy() - o[f"{run}/object_existence"]).max() <= TOL
+    if out2 is not None:  # the next slice batch continues upstream's RNG stream
+        assert np.abs(out2.masks.numpy() - o["boltz2/pred_gmasks"]).max() <= TOL
+        assert not np.allclose(o["boltz2/pred_gmasks"], o["boltz/pred_gmasks"])
+
+
+def test_decoder_prompts_independent_by_default(decoder, dec_oracle):
+    """Default mode: padding masked and per-row seeds: 'short' alone == 'short' next to a longer prompt."""
+    o = dec_oracle
+    feats, mf, tokens = tiled(o)
+    pad = torch.from_numpy(np.abs(o["tokens"]).sum(-1) == 0).T.repeat(2, 1)  # (B*P, T)
+    short_len = int((~pad[0]).sum())
+    with torch.no_grad():
+        both = decoder(feats, mf, tokens, pad, Sampling(row_seeds=[11, 12, 11, 12]))
+        alone = decoder([f[0::2] for f in feats], mf[0::2], tokens[:short_len, 0::2], None,
+                        Sampling(row_seeds=[11, 11]))
+        compat = decoder(feats, mf, tokens, None, Sampling(row_seeds=[11, 12, 11, 12]))
+    assert np.abs(both.masks[0::2].numpy() - alone.masks.numpy()).max() <= 1e-4
+    assert np.abs(both.existence[0::2].numpy() - alone.existence.numpy()).max() <= 1e-4
+    # upstream's unmasked zero padding changes the short prompt's result
+    assert np.abs(compat.masks[0::2].numpy() - alone.masks.numpy()).max() > 1e-2
+
+
+# ---- preprocessing / output geometry vs upstream utils.py (real CT) ------------------------------------
+from conftest import shared_file  # noqa: E402
+
+from textseg.models.biomedparse import v2_preprocess as pre  # noqa: E402
+
+PRE_ORACLE = Path(__file__).parent / "fixtures" / "biomedparse_v2_preprocess.npz"
+
+
+def ct_uint8() -> np.ndarray:
+    import SimpleITK as sitk
+
+    from textseg.presets import get_preset, window_to_uint8
+
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_file("totalsegmentator-examples/example_ct_sm.nii.gz"))))
+    preset = get_preset("CT", "abdomen")
+    return np.stack([window_to_uint8(s, preset) for s in arr])[:, :, 6:116]
+
+
+@pytest.mark.parametrize("path", ["uint8", "float"])
+def test_square_pad_resize_equals_upstream(path):
+    o = dict(np.load(PRE_ORACLE))
+    vol = ct_uint8()
+    assert vol.shape == tuple(o["shape"]) == (30, 101, 110)
+    assert pre.upstream_axis(vol.shape) == int(o[f"{path}/axis"]) == 0
+    idx = [0, 15, 29]
+    res, pad, padded = pre.square_pad_resize(vol[idx], resize_path=path)
+    assert pad == o[f"{path}/pad"].tolist() == [[0, 0], [4, 5], [0, 0]] and padded == int(o[f"{path}/padded"]) == 110
+    assert res.dtype == torch.int32 and np.array_equal(res.numpy(), o[f"{path}/slices"])
+
+
+def test_uint8_and_float_paths_differ():
+    vol = ct_uint8()[[15]]
+    a = pre.square_pad_resize(vol, resize_path="uint8")[0]
+    b = pre.square_pad_resize(vol, resize_path="float")[0]
+    assert (a != b).float().mean() > 0.05 and int(b.min()) < 0  # float path overshoots below 0
+    with pytest.raises(ValueError):
+        pre.square_pad_resize(vol, resize_path="half")
+
+
+def test_restore_grid_equals_upstream():
+    o = dict(np.load(PRE_ORACLE))
+    y, x = np.mgrid[:512, :512]
+    labels = torch.from_numpy(np.stack([((x // 37 + y // 53 + k) % 4) for k in range(3)]).astype(np.int32))
+    out = pre.restore_grid(labels, [[0, 0], [4, 5], [0, 0]], 110)
+    assert tuple(out.shape) == (3, 101, 110) and np.array_equal(out.numpy(), o["restored"])
+
+
+def test_upstream_axis_rule():
+    assert pre.upstream_axis((30, 101, 110)) == 0
+    assert pre.upstream_axis((512, 40, 512)) == 1  # shortest axis when the other two differ a lot
+    assert pre.upstream_axis((200, 512, 100)) == 2
+
+
+def test_pack_neighbours_edge_rule():
+    vol = torch.arange(4).view(4, 1, 1).expand(4, 2, 2)
+    got = pre.pack_neighbours(vol, range(4))[:, :, 0, 0].tolist()
+    assert got == [[0, 1, 1], [1, 0, 2], [2, 1, 3], [3, 2, 2]]
+    assert pre.pack_neighbours(vol[:1], [0])[0, :, 0, 0].tolist() == [0, 0, 0]
+    assert abs(pre.PIXEL_MEAN - 114.495) < 1e-9 and abs(pre.PIXEL_STD - 57.63) < 1e-9
+
+
+# ---- full-size key contract ----------------------------------------------------------------------------
+def test_full_size_predictor_loads_official_keys_strictly():
+    import json
+
+    from textseg.models.biomedparse.v2_loader import check_keys
+
+    spec = json.loads((Path(__file__).parent / "fixtures" / "biomedparse_v2_predictor_keys.json").read_text())
+    assert len(spec["keys"]) == 297
+    with torch.device("meta"):
+        dec = BoltzFormerDecoder()  # defaults = upstream's full-size config
+        sd = {k[len(PRED):]: torch.empty(shape, dtype=getattr(torch, dt)) for k, (shape, dt) in spec["keys"].items()}
+    check_keys(dec.state_dict(), sd, Path("biomedparse_v2_predictor_keys.json"))
+    dec.load_state_dict(sd, strict=True, assign=True)
+    n = sum(p.numel() for p in dec.parameters())
+    assert n == sum(int(np.prod(s)) for s, _ in spec["keys"].values())
+    # the notes' measured sizes: self/cross-attn 9.46 M each, FFN 18.91 M, classifier 9.46 + 18.91 M, ...
+    assert abs(sum(p.numel() for p in dec.transformer_ffn_layers.parameters()) / 1e6 - 18.91) < 0.01
+
+
+# ---- the whole network vs upstream forward_eval (reduced config, through our real loader) --------------
+MODEL_ORACLE = Path(__file__).parent / "fixtures" / "biomedparse_v2_model_oracle.npz"
+KEYS = Path(__file__).parent / "fixtures" / "biomedparse_v2_keys.json"
+
+
+def _v2_model():
+    """The network needs the backbone/pixel-decoder/text modules shared with v1 (merged from branch bpv1)."""
+    pytest.importorskip("textseg.models.biomedparse.focal", reason="shared FocalNet module not merged yet")
+    from textseg.models.biomedparse import v2_model
+
+    return v2_model
+
+
+def official_ckpt(o, path):
+    sd = {k[3:]: torch.from_numpy(v) for k, v in o.items() if k.startswith("sd/")}
+    for k in [k for k in o if k.startswith("sd_rows/")]:
+        name = k[len("sd_rows/"):]
+        full = torch.zeros(tuple(o["sd_shape/" + name]))
+        full[torch.from_numpy(o[k])] = torch.from_numpy(o["sd_rows_values/" + name])
+        sd[name] = full
+    sd = {"model." + k: v for k, v in sd.items()}
+    sd.update({"model." + k: torch.ones(3) for k in LOSS_KEYS})
+    torch.save({"state_dict": sd, "epoch": 1, "global_step": 10}, path)
+
+
+@pytest.fixture(scope="module")
+def reduced_model(tmp_path_factory):
+    v2_model = _v2_model()
+    o = dict(np.load(MODEL_ORACLE))
+    path = tmp_path_factory.mktemp("v2m") / "biomedparse_v2.ckpt"
+    official_ckpt(o, path)
+    model = v2_model.build_v2(v2_model.REDUCED)
+    load_v2_weights(model, path)
+    return model, o
+
+
+def run_ours(model, o, compat: bool, prompts=None, seed=None, batch=2):
+    from textseg.models.clip_tokenizer import tokenize
+
+    vol = torch.from_numpy(o["image"]).int()
+    texts = prompts or str(o["prompts"]).split("[SEP]")
+    ids, am = tokenize(texts)
+    pr = model.embed_prompts(torch.from_numpy(ids), torch.from_numpy(am))
+    g = torch.Generator().manual_seed(int(o["seed"]) if seed is None else seed)
+    masks, ex, edges, stages = [], [], [], []
+    with torch.no_grad():
+        for start in range(0, vol.shape[0], batch):
+            idx = list(range(start, min(start + batch, vol.shape[0])))
+            x = pre.pack_neighbours(vol, idx)
+            stages.append(model.backbone((x.float() - model.pixel_mean.mean()) / model.pixel_std.mean()))
+            enc = model.encode(x)
+            sampling = Sampling(generator=g) if compat else Sampling(row_seeds=[seed_of(t, k) for k in idx for t in texts])
+            d = model.decode(enc, pr, sampling, compat_upstream=compat)
+            masks.append(d.masks), ex.append(d.existence), edges.append(d.edges)
+    cat = lambda xs: torch.cat(xs).transpose(0, 1).numpy()  # noqa: E731  (P, D, ...) like upstream
+    return cat(masks), cat(ex), cat(edges), stages
+
+
+def seed_of(text: str, k: int) -> int:
+    import zlib
+
+    return zlib.crc32(text.encode()) * 7919 + k
+
+
+def test_model_equals_upstream_compat(reduced_model):
+    model, o = reduced_model
+    masks, ex, edges, stages = run_ours(model, o, compat=True)
+    for name in ("res2", "res3", "res4", "res5"):
+        ours = torch.cat([s[name] for s in stages]).numpy()
+        assert np.abs(ours - o[f"backbone/{name}"]).max() <= TOL
+    assert masks.shape == o["pred_gmasks"].shape == (2, 3, 16, 16)
+    assert np.abs(masks - o["pred_gmasks"]).max() <= TOL
+    assert np.abs(edges - o["edge_masks"]).max() <= TOL
+    assert np.abs(ex - o["object_existence"]).max() <= TOL
+
+
+def test_model_prompt_independent_by_default(reduced_model):
+    model, o = reduced_model
+    texts = str(o["prompts"]).split("[SEP]")
+    both = run_ours(model, o, compat=False, prompts=texts)
+    alone = run_ours(model, o, compat=False, prompts=texts[:1])
+    assert np.abs(both[0][0] - alone[0][0]).max() <= 1e-4 and np.abs(both[1][0] - alone[1][0]).max() <= 1e-4
+    batched1 = run_ours(model, o, compat=False, prompts=texts, batch=1)  # slice batching does not matter either
+    assert np.abs(both[0] - batched1[0]).max() <= 1e-4
+    compat_both = run_ours(model, o, compat=True, prompts=texts)
+    compat_alone = run_ours(model, o, compat=True, prompts=texts[:1])
+    assert np.abs(compat_both[0][0] - compat_alone[0][0]).max() > 1e-3  # upstream: the other prompt leaks in
+
+
+def test_full_size_model_loads_official_keys_strictly():
+    import json
+
+    v2_model = _v2_model()
+    from textseg.models.biomedparse.v2_loader import check_keys
+
+    keys = json.loads(KEYS.read_text())
+    assert len(keys) == 1050
+    with torch.device("meta"):
+        model = v2_model.BiomedParseV2()
+        sd = {k: torch.empty(s, dtype=getattr(torch, dt)) for k, (s, dt) in keys.items()}
+    check_keys(model.state_dict(), sd, KEYS)
+    model.load_state_dict(sd, strict=True, assign=True)
+    assert abs(sum(p.numel() for p in model.parameters()) + 6 - 371.80e6) < 0.01e6  # + pixel_mean/std buffers
+
+
+# ---- adapter through the Predictor (reduced model, official-layout .ckpt) -------------------------------
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    _v2_model()
+    d = tmp_path_factory.mktemp("v2w")
+    official_ckpt(dict(np.load(MODEL_ORACLE)), d / "biomedparse_v2.ckpt")
+    return d
+
+
+def predictor(weights_dir, **options):
+    from textseg.models.biomedparse.v2_model import REDUCED
+    from textseg.predictor import Predictor
+
+    return Predictor("biomedparse-v2", device="cpu", weights_dir=weights_dir, seed=3, config=REDUCED, **options)
+
+
+def ct_volume(direction=None, transpose=None):
+    from textseg.volume import Volume
+
+    rng = np.random.default_rng(5)
+    arr = rng.integers(-200, 300, size=(6, 40, 52)).astype(np.int16)
+    if transpose is None:
+        return Volume(arr, spacing=(0.8, 0.9, 2.5))
+    # the same physical image stored with the array axes permuted (k <-> j) and the direction to match
+    return Volume(np.ascontiguousarray(arr.transpose(transpose)), spacing=(0.8, 2.5, 0.9), direction=direction)
+
+
+def test_adapter_axis_from_geometry_on_permuted_volume(weights_dir):
+    p = predictor(weights_dir)
+    p.set_image(ct_volume(), "CT", "abdomen")
+    (a,) = p.predict(["liver"], keep_absent=True)
+    perm = np.array([[1, 0, 0], [0, 0, 1], [0, 1, 0]], float)  # i->x, j->z, k->y
+    p.set_image(ct_volume(perm, (1, 0, 2)), "CT", "abdomen")
+    (b,) = p.predict(["liver"], keep_absent=True)
+    assert a.probability.shape == (6, 40, 52) and b.probability.shape == (40, 6, 52)
+    assert np.abs(a.probability - b.probability.transpose(1, 0, 2)).max() <= 1e-5
+    assert 0.0 <= float(a.existence) <= 1.0 and 0 < float(a.probability.std())
+
+
+def test_adapter_prompts_independent_and_compat_refuses_shape_axis(weights_dir):
+    p = predictor(weights_dir)
+    p.set_image(ct_volume(), "CT", "abdomen")
+    (alone,) = p.predict(["liver"], keep_absent=True)
+    both = p.predict(["liver", "Visualization of the left kidney in abdominal CT imaging"], keep_absent=True)
+    assert np.abs(both[0].probability - alone.probability).max() <= 1e-5
+    c = predictor(weights_dir, compat_upstream=True)
+    c.set_image(ct_volume(), "CT", "abdomen")
+    (ca,) = c.predict(["liver"], keep_absent=True)
+    cb = c.predict(["liver", "Visualization of the left kidney in abdominal CT imaging"], keep_absent=True)
+    assert np.abs(cb[0].probability - ca.probability).max() > 1e-4  # upstream semantics: prompts interact
+    from textseg.errors import TextsegError
+    from textseg.volume import Volume
+
+    with pytest.raises(TextsegError, match="shape rule"):
+        c.set_image(Volume(np.zeros((60, 8, 64), np.int16)), "CT", "abdomen")
+        c.predict(["liver"])
+
+
+def test_adapter_slice_batching_does_not_change_results(weights_dir):
+    """Neighbour channels come from the whole volume, also across slice-batch borders (batch 4 vs 1)."""
+    from textseg.models.biomedparse.v2_model import REDUCED
+    from textseg.predictor import Predictor
+
+    res = []
+    for bs in (4, 1):
+        p = Predictor("biomedparse-v2", device="cpu", weights_dir=weights_dir, seed=3, batch_size=bs, config=REDUCED)
+        p.set_image(ct_volume(), "CT", "abdomen")
+        res.append(p.predict(["liver"], keep_absent=True)[0])
+    assert np.abs(res[0].probability - res[1].probability).max() <= 1e-5
