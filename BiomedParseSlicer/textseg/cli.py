@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence

@@ -28,7 +28,7 @@ import numpy as np
 from . import __version__
 from .catalog import ModelSpec, get_model
 from .errors import Cancelled, ModelError, UsageError
-from .models.base import CancelToken, Decoded, ModelAdapter, ProgressFn, RunContext
+from .models.base import CancelToken, ModelAdapter, ProgressFn, RunContext
 from .presets import Preset, get_preset
 from .prompts import Prompt, parse_prompts
 from .volume import Volume

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import WeightsError
+from ..checkpoint import key_mismatch
 from .v1_decoder import SEEMGroundingDecoder, vl_similarity
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -211,25 +212,10 @@ def load_v1_weights(model: BiomedParseV1, path: Path) -> None:
 
 def check_state_dict(model: nn.Module, sd: Dict[str, Tensor], source: str) -> None:
     """WeightsError naming missing, unexpected and reshaped tensors (shapes only; works on meta)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-    if not (missing or unexpected or wrong):
+    problems = key_mismatch(model.state_dict(), sd)
+    if not problems:
         return
-
-    def show(keys: Sequence[str]) -> str:
-        return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing: {show(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected: {show(unexpected)}")
-    if wrong:
-        parts.append(f"{len(wrong)} with another shape: "
-                     + show([f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in wrong]))
-    raise WeightsError(f"{source} does not match BiomedParse v1 ({'; '.join(parts)}). Is it the official "
+    raise WeightsError(f"{source} does not match BiomedParse v1 ({problems}). Is it the official "
                        "biomedparse_v1.pt? Delete it and download it again.")
 
 

@@ -9,12 +9,13 @@ what to do, as is a truncated file or a Git LFS pointer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict
 
 import torch
 from torch import Tensor, nn
 
 from ...errors import WeightsError
+from ..checkpoint import key_mismatch
 
 LOSS_KEYS = ("loss_function.loss_fn.dice_loss.class_weight", "loss_function.cls_loss_fn.pos_weight")
 _REDOWNLOAD = "delete it and download it again (`textseg models download biomedparse-v2`)."
@@ -46,24 +47,10 @@ def read_v2_state_dict(path: Path) -> Dict[str, Tensor]:
     return {k: v for k, v in sd.items() if k not in LOSS_KEYS}
 
 
-def _show(keys: Sequence[str]) -> str:
-    return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-
-
 def check_keys(own: Dict[str, Tensor], sd: Dict[str, Tensor], path: Path) -> None:
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing: {_show(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected: {_show(unexpected)}")
-    if wrong:
-        parts.append(f"{len(wrong)} with another shape: "
-                     + _show([f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in wrong]))
-    if parts:
-        raise WeightsError(f"{path} does not match BiomedParse v2 ({'; '.join(parts)}). Is it the official "
+    problems = key_mismatch(own, sd)
+    if problems:
+        raise WeightsError(f"{path} does not match BiomedParse v2 ({problems}). Is it the official "
                            f"biomedparse_v2.ckpt? If so, {_REDOWNLOAD}")
 
 
