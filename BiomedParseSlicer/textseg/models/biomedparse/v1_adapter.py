@@ -31,7 +31,7 @@ from .v1_spec import BIOMED_OBJECTS, image_types_for
 
 
 class BiomedParseV1Adapter(ModelAdapter):
-    max_prompts_per_call = 8
+    max_prompts_per_call = 4  # B slices x 4 prompts decoded as one batch
 
     def load(self, device: Any) -> None:
         cfg = self.options.get("config") or V1Config()

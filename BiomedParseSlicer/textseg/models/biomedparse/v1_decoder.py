@@ -129,47 +129,71 @@ class SEEMGroundingDecoder(nn.Module):
             src.append((x.flatten(2) + self.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
         return src, pos, sizes
 
-    def heads(self, queries: Tensor, mask_features: Tensor, target: Optional[Tuple[int, int]]):
-        """Prediction head: mask logits (B,Q,H,W), captions (B,Q,D), attention mask for the next layer."""
+    def mask_logits(self, emb: Tensor, mask_features: Tensor, group: int = 1) -> Tensor:
+        """Mask logits (N, Q, h, w) of mask embeddings (N, Q, C), N = B*group in slice-major order,
+        over mask features (B, C, h, w) shared by the group (no copy of the features)."""
+        b = mask_features.shape[0]
+        n, q, c = emb.shape
+        m = torch.einsum("bqc,bchw->bqhw", emb.reshape(b, group * q, c), mask_features)
+        return m.reshape(n, q, *m.shape[-2:])
+
+    def heads(self, queries: Tensor, mask_features: Tensor, target: Optional[Tuple[int, int]],
+              low_res: Optional[Tensor], group: int):
+        """Prediction head: mask embeddings (N,Q,C), captions (N,Q,D), attention mask for the next layer.
+
+        Upstream computes the stride-4 logits of every query and resizes them bilinearly to the next
+        layer's scale; with ``low_res`` (the mask features resized to that scale) the same linear map is
+        applied in the other order, which skips the full-resolution logits."""
         out = self.decoder_norm(queries).transpose(0, 1)
         caption = out @ self.class_embed
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(out), mask_features)
+        emb = self.mask_embed(out)
         attn = None
         if target is not None:
-            small = F.interpolate(masks, size=target, mode="bilinear", align_corners=False)
+            if low_res is not None:
+                small = self.mask_logits(emb, low_res, group)
+            else:
+                small = F.interpolate(self.mask_logits(emb, mask_features, group), size=target, mode="bilinear",
+                                      align_corners=False)
             attn = (small.sigmoid().flatten(2) < 0.5).unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
             attn = attn.clone()
             attn[attn.all(-1)] = False
-        return masks, caption, attn
+        return emb, caption, attn
 
-    def forward(self, features: List[Tensor], mask_features: Tensor, tokens: Tensor,
-                token_padding: Optional[Tensor] = None, memory=None) -> Tuple[Tensor, Tensor]:
+    def forward(self, features: Optional[List[Tensor]], mask_features: Tensor, tokens: Tensor,
+                token_padding: Optional[Tensor] = None, memory=None, group: int = 1,
+                low_res_attention: bool = True) -> Tuple[Tensor, Tensor]:
         """Decode.
 
-        features: three scales (B, C, h, w) (strides 32, 16, 8); mask_features (B, C, H/4, W/4);
-        tokens: grounding tokens (T, B, C); token_padding: (B, T) True where a token is padding.
-        Returns mask logits (B, Q, H/4, W/4) and captions (B, Q, dim_proj) of the last head.
+        features: three scales (B, C, h, w) (strides 32, 16, 8) or ``memory`` from ``prepare_memory``
+        (its sources/positions repeated ``group`` times per slice); mask_features (B, C, H/4, W/4);
+        tokens: grounding tokens (T, N, C), N = B*group (slice-major); token_padding: (N, T) True where
+        a token is padding. Returns the last head's mask embeddings (N, Q, C) (``mask_logits`` turns
+        them into stride-4 logits) and captions (N, Q, dim_proj).
         """
         src, pos, sizes = memory if memory is not None else self.prepare_memory(features)
-        b = mask_features.shape[0]
+        n = tokens.shape[1]
         q = self.num_queries
-        query_pos = self.query_embed.weight.unsqueeze(1).expand(-1, b, -1)
-        output = self.query_feat.weight.unsqueeze(1).expand(-1, b, -1)
+        low = [None] * 3
+        if low_res_attention:
+            low = [F.interpolate(mask_features, size=s, mode="bilinear", align_corners=False) for s in sizes]
+        query_pos = self.query_embed.weight.unsqueeze(1).expand(-1, n, -1)
+        output = self.query_feat.weight.unsqueeze(1).expand(-1, n, -1)
         sa_pos = torch.cat([query_pos, tokens])
         kpm = None
         if token_padding is not None:
-            kpm = torch.cat([torch.zeros((b, q), dtype=torch.bool, device=tokens.device), token_padding], 1)
+            kpm = torch.cat([torch.zeros((n, q), dtype=torch.bool, device=tokens.device), token_padding], 1)
         state = torch.cat([output, tokens])
-        masks, caption, attn = self.heads(output, mask_features, sizes[0])
+        emb, caption, attn = self.heads(output, mask_features, sizes[0], low[0], group)
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
             output = self.transformer_cross_attention_layers[i](state[:q], src[level], attn, pos[level], query_pos)
             state = torch.cat([output, state[q:]])
             state = self.transformer_self_attention_layers[i](state, sa_pos, kpm)
             state = self.transformer_ffn_layers[i](state)
+            nxt = (i + 1) % self.num_feature_levels
             last = i == self.num_layers - 1
-            masks, caption, attn = self.heads(state[:q], mask_features, None if last else sizes[(i + 1) % self.num_feature_levels])
-        return masks, caption
+            emb, caption, attn = self.heads(state[:q], mask_features, None if last else sizes[nxt], low[nxt], group)
+        return emb, caption
 
 
 def vl_similarity(v_emb: Tensor, t_emb: Tensor, logit_scale: Tensor) -> Tensor:

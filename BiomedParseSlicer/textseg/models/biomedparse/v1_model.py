@@ -137,47 +137,48 @@ class BiomedParseV1(nn.Module):
         return self.lang(input_ids)
 
     def decode(self, enc: Encoded, token_emb: Tensor, attention_mask: Tensor, class_emb: Tensor,
-               concat: bool = False) -> Dict[str, Tensor]:
+               concat: bool = False, all_masks: bool = False, low_res_attention: bool = True) -> Dict[str, Tensor]:
         """Decode P prompts on B slices.
 
-        token_emb (P, L, D), attention_mask (P, L), class_emb (P, D). Default: each prompt
-        decoded on its own (batched B*P, tokens padded and masked). ``concat``: upstream's one call
-        with all prompts' tokens concatenated. Returns ``logits`` (B, P, S/4, S/4) of the selected
-        query per slice and prompt, ``matched`` (B, P), and for the last batch the raw ``pred_masks``
-        (B', Q, h, w) and ``pred_captions`` (B', Q, D) (B' = B*P, or B in compat mode).
+        token_emb (P, L, D), attention_mask (P, L), class_emb (P, D). Default: each prompt decoded on
+        its own (batched B*P, slice-major; token sequences padded and masked). ``concat``: upstream's
+        single call with all prompts' tokens concatenated into one grounding sequence. Returns
+        ``logits`` (B, P, S/4, S/4) of the query selected per slice and prompt, ``matched`` (B, P),
+        ``pred_captions`` (N, Q, D) and, with ``all_masks``, ``pred_masks`` (N, Q, S/4, S/4) of every
+        query (N = B*P, or B with ``concat``).
         """
         pred = self.sem_seg_head.predictor
         b, p = enc.mask_features.shape[0], token_emb.shape[0]
         keep = attention_mask.bool()
+        scale = pred.lang_encoder.logit_scale
         if concat:
             tokens = token_emb[keep][:, None].expand(-1, b, -1)
-            masks, captions = pred(enc.features, enc.mask_features, tokens, memory=enc.memory)
-            sim = vl_similarity(captions, class_emb, pred.lang_encoder.logit_scale)  # (B, Q, P)
-            matched = sim.argmax(1)  # (B, P)
-            logits = torch.gather(masks, 1, matched[..., None, None].expand(-1, -1, *masks.shape[-2:]))
-            return {"logits": logits, "matched": matched, "pred_masks": masks, "pred_captions": captions}
-        lengths = keep.sum(1)
-        t = int(lengths.max())
-        tok = torch.zeros((p, t, token_emb.shape[-1]), dtype=token_emb.dtype, device=token_emb.device)
-        pad = torch.ones((p, t), dtype=torch.bool, device=token_emb.device)
-        for i in range(p):
-            tok[i, : lengths[i]] = token_emb[i][keep[i]]
-            pad[i, : lengths[i]] = False
-        # batch order: slice-major (b0p0, b0p1, ..., b1p0, ...)
-        tokens = tok.repeat(b, 1, 1).transpose(0, 1)
-        padding = pad.repeat(b, 1)
-        src, pos, sizes = enc.memory
-        src = [s.repeat_interleave(p, dim=1) for s in src]
-        pos = [q.repeat_interleave(p, dim=1) for q in pos]
-        mf = enc.mask_features.repeat_interleave(p, dim=0)
-        masks, captions = pred(None, mf, tokens, padding, memory=(src, pos, sizes))
-        cls = class_emb.repeat(b, 1)  # (B*P, D)
-        sim = vl_similarity(captions, cls[:, None, :], pred.lang_encoder.logit_scale)[..., 0]  # (B*P, Q)
-        matched = sim.argmax(1)
-        logits = masks[torch.arange(masks.shape[0], device=masks.device), matched]
-        h, w = logits.shape[-2:]
-        return {"logits": logits.view(b, p, h, w), "matched": matched.view(b, p), "pred_masks": masks,
-                "pred_captions": captions}
+            emb, captions = pred(None, enc.mask_features, tokens, memory=enc.memory, low_res_attention=low_res_attention)
+            matched = vl_similarity(captions, class_emb, scale).argmax(1)  # (B, P)
+            chosen = torch.gather(emb, 1, matched[..., None].expand(-1, -1, emb.shape[-1]))  # (B, P, C)
+            logits = pred.mask_logits(chosen, enc.mask_features)
+            group = 1
+        else:
+            lengths = keep.sum(1)
+            tok = torch.zeros((p, int(lengths.max()), token_emb.shape[-1]), dtype=token_emb.dtype, device=token_emb.device)
+            pad = torch.ones(tok.shape[:2], dtype=torch.bool, device=token_emb.device)
+            for i in range(p):
+                tok[i, : lengths[i]] = token_emb[i][keep[i]]
+                pad[i, : lengths[i]] = False
+            src, pos, sizes = enc.memory
+            memory = ([s.repeat_interleave(p, dim=1) for s in src], [q.repeat_interleave(p, dim=1) for q in pos], sizes)
+            emb, captions = pred(None, enc.mask_features, tok.repeat(b, 1, 1).transpose(0, 1), pad.repeat(b, 1),
+                                 memory=memory, group=p, low_res_attention=low_res_attention)
+            sim = vl_similarity(captions, class_emb.repeat(b, 1)[:, None, :], scale)[..., 0]  # (B*P, Q)
+            matched = sim.argmax(1)
+            chosen = emb[torch.arange(emb.shape[0], device=emb.device), matched][:, None]  # (B*P, 1, C)
+            logits = pred.mask_logits(chosen, enc.mask_features, group=p).view(b, p, *enc.mask_features.shape[-2:])
+            matched = matched.view(b, p)
+            group = p
+        out = {"logits": logits, "matched": matched, "pred_captions": captions}
+        if all_masks:
+            out["pred_masks"] = pred.mask_logits(emb, enc.mask_features, group)
+        return out
 
 
 # ---- checkpoint -------------------------------------------------------------------------------------
@@ -204,25 +205,32 @@ def read_v1_state_dict(path: Path) -> Dict[str, Tensor]:
 def load_v1_weights(model: BiomedParseV1, path: Path) -> None:
     """Strict load: every tensor of the model present with its shape, nothing left over."""
     sd = read_v1_state_dict(path)
+    check_state_dict(model, sd, str(path))
+    model.load_state_dict(sd, strict=True)
+
+
+def check_state_dict(model: nn.Module, sd: Dict[str, Tensor], source: str) -> None:
+    """WeightsError naming missing, unexpected and reshaped tensors (shapes only; works on meta)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-    if missing or unexpected or wrong:
-        def show(keys: Sequence[str]) -> str:
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+    if not (missing or unexpected or wrong):
+        return
 
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing: {show(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {show(unexpected)}")
-        if wrong:
-            parts.append(f"{len(wrong)} with another shape: "
-                         + show([f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in wrong]))
-        raise WeightsError(f"{path} does not match BiomedParse v1 ({'; '.join(parts)}). Is it the official "
-                           "biomedparse_v1.pt? Delete it and download it again.")
-    model.load_state_dict(sd, strict=True)
+    def show(keys: Sequence[str]) -> str:
+        return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {show(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {show(unexpected)}")
+    if wrong:
+        parts.append(f"{len(wrong)} with another shape: "
+                     + show([f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in wrong]))
+    raise WeightsError(f"{source} does not match BiomedParse v1 ({'; '.join(parts)}). Is it the official "
+                       "biomedparse_v1.pt? Delete it and download it again.")
 
 
 def build_v1(cfg: Optional[V1Config] = None, device: str = "cpu") -> BiomedParseV1:
@@ -231,4 +239,5 @@ def build_v1(cfg: Optional[V1Config] = None, device: str = "cpu") -> BiomedParse
         return BiomedParseV1(cfg).eval()
 
 
-__all__ = ["V1Config", "REDUCED", "BiomedParseV1", "Encoded", "build_v1", "load_v1_weights", "read_v1_state_dict", "replace"]
+__all__ = ["V1Config", "REDUCED", "BiomedParseV1", "Encoded", "build_v1", "check_state_dict", "load_v1_weights",
+           "read_v1_state_dict", "replace"]

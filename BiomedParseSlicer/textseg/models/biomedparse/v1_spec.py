@@ -55,11 +55,11 @@ P_VALUE_THRESHOLD = 0.05  # upstream notebook: "recommended threshold 0.05"
 
 
 def image_types_for(modality: str, site: Optional[str] = None) -> List[str]:
-    """Upstream image types of a preset, those matching the site first."""
+    """Upstream image types of a preset: those of the modality whose sites include the preset's
+    site, or all of the modality's types when none does (e.g. MRI without a site)."""
     cands = [t for t, (m, _) in IMAGE_TYPES.items() if m == modality]
-    if site:
-        cands.sort(key=lambda t: 0 if site.lower() in IMAGE_TYPES[t][1] else 1)
-    return cands
+    matching = [t for t in cands if site and site.lower() in IMAGE_TYPES[t][1]]
+    return matching or cands
 
 
 def vocabulary() -> Tuple[str, ...]:
