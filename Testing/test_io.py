@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import shutil
 
 import numpy as np
@@ -107,10 +108,33 @@ def test_empty_file(tmp_path):
         read_volume(tmp_path / "e.nii.gz")
 
 
-def test_nan_only_image(tmp_path):
-    write_image(Volume(np.full((3, 4, 5), np.nan, np.float32)), tmp_path / "n.nrrd")
-    with pytest.raises(InputError, match=r"n\.nrrd contains only NaN"):
-        read_volume(tmp_path / "n.nrrd")
+@pytest.mark.parametrize("name", ["n.nrrd", "n.nii.gz", "n.nii"])
+def test_nan_only_image(tmp_path, name):
+    write_image(Volume(np.full((3, 4, 5), np.nan, np.float32)), tmp_path / name)
+    with pytest.raises(InputError, match=re.escape(name) + " contains only NaN"):
+        read_volume(tmp_path / name)
+
+
+@pytest.mark.parametrize("name", ["f.nii.gz", "f.nrrd", "f.mha"])
+def test_non_finite_voxels_survive_reading(tmp_path, name):
+    """SimpleITK 2.5 reads NaN/Inf of float NIfTI as 0; the reader restores them at the right voxels."""
+    arr = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    arr[0, 0, 0], arr[1, 2, 3], arr[2, 3, 1] = np.nan, np.inf, -np.inf
+    write_image(Volume(arr, spacing=(0.5, 0.7, 2.0), origin=(1, 2, 3)), tmp_path / name)
+    v = read_volume(tmp_path / name)
+    np.testing.assert_array_equal(v.array, arr)  # NaN == NaN here
+    assert v.spacing == pytest.approx((0.5, 0.7, 2.0))
+    assert "3 NaN/infinite voxels" in v.metadata["notes"][0]
+
+
+def test_non_finite_voxels_of_a_2d_float_nifti(tmp_path):
+    import nibabel as nib
+
+    data = np.ones((5, 4), np.float32)  # nibabel order (i, j)
+    data[3, 1] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "s.nii.gz"))
+    v = read_volume(tmp_path / "s.nii.gz")
+    assert v.array.shape == (1, 4, 5) and np.isnan(v.array[0, 1, 3]) and np.isfinite(v.array).sum() == 19
 
 
 def test_some_nans_are_reported_and_sanitised_for_the_model(tmp_path):

@@ -147,6 +147,35 @@ def _payload_complete(path: Path) -> bool:
     return True
 
 
+def _restore_nonfinite_nifti(vol: Volume, path: Path) -> None:
+    """Put back the NaN/Inf voxels of a float NIfTI file that SimpleITK read as 0.
+
+    SimpleITK 2.5 (ITK 5.4) turns non-finite voxels of float NIfTI images into 0 without a word, which
+    would make "no data" look like water on a CT; nibabel reads them as stored."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception:  # noqa: BLE001 - ITK read it; nibabel's opinion on odd headers is not needed
+        return
+    if not np.issubdtype(img.get_data_dtype(), np.floating):
+        return
+    data = np.asanyarray(img.dataobj)
+    if data.size != vol.array.size:  # vector/RGB images: not float grey data
+        return
+    bad = ~np.isfinite(data)
+    if not bad.any():
+        return
+    # nibabel's axes are (i, j, k[, 1...]); the Volume's are (k, j, i)
+    bad = bad.reshape(bad.shape[:3]).T.reshape(vol.array.shape[:3])
+    values = data.reshape(data.shape[:3]).T.reshape(vol.array.shape[:3])
+    if not np.issubdtype(vol.array.dtype, np.floating):
+        vol.array = vol.array.astype(np.float32)
+    vol.array[bad] = values[bad]
+
+
 def _check_values(vol: Volume, source: str) -> None:
     vol.check_usable(source)
     arr = vol.array
@@ -192,6 +221,8 @@ def read_volume(path: PathLike) -> Volume:
         ) from None
     vol = _from_sitk(img, str(p))
     vol.metadata.update(extra)
+    if not p.is_dir():
+        _restore_nonfinite_nifti(vol, p)
     if extra.get("dicom", {}).get("Modality"):
         vol.metadata["modality"] = extra["dicom"]["Modality"]
     _check_values(vol, str(p))
