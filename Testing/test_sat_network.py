@@ -194,6 +194,9 @@ def test_tokens_before_projection(fx, net, image):
 @pytest.mark.parametrize("name", ["net_canonical.pth", "net_alias.pth"])
 def test_loader_fills_alias_names(files, cfg, name, net, image):
     other = load_sat_network(files / name, cfg)
+    assert not any(p.is_meta for p in other.parameters()) and not other.training
+    block = other.backbone.decoder.stages[0].convs[2]  # the two names are one module, as upstream
+    assert block.all_modules[0] is block.conv and block.all_modules[1] is block.norm
     for k, v in net.state_dict().items():
         assert torch.equal(v, other.state_dict()[k]), k
 
