@@ -245,3 +245,13 @@ def test_full_size_key_contract(preset, name):
     with torch.device("meta"):
         text = SATTextEncoder()  # BioLORD-2023-C's MPNet numbers
     assert {k: list(v.shape) for k, v in text.state_dict().items()} == contract["text_keys"]
+
+
+def test_autocast_runs_close(fx, net, image):
+    """Upstream runs under autocast; mixed precision must run (float32 positional encoding added to
+    low-precision memory) and stay near the float32 oracle."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = net(image[:1], torch.from_numpy(fx["queries_a"]))
+    assert logits.dtype == torch.bfloat16
+    err = np.abs(logits.float().numpy()[..., ::2, ::2, ::2] - fx["logits_sub"][:1]).max()
+    assert err < 0.15, err
