@@ -221,6 +221,10 @@ def test_loader_errors(files, cfg, tmp_path):
         load_sat_network(files / "net_both.pth", SATConfig(**{**cfg.__dict__, "per_pixel_dim": 16}))
     with pytest.raises(WeightsError, match="text_encoder.pth"):
         load_text_tower(files / "net_both.pth", files / "biolord" / "config.json")
+    with pytest.raises(WeightsError, match="BioLORD-2023-C's config.json"):
+        load_text_tower(files / "text.pth", tmp_path / "nowhere" / "config.json")
+    with pytest.raises(WeightsError, match="tokenizer"):
+        load_text_tower(files / "text.pth", files / "biolord" / "config.json", tokenizer=tmp_path)
 
 
 def test_bad_inputs(net, image):

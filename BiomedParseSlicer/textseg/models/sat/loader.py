@@ -102,9 +102,15 @@ def load_text_tower(path: Union[str, Path], config_path: Optional[Union[str, Pat
     """Build :class:`SATTextEncoder` from BioLORD's ``config.json`` (None: BioLORD-2023-C's numbers), load ``path``.
 
     ``tokenizer``: a tokenizer object or a path for :func:`text.load_tokenizer` (optional; needed for ``embed``)."""
-    from .text import load_tokenizer
+    from .text import load_tokenizer, mpnet_config
 
-    if isinstance(tokenizer, (str, Path)):
-        tokenizer = load_tokenizer(tokenizer)
-    model = SATTextEncoder(config_path, tokenizer)
+    try:
+        config = mpnet_config(config_path)
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = load_tokenizer(tokenizer)
+    except Exception as exc:  # missing / unreadable BioLORD files
+        raise WeightsError(
+            f"SAT's text tower needs FremyCompany/BioLORD-2023-C's config.json and tokenizer files ({type(exc).__name__}: "
+            f"{str(exc)[:160]}); download them again.") from None
+    model = SATTextEncoder(config, tokenizer)
     return load_text_weights(model, path).to(device).eval()
