@@ -1,0 +1,1 @@
+"""SAT (Segment Anything with Text): network, text tower and loader (torch is imported only by the submodules)."""
