@@ -79,21 +79,50 @@ def test_icon_is_128_png():
         assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 20  # a picture, not a flat placeholder
 
 
+# Slicer/Slicer Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json (additionalProperties: false):
+# its required and allowed keys. Screenshots and icons are not catalog-entry fields: the catalog takes
+# them from CMakeLists.txt's EXTENSION_SCREENSHOTURLS / EXTENSION_ICONURL.
+CATALOG_REQUIRED = {"$schema", "category", "scm_url"}
+CATALOG_ALLOWED = CATALOG_REQUIRED | {"scm_revision", "scm_type", "build_dependencies", "build_subdirectory",
+                                      "enabled", "tier"}
+
+
 def test_extension_metadata_agrees():
     cmake = (ROOT / "CMakeLists.txt").read_text()
     s4ext = dict(line.split(" ", 1) if " " in line else (line, "")
                  for line in (ROOT / "BiomedParseSlicer.s4ext").read_text().splitlines()
                  if line.strip() and not line.startswith("#"))
     index = json.loads((ROOT / "BiomedParseSlicer.json").read_text())
-    assert index["$schema"].endswith("slicer-extension-catalog-item-schema-v1.0.0.json#")
-    assert set(index) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "scm", "scmrevision", "scmurl", "tier"}
+    assert index["$schema"] == ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+                                "slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert CATALOG_REQUIRED <= set(index) <= CATALOG_ALLOWED
     depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]*)"\)', cmake).group(1).split()
     assert index["build_dependencies"] == depends == s4ext["depends"].split()
     category = re.search(r'set\(EXTENSION_CATEGORY "([^"]*)"\)', cmake).group(1)
     assert index["category"] == category == s4ext["category"]
-    assert s4ext["scmurl"].rstrip(".git") == index["scmurl"] and "add_subdirectory(BiomedParseSlicer)" in cmake
+    assert s4ext["scmurl"] == index["scm_url"] and "add_subdirectory(BiomedParseSlicer)" in cmake
     assert 'VERSION_LESS "5.8"' in cmake  # the supported versions are enforced at build time
     assert "Apache License" in (ROOT / "LICENSE").read_text() and "CC-BY-NC-SA" in (ROOT / "NOTICE").read_text()
+
+
+def test_screenshot_and_icon_urls_point_at_files_in_this_repository():
+    """The catalog's screenshot and icon: raw URLs of files committed here, under the homepage's repository."""
+    Image = pytest.importorskip("PIL.Image", reason="needs Pillow (comes with scikit-image, test extra)")
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    s4ext = (ROOT / "BiomedParseSlicer.s4ext").read_text()
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]*)"\)', cmake).group(1)
+    raw = homepage.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    for var, key in (("SCREENSHOTURLS", "screenshoturls"), ("ICONURL", "iconurl")):
+        url = re.search(rf'set\(EXTENSION_{var} "([^"]*)"\)', cmake).group(1)
+        assert url.startswith(raw) and re.search(rf"^{key} {re.escape(url)}$", s4ext, re.M), (var, url)
+        path = ROOT / url[len(raw):]
+        assert path.is_file(), path
+        with Image.open(path) as im:
+            assert im.format == "PNG"
+    shot = ROOT / "Resources" / "Screenshots" / "brain-extraction.png"
+    assert shot.stat().st_size < 500_000
+    with Image.open(shot) as im:
+        assert min(im.size) >= 600
 
 
 def test_requirement_lists_match_pyproject():
