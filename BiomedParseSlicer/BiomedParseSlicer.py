@@ -474,6 +474,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         with slicer.util.tryWithErrorDisplay(_("Statistics failed."), waitCursor=True):
             table = self.logic.statistics(segNode, volumeNode, self._parameterNode.statisticsTable)
             self._parameterNode.statisticsTable = table
+            table.SetUseColumnTitleAsColumnHeader(True)  # as Segment Statistics shows its table
             layoutManager = slicer.app.layoutManager()  # a layout with a table view, as Segment Statistics does
             layoutManager.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layoutManager.layout))
             slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
@@ -631,7 +632,7 @@ class BiomedParseSlicerLogic(ScriptedLoadableModuleLogic):
         unit = stats.intensity_unit(volumeNode)
         stats.fill_table(tableNode, rows, unit)
         if csvPath:
-            stats.write_csv(csvPath, rows, unit, overwrite)
+            stats.write_csv(csvPath, rows, overwrite)
         return tableNode
 
 
@@ -648,6 +649,7 @@ class BiomedParseSlicerTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_segment_geometry_and_statistics()
+        self.test_statistics_use_segment_statistics()
 
     def test_segment_geometry_and_statistics(self):
         import tempfile
@@ -660,4 +662,23 @@ class BiomedParseSlicerTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Segmenting an oblique, flipped phantom with the test-only synthetic model")
         with tempfile.TemporaryDirectory() as folder:
             checks.run_phantom_checks(BiomedParseSlicerLogic(), slicer.mrmlScene, folder)
+        self.delayDisplay("Test passed")
+
+    def test_statistics_use_segment_statistics(self):
+        """Inside Slicer, statistics come from Slicer's SegmentStatistics (absent from slicer-core, so
+        only this test exercises that branch): same columns, titles, units and values as the table
+        SegmentStatistics exports itself, and the engine's fallback numbers agree with it."""
+        from BiomedParseSlicerLib import checks
+
+        if environment.installed_version("torch") is None:
+            self.delayDisplay("Skipped: the engine is not installed (BiomedParse > Setup > Install).")
+            return
+        self.delayDisplay("Statistics through Slicer's Segment Statistics on the phantom")
+        logic = BiomedParseSlicerLogic()
+        node = mrml.volume_node_from_volume(slicer.mrmlScene, checks.phantom(), "phantom")
+        units = slicer.vtkCodedEntry()
+        units.SetValueSchemeMeaning("[hnsf'U]", "UCUM", "Hounsfield unit")  # as Slicer's DICOM reader sets it
+        node.SetVoxelValueUnits(units)
+        seg = logic.segment(node, ["bone", "soft tissue"], "synthetic-3d", modality="CT")
+        checks.check_segment_statistics_branch(logic, slicer.mrmlScene, seg, node)
         self.delayDisplay("Test passed")

@@ -194,18 +194,57 @@ def test_statistics_table_and_csv_equal_segment_statistics(app, logic, predictor
     table = logic.statistics(seg, node, csvPath=csv_path)
     checks.check_statistics(table, seg, node)
     t = table.GetTable()
-    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == stats.headers("")
+    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == stats.headers()
     assert t.GetNumberOfRows() == 3 and t.GetColumn(1).GetValue(0) == int(bone.sum())
     assert t.GetColumn(1).GetValue(2) == 0  # 'nothing': empty segment, zero voxels
     ct = read_volume(ct_path).array
-    assert abs(t.GetColumn(7).GetValue(0) - float(np.median(ct[bone > 0]))) < 1e-9
+    assert abs(t.GetColumn(8).GetValue(0) - float(np.median(ct[bone > 0]))) < 1e-9
     rows = list(csv.reader(open(csv_path)))
-    assert rows[0][:4] == ["Segment", "Number of voxels [voxels]", "Volume [mm3]", "Volume [cm3]"]
+    assert rows[0] == stats.headers()
     assert rows[1][0] == "bone" and int(rows[1][1]) == int(bone.sum()) and rows[3][4] == ""
     assert float(rows[1][2]) == pytest.approx(bone.sum() * 27.0)  # 3 mm isotropic voxels
     with pytest.raises(OutputExistsError):
         logic.statistics(seg, node, table, csvPath=csv_path)  # never overwrites silently
     assert table.GetNumberOfColumns() == len(stats.COLUMNS)
+
+
+# What Slicer's SegmentStatistics.exportToTable gives with the Labelmap plugin's voxel_count/volume_mm3/
+# volume_cm3 and the Scalar Volume plugin's min/max/mean/stdev/median enabled, read from Slicer's
+# Modules/Scripted/SegmentStatistics/SegmentStatisticsPlugins/{Labelmap,ScalarVolume}SegmentStatisticsPlugin.py
+# (getMeasurementInfo name/title/units; identical in v5.8.0 d20ee94c, v5.10.0 a2b6d082 and main 583e9b37)
+# and SegmentStatistics.py (plugin order Labelmap, Scalar Volume; keys in each plugin's order; units
+# label = the volume's VoxelValueUnits code meaning). The module's self-test compares against the real
+# exportToTable inside Slicer (checks.check_segment_statistics_branch).
+SEGMENT_STATISTICS_TABLE = [  # (column name, column title, unit label)
+    ("Segment", "Segment", ""),
+    ("Voxel count", "Voxel count", ""),
+    ("Volume mm3", "Volume", "mm3"),
+    ("Volume cm3", "Volume", "cm3"),
+    ("Minimum", "Minimum", "Hounsfield unit"),
+    ("Maximum", "Maximum", "Hounsfield unit"),
+    ("Mean", "Mean", "Hounsfield unit"),
+    ("Standard deviation", "Standard Deviation", "Hounsfield unit"),
+    ("Median", "Median", "Hounsfield unit"),
+]
+
+
+def test_engine_statistics_table_has_segment_statistics_columns_and_units(app, logic, predictor, ct_path, tmp_path):
+    assert stats.slicer_statistics(None, None) is None  # slicer-core: no SegmentStatistics, the engine path runs
+    node = app.load_volume(ct_path)
+    units = slicer.vtkCodedEntry()
+    units.SetValueSchemeMeaning("[hnsf'U]", "UCUM", "Hounsfield unit")  # what Slicer's DICOM reader sets for CT
+    node.SetVoxelValueUnits(units)
+    seg = logic.segment(node, ["bone", "air"], "synthetic-3d", modality="CT", predictor=predictor)
+    table = logic.statistics(seg, node, csvPath=tmp_path / "s.csv")
+    t = table.GetTable()
+    got = [(t.GetColumnName(c), table.GetColumnTitle(t.GetColumnName(c)), table.GetColumnUnitLabel(t.GetColumnName(c)))
+           for c in range(t.GetNumberOfColumns())]
+    assert got == SEGMENT_STATISTICS_TABLE
+    assert [t.GetColumn(c).GetClassName() for c in range(3)] == ["vtkStringArray", "vtkLongArray", "vtkDoubleArray"]
+    assert next(csv.reader(open(tmp_path / "s.csv"))) == [name for name, _t, _u in SEGMENT_STATISTICS_TABLE]
+    node.SetVoxelValueUnits(None)  # no unit known (e.g. NIfTI): intensity columns unlabelled, as in Slicer
+    table = logic.statistics(seg, node, table)
+    assert [table.GetColumnUnitLabel(n) for n, _t, _u in SEGMENT_STATISTICS_TABLE] == ["", "", "mm3", "cm3"] + [""] * 5
 
 
 def test_segment_in_worker_thread_with_progress_and_cancel(app, logic, ct_path):
