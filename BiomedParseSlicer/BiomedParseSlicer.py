@@ -331,10 +331,10 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     # ---- running ----------------------------------------------------------------------------
     def _prompts(self) -> List[Prompt]:
-        box = mrml.roi_box_lps(self.ui.roiSelector.currentNode()) if self.ui.roiSelector.enabled else None
-        points = mrml.fiducial_points_lps(self.ui.pointsSelector.currentNode()) if self.ui.pointsSelector.enabled else ()
-        texts = [t for t in self.ui.promptsEdit.toPlainText().splitlines() if t.strip()] or [""]
-        return [Prompt(t, box, points) for t in texts]
+        texts = self.ui.promptsEdit.toPlainText().splitlines()
+        roi = self.ui.roiSelector.currentNode() if self.ui.roiSelector.enabled else None
+        points = self.ui.pointsSelector.currentNode() if self.ui.pointsSelector.enabled else None
+        return self.logic.markupPrompts(texts, self.currentSpec().id, roi, points)
 
     def _predictorFactory(self):
         """A function (progress, cancel) -> predictor, run in the worker thread."""
@@ -591,6 +591,20 @@ class BiomedParseSlicerLogic(ScriptedLoadableModuleLogic):
             return normalize_modality(database.fileValue(database.fileForInstance(uids[0]), "0008,0060"))
         except TextsegError:  # a modality no model knows (e.g. SEG): fall back to intensities
             return None
+
+    def markupPrompts(self, texts, model: str, roiNode=None, pointsNode=None) -> List[Prompt]:
+        """One prompt per non-empty line of ``texts`` (a box-/point-only prompt when there is no text),
+        each with the ROI's world bounding box and the point list's world positions, in LPS mm as the
+        engine expects. Refused with a message when ``model`` does not take boxes or points."""
+        from textseg.catalog import get_model
+        from textseg.predictor import check_prompts
+
+        if isinstance(texts, str):
+            texts = texts.splitlines()
+        box = mrml.roi_box_lps(roiNode)
+        points = mrml.fiducial_points_lps(pointsNode)
+        lines = [t for t in texts if t.strip()] or [""]
+        return check_prompts(get_model(model), [Prompt(t, box, points) for t in lines])
 
     def existingSegmentsFor(self, segmentationNode, prompts) -> List[str]:
         """Segments an earlier run made for these prompts (the GUI asks before replacing them)."""

@@ -357,6 +357,57 @@ def test_markups_become_lps_box_and_point_prompts(app, logic, predictor, ct_path
     assert ((inside >= lo - 1.5) & (inside <= hi + 1.5)).all()  # within half a 3 mm voxel
 
 
+def test_box_prompt_from_roi_on_flipped_volume_under_transform_gives_exact_voxels(app, logic, predictor, ct_path, tmp_path):
+    """An ROI drawn in world coordinates around a block of voxels of a flipped CT that sits under a
+    rotating parent transform: the segment is exactly the thresholded voxels of that block (computed
+    here with numpy from the node's own grid, independently of the engine)."""
+    node = app.load_volume(_write_variant(ct_path, tmp_path / "flipped.nii.gz", "flipped"))
+    transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    m = np.eye(4)
+    m[:3, :3] = [[0, -1, 0], [1, 0, 0], [0, 0, 1]]  # 90 degrees about S: voxel axes stay axis-aligned in world
+    m[:3, 3] = (5, -7, 11)
+    transform.SetMatrixTransformToParent(mrml.numpy_to_matrix(m))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    ct = mrml.array_from_node(node)
+    bone = (ct >= 200) & (ct <= 3000)
+    k, j, i = np.argwhere(bone).mean(0).round().astype(int)
+    block = np.zeros_like(bone)
+    block[k - 6:k + 5, j - 9:j + 9, i - 12:i + 7] = True  # asymmetric, so a flip or swap would show
+    corners = np.array([[i - 12, j - 9, k - 6, 1], [i + 6, j + 8, k + 4, 1]], float) @ (m @ mrml.ijk_to_ras(node)).T
+    lo, hi = corners[:, :3].min(0) - 0.75, corners[:, :3].max(0) + 0.75  # a quarter 3 mm voxel beyond the centres
+    roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")  # in world coordinates, no transform
+    roi.SetCenter(*((lo + hi) / 2))
+    roi.SetSize(*(hi - lo))
+    prompts = logic.markupPrompts("bone\n", "synthetic-3d", roi)
+    assert len(prompts) == 1 and prompts[0].kinds == ("text", "box")
+    np.testing.assert_allclose(prompts[0].box, [np.minimum(lo * [-1, -1, 1], hi * [-1, -1, 1]),
+                                                np.maximum(lo * [-1, -1, 1], hi * [-1, -1, 1])], atol=1e-9)
+    seg = logic.segment(node, prompts, "synthetic-3d", modality="CT", predictor=predictor)
+    got = mrml.segment_mask(seg, logic.lastSegmentIDs[0], node)
+    want = bone & block
+    assert 100 < want.sum() < bone.sum()
+    np.testing.assert_array_equal(got, want)
+    tag = json.loads(mrml.get_tag(seg.GetSegmentation().GetSegment(logic.lastSegmentIDs[0]), mrml.PROMPT_TAG))
+    assert tag["text"] == "bone" and np.allclose(tag["box"], prompts[0].box)  # the box is part of the provenance
+
+    points = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPoint(1.5, -2.5, 3.0)
+    points.SetAndObserveTransformNodeID(transform.GetID())  # a point list under the same transform: world positions
+    (p,) = logic.markupPrompts(["", ""], "synthetic-3d", None, points)  # no text: one point-only prompt
+    world_ras = (m @ [1.5, -2.5, 3.0, 1.0])[:3]  # (7.5, -5.5, 14)
+    assert p.kinds == ("point",) and np.allclose(p.points, [world_ras * [-1, -1, 1]]) and p.point_labels == (1,)
+    with pytest.raises(UsageError, match="takes text prompts, not box"):
+        logic.markupPrompts(["brain"], "deepbet", roi)  # deepbet takes text only
+    grid = app.scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    grid.SetAndObserveTransformToParent(slicer.vtkOrientedGridTransform())
+    roi.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(UsageError, match="non-linear transform.*Harden"):
+        logic.markupPrompts(["bone"], "synthetic-3d", roi)
+    empty = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "unplaced")
+    with pytest.raises(UsageError, match="no extent"):
+        mrml.roi_box_lps(empty)
+
+
 def test_modality_guess(app, logic, ct_path):
     assert logic.guessModality(app.load_volume(ct_path))[:2] == ("CT", None)  # NIfTI: from intensities
     assert logic.guessModality(app.load_volume(shared_file("mni152", "MNI152_T1.nii.gz")))[0] == "MRI"
