@@ -152,6 +152,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         # modality, site and device combo boxes are filled by the parameter node's Choice annotations
         self.ui.apiKeyLineEdit.text = qt.QSettings().value("BiomedParseSlicer/apiKey", "")
         self.ui.hfTokenLineEdit.text = qt.QSettings().value("BiomedParseSlicer/hfToken", "")
+        self.ui.clientOnlyCheckBox.checked = str(qt.QSettings().value("BiomedParseSlicer/clientOnly", "false")).lower() == "true"
         self.fillModels()
 
     def _connect(self):
@@ -172,6 +173,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         ui.statisticsButton.clicked.connect(self.onStatistics)
         ui.exportCsvButton.clicked.connect(self.onExportCsv)
         ui.installButton.clicked.connect(self.onInstall)
+        ui.clientOnlyCheckBox.toggled.connect(self.onClientOnlyChanged)
         ui.downloadButton.clicked.connect(self.onDownload)
         ui.importButton.clicked.connect(self.onImport)
         ui.stopServerButton.clicked.connect(self.stopLocalServer)
@@ -246,6 +248,9 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         ui.roiSelector.enabled = "box" in kinds
         ui.pointsSelector.enabled = "point" in kinds
         ui.siteComboBox.enabled = ui.modalityComboBox.currentText == "CT"
+        ui.localRadioButton.enabled = not ui.clientOnlyCheckBox.checked  # client only: no local inference
+        for w in (ui.downloadButton, ui.importButton):
+            w.enabled = not running and not ui.clientOnlyCheckBox.checked and spec is not None
         remote = ui.remoteRadioButton.checked
         for w in (ui.serverUrlLineEdit, ui.apiKeyLineEdit, ui.testConnectionButton):
             w.enabled = remote
@@ -316,8 +321,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.promptsEdit.appendPlainText(self.ui.historyComboBox.itemText(index))
 
     def _remember(self, prompts: Sequence[str]):
-        history = list(dict.fromkeys(list(prompts) + self._history()))[:30]
-        self._parameterNode.promptHistory = "\n".join(history)
+        self._parameterNode.promptHistory = self.logic.updatedHistory(self._parameterNode.promptHistory, prompts)
         self._fillHistory()
 
     def onWhereChanged(self, _checked=None):
@@ -494,6 +498,14 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.dependencyStatusLabel.text = "\n".join(lines)
         self.fillModels()
 
+    def onClientOnlyChanged(self, checked):
+        """Client only: inference on a remote server, no torch or models needed in this Slicer."""
+        qt.QSettings().setValue("BiomedParseSlicer/clientOnly", bool(checked))
+        if checked:
+            self.ui.remoteRadioButton.checked = True
+        self.refreshSetup()
+        self.updateState()
+
     def onInstall(self):
         local = not self.ui.clientOnlyCheckBox.checked
         with slicer.util.tryWithErrorDisplay(_("Installation failed."), waitCursor=True):
@@ -513,10 +525,16 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onImport(self):
         spec = self.currentSpec()
         path = qt.QFileDialog.getOpenFileName(None, _("Import weight file for {m}").format(m=spec.title))
-        if path:
-            with slicer.util.tryWithErrorDisplay(_("Import failed."), waitCursor=True):
-                environment.import_model_file(spec.id, path)
-            self.refreshSetup()
+        if not path:
+            return
+        name, names = None, environment.import_candidates(spec.id, path)
+        if names:  # a multi-file model and a renamed file: ask which one it is
+            name = qt.QInputDialog.getItem(slicer.util.mainWindow(), _("Import weight file"),
+                                           _("Which file of {m} is this?").format(m=spec.title), names, 0, False)
+            if not name:
+                return
+        # copying and checking a multi-GB file takes a while: in the background, with progress
+        self._run(lambda progress, cancel: environment.import_model_file(spec.id, path, name, progress, cancel), "download")
 
     def stopLocalServer(self):
         if self._localServer is not None:
@@ -605,6 +623,18 @@ class BiomedParseSlicerLogic(ScriptedLoadableModuleLogic):
         points = mrml.fiducial_points_lps(pointsNode)
         lines = [t for t in texts if t.strip()] or [""]
         return check_prompts(get_model(model), [Prompt(t, box, points) for t in lines])
+
+    @staticmethod
+    def updatedHistory(history: str, prompts: Sequence[str], limit: int = 30) -> str:
+        """The prompt history (newline-separated, most recent first) after a run with ``prompts``:
+        each prompt once (case and spacing as typed last), at most ``limit`` entries."""
+        seen, out = set(), []
+        for p in list(prompts) + history.split("\n"):
+            p = " ".join(p.split())
+            if p and p.lower() not in seen:
+                seen.add(p.lower())
+                out.append(p)
+        return "\n".join(out[:limit])
 
     def existingSegmentsFor(self, segmentationNode, prompts) -> List[str]:
         """Segments an earlier run made for these prompts (the GUI asks before replacing them)."""

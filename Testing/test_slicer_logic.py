@@ -70,6 +70,49 @@ def test_module_imports_headless_without_faking_slicer():
     assert slicer.vtkMRMLScene is slicer_core.vtkMRMLScene
 
 
+def test_client_only_segments_through_the_local_server_without_torch(tmp_path, monkeypatch):
+    """Client-only mode: the module, its Logic and the remote client run in a process where torch
+    cannot be imported; the engine's real server (its own process, started as the GUI starts it)
+    does the inference. The segments equal the engine's own masks."""
+    import subprocess
+
+    pytest.importorskip("fastapi", reason="the engine's server needs the server extra")
+    monkeypatch.setenv("TEXTSEG_SHOW_TEST_MODELS", "1")  # the hidden synthetic model, for tests
+    server = runner.LocalServer(device="cpu", log_path=tmp_path / "server.log")
+    server.start(timeout=120)
+    try:
+        code = (
+            "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
+            f"sys.path[:0] = [{str(ROOT / 'BiomedParseSlicer')!r}]\n"
+            "import numpy as np, BiomedParseSlicer as m\n"
+            "from BiomedParseSlicerLib import checks, headless, mrml, runner\n"
+            "app = headless.create(); logic = m.BiomedParseSlicerLogic(scene=app.scene)\n"
+            "node = mrml.volume_node_from_volume(app.scene, checks.phantom())\n"
+            f"p = runner.make_predictor('synthetic-3d', 'remote', url={server.url!r})\n"
+            "seg = logic.segment(node, logic.markupPrompts('bone left\\nbone', 'synthetic-3d'), 'synthetic-3d', predictor=p)\n"
+            "masks = {seg.GetSegmentation().GetSegment(s).GetName(): mrml.segment_mask(seg, s, node) for s in logic.lastSegmentIDs}\n"
+            f"np.savez({str(tmp_path / 'masks.npz')!r}, **masks)\n"
+            "print(type(p).__name__, sys.modules['torch'])\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["RemotePredictor", "None"]  # torch was never imported by the client
+    expected = checks.engine_masks(checks.phantom(), ["bone left", "bone"])
+    got = np.load(tmp_path / "masks.npz")
+    assert sorted(got.files) == sorted(expected) and all(expected[k].any() for k in expected)
+    for name, mask in expected.items():
+        np.testing.assert_array_equal(got[name], mask)
+
+
+def test_prompt_history_most_recent_first_unique_bounded():
+    history = module.BiomedParseSlicerLogic.updatedHistory("liver\nspleen\nleft  kidney", ["Spleen", "aorta", ""])
+    assert history.split("\n") == ["Spleen", "aorta", "liver", "left kidney"]
+    many = module.BiomedParseSlicerLogic.updatedHistory(history, [f"t{n}" for n in range(40)])
+    assert many.split("\n") == [f"t{n}" for n in range(30)]
+
+
 @pytest.mark.parametrize("variant", ["original", "flipped", "oblique"])
 def test_geometry_round_trip(app, logic, predictor, ct_path, tmp_path, variant):
     path = ct_path if variant == "original" else _write_variant(ct_path, tmp_path / f"{variant}.nii.gz", variant)

@@ -165,3 +165,37 @@ def test_download_progress_adapter():
     report(50_000_000, 200_000_000)
     report(0.5, "verifying")
     assert seen == [(0.25, "downloading 50 of 200 MB"), (0.5, "verifying")]
+
+
+def test_import_weight_file_asks_only_when_ambiguous_and_verifies(textseg_home, tmp_path):
+    """Setup > Import weight file: a renamed file of a multi-file model makes the GUI ask which one
+    it is; the chosen file is checked against the catalog's SHA-256 before it is installed."""
+    import hashlib
+
+    from BiomedParseSlicerLib import environment
+    from textseg import catalog
+    from textseg.catalog import ModelSpec, WeightFile
+    from textseg.errors import TextsegError
+
+    data = {"a.bin": b"weights A" * 1000, "b.bin": b"weights B" * 700}
+    files = tuple(WeightFile(name=n, repo="test-org/two", filename=f"w/{n}", size=len(d),
+                             sha256=hashlib.sha256(d).hexdigest()) for n, d in data.items())
+    catalog.register(ModelSpec(id="t-slicer-import", family="test", title="t", version="1", dims=3,
+                               modalities=("CT",), adapter="x:y", files=files, hidden=True))
+    for name, d in data.items():
+        (tmp_path / name).write_bytes(d)
+    (tmp_path / "download(1).bin").write_bytes(data["b.bin"])
+    assert environment.import_candidates("t-slicer-import", str(tmp_path / "a.bin")) == []
+    assert environment.import_candidates("t-slicer-import", str(tmp_path / "download(1).bin")) == ["a.bin", "b.bin"]
+    with pytest.raises(TextsegError):  # the wrong choice fails the checksum; nothing is installed
+        environment.import_model_file("t-slicer-import", str(tmp_path / "download(1).bin"), "a.bin")
+    seen = []
+    path = environment.import_model_file("t-slicer-import", str(tmp_path / "download(1).bin"), "b.bin",
+                                         progress=lambda f, stage: seen.append(f))
+    assert path.read_bytes() == data["b.bin"] and seen[-1] == 1.0
+    assert not any((textseg_home / "models" / "t-slicer-import").glob("a.bin"))
+    environment.import_model_file("t-slicer-import", str(tmp_path / "a.bin"))
+    assert [r["ready"] for r in environment.model_rows() if r["id"] == "t-slicer-import"] == []  # hidden: not offered
+    from textseg.weights import is_ready
+
+    assert is_ready(catalog.get_model("t-slicer-import"))

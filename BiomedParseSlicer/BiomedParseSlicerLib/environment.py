@@ -123,9 +123,24 @@ def byte_progress(progress):
     return report
 
 
-def import_model_file(model_id: str, path: str):
+def import_candidates(model_id: str, path: str) -> List[str]:
+    """Names of the model's weight files to choose from when the file's name does not say which one it
+    is (the GUI asks the user then); [] when it is clear (a matching name, or a one-file model)."""
+    from pathlib import Path
+
+    from textseg.catalog import get_model
+
+    own = [wf for wf in get_model(model_id).files if not wf.package]
+    source = Path(path).name
+    if len(own) <= 1 or any(source in (wf.name, Path(wf.filename or "").name) for wf in own):
+        return []
+    return [wf.name for wf in own]
+
+
+def import_model_file(model_id: str, path: str, name: Optional[str] = None, progress=None, cancel=None):
+    """Verify (size, SHA-256) and install a weight file downloaded elsewhere (proxy, air-gapped site)."""
     from textseg import weights
 
     if not hasattr(weights, "import_file"):
         raise RuntimeError("This engine version cannot import weight files yet; update the extension.")
-    return weights.import_file(model_id, path)
+    return weights.import_file(model_id, path, name=name, progress=progress, cancel=cancel)
