@@ -332,6 +332,9 @@ def test_local_server_lifecycle(tmp_path):
     assert not server.running
     assert runner.engine_environment("cpu")["CUDA_VISIBLE_DEVICES"] == ""
     assert runner.engine_environment("cuda:1")["CUDA_VISIBLE_DEVICES"] == "1"
+    for device, worker in (("auto", "auto"), ("cpu", "cpu"), ("mps", "mps"), ("cuda", "cuda"), ("cuda:1", "cuda")):
+        command = runner.LocalServer(device=device).command  # the panel's device reaches the server's one worker
+        assert command[command.index("--devices") + 1] == worker and command[1:4] == ["-m", "textseg", "serve"]
     broken = runner.LocalServer([sys.executable, "-c", "raise SystemExit('no engine here')"], log_path=tmp_path / "l2")
     with pytest.raises(Exception, match="stopped at start-up(.|\n)*no engine here"):
         broken.start(timeout=30)

@@ -133,6 +133,7 @@ def test_requirement_lists_match_pyproject():
     extras = pyproject["optional-dependencies"]
     assert list(environment.CLIENT_REQUIREMENTS) == pyproject["dependencies"]
     assert list(environment.MODEL_REQUIREMENTS) == [r for r in extras["models"] if not r.startswith("torch")]
+    assert [environment.TORCH_REQUIREMENT] == [r for r in extras["models"] if r.startswith("torch")]
     assert list(environment.SERVER_REQUIREMENTS) == extras["server"]
 
 
@@ -199,3 +200,9 @@ def test_import_weight_file_asks_only_when_ambiguous_and_verifies(textseg_home, 
     from textseg.weights import is_ready
 
     assert is_ready(catalog.get_model("t-slicer-import"))
+
+
+def test_shipped_code_parses_as_python_3_9():
+    """Slicer 5.8 bundles Python 3.9.10 (Slicer 5.10: 3.12.10): no newer syntax in shipped files."""
+    for path in sorted(MODULE.rglob("*.py")):
+        ast.parse(path.read_text(encoding="utf-8"), str(path), feature_version=(3, 9))

@@ -19,6 +19,8 @@ CLIENT_REQUIREMENTS = ("numpy>=1.24", "scipy>=1.10", "SimpleITK>=2.3", "slicerio
 # Needed to run models in this computer (torch comes from the PyTorch extension).
 MODEL_REQUIREMENTS = ("deepbet==1.0.2", "monai>=1.3", "safetensors>=0.4", "einops>=0.6", "transformers>=4.40",
                       "ftfy>=6", "regex", "scikit-image>=0.21")
+# torch itself comes from the PyTorch extension, with this version requirement (pyproject [models]).
+TORCH_REQUIREMENT = "torch>=2.1"
 # Installed with --no-deps: its dependencies (torchvision, timm) would replace Slicer's torch. Its wheel
 # carries the CLIP BPE vocabulary used by BiomedParse and SegVol (textseg.models.clip_tokenizer).
 NO_DEPS_REQUIREMENTS = ("open_clip_torch==3.3.0",)
@@ -88,7 +90,9 @@ def torch_installer() -> Optional[Callable[[], bool]]:
         return None
 
     def install_torch() -> bool:
-        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is not None
+        # the user already confirmed the whole list; PyTorchUtils picks the CUDA/CPU/macOS build
+        version = TORCH_REQUIREMENT[len("torch"):]
+        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=version) is not None
 
     return install_torch
 
