@@ -279,8 +279,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         if self._parameterNode:
             self._parameterNode.model = spec.id
-        words = list(spec.vocabulary) + self._history()
-        completer = qt.QCompleter(words, self.ui.addTargetLineEdit)
+        completer = qt.QCompleter(self.logic.completionWords(spec.id, self._history()), self.ui.addTargetLineEdit)
         completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
         self.ui.addTargetLineEdit.setCompleter(completer)
         self.ui.modelInfoLabel.text = f"{spec.description} {_('Licence')}: {spec.license or '?'}"
@@ -623,6 +622,19 @@ class BiomedParseSlicerLogic(ScriptedLoadableModuleLogic):
         points = mrml.fiducial_points_lps(pointsNode)
         lines = [t for t in texts if t.strip()] or [""]
         return check_prompts(get_model(model), [Prompt(t, box, points) for t in lines])
+
+    @staticmethod
+    def completionWords(model: str, history: Sequence[str] = ()) -> List[str]:
+        """What 'Add target' autocompletes: the model's vocabulary (its known targets), then earlier
+        prompts, each once (case-insensitive)."""
+        from textseg.catalog import get_model
+
+        seen, out = set(), []
+        for word in list(get_model(model).vocabulary) + list(history):
+            if word.strip() and word.lower() not in seen:
+                seen.add(word.lower())
+                out.append(word)
+        return out
 
     @staticmethod
     def updatedHistory(history: str, prompts: Sequence[str], limit: int = 30) -> str:

@@ -111,6 +111,12 @@ def test_prompt_history_most_recent_first_unique_bounded():
     assert history.split("\n") == ["Spleen", "aorta", "liver", "left kidney"]
     many = module.BiomedParseSlicerLogic.updatedHistory(history, [f"t{n}" for n in range(40)])
     assert many.split("\n") == [f"t{n}" for n in range(30)]
+    words = module.BiomedParseSlicerLogic.completionWords("deepbet", ["Brain", "my lesion"])
+    assert words == ["brain", "my lesion"]  # deepbet's vocabulary first, then history, each once
+    from textseg.catalog import get_model
+
+    v1 = module.BiomedParseSlicerLogic.completionWords("biomedparse-v1")
+    assert len(v1) > 20 and "liver" in [w.lower() for w in v1] and v1 == list(get_model("biomedparse-v1").vocabulary)
 
 
 @pytest.mark.parametrize("variant", ["original", "flipped", "oblique"])
