@@ -228,8 +228,9 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def _restoreFromParameterNode(self):
         p = self._parameterNode
         self.ui.promptsEdit.setPlainText(p.prompts)
-        self.ui.remoteRadioButton.checked = p.where == "remote"
-        self.ui.localRadioButton.checked = p.where != "remote"
+        remote = p.where == "remote" or self.ui.clientOnlyCheckBox.checked  # client only: never local
+        self.ui.remoteRadioButton.checked = remote
+        self.ui.localRadioButton.checked = not remote
         self.fillModels()  # selects p.model
         self._fillHistory()
         self.updateState()
