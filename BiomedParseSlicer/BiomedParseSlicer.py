@@ -152,6 +152,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         # modality, site and device combo boxes are filled by the parameter node's Choice annotations
         self.ui.apiKeyLineEdit.text = qt.QSettings().value("BiomedParseSlicer/apiKey", "")
         self.ui.hfTokenLineEdit.text = qt.QSettings().value("BiomedParseSlicer/hfToken", "")
+        self.ui.clientOnlyCheckBox.checked = str(qt.QSettings().value("BiomedParseSlicer/clientOnly", "false")).lower() == "true"
         self.fillModels()
 
     def _connect(self):
@@ -172,6 +173,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         ui.statisticsButton.clicked.connect(self.onStatistics)
         ui.exportCsvButton.clicked.connect(self.onExportCsv)
         ui.installButton.clicked.connect(self.onInstall)
+        ui.clientOnlyCheckBox.toggled.connect(self.onClientOnlyChanged)
         ui.downloadButton.clicked.connect(self.onDownload)
         ui.importButton.clicked.connect(self.onImport)
         ui.stopServerButton.clicked.connect(self.stopLocalServer)
@@ -226,8 +228,9 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def _restoreFromParameterNode(self):
         p = self._parameterNode
         self.ui.promptsEdit.setPlainText(p.prompts)
-        self.ui.remoteRadioButton.checked = p.where == "remote"
-        self.ui.localRadioButton.checked = p.where != "remote"
+        remote = p.where == "remote" or self.ui.clientOnlyCheckBox.checked  # client only: never local
+        self.ui.remoteRadioButton.checked = remote
+        self.ui.localRadioButton.checked = not remote
         self.fillModels()  # selects p.model
         self._fillHistory()
         self.updateState()
@@ -246,6 +249,9 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         ui.roiSelector.enabled = "box" in kinds
         ui.pointsSelector.enabled = "point" in kinds
         ui.siteComboBox.enabled = ui.modalityComboBox.currentText == "CT"
+        ui.localRadioButton.enabled = not ui.clientOnlyCheckBox.checked  # client only: no local inference
+        for w in (ui.downloadButton, ui.importButton):
+            w.enabled = not running and not ui.clientOnlyCheckBox.checked and spec is not None
         remote = ui.remoteRadioButton.checked
         for w in (ui.serverUrlLineEdit, ui.apiKeyLineEdit, ui.testConnectionButton):
             w.enabled = remote
@@ -274,8 +280,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         if self._parameterNode:
             self._parameterNode.model = spec.id
-        words = list(spec.vocabulary) + self._history()
-        completer = qt.QCompleter(words, self.ui.addTargetLineEdit)
+        completer = qt.QCompleter(self.logic.completionWords(spec.id, self._history()), self.ui.addTargetLineEdit)
         completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
         self.ui.addTargetLineEdit.setCompleter(completer)
         self.ui.modelInfoLabel.text = f"{spec.description} {_('Licence')}: {spec.license or '?'}"
@@ -316,8 +321,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.promptsEdit.appendPlainText(self.ui.historyComboBox.itemText(index))
 
     def _remember(self, prompts: Sequence[str]):
-        history = list(dict.fromkeys(list(prompts) + self._history()))[:30]
-        self._parameterNode.promptHistory = "\n".join(history)
+        self._parameterNode.promptHistory = self.logic.updatedHistory(self._parameterNode.promptHistory, prompts)
         self._fillHistory()
 
     def onWhereChanged(self, _checked=None):
@@ -331,10 +335,10 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     # ---- running ----------------------------------------------------------------------------
     def _prompts(self) -> List[Prompt]:
-        box = mrml.roi_box_lps(self.ui.roiSelector.currentNode()) if self.ui.roiSelector.enabled else None
-        points = mrml.fiducial_points_lps(self.ui.pointsSelector.currentNode()) if self.ui.pointsSelector.enabled else ()
-        texts = [t for t in self.ui.promptsEdit.toPlainText().splitlines() if t.strip()] or [""]
-        return [Prompt(t, box, points) for t in texts]
+        texts = self.ui.promptsEdit.toPlainText().splitlines()
+        roi = self.ui.roiSelector.currentNode() if self.ui.roiSelector.enabled else None
+        points = self.ui.pointsSelector.currentNode() if self.ui.pointsSelector.enabled else None
+        return self.logic.markupPrompts(texts, self.currentSpec().id, roi, points)
 
     def _predictorFactory(self):
         """A function (progress, cancel) -> predictor, run in the worker thread."""
@@ -474,6 +478,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         with slicer.util.tryWithErrorDisplay(_("Statistics failed."), waitCursor=True):
             table = self.logic.statistics(segNode, volumeNode, self._parameterNode.statisticsTable)
             self._parameterNode.statisticsTable = table
+            table.SetUseColumnTitleAsColumnHeader(True)  # as Segment Statistics shows its table
             layoutManager = slicer.app.layoutManager()  # a layout with a table view, as Segment Statistics does
             layoutManager.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layoutManager.layout))
             slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
@@ -492,6 +497,14 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         lines = [f"{name}: {version or _('missing')}" for name, version in environment.status(local).items()]
         self.ui.dependencyStatusLabel.text = "\n".join(lines)
         self.fillModels()
+
+    def onClientOnlyChanged(self, checked):
+        """Client only: inference on a remote server, no torch or models needed in this Slicer."""
+        qt.QSettings().setValue("BiomedParseSlicer/clientOnly", bool(checked))
+        if checked:
+            self.ui.remoteRadioButton.checked = True
+        self.refreshSetup()
+        self.updateState()
 
     def onInstall(self):
         local = not self.ui.clientOnlyCheckBox.checked
@@ -512,10 +525,16 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onImport(self):
         spec = self.currentSpec()
         path = qt.QFileDialog.getOpenFileName(None, _("Import weight file for {m}").format(m=spec.title))
-        if path:
-            with slicer.util.tryWithErrorDisplay(_("Import failed."), waitCursor=True):
-                environment.import_model_file(spec.id, path)
-            self.refreshSetup()
+        if not path:
+            return
+        name, names = None, environment.import_candidates(spec.id, path)
+        if names:  # a multi-file model and a renamed file: ask which one it is
+            name = qt.QInputDialog.getItem(slicer.util.mainWindow(), _("Import weight file"),
+                                           _("Which file of {m} is this?").format(m=spec.title), names, 0, False)
+            if not name:
+                return
+        # copying and checking a multi-GB file takes a while: in the background, with progress
+        self._run(lambda progress, cancel: environment.import_model_file(spec.id, path, name, progress, cancel), "download")
 
     def stopLocalServer(self):
         if self._localServer is not None:
@@ -591,6 +610,45 @@ class BiomedParseSlicerLogic(ScriptedLoadableModuleLogic):
         except TextsegError:  # a modality no model knows (e.g. SEG): fall back to intensities
             return None
 
+    def markupPrompts(self, texts, model: str, roiNode=None, pointsNode=None) -> List[Prompt]:
+        """One prompt per non-empty line of ``texts`` (a box-/point-only prompt when there is no text),
+        each with the ROI's world bounding box and the point list's world positions, in LPS mm as the
+        engine expects. Refused with a message when ``model`` does not take boxes or points."""
+        from textseg.catalog import get_model
+        from textseg.predictor import check_prompts
+
+        if isinstance(texts, str):
+            texts = texts.splitlines()
+        box = mrml.roi_box_lps(roiNode)
+        points = mrml.fiducial_points_lps(pointsNode)
+        lines = [t for t in texts if t.strip()] or [""]
+        return check_prompts(get_model(model), [Prompt(t, box, points) for t in lines])
+
+    @staticmethod
+    def completionWords(model: str, history: Sequence[str] = ()) -> List[str]:
+        """What 'Add target' autocompletes: the model's vocabulary (its known targets), then earlier
+        prompts, each once (case-insensitive)."""
+        from textseg.catalog import get_model
+
+        seen, out = set(), []
+        for word in list(get_model(model).vocabulary) + list(history):
+            if word.strip() and word.lower() not in seen:
+                seen.add(word.lower())
+                out.append(word)
+        return out
+
+    @staticmethod
+    def updatedHistory(history: str, prompts: Sequence[str], limit: int = 30) -> str:
+        """The prompt history (newline-separated, most recent first) after a run with ``prompts``:
+        each prompt once (case and spacing as typed last), at most ``limit`` entries."""
+        seen, out = set(), []
+        for p in list(prompts) + history.split("\n"):
+            p = " ".join(p.split())
+            if p and p.lower() not in seen:
+                seen.add(p.lower())
+                out.append(p)
+        return "\n".join(out[:limit])
+
     def existingSegmentsFor(self, segmentationNode, prompts) -> List[str]:
         """Segments an earlier run made for these prompts (the GUI asks before replacing them)."""
         tags = [json.dumps(p.to_dict()) for p in parse_prompts(prompts)]
@@ -631,7 +689,7 @@ class BiomedParseSlicerLogic(ScriptedLoadableModuleLogic):
         unit = stats.intensity_unit(volumeNode)
         stats.fill_table(tableNode, rows, unit)
         if csvPath:
-            stats.write_csv(csvPath, rows, unit, overwrite)
+            stats.write_csv(csvPath, rows, overwrite)
         return tableNode
 
 
@@ -648,6 +706,7 @@ class BiomedParseSlicerTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_segment_geometry_and_statistics()
+        self.test_statistics_use_segment_statistics()
 
     def test_segment_geometry_and_statistics(self):
         import tempfile
@@ -660,4 +719,23 @@ class BiomedParseSlicerTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Segmenting an oblique, flipped phantom with the test-only synthetic model")
         with tempfile.TemporaryDirectory() as folder:
             checks.run_phantom_checks(BiomedParseSlicerLogic(), slicer.mrmlScene, folder)
+        self.delayDisplay("Test passed")
+
+    def test_statistics_use_segment_statistics(self):
+        """Inside Slicer, statistics come from Slicer's SegmentStatistics (absent from slicer-core, so
+        only this test exercises that branch): same columns, titles, units and values as the table
+        SegmentStatistics exports itself, and the engine's fallback numbers agree with it."""
+        from BiomedParseSlicerLib import checks
+
+        if environment.installed_version("torch") is None:
+            self.delayDisplay("Skipped: the engine is not installed (BiomedParse > Setup > Install).")
+            return
+        self.delayDisplay("Statistics through Slicer's Segment Statistics on the phantom")
+        logic = BiomedParseSlicerLogic()
+        node = mrml.volume_node_from_volume(slicer.mrmlScene, checks.phantom(), "phantom")
+        units = slicer.vtkCodedEntry()
+        units.SetValueSchemeMeaning("[hnsf'U]", "UCUM", "Hounsfield unit")  # as Slicer's DICOM reader sets it
+        node.SetVoxelValueUnits(units)
+        seg = logic.segment(node, ["bone", "soft tissue"], "synthetic-3d", modality="CT")
+        checks.check_segment_statistics_branch(logic, slicer.mrmlScene, seg, node)
         self.delayDisplay("Test passed")

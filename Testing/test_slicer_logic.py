@@ -70,6 +70,55 @@ def test_module_imports_headless_without_faking_slicer():
     assert slicer.vtkMRMLScene is slicer_core.vtkMRMLScene
 
 
+def test_client_only_segments_through_the_local_server_without_torch(tmp_path, monkeypatch):
+    """Client-only mode: the module, its Logic and the remote client run in a process where torch
+    cannot be imported; the engine's real server (its own process, started as the GUI starts it)
+    does the inference. The segments equal the engine's own masks."""
+    import subprocess
+
+    pytest.importorskip("fastapi", reason="the engine's server needs the server extra")
+    monkeypatch.setenv("TEXTSEG_SHOW_TEST_MODELS", "1")  # the hidden synthetic model, for tests
+    server = runner.LocalServer(device="cpu", log_path=tmp_path / "server.log")
+    server.start(timeout=120)
+    try:
+        code = (
+            "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
+            f"sys.path[:0] = [{str(ROOT / 'BiomedParseSlicer')!r}]\n"
+            "import numpy as np, BiomedParseSlicer as m\n"
+            "from BiomedParseSlicerLib import checks, headless, mrml, runner\n"
+            "app = headless.create(); logic = m.BiomedParseSlicerLogic(scene=app.scene)\n"
+            "node = mrml.volume_node_from_volume(app.scene, checks.phantom())\n"
+            f"p = runner.make_predictor('synthetic-3d', 'remote', url={server.url!r})\n"
+            "seg = logic.segment(node, logic.markupPrompts('bone left\\nbone', 'synthetic-3d'), 'synthetic-3d', predictor=p)\n"
+            "masks = {seg.GetSegmentation().GetSegment(s).GetName(): mrml.segment_mask(seg, s, node) for s in logic.lastSegmentIDs}\n"
+            f"np.savez({str(tmp_path / 'masks.npz')!r}, **masks)\n"
+            "print(type(p).__name__, sys.modules['torch'])\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["RemotePredictor", "None"]  # torch was never imported by the client
+    expected = checks.engine_masks(checks.phantom(), ["bone left", "bone"])
+    got = np.load(tmp_path / "masks.npz")
+    assert sorted(got.files) == sorted(expected) and all(expected[k].any() for k in expected)
+    for name, mask in expected.items():
+        np.testing.assert_array_equal(got[name], mask)
+
+
+def test_prompt_history_most_recent_first_unique_bounded():
+    history = module.BiomedParseSlicerLogic.updatedHistory("liver\nspleen\nleft  kidney", ["Spleen", "aorta", ""])
+    assert history.split("\n") == ["Spleen", "aorta", "liver", "left kidney"]
+    many = module.BiomedParseSlicerLogic.updatedHistory(history, [f"t{n}" for n in range(40)])
+    assert many.split("\n") == [f"t{n}" for n in range(30)]
+    words = module.BiomedParseSlicerLogic.completionWords("deepbet", ["Brain", "my lesion"])
+    assert words == ["brain", "my lesion"]  # deepbet's vocabulary first, then history, each once
+    from textseg.catalog import get_model
+
+    v1 = module.BiomedParseSlicerLogic.completionWords("biomedparse-v1")
+    assert len(v1) > 20 and "liver" in [w.lower() for w in v1] and v1 == list(get_model("biomedparse-v1").vocabulary)
+
+
 @pytest.mark.parametrize("variant", ["original", "flipped", "oblique"])
 def test_geometry_round_trip(app, logic, predictor, ct_path, tmp_path, variant):
     path = ct_path if variant == "original" else _write_variant(ct_path, tmp_path / f"{variant}.nii.gz", variant)
@@ -194,18 +243,57 @@ def test_statistics_table_and_csv_equal_segment_statistics(app, logic, predictor
     table = logic.statistics(seg, node, csvPath=csv_path)
     checks.check_statistics(table, seg, node)
     t = table.GetTable()
-    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == stats.headers("")
+    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == stats.headers()
     assert t.GetNumberOfRows() == 3 and t.GetColumn(1).GetValue(0) == int(bone.sum())
     assert t.GetColumn(1).GetValue(2) == 0  # 'nothing': empty segment, zero voxels
     ct = read_volume(ct_path).array
-    assert abs(t.GetColumn(7).GetValue(0) - float(np.median(ct[bone > 0]))) < 1e-9
+    assert abs(t.GetColumn(8).GetValue(0) - float(np.median(ct[bone > 0]))) < 1e-9
     rows = list(csv.reader(open(csv_path)))
-    assert rows[0][:4] == ["Segment", "Number of voxels [voxels]", "Volume [mm3]", "Volume [cm3]"]
+    assert rows[0] == stats.headers()
     assert rows[1][0] == "bone" and int(rows[1][1]) == int(bone.sum()) and rows[3][4] == ""
     assert float(rows[1][2]) == pytest.approx(bone.sum() * 27.0)  # 3 mm isotropic voxels
     with pytest.raises(OutputExistsError):
         logic.statistics(seg, node, table, csvPath=csv_path)  # never overwrites silently
     assert table.GetNumberOfColumns() == len(stats.COLUMNS)
+
+
+# What Slicer's SegmentStatistics.exportToTable gives with the Labelmap plugin's voxel_count/volume_mm3/
+# volume_cm3 and the Scalar Volume plugin's min/max/mean/stdev/median enabled, read from Slicer's
+# Modules/Scripted/SegmentStatistics/SegmentStatisticsPlugins/{Labelmap,ScalarVolume}SegmentStatisticsPlugin.py
+# (getMeasurementInfo name/title/units; identical in v5.8.0 d20ee94c, v5.10.0 a2b6d082 and main 583e9b37)
+# and SegmentStatistics.py (plugin order Labelmap, Scalar Volume; keys in each plugin's order; units
+# label = the volume's VoxelValueUnits code meaning). The module's self-test compares against the real
+# exportToTable inside Slicer (checks.check_segment_statistics_branch).
+SEGMENT_STATISTICS_TABLE = [  # (column name, column title, unit label)
+    ("Segment", "Segment", ""),
+    ("Voxel count", "Voxel count", ""),
+    ("Volume mm3", "Volume", "mm3"),
+    ("Volume cm3", "Volume", "cm3"),
+    ("Minimum", "Minimum", "Hounsfield unit"),
+    ("Maximum", "Maximum", "Hounsfield unit"),
+    ("Mean", "Mean", "Hounsfield unit"),
+    ("Standard deviation", "Standard Deviation", "Hounsfield unit"),
+    ("Median", "Median", "Hounsfield unit"),
+]
+
+
+def test_engine_statistics_table_has_segment_statistics_columns_and_units(app, logic, predictor, ct_path, tmp_path):
+    assert stats.slicer_statistics(None, None) is None  # slicer-core: no SegmentStatistics, the engine path runs
+    node = app.load_volume(ct_path)
+    units = slicer.vtkCodedEntry()
+    units.SetValueSchemeMeaning("[hnsf'U]", "UCUM", "Hounsfield unit")  # what Slicer's DICOM reader sets for CT
+    node.SetVoxelValueUnits(units)
+    seg = logic.segment(node, ["bone", "air"], "synthetic-3d", modality="CT", predictor=predictor)
+    table = logic.statistics(seg, node, csvPath=tmp_path / "s.csv")
+    t = table.GetTable()
+    got = [(t.GetColumnName(c), table.GetColumnTitle(t.GetColumnName(c)), table.GetColumnUnitLabel(t.GetColumnName(c)))
+           for c in range(t.GetNumberOfColumns())]
+    assert got == SEGMENT_STATISTICS_TABLE
+    assert [t.GetColumn(c).GetClassName() for c in range(3)] == ["vtkStringArray", "vtkLongArray", "vtkDoubleArray"]
+    assert next(csv.reader(open(tmp_path / "s.csv"))) == [name for name, _t, _u in SEGMENT_STATISTICS_TABLE]
+    node.SetVoxelValueUnits(None)  # no unit known (e.g. NIfTI): intensity columns unlabelled, as in Slicer
+    table = logic.statistics(seg, node, table)
+    assert [table.GetColumnUnitLabel(n) for n, _t, _u in SEGMENT_STATISTICS_TABLE] == ["", "", "mm3", "cm3"] + [""] * 5
 
 
 def test_segment_in_worker_thread_with_progress_and_cancel(app, logic, ct_path):
@@ -250,6 +338,9 @@ def test_local_server_lifecycle(tmp_path):
     assert not server.running
     assert runner.engine_environment("cpu")["CUDA_VISIBLE_DEVICES"] == ""
     assert runner.engine_environment("cuda:1")["CUDA_VISIBLE_DEVICES"] == "1"
+    for device, worker in (("auto", "auto"), ("cpu", "cpu"), ("mps", "mps"), ("cuda", "cuda"), ("cuda:1", "cuda")):
+        command = runner.LocalServer(device=device).command  # the panel's device reaches the server's one worker
+        assert command[command.index("--devices") + 1] == worker and command[1:4] == ["-m", "textseg", "serve"]
     broken = runner.LocalServer([sys.executable, "-c", "raise SystemExit('no engine here')"], log_path=tmp_path / "l2")
     with pytest.raises(Exception, match="stopped at start-up(.|\n)*no engine here"):
         broken.start(timeout=30)
@@ -316,6 +407,57 @@ def test_markups_become_lps_box_and_point_prompts(app, logic, predictor, ct_path
     inside = checks.segment_centres_ras(seg, logic.lastSegmentIDs[0])
     assert 0 < len(inside) < int(checks.engine_masks(reference, ["bone"])["bone"].sum())
     assert ((inside >= lo - 1.5) & (inside <= hi + 1.5)).all()  # within half a 3 mm voxel
+
+
+def test_box_prompt_from_roi_on_flipped_volume_under_transform_gives_exact_voxels(app, logic, predictor, ct_path, tmp_path):
+    """An ROI drawn in world coordinates around a block of voxels of a flipped CT that sits under a
+    rotating parent transform: the segment is exactly the thresholded voxels of that block (computed
+    here with numpy from the node's own grid, independently of the engine)."""
+    node = app.load_volume(_write_variant(ct_path, tmp_path / "flipped.nii.gz", "flipped"))
+    transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    m = np.eye(4)
+    m[:3, :3] = [[0, -1, 0], [1, 0, 0], [0, 0, 1]]  # 90 degrees about S: voxel axes stay axis-aligned in world
+    m[:3, 3] = (5, -7, 11)
+    transform.SetMatrixTransformToParent(mrml.numpy_to_matrix(m))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    ct = mrml.array_from_node(node)
+    bone = (ct >= 200) & (ct <= 3000)
+    k, j, i = np.argwhere(bone).mean(0).round().astype(int)
+    block = np.zeros_like(bone)
+    block[k - 6:k + 5, j - 9:j + 9, i - 12:i + 7] = True  # asymmetric, so a flip or swap would show
+    corners = np.array([[i - 12, j - 9, k - 6, 1], [i + 6, j + 8, k + 4, 1]], float) @ (m @ mrml.ijk_to_ras(node)).T
+    lo, hi = corners[:, :3].min(0) - 0.75, corners[:, :3].max(0) + 0.75  # a quarter 3 mm voxel beyond the centres
+    roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")  # in world coordinates, no transform
+    roi.SetCenter(*((lo + hi) / 2))
+    roi.SetSize(*(hi - lo))
+    prompts = logic.markupPrompts("bone\n", "synthetic-3d", roi)
+    assert len(prompts) == 1 and prompts[0].kinds == ("text", "box")
+    np.testing.assert_allclose(prompts[0].box, [np.minimum(lo * [-1, -1, 1], hi * [-1, -1, 1]),
+                                                np.maximum(lo * [-1, -1, 1], hi * [-1, -1, 1])], atol=1e-9)
+    seg = logic.segment(node, prompts, "synthetic-3d", modality="CT", predictor=predictor)
+    got = mrml.segment_mask(seg, logic.lastSegmentIDs[0], node)
+    want = bone & block
+    assert 100 < want.sum() < bone.sum()
+    np.testing.assert_array_equal(got, want)
+    tag = json.loads(mrml.get_tag(seg.GetSegmentation().GetSegment(logic.lastSegmentIDs[0]), mrml.PROMPT_TAG))
+    assert tag["text"] == "bone" and np.allclose(tag["box"], prompts[0].box)  # the box is part of the provenance
+
+    points = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPoint(1.5, -2.5, 3.0)
+    points.SetAndObserveTransformNodeID(transform.GetID())  # a point list under the same transform: world positions
+    (p,) = logic.markupPrompts(["", ""], "synthetic-3d", None, points)  # no text: one point-only prompt
+    world_ras = (m @ [1.5, -2.5, 3.0, 1.0])[:3]  # (7.5, -5.5, 14)
+    assert p.kinds == ("point",) and np.allclose(p.points, [world_ras * [-1, -1, 1]]) and p.point_labels == (1,)
+    with pytest.raises(UsageError, match="takes text prompts, not box"):
+        logic.markupPrompts(["brain"], "deepbet", roi)  # deepbet takes text only
+    grid = app.scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    grid.SetAndObserveTransformToParent(slicer.vtkOrientedGridTransform())
+    roi.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(UsageError, match="non-linear transform.*Harden"):
+        logic.markupPrompts(["bone"], "synthetic-3d", roi)
+    empty = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "unplaced")
+    with pytest.raises(UsageError, match="no extent"):
+        mrml.roi_box_lps(empty)
 
 
 def test_modality_guess(app, logic, ct_path):

@@ -79,21 +79,50 @@ def test_icon_is_128_png():
         assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 20  # a picture, not a flat placeholder
 
 
+# Slicer/Slicer Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json (additionalProperties: false):
+# its required and allowed keys. Screenshots and icons are not catalog-entry fields: the catalog takes
+# them from CMakeLists.txt's EXTENSION_SCREENSHOTURLS / EXTENSION_ICONURL.
+CATALOG_REQUIRED = {"$schema", "category", "scm_url"}
+CATALOG_ALLOWED = CATALOG_REQUIRED | {"scm_revision", "scm_type", "build_dependencies", "build_subdirectory",
+                                      "enabled", "tier"}
+
+
 def test_extension_metadata_agrees():
     cmake = (ROOT / "CMakeLists.txt").read_text()
     s4ext = dict(line.split(" ", 1) if " " in line else (line, "")
                  for line in (ROOT / "BiomedParseSlicer.s4ext").read_text().splitlines()
                  if line.strip() and not line.startswith("#"))
     index = json.loads((ROOT / "BiomedParseSlicer.json").read_text())
-    assert index["$schema"].endswith("slicer-extension-catalog-item-schema-v1.0.0.json#")
-    assert set(index) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "scm", "scmrevision", "scmurl", "tier"}
+    assert index["$schema"] == ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+                                "slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert CATALOG_REQUIRED <= set(index) <= CATALOG_ALLOWED
     depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]*)"\)', cmake).group(1).split()
     assert index["build_dependencies"] == depends == s4ext["depends"].split()
     category = re.search(r'set\(EXTENSION_CATEGORY "([^"]*)"\)', cmake).group(1)
     assert index["category"] == category == s4ext["category"]
-    assert s4ext["scmurl"].rstrip(".git") == index["scmurl"] and "add_subdirectory(BiomedParseSlicer)" in cmake
+    assert s4ext["scmurl"] == index["scm_url"] and "add_subdirectory(BiomedParseSlicer)" in cmake
     assert 'VERSION_LESS "5.8"' in cmake  # the supported versions are enforced at build time
     assert "Apache License" in (ROOT / "LICENSE").read_text() and "CC-BY-NC-SA" in (ROOT / "NOTICE").read_text()
+
+
+def test_screenshot_and_icon_urls_point_at_files_in_this_repository():
+    """The catalog's screenshot and icon: raw URLs of files committed here, under the homepage's repository."""
+    Image = pytest.importorskip("PIL.Image", reason="needs Pillow (comes with scikit-image, test extra)")
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    s4ext = (ROOT / "BiomedParseSlicer.s4ext").read_text()
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]*)"\)', cmake).group(1)
+    raw = homepage.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    for var, key in (("SCREENSHOTURLS", "screenshoturls"), ("ICONURL", "iconurl")):
+        url = re.search(rf'set\(EXTENSION_{var} "([^"]*)"\)', cmake).group(1)
+        assert url.startswith(raw) and re.search(rf"^{key} {re.escape(url)}$", s4ext, re.M), (var, url)
+        path = ROOT / url[len(raw):]
+        assert path.is_file(), path
+        with Image.open(path) as im:
+            assert im.format == "PNG"
+    shot = ROOT / "Resources" / "Screenshots" / "brain-extraction.png"
+    assert shot.stat().st_size < 500_000
+    with Image.open(shot) as im:
+        assert min(im.size) >= 600
 
 
 def test_requirement_lists_match_pyproject():
@@ -104,6 +133,7 @@ def test_requirement_lists_match_pyproject():
     extras = pyproject["optional-dependencies"]
     assert list(environment.CLIENT_REQUIREMENTS) == pyproject["dependencies"]
     assert list(environment.MODEL_REQUIREMENTS) == [r for r in extras["models"] if not r.startswith("torch")]
+    assert [environment.TORCH_REQUIREMENT] == [r for r in extras["models"] if r.startswith("torch")]
     assert list(environment.SERVER_REQUIREMENTS) == extras["server"]
 
 
@@ -136,3 +166,47 @@ def test_download_progress_adapter():
     report(50_000_000, 200_000_000)
     report(0.5, "verifying")
     assert seen == [(0.25, "downloading 50 of 200 MB"), (0.5, "verifying")]
+
+
+def test_import_weight_file_asks_only_when_ambiguous_and_verifies(textseg_home, tmp_path):
+    """Setup > Import weight file: a renamed file of a multi-file model makes the GUI ask which one
+    it is; the chosen file is checked against the catalog's SHA-256 before it is installed."""
+    import hashlib
+
+    from BiomedParseSlicerLib import environment
+    from textseg import catalog
+    from textseg.catalog import ModelSpec, WeightFile
+    from textseg.errors import TextsegError
+
+    data = {"a.bin": b"weights A" * 1000, "b.bin": b"weights B" * 700}
+    files = tuple(WeightFile(name=n, repo="test-org/two", filename=f"w/{n}", size=len(d),
+                             sha256=hashlib.sha256(d).hexdigest()) for n, d in data.items())
+    catalog.register(ModelSpec(id="t-slicer-import", family="test", title="t", version="1", dims=3,
+                               modalities=("CT",), adapter="x:y", files=files, hidden=True))
+    for name, d in data.items():
+        (tmp_path / name).write_bytes(d)
+    (tmp_path / "download(1).bin").write_bytes(data["b.bin"])
+    assert environment.import_candidates("t-slicer-import", str(tmp_path / "a.bin")) == []
+    assert environment.import_candidates("t-slicer-import", str(tmp_path / "download(1).bin")) == ["a.bin", "b.bin"]
+    with pytest.raises(TextsegError):  # the wrong choice fails the checksum; nothing is installed
+        environment.import_model_file("t-slicer-import", str(tmp_path / "download(1).bin"), "a.bin")
+    seen = []
+    path = environment.import_model_file("t-slicer-import", str(tmp_path / "download(1).bin"), "b.bin",
+                                         progress=lambda f, stage: seen.append(f))
+    assert path.read_bytes() == data["b.bin"] and seen[-1] == 1.0
+    assert not any((textseg_home / "models" / "t-slicer-import").glob("a.bin"))
+    environment.import_model_file("t-slicer-import", str(tmp_path / "a.bin"))
+    rows = {r["id"]: r for r in environment.model_rows()}
+    assert "t-slicer-import" not in rows and "synthetic-3d" not in rows  # hidden test models are never offered
+    if environment.installed_version("deepbet"):
+        assert rows["deepbet"]["ready"]  # its weights come inside its PyPI package: ready without a download
+    assert any(not r["ready"] for r in rows.values())  # the empty cache: downloadable models are marked
+    from textseg.weights import is_ready
+
+    assert is_ready(catalog.get_model("t-slicer-import"))
+
+
+def test_shipped_code_parses_as_python_3_9():
+    """Slicer 5.8 bundles Python 3.9.10 (Slicer 5.10: 3.12.10): no newer syntax in shipped files."""
+    for path in sorted(MODULE.rglob("*.py")):
+        ast.parse(path.read_text(encoding="utf-8"), str(path), feature_version=(3, 9))

@@ -196,3 +196,45 @@ def run_phantom_checks(logic, scene, folder) -> None:
     check_preserved(before, segment_state(seg, node), changed=logic.lastSegmentIDs)
     check_seg_nrrd(seg, os.path.join(str(folder), "phantom.seg.nrrd"), reference, expected)
     check_statistics(logic.statistics(seg, node), seg, node)
+
+
+def check_segment_statistics_branch(logic, scene, segmentation_node, volume_node) -> None:
+    """Inside Slicer (needs the SegmentStatistics module): the module's table comes from Slicer's
+    SegmentStatistics and equals, column for column (name, title, unit, values), the table
+    SegmentStatistics itself exports for the same measurements; the engine's numbers for the same
+    segments agree with it (the fallback used where SegmentStatistics is absent)."""
+    from SegmentStatistics import SegmentStatisticsLogic
+
+    slicer_rows = stats.slicer_statistics(segmentation_node, volume_node)
+    expect(slicer_rows is not None, "SegmentStatistics is present but was not used")
+    table = logic.statistics(segmentation_node, volume_node)
+    ss = SegmentStatisticsLogic()
+    stats.configure_segment_statistics(ss, segmentation_node, volume_node)
+    ss.computeStatistics()
+    reference = scene.AddNewNodeByClass("vtkMRMLTableNode", "SegmentStatistics reference")
+    try:
+        ss.exportToTable(reference)
+        mine, theirs = table.GetTable(), reference.GetTable()
+        names = [theirs.GetColumnName(c) for c in range(theirs.GetNumberOfColumns())]
+        expect(names == stats.headers(), f"SegmentStatistics columns {names} != the module's {stats.headers()}")
+        for c, name in enumerate(names):
+            expect(mine.GetColumnName(c) == name, f"column {c}: '{mine.GetColumnName(c)}' != '{name}'")
+            for what in ("GetColumnTitle", "GetColumnUnitLabel"):
+                a, b = getattr(table, what)(name), getattr(reference, what)(name)
+                expect(a == b, f"'{name}' {what}: module '{a}' != SegmentStatistics '{b}'")
+            for r in range(theirs.GetNumberOfRows()):
+                a, b = mine.GetValue(r, c), theirs.GetValue(r, c)
+                same = a.ToString() == b.ToString() or (a.IsNumeric() and b.IsNumeric() and abs(a.ToDouble() - b.ToDouble()) <= 1e-9 * max(1.0, abs(b.ToDouble())))
+                expect(same, f"'{name}' row {r}: module {a.ToString()} != SegmentStatistics {b.ToString()}")
+    finally:
+        scene.RemoveNode(reference)
+        scene.RemoveNode(ss.getParameterNode())
+    engine_rows = {r["segment"]: r for r in stats.engine_statistics(segmentation_node, volume_node)}
+    for row in slicer_rows:
+        e = engine_rows[row["segment"]]
+        expect(e["voxel_count"] == row["voxel_count"], f"'{row['segment']}' voxel count: engine {e['voxel_count']} != Slicer {row['voxel_count']}")
+        for key in ("volume_mm3", "volume_cm3", "min", "max", "mean", "stdev", "median"):
+            a, b = e.get(key), row.get(key)
+            tol = 1.0 if key == "median" else 1e-6 * max(1.0, abs(b or 0.0))  # Slicer's median: a histogram bin
+            expect((a is None and b is None) or abs(float(a) - float(b)) <= tol,
+                   f"'{row['segment']}' {key}: engine {a} != SegmentStatistics {b}")

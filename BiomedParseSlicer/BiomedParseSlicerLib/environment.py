@@ -19,6 +19,8 @@ CLIENT_REQUIREMENTS = ("numpy>=1.24", "scipy>=1.10", "SimpleITK>=2.3", "slicerio
 # Needed to run models in this computer (torch comes from the PyTorch extension).
 MODEL_REQUIREMENTS = ("deepbet==1.0.2", "monai>=1.3", "safetensors>=0.4", "einops>=0.6", "transformers>=4.40",
                       "ftfy>=6", "regex", "scikit-image>=0.21")
+# torch itself comes from the PyTorch extension, with this version requirement (pyproject [models]).
+TORCH_REQUIREMENT = "torch>=2.1"
 # Installed with --no-deps: its dependencies (torchvision, timm) would replace Slicer's torch. Its wheel
 # carries the CLIP BPE vocabulary used by BiomedParse and SegVol (textseg.models.clip_tokenizer).
 NO_DEPS_REQUIREMENTS = ("open_clip_torch==3.3.0",)
@@ -88,7 +90,9 @@ def torch_installer() -> Optional[Callable[[], bool]]:
         return None
 
     def install_torch() -> bool:
-        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is not None
+        # the user already confirmed the whole list; PyTorchUtils picks the CUDA/CPU/macOS build
+        version = TORCH_REQUIREMENT[len("torch"):]
+        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=version) is not None
 
     return install_torch
 
@@ -123,9 +127,24 @@ def byte_progress(progress):
     return report
 
 
-def import_model_file(model_id: str, path: str):
+def import_candidates(model_id: str, path: str) -> List[str]:
+    """Names of the model's weight files to choose from when the file's name does not say which one it
+    is (the GUI asks the user then); [] when it is clear (a matching name, or a one-file model)."""
+    from pathlib import Path
+
+    from textseg.catalog import get_model
+
+    own = [wf for wf in get_model(model_id).files if not wf.package]
+    source = Path(path).name
+    if len(own) <= 1 or any(source in (wf.name, Path(wf.filename or "").name) for wf in own):
+        return []
+    return [wf.name for wf in own]
+
+
+def import_model_file(model_id: str, path: str, name: Optional[str] = None, progress=None, cancel=None):
+    """Verify (size, SHA-256) and install a weight file downloaded elsewhere (proxy, air-gapped site)."""
     from textseg import weights
 
     if not hasattr(weights, "import_file"):
         raise RuntimeError("This engine version cannot import weight files yet; update the extension.")
-    return weights.import_file(model_id, path)
+    return weights.import_file(model_id, path, name=name, progress=progress, cancel=cancel)

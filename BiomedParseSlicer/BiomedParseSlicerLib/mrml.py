@@ -283,20 +283,34 @@ def ras_to_lps(points) -> np.ndarray:
     return np.atleast_2d(np.asarray(points, dtype=float)) * np.array([-1.0, -1.0, 1.0])
 
 
+def _require_linear(node, what: str) -> None:
+    parent = node.GetParentTransformNode()
+    if parent is not None and not parent.IsTransformToWorldLinear():
+        raise UsageError(
+            f"{what} '{node.GetName()}' is under a non-linear transform ('{parent.GetName()}'). Harden it first "
+            "(Data module: right-click it > Harden transform), or place it outside that transform."
+        )
+
+
 def roi_box_lps(roi_node) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
-    """Two opposite corners (LPS mm) of an ROI's world bounding box, or None without an ROI."""
+    """Two opposite corners (LPS mm) of an ROI's axis-aligned bounding box in world coordinates
+    (its parent transforms applied; a rotated ROI gives the box around it), or None without an ROI."""
     if roi_node is None:
         return None
+    _require_linear(roi_node, "ROI")
     b = [0.0] * 6
     roi_node.GetRASBounds(b)
+    if roi_node.GetNumberOfControlPoints() == 0 or not np.isfinite(b).all() or b[0] > b[1]:
+        raise UsageError(f"ROI '{roi_node.GetName()}' has no extent: place it in a view first.")
     lo, hi = ras_to_lps([[b[0], b[2], b[4]], [b[1], b[3], b[5]]])
     return tuple(map(float, np.minimum(lo, hi))), tuple(map(float, np.maximum(lo, hi)))
 
 
 def fiducial_points_lps(fiducial_node) -> Tuple[Tuple[float, ...], ...]:
-    """World positions (LPS mm) of a point list's control points."""
+    """World positions (LPS mm) of a point list's control points (parent transforms applied)."""
     if fiducial_node is None:
         return ()
+    _require_linear(fiducial_node, "Point list")
     pts = []
     for i in range(fiducial_node.GetNumberOfControlPoints()):
         p = [0.0, 0.0, 0.0]

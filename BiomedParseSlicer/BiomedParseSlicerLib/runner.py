@@ -115,6 +115,13 @@ def engine_environment(device: str = "auto") -> dict:
     return env
 
 
+def server_device(device: str = "auto") -> str:
+    """The local server's one worker device for the panel's choice: 'auto' (CUDA, else Apple MPS,
+    else CPU: the server's own default would skip MPS), 'cpu', 'mps', or 'cuda' (GPU N of 'cuda:N'
+    is the only one the server sees, through CUDA_VISIBLE_DEVICES)."""
+    return "cuda" if device.startswith("cuda") else (device or "auto")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,7 +136,7 @@ class LocalServer:
         self.port = port or free_port()
         self.device = device
         self.command = command or [python_executable(), "-m", "textseg", "serve", "--host", "127.0.0.1",
-                                   "--port", str(self.port)]
+                                   "--port", str(self.port), "--devices", server_device(device)]
         self.log_path = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"textseg-server-{self.port}.log"
         self.health_path = health_path
         self.process: Optional[subprocess.Popen] = None

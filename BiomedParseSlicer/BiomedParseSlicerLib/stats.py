@@ -17,41 +17,40 @@ from textseg.writers import Segment, atomic_output
 
 from . import mrml
 
-# (key, header, unit, column type); unit None = the volume's intensity unit (HU for DICOM CT).
+# The table Slicer's SegmentStatistics makes (SegmentStatisticsLogic.exportToTable) when the Labelmap
+# plugin's voxel_count/volume_mm3/volume_cm3 and the Scalar Volume plugin's min/max/mean/stdev/median
+# are enabled: column names, titles, units and order as in Slicer 5.8 .. 5.10 (Modules/Scripted/
+# SegmentStatistics/SegmentStatisticsPlugins/*.py, getMeasurementInfo). Unit None = the volume's intensity
+# unit, the code meaning of its VoxelValueUnits (e.g. "Hounsfield unit" for DICOM CT), as Slicer sets it.
+# (key, Slicer long key, column name, column title, unit, column type)
 COLUMNS = (
-    ("segment", "Segment", "", "string"),
-    ("voxel_count", "Number of voxels", "voxels", "int"),
-    ("volume_mm3", "Volume", "mm3", "float"),
-    ("volume_cm3", "Volume", "cm3", "float"),
-    ("min", "Minimum", None, "float"),
-    ("max", "Maximum", None, "float"),
-    ("mean", "Mean", None, "float"),
-    ("median", "Median", None, "float"),
-    ("stdev", "Standard deviation", None, "float"),
+    ("segment", "Segment", "Segment", "Segment", "", "string"),
+    ("voxel_count", "LabelmapSegmentStatisticsPlugin.voxel_count", "Voxel count", "Voxel count", "", "int"),
+    ("volume_mm3", "LabelmapSegmentStatisticsPlugin.volume_mm3", "Volume mm3", "Volume", "mm3", "float"),
+    ("volume_cm3", "LabelmapSegmentStatisticsPlugin.volume_cm3", "Volume cm3", "Volume", "cm3", "float"),
+    ("min", "ScalarVolumeSegmentStatisticsPlugin.min", "Minimum", "Minimum", None, "float"),
+    ("max", "ScalarVolumeSegmentStatisticsPlugin.max", "Maximum", "Maximum", None, "float"),
+    ("mean", "ScalarVolumeSegmentStatisticsPlugin.mean", "Mean", "Mean", None, "float"),
+    ("stdev", "ScalarVolumeSegmentStatisticsPlugin.stdev", "Standard deviation", "Standard Deviation", None, "float"),
+    ("median", "ScalarVolumeSegmentStatisticsPlugin.median", "Median", "Median", None, "float"),
 )
-_SLICER_KEYS = {
-    "voxel_count": "LabelmapSegmentStatisticsPlugin.voxel_count",
-    "volume_mm3": "LabelmapSegmentStatisticsPlugin.volume_mm3",
-    "volume_cm3": "LabelmapSegmentStatisticsPlugin.volume_cm3",
-    "min": "ScalarVolumeSegmentStatisticsPlugin.min",
-    "max": "ScalarVolumeSegmentStatisticsPlugin.max",
-    "mean": "ScalarVolumeSegmentStatisticsPlugin.mean",
-    "median": "ScalarVolumeSegmentStatisticsPlugin.median",
-    "stdev": "ScalarVolumeSegmentStatisticsPlugin.stdev",
-}
+_SLICER_KEYS = {key: long_key for key, long_key, *_rest in COLUMNS[1:]}
 
 
 def intensity_unit(volume_node) -> str:
+    """The volume's intensity unit as SegmentStatistics labels it (code meaning, "" when unset)."""
     units = volume_node.GetVoxelValueUnits() if hasattr(volume_node, "GetVoxelValueUnits") else None
-    return (units.GetCodeValue() or units.GetCodeMeaning() or "") if units is not None else ""
+    return (units.GetCodeMeaning() or "") if units is not None else ""
 
 
-def headers(unit: str) -> List[str]:
-    out = []
-    for _key, name, col_unit, _kind in COLUMNS:
-        u = unit if col_unit is None else col_unit
-        out.append(f"{name} [{u}]" if u else name)
-    return out
+def headers() -> List[str]:
+    """Column names (Slicer's, which already carry mm3/cm3), as in the table and the CSV header."""
+    return [name for _k, _l, name, *_rest in COLUMNS]
+
+
+def units(unit: str) -> List[str]:
+    """Each column's unit label; ``unit`` is the volume's intensity unit."""
+    return [unit if col_unit is None else col_unit for *_rest, col_unit, _kind in COLUMNS]
 
 
 # ---- the two back ends ---------------------------------------------------------------------------
@@ -64,14 +63,7 @@ def slicer_statistics(segmentation_node, volume_node) -> Optional[List[Dict]]:
     logic = SegmentStatisticsLogic()
     params = logic.getParameterNode()
     try:
-        params.SetParameter("Segmentation", segmentation_node.GetID())
-        params.SetParameter("ScalarVolume", volume_node.GetID())
-        params.SetParameter("visibleSegmentsOnly", "False")
-        params.SetParameter("ClosedSurfaceSegmentStatisticsPlugin.enabled", "False")
-        for long_key in _SLICER_KEYS.values():
-            plugin = long_key.split(".")[0]
-            params.SetParameter(plugin + ".enabled", "True")
-            params.SetParameter(long_key + ".enabled", "True")
+        configure_segment_statistics(logic, segmentation_node, volume_node)
         logic.computeStatistics()
         stats = logic.getStatistics()
         return [
@@ -81,6 +73,20 @@ def slicer_statistics(segmentation_node, volume_node) -> Optional[List[Dict]]:
     finally:
         if params.GetScene() is not None:
             params.GetScene().RemoveNode(params)
+
+
+def configure_segment_statistics(logic, segmentation_node, volume_node) -> None:
+    """Enable exactly the measurements of ``COLUMNS`` in a SegmentStatisticsLogic (all segments)."""
+    params = logic.getParameterNode()
+    params.SetParameter("Segmentation", segmentation_node.GetID())
+    params.SetParameter("ScalarVolume", volume_node.GetID())
+    params.SetParameter("visibleSegmentsOnly", "False")
+    wanted = set(_SLICER_KEYS.values())
+    for plugin in logic.plugins:
+        keys = [plugin.toLongKey(k) for k in plugin.keys]
+        params.SetParameter(plugin.__class__.__name__ + ".enabled", str(any(k in wanted for k in keys)))
+        for k in keys:
+            params.SetParameter(k + ".enabled", str(k in wanted))
 
 
 def basic_statistics(volume, segments: Sequence[Segment]) -> List[Dict]:
@@ -121,31 +127,33 @@ def _value(row: Dict, key: str, kind: str):
 
 
 def fill_table(table_node, rows: Sequence[Dict], unit: str) -> None:
+    """Columns named, titled and unit-labelled as SegmentStatistics' exportToTable does."""
     from vtkmodules.vtkCommonCore import vtkDoubleArray, vtkLongArray, vtkStringArray
 
     was_modifying = table_node.StartModify()
     table_node.RemoveAllColumns()
-    for (key, _n, _u, kind), header in zip(COLUMNS, headers(unit)):
+    for (key, _long, name, title, _u, kind), col_unit in zip(COLUMNS, units(unit)):
         array = {"string": vtkStringArray, "int": vtkLongArray, "float": vtkDoubleArray}[kind]()
-        array.SetName(header)
+        array.SetName(name)
         for row in rows:
             array.InsertNextValue(_value(row, key, kind))
         table_node.AddColumn(array)
-        col_unit = unit if _u is None else _u
+        table_node.SetColumnTitle(name, title)
         if col_unit:
-            table_node.SetColumnUnitLabel(header, col_unit)
+            table_node.SetColumnUnitLabel(name, col_unit)
     table_node.Modified()
     table_node.EndModify(was_modifying)
 
 
-def write_csv(path, rows: Sequence[Dict], unit: str, overwrite: bool = False) -> None:
-    """CSV with the table's headers; atomic, never replaces a file unless ``overwrite``."""
+def write_csv(path, rows: Sequence[Dict], overwrite: bool = False) -> None:
+    """CSV with the table's column names (what Slicer's Tables module writes for the table);
+    atomic, never replaces a file unless ``overwrite``."""
     with atomic_output(path, overwrite) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(headers(unit))
+            w.writerow(headers())
             for row in rows:
-                w.writerow([_csv_value(row.get(key)) for key, _n, _u, _k in COLUMNS])
+                w.writerow([_csv_value(row.get(key)) for key, *_rest in COLUMNS])
 
 
 def _csv_value(v):
