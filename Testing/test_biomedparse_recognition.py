@@ -318,3 +318,31 @@ def test_v1_recognize_public_api_equals_the_wrapper(tmp_path):
     assert max(sum(r.mask.astype(int) for r in a).ravel()) == 1
     with pytest.raises(UsageError, match="Unknown recognition option"):
         p.recognize(instances=True)
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------
+def test_cli_writes_detection_json_and_checks_recognize(tmp_path, monkeypatch, capsys):
+    from textseg.cli import main
+    from textseg.io import write_image
+
+    monkeypatch.setenv("TEXTSEG_SHOW_TEST_MODELS", "1")
+    arr = np.full((6, 8, 10), -1000, np.int16)
+    arr[1:5, 2:6, 1:9] = 400  # k 1..4, j 2..5, i 1..8
+    img = tmp_path / "ct.nii.gz"
+    write_image(Volume(arr, (1.0, 1.0, 2.0), origin=(-5.0, 7.0, 100.0)), img)
+    out, objects = tmp_path / "ct.seg.nrrd", tmp_path / "ct.objects.json"
+    rc = main(["-q", "segment", str(img), "-m", "synthetic-3d", "--modality", "CT", "-p", "bone", "--out", str(out),
+               "--objects", str(objects)])
+    assert rc == 0
+    doc = json.loads(objects.read_text())
+    assert doc["model"] == "synthetic-3d" and doc["space"] == "LPS" and doc["units"] == "mm"
+    (seg,) = doc["segments"]
+    assert seg["name"] == "bone"
+    assert seg["objects"] == [{"label": "bone", "voxel_count": 128, "bbox_min": [-4.0, 9.0, 102.0],
+                               "bbox_max": [3.0, 12.0, 108.0], "centroid": [-0.5, 10.5, 105.0],
+                               "index_min": [1, 2, 1], "index_max": [8, 5, 4]}]
+    assert main(["segment", str(img), "-m", "synthetic-3d", "--recognize", "--out", str(tmp_path / "r.seg.nrrd")]) == 2
+    assert "has no recognition" in capsys.readouterr().err
+    assert main(["segment", str(img), "-m", "biomedparse-v2", "--recognize", "-p", "liver",
+                 "--out", str(tmp_path / "r.seg.nrrd")]) == 2
+    assert "leave out --prompt" in capsys.readouterr().err

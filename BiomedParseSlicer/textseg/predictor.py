@@ -423,9 +423,12 @@ class Predictor:
             sc = scores[t][on_slice]
             existence = float(np.nanmax(sc)) if np.isfinite(sc).any() else None
             extra: Dict[str, Any] = {"name": rec.names[t], "recognition": dict(rec.info)}
-            r = self._finish(rec.prompts[t], np.where(region, win, np.float32(0)), existence, extra,
-                             self.spec.threshold, True, seconds)
+            r = self._finish(rec.prompts[t], np.where(region, win, np.float32(0)), None, extra,
+                             self.spec.threshold, True, seconds, detect=False)
             r.mask = self._volume.to_input_grid(region.astype(np.uint8))
+            r.existence = existence
+            r.provenance["existence"] = None if existence is None else round(existence, 4)
+            r.provenance["recognition"] = rec.info.get("rules", "")
             r.present, r.message = True, ""
             if t in split:
                 r.instances = self._volume.to_input_grid(split[t].astype(np.int32))
@@ -520,7 +523,7 @@ class Predictor:
             else:
                 idx = self._slices_done = batch[-1] + 1
 
-    def _finish(self, prompt, prob_canonical, existence, extra, thr, keep_absent, seconds):
+    def _finish(self, prompt, prob_canonical, existence, extra, thr, keep_absent, seconds, detect=True):
         assert self._volume is not None and self._preset is not None
         prob = self._volume.to_input_grid(np.asarray(prob_canonical, dtype=np.float32))
         mask = (prob >= thr).astype(np.uint8) if thr > 0 else (prob > 0).astype(np.uint8)
@@ -558,5 +561,6 @@ class Predictor:
         if self.seed is not None:
             provenance["seed"] = self.seed
         r = PromptResult(prompt, prob, mask, existence, present, provenance, message, dict(extra))
-        r.objects = detect_objects(self._volume, mask, r.name)
+        if detect:
+            r.objects = detect_objects(self._volume, mask, r.name)
         return r
