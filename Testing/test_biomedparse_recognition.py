@@ -64,6 +64,18 @@ def test_instance_split_equals_upstream_notebook(post):
     assert np.array_equal(v2r.connected_components(post["inst_labels"]), post["inst_components"])  # skimage label
 
 
+def test_components_and_expansion_equal_skimage(post):
+    measure = pytest.importorskip("skimage.measure")
+    segmentation = pytest.importorskip("skimage.segmentation")
+    for v in (1, 2):
+        binary = post["inst_labels"] == v
+        assert np.array_equal(v2r.connected_components(binary.astype(np.uint8)), measure.label(binary, connectivity=1))
+    rng = np.random.default_rng(1)
+    seeds = (rng.random((6, 20, 20)) < 0.03) * rng.integers(1, 9, (6, 20, 20))
+    for d in (1, 2, 3.5):
+        assert np.array_equal(v2r.expand_labels(seeds, d), segmentation.expand_labels(seeds, d))
+
+
 def test_default_instance_split_stays_inside_each_target(post):
     rec = recognizer(False, instances=["b"])
     out = rec.slices(post["inst_mask_prob"], post["inst_exist_prob"].astype(np.float64), post["inst_edge_prob"])
@@ -346,3 +358,26 @@ def test_cli_writes_detection_json_and_checks_recognize(tmp_path, monkeypatch, c
     assert main(["segment", str(img), "-m", "biomedparse-v2", "--recognize", "-p", "liver",
                  "--out", str(tmp_path / "r.seg.nrrd")]) == 2
     assert "leave out --prompt" in capsys.readouterr().err
+
+
+def test_cli_segment_one_recognize_writes_named_segments_and_objects(v2_weights, tmp_path):
+    import argparse
+
+    from textseg.cli import segment_one
+    from textseg.io import write_image
+    from textseg.models.base import CancelToken
+    from textseg.writers import read_seg_nrrd
+
+    img = tmp_path / "ct.nii.gz"
+    write_image(ct_volume(), img)
+    out, objects = tmp_path / "ct.seg.nrrd", tmp_path / "ct.objects.json"
+    args = argparse.Namespace(recognize=True, overwrite=False, quiet=True, modality="CT", site="abdomen", slices=None,
+                              labelmap=None, dicom_seg=None, stats=None, objects=str(objects))
+    p = v2_predictor(v2_weights)
+    summary = segment_one(p, img, out, args, CancelToken())
+    _, segs = read_seg_nrrd(out)
+    doc = json.loads(objects.read_text())
+    assert [s.name for s in segs] == list(summary["segments"]) == [s["name"] for s in doc["segments"]]
+    assert len(segs) >= 2 and summary["complete"]
+    assert all(s["objects"][0]["voxel_count"] == summary["segments"][s["name"]] for s in doc["segments"])
+    assert segs[0].tags["textseg.recognition"] == "biomedparse-v2"

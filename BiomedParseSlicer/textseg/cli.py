@@ -142,6 +142,11 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
         if r.message:
             print(f"  {r.message}", file=sys.stderr)
     segments = segments_from_results(results)
+    if not segments and getattr(args, "recognize", False) and not token.cancelled:
+        from .errors import ModelError
+
+        raise ModelError(f"{image}: model '{predictor.spec.id}' recognized none of its targets in this image; "
+                         "nothing written. Check --modality/--site, or segment with --prompt.")
     if not segments:
         raise Cancelled(f"{image}: cancelled before any prompt completed; nothing written.")
     write_seg_nrrd(out, volume, segments, overwrite=args.overwrite)

@@ -92,12 +92,14 @@ def merge_multiclass(probs: np.ndarray, ids: Optional[Sequence[int]] = None) -> 
 def connected_components(labels: np.ndarray) -> np.ndarray:
     """``skimage.measure.label(labels, connectivity=1)``: 6-connected components of equal non-zero values,
     numbered 1.. in raster order of their first voxel."""
-    out = np.zeros(labels.shape, np.int64)
     structure = ndimage.generate_binary_structure(labels.ndim, 1)
+    values = np.unique(labels)
+    values = values[values != 0]
+    if len(values) == 1:  # scipy numbers one value's components in raster order already
+        return ndimage.label(labels == values[0], structure)[0].astype(np.int64)
+    out = np.zeros(labels.shape, np.int64)
     offset = 0
-    for v in np.unique(labels):
-        if v == 0:
-            continue
+    for v in values:
         comp, n = ndimage.label(labels == v, structure)
         out[comp > 0] = comp[comp > 0] + offset
         offset += n
