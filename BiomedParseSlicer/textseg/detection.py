@@ -29,15 +29,16 @@ SLAB = 8  # slices per pass
 def detect_objects(volume: Volume, mask: np.ndarray, label: str,
                    instances: Optional[np.ndarray] = None) -> List[Dict[str, Any]]:
     """One dict per object (see the module docstring); an empty mask gives []."""
-    labels = instances if instances is not None else mask
-    labels = np.asarray(labels)
+    labels = np.asarray(instances if instances is not None else mask)
     if labels.shape != tuple(volume.shape[:3]):
         raise ValueError(f"mask shape {labels.shape} is not the volume's grid {tuple(volume.shape[:3])}")
-    n = int(labels.max()) if instances is not None and labels.size else 1
-    if n <= 0:
-        return []
     m = volume.ijk_to_lps
     a, origin = m[:3, :3], m[:3, 3]
+    if instances is None:
+        return _whole(labels != 0, a, origin, label)
+    n = int(labels.max()) if labels.size else 0
+    if n <= 0:
+        return []
     count = np.zeros(n + 1, np.int64)
     sums = np.zeros((n + 1, 3))
     lo, hi = np.full((n + 1, 3), np.inf), np.full((n + 1, 3), -np.inf)
@@ -47,7 +48,7 @@ def detect_objects(volume: Volume, mask: np.ndarray, label: str,
         kk, jj, ii = np.nonzero(slab)
         if not len(kk):
             continue
-        ids = slab[kk, jj, ii].astype(np.int64) if instances is not None else np.ones(len(kk), np.int64)
+        ids = slab[kk, jj, ii].astype(np.int64)
         order = np.argsort(ids, kind="stable")
         ids = ids[order]
         ijk = np.stack([ii[order], jj[order], kk[order] + k0], 1)
@@ -59,20 +60,45 @@ def detect_objects(volume: Volume, mask: np.ndarray, label: str,
         hi[uniq] = np.maximum(hi[uniq], np.maximum.reduceat(pts, start, axis=0))
         ilo[uniq] = np.minimum(ilo[uniq], np.minimum.reduceat(ijk, start, axis=0))
         ihi[uniq] = np.maximum(ihi[uniq], np.maximum.reduceat(ijk, start, axis=0))
-    out = []
-    for i in range(1, n + 1):
-        if count[i] == 0:
-            continue
-        obj: Dict[str, Any] = {"label": f"{label} {i}" if instances is not None else label}
-        if instances is not None:
-            obj["instance"] = i
-        obj.update({
-            "voxel_count": int(count[i]),
-            "bbox_min": [float(v) for v in lo[i] + origin],
-            "bbox_max": [float(v) for v in hi[i] + origin],
-            "centroid": [float(v) for v in a @ (sums[i] / count[i]) + origin],
-            "index_min": [int(v) for v in ilo[i]],
-            "index_max": [int(v) for v in ihi[i]],
-        })
-        out.append(obj)
-    return out
+    return [_object(f"{label} {i}", i, count[i], lo[i], hi[i], sums[i], ilo[i], ihi[i], a, origin)
+            for i in range(1, n + 1) if count[i]]
+
+
+def _object(label, instance, count, lo, hi, sums, ilo, ihi, a, origin) -> Dict[str, Any]:
+    obj: Dict[str, Any] = {"label": label}
+    if instance is not None:
+        obj["instance"] = int(instance)
+    obj.update({
+        "voxel_count": int(count),
+        "bbox_min": [float(v) for v in lo + origin],
+        "bbox_max": [float(v) for v in hi + origin],
+        "centroid": [float(v) for v in a @ (sums / count) + origin],
+        "index_min": [int(v) for v in ilo],
+        "index_max": [int(v) for v in ihi],
+    })
+    return obj
+
+
+def _whole(mask: np.ndarray, a: np.ndarray, origin: np.ndarray, label: str) -> List[Dict[str, Any]]:
+    """One object: counts and index sums from the three projections; the physical box from the index box's
+    corners when every LPS axis depends on one index axis (any flip/permutation), else from the voxels."""
+    proj = [mask.sum(axis=(0, 1), dtype=np.int64), mask.sum(axis=(0, 2), dtype=np.int64),
+            mask.sum(axis=(1, 2), dtype=np.int64)]  # along i, j, k
+    count = int(proj[0].sum())
+    if count == 0:
+        return []
+    sums = np.array([float(np.dot(np.arange(len(p), dtype=np.int64), p)) for p in proj])
+    ilo = np.array([int(np.flatnonzero(p)[0]) for p in proj])
+    ihi = np.array([int(np.flatnonzero(p)[-1]) for p in proj])
+    if (np.count_nonzero(a, axis=1) <= 1).all():
+        corners = np.array([[(ilo, ihi)[b >> c & 1][c] for c in range(3)] for b in range(8)])
+        pts = corners @ a.T
+        lo, hi = pts.min(0), pts.max(0)
+    else:
+        lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
+        for k0 in range(ilo[2], ihi[2] + 1, SLAB):
+            kk, jj, ii = np.nonzero(mask[k0:k0 + SLAB])
+            if len(kk):
+                pts = np.stack([ii, jj, kk + k0], 1) @ a.T
+                lo, hi = np.minimum(lo, pts.min(0)), np.maximum(hi, pts.max(0))
+    return [_object(label, None, count, lo, hi, sums, ilo, ihi, a, origin)]
