@@ -132,13 +132,21 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
     bar = _Bar(_stem(image), args.quiet)
     try:
         predictor.set_image(volume, args.modality, args.site, _parse_slices(args.slices), progress=bar, cancel=token)
-        results = predictor.predict(_prompts(args), args.threshold, args.keep_absent, progress=bar, cancel=token)
+        if getattr(args, "recognize", False):
+            results = predictor.recognize(progress=bar, cancel=token)
+        else:
+            results = predictor.predict(_prompts(args), args.threshold, args.keep_absent, progress=bar, cancel=token)
     finally:
         bar.close()
     for r in results:
         if r.message:
             print(f"  {r.message}", file=sys.stderr)
     segments = segments_from_results(results)
+    if not segments and getattr(args, "recognize", False) and not token.cancelled:
+        from .errors import ModelError
+
+        raise ModelError(f"{image}: model '{predictor.spec.id}' recognized none of its targets in this image; "
+                         "nothing written. Check --modality/--site, or segment with --prompt.")
     if not segments:
         raise Cancelled(f"{image}: cancelled before any prompt completed; nothing written.")
     write_seg_nrrd(out, volume, segments, overwrite=args.overwrite)
@@ -154,13 +162,28 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
         from .statistics import compute_statistics, write_statistics
 
         write_statistics(compute_statistics(volume, segments), _derived(args.stats, out, image), overwrite=args.overwrite)
+    if getattr(args, "objects", None):
+        _write_objects(_derived(args.objects, out, image), image, predictor, results, args.overwrite)
+    expected = len(results) if getattr(args, "recognize", False) else len(_prompts(args))
     summary = {
         "image": str(image),
         "output": str(out),
         "segments": {r.name: r.voxel_count for r in results},
-        "complete": len(results) == len(_prompts(args)) and all(r.complete for r in results),
+        "objects": {r.name: getattr(r, "objects", []) for r in results},
+        "complete": len(results) == expected and all(r.complete for r in results),
     }
     return summary
+
+
+def _write_objects(path: Path, image: Path, predictor, results, overwrite: bool) -> None:
+    """Detection JSON: per segment its objects (bounding box and centroid in LPS mm, textseg.detection)."""
+    from .writers import atomic_output
+
+    doc = {"image": str(image), "model": predictor.spec.id, "space": "LPS", "units": "mm",
+           "segments": [{"name": r.name, "existence": r.existence, "objects": getattr(r, "objects", [])}
+                        for r in results]}
+    with atomic_output(path, overwrite) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1))
 
 
 def _derived(option: str, out: Path, image: Path) -> Path:
@@ -183,6 +206,15 @@ def cmd_segment(args) -> int:
         raise UsageError(f"{image} is a cohort folder: --out must be a folder, not a file ({out}).")
     if not cohort and not out.name.lower().endswith(SEG_SUFFIX):
         raise UsageError(f"--out must end with {SEG_SUFFIX} (got {out}).")
+    if getattr(args, "recognize", False):
+        from .catalog import get_model
+
+        if args.server:
+            raise UsageError("--recognize runs locally; leave out --server.")
+        if args.prompt or args.prompts_file:
+            raise UsageError("--recognize finds the model's targets itself; leave out --prompt/--prompts-file.")
+        if not get_model(args.model).recognition:
+            raise UsageError(f"Model '{args.model}' has no recognition ('segment everything'); give --prompt.")
     if args.server:
         from .client import RemotePredictor
 
@@ -191,7 +223,8 @@ def cmd_segment(args) -> int:
         predictor = RemotePredictor(args.server, args.model, api_key=args.api_key or os.environ.get("TEXTSEG_API_KEY"))
     else:
         predictor = Predictor(args.model, device=args.device, batch_size=args.batch_size, seed=args.seed)
-    predictor.check_prompts(_prompts(args))  # fail before spending minutes on inference
+    if not getattr(args, "recognize", False):
+        predictor.check_prompts(_prompts(args))  # fail before spending minutes on inference
     with _cancel_on_ctrl_c(token):
         if not cohort:
             summary = segment_one(predictor, image, out, args, token)
@@ -281,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labelmap", help="also write a NIfTI labelmap (+ .labels.json)")
     p.add_argument("--dicom-seg", help="also write DICOM SEG (DICOM series input)")
     p.add_argument("--stats", help="also write segment statistics (.csv or .json)")
+    p.add_argument("--objects", help="also write detection JSON: per object its LPS bounding box and centroid (mm)")
+    p.add_argument("--recognize", action="store_true",
+                   help="segment everything the model recognizes (models with recognition) instead of --prompt")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_segment)
 

@@ -255,7 +255,8 @@ class RemotePredictor:
                 raise ServerError("The server's result does not match the image (shape or voxel count); try again.")
             prob = decode_probability(arrays, n, shape) if rec["probability"] else mask.astype(np.float32)
             out.append(PromptResult(Prompt.from_any(rec["prompt"]), prob, mask, rec["existence"], rec["present"],
-                                    rec["provenance"], rec["message"], rec["extra"]))
+                                    rec["provenance"], rec["message"], rec["extra"],
+                                    objects=rec.get("objects") or []))
         return out
 
     def download_seg_nrrd(self, job_id: str, path: Union[str, "os.PathLike"], overwrite: bool = False) -> str:

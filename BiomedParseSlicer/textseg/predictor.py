@@ -26,9 +26,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import __version__
-from .catalog import ModelSpec, get_model
+from .catalog import ModelSpec, get_model, list_models
+from .detection import detect_objects
 from .errors import Cancelled, ModelError, UsageError
-from .models.base import CancelToken, ModelAdapter, ProgressFn, RunContext
+from .models.base import CancelToken, ModelAdapter, ProgressFn, Recognizer, RunContext
 from .presets import Preset, get_preset
 from .prompts import Prompt, parse_prompts
 from .volume import Volume
@@ -52,10 +53,14 @@ class PromptResult:
     message: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
     complete: bool = True  # False: cancelled part-way (2D models: only some slices were processed)
+    # Detection (textseg.detection): per object label, voxel_count, bbox_min/bbox_max/centroid (LPS mm, voxel
+    # centres), index_min/index_max (i, j, k); one object per instance when ``instances`` is set.
+    objects: List[Dict[str, Any]] = field(default_factory=list)
+    instances: Optional[np.ndarray] = None  # int32 (k, j, i) instance labels (0 = none), from an instance split
 
     @property
     def name(self) -> str:
-        return self.prompt.label
+        return self.extra.get("name") or self.prompt.label
 
     @property
     def voxel_count(self) -> int:
@@ -326,6 +331,117 @@ class Predictor:
         ctx.span(1.0, 1.0, "done")
         return results
 
+    def recognize(
+        self,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelToken] = None,
+        **options: Any,
+    ) -> List[PromptResult]:
+        """Recognition ("segment everything"): run every target of the image's modality/site and keep, slice by
+        slice, those the model's family rules keep (existence test, NMS across targets, one target per voxel).
+        One result per target found, named after it (``result.name``), with ``objects`` (detection boxes) and,
+        for an instance split, ``instances``. Options are the family's (BiomedParse v1: image_type,
+        p_value_threshold, targets; v2: targets, instances, iou_threshold, existence_threshold,
+        compat_upstream, expand_distance, sentences). Cancel keeps the slices completed so far (results
+        marked incomplete)."""
+        if not self.spec.recognition:
+            able = [m.id for m in list_models() if m.recognition]
+            raise UsageError(f"Model '{self.spec.id}' has no recognition ('segment everything'): give prompts to "
+                             f"predict() instead, or use a model with recognition ({', '.join(able) or 'none installed'}).")
+        if self._volume is None or self._preset is None:
+            raise UsageError("No image set: call set_image(volume, modality) before recognize().")
+        if self.spec.dims != 2:
+            raise UsageError(f"Recognition is implemented for slice-wise models; '{self.spec.id}' is volumetric.")
+        rec = self.adapter.recognizer(self._preset, **options)
+        ctx = self._context(progress, cancel)
+        ctx.options = {"edges": bool(rec.edges)}
+        results: List[PromptResult] = []
+        try:
+            self._recognize_slices(rec, ctx, results)
+        except Cancelled:
+            self._log("Cancelled before any slice was recognized: nothing kept.")
+        ctx.span(1.0, 1.0, "done")
+        return results
+
+    def _recognize_slices(self, rec: Recognizer, ctx: RunContext, results: List[PromptResult]) -> None:
+        assert self._volume is not None and self._slice_range is not None
+        first, stop = self._slice_range
+        n_total, (h, w) = self.adapter.num_slices(self._state), self.adapter.slice_shape(self._state)
+        n = len(rec.prompts)
+        labels = np.zeros((n_total, h, w), np.int32)
+        win = np.zeros((n_total, h, w), np.float32)
+        edges = np.zeros((n_total, h, w), bool) if rec.edges else None
+        scores = np.full((n, n_total), np.nan)
+        group = max(1, self.adapter.max_prompts_per_call)
+        t0 = time.perf_counter()
+        idx = first
+        cancelled: Optional[Cancelled] = None
+        try:
+            while idx < stop:
+                ctx.check_cancel()
+                batch = tuple(range(idx, min(stop, idx + ctx.batch_size)))
+                ctx.span((idx - first) / (stop - first), (batch[-1] + 1 - first) / (stop - first),
+                         f"recognizing slices {idx}-{batch[-1]}")
+                enc = self._slice_cache.get(batch)
+                if enc is None:
+                    enc = self._run(lambda c: self.adapter.encode_slices(self._state, batch, c), ctx, retry_same=False)
+                    if enc is _RETRY:
+                        continue
+                probs = np.zeros((n, len(batch), h, w), np.float32)
+                exist = np.full((n, len(batch)), np.nan)
+                edge = np.zeros((n, len(batch), h, w), np.float32) if rec.edges else None
+                for s in range(0, n, group):
+                    ctx.check_cancel()
+                    chunk = rec.prompts[s : s + group]
+                    outs = self._run(lambda c: self.adapter.decode_slices(enc, chunk, c), ctx, retry_same=False)
+                    if outs is _RETRY:
+                        break
+                    for j, o in enumerate(outs):
+                        probs[s + j] = o.probability
+                        if o.existence is not None:
+                            exist[s + j] = o.existence
+                        if edge is not None and o.edges is not None:
+                            edge[s + j] = o.edges
+                else:
+                    out = rec.slices(probs, exist, edge)
+                    sl = slice(batch[0], batch[-1] + 1)
+                    labels[sl], win[sl], scores[:, sl] = out.labels, out.probability, out.scores
+                    if edges is not None and out.edges is not None:
+                        edges[sl] = out.edges
+                    idx = batch[-1] + 1
+        except Cancelled as exc:
+            if idx == first:
+                raise
+            cancelled = exc
+        seconds = (time.perf_counter() - t0) / max(1, n)
+        split = rec.instances(labels, edges)
+        for t in range(n):
+            region = labels == t + 1
+            on_slice = region.any((1, 2))
+            if not on_slice.any():
+                continue
+            sc = scores[t][on_slice]
+            existence = float(np.nanmax(sc)) if np.isfinite(sc).any() else None
+            extra: Dict[str, Any] = {"name": rec.names[t], "recognition": dict(rec.info)}
+            r = self._finish(rec.prompts[t], np.where(region, win, np.float32(0)), None, extra,
+                             self.spec.threshold, True, seconds, detect=False)
+            r.mask = self._volume.to_input_grid(region.astype(np.uint8))
+            r.existence = existence
+            r.provenance["existence"] = None if existence is None else round(existence, 4)
+            r.provenance["recognition"] = rec.info.get("rules", "")
+            r.present, r.message = True, ""
+            if t in split:
+                r.instances = self._volume.to_input_grid(split[t].astype(np.int32))
+                r.extra["instance_count"] = int(np.unique(split[t]).size - (split[t] == 0).any())
+            r.objects = detect_objects(self._volume, r.mask, r.name, r.instances)
+            if cancelled is not None:
+                r.complete = False
+                r.extra["slices_done"] = [first, idx]
+                r.message = f"Partial: cancelled after slices {first}:{idx} of {first}:{stop}."
+            results.append(r)
+        self._log(f"Recognition: {len(results)} of {n} targets found"
+                  + (f" (cancelled after slices {first}:{idx})." if cancelled is not None else "."))
+
     # ---- execution paths -------------------------------------------------------------------------
     def _predict_volume(self, plist, thr, keep_absent, ctx, results) -> None:
         group = max(1, self.adapter.max_prompts_per_call)
@@ -407,7 +523,7 @@ class Predictor:
             else:
                 idx = self._slices_done = batch[-1] + 1
 
-    def _finish(self, prompt, prob_canonical, existence, extra, thr, keep_absent, seconds):
+    def _finish(self, prompt, prob_canonical, existence, extra, thr, keep_absent, seconds, detect=True):
         assert self._volume is not None and self._preset is not None
         prob = self._volume.to_input_grid(np.asarray(prob_canonical, dtype=np.float32))
         mask = (prob >= thr).astype(np.uint8) if thr > 0 else (prob > 0).astype(np.uint8)
@@ -444,4 +560,7 @@ class Predictor:
         }
         if self.seed is not None:
             provenance["seed"] = self.seed
-        return PromptResult(prompt, prob, mask, existence, present, provenance, message, dict(extra))
+        r = PromptResult(prompt, prob, mask, existence, present, provenance, message, dict(extra))
+        if detect:
+            r.objects = detect_objects(self._volume, mask, r.name)
+        return r

@@ -103,6 +103,7 @@ def result_record(index: int, r, probability: Optional[str]) -> Dict[str, Any]:
         "message": r.message,
         "extra": _jsonable(r.extra),
         "voxel_count": r.voxel_count,
+        "objects": _jsonable(getattr(r, "objects", [])),
         "probability": probability,
     }
 

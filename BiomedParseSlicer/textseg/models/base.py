@@ -102,6 +102,38 @@ class SliceDecoded:
 
     probability: np.ndarray  # (n_slices, H, W) float32, canonical in-plane grid
     existence: Optional[np.ndarray] = None  # (n_slices,) probabilities, or None
+    edges: Optional[np.ndarray] = None  # (n_slices, H, W) edge probabilities, only when ctx.options["edges"]
+
+
+@dataclass
+class SliceLabels:
+    """A recognizer's verdict on a batch of slices: one target (or none) per pixel."""
+
+    labels: np.ndarray  # (b, H, W) int: 0 = none, n = the recognizer's target n (1-based)
+    probability: np.ndarray  # (b, H, W) float32: the winning target's probability, 0 where none
+    scores: np.ndarray  # (N, b) each target's existence score on the slice where it was kept, NaN where not
+    edges: Optional[np.ndarray] = None  # (b, H, W) bool: instance edges (only for an instance split)
+
+
+class Recognizer:
+    """Recognition ("segment everything") rules of a model family, for the Predictor's ``recognize``.
+
+    The predictor decodes ``prompts`` slice batch by slice batch and calls ``slices`` on each batch with the
+    probabilities (N, b, H, W), existence scores (N, b) (NaN where a prompt has none) and, if ``edges``,
+    edge probabilities; at the end ``instances`` may split targets into instances (canonical grid)."""
+
+    prompts: List[Prompt]
+    names: List[str]  # result names, one per prompt
+    edges: bool = False
+    info: Dict[str, Any]
+
+    def slices(self, probs: np.ndarray, existence: Optional[np.ndarray],
+               edges: Optional[np.ndarray] = None) -> SliceLabels:
+        raise NotImplementedError
+
+    def instances(self, labels: np.ndarray, edges: Optional[np.ndarray]) -> Dict[int, np.ndarray]:
+        """Target index (0-based) -> instance labels (int, 0 = none) on the canonical grid."""
+        return {}
 
 
 class ModelAdapter:
@@ -148,6 +180,12 @@ class ModelAdapter:
 
     # ---- optional -----------------------------------------------------------------------------
     max_prompts_per_call: int = 16
+
+    def recognizer(self, preset: Preset, **options: Any) -> "Recognizer":
+        """The family's recognition rules for an image of ``preset`` (spec.recognition models only)."""
+        from ..errors import UsageError
+
+        raise UsageError(f"Model '{self.spec.id}' has no recognition ('segment everything').")
 
 
 def elapsed(t0: float) -> float:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ...errors import UsageError
 from ...prompts import Prompt
-from ..base import ModelAdapter, RunContext, SliceDecoded, weight_file
+from ..base import ModelAdapter, Recognizer, RunContext, SliceDecoded, SliceLabels, weight_file
 from .v1_existence import adjusted_p_value, find_params, load_target_dist, mask_stats
 from .v1_model import V1Config, build_v1, load_v1_weights
 from .v1_preprocess import preprocess_slice
@@ -103,6 +103,10 @@ class BiomedParseV1Adapter(ModelAdapter):
         ctx.report(0.8)
         return [self._finish(encoded, logits[:, j], t) for j, t in enumerate(texts)]
 
+    def recognizer(self, preset, **options: Any) -> "V1Recognizer":
+        forced = self.options.get("image_type")
+        return V1Recognizer([forced] if forced else image_types_for(preset.modality, preset.site), **options)
+
     def _finish(self, encoded: Dict[str, Any], logits: torch.Tensor, text: str) -> SliceDecoded:
         """(B, h, w) logits of one prompt -> canonical probabilities + per-slice existence."""
         probs = []
@@ -120,44 +124,51 @@ class BiomedParseV1Adapter(ModelAdapter):
 
 
 # ---- recognition ("segment everything") -------------------------------------------------------------
+class V1Recognizer(Recognizer):
+    """Upstream ``interactive_infer_image_all`` per slice: every target of the image type, keep those whose
+    p-value passes on the slice, NMS in descending p-value order, then ``combine_masks`` (one target per pixel).
+    Options: ``image_type`` (default: from the modality/site), ``p_value_threshold`` (0.05), ``targets``."""
+
+    OPTIONS = ("image_type", "p_value_threshold", "targets")
+
+    def __init__(self, types: Sequence[str], **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise UsageError(f"Unknown recognition option(s) {unknown} for BiomedParse v1; it takes "
+                             f"{', '.join(self.OPTIONS)}.")
+        forced = options.get("image_type")
+        types = [forced] if forced else list(types)
+        if not types or types[0] not in BIOMED_OBJECTS:
+            raise UsageError(f"No BiomedParse v1 image type for this image; pass image_type= one of "
+                             f"{', '.join(BIOMED_OBJECTS)}.")
+        self.names = list(options.get("targets") or BIOMED_OBJECTS[types[0]])
+        self.prompts = [Prompt(t) for t in self.names]
+        self.threshold = float(options.get("p_value_threshold", 0.05))
+        self.info = {"rules": "biomedparse-v1", "image_type": types[0], "p_value_threshold": self.threshold}
+
+    def slices(self, probs: np.ndarray, existence: Optional[np.ndarray], edges=None) -> SliceLabels:
+        from .v1_existence import combine_masks, non_maxima_suppression
+
+        n, b = probs.shape[:2]
+        ex = np.full((n, b), np.nan) if existence is None else existence
+        labels = np.zeros((b,) + probs.shape[2:], np.int32)
+        win = np.zeros(labels.shape, np.float32)
+        scores = np.full((n, b), np.nan)
+        for s in range(b):
+            passing = {i: probs[i, s] for i in range(n) if np.isfinite(ex[i, s]) and ex[i, s] >= self.threshold}
+            kept = non_maxima_suppression(passing, {i: ex[i, s] for i in passing})
+            for i, m in combine_masks({i: passing[i] for i in kept}).items():
+                on = m.astype(bool)
+                labels[s][on] = i + 1
+                win[s][on] = probs[i, s][on]
+                scores[i, s] = ex[i, s]
+        return SliceLabels(labels, win, scores)
+
+
 def recognize(predictor, image_type: Optional[str] = None, p_value_threshold: float = 0.05,
               progress=None, cancel=None) -> list:
-    """Upstream ``interactive_infer_image_all`` per slice: run every target of the image type, keep
-    those whose p-value passes on a slice, NMS in descending p-value order, then ``combine_masks``.
-    Returns one PromptResult per target kept on at least one slice (mask = its combined voxels)."""
-    from .v1_existence import combine_masks, non_maxima_suppression
-
+    """Kept for compatibility: ``predictor.recognize(image_type=..., p_value_threshold=...)``."""
     if predictor.spec.id != "biomedparse-v1":
         raise UsageError("recognize() is for the biomedparse-v1 model.")
-    preset = predictor._preset
-    if preset is None:
-        raise UsageError("No image set: call set_image(volume, modality) before recognize().")
-    types = [image_type] if image_type else image_types_for(preset.modality, preset.site)
-    if not types or types[0] not in BIOMED_OBJECTS:
-        raise UsageError(f"No BiomedParse v1 image type for {preset.key}; choose one of {', '.join(BIOMED_OBJECTS)}.")
-    targets = list(BIOMED_OBJECTS[types[0]])
-    results = predictor.predict(targets, keep_absent=True, progress=progress, cancel=cancel)
-    vol = predictor._volume
-    first = predictor._slice_range[0]
-    canon = {r.prompt.text: vol.orientation.to_canonical(r.probability) for r in results}
-    pvals = {r.prompt.text: r.extra.get("slice_existence") for r in results}
-    masks = {t: np.zeros(c.shape, np.uint8) for t, c in canon.items()}
-    best = {t: 0.0 for t in canon}
-    n_done = min(len(v) for v in pvals.values() if v is not None) if any(pvals.values()) else 0
-    for s in range(n_done):
-        k = first + s
-        passing = {t: canon[t][k] for t in canon if pvals[t] is not None and pvals[t][s] >= p_value_threshold}
-        kept = non_maxima_suppression(passing, {t: pvals[t][s] for t in passing})
-        for t, m in combine_masks({t: passing[t] for t in kept}).items():
-            masks[t][k] = m
-            best[t] = max(best[t], pvals[t][s])
-    out = []
-    for r in results:
-        t = r.prompt.text
-        if masks[t].any():
-            r.mask = vol.to_input_grid(masks[t])
-            r.existence, r.present = best[t], True
-            r.message = ""
-            r.extra["recognition"] = {"image_type": types[0], "p_value_threshold": p_value_threshold}
-            out.append(r)
-    return out
+    return predictor.recognize(progress=progress, cancel=cancel, image_type=image_type,
+                               p_value_threshold=p_value_threshold)

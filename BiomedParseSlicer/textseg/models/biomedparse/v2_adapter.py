@@ -15,6 +15,9 @@
 * Slicing axis: canonical k (from the image geometry) in both modes. Upstream picks the axis from the array
   shape; compat mode refuses volumes where that rule would pick another axis (UsageError) rather than
   silently differ.
+* Edges: with ``ctx.options["edges"]`` (recognition with an instance split) the edge queries' mean logits
+  take the same path as the probabilities (``SliceDecoded.edges``).
+* Recognition: ``recognizer`` gives ``v2_recognition.V2Recognizer`` (NMS, merge, instance split).
 * Options: ``compat_upstream``, ``deterministic``, ``resize_path`` ('uint8'/'float'), ``config`` (a V2Config).
 """
 
@@ -120,8 +123,17 @@ class BiomedParseV2Adapter(ModelAdapter):
             out = self.model.decode(enc, self._prompts(texts), sampling, compat_upstream=self.compat)
         ctx.report(0.8)
         existence = out.existence.sigmoid().float().cpu().numpy()
-        return [SliceDecoded(self._probability(out.masks[:, j].float(), encoded), existence[:, j].astype(np.float32))
+        edges = ctx.options.get("edges") and out.edges is not None
+        return [SliceDecoded(self._probability(out.masks[:, j].float(), encoded), existence[:, j].astype(np.float32),
+                             self._probability(out.edges[:, j].float(), encoded) if edges else None)
                 for j in range(len(texts))]
+
+    # ---- recognition ----------------------------------------------------------------------------
+    def recognizer(self, preset, **options: Any):
+        from .v2_recognition import V2Recognizer
+
+        return V2Recognizer(preset.modality, preset.site, self.spec.existence_threshold or 0.5,
+                            bool(self.options.get("compat_upstream", False)), **options)
 
     def _probability(self, logits: torch.Tensor, encoded: Dict[str, Any]) -> np.ndarray:
         """(B, h, w) logits -> (B, H, W) probabilities on the canonical slice grid."""
