@@ -41,18 +41,22 @@ class SATAdapter(ModelAdapter):
 
     # ---- lifecycle --------------------------------------------------------------------------
     def load(self, device: Any) -> None:
-        """Network and text tower from the catalog files; tests inject ``network``/``text_tower``."""
+        """Network and text tower from the catalog files; tests inject ``network``/``text_tower``
+        (anything with ``encode``/``decode`` and ``embed(texts, modality)``)."""
         self.network = self.options.get("network")
         self.text_tower = self.options.get("text_tower")
         if self.network is None or self.text_tower is None:
             from .loader import load_sat_network, load_text_tower
+            from .network import PRESETS
 
             ckpt, text_ckpt, variant = CHECKPOINTS[self.spec.id]
             if self.network is None:
-                self.network = load_sat_network(weight_file(self, ckpt), variant)
+                self.network = load_sat_network(weight_file(self, ckpt), PRESETS[variant])
             if self.text_tower is None:
-                biolord = weight_file(self, BIOLORD_PREFIX + BIOLORD_FILES[0]).parent
-                self.text_tower = load_text_tower(weight_file(self, text_ckpt), biolord_dir(biolord))
+                for name in BIOLORD_FILES:
+                    weight_file(self, BIOLORD_PREFIX + name)  # WeightsError naming the file when missing
+                folder = biolord_dir(weight_file(self, BIOLORD_PREFIX + BIOLORD_FILES[0]).parent)
+                self.text_tower = load_text_tower(weight_file(self, text_ckpt), config_path=folder, tokenizer=folder)
         self.patch: Tuple[int, int, int] = tuple(self.options.get("patch", PATCH))  # type: ignore[assignment]
         self.max_queries = int(self.options.get("max_queries", MAX_QUERIES))
         self.to(device)
@@ -82,7 +86,7 @@ class SATAdapter(ModelAdapter):
         todo = [t for t in dict.fromkeys(texts) if (t, modality) not in self.text_cache]
         for first in range(0, len(todo), self.max_queries):
             chunk = todo[first : first + self.max_queries]
-            emb = self.text_tower(chunk, modality)
+            emb = self.text_tower.embed(chunk, modality)
             for t, e in zip(chunk, emb):
                 self.text_cache[(t, modality)] = e.detach().float()
         return torch.stack([self.text_cache[(t, modality)] for t in texts])
