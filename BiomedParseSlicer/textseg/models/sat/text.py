@@ -52,19 +52,22 @@ def mpnet_config(config: Union[None, str, Path, Mapping[str, Any]] = None):
 
 
 def load_tokenizer(path: Union[str, Path]):
-    """BioLORD's (MPNet) fast tokenizer from a folder (tokenizer.json or vocab.txt) or one of those files."""
-    from transformers import MPNetTokenizerFast
+    """BioLORD's (MPNet) fast tokenizer from its folder (tokenizer.json / vocab.txt + tokenizer_config.json, as
+    upstream's ``AutoTokenizer.from_pretrained``), a tokenizer.json or a vocab.txt (lower-casing WordPiece)."""
+    import inspect
+
+    from transformers import MPNetTokenizerFast, PreTrainedTokenizerFast
 
     p = Path(path)
     if p.is_dir():
-        if (p / "tokenizer.json").is_file():
-            p = p / "tokenizer.json"
-        elif (p / "vocab.txt").is_file():
-            p = p / "vocab.txt"
-        else:
+        if not ((p / "tokenizer.json").is_file() or (p / "vocab.txt").is_file()):
             raise FileNotFoundError(f"{path} holds neither tokenizer.json nor vocab.txt of BioLORD-2023-C")
+        return MPNetTokenizerFast.from_pretrained(str(p), local_files_only=True)
     if p.name.endswith(".json"):
-        return MPNetTokenizerFast(tokenizer_file=str(p))
+        return PreTrainedTokenizerFast(tokenizer_file=str(p))
+    if "vocab" in inspect.signature(MPNetTokenizerFast.__init__).parameters:  # transformers >= 5
+        words = p.read_text(encoding="utf-8").splitlines()
+        return MPNetTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
     return MPNetTokenizerFast(vocab_file=str(p), do_lower_case=True)
 
 
