@@ -280,16 +280,16 @@ def test_adapter_through_predictor(tiny):
 
     net, text = tiny
     spec = get_model("sat-nano")
-    # LPS-flipped, anisotropic input: 40 x 30 x 12 voxels of 1.6 x 1.3 x 4 mm
-    arr = np.full((12, 30, 40), -900.0, np.float32)
-    arr[2:10, 5:25, 6:34] = 60.0
+    # LPS-flipped, anisotropic input: 60 x 30 x 12 voxels of 1.6 x 1.3 x 4 mm
+    arr = np.full((12, 30, 60), -900.0, np.float32)
+    arr[2:10, 5:25, 6:54] = 60.0
     arr[4:8, 10:20, 12:24] = 400.0
     vol = Volume(arr, (1.6, 1.3, 4.0), (5.0, -3.0, 12.0), np.diag([-1.0, 1.0, -1.0]))
     adapter = SATAdapter(spec, None, network=net, text_tower=text, patch=PATCH)
     pred = Predictor(adapter, device="cpu")
     pred.set_image(vol, modality="CT")
     seen = []
-    results = pred.predict(["Liver", "left kidney tumor", "foobar"], progress=lambda f, s: seen.append(f))
+    results = pred.predict(["Liver", "left kidney", "foobar"], progress=lambda f, s: seen.append(f))
     assert len(results) == 3
     for r in results:
         assert r.probability.shape == vol.shape and r.mask.shape == vol.shape
@@ -299,19 +299,24 @@ def test_adapter_through_predictor(tiny):
     assert results[0].extra["sat_text"] == "liver"
     # the same numbers as the pipeline run by hand: preprocess -> text -> window -> back-map -> input grid
     state = adapter.prepare(vol.canonical(), pred._preset, pred._context(None, None))
-    q = text.embed(["liver", "left kidney tumor", "foobar"], "ct")
+    q = text.embed(["liver", "left kidney", "foobar"], "ct")
     with torch.no_grad():
         probs = sliding_window(state.image, q, net.encode, net.decode, patch=PATCH)
     for n, r in enumerate(results):
         np.testing.assert_allclose(r.probability, vol.to_input_grid(state.geo.to_canonical(probs[n].numpy())), atol=1e-6)
     assert max(seen) <= 1.0 and len(seen) > 3
-    # cancel between patches
+    # cancel between patches (2 windows on the SAT grid): after the first one
+    assert results[0].extra["sat_grid"] == [75, 25, 10]
+    small = pred
+    encoded = []
+    real_encode = net.encode
+    net.encode = lambda x: encoded.append(x.shape) or real_encode(x)
     tok = CancelToken()
-    tok.cancel()
-    from textseg.errors import Cancelled
-
-    with pytest.raises(Cancelled):
-        pred.predict(["liver"], cancel=tok)
+    assert len(small.predict(["liver"])) == 1 and len(encoded) == 2
+    encoded.clear()
+    out = small.predict(["liver", "brain"], cancel=tok, progress=lambda f, s: tok.cancel() if s == "SAT: patches" and f > 0.2 else None)
+    assert out == [] and len(encoded) == 1
+    del net.encode
 
 
 def test_adapter_modality_code(tiny):
