@@ -8,8 +8,9 @@ one of 9 body regions and ``abnormal`` lists the 24 lesion classes.
 Cross-check (the script fails if it does not hold): the union of the ``label`` names of every
 ``data/jsonl/*.jsonl`` line, lower-cased, with the line's ``modality`` merged the way SAT's
 ``Inference_Dataset._merge_modality`` does (t1/t2/mri/mr/flair/dwi -> mri, ct -> ct, pet -> pet;
-"MRI ADC" -> mri because it contains "mr"), is exactly the same 498 pairs. The SAT-DS loader's
-label merges (e.g. left + right kidney -> kidney) only produce names that are already in the list.
+"MRI ADC" -> mri because it contains "mr"), is exactly the same 498 pairs. The names SAT-DS's
+``loader.py`` adds by merging labels (kidney, eyeball, head of femur, lumbar vertebrae, left rib, ...)
+were checked by hand to be in the list.
 
 Usage: python tools/build_sat_vocabulary.py <SAT-DS checkout> [--check]
 """
