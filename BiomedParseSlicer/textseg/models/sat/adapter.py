@@ -37,7 +37,9 @@ class SATState:
 
 
 class SATAdapter(ModelAdapter):
-    max_prompts_per_call = 64  # prompts decoded per pass over the patches (each pass encodes every patch)
+    # Prompts decoded per pass over the patches (each pass encodes every patch once). ``prepare`` lowers it
+    # so that the accumulated probabilities stay within ``memory_budget`` bytes (option, default 2 GiB).
+    max_prompts_per_call = 64
 
     # ---- lifecycle --------------------------------------------------------------------------
     def load(self, device: Any) -> None:
@@ -51,7 +53,8 @@ class SATAdapter(ModelAdapter):
 
             ckpt, text_ckpt, variant = CHECKPOINTS[self.spec.id]
             if self.network is None:
-                self.network = load_sat_network(weight_file(self, ckpt), PRESETS[variant])
+                cfg = self.options.get("config") or PRESETS[variant]  # config: tests use a reduced SATConfig
+                self.network = load_sat_network(weight_file(self, ckpt), cfg)
             if self.text_tower is None:
                 for name in BIOLORD_FILES:
                     weight_file(self, BIOLORD_PREFIX + name)  # WeightsError naming the file when missing
@@ -75,6 +78,8 @@ class SATAdapter(ModelAdapter):
         ctx.report(0.0, "SAT: preprocessing")
         modality = sat_modality(preset.modality)
         image, geo = preprocess(volume.array, volume.spacing, modality)
+        budget = int(self.options.get("memory_budget", 2 << 30))
+        self.max_prompts_per_call = int(min(64, max(1, budget // (4 * image.size))))
         ctx.log(f"SAT grid {'x'.join(map(str, geo.shape))} at {', '.join(f'{s:g}' for s in geo.spacing)} mm "
                 f"(cropped to the foreground from {'x'.join(map(str, geo.resampled_shape))})")
         return SATState(image.astype(np.float32), geo, modality.lower())
