@@ -95,7 +95,7 @@ class SATGeometry:
         full = np.zeros(self.resampled_shape, np.float32)
         full[tuple(slice(a, b) for a, b in zip(self.start, self.stop))] = sat_map
         # canonical index x of the input sits at x * spacing_in / spacing_sat on the resampled grid
-        for ax in range(3):
+        for ax in sorted(range(3), key=lambda a: self.ras_shape[a] / self.resampled_shape[a]):  # shrinking first
             full = resample_axis(full, ax, self.ras_shape[ax], 1.0 / self.scale[ax])
         return ras_to_canonical(full.astype(np.float32, copy=False))
 
@@ -124,7 +124,7 @@ def preprocess(canonical: np.ndarray, spacing_ijk, modality: str, target=TARGET_
     ras_spacing = tuple(float(s) for s in spacing_ijk)
     new_spacing = sat_spacing(ras_spacing, target)
     shape = tuple(int(np.round((n - 1) * s / t + 1.0)) for n, s, t in zip(ras.shape, ras_spacing, new_spacing))
-    for ax in range(3):
+    for ax in sorted(range(3), key=lambda a: shape[a] / ras.shape[a]):  # the most shrinking axis first (faster)
         ras = resample_axis(ras, ax, shape[ax], new_spacing[ax] / ras_spacing[ax])
     ras = ras.astype(np.float32)  # upstream's resampled MetaTensor keeps the input's float32
     fg = ras > 0
