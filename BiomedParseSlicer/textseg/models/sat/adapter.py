@@ -133,12 +133,17 @@ class SATAdapter(ModelAdapter):
 
 def biolord_dir(folder) -> Any:
     """A folder with the BioLORD-2023-C files under their own names (the catalog stores them flat,
-    prefixed): symbolic links (copies where links are not allowed) in ``<folder>/biolord``."""
-    from pathlib import Path
+    prefixed): symbolic links (copies where links are not allowed) in ``<folder>/biolord``, or in a
+    temporary folder when the weights folder is read-only."""
     import shutil
+    import tempfile
+    from pathlib import Path
 
     dest = Path(folder) / "biolord"
-    dest.mkdir(exist_ok=True)
+    try:
+        dest.mkdir(exist_ok=True)
+    except OSError:
+        dest = Path(tempfile.mkdtemp(prefix="textseg-biolord-"))
     for name in BIOLORD_FILES:
         src, dst = Path(folder) / (BIOLORD_PREFIX + name), dest / name
         if dst.exists() or dst.is_symlink():
