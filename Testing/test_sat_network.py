@@ -194,6 +194,9 @@ def test_tokens_before_projection(fx, net, image):
 @pytest.mark.parametrize("name", ["net_canonical.pth", "net_alias.pth"])
 def test_loader_fills_alias_names(files, cfg, name, net, image):
     other = load_sat_network(files / name, cfg)
+    assert not any(p.is_meta for p in other.parameters()) and not other.training
+    block = other.backbone.decoder.stages[0].convs[2]  # the two names are one module, as upstream
+    assert block.all_modules[0] is block.conv and block.all_modules[1] is block.norm
     for k, v in net.state_dict().items():
         assert torch.equal(v, other.state_dict()[k]), k
 
@@ -218,6 +221,10 @@ def test_loader_errors(files, cfg, tmp_path):
         load_sat_network(files / "net_both.pth", SATConfig(**{**cfg.__dict__, "per_pixel_dim": 16}))
     with pytest.raises(WeightsError, match="text_encoder.pth"):
         load_text_tower(files / "net_both.pth", files / "biolord" / "config.json")
+    with pytest.raises(WeightsError, match="BioLORD-2023-C's config.json"):
+        load_text_tower(files / "text.pth", tmp_path / "nowhere" / "config.json")
+    with pytest.raises(WeightsError, match="tokenizer"):
+        load_text_tower(files / "text.pth", files / "biolord" / "config.json", tokenizer=tmp_path)
 
 
 def test_bad_inputs(net, image):
@@ -242,3 +249,13 @@ def test_full_size_key_contract(preset, name):
     with torch.device("meta"):
         text = SATTextEncoder()  # BioLORD-2023-C's MPNet numbers
     assert {k: list(v.shape) for k, v in text.state_dict().items()} == contract["text_keys"]
+
+
+def test_autocast_runs_close(fx, net, image):
+    """Upstream runs under autocast; mixed precision must run (float32 positional encoding added to
+    low-precision memory) and stay near the float32 oracle."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = net(image[:1], torch.from_numpy(fx["queries_a"]))
+    assert logits.dtype == torch.bfloat16
+    err = np.abs(logits.float().numpy()[..., ::2, ::2, ::2] - fx["logits_sub"][:1]).max()
+    assert err < 0.15, err

@@ -62,7 +62,7 @@ def _check(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], name: str, hi
         raise WeightsError(f"{name} does not match this SAT architecture ({problem}). {hint}")
 
 
-def load_network_weights(model: SATNetwork, path: Union[str, Path]) -> SATNetwork:
+def load_network_weights(model: SATNetwork, path: Union[str, Path], assign: bool = False) -> SATNetwork:
     """Load an official segmentation checkpoint into ``model`` strictly (WeightsError says what differs)."""
     own = model.state_dict()
     sd = fill_aliases(read_state_dict(path, "segmentation"), own)
@@ -71,7 +71,7 @@ def load_network_weights(model: SATNetwork, path: Union[str, Path]) -> SATNetwor
     _check(model, sd, Path(path).name,
            "Use the segmentation file paired with the chosen size: SAT-Nano nano.pth or SAT-Pro SAT_Pro.pth "
            "(not text_encoder.pth or a Pretrain/ file).")
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=assign)
     return model
 
 
@@ -87,8 +87,14 @@ def load_text_weights(model: SATTextEncoder, path: Union[str, Path]) -> SATTextE
 
 
 def load_sat_network(path: Union[str, Path], cfg: SATConfig = NANO, device: Any = "cpu") -> SATNetwork:
-    """Build :class:`SATNetwork` for ``cfg`` (``NANO``/``PRO``), load ``path``, eval mode on ``device``."""
-    return load_network_weights(SATNetwork(cfg), path).to(device).eval()
+    """Build :class:`SATNetwork` for ``cfg`` (``NANO``/``PRO``), load ``path``, float32, eval mode on ``device``.
+
+    The network is built on the meta device and takes the checkpoint's tensors (no random init, no
+    second copy of the weights); it has no buffers, so nothing is left on meta."""
+    with torch.device("meta"):
+        model = SATNetwork(cfg)
+    model = load_network_weights(model, path, assign=True)
+    return model.float().to(device).eval()
 
 
 def load_text_tower(path: Union[str, Path], config_path: Optional[Union[str, Path]] = None, device: Any = "cpu",
@@ -96,9 +102,15 @@ def load_text_tower(path: Union[str, Path], config_path: Optional[Union[str, Pat
     """Build :class:`SATTextEncoder` from BioLORD's ``config.json`` (None: BioLORD-2023-C's numbers), load ``path``.
 
     ``tokenizer``: a tokenizer object or a path for :func:`text.load_tokenizer` (optional; needed for ``embed``)."""
-    from .text import load_tokenizer
+    from .text import load_tokenizer, mpnet_config
 
-    if isinstance(tokenizer, (str, Path)):
-        tokenizer = load_tokenizer(tokenizer)
-    model = SATTextEncoder(config_path, tokenizer)
+    try:
+        config = mpnet_config(config_path)
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = load_tokenizer(tokenizer)
+    except Exception as exc:  # missing / unreadable BioLORD files
+        raise WeightsError(
+            f"SAT's text tower needs FremyCompany/BioLORD-2023-C's config.json and tokenizer files ({type(exc).__name__}: "
+            f"{str(exc)[:160]}); download them again.") from None
+    model = SATTextEncoder(config, tokenizer)
     return load_text_weights(model, path).to(device).eval()

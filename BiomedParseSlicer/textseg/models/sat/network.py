@@ -175,7 +175,9 @@ class TransformerDecoderLayer(nn.Module):
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         t = self.norm2(tgt)
-        t = self.multihead_attn(query=t, key=memory + pos, value=memory, need_weights=False)[0]
+        # upstream adds its float32 encoding to the (autocast: float16) memory; the sum is what autocast
+        # casts at the key projection, so rounding it to memory's dtype here is the same (and works in pure fp16)
+        t = self.multihead_attn(query=t, key=(memory + pos).to(memory.dtype), value=memory, need_weights=False)[0]
         tgt = tgt + t
         return tgt + self.linear2(F.relu(self.linear1(self.norm3(tgt))))
 
@@ -199,7 +201,7 @@ class SATFeatures(NamedTuple):
     """What :meth:`SATNetwork.encode` returns (sequence-first like upstream)."""
 
     image_tokens: torch.Tensor   # (T, B, d_model) projected multiscale tokens, T = h*w*d
-    pos: torch.Tensor            # (T, 1, d_model) positional encoding of the token grid
+    pos: torch.Tensor            # (T, 1, d_model) positional encoding of the token grid (float32)
     per_pixel: torch.Tensor      # (B, per_pixel_dim, H, W, D) full-resolution decoder output
 
 
@@ -239,7 +241,7 @@ class SATNetwork(nn.Module):
         b, _, h, w, d = tokens.shape
         tokens = self.projection_layer(tokens.permute(0, 2, 3, 4, 1))  # B h w d dim
         tokens = tokens.reshape(b, h * w * d, -1).transpose(0, 1)  # (h w d) B dim
-        pos = positional_encoding_3d(h, w, d, self.cfg.d_model, dtype=tokens.dtype, device=tokens.device)
+        pos = positional_encoding_3d(h, w, d, self.cfg.d_model, device=tokens.device)  # float32, as upstream
         return SATFeatures(tokens, pos.reshape(h * w * d, 1, -1), per_pixel)
 
     def mask_embedding(self, features: SATFeatures, queries: torch.Tensor) -> torch.Tensor:

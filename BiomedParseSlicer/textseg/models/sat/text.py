@@ -100,7 +100,7 @@ class TextTower(nn.Module):
         super().__init__()
         from transformers import MPNetModel
 
-        self.biolord = MPNetModel(mpnet_config(config) if not hasattr(config, "to_dict") else config)
+        self.biolord = MPNetModel(config if hasattr(config, "to_dict") else mpnet_config(config))
 
     @staticmethod
     def mean_pooling(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
