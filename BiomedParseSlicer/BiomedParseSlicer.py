@@ -398,7 +398,24 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._run(work, "segment", {"volumeNode": volumeNode, "segNode": segNode, "replace": replace})
 
     def onSegmentEverything(self):
-        self.log(_("'Segment everything' is not available in this engine version yet."))
+        if self._task is not None:
+            return
+        try:
+            volumeNode, spec = self.ui.inputVolumeSelector.currentNode(), self.currentSpec()
+            volume = self.logic.volumeFromNode(volumeNode)  # GUI thread: reads MRML
+            modality, site = self.ui.modalityComboBox.currentText, self.ui.siteComboBox.currentText
+            site = site if modality == "CT" else None
+            makePredictor = self._predictorFactory()
+        except TextsegError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+
+        def work(progress, cancel):
+            predictor = makePredictor(progress, cancel)
+            return self.logic.recognizeVolume(volume, spec.id, modality, site, predictor, progress, cancel)
+
+        segNode = self.ui.outputSegmentationSelector.currentNode()
+        self._run(work, "recognize", {"volumeNode": volumeNode, "segNode": segNode, "replace": None})
 
     def _run(self, fn, kind, context=None):
         self._task, self._taskKind, self._taskContext = runner.BackgroundTask(fn).start(), kind, context or {}
@@ -430,7 +447,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.log(message)
             slicer.util.errorDisplay(message)
             return
-        if self._taskKind == "segment":
+        if self._taskKind in ("segment", "recognize"):
             self._showResults(task.result)
         elif self._taskKind == "connection":
             self.log(task.result)
@@ -446,7 +463,13 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         for r in results:
             if r.message:
                 self.log(r.message)
-        segNode = self.logic.addResults(c["volumeNode"], results, c["segNode"], c["replace"])
+        replace = c["replace"]
+        if replace is None:  # "Segment everything": the targets are known only now
+            earlier = c["segNode"] is not None and self.logic.existingSegmentsFor(c["segNode"], [r.prompt for r in results])
+            replace = bool(earlier) and slicer.util.confirmYesNoDisplay(
+                _("Some of the targets found were segmented before in this segmentation. Replace those segments? "
+                  "(No: add new segments beside them.)"))
+        segNode = self.logic.addResults(c["volumeNode"], results, c["segNode"], replace)
         self.ui.outputSegmentationSelector.setCurrentNode(segNode)
         segNode.CreateClosedSurfaceRepresentation()
         slicer.util.setSliceViewerLayers(background=c["volumeNode"])
@@ -578,12 +601,20 @@ class BiomedParseSlicerLogic(ScriptedLoadableModuleLogic):
         """Engine results for an engine Volume (set_image, then predict). Cancel keeps finished prompts."""
         predictor = predictor or self.localPredictor(model)
         plist = parse_prompts(prompts)
+        predictor.set_image(volume, modality or None, site or None, progress=self._part(progress, 0.0, 0.5), cancel=cancel)
+        return predictor.predict(plist, progress=self._part(progress, 0.5, 1.0), cancel=cancel)
 
-        def part(lo, hi):
-            return (lambda f, stage="": progress(lo + (hi - lo) * f, stage)) if progress else None
+    def recognizeVolume(self, volume, model: str, modality=None, site=None, predictor=None, progress=None, cancel=None,
+                        **options):
+        """Engine results of "Segment everything" (models with recognition): one per target found,
+        named after it, with detection boxes (``result.objects``). Cancel keeps the slices done."""
+        predictor = predictor or self.localPredictor(model)
+        predictor.set_image(volume, modality or None, site or None, progress=self._part(progress, 0.0, 0.3), cancel=cancel)
+        return predictor.recognize(progress=self._part(progress, 0.3, 1.0), cancel=cancel, **options)
 
-        predictor.set_image(volume, modality or None, site or None, progress=part(0.0, 0.5), cancel=cancel)
-        return predictor.predict(plist, progress=part(0.5, 1.0), cancel=cancel)
+    @staticmethod
+    def _part(progress, lo, hi):
+        return (lambda f, stage="": progress(lo + (hi - lo) * f, stage)) if progress else None
 
     # ---- MRML side (GUI thread) ---------------------------------------------------------------
     def volumeFromNode(self, volumeNode):
@@ -668,14 +699,31 @@ class BiomedParseSlicerLogic(ScriptedLoadableModuleLogic):
         ``predictor``: textseg.predictor.Predictor or textseg.client.RemotePredictor (default: a
         local one). ``replace``: overwrite segments an earlier run made for the same prompt;
         otherwise new segments are added. Other segments are never touched."""
-        volume = self.volumeFromNode(volumeNode)
+        modality, site = self._modality(volumeNode, modality, site)
+        results = self.predict(self.volumeFromNode(volumeNode), prompts, model, modality, site, predictor, progress, cancel)
+        return self.addResults(volumeNode, results, segmentationNode, replace)
+
+    def recognize(self, volumeNode, model: str, modality=None, site=None, segmentationNode=None, predictor=None,
+                  replace: bool = False, progress=None, cancel=None, **options):
+        """"Segment everything": one segment per target ``model`` finds in ``volumeNode`` (models with
+        recognition, e.g. biomedparse-v1/-v2), named after the target, with its detection boxes and centroids
+        (LPS mm) in the segment's ``textseg.objects`` tag. ``replace``: overwrite the segments an earlier
+        run made for the same targets; other segments are never touched. ``options``: the model's
+        recognition options (textseg.predictor.Predictor.recognize)."""
+        modality, site = self._modality(volumeNode, modality, site)
+        results = self.recognizeVolume(self.volumeFromNode(volumeNode), model, modality, site, predictor, progress,
+                                       cancel, **options)
+        if not results:
+            raise UsageError(f"Model '{model}' recognized none of its targets in this volume.")
+        return self.addResults(volumeNode, results, segmentationNode, replace)
+
+    def _modality(self, volumeNode, modality, site):
         if modality is None:
             modality, guessed_site, reason = self.guessModality(volumeNode)
             if modality is None:
                 raise UsageError(f"Cannot tell the modality of this volume ({reason}): pass modality=.")
             site = site or guessed_site
-        results = self.predict(volume, prompts, model, modality, site, predictor, progress, cancel)
-        return self.addResults(volumeNode, results, segmentationNode, replace)
+        return modality, site
 
     def statistics(self, segmentationNode, volumeNode, tableNode=None, csvPath=None, overwrite=False):
         """Statistics of every segment (after any edits) into a table node, optionally a CSV file."""

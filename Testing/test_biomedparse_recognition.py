@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 
 from textseg.detection import detect_objects
 from textseg.errors import UsageError
@@ -156,6 +157,11 @@ def test_detection_on_an_oblique_volume_matches_voxel_positions():
 # ---- Predictor.recognize -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def v2_weights(tmp_path_factory):
+    return make_v2_weights(tmp_path_factory.mktemp("v2rec"))
+
+
+def make_v2_weights(d: Path) -> Path:
+    """A tiny random BiomedParse v2 checkpoint (official layout) in folder ``d``."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("textseg.models.biomedparse.focal")
     from textseg.models.biomedparse.v2_loader import LOSS_KEYS
@@ -166,7 +172,6 @@ def v2_weights(tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(4.0)  # livelier random logits: some targets pass, some do not
-    d = tmp_path_factory.mktemp("v2rec")
     sd = {"model." + k: v for k, v in model.state_dict().items()}
     sd.update({"model." + k: torch.ones(3) for k in LOSS_KEYS})
     torch.save({"state_dict": sd}, d / "biomedparse_v2.ckpt")
@@ -381,3 +386,34 @@ def test_cli_segment_one_recognize_writes_named_segments_and_objects(v2_weights,
     assert len(segs) >= 2 and summary["complete"]
     assert all(s["objects"][0]["voxel_count"] == summary["segments"][s["name"]] for s in doc["segments"])
     assert segs[0].tags["textseg.recognition"] == "biomedparse-v2"
+
+
+# ---- recognition on a server --------------------------------------------------------------------------------
+def test_remote_recognize_equals_local(v2_weights):
+    """RemotePredictor.recognize runs the same rules on the server: same targets, masks, scores and objects."""
+    pytest.importorskip("fastapi")
+    from textseg.client import RemotePredictor
+    from textseg.errors import UsageError as Usage
+    from textseg.models.biomedparse.v2_model import REDUCED
+    from textseg.server import Settings, running_server
+
+    options = {"targets": ["liver", "spleen", "left kidney", "aorta"], "instances": ["aorta"], "existence_threshold": 0.0}
+    local = v2_predictor(v2_weights)
+    local.set_image(ct_volume(), "CT", "abdomen")
+    want = local.recognize(**options)
+    assert len(want) >= 2
+    s = Settings(port=0, devices=("cpu",), weights_dir=str(v2_weights),
+                 adapter_options={"biomedparse-v2": {"config": REDUCED, "seed": 3, "batch_size": 2}})
+    with running_server(s) as url:
+        rp = RemotePredictor(url, "biomedparse-v2")
+        rp.set_image(ct_volume(), "CT", "abdomen")
+        got = rp.recognize(**options)
+        with pytest.raises(Usage, match="Unknown recognition option"):
+            rp.recognize(image_type="CT")
+        r = requests.post(f"{url}/v1/jobs", json={"volume": rp._sha, "model": "biomedparse-v2", "modality": "CT",
+                                                  "recognize": True, "prompts": ["liver"]}, timeout=10)
+        assert r.status_code == 400 and "send no 'prompts'" in r.json()["message"]
+    assert [g.name for g in got] == [w.name for w in want]
+    for g, w in zip(got, want):
+        assert np.array_equal(g.mask, w.mask) and g.existence == pytest.approx(w.existence)
+        assert g.objects == w.objects and g.complete and g.provenance["recognition"] == "biomedparse-v2"

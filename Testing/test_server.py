@@ -102,7 +102,7 @@ def _job_state(url, jid, headers=None):
 
 # ---- contract ------------------------------------------------------------------------------------
 def test_remote_predictor_has_the_local_signatures():
-    for name in ("set_image", "predict", "reset_image", "check_prompts"):
+    for name in ("set_image", "predict", "reset_image", "check_prompts", "recognize"):
         assert inspect.signature(getattr(RemotePredictor, name)) == inspect.signature(getattr(Predictor, name)), name
 
 

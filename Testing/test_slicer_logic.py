@@ -202,6 +202,47 @@ def test_existing_segments_preserved_and_rerun_replaces_only_its_own(app, logic,
     assert len(mrml.segment_ids(seg)) == 5  # without replace: added beside
 
 
+def test_segment_everything_adds_one_named_segment_per_target_and_keeps_the_others(app, logic, tmp_path):
+    """Logic.recognize ("Segment everything") with BiomedParse v2 (tiny random weights): one segment per target
+    found, named after it, mask equal to the engine's, detection objects in a tag; the user's segment stays;
+    a re-run with replace=True replaces only those segments."""
+    import test_biomedparse_recognition as tr
+
+    weights = tr.make_v2_weights(tmp_path)
+    volume = tr.ct_volume()
+    node = mrml.volume_node_from_volume(app.scene, volume, "ct")
+    seg = mrml.prepare_segmentation_node(app.scene, node)
+    drawn = np.zeros(volume.shape, np.uint8)
+    drawn[1:3, 4:9, 5:12] = 1
+    user_id = seg.GetSegmentation().AddEmptySegment("", "my lesion", (0.1, 0.2, 0.3))
+    mrml.set_segment_mask(seg, user_id, drawn, node)
+    options = {"targets": ["liver", "spleen", "left kidney", "aorta"], "existence_threshold": 0.0}
+    engine = tr.v2_predictor(weights)
+    engine.set_image(volume, "CT", "abdomen")
+    want = engine.recognize(**options)
+    assert len(want) >= 2
+
+    logic.recognize(node, "biomedparse-v2", "CT", "abdomen", segmentationNode=seg, predictor=tr.v2_predictor(weights),
+                    **options)
+    ids = list(logic.lastSegmentIDs)
+    assert [seg.GetSegmentation().GetSegment(i).GetName() for i in ids] == [w.name for w in want]
+    for sid, w in zip(ids, want):
+        np.testing.assert_array_equal(mrml.segment_mask(seg, sid, node), w.mask)
+        s = seg.GetSegmentation().GetSegment(sid)
+        assert json.loads(mrml.get_tag(s, "textseg.objects")) == w.objects
+        assert mrml.get_tag(s, "textseg.recognition") == "biomedparse-v2"
+    np.testing.assert_array_equal(mrml.segment_mask(seg, user_id, node), drawn)
+
+    before = checks.segment_state(seg, node)
+    assert logic.existingSegmentsFor(seg, [w.prompt for w in want]) == ids
+    logic.recognize(node, "biomedparse-v2", "CT", "abdomen", segmentationNode=seg, predictor=tr.v2_predictor(weights),
+                    replace=True, **options)
+    assert logic.lastSegmentIDs == ids and len(mrml.segment_ids(seg)) == len(ids) + 1
+    checks.check_preserved(before, checks.segment_state(seg, node), changed=ids)
+    with pytest.raises(UsageError, match="has no recognition"):
+        logic.recognize(node, "synthetic-3d", "CT", predictor=Predictor("synthetic-3d", device="cpu"))
+
+
 def test_terminology_colour_and_provenance(app, logic, predictor, ct_path, tmp_path):
     node = app.load_volume(ct_path)
     seg = logic.segment(node, ["bone", "air"], "synthetic-3d", modality="CT", predictor=predictor)

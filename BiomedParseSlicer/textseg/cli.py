@@ -209,8 +209,6 @@ def cmd_segment(args) -> int:
     if getattr(args, "recognize", False):
         from .catalog import get_model
 
-        if args.server:
-            raise UsageError("--recognize runs locally; leave out --server.")
         if args.prompt or args.prompts_file:
             raise UsageError("--recognize finds the model's targets itself; leave out --prompt/--prompts-file.")
         if not get_model(args.model).recognition:

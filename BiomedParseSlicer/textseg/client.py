@@ -182,6 +182,21 @@ class RemotePredictor:
             self.messages.append(f"Cancelled: kept {job['results'] or 0} of {len(plist)} completed prompt(s).")
         return self._results(job) if job.get("results") else []
 
+    def recognize(self, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+                  **options: Any) -> List[PromptResult]:
+        """Recognition ("segment everything") on the server, as the local Predictor.recognize (same JSON-able
+        options): one result per target found, named after it, with detection ``objects``. (Instance label
+        maps of an instance split stay on the server; each instance is one entry of ``objects``.)"""
+        if self._volume is None:
+            raise UsageError("No image set: call set_image(volume, modality) before recognize().")
+        if not self.spec.recognition:
+            raise UsageError(f"Model '{self.model}' has no recognition ('segment everything'): give prompts to predict().")
+        job = self._run_job([], progress, cancel, recognize=options or True)
+        self.last_job = job["id"]
+        if job["state"] == "cancelled":
+            self.messages.append(f"Cancelled: kept the {job['results'] or 0} target(s) found in the slices completed.")
+        return self._results(job) if job.get("results") else []
+
     # ---- helpers -------------------------------------------------------------------------------
     def _upload(self, progress: Optional[ProgressFn]) -> None:
         assert self._nrrd is not None and self._sha is not None
@@ -256,7 +271,7 @@ class RemotePredictor:
             prob = decode_probability(arrays, n, shape) if rec["probability"] else mask.astype(np.float32)
             out.append(PromptResult(Prompt.from_any(rec["prompt"]), prob, mask, rec["existence"], rec["present"],
                                     rec["provenance"], rec["message"], rec["extra"],
-                                    objects=rec.get("objects") or []))
+                                    complete=rec.get("complete", True), objects=rec.get("objects") or []))
         return out
 
     def download_seg_nrrd(self, job_id: str, path: Union[str, "os.PathLike"], overwrite: bool = False) -> str:

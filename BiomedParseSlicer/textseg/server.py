@@ -134,7 +134,8 @@ class Job:
         self.meta = meta
         n, total = len(meta["results"]), len(self.request.get("prompts") or [])
         if meta.get("cancelled"):
-            self.stage = f"cancelled: kept {n} of {total} completed prompt(s)"
+            self.stage = (f"cancelled: kept {n} target(s) found so far" if self.request.get("recognize")
+                          else f"cancelled: kept {n} of {total} completed prompt(s)")
             self._final("cancelled")
         else:
             self.progress, self.stage = 1.0, "done"
@@ -359,7 +360,8 @@ def _check_request(body: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
     from .prompts import parse_prompts
     from .weights import is_ready
 
-    allowed = {"volume", "model", "modality", "site", "slices", "prompts", "threshold", "keep_absent", "probabilities"}
+    allowed = {"volume", "model", "modality", "site", "slices", "prompts", "threshold", "keep_absent", "probabilities",
+               "recognize"}
     unknown = set(body) - allowed
     if unknown:
         raise ApiError(400, "invalid_request", f"Unknown job field(s) {sorted(unknown)}; allowed: {sorted(allowed)}.")
@@ -380,6 +382,13 @@ def _check_request(body: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
         raise ApiError(400, "invalid_request", "'prompts' must be a list of text or {text, box, points, point_labels}.")
     if prompts:
         prompts = [p.to_dict() for p in parse_prompts(prompts)]
+    recognize = body.get("recognize", False)
+    if not isinstance(recognize, (bool, dict)):
+        raise ApiError(400, "invalid_request", "'recognize' must be true, false or an object of recognition options.")
+    if recognize and prompts:
+        raise ApiError(400, "invalid_request", "A recognition job finds the model's targets itself: send no 'prompts'.")
+    if recognize and not spec.recognition:
+        raise ApiError(400, "no_recognition", f"Model '{model}' has no recognition ('segment everything'); send prompts.")
     probs = body.get("probabilities", "uint8")
     if probs not in PROBABILITY_MODES:
         raise ApiError(400, "invalid_request", f"'probabilities' must be one of {', '.join(PROBABILITY_MODES)}.")
@@ -394,7 +403,7 @@ def _check_request(body: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
         raise ApiError(400, "invalid_request", "'threshold' must be a number.")
     return {"volume": body.get("volume"), "model": model, "modality": body.get("modality"), "site": body.get("site"),
             "slices": slices, "prompts": prompts, "threshold": thr, "keep_absent": bool(body.get("keep_absent", False)),
-            "probabilities": probs}
+            "probabilities": probs, "recognize": recognize}
 
 
 def create_app(settings: Settings):

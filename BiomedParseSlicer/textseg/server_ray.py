@@ -21,7 +21,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .server_workers import WorkerState, write_outputs
+from .server_workers import WorkerState, was_cancelled, write_outputs
 
 log = logging.getLogger("textseg.server")
 
@@ -151,8 +151,7 @@ class RayDispatcher:
             raise RuntimeError("the Ray stream ended without a result")
         meta = write_outputs(job.dir, job.volume.shape[:3], results, job.request.get("probabilities", "uint8"))
         meta["messages"] = final[1] if final is not None and final[0] == "done" else []
-        n_prompts = len(job.request.get("prompts") or [])
-        meta["cancelled"] = bool(job.cancel_requested and len(results) < n_prompts)
+        meta["cancelled"] = was_cancelled(job.request, results, job.cancel_requested)
         job.finish(meta)
 
 

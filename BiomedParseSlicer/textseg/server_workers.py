@@ -82,6 +82,12 @@ class WorkerState:
             self.images.pop(job["model"], None)
             pred.set_image(self.volume, job.get("modality"), job.get("site"), key[3], _scaled(progress, 0.0, split), cancel)
             self.images[job["model"]] = key
+        if job.get("recognize"):
+            options = job["recognize"] if isinstance(job["recognize"], dict) else {}
+            results = pred.recognize(_scaled(progress, split, 1.0), cancel, **options)
+            if on_results and results:
+                on_results(results)
+            return results
         results: list = []
         group = max(1, pred.adapter.max_prompts_per_call) if (on_results and pred.spec.dims == 3) else max(1, len(prompts))
         for start in range(0, len(prompts), group):
@@ -99,12 +105,20 @@ class WorkerState:
     def run(self, job: Dict[str, Any], progress: Callable[[float, str], None], cancel, out_dir: Path) -> Dict[str, Any]:
         """execute() and write the outputs for the server (worker-process backend)."""
         results = self.execute(job, progress, cancel)
-        prompts = job.get("prompts") or []
         meta = write_outputs(out_dir, self.volume.shape, results, job.get("probabilities", "uint8"))
         meta["messages"] = list(self.predictor(job["model"]).messages)
         meta["image_reused"] = self.image_reused
-        meta["cancelled"] = bool(cancel is not None and cancel.cancelled and len(results) < len(prompts))
+        meta["cancelled"] = was_cancelled(job, results, cancel is not None and cancel.cancelled)
         return meta
+
+
+def was_cancelled(job: Dict[str, Any], results: list, cancel_requested: bool) -> bool:
+    """Whether a finished job stopped early: prompts left undone, or recognition cut short."""
+    if not cancel_requested:
+        return False
+    if job.get("recognize"):
+        return any(not r.complete for r in results)
+    return len(results) < len(job.get("prompts") or [])
 
 
 def _scaled(progress, lo: float, hi: float):

@@ -103,7 +103,8 @@ def result_record(index: int, r, probability: Optional[str]) -> Dict[str, Any]:
         "message": r.message,
         "extra": _jsonable(r.extra),
         "voxel_count": r.voxel_count,
-        "objects": _jsonable(getattr(r, "objects", [])),
+        "objects": _jsonable(r.objects),
+        "complete": bool(r.complete),
         "probability": probability,
     }
 

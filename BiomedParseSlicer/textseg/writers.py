@@ -67,7 +67,7 @@ def _umask() -> int:
 def segments_from_results(results: Sequence[Any]) -> List[Segment]:
     """Segments from predictor PromptResults: name = the prompt, SNOMED CT terminology and standard
     colour from the shipped table (unknown prompts: generic Tissue, distinct palette colour), and
-    the provenance as ``textseg.<key>`` tags."""
+    the provenance as ``textseg.<key>`` tags (detection boxes as ``textseg.objects``)."""
     from .terminology import distinct_colors, lookup
 
     terms = [lookup(r.name) for r in results]
@@ -75,6 +75,8 @@ def segments_from_results(results: Sequence[Any]) -> List[Segment]:
     for r, term, color in zip(results, terms, distinct_colors(terms)):
         tags = {TAG_PREFIX + k: (v if isinstance(v, str) else json.dumps(v)) for k, v in r.provenance.items()}
         tags[TAG_PREFIX + "terminology_match"] = term.structure or "none (generic Tissue)"
+        if getattr(r, "objects", None):  # detection: bounding box and centroid (LPS mm) per object
+            tags[TAG_PREFIX + "objects"] = json.dumps(r.objects)
         name = r.name
         if not getattr(r, "complete", True):  # cancelled part-way: keep it, but never pass it off as whole
             tags[TAG_PREFIX + "complete"] = "false"
