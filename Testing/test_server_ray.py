@@ -57,3 +57,85 @@ def test_ray_round_trip_and_cancel(ray_server):
     assert [r.prompt.text for r in kept] == ["bone left", "nothing"]
     np.testing.assert_array_equal(kept[0].mask, local[0].mask)
     assert any("kept 2 of 4" in m for m in rp.messages)
+
+
+# ---- recognition ("segment everything") through the Ray deployment -------------------------------------------
+@pytest.fixture(scope="module")
+def ray_v2_server(tmp_path_factory):
+    pytest.importorskip("torch")
+    import test_biomedparse_recognition as tr
+    from textseg.models.biomedparse.v2_model import REDUCED
+
+    weights = tr.make_v2_weights(tmp_path_factory.mktemp("rayv2"))
+    s = Settings(port=0, ray=True, ray_options={"local_testing": True, "replicas": 1}, devices=("cpu",),
+                 weights_dir=str(weights), adapter_options={"biomedparse-v2": {"config": REDUCED, "seed": 3, "batch_size": 2}})
+    with running_server(s) as url:
+        yield url, weights
+
+
+V2_OPTIONS = {"targets": ["liver", "spleen", "left kidney", "aorta"], "existence_threshold": 0.0}
+
+
+def _local_v2(weights):
+    import test_biomedparse_recognition as tr
+
+    local = tr.v2_predictor(weights)
+    local.set_image(tr.ct_volume(), "CT", "abdomen")
+    want = local.recognize(**V2_OPTIONS)
+    assert len(want) >= 2
+    return want
+
+
+def test_ray_recognize_equals_local(ray_v2_server):
+    """A 'recognize' job on the Ray backend: same targets, masks, scores and objects as the local Predictor."""
+    import test_biomedparse_recognition as tr
+
+    url, weights = ray_v2_server
+    want = _local_v2(weights)
+    rp = RemotePredictor(url, "biomedparse-v2")
+    rp.set_image(tr.ct_volume(), "CT", "abdomen")
+    got = rp.recognize(**V2_OPTIONS)
+    assert [g.name for g in got] == [w.name for w in want]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.mask, w.mask)
+        assert g.objects == w.objects and g.complete and g.existence == pytest.approx(w.existence)
+
+
+@pytest.mark.xfail(strict=True, reason="known defect (not fixed): the Ray backend cancels by cancelling the Ray "
+                   "request, so results made after the cancel (a recognition's, a 2D model's) cannot be streamed back")
+def test_ray_recognize_cancel_keeps_completed_slices(ray_v2_server, monkeypatch):
+    """A cancel after two slices keeps the targets found in them, marked incomplete (as the local Predictor and
+    the worker-process backend do)."""
+    import time
+
+    import test_biomedparse_recognition as tr
+    from textseg.models.biomedparse.v2_adapter import BiomedParseV2Adapter
+
+    url, weights = ray_v2_server
+    want = _local_v2(weights)
+    options = V2_OPTIONS
+    rp = RemotePredictor(url, "biomedparse-v2")
+    rp.set_image(tr.ct_volume(), "CT", "abdomen")
+
+    real = BiomedParseV2Adapter.decode_slices
+
+    def slow(self, enc, prompts, ctx):  # local testing mode: the replica runs in this process
+        time.sleep(0.4)
+        return real(self, enc, prompts, ctx)
+
+    monkeypatch.setattr(BiomedParseV2Adapter, "decode_slices", slow)
+    token = CancelToken()
+
+    def progress(frac, stage):
+        if stage.startswith("recognizing slices 2"):
+            token.cancel()
+
+    part = rp.recognize(progress=progress, cancel=token, **options)
+    assert part, "the targets found in the completed slices were lost"
+    by_name = {w.name: w for w in want}
+    for r in part:
+        assert not r.complete and r.extra["slices_done"][0] == 0
+        done = r.extra["slices_done"][1]
+        assert 2 <= done < 5
+        np.testing.assert_array_equal(r.mask[:done], by_name[r.name].mask[:done])
+        assert not r.mask[done:].any()
