@@ -202,6 +202,33 @@ def test_existing_segments_preserved_and_rerun_replaces_only_its_own(app, logic,
     assert len(mrml.segment_ids(seg)) == 5  # without replace: added beside
 
 
+def test_replacing_a_segment_drops_the_earlier_runs_tags(app, logic, predictor):
+    """A re-run that replaces a segment leaves no tag of the earlier run that the new result does not have:
+    a partial (cancelled) segment replaced by a complete result is no longer marked partial, and a segment
+    replaced by an empty result (target absent now) keeps no stale detection boxes."""
+    import dataclasses
+
+    node = mrml.volume_node_from_volume(app.scene, checks.phantom(), "phantom")
+    seg = mrml.prepare_segmentation_node(app.scene, node)
+    predictor.set_image(logic.volumeFromNode(node), "CT")
+    (r,) = predictor.predict(["bone"])
+    assert r.voxel_count > 0 and r.objects
+    logic.addResults(node, [dataclasses.replace(r, complete=False)], seg)
+    (sid,) = logic.lastSegmentIDs
+    s = seg.GetSegmentation().GetSegment(sid)
+    assert (s.GetName(), mrml.get_tag(s, "textseg.complete")) == ("bone (partial)", "false")
+
+    logic.addResults(node, [r], seg, replace=True)
+    assert logic.lastSegmentIDs == [sid]
+    assert (s.GetName(), mrml.get_tag(s, "textseg.complete")) == ("bone", "")
+    assert json.loads(mrml.get_tag(s, "textseg.objects")) == r.objects
+
+    absent = dataclasses.replace(r, mask=np.zeros_like(r.mask), objects=[], present=False)
+    logic.addResults(node, [absent], seg, replace=True)
+    assert logic.lastSegmentIDs == [sid] and not mrml.segment_mask(seg, sid, node).any()
+    assert mrml.get_tag(s, "textseg.objects") == ""  # no boxes of a mask that is gone
+
+
 def test_segment_everything_adds_one_named_segment_per_target_and_keeps_the_others(app, logic, tmp_path):
     """Logic.recognize ("Segment everything") with BiomedParse v2 (tiny random weights): one segment per target
     found, named after it, mask equal to the engine's, detection objects in a tag; the user's segment stays;
