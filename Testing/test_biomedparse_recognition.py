@@ -417,3 +417,31 @@ def test_remote_recognize_equals_local(v2_weights):
     for g, w in zip(got, want):
         assert np.array_equal(g.mask, w.mask) and g.existence == pytest.approx(w.existence)
         assert g.objects == w.objects and g.complete and g.provenance["recognition"] == "biomedparse-v2"
+
+
+def test_server_worker_recognize_on_an_unprepared_image_reports_progress(v2_weights, tmp_path):
+    """A 'recognize' job on a worker that does not hold the image yet (another worker prepared it, or the image
+    was evicted): preparing takes the first 30 % of the job's progress and recognition the rest, so the
+    progress bar moves during recognition instead of sitting at 100 % from the start."""
+    from textseg.models.biomedparse.v2_model import REDUCED
+    from textseg.server_workers import WorkerState
+
+    vol = ct_volume()
+    np.save(tmp_path / "v.npy", vol.array)
+    geometry = {"spacing": list(vol.spacing), "origin": list(vol.origin), "direction": vol.direction.tolist()}
+    state = WorkerState("cpu", {"biomedparse-v2": {"config": REDUCED, "seed": 3, "batch_size": 2}}, str(v2_weights))
+    job = {"volume": "abc", "volume_path": str(tmp_path / "v.npy"), "geometry": geometry, "model": "biomedparse-v2",
+           "modality": "CT", "site": "abdomen", "slices": None, "prompts": [],
+           "recognize": {"targets": ["liver", "spleen"], "existence_threshold": 0.0}}
+    seen = []
+    results = state.execute(job, lambda f, stage: seen.append((round(f, 4), stage)), None)
+    assert results and not state.image_reused
+    starts = {}
+    for f, stage in seen:
+        if stage.startswith("recognizing slices"):
+            starts.setdefault(stage, f)
+    # slices 0-1, 2-3, 4 of 5 start at 0.3 + 0.7 * (0, 2/5, 4/5)
+    assert starts == {"recognizing slices 0-1": 0.3, "recognizing slices 2-3": 0.58, "recognizing slices 4-4": 0.86}
+    first = next(n for n, (_, stage) in enumerate(seen) if stage.startswith("recognizing"))
+    assert seen[first - 1] == (0.3, "image ready")  # preparing the image: 0 .. 0.3
+    assert seen[-1] == (1.0, "done")

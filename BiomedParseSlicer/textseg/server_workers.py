@@ -77,7 +77,8 @@ class WorkerState:
         prompts = job.get("prompts") or []
         need_image = self.images.get(job["model"]) != key
         self.image_reused = not need_image
-        split = 0.3 if (need_image and prompts) else (1.0 if need_image else 0.0)
+        work = bool(prompts or job.get("recognize"))  # else only the image is prepared (RemotePredictor.set_image)
+        split = 0.3 if (need_image and work) else (1.0 if need_image else 0.0)
         if need_image:
             self.images.pop(job["model"], None)
             pred.set_image(self.volume, job.get("modality"), job.get("site"), key[3], _scaled(progress, 0.0, split), cancel)
