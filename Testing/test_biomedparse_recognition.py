@@ -113,6 +113,21 @@ def test_recognizer_options_are_checked():
     assert rec.prompts[0].text == "Visualization of the spleen in head MR imaging"
 
 
+def test_recognizer_takes_one_target_name_as_a_string():
+    """targets="liver" (e.g. JSON from a script) is one target, not five one-letter targets 'l', 'i', ...;
+    instances likewise."""
+    rec = v2r.V2Recognizer("CT", "abdomen", 0.5, False, targets="liver", instances="liver")
+    assert rec.names == ["liver"] and rec.instance_targets == {"liver"} and rec.edges
+    assert [p.text for p in rec.prompts] == ["Visualization of the liver in abdominal CT imaging"]
+    with pytest.raises(UsageError, match="target names"):
+        v2r.V2Recognizer("CT", None, 0.5, False, targets=[3])
+    pytest.importorskip("torch")
+    from textseg.models.biomedparse.v1_adapter import V1Recognizer
+
+    v1 = V1Recognizer(["CT-Abdomen"], targets="liver")
+    assert v1.names == ["liver"] and [p.text for p in v1.prompts] == ["liver"]
+
+
 # ---- detection: boxes and centroids in LPS mm -----------------------------------------------------------------
 def test_detection_on_a_flipped_volume_hand_computed():
     """direction diag(-1, 1, -1): x = 100 - 2 i, y = 50 + 3 j, z = -10 - 4 k."""

@@ -141,7 +141,8 @@ class V1Recognizer(Recognizer):
         if not types or types[0] not in BIOMED_OBJECTS:
             raise UsageError(f"No BiomedParse v1 image type for this image; pass image_type= one of "
                              f"{', '.join(BIOMED_OBJECTS)}.")
-        self.names = list(options.get("targets") or BIOMED_OBJECTS[types[0]])
+        targets = options.get("targets")
+        self.names = [targets] if isinstance(targets, str) else list(targets or BIOMED_OBJECTS[types[0]])
         self.prompts = [Prompt(t) for t in self.names]
         self.threshold = float(options.get("p_value_threshold", 0.05))
         self.info = {"rules": "biomedparse-v1", "image_type": types[0], "p_value_threshold": self.threshold}

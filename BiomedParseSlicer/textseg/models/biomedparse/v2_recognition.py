@@ -167,6 +167,13 @@ def split_instances(region: np.ndarray, edges: np.ndarray, distance: float = 1) 
     return out
 
 
+def _names(value: Any) -> List[str]:
+    """A recognition option naming targets: a list of names, or one name as a string (not its letters)."""
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 class V2Recognizer(Recognizer):
     """Per slice batch: NMS over all targets, merge to one label per voxel; instance split at the end."""
 
@@ -181,12 +188,12 @@ class V2Recognizer(Recognizer):
         if unknown:
             raise UsageError(f"Unknown recognition option(s) {unknown} for BiomedParse v2; it takes "
                              f"{', '.join(self.OPTIONS)}.")
-        names = list(options.get("targets") or TARGETS.get(modality, ()))
+        names = _names(options.get("targets")) or list(TARGETS.get(modality, ()))
         if not names or not all(isinstance(t, str) and t.strip() for t in names):
             raise UsageError(f"BiomedParse v2 has no targets for {modality}; pass targets=[...] (target names).")
         names = [" ".join(t.split()) for t in names]
         inst = options.get("instances", False)
-        self.instance_targets = set(names) if inst is True else set(inst or ())
+        self.instance_targets = set(names) if inst is True else set(_names(inst))
         missing = self.instance_targets - set(names)
         if missing:
             raise UsageError(f"instances names {sorted(missing)} that are not among the targets.")
