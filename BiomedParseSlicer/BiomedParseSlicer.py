@@ -607,10 +607,17 @@ class BiomedParseSlicerLogic(ScriptedLoadableModuleLogic):
     def recognizeVolume(self, volume, model: str, modality=None, site=None, predictor=None, progress=None, cancel=None,
                         **options):
         """Engine results of "Segment everything" (models with recognition): one per target found,
-        named after it, with detection boxes (``result.objects``). Cancel keeps the slices done."""
+        named after it, with detection boxes (``result.objects``). Cancel keeps the slices done; with none
+        found, Cancelled (cancelled before any) or UsageError (nothing recognized) is raised."""
         predictor = predictor or self.localPredictor(model)
         predictor.set_image(volume, modality or None, site or None, progress=self._part(progress, 0.0, 0.3), cancel=cancel)
-        return predictor.recognize(progress=self._part(progress, 0.3, 1.0), cancel=cancel, **options)
+        results = predictor.recognize(progress=self._part(progress, 0.3, 1.0), cancel=cancel, **options)
+        if not results and cancel is not None and cancel.cancelled:
+            raise Cancelled("Cancelled before any target was found: nothing added.")
+        if not results:
+            raise UsageError(f"Model '{model}' recognized none of its targets in this volume. Check the modality "
+                             f"({modality or 'unset'}) and CT site ({site or 'unset'}), or segment with prompts instead.")
+        return results
 
     @staticmethod
     def _part(progress, lo, hi):
@@ -713,8 +720,6 @@ class BiomedParseSlicerLogic(ScriptedLoadableModuleLogic):
         modality, site = self._modality(volumeNode, modality, site)
         results = self.recognizeVolume(self.volumeFromNode(volumeNode), model, modality, site, predictor, progress,
                                        cancel, **options)
-        if not results:
-            raise UsageError(f"Model '{model}' recognized none of its targets in this volume.")
         return self.addResults(volumeNode, results, segmentationNode, replace)
 
     def _modality(self, volumeNode, modality, site):

@@ -270,6 +270,36 @@ def test_segment_everything_adds_one_named_segment_per_target_and_keeps_the_othe
         logic.recognize(node, "synthetic-3d", "CT", predictor=Predictor("synthetic-3d", device="cpu"))
 
 
+def test_segment_everything_cancelled_or_empty_is_said_so_and_adds_no_node(app, logic, tmp_path):
+    """A "Segment everything" cancelled before any slice was recognized raises Cancelled (the panel logs
+    "Cancelled."), not "recognized none of its targets"; one that finds nothing says so. Neither leaves an empty
+    segmentation node behind (recognizeVolume, which the panel's worker thread runs, raises as Logic.recognize)."""
+    import test_biomedparse_recognition as tr
+    from textseg.errors import Cancelled
+    from textseg.models.base import CancelToken
+
+    weights = tr.make_v2_weights(tmp_path)
+    node = mrml.volume_node_from_volume(app.scene, tr.ct_volume(), "ct")
+    nodes = app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    token = CancelToken()
+
+    def progress(f, stage=""):
+        if stage.startswith("recognizing slices"):
+            token.cancel()
+
+    with pytest.raises(Cancelled, match="nothing added"):
+        logic.recognize(node, "biomedparse-v2", "CT", "abdomen", predictor=tr.v2_predictor(weights), progress=progress,
+                        cancel=token, targets=["liver"], existence_threshold=0.0)
+    token = CancelToken()
+    with pytest.raises(Cancelled, match="nothing added"):
+        logic.recognizeVolume(tr.ct_volume(), "biomedparse-v2", "CT", "abdomen", tr.v2_predictor(weights), progress,
+                              token, targets=["liver"], existence_threshold=0.0)
+    with pytest.raises(UsageError, match="recognized none of its targets.*modality"):
+        logic.recognizeVolume(tr.ct_volume(), "biomedparse-v2", "CT", "abdomen", tr.v2_predictor(weights),
+                              targets=["liver"], existence_threshold=1.1)
+    assert app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == nodes
+
+
 def test_terminology_colour_and_provenance(app, logic, predictor, ct_path, tmp_path):
     node = app.load_volume(ct_path)
     seg = logic.segment(node, ["bone", "air"], "synthetic-3d", modality="CT", predictor=predictor)
