@@ -511,3 +511,32 @@ def test_cli_segment_on_a_server_equals_local(fast, tmp_path, monkeypatch):
         np.testing.assert_array_equal(a.mask, b.mask)
         assert a.terminology == b.terminology and a.tags["textseg.model"] == b.tags["textseg.model"]
     assert main(common + ["--server", fast, "--api-key", "wrong", "--out", str(tmp_path / "x.seg.nrrd")]) == 1
+
+
+def test_result_seg_nrrd_keeps_partial_mark_and_detection_objects(tmp_path):
+    """The job's .seg.nrrd (GET /v1/jobs/{id}/result) is written from result.json: a partial (cancelled) result
+    is named and tagged as partial and detection objects are in the textseg.objects tag, exactly as the .seg.nrrd
+    the CLI writes locally from the same results (writers.segments_from_results)."""
+    import dataclasses
+    import types
+
+    from textseg.server import seg_nrrd_path
+    from textseg.server_workers import write_outputs
+    from textseg.writers import segments_from_results
+
+    v = _phantom()
+    lp = Predictor("synthetic-3d", device="cpu")
+    lp.set_image(v, "CT")
+    bone, air = lp.predict(["bone", "air"])
+    assert bone.objects and air.objects
+    results = [dataclasses.replace(bone, complete=False), air]
+    meta = write_outputs(tmp_path, v.shape, results, "none")
+    g = {"spacing": list(v.spacing), "origin": list(v.origin), "direction": v.direction.tolist()}
+    job = types.SimpleNamespace(dir=tmp_path, meta=meta, volume=types.SimpleNamespace(geometry=g))
+    _, segs = read_seg_nrrd(seg_nrrd_path(job))
+    want = segments_from_results(results)
+    assert [s.name for s in segs] == [w.name for w in want] == ["bone (partial)", "air"]
+    assert segs[0].tags["textseg.complete"] == "false" and "textseg.complete" not in segs[1].tags
+    for s, r in zip(segs, results):
+        assert json.loads(s.tags["textseg.objects"]) == r.objects
+        np.testing.assert_array_equal(s.mask, r.mask)

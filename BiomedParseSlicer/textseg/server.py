@@ -628,7 +628,8 @@ def seg_nrrd_path(job: Job) -> Path:
             shape = meta["shape"]
             arrays = load_npz((job.dir / "arrays.npz").read_bytes())
             results = [PromptResult(Prompt.from_any(r["prompt"]), None, unpack_mask(arrays[f"mask_{r['index']}"], shape),
-                                    r["existence"], r["present"], r["provenance"], r["message"], r["extra"])
+                                    r["existence"], r["present"], r["provenance"], r["message"], r["extra"],
+                                    complete=r.get("complete", True), objects=r.get("objects") or [])
                        for r in meta["results"]]
             g = job.volume.geometry
             reference = Volume(np.zeros(shape, np.uint8), g["spacing"], g["origin"], g["direction"])
