@@ -434,20 +434,44 @@ def test_remote_recognize_equals_local(v2_weights):
         assert g.objects == w.objects and g.complete and g.provenance["recognition"] == "biomedparse-v2"
 
 
-def test_server_worker_recognize_on_an_unprepared_image_reports_progress(v2_weights, tmp_path):
-    """A 'recognize' job on a worker that does not hold the image yet (another worker prepared it, or the image
-    was evicted): preparing takes the first 30 % of the job's progress and recognition the rest, so the
-    progress bar moves during recognition instead of sitting at 100 % from the start."""
+def worker_job(weights, folder):
+    """A server worker's state (BiomedParse v2, tiny weights) and a 'recognize' job on ct_volume()."""
     from textseg.models.biomedparse.v2_model import REDUCED
     from textseg.server_workers import WorkerState
 
     vol = ct_volume()
-    np.save(tmp_path / "v.npy", vol.array)
+    np.save(folder / "v.npy", vol.array)
     geometry = {"spacing": list(vol.spacing), "origin": list(vol.origin), "direction": vol.direction.tolist()}
-    state = WorkerState("cpu", {"biomedparse-v2": {"config": REDUCED, "seed": 3, "batch_size": 2}}, str(v2_weights))
-    job = {"volume": "abc", "volume_path": str(tmp_path / "v.npy"), "geometry": geometry, "model": "biomedparse-v2",
+    state = WorkerState("cpu", {"biomedparse-v2": {"config": REDUCED, "seed": 3, "batch_size": 2}}, str(weights))
+    job = {"volume": "abc", "volume_path": str(folder / "v.npy"), "geometry": geometry, "model": "biomedparse-v2",
            "modality": "CT", "site": "abdomen", "slices": None, "prompts": [],
            "recognize": {"targets": ["liver", "spleen"], "existence_threshold": 0.0}}
+    return state, job
+
+
+def test_server_worker_recognize_cancelled_before_any_slice_is_a_cancelled_job(v2_weights, tmp_path):
+    """A recognize job cancelled before its first slice batch finished has no results: the job must end
+    'cancelled' (meta['cancelled']), not 'done' with nothing found."""
+    from textseg.models.base import CancelToken
+    from textseg.server_workers import was_cancelled
+
+    state, job = worker_job(v2_weights, tmp_path)
+    token = CancelToken()
+
+    def progress(f, stage):
+        if stage.startswith("recognizing slices"):
+            token.cancel()
+
+    meta = state.run(job, progress, token, tmp_path / "out")
+    assert meta["results"] == [] and meta["cancelled"] is True
+    assert was_cancelled(job, [], False) is False  # nothing found, no cancel: a finished job
+
+
+def test_server_worker_recognize_on_an_unprepared_image_reports_progress(v2_weights, tmp_path):
+    """A 'recognize' job on a worker that does not hold the image yet (another worker prepared it, or the image
+    was evicted): preparing takes the first 30 % of the job's progress and recognition the rest, so the
+    progress bar moves during recognition instead of sitting at 100 % from the start."""
+    state, job = worker_job(v2_weights, tmp_path)
     seen = []
     results = state.execute(job, lambda f, stage: seen.append((round(f, 4), stage)), None)
     assert results and not state.image_reused

@@ -117,8 +117,8 @@ def was_cancelled(job: Dict[str, Any], results: list, cancel_requested: bool) ->
     """Whether a finished job stopped early: prompts left undone, or recognition cut short."""
     if not cancel_requested:
         return False
-    if job.get("recognize"):
-        return any(not r.complete for r in results)
+    if job.get("recognize"):  # no results after a cancel: stopped before the first slice batch was done
+        return not results or any(not r.complete for r in results)
     return len(results) < len(job.get("prompts") or [])
 
 
