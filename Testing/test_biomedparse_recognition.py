@@ -484,3 +484,18 @@ def test_server_worker_recognize_on_an_unprepared_image_reports_progress(v2_weig
     first = next(n for n, (_, stage) in enumerate(seen) if stage.startswith("recognizing"))
     assert seen[first - 1] == (0.3, "image ready")  # preparing the image: 0 .. 0.3
     assert seen[-1] == (1.0, "done")
+
+
+def test_server_request_recognize_with_an_empty_options_object_is_a_recognition_job(v2_weights):
+    """'recognize': {} (an object of recognition options, none given: the defaults) asks for recognition as
+    'recognize': true does; it was taken as false, giving an image-only job with no results."""
+    pytest.importorskip("fastapi")
+    from textseg.server import ApiError, Settings, _check_request
+
+    s = Settings(port=0, devices=("cpu",), weights_dir=str(v2_weights))
+    body = {"volume": "abc", "model": "biomedparse-v2", "modality": "CT"}
+    assert _check_request({**body, "recognize": {}}, s)["recognize"] is True
+    assert _check_request({**body, "recognize": {"targets": ["liver"]}}, s)["recognize"] == {"targets": ["liver"]}
+    assert _check_request(body, s)["recognize"] is False
+    with pytest.raises(ApiError, match="send no 'prompts'"):
+        _check_request({**body, "recognize": {}, "prompts": ["liver"]}, s)

@@ -385,6 +385,8 @@ def _check_request(body: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
     recognize = body.get("recognize", False)
     if not isinstance(recognize, (bool, dict)):
         raise ApiError(400, "invalid_request", "'recognize' must be true, false or an object of recognition options.")
+    if recognize == {}:  # an object with no options: recognition with the defaults (not false)
+        recognize = True
     if recognize and prompts:
         raise ApiError(400, "invalid_request", "A recognition job finds the model's targets itself: send no 'prompts'.")
     if recognize and not spec.recognition:
