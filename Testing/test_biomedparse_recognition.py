@@ -499,3 +499,18 @@ def test_server_request_recognize_with_an_empty_options_object_is_a_recognition_
     assert _check_request(body, s)["recognize"] is False
     with pytest.raises(ApiError, match="send no 'prompts'"):
         _check_request({**body, "recognize": {}, "prompts": ["liver"]}, s)
+
+
+def test_cli_recognize_refuses_options_it_would_ignore(tmp_path, capsys):
+    """--threshold and --keep-absent do nothing in recognition (the model family's rules decide): refused with
+    a message rather than silently ignored."""
+    from textseg.cli import main
+    from textseg.io import write_image
+
+    img = tmp_path / "ct.nii.gz"
+    write_image(ct_volume(), img)
+    for extra in (["--threshold", "0.3"], ["--keep-absent"]):
+        assert main(["segment", str(img), "-m", "biomedparse-v2", "--recognize", *extra,
+                     "--out", str(tmp_path / "r.seg.nrrd")]) == 2
+        assert "existence_threshold" in capsys.readouterr().err
+    assert not (tmp_path / "r.seg.nrrd").exists()

@@ -211,6 +211,10 @@ def cmd_segment(args) -> int:
 
         if args.prompt or args.prompts_file:
             raise UsageError("--recognize finds the model's targets itself; leave out --prompt/--prompts-file.")
+        if args.threshold is not None or args.keep_absent:
+            raise UsageError("--threshold and --keep-absent apply to --prompt runs; recognition keeps targets by the "
+                             "model family's rules (Python: Predictor.recognize(existence_threshold=... for BiomedParse "
+                             "v2, p_value_threshold=... for v1)). Leave them out with --recognize.")
         if not get_model(args.model).recognition:
             raise UsageError(f"Model '{args.model}' has no recognition ('segment everything'); give --prompt.")
     if args.server:
