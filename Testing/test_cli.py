@@ -80,6 +80,34 @@ def test_cohort_resumes_where_it_stopped(tmp_path, test_models):
     assert {k: v["status"] for k, v in manifest["cases"].items()} == {"a.nii.gz": "done", "b.nii.gz": "done", "c.nii.gz": "done"}
 
 
+def test_cohort_writes_one_objects_and_stats_file_per_case(tmp_path, test_models, capsys):
+    """In cohort mode --objects/--stats name folders: one file per case (<case>.objects.json, <case>.csv), made
+    if missing. They were written without an extension (objects) or refused for every case after its .seg.nrrd
+    was written (stats), and a file path made every case write the same file (the second case failed, or with
+    --overwrite replaced the first case's objects)."""
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    _phantom_file(cohort / "a.nii.gz")
+    _phantom_file(cohort / "b.nii.gz", value=0)  # soft tissue, no bone
+    out, objs, stats = tmp_path / "out", tmp_path / "objects", tmp_path / "stats"
+    rc = main(["-q", "segment", str(cohort), "-m", "synthetic-3d", "-p", "soft tissue", "--out", str(out),
+               "--objects", str(objs), "--stats", str(stats)])
+    assert rc == 0
+    assert sorted(p.name for p in objs.iterdir()) == ["a.objects.json", "b.objects.json"]
+    assert sorted(p.name for p in stats.iterdir()) == ["a.csv", "b.csv"]
+    a, b = (json.loads((objs / f"{n}.objects.json").read_text()) for n in "ab")
+    assert a["image"].endswith("a.nii.gz") and b["image"].endswith("b.nii.gz")
+    assert a["segments"][0]["objects"] == []  # each case its own objects: a has no soft tissue, b has the box
+    assert [o["voxel_count"] for o in b["segments"][0]["objects"]] == [128]
+    assert (stats / "b.csv").read_text().splitlines()[1].startswith("soft tissue,128,")
+    single = tmp_path / "one.objects.json"
+    single.write_text("precious")
+    capsys.readouterr()
+    assert main(["-q", "segment", str(cohort), "-m", "synthetic-3d", "-p", "bone", "--out", str(tmp_path / "out2"),
+                 "--objects", str(single), "--overwrite"]) == 2
+    assert "names a folder" in capsys.readouterr().err and single.read_text() == "precious"
+
+
 def test_module_entry_point_runs_deepbet(tmp_path):
     """`python -m textseg segment` on the MNI152 head: the README's main job."""
     pytest.importorskip("deepbet")

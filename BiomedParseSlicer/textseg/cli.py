@@ -153,17 +153,17 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
     if args.labelmap:
         from .writers import write_labelmap
 
-        write_labelmap(_derived(args.labelmap, out, image), volume, segments, overwrite=args.overwrite)
+        write_labelmap(_derived(args.labelmap, out, image, ".nii.gz"), volume, segments, overwrite=args.overwrite)
     if args.dicom_seg:
         from .writers import write_dicom_seg
 
-        write_dicom_seg(_derived(args.dicom_seg, out, image), volume, segments, overwrite=args.overwrite)
+        write_dicom_seg(_derived(args.dicom_seg, out, image, ".dcm"), volume, segments, overwrite=args.overwrite)
     if args.stats:
         from .statistics import compute_statistics, write_statistics
 
-        write_statistics(compute_statistics(volume, segments), _derived(args.stats, out, image), overwrite=args.overwrite)
+        write_statistics(compute_statistics(volume, segments), _derived(args.stats, out, image, ".csv"), overwrite=args.overwrite)
     if getattr(args, "objects", None):
-        _write_objects(_derived(args.objects, out, image), image, predictor, results, args.overwrite)
+        _write_objects(_derived(args.objects, out, image, ".objects.json"), image, predictor, results, args.overwrite)
     expected = len(results) if getattr(args, "recognize", False) else len(_prompts(args))
     summary = {
         "image": str(image),
@@ -186,10 +186,14 @@ def _write_objects(path: Path, image: Path, predictor, results, overwrite: bool)
         tmp.write_text(json.dumps(doc, indent=1))
 
 
-def _derived(option: str, out: Path, image: Path) -> Path:
-    """In cohort mode an option names a folder; else a file."""
+DERIVED = ("labelmap", "dicom_seg", "stats", "objects")  # options naming an extra output (a folder in cohort mode)
+
+
+def _derived(option: str, out: Path, image: Path, suffix: str) -> Path:
+    """In cohort mode an option names a folder (made by cmd_segment): <folder>/<case><suffix>, where a suffix in
+    the folder's name (e.g. 'stats.json') picks the format; else a file."""
     p = Path(option)
-    return p / (_stem(image) + "".join(Path(option).suffixes or [])) if p.is_dir() else p
+    return p / (_stem(image) + ("".join(p.suffixes) or suffix)) if p.is_dir() else p
 
 
 def cmd_segment(args) -> int:
@@ -227,6 +231,16 @@ def cmd_segment(args) -> int:
         predictor = Predictor(args.model, device=args.device, batch_size=args.batch_size, seed=args.seed)
     if not getattr(args, "recognize", False):
         predictor.check_prompts(_prompts(args))  # fail before spending minutes on inference
+    if cohort:  # one file per case: the extra outputs name folders
+        for key in DERIVED:
+            folder = getattr(args, key, None)
+            if not folder:
+                continue
+            if Path(folder).exists() and not Path(folder).is_dir():
+                flag = "--" + key.replace("_", "-")
+                raise UsageError(f"{image} is a cohort folder: {flag} names a folder (one file per case), but "
+                                 f"{folder} is a file. Give a folder.")
+            Path(folder).mkdir(parents=True, exist_ok=True)
     with _cancel_on_ctrl_c(token):
         if not cohort:
             summary = segment_one(predictor, image, out, args, token)
