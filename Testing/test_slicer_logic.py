@@ -229,6 +229,20 @@ def test_replacing_a_segment_drops_the_earlier_runs_tags(app, logic, predictor):
     assert mrml.get_tag(s, "textseg.objects") == ""  # no boxes of a mask that is gone
 
 
+def test_results_for_a_segmentation_removed_meanwhile_go_to_a_new_node(app, logic, predictor):
+    """The user deletes the output segmentation while a (long) run is going: its results go into a new
+    segmentation node in the scene, not into the removed node where nobody can see them."""
+    node = mrml.volume_node_from_volume(app.scene, checks.phantom(), "phantom")
+    seg = mrml.prepare_segmentation_node(app.scene, node)
+    predictor.set_image(logic.volumeFromNode(node), "CT")
+    results = predictor.predict(["bone"])
+    app.scene.RemoveNode(seg)
+    out = logic.addResults(node, results, seg)
+    assert out is not seg and out.GetScene() is app.scene
+    (sid,) = logic.lastSegmentIDs
+    np.testing.assert_array_equal(mrml.segment_mask(out, sid, node), results[0].mask)
+
+
 def test_segment_everything_adds_one_named_segment_per_target_and_keeps_the_others(app, logic, tmp_path):
     """Logic.recognize ("Segment everything") with BiomedParse v2 (tiny random weights): one segment per target
     found, named after it, mask equal to the engine's, detection objects in a tag; the user's segment stays;

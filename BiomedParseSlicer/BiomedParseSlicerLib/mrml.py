@@ -249,9 +249,11 @@ def add_segment(segmentation_node, segment: Segment, volume_node, index: int, re
 
 
 def prepare_segmentation_node(scene, volume_node, segmentation_node=None, name: Optional[str] = None):
-    """The output node: a new one named after the volume, or the given one after checking that it
-    lives in the same coordinate frame as the volume."""
+    """The output node: a new one named after the volume (also when the given one was removed from the
+    scene), or the given one after checking that it lives in the same coordinate frame as the volume."""
     parent = volume_node.GetParentTransformNode()
+    if segmentation_node is not None and segmentation_node.GetScene() is None:
+        segmentation_node = None  # removed from the scene meanwhile (a long run): results go to a new node
     if segmentation_node is None:
         segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{volume_node.GetName()} segmentation")
         segmentation_node.CreateDefaultDisplayNodes()
