@@ -464,6 +464,9 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             if r.message:
                 self.log(r.message)
         replace = c["replace"]
+        if c["segNode"] is not None and c["segNode"].GetScene() is None:
+            self.log(_("The output segmentation was removed meanwhile: the results go to a new segmentation."))
+            c["segNode"] = None
         if replace is None:  # "Segment everything": the targets are known only now
             earlier = c["segNode"] is not None and self.logic.existingSegmentsFor(c["segNode"], [r.prompt for r in results])
             replace = bool(earlier) and slicer.util.confirmYesNoDisplay(
