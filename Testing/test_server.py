@@ -163,6 +163,18 @@ def test_deepbet_round_trip_on_mni152_equals_local(fast):
     assert np.abs(q.probability - local[0].probability).max() <= 1 / 510 + 1e-6
 
 
+def test_without_probabilities_the_mask_stands_for_them(fast):
+    """probabilities="none" (what the Slicer module asks for): exact masks, no float copy per result."""
+    v = _phantom()
+    rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY, probabilities="none")
+    rp.set_image(v, "CT")
+    lp = Predictor("synthetic-3d", device="cpu")
+    lp.set_image(v, "CT")
+    for a, b in zip(rp.predict(["bone", "air"]), lp.predict(["bone", "air"])):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.probability is a.mask and a.voxel_count == b.voxel_count > 0
+
+
 def test_slice_wise_model_with_slice_range(fast):
     v = _phantom()
     rp = RemotePredictor(fast, "synthetic-2d", api_key=KEY, probabilities="float32")

@@ -234,7 +234,8 @@ def make_predictor(model: str, where: str = "local", device: str = "auto", url: 
         target = server.url if server is not None else url
         if not target:
             raise UsageError("Enter the inference server's URL (e.g. https://gpu-server:8000) first.")
-        return RemotePredictor(target, model, api_key=api_key or None)
+        # The module uses the masks only: no probability maps (4 bytes a voxel per segment) travel or stay in memory.
+        return RemotePredictor(target, model, api_key=api_key or None, probabilities="none")
     from textseg.predictor import Predictor
 
     return Predictor(model, device=device)

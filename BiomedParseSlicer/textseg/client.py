@@ -268,7 +268,8 @@ class RemotePredictor:
             mask = unpack_mask(arrays[f"mask_{n}"], shape)
             if shape != self._volume.shape or int(np.count_nonzero(mask)) != rec["voxel_count"]:
                 raise ServerError("The server's result does not match the image (shape or voxel count); try again.")
-            prob = decode_probability(arrays, n, shape) if rec["probability"] else mask.astype(np.float32)
+            # probabilities="none": the mask stands for them (values 0/1, uint8, no second full-size copy)
+            prob = decode_probability(arrays, n, shape) if rec["probability"] else mask
             out.append(PromptResult(Prompt.from_any(rec["prompt"]), prob, mask, rec["existence"], rec["present"],
                                     rec["provenance"], rec["message"], rec["extra"],
                                     complete=rec.get("complete", True), objects=rec.get("objects") or []))
