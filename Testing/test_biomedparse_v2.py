@@ -260,6 +260,24 @@ def test_decoder_prompts_independent_by_default(decoder, dec_oracle):
     assert np.abs(compat.masks[0::2].numpy() - alone.masks.numpy()).max() > 1e-2
 
 
+def test_padding_attn_mask_equals_key_padding_mask():
+    """Key padding passed as attn_mask (skips torch's key-padding check and its sympy import): bit-equal."""
+    from textseg.models.biomedparse.v1_decoder import padding_attn_mask
+
+    torch.manual_seed(3)
+    mha = torch.nn.MultiheadAttention(32, 4).eval()
+    x, cls = torch.randn(9, 3, 32), torch.randn(1, 3, 32)
+    kpm = torch.zeros(3, 9, dtype=torch.bool)
+    kpm[0, 6:] = kpm[2, 4:] = True
+    with torch.no_grad():
+        for q in (x, cls):  # self-attention (L = S) and the classifier query (L = 1)
+            ref = mha(q, x, x, key_padding_mask=kpm, need_weights=False)[0]
+            ours = mha(q, x, x, attn_mask=padding_attn_mask(kpm, 4, q.shape[0]), need_weights=False)[0]
+            assert torch.equal(ours, ref)
+            assert not torch.allclose(mha(q, x, x, need_weights=False)[0], ref)  # the padding matters here
+    assert padding_attn_mask(None, 4, 9) is None
+
+
 # ---- preprocessing / output geometry vs upstream utils.py (real CT) ------------------------------------
 from conftest import shared_file  # noqa: E402
 
@@ -514,3 +532,19 @@ def test_adapter_slice_batching_does_not_change_results(weights_dir):
         p.set_image(ct_volume(), "CT", "abdomen")
         res.append(p.predict(["liver"], keep_absent=True)[0])
     assert np.abs(res[0].probability - res[1].probability).max() <= 1e-5
+
+
+def test_adapter_encodes_each_prompt_group_once(weights_dir):
+    """Text encoder once per prompt group, not once per slice batch (nor again for the same prompts)."""
+    p = predictor(weights_dir, batch_size=2)  # 6 slices: 3 slice batches
+    p.set_image(ct_volume(), "CT", "abdomen")
+    model = p.adapter.model
+    calls = []
+    embed = model.embed_prompts
+    model.embed_prompts = lambda *a: calls.append(1) or embed(*a)
+    (first,) = p.predict(["liver"], keep_absent=True)
+    assert len(calls) == 1
+    (again,) = p.predict(["liver"], keep_absent=True)
+    assert len(calls) == 1 and np.array_equal(again.probability, first.probability)
+    p.predict(["liver", "spleen"], keep_absent=True)
+    assert len(calls) == 2

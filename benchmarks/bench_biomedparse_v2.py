@@ -11,7 +11,9 @@ once per prompt), plus a per-call constant (text; upstream also encodes 17 class
 Upstream: ``BiomedParseModel.forward_eval`` with all prompts joined by [SEP] (slice batch 4), then its
 bicubic-antialias upsampling. Ours: the adapter's path (``encode`` once per slice batch of 4, ``decode`` per
 group of 8 prompts, independent prompts, upsampling). Peak memory: CUDA peak allocated on a GPU; on a CPU the
-growth of the process's peak RSS (a coarse bound, shown for completeness).
+growth of the process's peak RSS (a coarse bound, shown for completeness). ``cpu s/slice``: the same split in
+process CPU time (all threads), which other jobs on a shared machine disturb far less than wall time; run
+with ``OMP_WAIT_POLICY=PASSIVE`` so that idle threads do not spin it up.
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ def measure(fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    r0, t0 = rss_mb(), time.perf_counter()
+    r0, t0, c0 = rss_mb(), time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2 ** 20
-    return time.perf_counter() - t0, rss_mb() - r0
+        return time.perf_counter() - t0, time.process_time() - c0, torch.cuda.max_memory_allocated() / 2 ** 20
+    return time.perf_counter() - t0, time.process_time() - c0, rss_mb() - r0
 
 
 def sentences_of(prompts):
@@ -69,14 +71,15 @@ class Timed:
     """Wraps a callable and accumulates its wall time (the per-call constant, timed inside the run)."""
 
     def __init__(self, fn, device):
-        self.fn, self.device, self.seconds = fn, device, 0.0
+        self.fn, self.device, self.seconds, self.cpu = fn, device, 0.0, 0.0
 
     def __call__(self, *a, **k):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = self.fn(*a, **k)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - t0
+        self.cpu += time.process_time() - c0
         return out
 
 
@@ -115,7 +118,8 @@ def main() -> None:
     vol = pre.square_pad_resize((torch.rand(n, 512, 512, generator=g) * 255).to(torch.uint8).numpy())[0]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; fp32; {n} slices of 512x512 (target 200)")
-    print(f"{'prompts':>7} {'impl':>8} {'seconds':>9} {'per call':>9} {'s/slice':>8} {'200 slices (extrap.)':>21} {'peak MB':>8}")
+    print(f"{'prompts':>7} {'impl':>8} {'seconds':>9} {'per call':>9} {'s/slice':>8} {'200 slices (extrap.)':>21} {'peak MB':>8}"
+          f" {'cpu s/slice':>12}")
     for p in args.prompts:
         prompts = TARGETS[:p] if p <= len(TARGETS) else (TARGETS * (p // len(TARGETS) + 1))[:p]
         res = {}
@@ -123,12 +127,13 @@ def main() -> None:
                                              ("ours", run_ours, ours, ours, "embed_prompts")):
             timer = Timed(getattr(owner, attr), device)
             setattr(owner, attr, timer)  # text encoding: the per-call constant
-            sec, mem = measure(lambda: fn(model, vol, prompts, device), device)
+            sec, cpu, mem = measure(lambda: fn(model, vol, prompts, device), device)
             delattr(owner, attr)
             c = timer.seconds
             per_slice = max(sec - c, 0.0) / n
             res[impl] = c + per_slice * 200  # the per-call constant once, the rest linear in slices
-            print(f"{p:>7} {impl:>8} {sec:>9.1f} {c:>9.1f} {per_slice:>8.2f} {res[impl]:>21.0f} {mem:>8.0f}")
+            cpu_slice = max(cpu - timer.cpu, 0.0) / n
+            print(f"{p:>7} {impl:>8} {sec:>9.1f} {c:>9.1f} {per_slice:>8.2f} {res[impl]:>21.0f} {mem:>8.0f} {cpu_slice:>12.2f}")
         print(f"{p:>7} {'speed-up':>8} {'':>9} {'':>9} {'':>8} {res['upstream'] / res['ours']:>20.2f}x")
 
 

@@ -48,6 +48,16 @@ def sine_position_embedding(x: Tensor, num_pos_feats: int) -> Tensor:
     return torch.cat((py, px), dim=3).permute(0, 3, 1, 2)
 
 
+def padding_attn_mask(key_padding_mask: Optional[Tensor], heads: int, tgt_len: int) -> Optional[Tensor]:
+    """(B, S) key padding (True = ignore) -> the (B*heads, tgt_len, S) attention mask ``nn.MultiheadAttention``
+    builds from ``key_padding_mask`` (same values, same result). Passing it as ``attn_mask`` skips torch's
+    key-padding shape check, whose first call imports sympy (about 1 s per process on a CPU, torch 2.x)."""
+    if key_padding_mask is None:
+        return None
+    b, s = key_padding_mask.shape
+    return key_padding_mask[:, None, None].expand(b, heads, tgt_len, s).reshape(b * heads, tgt_len, s)
+
+
 class SelfAttentionLayer(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
@@ -56,7 +66,8 @@ class SelfAttentionLayer(nn.Module):
 
     def forward(self, x: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         q = x + pos
-        return self.norm(x + self.self_attn(q, q, x, key_padding_mask=key_padding_mask, need_weights=False)[0])
+        mask = padding_attn_mask(key_padding_mask, self.self_attn.num_heads, x.shape[0])
+        return self.norm(x + self.self_attn(q, q, x, attn_mask=mask, need_weights=False)[0])
 
 
 class CrossAttentionLayer(nn.Module):

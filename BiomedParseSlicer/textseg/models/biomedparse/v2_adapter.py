@@ -60,7 +60,7 @@ class BiomedParseV2Adapter(ModelAdapter):
     def to(self, device: Any) -> None:
         self.device = torch.device(device)
         self.model.to(self.device)
-        self._text_cache: Dict[str, tuple] = {}
+        self._text_cache: Dict[tuple, Prompts] = {}  # prompt group -> grounding tokens (text encoder once)
 
     # ---- image ----------------------------------------------------------------------------------
     def prepare(self, volume, preset, ctx: RunContext) -> Any:
@@ -102,11 +102,18 @@ class BiomedParseV2Adapter(ModelAdapter):
 
     # ---- prompts --------------------------------------------------------------------------------
     def _prompts(self, texts: Sequence[str]) -> Prompts:
+        """The group's grounding tokens, encoded once (not again for every slice batch, nor for a repeated call)."""
         from ..clip_tokenizer import tokenize
 
-        ids, att = tokenize(list(texts), self.model.cfg.context_length)
-        with torch.inference_mode():
-            return self.model.embed_prompts(torch.from_numpy(ids).to(self.device), torch.from_numpy(att).to(self.device))
+        key = tuple(texts)
+        if key not in self._text_cache:
+            ids, att = tokenize(list(texts), self.model.cfg.context_length)
+            with torch.inference_mode():
+                prompts = self.model.embed_prompts(torch.from_numpy(ids).to(self.device), torch.from_numpy(att).to(self.device))
+            if len(self._text_cache) >= 64:
+                self._text_cache.pop(next(iter(self._text_cache)))
+            self._text_cache[key] = prompts
+        return self._text_cache[key]
 
     def decode_slices(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> List[SliceDecoded]:
         texts = [(p.text or "").strip() for p in prompts]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .v1_decoder import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer, sine_position_embedding
+from .v1_decoder import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer, padding_attn_mask, sine_position_embedding
 from .v2_boltzmann import boltzmann_attention_mask, open_full_rows
 
 
@@ -50,7 +50,8 @@ class KeyMaskedCrossAttention(CrossAttentionLayer):
     """The classifier's cross-attention; ``key_padding_mask`` hides padded text tokens (default mode)."""
 
     def forward(self, x: Tensor, memory: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
-        out = self.multihead_attn(x, memory + pos, memory, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        mask = padding_attn_mask(key_padding_mask, self.multihead_attn.num_heads, x.shape[0])
+        out = self.multihead_attn(x, memory + pos, memory, attn_mask=mask, need_weights=False)[0]
         return self.norm(x + out)
 
 

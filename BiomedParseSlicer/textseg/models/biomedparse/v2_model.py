@@ -135,7 +135,8 @@ class BiomedParseV2(nn.Module):
         b, p = enc.mask_features.shape[0], prompts.tokens.shape[1]
         src, pos, sizes = enc.memory
         memory = ([s.repeat_interleave(p, 1) for s in src], [q.repeat_interleave(p, 1) for q in pos], sizes)
-        padding = None if compat_upstream else prompts.padding.repeat(b, 1)
+        # no prompt padded (one prompt, or equal lengths): no mask at all, upstream's computation
+        padding = None if compat_upstream or not bool(prompts.padding.any()) else prompts.padding.repeat(b, 1)
         out = self.predictor(None, enc.mask_features.repeat_interleave(p, 0), prompts.tokens.repeat(1, b, 1),
                              padding, sampling, memory=memory)
         e = self.cfg.edge_queries
