@@ -19,6 +19,7 @@ _FAMILY_MODULES = (
     "textseg.models.biomedparse",
     "textseg.models.synthetic",
     "textseg.models.segvol",
+    "textseg.models.sat",
 )
 
 

@@ -1,0 +1,145 @@
+"""SAT behind the predictor contract.
+
+``prepare``: upstream's preprocessing of the canonical volume (preprocess.py: RAS order, 1x1x3 mm,
+crop to image > 0, CT window / MR-PET percentiles, z-score), keeping the geometry to map back.
+``encode``: nothing (a patch's features are ~2 GB at full size, so patches are encoded inside
+``decode``, once per prompt group: the predictor hands up to ``max_prompts_per_call`` prompts at
+once). ``decode``: prompts lower-cased -> text tower with the modality code -> query embeddings;
+sliding window over 288x288x96 patches (window.py) with Gaussian blending; each probability map
+mapped back from the SAT grid onto the canonical grid (un-crop, linear resampling, orientation).
+Prompts outside SAT's 497 trained classes run anyway, with a warning naming the closest classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ...prompts import Prompt
+from ..base import Decoded, ModelAdapter, RunContext, weight_file
+from . import BIOLORD_FILES, BIOLORD_PREFIX
+from .preprocess import SATGeometry, preprocess
+from .vocab import check_target, normalize, sat_modality
+from .window import MAX_QUERIES, PATCH, sliding_window
+
+CHECKPOINTS = {"sat-nano": ("nano.pth", "nano_text_encoder.pth", "nano"), "sat-pro": ("SAT_Pro.pth", "text_encoder.pth", "pro")}
+
+
+@dataclass
+class SATState:
+    image: np.ndarray  # (x, y, z) float32 on the SAT grid
+    geo: SATGeometry
+    modality: str  # upstream's code: "ct", "mri" or "pet"
+
+
+class SATAdapter(ModelAdapter):
+    max_prompts_per_call = 64  # prompts decoded per pass over the patches (each pass encodes every patch)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def load(self, device: Any) -> None:
+        """Network and text tower from the catalog files; tests inject ``network``/``text_tower``
+        (anything with ``encode``/``decode`` and ``embed(texts, modality)``)."""
+        self.network = self.options.get("network")
+        self.text_tower = self.options.get("text_tower")
+        if self.network is None or self.text_tower is None:
+            from .loader import load_sat_network, load_text_tower
+            from .network import PRESETS
+
+            ckpt, text_ckpt, variant = CHECKPOINTS[self.spec.id]
+            if self.network is None:
+                self.network = load_sat_network(weight_file(self, ckpt), PRESETS[variant])
+            if self.text_tower is None:
+                for name in BIOLORD_FILES:
+                    weight_file(self, BIOLORD_PREFIX + name)  # WeightsError naming the file when missing
+                folder = biolord_dir(weight_file(self, BIOLORD_PREFIX + BIOLORD_FILES[0]).parent)
+                self.text_tower = load_text_tower(weight_file(self, text_ckpt), config_path=folder, tokenizer=folder)
+        self.patch: Tuple[int, int, int] = tuple(self.options.get("patch", PATCH))  # type: ignore[assignment]
+        self.max_queries = int(self.options.get("max_queries", MAX_QUERIES))
+        self.to(device)
+
+    def to(self, device: Any) -> None:
+        self.device = torch.device(device)
+        for m in (self.network, self.text_tower):
+            if hasattr(m, "to"):
+                m.to(self.device)
+            if hasattr(m, "eval"):
+                m.eval()
+        self.text_cache: Dict[Tuple[str, str], torch.Tensor] = {}
+
+    # ---- image ------------------------------------------------------------------------------
+    def prepare(self, volume, preset, ctx: RunContext) -> SATState:
+        ctx.report(0.0, "SAT: preprocessing")
+        modality = sat_modality(preset.modality)
+        image, geo = preprocess(volume.array, volume.spacing, modality)
+        ctx.log(f"SAT grid {'x'.join(map(str, geo.shape))} at {', '.join(f'{s:g}' for s in geo.spacing)} mm "
+                f"(cropped to the foreground from {'x'.join(map(str, geo.resampled_shape))})")
+        return SATState(image.astype(np.float32), geo, modality.lower())
+
+    # ---- prompts ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def queries(self, texts: Sequence[str], modality: str) -> torch.Tensor:
+        """(N, 768) query embeddings of lower-cased texts with the modality code; cached per text."""
+        todo = [t for t in dict.fromkeys(texts) if (t, modality) not in self.text_cache]
+        for first in range(0, len(todo), self.max_queries):
+            chunk = todo[first : first + self.max_queries]
+            emb = self.text_tower.embed(chunk, modality)
+            for t, e in zip(chunk, emb):
+                self.text_cache[(t, modality)] = e.detach().float()
+        return torch.stack([self.text_cache[(t, modality)] for t in texts])
+
+    def _autocast(self):
+        """Upstream runs under CUDA autocast (float16); so do we on CUDA unless ``autocast=False``."""
+        if self.device.type == "cuda" and self.options.get("autocast", True):
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def decode(self, encoded: SATState, prompts: Sequence[Prompt], ctx: RunContext) -> List[Decoded]:
+        texts = [normalize(p.text) for p in prompts]
+        warnings = [check_target(p.text, encoded.modality) for p in prompts]
+        for w in dict.fromkeys(w for w in warnings if w):
+            ctx.log(w)
+        ctx.check_cancel()
+        q = self.queries(texts, encoded.modality)
+
+        def encode(patches):
+            with self._autocast():
+                return self.network.encode(patches)
+
+        def decode(features, qq):
+            with self._autocast():
+                return self.network.decode(features, qq)
+
+        probs = sliding_window(encoded.image, q, encode, decode, patch=self.patch, device=self.device,
+                               batch_size=max(1, ctx.batch_size), max_queries=self.max_queries,
+                               progress=lambda f: ctx.report(0.95 * f, "SAT: patches"), check_cancel=ctx.check_cancel)
+        ctx.report(0.95, "SAT: mapping back to the image grid")
+        out = []
+        for n, w in enumerate(warnings):
+            extra: Dict[str, Any] = {"sat_grid": list(encoded.geo.shape), "sat_text": texts[n]}
+            if w:
+                extra["vocabulary_warning"] = w
+            out.append(Decoded(encoded.geo.to_canonical(probs[n].numpy()), None, extra))
+        return out
+
+
+def biolord_dir(folder) -> Any:
+    """A folder with the BioLORD-2023-C files under their own names (the catalog stores them flat,
+    prefixed): symbolic links (copies where links are not allowed) in ``<folder>/biolord``."""
+    from pathlib import Path
+    import shutil
+
+    dest = Path(folder) / "biolord"
+    dest.mkdir(exist_ok=True)
+    for name in BIOLORD_FILES:
+        src, dst = Path(folder) / (BIOLORD_PREFIX + name), dest / name
+        if dst.exists() or dst.is_symlink():
+            continue
+        try:
+            dst.symlink_to(src.resolve())
+        except OSError:
+            shutil.copyfile(src, dst)
+    return dest
