@@ -79,6 +79,7 @@ class Peak:
             self.peak = max(self.peak, self.rss())
 
     def __enter__(self) -> "Peak":
+        self.cpu0 = self.cpu()
         if self.device.startswith("cuda"):
             import torch
 
@@ -88,7 +89,13 @@ class Peak:
         self._t.start()
         return self
 
+    @staticmethod
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
     def __exit__(self, *exc) -> None:
+        self.cpu_s = self.cpu() - self.cpu0
         self._stop.set()
         self._t.join()
         if self.device.startswith("cuda"):
@@ -97,7 +104,7 @@ class Peak:
             self.peak, self.base = torch.cuda.max_memory_allocated(), 0
 
     def result(self) -> dict:
-        return {"peak_mb": self.peak / 2**20, "added_mb": (self.peak - self.base) / 2**20,
+        return {"cpu_s": self.cpu_s, "peak_mb": self.peak / 2**20, "added_mb": (self.peak - self.base) / 2**20,
                 "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
