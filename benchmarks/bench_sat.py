@@ -368,6 +368,41 @@ def sat_patches(path: Path) -> tuple:
     return tuple(geo.shape), len(split_3d(geo.shape)), tuple(geo.resampled_shape)
 
 
+def report(rows, m) -> None:
+    """Print the markdown tables (rows of the workers, m: the run's description)."""
+    print(f"\nSAT-Nano, device: {m['device']}, {m['precision']}, patch batch {m['batch']}")
+    print(f"patch mode: example_ct crop {'x'.join(map(str, m['crop']))} voxels (3 mm) -> SAT grid "
+          f"{'x'.join(map(str, m['crop_grid']))} = {m['crop_patches']} window(s)")
+    print(f"full mode: {'x'.join(map(str, FULL_SIZE))} CT at {'x'.join(map(str, FULL_SPACING))} mm -> resampled "
+          f"{'x'.join(map(str, m['full_resampled']))} -> SAT grid {'x'.join(map(str, m['full_grid']))} = "
+          f"{m['full_patches']} windows (stand-in network)\n")
+    print("| mode | prompts | impl | seconds | CPU s | network s | network s/patch | text s | upstream writing s | "
+          "peak MB | +MB | mask mL |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    per_patch = {}
+    for r in rows:
+        spp = "-"
+        if r["mode"] == "patch":
+            per_patch.setdefault((r["impl"], r["n"]), []).append((r["network_s"] / m["crop_patches"], r["added_mb"]))
+            spp = f"{r['network_s'] / m['crop_patches']:.1f}"
+        ml = r["mask_ml"][:2] + (["..."] if r["n"] > 2 else [])
+        print(f"| {r['mode']} | {r['n']} | {r['impl']} | {r['seconds']:.1f} | {r.get('cpu_s', float('nan')):.1f} | "
+              f"{r['network_s']:.1f} | {spp} | {r['text_s']:.2f} | {r['write_s']:.1f} | {r['peak_mb']:.0f} | "
+              f"{r['added_mb']:.0f} | {', '.join(map(str, ml))} |")
+    full = {(r["impl"], r["n"]): r for r in rows if r["mode"] == "full"}
+    k = m["full_patches"]
+    if per_patch and full:
+        print(f"\nExtrapolated to the 512x512x200 CT ({k} windows): full-mode seconds + {k} x network s/patch "
+              "(mean of the patch runs); memory: full-mode peak + the patch run's growth (an upper estimate)\n")
+        print("| prompts | impl | seconds (extrapolated) | peak MB (estimate) |")
+        print("| ---: | --- | ---: | ---: |")
+        for (impl, n), vals in sorted(per_patch.items(), key=lambda t: (t[0][1], t[0][0])):
+            if (impl, n) in full:
+                f = full[(impl, n)]
+                spp, add = (float(np.mean([v[i] for v in vals])) for i in (0, 1))
+                print(f"| {n} | {impl} | {f['seconds'] + k * spp:.0f} | {f['peak_mb'] + add:.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--upstream", required=True, help="checkout of github.com/zhaoziheng/SAT")
@@ -382,6 +417,7 @@ def main() -> None:
     ap.add_argument("--impl", nargs="+", choices=["upstream", "ours"], default=["upstream", "ours"])
     ap.add_argument("--work", help="keep inputs/weights here (default: a temporary folder)")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--report", nargs="+", help="only print the tables of earlier --json files (rows joined)")
     ap.add_argument("--worker", choices=["ours", "upstream"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -393,6 +429,10 @@ def main() -> None:
         a.mode = a.mode[0]
         r = {"ours": worker_ours, "upstream": worker_upstream}[a.worker](a)
         print("RESULT " + json.dumps(r))
+        return
+    if a.report:
+        runs = [json.loads(Path(f).read_text()) for f in a.report]
+        report([r for run in runs for r in run["rows"]], runs[-1])
         return
     import torch
 
@@ -422,38 +462,12 @@ def main() -> None:
                 r = json.loads(line[0][7:])
                 rows.append(dict(r, impl=impl, mode=mode, n=n))
                 print(f"{mode} n={n} {impl}: {json.dumps(r)}", file=sys.stderr, flush=True)
+    meta = dict(device=dev_name, precision="float16 autocast" if a.amp else "float32", batch=a.batch, crop=a.crop,
+                crop_grid=crop_grid, crop_patches=crop_patches, full_grid=full_grid, full_resampled=full_resampled,
+                full_patches=full_patches)
     if a.json:
-        Path(a.json).write_text(json.dumps(dict(rows=rows, device=dev_name, crop_grid=crop_grid, crop_patches=crop_patches,
-                                                full_grid=full_grid, full_patches=full_patches), indent=1) + "\n")
-    prec = "float16 autocast" if a.amp else "float32"
-    print(f"\nSAT-Nano, device: {dev_name}, {prec}, patch batch {a.batch}")
-    print(f"patch mode: example_ct crop {'x'.join(map(str, a.crop))} voxels (3 mm) -> SAT grid "
-          f"{'x'.join(map(str, crop_grid))} = {crop_patches} window(s)")
-    print(f"full mode: {'x'.join(map(str, FULL_SIZE))} CT at {'x'.join(map(str, FULL_SPACING))} mm -> resampled "
-          f"{'x'.join(map(str, full_resampled))} -> SAT grid {'x'.join(map(str, full_grid))} = {full_patches} windows "
-          "(stand-in network)\n")
-    print("| mode | prompts | impl | seconds | network s | s/patch | text s | upstream writing s | peak MB | +MB | mask mL |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    per_patch = {}
-    for r in rows:
-        npatch = crop_patches if r["mode"] == "patch" else full_patches
-        spp = r["network_s"] / npatch
-        if r["mode"] == "patch":
-            per_patch[(r["impl"], r["n"])] = (spp, r["added_mb"])
-        ml = r["mask_ml"][:3] + (["..."] if r["n"] > 3 else [])
-        print(f"| {r['mode']} | {r['n']} | {r['impl']} | {r['seconds']:.1f} | {r['network_s']:.1f} | "
-              f"{spp if r['mode'] == 'patch' else float('nan'):.1f} | {r['text_s']:.2f} | {r['write_s']:.1f} | "
-              f"{r['peak_mb']:.0f} | {r['added_mb']:.0f} | {', '.join(map(str, ml))} |")
-    full = {(r["impl"], r["n"]): r for r in rows if r["mode"] == "full"}
-    if per_patch and full:
-        print(f"\nExtrapolated to the 512x512x200 CT ({full_patches} windows): full-mode seconds + {full_patches} x "
-              "network s/patch; memory: full-mode peak + the patch run's growth (an upper estimate)\n")
-        print("| prompts | impl | seconds (extrapolated) | peak MB (estimate) |")
-        print("| ---: | --- | ---: | ---: |")
-        for (impl, n), (spp, add) in sorted(per_patch.items(), key=lambda t: (t[0][1], t[0][0])):
-            if (impl, n) in full:
-                f = full[(impl, n)]
-                print(f"| {n} | {impl} | {f['seconds'] + full_patches * spp:.0f} | {f['peak_mb'] + add:.0f} |")
+        Path(a.json).write_text(json.dumps(dict(meta, rows=rows), indent=1) + "\n")
+    report(rows, meta)
     if tmp:
         tmp.cleanup()
 
