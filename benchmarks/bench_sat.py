@@ -225,6 +225,16 @@ def worker_ours(a) -> dict:
     ad.text_tower.embed = text.wrap(ad.text_tower.embed)
     encodes = Clock(a.device)
     ad.network.encode = encodes.wrap(ad.network.encode)
+    import textseg.models.sat.adapter as sat_adapter
+
+    sat_ml, window = [], sat_adapter.sliding_window
+
+    def recording_window(*args, **kw):  # mask volumes on the SAT grid, comparable with upstream's
+        probs = window(*args, **kw)
+        sat_ml.extend(round(float((p > 0.5).sum()) * 3.0 / 1000, 1) for p in probs)
+        return probs
+
+    sat_adapter.sliding_window = recording_window
     vol = None
     with torch.no_grad(), Peak(a.device) as peak:
         t0 = time.perf_counter()
@@ -237,7 +247,7 @@ def worker_ours(a) -> dict:
     return dict(peak.result(), seconds=seconds, network_s=net.seconds, text_s=text.seconds, write_s=0.0,
                 encode_calls=encodes.calls, sat_grid=list(getattr(getattr(pred, "_state", None), "geo", None).shape)
                 if hasattr(getattr(pred, "_state", None), "geo") else None,
-                mask_ml=[round(float(r.mask.sum()) * ml, 1) for r in res])
+                mask_ml=[round(float(r.mask.sum()) * ml, 1) for r in res], sat_mask_ml=sat_ml)
 
 
 def worker_upstream(a) -> dict:
@@ -326,7 +336,7 @@ def worker_upstream(a) -> dict:
              for n in NAMES[: a.n]]
     return dict(peak.result(), seconds=seconds - write.seconds, network_s=net.seconds, text_s=text.seconds,
                 write_s=write.seconds, patches=len(boxes), encode_calls=net.calls, sat_grid=grid[0] if grid else None,
-                mask_ml=[round(m * ml, 1) for m in masks])
+                mask_ml=[round(m * ml, 1) for m in masks], sat_mask_ml=[round(m * ml, 1) for m in masks])
 
 
 class _Callable:
@@ -377,7 +387,7 @@ def report(rows, m) -> None:
           f"{'x'.join(map(str, m['full_resampled']))} -> SAT grid {'x'.join(map(str, m['full_grid']))} = "
           f"{m['full_patches']} windows (stand-in network)\n")
     print("| mode | prompts | impl | seconds | CPU s | network s | network s/patch | text s | upstream writing s | "
-          "peak MB | +MB | mask mL |")
+          "peak MB | +MB | mask mL (SAT grid) |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     per_patch = {}
     for r in rows:
@@ -385,7 +395,7 @@ def report(rows, m) -> None:
         if r["mode"] == "patch":
             per_patch.setdefault((r["impl"], r["n"]), []).append((r["network_s"] / m["crop_patches"], r["added_mb"]))
             spp = f"{r['network_s'] / m['crop_patches']:.1f}"
-        ml = r["mask_ml"][:2] + (["..."] if r["n"] > 2 else [])
+        ml = r.get("sat_mask_ml", ["?"])[:2] + (["..."] if r["n"] > 2 else [])
         print(f"| {r['mode']} | {r['n']} | {r['impl']} | {r['seconds']:.1f} | {r.get('cpu_s', float('nan')):.1f} | "
               f"{r['network_s']:.1f} | {spp} | {r['text_s']:.2f} | {r['write_s']:.1f} | {r['peak_mb']:.0f} | "
               f"{r['added_mb']:.0f} | {', '.join(map(str, ml))} |")
