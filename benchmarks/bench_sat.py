@@ -339,6 +339,49 @@ def worker_upstream(a) -> dict:
                 mask_ml=[round(m * ml, 1) for m in masks], sat_mask_ml=[round(m * ml, 1) for m in masks])
 
 
+def worker_net(a) -> dict:
+    """Both networks in ONE process (upstream's Python), same weights, alternating runs on the same
+    random input of ``--net-size`` (multiple of 32): the fairest comparison on a shared machine.
+    Also checks the logits agree (max abs difference)."""
+    import dataclasses
+
+    import torch
+
+    up = Path(a.upstream).resolve()
+    sys.path[:0] = [str(up), str(up / "model" / "dynamic-network-architectures-main"), str(ROOT / "BiomedParseSlicer")]
+    from model.maskformer import Maskformer
+    from textseg.models.sat.loader import load_sat_network
+    from textseg.models.sat.network import NANO
+
+    size = tuple(a.net_size)
+    wfile = Path(a.work) / "weights" / "nano.pth"
+    ours = load_sat_network(wfile, dataclasses.replace(NANO, patch_size=size), a.device)
+    theirs = Maskformer("UNET", list(size), [32, 32, 32], False)
+    sd = torch.load(wfile, map_location="cpu", weights_only=True)["model_state_dict"]
+    theirs.load_state_dict({k[len("module."):]: v for k, v in sd.items()})
+    theirs = theirs.to(a.device).eval()
+    del sd
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn((1, 3) + size, generator=g).to(a.device)
+    queries = torch.randn((a.n, 768), generator=g).to(a.device)
+    clock = Clock(a.device)
+    times = {"ours": [], "upstream": []}
+    outs = {}
+    with torch.no_grad():
+        for rep in range(a.reps):
+            for name in ("upstream", "ours") if rep % 2 == 0 else ("ours", "upstream"):
+                c0 = Peak.cpu()
+                t0 = time.perf_counter()
+                out = theirs(queries=[queries], image_input=image) if name == "upstream" else ours(image, queries)
+                clock.sync()
+                times[name].append((time.perf_counter() - t0, Peak.cpu() - c0))
+                outs[name] = out.float().cpu()
+                del out
+    diff = float((outs["ours"] - outs["upstream"]).abs().max())
+    return {"size": list(size), "n": a.n, "times": times, "max_abs_diff": diff,
+            "logit_scale": float(outs["upstream"].abs().max())}
+
+
 class _Callable:
     def __init__(self, fn) -> None:
         self.fn = fn
@@ -413,6 +456,28 @@ def report(rows, m) -> None:
                 print(f"| {n} | {impl} | {f['seconds'] + k * spp:.0f} | {f['peak_mb'] + add:.0f} |")
 
 
+def net_compare(a) -> None:
+    work = Path(a.work or tempfile.mkdtemp(prefix="sat-bench-"))
+    if not (work / "weights" / "nano.pth").exists():
+        write_weights(work)
+    for n in a.prompts:
+        cmd = [a.upstream_python, __file__, "--worker", "net", "--n", str(n), "--work", str(work), "--upstream", a.upstream,
+               "--upstream-python", a.upstream_python, "--device", a.device, "--threads", str(a.threads),
+               "--reps", str(a.reps), "--net-size"] + [str(v) for v in a.net_size]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not line:
+            sys.exit(f"net n={n} failed:\n{p.stderr[-4000:]}")
+        r = json.loads(line[0][7:])
+        print(f"\nSAT-Nano network only, input {'x'.join(map(str, r['size']))}, {n} queries, device {a.device}: "
+              f"max |ours - upstream| = {r['max_abs_diff']:.2e} (logits up to {r['logit_scale']:.2e})")
+        print("| impl | wall s (each run) | CPU s (each run) | median wall s |")
+        print("| --- | --- | --- | ---: |")
+        for impl, ts in r["times"].items():
+            print(f"| {impl} | {', '.join(f'{t:.1f}' for t, _ in ts)} | {', '.join(f'{c:.1f}' for _, c in ts)} | "
+                  f"{float(np.median([t for t, _ in ts])):.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--upstream", required=True, help="checkout of github.com/zhaoziheng/SAT")
@@ -428,7 +493,11 @@ def main() -> None:
     ap.add_argument("--work", help="keep inputs/weights here (default: a temporary folder)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--report", nargs="+", help="only print the tables of earlier --json files (rows joined)")
-    ap.add_argument("--worker", choices=["ours", "upstream"], help=argparse.SUPPRESS)
+    ap.add_argument("--net", action="store_true",
+                    help="only the network comparison: both networks in one upstream process, alternating")
+    ap.add_argument("--net-size", type=int, nargs=3, default=[128, 128, 64], help="input of --net (multiples of 32)")
+    ap.add_argument("--reps", type=int, default=4, help="runs per network for --net")
+    ap.add_argument("--worker", choices=["ours", "upstream", "net"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -437,13 +506,15 @@ def main() -> None:
         if a.threads:
             torch.set_num_threads(a.threads)
         a.mode = a.mode[0]
-        r = {"ours": worker_ours, "upstream": worker_upstream}[a.worker](a)
+        r = {"ours": worker_ours, "upstream": worker_upstream, "net": worker_net}[a.worker](a)
         print("RESULT " + json.dumps(r))
         return
     if a.report:
         runs = [json.loads(Path(f).read_text()) for f in a.report]
         report([r for run in runs for r in run["rows"]], runs[-1])
         return
+    if a.net:
+        return net_compare(a)
     import torch
 
     dev_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else \
