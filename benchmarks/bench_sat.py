@@ -438,7 +438,8 @@ def report(rows, m) -> None:
         if r["mode"] == "patch":
             per_patch.setdefault((r["impl"], r["n"]), []).append((r["network_s"] / m["crop_patches"], r["added_mb"]))
             spp = f"{r['network_s'] / m['crop_patches']:.1f}"
-        ml = r.get("sat_mask_ml", ["?"])[:2] + (["..."] if r["n"] > 2 else [])
+        sat_ml = r.get("sat_mask_ml") or (r["mask_ml"] if r["impl"] == "upstream" else ["?"])  # upstream: SAT grid
+        ml = sat_ml[:2] + (["..."] if r["n"] > 2 else [])
         print(f"| {r['mode']} | {r['n']} | {r['impl']} | {r['seconds']:.1f} | {r.get('cpu_s', float('nan')):.1f} | "
               f"{r['network_s']:.1f} | {spp} | {r['text_s']:.2f} | {r['write_s']:.1f} | {r['peak_mb']:.0f} | "
               f"{r['added_mb']:.0f} | {', '.join(map(str, ml))} |")
