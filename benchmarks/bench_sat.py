@@ -443,18 +443,21 @@ def report(rows, m) -> None:
         print(f"| {r['mode']} | {r['n']} | {r['impl']} | {r['seconds']:.1f} | {r.get('cpu_s', float('nan')):.1f} | "
               f"{r['network_s']:.1f} | {spp} | {r['text_s']:.2f} | {r['write_s']:.1f} | {r['peak_mb']:.0f} | "
               f"{r['added_mb']:.0f} | {', '.join(map(str, ml))} |")
-    full = {(r["impl"], r["n"]): r for r in rows if r["mode"] == "full"}
+    full: dict = {}
+    for r in rows:
+        if r["mode"] == "full":
+            full.setdefault((r["impl"], r["n"]), []).append(r)
     k = m["full_patches"]
     if per_patch and full:
         print(f"\nExtrapolated to the 512x512x200 CT ({k} windows): full-mode seconds + {k} x network s/patch "
-              "(mean of the patch runs); memory: full-mode peak + the patch run's growth (an upper estimate)\n")
+              "(means over the runs given); memory: full-mode peak + the patch run's growth (an upper estimate)\n")
         print("| prompts | impl | seconds (extrapolated) | peak MB (estimate) |")
         print("| ---: | --- | ---: | ---: |")
         for (impl, n), vals in sorted(per_patch.items(), key=lambda t: (t[0][1], t[0][0])):
             if (impl, n) in full:
-                f = full[(impl, n)]
+                fs, fp = (float(np.mean([f[key] for f in full[(impl, n)]])) for key in ("seconds", "peak_mb"))
                 spp, add = (float(np.mean([v[i] for v in vals])) for i in (0, 1))
-                print(f"| {n} | {impl} | {f['seconds'] + k * spp:.0f} | {f['peak_mb'] + add:.0f} |")
+                print(f"| {n} | {impl} | {fs + k * spp:.0f} | {fp + add:.0f} |")
 
 
 def net_compare(a) -> None:

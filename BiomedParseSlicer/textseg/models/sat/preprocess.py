@@ -21,7 +21,7 @@ the original spacing, orientation back. Upstream stops at the SAT grid (issue #2
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -50,13 +50,18 @@ def axis_weights(n_in: int, n_out: int, scale: float):
     return i0, np.minimum(i0 + 1, n_in - 1), x - i0
 
 
-def lerp_axis(a: np.ndarray, axis: int, i0: np.ndarray, i1: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``a[i0] * (1 - w) + a[i1] * w`` along ``axis`` (w cast to a's float dtype), computed in place."""
+def lerp_axis(a: np.ndarray, axis: int, i0: np.ndarray, i1: np.ndarray, w: np.ndarray,
+              out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``a[i0] * (1 - w) + a[i1] * w`` along ``axis`` (w cast to a's float dtype), computed in place
+    (in ``out``, a float array or view of the result's shape, when given)."""
     w = w.astype(a.dtype if a.dtype.kind == "f" else np.float64)
     shape = [1] * a.ndim
     shape[axis] = len(w)
     w = w.reshape(shape)
-    out = np.take(a, i0, axis=axis)
+    if out is None:
+        out = np.take(a, i0, axis=axis)
+    else:
+        np.take(a, i0, axis=axis, out=out, mode="clip")  # indices are in range; "clip" avoids a buffered copy
     out *= 1 - w
     hi = np.take(a, i1, axis=axis)
     hi *= w
@@ -134,9 +139,9 @@ class SATGeometry:
             i0, i1 = np.clip(i0, 0, a.shape[2 - ax] - 1), np.clip(i1, 0, a.shape[2 - ax] - 1)
             if ax < 2:  # canonical index = n - 1 - RAS index
                 i0, i1, w, (o0, o1) = i0[::-1], i1[::-1], w[::-1], (n_out - o1, n_out - o0)
-            a = lerp_axis(a, 2 - ax, i0, i1, w)
             region.append(slice(o0, o1))
-        out[tuple(region[::-1])] = a
+            # the last axis is interpolated straight into the output
+            a = lerp_axis(a, 2 - ax, i0, i1, w, out=out[tuple(region[::-1])] if ax == 2 else None)
         return out
 
 
