@@ -1,6 +1,6 @@
 """SAT preprocessing / back-mapping fast paths (restricted to where values can be non-zero) give
-exactly the numbers of the plain computation: resample the whole image axis by axis, crop; and
-un-crop, resample the whole grid, re-orient."""
+exactly the numbers of the plain computation: resample the whole image axis by axis (the most
+shrinking axis first), crop; and un-crop, resample the whole grid, re-orient."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def reference_preprocess(canonical, spacing, modality):
     sp = tuple(float(s) for s in spacing)
     new = sat_spacing(sp, TARGET_SPACING)
     shape = tuple(int(np.round((n - 1) * s / t + 1.0)) for n, s, t in zip(ras.shape, sp, new))
-    for ax in range(3):
+    for ax in sorted(range(3), key=lambda a: shape[a] / ras.shape[a]):  # the most shrinking axis first
         ras = resample_axis(ras, ax, shape[ax], new[ax] / sp[ax])
     ras = ras.astype(np.float32)
     fg = ras > 0
@@ -39,7 +39,7 @@ def reference_to_canonical(geo, sat_map):
 
     full = np.zeros(geo.resampled_shape, np.float32)
     full[tuple(slice(a, b) for a, b in zip(geo.start, geo.stop))] = sat_map
-    for ax in range(3):
+    for ax in sorted(range(3), key=lambda a: geo.ras_shape[a] / geo.resampled_shape[a]):
         full = resample_axis(full, ax, geo.ras_shape[ax], 1.0 / geo.scale[ax])
     return ras_to_canonical(full.astype(np.float32, copy=False))
 

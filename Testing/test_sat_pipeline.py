@@ -243,6 +243,8 @@ def test_back_mapping_of_an_object_and_orientations():
 
 # ---- adapter end to end -----------------------------------------------------------------------
 PATCH = (64, 64, 32)
+TEXT_CONFIG = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                   max_position_embeddings=64)
 
 
 def tiny_sat(tmp_path):
@@ -259,8 +261,7 @@ def tiny_sat(tmp_path):
              "tumor", "brain", "foo", "##bar"]
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     tok = load_tokenizer(tmp_path)  # a BioLORD-like folder
-    text = SATTextEncoder(dict(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64, max_position_embeddings=64), tok).eval()
+    text = SATTextEncoder(dict(TEXT_CONFIG, vocab_size=len(words)), tok).eval()
     return net, text
 
 
@@ -329,3 +330,58 @@ def test_adapter_modality_code(tiny):
     ct, mr = adapter.queries(["liver"], "ct"), adapter.queries(["liver"], "mri")
     delta = text.modality_embed.weight[1] - text.modality_embed.weight[0]
     np.testing.assert_allclose((mr - ct)[0].numpy(), delta.detach().numpy(), atol=1e-5)
+
+
+def test_adapter_loads_catalog_files(tiny, tmp_path):
+    """load() through the catalog files: official-layout checkpoints + flat biolord-* files."""
+    import json
+    import shutil
+
+    import torch
+
+    from textseg.models.sat import BIOLORD_FILES
+    from textseg.models.sat.adapter import SATAdapter
+
+    net, text = tiny
+    d = tmp_path / "weights"
+    d.mkdir()
+    torch.save({"model_state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, d / "nano.pth")
+    torch.save({"model_state_dict": {"module." + k: v for k, v in text.state_dict().items()}},
+               d / "nano_text_encoder.pth")
+    bio = tmp_path / "bio"
+    text.tokenizer.tokenizer.save_pretrained(str(bio))
+    (bio / "config.json").write_text(json.dumps(dict(TEXT_CONFIG, vocab_size=text.text_tower.biolord.config.vocab_size,
+                                                     model_type="mpnet")))
+    for name in BIOLORD_FILES:
+        if (bio / name).is_file():
+            shutil.copyfile(bio / name, d / f"biolord-{name}")
+        else:  # a file this transformers version does not write (special_tokens_map.json)
+            (d / f"biolord-{name}").write_text("{}")
+    adapter = SATAdapter(get_model("sat-nano"), d, config=net.cfg, patch=PATCH)
+    adapter.load("cpu")
+    assert (d / "biolord" / "vocab.txt").is_file()
+    texts = ["liver", "left kidney"]
+    np.testing.assert_allclose(adapter.queries(texts, "mri").numpy(), text.embed(texts, "mri").numpy(), atol=1e-6)
+    x = torch.randn(1, 3, *PATCH)
+    q = text.embed(texts, "ct")
+    with torch.no_grad():
+        np.testing.assert_allclose(adapter.network(x, q).numpy(), net(x, q).numpy(), atol=1e-5)
+    (d / "nano_text_encoder.pth").unlink()
+    from textseg.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="nano_text_encoder.pth"):
+        SATAdapter(get_model("sat-nano"), d, config=net.cfg).load("cpu")
+
+
+def test_prompt_groups_follow_memory_budget(tiny):
+    from textseg.models.base import RunContext
+    from textseg.models.sat.adapter import SATAdapter
+    from textseg.presets import get_preset
+
+    net, text = tiny
+    arr = 50.0 + np.arange(20000, dtype=np.float32).reshape(10, 40, 50) % 9
+    vol = Volume(arr, (1.0, 1.0, 3.0))  # SAT grid 50 x 40 x 10 = 20000 voxels
+    a = SATAdapter(get_model("sat-nano"), None, network=net, text_tower=text, patch=PATCH, memory_budget=4 * 20000 * 5)
+    a.load("cpu")
+    a.prepare(vol, get_preset("CT"), RunContext("cpu"))
+    assert a.max_prompts_per_call == 5

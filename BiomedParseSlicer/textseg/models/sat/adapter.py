@@ -37,7 +37,9 @@ class SATState:
 
 
 class SATAdapter(ModelAdapter):
-    max_prompts_per_call = 64  # prompts decoded per pass over the patches (each pass encodes every patch)
+    # Prompts decoded per pass over the patches (each pass encodes every patch once). ``prepare`` lowers it
+    # so that the accumulated probabilities stay within ``memory_budget`` bytes (option, default 2 GiB).
+    max_prompts_per_call = 64
 
     # ---- lifecycle --------------------------------------------------------------------------
     def load(self, device: Any) -> None:
@@ -51,7 +53,8 @@ class SATAdapter(ModelAdapter):
 
             ckpt, text_ckpt, variant = CHECKPOINTS[self.spec.id]
             if self.network is None:
-                self.network = load_sat_network(weight_file(self, ckpt), PRESETS[variant])
+                cfg = self.options.get("config") or PRESETS[variant]  # config: tests use a reduced SATConfig
+                self.network = load_sat_network(weight_file(self, ckpt), cfg)
             if self.text_tower is None:
                 for name in BIOLORD_FILES:
                     weight_file(self, BIOLORD_PREFIX + name)  # WeightsError naming the file when missing
@@ -75,6 +78,8 @@ class SATAdapter(ModelAdapter):
         ctx.report(0.0, "SAT: preprocessing")
         modality = sat_modality(preset.modality)
         image, geo = preprocess(volume.array, volume.spacing, modality)
+        budget = int(self.options.get("memory_budget", 2 << 30))
+        self.max_prompts_per_call = int(min(64, max(1, budget // (4 * image.size))))
         ctx.log(f"SAT grid {'x'.join(map(str, geo.shape))} at {', '.join(f'{s:g}' for s in geo.spacing)} mm "
                 f"(cropped to the foreground from {'x'.join(map(str, geo.resampled_shape))})")
         return SATState(image.astype(np.float32), geo, modality.lower())
@@ -128,12 +133,17 @@ class SATAdapter(ModelAdapter):
 
 def biolord_dir(folder) -> Any:
     """A folder with the BioLORD-2023-C files under their own names (the catalog stores them flat,
-    prefixed): symbolic links (copies where links are not allowed) in ``<folder>/biolord``."""
-    from pathlib import Path
+    prefixed): symbolic links (copies where links are not allowed) in ``<folder>/biolord``, or in a
+    temporary folder when the weights folder is read-only."""
     import shutil
+    import tempfile
+    from pathlib import Path
 
     dest = Path(folder) / "biolord"
-    dest.mkdir(exist_ok=True)
+    try:
+        dest.mkdir(exist_ok=True)
+    except OSError:
+        dest = Path(tempfile.mkdtemp(prefix="textseg-biolord-"))
     for name in BIOLORD_FILES:
         src, dst = Path(folder) / (BIOLORD_PREFIX + name), dest / name
         if dst.exists() or dst.is_symlink():

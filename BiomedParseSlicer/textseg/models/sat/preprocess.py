@@ -121,27 +121,31 @@ class SATGeometry:
         Only the part of the canonical grid whose interpolation reads the crop box is computed (the
         rest is exactly 0), and the (small) cropped map is put in canonical order first, so the
         output needs no transposed copy; the arithmetic is that of ``resample_axis`` on the
-        un-cropped map, axis x, then y, then z."""
+        un-cropped map (the most shrinking axis first)."""
         if tuple(sat_map.shape) != self.shape:
             raise ValueError(f"map of shape {sat_map.shape} is not on the SAT grid {self.shape}")
         out = np.zeros(self.ras_shape[::-1], np.float32)
-        a = np.asarray(sat_map, np.float32).transpose(2, 1, 0)  # [z, y, x] view
-        region = []
+        plan, region = {}, [slice(0, 0)] * 3  # region: canonical [k, j, i] slices
         for ax in range(3):  # RAS axis x, y, z = canonical axis 2, 1, 0 (x and y reversed)
             n_out = self.ras_shape[ax]
             i0, i1, w = axis_weights(self.resampled_shape[ax], n_out, 1.0 / self.scale[ax])
             o0, o1 = support(i0, i1, self.start[ax], self.stop[ax])
             if o1 == o0:
                 return out
-            # source indices relative to the crop; a read outside it (one voxel either side) reads 0
-            a = np.pad(a, [(1, 1) if c == 2 - ax else (0, 0) for c in range(3)])
+            # source indices relative to the crop padded with one 0 either side (reads outside it read 0)
+            n_src = self.stop[ax] - self.start[ax] + 2
             i0, i1, w = i0[o0:o1] - self.start[ax] + 1, i1[o0:o1] - self.start[ax] + 1, w[o0:o1]
-            i0, i1 = np.clip(i0, 0, a.shape[2 - ax] - 1), np.clip(i1, 0, a.shape[2 - ax] - 1)
+            i0, i1 = np.clip(i0, 0, n_src - 1), np.clip(i1, 0, n_src - 1)
             if ax < 2:  # canonical index = n - 1 - RAS index
                 i0, i1, w, (o0, o1) = i0[::-1], i1[::-1], w[::-1], (n_out - o1, n_out - o0)
-            region.append(slice(o0, o1))
+            plan[ax] = (i0, i1, w)
+            region[2 - ax] = slice(o0, o1)
+        a = np.asarray(sat_map, np.float32).transpose(2, 1, 0)  # [z, y, x] view
+        order = sorted(range(3), key=lambda x: self.ras_shape[x] / self.resampled_shape[x])  # shrinking first
+        for ax in order:
+            a = np.pad(a, [(1, 1) if c == 2 - ax else (0, 0) for c in range(3)])
             # the last axis is interpolated straight into the output
-            a = lerp_axis(a, 2 - ax, i0, i1, w, out=out[tuple(region[::-1])] if ax == 2 else None)
+            a = lerp_axis(a, 2 - ax, *plan[ax], out=out[tuple(region)] if ax == order[-1] else None)
         return out
 
 
@@ -168,7 +172,8 @@ def preprocess(canonical: np.ndarray, spacing_ijk, modality: str, target=TARGET_
 
     Only the part of the resampled grid that can be > 0 is computed (a linear interpolation of
     values <= 0 is <= 0, so the foreground box lies where the interpolation reads the box of input
-    voxels > 0); the values there are those of resampling the whole image (``resample_axis``, axis x, y, z)."""
+    voxels > 0); the values there are those of resampling the whole image (``resample_axis``, the most
+    shrinking axis first)."""
     ras = canonical_to_ras(np.asarray(canonical))
     ras_spacing = tuple(float(s) for s in spacing_ijk)
     new_spacing = sat_spacing(ras_spacing, target)
@@ -193,7 +198,7 @@ def preprocess(canonical: np.ndarray, spacing_ijk, modality: str, target=TARGET_
         src.append(slice(s0, int(i1.max()) + 1))
         out0.append(o0)
     part = ras[tuple(src)].astype(np.float32).astype(np.float64)  # LoadImage: float32; MONAI resamples in float64
-    for ax in range(3):
+    for ax in sorted(range(3), key=lambda x: shape[x] / ras.shape[x]):  # the most shrinking axis first (faster)
         if plan[ax] is not None:
             part = lerp_axis(part, ax, *plan[ax])
     part = part.astype(np.float32)  # upstream's resampled MetaTensor keeps the input's float32
