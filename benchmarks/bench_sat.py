@@ -1,8 +1,13 @@
 """SAT-Nano: our engine vs the official code (zhaoziheng/SAT) - seconds and peak memory, same input,
 same (random, full-size) weights, same device, float32.
 
-    python benchmarks/bench_sat.py --upstream /tmp/sat-up --upstream-python /tmp/satbench/bin/python \\
+    python benchmarks/bench_sat.py --upstream <SAT checkout: data/ evaluate/ model/ train/> \\
+        --upstream-python /tmp/satbench/bin/python [--work DIR] [--json run.json] \\
         [--prompts 1 10] [--device cpu|cuda] [--amp] [--batch 2] [--mode patch full] [--crop 96 96 96]
+    python benchmarks/bench_sat.py ... --net [--net-size 128 128 64] [--reps 3]   # the two networks only
+    python benchmarks/bench_sat.py ... --report run1.json run2.json               # tables of earlier runs
+
+Results and method: docs/sat.md, "Speed and memory".
 
 Weights: a full-size SAT-Nano (``Maskformer('UNET')``, PyTorch's default random init, seed 0) and a
 full-size BioLORD-2023-C-shaped MPNet text tower (random init), written once as upstream-layout
@@ -484,8 +489,9 @@ def net_compare(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--upstream", required=True, help="checkout of github.com/zhaoziheng/SAT")
-    ap.add_argument("--upstream-python", required=True, help="Python with upstream's deps (MONAI 1.1, transformers, einops)")
+    ap.add_argument("--upstream", help="checkout of github.com/zhaoziheng/SAT (required unless --report)")
+    ap.add_argument("--upstream-python",
+                    help="Python with upstream's deps (MONAI 1.1, transformers, einops; required unless --report)")
     ap.add_argument("--prompts", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--mode", nargs="+", choices=["patch", "full"], default=["patch", "full"])
     ap.add_argument("--crop", type=int, nargs=3, default=[96, 96, 96], help="voxels of example_ct (3 mm) for 'patch'")
@@ -517,6 +523,8 @@ def main() -> None:
         runs = [json.loads(Path(f).read_text()) for f in a.report]
         report([r for run in runs for r in run["rows"]], runs[-1])
         return
+    if not (a.upstream and a.upstream_python):
+        ap.error("--upstream and --upstream-python are required (except with --report)")
     if a.net:
         return net_compare(a)
     import torch
