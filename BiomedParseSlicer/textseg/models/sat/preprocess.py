@@ -21,7 +21,7 @@ the original spacing, orientation back. Upstream stops at the SAT grid (issue #2
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -42,6 +42,33 @@ def ras_to_canonical(ras: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ras[::-1, ::-1, :].transpose(2, 1, 0))
 
 
+def axis_weights(n_in: int, n_out: int, scale: float):
+    """``(i0, i1, w)`` of linear interpolation at ``x = o * scale`` (o = 0..n_out-1), coordinates
+    clamped to [0, n_in - 1] (grid_sample's border padding); w float64."""
+    x = np.clip(np.arange(n_out, dtype=np.float64) * scale, 0.0, n_in - 1)
+    i0 = np.minimum(np.floor(x).astype(np.int64), max(n_in - 2, 0))
+    return i0, np.minimum(i0 + 1, n_in - 1), x - i0
+
+
+def lerp_axis(a: np.ndarray, axis: int, i0: np.ndarray, i1: np.ndarray, w: np.ndarray,
+              out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``a[i0] * (1 - w) + a[i1] * w`` along ``axis`` (w cast to a's float dtype), computed in place
+    (in ``out``, a float array or view of the result's shape, when given)."""
+    w = w.astype(a.dtype if a.dtype.kind == "f" else np.float64)
+    shape = [1] * a.ndim
+    shape[axis] = len(w)
+    w = w.reshape(shape)
+    if out is None:
+        out = np.take(a, i0, axis=axis)
+    else:
+        np.take(a, i0, axis=axis, out=out, mode="clip")  # indices are in range; "clip" avoids a buffered copy
+    out *= 1 - w
+    hi = np.take(a, i1, axis=axis)
+    hi *= w
+    out += hi
+    return out
+
+
 def resample_axis(a: np.ndarray, axis: int, n_out: int, scale: float) -> np.ndarray:
     """Linear interpolation along one axis at ``x = o * scale`` (o = 0..n_out-1), coordinates
     clamped to [0, n-1] (grid_sample's border padding). Applied to every axis in turn this is
@@ -49,14 +76,14 @@ def resample_axis(a: np.ndarray, axis: int, n_out: int, scale: float) -> np.ndar
     n_in = a.shape[axis]
     if n_out == n_in and scale == 1.0:
         return a
-    x = np.clip(np.arange(n_out, dtype=np.float64) * scale, 0.0, n_in - 1)
-    i0 = np.minimum(np.floor(x).astype(np.int64), max(n_in - 2, 0))
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    w = (x - i0).astype(a.dtype if a.dtype.kind == "f" else np.float64)
-    shape = [1] * a.ndim
-    shape[axis] = n_out
-    w = w.reshape(shape)
-    return np.take(a, i0, axis=axis) * (1 - w) + np.take(a, i1, axis=axis) * w
+    return lerp_axis(a, axis, *axis_weights(n_in, n_out, scale))
+
+
+def support(i0: np.ndarray, i1: np.ndarray, lo: int, hi: int) -> Tuple[int, int]:
+    """Output range ``[a, b)`` outside which both source indices fall outside ``[lo, hi)`` (a map that is
+    zero outside [lo, hi) interpolates to exactly zero there); (0, 0) when empty."""
+    inside = np.nonzero(((i0 >= lo) & (i0 < hi)) | ((i1 >= lo) & (i1 < hi)))[0]
+    return (int(inside[0]), int(inside[-1]) + 1) if len(inside) else (0, 0)
 
 
 @dataclass(frozen=True)
@@ -89,15 +116,37 @@ class SATGeometry:
 
     def to_canonical(self, sat_map: np.ndarray) -> np.ndarray:
         """A float map on the SAT grid -> the canonical grid ``[k, j, i]`` (float32): zeros outside
-        the crop, linear interpolation back to the input spacing, orientation undone."""
+        the crop, linear interpolation back to the input spacing, orientation undone.
+
+        Only the part of the canonical grid whose interpolation reads the crop box is computed (the
+        rest is exactly 0), and the (small) cropped map is put in canonical order first, so the
+        output needs no transposed copy; the arithmetic is that of ``resample_axis`` on the
+        un-cropped map (the most shrinking axis first)."""
         if tuple(sat_map.shape) != self.shape:
             raise ValueError(f"map of shape {sat_map.shape} is not on the SAT grid {self.shape}")
-        full = np.zeros(self.resampled_shape, np.float32)
-        full[tuple(slice(a, b) for a, b in zip(self.start, self.stop))] = sat_map
-        # canonical index x of the input sits at x * spacing_in / spacing_sat on the resampled grid
-        for ax in sorted(range(3), key=lambda a: self.ras_shape[a] / self.resampled_shape[a]):  # shrinking first
-            full = resample_axis(full, ax, self.ras_shape[ax], 1.0 / self.scale[ax])
-        return ras_to_canonical(full.astype(np.float32, copy=False))
+        out = np.zeros(self.ras_shape[::-1], np.float32)
+        plan, region = {}, [slice(0, 0)] * 3  # region: canonical [k, j, i] slices
+        for ax in range(3):  # RAS axis x, y, z = canonical axis 2, 1, 0 (x and y reversed)
+            n_out = self.ras_shape[ax]
+            i0, i1, w = axis_weights(self.resampled_shape[ax], n_out, 1.0 / self.scale[ax])
+            o0, o1 = support(i0, i1, self.start[ax], self.stop[ax])
+            if o1 == o0:
+                return out
+            # source indices relative to the crop padded with one 0 either side (reads outside it read 0)
+            n_src = self.stop[ax] - self.start[ax] + 2
+            i0, i1, w = i0[o0:o1] - self.start[ax] + 1, i1[o0:o1] - self.start[ax] + 1, w[o0:o1]
+            i0, i1 = np.clip(i0, 0, n_src - 1), np.clip(i1, 0, n_src - 1)
+            if ax < 2:  # canonical index = n - 1 - RAS index
+                i0, i1, w, (o0, o1) = i0[::-1], i1[::-1], w[::-1], (n_out - o1, n_out - o0)
+            plan[ax] = (i0, i1, w)
+            region[2 - ax] = slice(o0, o1)
+        a = np.asarray(sat_map, np.float32).transpose(2, 1, 0)  # [z, y, x] view
+        order = sorted(range(3), key=lambda x: self.ras_shape[x] / self.resampled_shape[x])  # shrinking first
+        for ax in order:
+            a = np.pad(a, [(1, 1) if c == 2 - ax else (0, 0) for c in range(3)])
+            # the last axis is interpolated straight into the output
+            a = lerp_axis(a, 2 - ax, *plan[ax], out=out[tuple(region)] if ax == order[-1] else None)
+        return out
 
 
 def sat_spacing(ras_spacing, target=TARGET_SPACING) -> Tuple[float, float, float]:
@@ -119,23 +168,57 @@ def normalize(arr: np.ndarray, modality: str) -> np.ndarray:
 
 
 def preprocess(canonical: np.ndarray, spacing_ijk, modality: str, target=TARGET_SPACING) -> Tuple[np.ndarray, SATGeometry]:
-    """Canonical array ``[k, j, i]`` with spacing (i, j, k) -> (SAT image (x, y, z) float32, geometry)."""
-    ras = canonical_to_ras(np.asarray(canonical)).astype(np.float32).astype(np.float64)  # LoadImage: float32
+    """Canonical array ``[k, j, i]`` with spacing (i, j, k) -> (SAT image (x, y, z) float32, geometry).
+
+    Only the part of the resampled grid that can be > 0 is computed (a linear interpolation of
+    values <= 0 is <= 0, so the foreground box lies where the interpolation reads the box of input
+    voxels > 0); the values there are those of resampling the whole image (``resample_axis``, the most
+    shrinking axis first)."""
+    ras = canonical_to_ras(np.asarray(canonical))
     ras_spacing = tuple(float(s) for s in spacing_ijk)
     new_spacing = sat_spacing(ras_spacing, target)
     shape = tuple(int(np.round((n - 1) * s / t + 1.0)) for n, s, t in zip(ras.shape, ras_spacing, new_spacing))
-    for ax in sorted(range(3), key=lambda a: shape[a] / ras.shape[a]):  # the most shrinking axis first (faster)
-        ras = resample_axis(ras, ax, shape[ax], new_spacing[ax] / ras_spacing[ax])
-    ras = ras.astype(np.float32)  # upstream's resampled MetaTensor keeps the input's float32
-    fg = ras > 0
+    positive = ras > 0
+    if not positive.any():
+        raise InputError("The image has no voxel above 0: SAT crops to the foreground (image > 0) and found none.")
+    lo, hi = _box(positive)
+    del positive
+    plan, src, out0 = [], [], []
+    for ax in range(3):
+        if shape[ax] == ras.shape[ax] and new_spacing[ax] == ras_spacing[ax]:  # resample_axis: unchanged
+            plan.append(None)
+            src.append(slice(lo[ax], hi[ax]))
+            out0.append(lo[ax])
+            continue
+        i0, i1, w = axis_weights(ras.shape[ax], shape[ax], new_spacing[ax] / ras_spacing[ax])
+        o0, o1 = support(i0, i1, lo[ax], hi[ax])
+        i0, i1, w = i0[o0:o1], i1[o0:o1], w[o0:o1]
+        s0 = int(i0.min())
+        plan.append((i0 - s0, i1 - s0, w))
+        src.append(slice(s0, int(i1.max()) + 1))
+        out0.append(o0)
+    part = ras[tuple(src)].astype(np.float32).astype(np.float64)  # LoadImage: float32; MONAI resamples in float64
+    for ax in sorted(range(3), key=lambda x: shape[x] / ras.shape[x]):  # the most shrinking axis first (faster)
+        if plan[ax] is not None:
+            part = lerp_axis(part, ax, *plan[ax])
+    part = part.astype(np.float32)  # upstream's resampled MetaTensor keeps the input's float32
+    fg = part > 0
     if not fg.any():
         raise InputError("The image has no voxel above 0: SAT crops to the foreground (image > 0) and found none.")
+    a, b = _box(fg)
+    start = tuple(o + x for o, x in zip(out0, a))
+    stop = tuple(o + x for o, x in zip(out0, b))
+    geo = SATGeometry(tuple(int(n) for n in np.asarray(canonical).shape[::-1]), ras_spacing, new_spacing,  # type: ignore[arg-type]
+                      shape, start, stop)  # type: ignore[arg-type]
+    crop = np.ascontiguousarray(part[tuple(slice(x, y) for x, y in zip(a, b))])
+    return normalize(crop, modality), geo
+
+
+def _box(mask: np.ndarray) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Bounding box ``[start, stop)`` per axis of a non-empty boolean array."""
     start, stop = [], []
-    for ax in range(3):
-        idx = np.nonzero(fg.any(axis=tuple(a for a in range(3) if a != ax)))[0]
+    for ax in range(mask.ndim):
+        idx = np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))[0]
         start.append(int(idx[0]))
         stop.append(int(idx[-1]) + 1)
-    geo = SATGeometry(tuple(int(n) for n in np.asarray(canonical).shape[::-1]), ras_spacing, new_spacing,  # type: ignore[arg-type]
-                      shape, tuple(start), tuple(stop))  # type: ignore[arg-type]
-    crop = np.ascontiguousarray(ras[tuple(slice(a, b) for a, b in zip(start, stop))])
-    return normalize(crop, modality), geo
+    return tuple(start), tuple(stop)

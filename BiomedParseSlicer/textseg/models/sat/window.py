@@ -12,6 +12,7 @@ Upstream keeps one weight volume per query; they are all the same, so one is kep
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -53,6 +54,13 @@ def compute_gaussian(tile_size: Sequence[int], sigma_scale: float = 1.0 / 8, val
     return g
 
 
+@functools.lru_cache(maxsize=4)
+def gaussian_weights(patch: Tuple[int, int, int]) -> torch.Tensor:
+    """``compute_gaussian(patch)`` as float32, computed once per patch size (about 2 s at 288x288x96;
+    callers must not modify it)."""
+    return torch.from_numpy(compute_gaussian(patch).astype(np.float32))
+
+
 def pad_patch(patch: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Zero-pad a (..., h, w, d) patch at the far end to ``size`` (upstream ``_pad_if_necessary``)."""
     pad: List[int] = []
@@ -81,7 +89,7 @@ def sliding_window(
     img = torch.as_tensor(np.ascontiguousarray(image))
     h, w, d = img.shape
     n = int(queries.shape[0])
-    gauss = torch.from_numpy(compute_gaussian(tuple(patch)).astype(np.float32))
+    gauss = gaussian_weights(tuple(int(p) for p in patch))
     boxes = split_3d((h, w, d), patch)
     prediction = torch.zeros((n, h, w, d), dtype=torch.float32)
     accumulation = torch.zeros((h, w, d), dtype=torch.float32)
