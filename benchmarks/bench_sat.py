@@ -49,18 +49,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from peak import Peak  # benchmarks/peak.py
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TEXTSEG_SHARED_DATA", "/work/shared/data")) / "totalsegmentator-examples"
+DATA = Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "totalsegmentator-examples"
 NAMES = ["liver", "spleen", "left kidney", "right kidney", "pancreas", "stomach", "aorta", "gallbladder",
          "esophagus", "urinary bladder"]
 PATCH = (288, 288, 96)
@@ -68,51 +67,6 @@ FULL_SIZE, FULL_SPACING = (512, 512, 200), (0.8, 0.8, 1.5)
 
 
 # ---- measuring ----------------------------------------------------------------------------------
-class Peak:
-    """Peak memory of a section: RSS sampled every 5 ms (CPU) or torch.cuda.max_memory_allocated (GPU)."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.rss())
-
-    def __enter__(self) -> "Peak":
-        self.cpu0 = self.cpu()
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        self.peak = self.base = self.rss()
-        self._t = threading.Thread(target=self._sample, daemon=True)
-        self._t.start()
-        return self
-
-    @staticmethod
-    def cpu() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
-
-    def __exit__(self, *exc) -> None:
-        self.cpu_s = self.cpu() - self.cpu0
-        self._stop.set()
-        self._t.join()
-        if self.device.startswith("cuda"):
-            import torch
-
-            self.peak, self.base = torch.cuda.max_memory_allocated(), 0
-
-    def result(self) -> dict:
-        return {"cpu_s": self.cpu_s, "peak_mb": self.peak / 2**20, "added_mb": (self.peak - self.base) / 2**20,
-                "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
 class Clock:
     """Accumulated seconds of wrapped calls (synchronising CUDA around each)."""
 

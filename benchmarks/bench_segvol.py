@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from peak import Peak  # benchmarks/peak.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Testing" / "oracles"))
@@ -48,49 +47,6 @@ def make_inputs(size, n, out: Path):
         img.SetSpacing((0.8, 0.8, 2.0))
         img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # stored in RAS order: upstream (as stored) = ours (RAS)
         sitk.WriteImage(img, str(out / name))
-
-
-class Peak:
-    """Peak memory of the timed section: resident set size sampled every 5 ms (CPU) or
-    torch.cuda.max_memory_allocated (GPU)."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.rss())
-
-    def __enter__(self) -> "Peak":
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        self.peak = self.base = self.rss()
-        self._t = threading.Thread(target=self._sample, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-        if self.device.startswith("cuda"):
-            import torch
-
-            self.peak, self.base = torch.cuda.max_memory_allocated(), 0
-
-    @property
-    def mb(self) -> float:
-        return self.peak / 2**20
-
-    @property
-    def added_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def sync(device: str) -> None:
