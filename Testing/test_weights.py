@@ -439,6 +439,9 @@ def test_cli_verbs_end_to_end(env, hub, tmp_path, capsys):
     assert "removed 2 file(s)" in capsys.readouterr().out
     assert models_main(["list", "--all"]) == 0
     assert any(line.split() == ["t-cli", "missing"] for line in capsys.readouterr().out.splitlines())
+    assert models_main([]) == 0  # plain `textseg models`: the list of the models users see
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line and not line.startswith((" ", "cache"))]
+    assert "deepbet" in listed and "sat-nano" in listed and "t-cli" not in listed
     assert models_main(["verify", "t-cli"]) == 1
     capsys.readouterr()
     f = tmp_path / "w.bin"

@@ -22,8 +22,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("models", help="list, download, verify, remove or import model weights",
                               description="Manage model weights (cache: $TEXTSEG_HOME or ~/.textseg).")
     p.add_argument("--home", metavar="DIR", help="weights cache folder (default: $TEXTSEG_HOME or ~/.textseg)")
-    sub = p.add_subparsers(dest="models_command", metavar="{list,download,verify,remove,import}")
-    sub.required = True
+    sub = p.add_subparsers(dest="models_command", metavar="{list,download,verify,remove,import}",
+                           help="default: list")
 
     s = sub.add_parser("list", help="models and the state of their files (ready/missing/partial/corrupt/unverified)")
     s.add_argument("--all", action="store_true", help="include hidden test-only models")
@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.home:
             weights.configure(home=args.home)
+        if args.models_command is None:  # plain `textseg models`: the list
+            args.models_command, args.all, args.json = "list", False, False
         return _COMMANDS[args.models_command](args)
     except TextsegError as e:
         print(f"error: {e}", file=sys.stderr)
