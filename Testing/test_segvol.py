@@ -225,7 +225,7 @@ def test_box_and_points_map_to_the_same_place_on_reoriented_ct(oracle_adapter, r
         g = ad.map_prompt(state, prompt)
         grids.append(g)
         # the crop-space box, mapped back to the stored grid, holds exactly the voxels in the box
-        crop, zo = state.geo.crop_shape, ad.window
+        crop = state.geo.crop_shape
         c = state.geo.canonical_to_crop(vol.canonical().physical_to_index(box)[:, ::-1])
         a, b = np.floor(c.min(0) + 0.5).astype(int), np.floor(c.max(0) + 0.5).astype(int)
         cube = np.zeros(crop, np.float32)

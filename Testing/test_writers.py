@@ -46,7 +46,7 @@ from textseg.errors import InputError  # noqa: E402
 from textseg.predictor import PromptResult  # noqa: E402
 from textseg.prompts import Prompt  # noqa: E402
 from textseg.writers import (  # noqa: E402
-    labels_path, read_labelmap, read_segments, segments_from_results, write_labelmap,
+    labels_path, read_segments, segments_from_results, write_labelmap,
 )
 
 
