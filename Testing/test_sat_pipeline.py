@@ -385,3 +385,48 @@ def test_prompt_groups_follow_memory_budget(tiny):
     a.load("cpu")
     a.prepare(vol, get_preset("CT"), RunContext("cpu"))
     assert a.max_prompts_per_call == 5
+
+
+def test_feature_cache_encodes_each_window_once_across_calls(tiny):
+    """With feature_cache_bytes, later prompts on the same image only decode (no window encoded twice), with
+    the same results as without the cache; a budget too small for a window caches nothing; a new image
+    starts empty."""
+    from textseg.models.sat.adapter import SATAdapter
+    from textseg.predictor import Predictor
+
+    net, text = tiny
+    arr = np.full((12, 30, 60), -900.0, np.float32)
+    arr[2:10, 5:25, 6:54] = 60.0
+    arr[4:8, 10:20, 12:24] = 400.0
+    vol = Volume(arr, (1.6, 1.3, 4.0), (5.0, -3.0, 12.0), np.diag([-1.0, 1.0, -1.0]))
+    plain = Predictor(SATAdapter(get_model("sat-nano"), None, network=net, text_tower=text, patch=PATCH), device="cpu")
+    plain.set_image(vol, modality="CT")
+    want = {r.prompt.text: r for r in plain.predict(["liver", "spleen", "aorta"])}
+
+    calls = []
+    real_encode = net.encode
+    net.encode = lambda x: calls.append(x.shape[0]) or real_encode(x)
+    try:
+        for budget, first_calls in ((1 << 34, 2), (1000, 2)):
+            pred = Predictor(SATAdapter(get_model("sat-nano"), None, network=net, text_tower=text, patch=PATCH,
+                                        feature_cache_bytes=budget), device="cpu")
+            pred.set_image(vol, modality="CT")
+            calls.clear()
+            got = pred.predict(["liver"]) + pred.predict(["spleen", "aorta"])
+            cached = budget > 1000
+            assert len(calls) == (first_calls if cached else 2 * first_calls)  # 2 windows on this SAT grid
+            assert (pred._encoded.cache_bytes > 0) == cached
+            for r in got:  # prompts grouped differently: float rounding of the batched decoder only
+                np.testing.assert_allclose(r.probability, want[r.prompt.text].probability, atol=1e-6)
+            if cached:  # out of memory: the predictor drops the cache first; the next call encodes again
+                pred._free_gpu()
+                assert pred._encoded.cache_bytes == 0 and not pred._encoded.features
+                calls.clear()
+                pred.predict(["liver"])
+                assert len(calls) == 2 and pred._encoded.cache_bytes > 0
+        pred.set_image(Volume(arr[:, :, ::-1].copy(), (1.6, 1.3, 4.0)), modality="CT")
+        calls.clear()
+        pred.predict(["liver"])
+        assert len(calls) == 2 and pred._encoded.cache_bytes == 0  # budget 1000: nothing kept
+    finally:
+        del net.encode

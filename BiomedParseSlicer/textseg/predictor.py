@@ -29,7 +29,7 @@ from . import __version__
 from .catalog import ModelSpec, get_model, list_models
 from .detection import detect_objects
 from .errors import Cancelled, ModelError, UsageError
-from .models.base import CancelToken, ModelAdapter, ProgressFn, Recognizer, RunContext
+from .models.base import CancelToken, ModelAdapter, ProgressFn, Recognizer, RunContext, nbytes
 from .presets import Preset, get_preset
 from .prompts import Prompt, parse_prompts
 from .volume import Volume
@@ -136,18 +136,6 @@ def check_prompts(spec: ModelSpec, prompts: Union[str, Sequence[PromptLike]]) ->
     return plist
 
 
-def _nbytes(obj: Any) -> int:
-    if hasattr(obj, "element_size") and hasattr(obj, "nelement"):
-        return int(obj.element_size() * obj.nelement())
-    if isinstance(obj, np.ndarray):
-        return int(obj.nbytes)
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
-    return 0
-
-
 class Predictor:
     """Local predictor. See the module docstring."""
 
@@ -230,6 +218,8 @@ class Predictor:
 
     def _free_gpu(self) -> None:
         self._slice_cache.clear()
+        if self._encoded is not None:
+            self.adapter.free_memory(self._encoded)
         try:
             import torch
 
@@ -507,7 +497,7 @@ class Predictor:
                 enc = self._run(lambda c: self.adapter.encode_slices(self._state, batch, c), ctx, retry_same=False)
                 if enc is _RETRY:  # batch size or device lowered after out-of-memory: re-plan
                     continue
-                if _nbytes(enc) * ((stop - first) / len(batch)) <= self.cache_bytes:
+                if nbytes(enc) * ((stop - first) / len(batch)) <= self.cache_bytes:
                     self._slice_cache[batch] = enc
             for s in range(0, len(plist), group):
                 ctx.check_cancel()

@@ -181,11 +181,27 @@ class ModelAdapter:
     # ---- optional -----------------------------------------------------------------------------
     max_prompts_per_call: int = 16
 
+    def free_memory(self, encoded: Any) -> None:
+        """Drop what can be recomputed (feature caches) of an encoded image; called after out-of-memory."""
+
     def recognizer(self, preset: Preset, **options: Any) -> "Recognizer":
         """The family's recognition rules for an image of ``preset`` (spec.recognition models only)."""
         from ..errors import UsageError
 
         raise UsageError(f"Model '{self.spec.id}' has no recognition ('segment everything').")
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes held by the tensors/arrays of ``obj`` (a tensor, an array, or tuples, lists, dicts of them)."""
+    if hasattr(obj, "element_size") and hasattr(obj, "nelement"):
+        return int(obj.element_size() * obj.nelement())
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
 
 
 def elapsed(t0: float) -> float:

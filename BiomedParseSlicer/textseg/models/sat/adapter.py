@@ -4,7 +4,9 @@
 crop to image > 0, CT window / MR-PET percentiles, z-score), keeping the geometry to map back.
 ``encode``: nothing (a patch's features are ~2 GB at full size, so patches are encoded inside
 ``decode``, once per prompt group: the predictor hands up to ``max_prompts_per_call`` prompts at
-once). ``decode``: prompts lower-cased -> text tower with the modality code -> query embeddings;
+once). Option ``feature_cache_bytes`` (default: half the free GPU memory on CUDA, 0 elsewhere) keeps
+the windows' features of the image that many bytes deep, so later prompts on the same image (the
+annotator's next target) only decode: no window is encoded twice while the cache holds it. ``decode``: prompts lower-cased -> text tower with the modality code -> query embeddings;
 sliding window over 288x288x96 patches (window.py) with Gaussian blending; each probability map
 mapped back from the SAT grid onto the canonical grid (un-crop, linear resampling, orientation).
 Prompts outside SAT's 497 trained classes run anyway, with a warning naming the closest classes.
@@ -13,14 +15,15 @@ Prompts outside SAT's 497 trained classes run anyway, with a warning naming the 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ...prompts import Prompt
-from ..base import Decoded, ModelAdapter, RunContext, weight_file
+from ..base import Decoded, ModelAdapter, RunContext, nbytes, weight_file
 from . import BIOLORD_FILES, BIOLORD_PREFIX
 from .preprocess import SATGeometry, preprocess
 from .vocab import check_target, normalize, sat_modality
@@ -34,6 +37,8 @@ class SATState:
     image: np.ndarray  # (x, y, z) float32 on the SAT grid
     geo: SATGeometry
     modality: str  # upstream's code: "ct", "mri" or "pet"
+    features: Dict[Tuple[str, int, int], Any] = field(default_factory=dict)  # (device, batch size, index): window features
+    cache_bytes: int = 0
 
 
 class SATAdapter(ModelAdapter):
@@ -110,16 +115,26 @@ class SATAdapter(ModelAdapter):
         ctx.check_cancel()
         q = self.queries(texts, encoded.modality)
 
-        def encode(patches):
+        budget, order, batch = self._cache_budget(), itertools.count(), max(1, ctx.batch_size)
+
+        def encode(patches):  # sliding_window encodes the batches in a fixed order for a given batch size
+            key = (str(self.device), batch, next(order))
+            if key in encoded.features:
+                return encoded.features[key]
             with self._autocast():
-                return self.network.encode(patches)
+                feats = self.network.encode(patches)
+            size = nbytes(feats)
+            if encoded.cache_bytes + size <= budget:
+                encoded.features[key] = feats
+                encoded.cache_bytes += size
+            return feats
 
         def decode(features, qq):
             with self._autocast():
                 return self.network.decode(features, qq)
 
         probs = sliding_window(encoded.image, q, encode, decode, patch=self.patch, device=self.device,
-                               batch_size=max(1, ctx.batch_size), max_queries=self.max_queries,
+                               batch_size=batch, max_queries=self.max_queries,
                                progress=lambda f: ctx.report(0.95 * f, "SAT: patches"), check_cancel=ctx.check_cancel)
         ctx.report(0.95, "SAT: mapping back to the image grid")
         out = []
@@ -129,6 +144,19 @@ class SATAdapter(ModelAdapter):
                 extra["vocabulary_warning"] = w
             out.append(Decoded(encoded.geo.to_canonical(probs[n].numpy()), None, extra))
         return out
+
+
+    def free_memory(self, encoded: Any) -> None:
+        if isinstance(encoded, SATState):
+            encoded.features.clear()
+            encoded.cache_bytes = 0
+
+    def _cache_budget(self) -> int:
+        if "feature_cache_bytes" in self.options:
+            return int(self.options["feature_cache_bytes"])
+        if self.device.type == "cuda":
+            return int(torch.cuda.mem_get_info(self.device)[0] // 2)
+        return 0
 
 
 def biolord_dir(folder) -> Any:
