@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from make_sat_fixture import recipe_image, recipe_tensor  # noqa: E402  (the oracle script's recipes)
 from textseg.errors import WeightsError  # noqa: E402
 from textseg.models.sat.loader import fill_aliases, load_sat_network, load_text_tower  # noqa: E402
 from textseg.models.sat.network import NANO, PRO, SATConfig, SATNetwork, positional_encoding_3d  # noqa: E402
@@ -24,30 +25,6 @@ from textseg.models.sat.text import SATTextEncoder, SATTokenizer, load_tokenizer
 
 FIX = Path(__file__).parent / "fixtures"
 TOL = 1e-4
-
-
-def recipe_tensor(key, shape, index, seed):
-    """Same recipe as Testing/oracles/make_sat_fixture.py."""
-    rng = np.random.default_rng([seed, index])
-    x = rng.standard_normal(tuple(shape)).astype(np.float32)
-    if key.endswith("bias"):
-        return x * np.float32(0.02)
-    if len(shape) == 1:
-        return np.float32(1.0) + np.float32(0.1) * x
-    fan_in = int(np.prod(shape[1:]))
-    return x / np.float32(np.sqrt(max(fan_in, 1)))
-
-
-def recipe_image(seed, patch):
-    """Same as make_sat_fixture.recipe_image."""
-    rng = np.random.default_rng([seed, 999_999])
-    h, w, d = patch
-    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in (h, w, d)], indexing="ij"))
-    imgs = []
-    for b, c in enumerate(([0.3, -0.2, 0.1], [-0.4, 0.1, -0.3])):
-        blob = np.exp(-((g - np.array(c, np.float32)[:, None, None, None]) ** 2).sum(0) * (4.0 + b))
-        imgs.append(2.0 * blob + 0.5 * rng.standard_normal((h, w, d)).astype(np.float32))
-    return np.stack(imgs)[:, None].astype(np.float32)
 
 
 def digest(sd):

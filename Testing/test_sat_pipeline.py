@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from make_sat_fixtures import stand_in_logits  # the oracle script's stand-in network
 from textseg.catalog import get_model
 from textseg.models.sat import vocab
 from textseg.volume import LPS_TO_RAS, Volume
@@ -116,19 +117,6 @@ def test_preprocess_rejects_empty_foreground():
 
 
 # ---- sliding-window oracle --------------------------------------------------------------------
-def stand_in_logits(image_input, coeffs):
-    """Same function as Testing/oracles/make_sat_fixtures.py ``stand_in_logits``."""
-    import torch
-
-    x = image_input.float()
-    img = x[:, 0] + x[:, 1] - x[:, 2]
-    h, w, d = img.shape[1:]
-    u = (torch.arange(h, dtype=torch.float32) / h - 0.5)[:, None, None]
-    v = (torch.arange(w, dtype=torch.float32) / w - 0.5)[None, :, None]
-    t = (torch.arange(d, dtype=torch.float32) / d - 0.5)[None, None, :]
-    return torch.stack([a * img + b * u + c * v + e * t for a, b, c, e in coeffs.tolist()], dim=1)
-
-
 @pytest.mark.parametrize("key", ["overlap3", "padded"])
 @pytest.mark.parametrize("batch_size,max_queries", [(2, 2), (1, 256), (3, 1)])
 def test_window_matches_upstream(key, batch_size, max_queries):

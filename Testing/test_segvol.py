@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("monai")
 
 from conftest import shared_file  # noqa: E402
+from make_segvol_fixture import recipe_tensor  # noqa: E402  (the oracle script's weight recipe)
 from textseg.catalog import get_model  # noqa: E402
 from textseg.errors import WeightsError  # noqa: E402
 from textseg.models.base import RunContext  # noqa: E402
@@ -29,19 +30,6 @@ from textseg.volume import Volume  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures"
 TOL = 1e-4
-LN_LIKE = ("mask_decoder.output_upscaling.1.weight",)
-
-
-def recipe_tensor(key, shape, index, seed):
-    """Same recipe as Testing/oracles/make_segvol_fixture.py."""
-    rng = np.random.default_rng([seed, index])
-    x = rng.standard_normal(tuple(shape)).astype(np.float32)
-    if key.endswith(".bias"):
-        return x * np.float32(0.02)
-    if (len(shape) == 1 and key.endswith(".weight")) or key in LN_LIKE:
-        return np.float32(1.0) + np.float32(0.1) * x
-    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
-    return x / np.float32(np.sqrt(max(fan_in, 1)))
 
 
 def ours(key, own):

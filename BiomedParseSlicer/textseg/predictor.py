@@ -362,47 +362,29 @@ class Predictor:
         win = np.zeros((n_total, h, w), np.float32)
         edges = np.zeros((n_total, h, w), bool) if rec.edges else None
         scores = np.full((n, n_total), np.nan)
-        group = max(1, self.adapter.max_prompts_per_call)
         t0 = time.perf_counter()
-        idx = first
         cancelled: Optional[Cancelled] = None
         try:
-            while idx < stop:
-                ctx.check_cancel()
-                batch = tuple(range(idx, min(stop, idx + ctx.batch_size)))
-                ctx.span((idx - first) / (stop - first), (batch[-1] + 1 - first) / (stop - first),
-                         f"recognizing slices {idx}-{batch[-1]}")
-                enc = self._slice_cache.get(batch)
-                if enc is None:
-                    enc = self._run(lambda c: self.adapter.encode_slices(self._state, batch, c), ctx, retry_same=False)
-                    if enc is _RETRY:
-                        continue
+            for batch, outs in self._decoded_batches(rec.prompts, first, stop, ctx, "recognizing slices"):
                 probs = np.zeros((n, len(batch), h, w), np.float32)
                 exist = np.full((n, len(batch)), np.nan)
                 edge = np.zeros((n, len(batch), h, w), np.float32) if rec.edges else None
-                for s in range(0, n, group):
-                    ctx.check_cancel()
-                    chunk = rec.prompts[s : s + group]
-                    outs = self._run(lambda c: self.adapter.decode_slices(enc, chunk, c), ctx, retry_same=False)
-                    if outs is _RETRY:
-                        break
-                    for j, o in enumerate(outs):
-                        probs[s + j] = o.probability
-                        if o.existence is not None:
-                            exist[s + j] = o.existence
-                        if edge is not None and o.edges is not None:
-                            edge[s + j] = o.edges
-                else:
-                    out = rec.slices(probs, exist, edge)
-                    sl = slice(batch[0], batch[-1] + 1)
-                    labels[sl], win[sl], scores[:, sl] = out.labels, out.probability, out.scores
-                    if edges is not None and out.edges is not None:
-                        edges[sl] = out.edges
-                    idx = batch[-1] + 1
+                for j, o in enumerate(outs):
+                    probs[j] = o.probability
+                    if o.existence is not None:
+                        exist[j] = o.existence
+                    if edge is not None and o.edges is not None:
+                        edge[j] = o.edges
+                out = rec.slices(probs, exist, edge)
+                sl = slice(batch[0], batch[-1] + 1)
+                labels[sl], win[sl], scores[:, sl] = out.labels, out.probability, out.scores
+                if edges is not None and out.edges is not None:
+                    edges[sl] = out.edges
         except Cancelled as exc:
-            if idx == first:
+            if self._slices_done == first:
                 raise
             cancelled = exc
+        idx = self._slices_done
         seconds = (time.perf_counter() - t0) / max(1, n)
         split = rec.instances(labels, edges)
         for t in range(n):
@@ -454,10 +436,9 @@ class Predictor:
         exist = [np.zeros(n_total, np.float32) for _ in plist]
         has_exist = [False] * len(plist)
         t0 = time.perf_counter()
-        group = max(1, self.adapter.max_prompts_per_call)
         cancelled: Optional[Cancelled] = None
         try:
-            self._slice_loop(plist, probs, exist, has_exist, first, stop, group, ctx)
+            self._slice_loop(plist, probs, exist, has_exist, first, stop, ctx)
         except Cancelled as exc:
             cancelled = exc
         idx = self._slices_done
@@ -486,12 +467,26 @@ class Predictor:
         if cancelled is not None:
             raise cancelled
 
-    def _slice_loop(self, plist, probs, exist, has_exist, first, stop, group, ctx) -> None:
+    def _slice_loop(self, plist, probs, exist, has_exist, first, stop, ctx) -> None:
+        for batch, outs in self._decoded_batches(plist, first, stop, ctx, "slices"):
+            sl = slice(batch[0], batch[-1] + 1)
+            for j, o in enumerate(outs):
+                probs[j][sl] = o.probability
+                if o.existence is not None:
+                    exist[j][sl] = o.existence
+                    has_exist[j] = True
+
+    def _decoded_batches(self, plist, first, stop, ctx, stage: str):
+        """Slices ``first:stop`` batch by batch: each batch encoded once (kept in the slice cache when the
+        whole range fits) and decoded for every prompt, in groups. Yields ``(batch, outs)``, one
+        SliceDecoded per prompt; re-plans after out-of-memory. ``self._slices_done`` is the first slice
+        not yet yielded (what a cancel keeps)."""
+        group = max(1, self.adapter.max_prompts_per_call)
         idx = self._slices_done = first
         while idx < stop:
             ctx.check_cancel()
             batch = tuple(range(idx, min(stop, idx + ctx.batch_size)))
-            ctx.span((idx - first) / (stop - first), (batch[-1] + 1 - first) / (stop - first), f"slices {idx}-{batch[-1]}")
+            ctx.span((idx - first) / (stop - first), (batch[-1] + 1 - first) / (stop - first), f"{stage} {idx}-{batch[-1]}")
             enc = self._slice_cache.get(batch)
             if enc is None:
                 enc = self._run(lambda c: self.adapter.encode_slices(self._state, batch, c), ctx, retry_same=False)
@@ -499,18 +494,15 @@ class Predictor:
                     continue
                 if nbytes(enc) * ((stop - first) / len(batch)) <= self.cache_bytes:
                     self._slice_cache[batch] = enc
+            outs: list = []
             for s in range(0, len(plist), group):
                 ctx.check_cancel()
-                chunk = plist[s : s + group]
-                outs = self._run(lambda c: self.adapter.decode_slices(enc, chunk, c), ctx, retry_same=False)
-                if outs is _RETRY:
+                got = self._run(lambda c: self.adapter.decode_slices(enc, plist[s : s + group], c), ctx, retry_same=False)
+                if got is _RETRY:
                     break
-                for j, o in enumerate(outs):
-                    probs[s + j][batch[0] : batch[-1] + 1] = o.probability
-                    if o.existence is not None:
-                        exist[s + j][batch[0] : batch[-1] + 1] = o.existence
-                        has_exist[s + j] = True
+                outs.extend(got)
             else:
+                yield batch, outs
                 idx = self._slices_done = batch[-1] + 1
 
     def _finish(self, prompt, prob_canonical, existence, extra, thr, keep_absent, seconds, detect=True):

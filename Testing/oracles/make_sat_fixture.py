@@ -68,7 +68,7 @@ MODALITY = {"ct": 0, "mri": 1, "us": 2, "pet": 3}
 
 
 def recipe_tensor(key: str, shape, index: int, seed: int = SEED) -> np.ndarray:
-    """The weight recipe shared with Testing/test_sat_network.py (keep both in sync)."""
+    """The weight recipe (Testing/test_sat_network.py imports it from here)."""
     rng = np.random.default_rng([seed, index])
     x = rng.standard_normal(tuple(shape)).astype(np.float32)
     if key.endswith("bias"):
@@ -79,10 +79,10 @@ def recipe_tensor(key: str, shape, index: int, seed: int = SEED) -> np.ndarray:
     return x / np.float32(np.sqrt(max(fan_in, 1)))
 
 
-def recipe_image(seed: int = SEED) -> np.ndarray:
-    """(2, 1, H, W, D) float32: noise plus a smooth blob per image (shared with the test)."""
+def recipe_image(seed: int = SEED, patch=PATCH) -> np.ndarray:
+    """(2, 1, H, W, D) float32: noise plus a smooth blob per image (the test imports it from here)."""
     rng = np.random.default_rng([seed, 999_999])
-    h, w, d = PATCH
+    h, w, d = patch
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in (h, w, d)], indexing="ij"))
     imgs = []
     for b, c in enumerate(([0.3, -0.2, 0.1], [-0.4, 0.1, -0.3])):

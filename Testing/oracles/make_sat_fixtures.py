@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(os.environ.get("TEXTSEG_SHARED_DATA", "/work/shared/data")) / "totalsegmentator-examples"
+DATA = Path(os.environ.get("TEXTSEG_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")) \
+    / "totalsegmentator-examples"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 # name: (source file, crop (x, y, z) slices, RAS affine columns (i, j, k) as direction * spacing,

@@ -54,7 +54,7 @@ LN_LIKE = ("mask_decoder.output_upscaling.1.weight",)  # multi-dimensional Layer
 
 
 def recipe_tensor(key: str, shape, index: int, seed: int = SEED) -> np.ndarray:
-    """The weight recipe shared with Testing/test_segvol.py (keep both in sync)."""
+    """The weight recipe (Testing/test_segvol.py imports it from here)."""
     rng = np.random.default_rng([seed, index])
     x = rng.standard_normal(tuple(shape)).astype(np.float32)
     if key.endswith(".bias"):
