@@ -152,8 +152,10 @@ def _restore_nonfinite_nifti(vol: Volume, path: Path) -> None:
 
     SimpleITK 2.5 (ITK 5.4) turns non-finite voxels of float NIfTI images into 0 without a word, which
     would make "no data" look like water on a CT; nibabel reads them as stored."""
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
+    if not path.name.lower().endswith((".nii", ".nii.gz")) or not np.issubdtype(vol.array.dtype, np.floating):
         return
+    if vol.array.size and np.count_nonzero(vol.array) == vol.array.size:
+        return  # no zero voxel: nothing was turned from NaN/Inf into 0, no second read needed
     import nibabel as nib
 
     try:
