@@ -142,3 +142,31 @@ def test_gpu_out_of_memory_at_batch_one_moves_to_the_cpu():
     assert str(p.device) == "cpu" and p.adapter.calls["to"] == ["cpu"]
     assert any("continuing on the CPU" in m for m in p.messages)
     assert p.predict(["bone"])[0].provenance["device"] == "cpu"
+
+
+class _Squares:
+    """A picklable deferred map: counts its computations in a file-less way (class attribute)."""
+
+    calls = 0
+
+    def __call__(self):
+        _Squares.calls += 1
+        return np.arange(8, dtype=np.float32).reshape(2, 2, 2) / 8
+
+
+def test_probability_may_be_computed_on_first_read():
+    import pickle
+
+    from textseg.predictor import PromptResult
+    from textseg.prompts import Prompt
+
+    mask = np.zeros((2, 2, 2), np.uint8)
+    r = PromptResult(Prompt("x"), _Squares(), mask, None, True, {})
+    assert not r.probability_ready and _Squares.calls == 0
+    copy = pickle.loads(pickle.dumps(r))  # travels deferred
+    assert _Squares.calls == 0 and not copy.probability_ready
+    assert r.probability[1, 1, 1] == np.float32(7 / 8) and r.probability_ready and _Squares.calls == 1
+    assert r.probability is r.probability and _Squares.calls == 1  # computed once, then kept
+    np.testing.assert_array_equal(copy.probability, r.probability)
+    r.probability = np.ones((2, 2, 2), np.float32)  # plain arrays as before
+    assert r.probability_ready and r.probability.sum() == 8

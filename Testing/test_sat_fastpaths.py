@@ -62,3 +62,38 @@ def test_preprocess_and_back_mapping_equal_plain_computation(case):
     back = geo.to_canonical(sat_map)
     assert back.shape == shape and back.dtype == np.float32 and back.flags.c_contiguous
     np.testing.assert_array_equal(back, reference_to_canonical(geo, sat_map))
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_mask_of_the_back_mapping_is_computed_where_it_can_be_set(case):
+    """``mask_to_canonical`` interpolates only the surface of what can reach the threshold, yet equals
+    thresholding the whole back-mapped map, bit for bit: random maps (surface everywhere), a small hot spot,
+    values just below and at the threshold, a smooth ball (inside, surface, outside), everything above the
+    threshold, threshold 0 (``> 0``), nothing above the threshold."""
+    from textseg.models.sat.preprocess import preprocess
+
+    shape, spacing, box = CASES[case]
+    rng = np.random.default_rng(100 + case)
+    img = np.full(shape, -1000.0, np.float32)
+    sl = tuple(slice(*b) for b in box) if box else (slice(None),) * 3
+    img[sl] = rng.uniform(-200, 900, img[sl].shape).astype(np.float32)
+    img[sl][(0,) * 3], img[sl][(-1,) * 3] = 500.0, 100.0
+    _, geo = preprocess(img, spacing, "CT")
+    spot = np.zeros(geo.shape, np.float32)
+    centre = tuple(n // 2 for n in geo.shape)
+    spot[centre] = 0.9
+    spot[tuple(max(c - 1, 0) for c in centre)] = np.nextafter(np.float32(0.5), np.float32(0))
+    edge = np.zeros(geo.shape, np.float32)
+    edge[(0,) * 3] = edge[tuple(n - 1 for n in geo.shape)] = 0.5
+    grid = np.stack(np.meshgrid(*[np.arange(n) - n / 2 for n in geo.shape], indexing="ij"))
+    ball = (1 / (1 + np.exp((np.sqrt((grid ** 2).sum(0)) - min(geo.shape) / 3)))).astype(np.float32)  # smooth organ
+    plateau = np.where(rng.random(geo.shape) < 0.5, np.float32(0.5), np.float32(0.75))  # values at the threshold
+    maps = (rng.random(geo.shape).astype(np.float32), spot, edge, np.full(geo.shape, 0.25, np.float32), ball, plateau,
+            np.full(geo.shape, 0.9, np.float32))
+    for sat_map in maps:
+        full = geo.to_canonical(sat_map)
+        for thr in (0.5, 0.3, 0.0):
+            mask = geo.mask_to_canonical(sat_map, thr)
+            assert mask.dtype == np.uint8 and mask.shape == shape
+            np.testing.assert_array_equal(mask, (full >= thr) if thr > 0 else (full > 0))
+    assert not geo.mask_to_canonical(np.full(geo.shape, 0.25, np.float32), 0.5).any()

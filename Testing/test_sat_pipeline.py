@@ -4,6 +4,8 @@ the input grid, and the adapter end to end through the Predictor with a tiny ran
 
 from __future__ import annotations
 
+import pickle
+
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +140,21 @@ def test_window_matches_upstream(key, batch_size, max_queries):
     np.testing.assert_allclose(prob.numpy(), up, rtol=0, atol=1e-5)
     assert np.array_equal(prob.numpy() > 0.5, f[f"{key}_masks"] > 0)
     assert calls[-1] == 1.0 and len(calls) == -(-len(f[f"{key}_boxes"]) // batch_size)
+
+
+def test_gaussian_is_upstreams_3d_filter_at_full_size():
+    """The separable importance map equals upstream's 3D ``gaussian_filter`` of a delta, bit for bit, at the
+    real patch size (the oracle fixture above covers small odd/even sizes)."""
+    from scipy.ndimage import gaussian_filter
+
+    from textseg.models.sat.window import PATCH, compute_gaussian
+
+    tmp = np.zeros(PATCH)
+    tmp[tuple(i // 2 for i in PATCH)] = 1
+    g = gaussian_filter(tmp, [i / 8 for i in PATCH], 0, mode="constant", cval=0)
+    g = (g / np.max(g) * 10).astype(np.float16)
+    g[g == 0] = np.min(g[g != 0])
+    assert np.array_equal(compute_gaussian(PATCH), g)
 
 
 def test_split_3d_full_size():
@@ -280,6 +297,14 @@ def test_adapter_through_predictor(tiny):
     seen = []
     results = pred.predict(["Liver", "left kidney", "foobar"], progress=lambda f, s: seen.append(f))
     assert len(results) == 3
+    # masks come without the probability maps; each map is computed on first read (and survives pickling)
+    assert not any(r.probability_ready for r in results)
+    copy = pickle.loads(pickle.dumps(results[0]))
+    for r in results:
+        assert r.mask.any() and not r.mask.all()
+        np.testing.assert_array_equal(r.mask, (r.probability >= spec.threshold).astype(np.uint8))
+        assert r.probability_ready and r.probability is r.probability
+    np.testing.assert_array_equal(copy.probability, results[0].probability)
     for r in results:
         assert r.probability.shape == vol.shape and r.mask.shape == vol.shape
         assert r.probability.dtype == np.float32 and 0 <= r.probability.min() and r.probability.max() <= 1

@@ -93,24 +93,47 @@ class Clock:
 
 
 class StandIn:
-    """Zero logits of the right shape instead of the network (the ``full`` mode)."""
+    """Logits of the right shape instead of the network (the ``full`` mode).
 
-    def __init__(self, device: str) -> None:
-        self.device = device
+    ``organs`` (the default stand-in): query n answers with the TotalSegmentator mask of NAMES[n] (+10 inside,
+    -10 outside), read from ``organs_sat.npy`` (the reference label map of example_ct_sm, 30 slices, on the
+    SAT grid; see ``write_organs``) in the windows' order (``windows.json``: both implementations visit the
+    same windows in the same order, oracle-tested), so the masks have real organs' sizes and shapes, absent
+    ones included (esophagus, urinary bladder: not in those slices). ``empty``: -10 everywhere (no mask);
+    ``full``: +10 everywhere (every prompt covers the whole crop: the worst case for mapping masks back)."""
+
+    def __init__(self, device: str, kind: str = "organs", work: "Path | None" = None) -> None:
+        self.device, self.kind, self.next = device, kind, 0
+        if kind == "organs":
+            self.organs = np.load(str(Path(work) / "organs_sat.npy"))
+            meta = json.loads((Path(work) / "windows.json").read_text())
+            self.windows, self.ids = meta["windows"], meta["ids"]
 
     def eval(self):
         return self
 
     def encode(self, patches):
-        return patches.shape[0]
+        first, self.next = self.next, self.next + patches.shape[0]
+        return first, patches.shape[0]
 
-    def decode(self, b, queries):
+    def decode(self, feats, queries):
         import torch
 
-        return torch.full((b, queries.shape[-2]) + PATCH, -10.0, device=self.device)
+        first, b = feats
+        n = queries.shape[-2]
+        if self.kind != "organs":
+            return torch.full((b, n) + PATCH, 10.0 if self.kind == "full" else -10.0, device=self.device)
+        out = np.full((b, n) + PATCH, -10.0, np.float32)
+        for k in range(b):
+            x0, x1, y0, y1, z0, z1 = self.windows[first + k]
+            lab = self.organs[x0:x1, y0:y1, z0:z1]
+            for q in range(n):
+                out[k, q, :x1 - x0, :y1 - y0, :z1 - z0][lab == self.ids[q]] = 10.0
+        return torch.from_numpy(out).to(self.device)
 
     def __call__(self, queries, image_input):  # upstream Maskformer.forward(queries=list, image_input)
-        return self.decode(image_input.shape[0], queries[0] if len(queries) == 1 else __import__("torch").cat(queries))
+        q = queries[0] if len(queries) == 1 else __import__("torch").cat(queries)
+        return self.decode(self.encode(image_input), q)
 
 
 # ---- inputs and weights (engine's Python) -------------------------------------------------------
@@ -132,6 +155,39 @@ def write_inputs(work: Path, crop) -> None:
     ref.SetOrigin(tuple(np.array(centre) - d @ half))
     full = sitk.Resample(ct, ref, sitk.Transform(), sitk.sitkLinear, -1024.0)
     sitk.WriteImage(sitk.Cast(full, sitk.sitkInt16), str(work / "full.nii.gz"))
+
+
+def write_organs(work: Path) -> None:
+    """``organs_sat.npy``: the reference label map of example_ct_sm (TotalSegmentator output; the first 30 slices
+    of example_ct, same origin) put on the full-size CT's grid (nearest) and then on its SAT grid (nearest to
+    each SAT voxel's position, by our oracle-tested geometry); ``windows.json``: the SAT windows in visiting
+    order and the label value of each of NAMES (0: not in the map)."""
+    import SimpleITK as sitk
+
+    sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
+    from textseg.io import read_volume
+    from textseg.models.sat.preprocess import preprocess
+    from textseg.models.sat.window import split_3d
+
+    seg = sitk.ReadImage(str(DATA / "example_seg.nii.gz"))
+    full_img = sitk.ReadImage(str(work / "full.nii.gz"))
+    on_full = sitk.Resample(seg, full_img, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    ref = read_volume(work / "full.nii.gz")
+    labels = ref.with_array(sitk.GetArrayFromImage(on_full)).canonical().array  # [k, j, i]
+    vol = ref.canonical()
+    _, geo = preprocess(vol.array, vol.spacing, "CT")
+    idx = [np.arange(n, dtype=float) for n in geo.shape]  # SAT (x, y, z) -> canonical (i, j, k), axis by axis
+    i = geo.sat_to_canonical_index(np.stack([idx[0], np.zeros_like(idx[0]), np.zeros_like(idx[0])], 1))[:, 0]
+    j = geo.sat_to_canonical_index(np.stack([np.zeros_like(idx[1]), idx[1], np.zeros_like(idx[1])], 1))[:, 1]
+    k = geo.sat_to_canonical_index(np.stack([np.zeros_like(idx[2]), np.zeros_like(idx[2]), idx[2]], 1))[:, 2]
+    ii, jj, kk = (np.clip(np.rint(v).astype(int), 0, n - 1) for v, n in zip((i, j, k), labels.shape[::-1]))
+    organs = labels[np.ix_(kk, jj, ii)].transpose(2, 1, 0)  # (x, y, z)
+    np.save(str(work / "organs_sat.npy"), np.ascontiguousarray(organs))
+    names = json.loads((DATA / "example_seg_labels.json").read_text())
+    by_name = {v.replace("_", " "): int(key) for key, v in names.items()}
+    ids = [by_name.get(n, by_name.get(" ".join(n.split()[::-1]), 0)) for n in NAMES]  # "left kidney" = "kidney left"
+    (work / "windows.json").write_text(json.dumps({"windows": [list(map(int, b)) for b in split_3d(geo.shape)],
+                                                   "ids": ids}))
 
 
 def write_weights(work: Path) -> None:
@@ -174,7 +230,7 @@ def worker_ours(a) -> dict:
     from textseg.predictor import Predictor
 
     work = Path(a.work)
-    opts = {"network": StandIn(a.device)} if a.mode == "full" else {}
+    opts = {"network": StandIn(a.device, a.stand_in, work)} if a.mode == "full" else {}
     pred = Predictor("sat-nano", device=a.device, weights_dir=work / "weights", batch_size=a.batch, seed=0,
                      autocast=a.amp, **opts)
     pred._ensure_loaded()  # model loading is not timed on either side
@@ -202,8 +258,12 @@ def worker_ours(a) -> dict:
         res = pred.predict(NAMES[: a.n])
         net.sync()
         seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()  # not counted: what a caller that also wants the probability maps pays on top
+    for r in res:
+        r.probability
+    prob_s = time.perf_counter() - t0
     ml = float(np.prod(vol.spacing)) / 1000
-    return dict(peak.result(), seconds=seconds, network_s=net.seconds, text_s=text.seconds, write_s=0.0,
+    return dict(peak.result(), seconds=seconds, network_s=net.seconds, text_s=text.seconds, write_s=0.0, prob_s=prob_s,
                 encode_calls=encodes.calls, sat_grid=list(getattr(getattr(pred, "_state", None), "geo", None).shape)
                 if hasattr(getattr(pred, "_state", None), "geo") else None,
                 mask_ml=[round(float(r.mask.sum()) * ml, 1) for r in res], sat_mask_ml=sat_ml)
@@ -250,7 +310,7 @@ def worker_upstream(a) -> dict:
                               deep_supervision=False, partial_load=True, text_encoder="ours",
                               text_encoder_partial_load=True, max_queries=256, batchsize_3d=a.batch)
     if a.mode == "full":
-        model = StandIn(a.device)
+        model = StandIn(a.device, a.stand_in, work)
     else:
         model = build_maskformer(args, device, None)
         model, _, _ = load_checkpoint(checkpoint=str(work / "weights" / "nano.pth"), resume=False,
@@ -387,10 +447,10 @@ def report(rows, m) -> None:
           f"{'x'.join(map(str, m['crop_grid']))} = {m['crop_patches']} window(s)")
     print(f"full mode: {'x'.join(map(str, FULL_SIZE))} CT at {'x'.join(map(str, FULL_SPACING))} mm -> resampled "
           f"{'x'.join(map(str, m['full_resampled']))} -> SAT grid {'x'.join(map(str, m['full_grid']))} = "
-          f"{m['full_patches']} windows (stand-in network)\n")
+          f"{m['full_patches']} windows (stand-in network: {m.get('stand_in', 'empty')})\n")
     print("| mode | prompts | impl | seconds | CPU s | network s | network s/patch | text s | upstream writing s | "
-          "peak MB | +MB | mask mL (SAT grid) |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          "ours reading probabilities s | peak MB | +MB | mask mL (SAT grid) |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     per_patch = {}
     for r in rows:
         spp = "-"
@@ -399,8 +459,9 @@ def report(rows, m) -> None:
             spp = f"{r['network_s'] / m['crop_patches']:.1f}"
         sat_ml = r.get("sat_mask_ml") or (r["mask_ml"] if r["impl"] == "upstream" else ["?"])  # upstream: SAT grid
         ml = sat_ml[:2] + (["..."] if r["n"] > 2 else [])
+        ps = f"{r['prob_s']:.1f}" if "prob_s" in r else "-"
         print(f"| {r['mode']} | {r['n']} | {r['impl']} | {r['seconds']:.1f} | {r.get('cpu_s', float('nan')):.1f} | "
-              f"{r['network_s']:.1f} | {spp} | {r['text_s']:.2f} | {r['write_s']:.1f} | {r['peak_mb']:.0f} | "
+              f"{r['network_s']:.1f} | {spp} | {r['text_s']:.2f} | {r['write_s']:.1f} | {ps} | {r['peak_mb']:.0f} | "
               f"{r['added_mb']:.0f} | {', '.join(map(str, ml))} |")
     full: dict = {}
     for r in rows:
@@ -453,6 +514,8 @@ def main() -> None:
     ap.add_argument("--amp", action="store_true", help="CUDA autocast float16 on both sides (default float32)")
     ap.add_argument("--batch", type=int, default=2, help="patches per batch, both sides (upstream's batchsize_3d: 2)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--stand-in", default="organs", choices=["organs", "empty", "full"],
+                    help="full mode's stand-in network: real organ masks (default), nothing, or everything")
     ap.add_argument("--impl", nargs="+", choices=["upstream", "ours"], default=["upstream", "ours"])
     ap.add_argument("--work", help="keep inputs/weights here (default: a temporary folder)")
     ap.add_argument("--json", help="also write the rows here")
@@ -492,6 +555,8 @@ def main() -> None:
         write_inputs(work, a.crop)
     if not (work / "weights" / "nano.pth").exists():
         write_weights(work)
+    if not (work / "organs_sat.npy").exists():
+        write_organs(work)
     crop_grid, crop_patches, _ = sat_patches(work / "crop.nii.gz")
     full_grid, full_patches, full_resampled = sat_patches(work / "full.nii.gz")
     rows = []
@@ -501,7 +566,8 @@ def main() -> None:
                 py = a.upstream_python if impl == "upstream" else sys.executable
                 cmd = [py, __file__, "--worker", impl, "--n", str(n), "--work", str(work), "--mode", mode,
                        "--upstream", a.upstream, "--upstream-python", a.upstream_python, "--device", a.device,
-                       "--batch", str(a.batch), "--threads", str(a.threads)] + (["--amp"] if a.amp else [])
+                       "--batch", str(a.batch), "--threads", str(a.threads), "--stand-in", a.stand_in] + \
+                    (["--amp"] if a.amp else [])
                 p = subprocess.run(cmd, capture_output=True, text=True)
                 line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
                 if p.returncode or not line:
@@ -511,7 +577,7 @@ def main() -> None:
                 print(f"{mode} n={n} {impl}: {json.dumps(r)}", file=sys.stderr, flush=True)
     meta = dict(device=dev_name, precision="float16 autocast" if a.amp else "float32", batch=a.batch, crop=a.crop,
                 crop_grid=crop_grid, crop_patches=crop_patches, full_grid=full_grid, full_resampled=full_resampled,
-                full_patches=full_patches)
+                full_patches=full_patches, stand_in=a.stand_in)
     if a.json:
         Path(a.json).write_text(json.dumps(dict(meta, rows=rows), indent=1) + "\n")
     report(rows, meta)

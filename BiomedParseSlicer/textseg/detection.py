@@ -80,16 +80,22 @@ def _object(label, instance, count, lo, hi, sums, ilo, ihi, a, origin) -> Dict[s
 
 
 def _whole(mask: np.ndarray, a: np.ndarray, origin: np.ndarray, label: str) -> List[Dict[str, Any]]:
-    """One object: counts and index sums from the three projections; the physical box from the index box's
+    """One object: counts and index sums from the three projections of the mask's index box (found first with
+    cheap ``any`` passes: an organ's box is a small part of a CT); the physical box from the index box's
     corners when every LPS axis depends on one index axis (any flip/permutation), else from the voxels."""
-    proj = [mask.sum(axis=(0, 1), dtype=np.int64), mask.sum(axis=(0, 2), dtype=np.int64),
-            mask.sum(axis=(1, 2), dtype=np.int64)]  # along i, j, k
-    count = int(proj[0].sum())
-    if count == 0:
+    on_k = np.flatnonzero(mask.any(axis=(1, 2)))
+    if not len(on_k):
         return []
-    sums = np.array([float(np.dot(np.arange(len(p), dtype=np.int64), p)) for p in proj])
-    ilo = np.array([int(np.flatnonzero(p)[0]) for p in proj])
-    ihi = np.array([int(np.flatnonzero(p)[-1]) for p in proj])
+    slab = mask[on_k[0]:on_k[-1] + 1]
+    on_j, on_i = np.flatnonzero(slab.any(axis=(0, 2))), np.flatnonzero(slab.any(axis=(0, 1)))
+    offset = np.array([on_i[0], on_j[0], on_k[0]])
+    box = slab[:, on_j[0]:on_j[-1] + 1, on_i[0]:on_i[-1] + 1]
+    proj = [box.sum(axis=(0, 1), dtype=np.int64), box.sum(axis=(0, 2), dtype=np.int64),
+            box.sum(axis=(1, 2), dtype=np.int64)]  # along i, j, k
+    count = int(proj[0].sum())
+    sums = np.array([float(np.dot(np.arange(o, o + len(p), dtype=np.int64), p)) for o, p in zip(offset, proj)])
+    ilo = np.array([int(np.flatnonzero(p)[0]) for p in proj]) + offset
+    ihi = np.array([int(np.flatnonzero(p)[-1]) for p in proj]) + offset
     if (np.count_nonzero(a, axis=1) <= 1).all():
         corners = np.array([[(ilo, ihi)[b >> c & 1][c] for c in range(3)] for b in range(8)])
         pts = corners @ a.T

@@ -29,7 +29,7 @@ from . import __version__
 from .catalog import ModelSpec, get_model, list_models
 from .detection import detect_objects
 from .errors import Cancelled, ModelError, UsageError
-from .models.base import CancelToken, ModelAdapter, ProgressFn, Recognizer, RunContext, nbytes
+from .models.base import CancelToken, DeferredMap, ModelAdapter, ProgressFn, Recognizer, RunContext, nbytes
 from .presets import Preset, get_preset
 from .prompts import Prompt, parse_prompts
 from .volume import Volume
@@ -45,7 +45,7 @@ class PromptResult:
     """The answer to one prompt, on the input volume's grid."""
 
     prompt: Prompt
-    probability: np.ndarray  # float32 (k, j, i) in [0, 1]
+    probability: np.ndarray  # float32 (k, j, i) in [0, 1]; a property (below): may be computed on first read
     mask: np.ndarray  # uint8 (k, j, i), 0/1
     existence: Optional[float]  # 0..1, None when the model has no existence test
     present: bool  # False: the existence test says the target is not in the image
@@ -65,6 +65,48 @@ class PromptResult:
     @property
     def voxel_count(self) -> int:
         return int(np.count_nonzero(self.mask))
+
+    @property
+    def probability_ready(self) -> bool:
+        """False while the probability map is still deferred (computed on first read)."""
+        return not _is_deferred(self.__dict__.get("_probability"))
+
+
+def _is_deferred(value: Any) -> bool:
+    return callable(value) and not isinstance(value, np.ndarray)
+
+
+def _get_probability(self: PromptResult) -> np.ndarray:
+    value = self.__dict__["_probability"]
+    if _is_deferred(value):  # computed on first read, then kept
+        value = self.__dict__["_probability"] = value()
+    return value
+
+
+def _set_probability(self: PromptResult, value: Any) -> None:
+    self.__dict__["_probability"] = value
+
+
+# ``probability`` may be given as a zero-argument callable (a picklable one: results travel between
+# processes) that computes the map on first read: the predictor does so for maps that are costly to bring
+# onto the input grid (textseg.models.base.DeferredMap), so callers that use only masks never pay for them.
+PromptResult.probability = property(  # type: ignore[assignment]
+    _get_probability, _set_probability, doc="float32 (k, j, i) in [0, 1] on the input grid (computed on first read)")
+
+
+@dataclass(frozen=True)
+class _OnInputGrid:
+    """A deferred canonical map, put on a volume's input grid when called (picklable: no volume array)."""
+
+    deferred: Any  # DeferredMap
+    orientation: Any  # Volume.orientation
+    shape: Tuple[int, ...]
+
+    def __call__(self) -> np.ndarray:
+        out = np.ascontiguousarray(self.orientation.from_canonical(np.asarray(self.deferred.array(), np.float32)))
+        if out.shape[:3] != self.shape:
+            raise ValueError(f"canonical map of shape {out.shape} does not fit {self.shape}")
+        return out
 
 
 # ---- devices -----------------------------------------------------------------------------------
@@ -507,8 +549,12 @@ class Predictor:
 
     def _finish(self, prompt, prob_canonical, existence, extra, thr, keep_absent, seconds, detect=True):
         assert self._volume is not None and self._preset is not None
-        prob = self._volume.to_input_grid(np.asarray(prob_canonical, dtype=np.float32))
-        mask = (prob >= thr).astype(np.uint8) if thr > 0 else (prob > 0).astype(np.uint8)
+        if isinstance(prob_canonical, DeferredMap):  # the mask only; the map itself on first read
+            mask = self._volume.to_input_grid(prob_canonical.mask(thr))
+            prob: Any = _OnInputGrid(prob_canonical, self._volume.orientation, tuple(self._volume.shape))
+        else:
+            prob = self._volume.to_input_grid(np.asarray(prob_canonical, dtype=np.float32))
+            mask = (prob >= thr).astype(np.uint8) if thr > 0 else (prob > 0).astype(np.uint8)
         present = True
         message = ""
         et = self.spec.existence_threshold

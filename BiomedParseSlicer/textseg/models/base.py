@@ -87,11 +87,29 @@ class RunContext:
         self.report(0.0)
 
 
+class DeferredMap:
+    """A probability map on the canonical grid that is computed only when it is read.
+
+    Adapters whose maps are costly to bring onto the canonical grid (SAT: linear resampling from its
+    1x1x3 mm crop, ~1 s and 200 MB per prompt at 512x512x200) return one as ``Decoded.probability``.
+    The predictor takes the mask from ``mask`` (which may compute only where the map can reach the
+    threshold) and calls ``array`` only when someone reads ``PromptResult.probability``. Must pickle
+    (results travel between processes)."""
+
+    def array(self) -> np.ndarray:  # float32 [0, 1], canonical (k, j, i)
+        raise NotImplementedError
+
+    def mask(self, threshold: float) -> np.ndarray:
+        """uint8 0/1, exactly ``array() >= threshold`` (``array() > 0`` for a threshold <= 0)."""
+        a = self.array()
+        return (a >= threshold if threshold > 0 else a > 0).astype(np.uint8)
+
+
 @dataclass
 class Decoded:
     """A model's answer for one prompt, on the canonical grid."""
 
-    probability: np.ndarray  # float32 in [0, 1], canonical (k, j, i) shape
+    probability: Any  # np.ndarray float32 in [0, 1], canonical (k, j, i) shape, or a DeferredMap
     existence: Optional[float] = None  # probability (0..1) the target is present
     extra: Dict[str, Any] = field(default_factory=dict)  # model-specific (p-values, boxes, ...)
 

