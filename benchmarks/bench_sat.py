@@ -3,7 +3,8 @@ same (random, full-size) weights, same device, float32.
 
     python benchmarks/bench_sat.py --upstream <SAT checkout: data/ evaluate/ model/ train/> \\
         --upstream-python /tmp/satbench/bin/python [--work DIR] [--json run.json] \\
-        [--prompts 1 10] [--device cpu|cuda] [--amp] [--batch 2] [--mode patch full] [--crop 96 96 96]
+        [--prompts 1 10] [--device cpu|cuda] [--amp] [--batch 2] [--mode patch full] [--crop 96 96 96] \\
+        [--stand-in organs|empty|full]
     python benchmarks/bench_sat.py ... --net [--net-size 128 128 64] [--reps 3]   # the two networks only
     python benchmarks/bench_sat.py ... --report run1.json run2.json               # tables of earlier runs
 
@@ -24,9 +25,10 @@ Two measurements per side, each in a fresh process (upstream needs MONAI 1.1: gi
   1x1x3 mm resampling and foreground crop). Gives the network's seconds per patch (timed around
   ``encode``+``decode`` / upstream ``Maskformer.forward``) and the text-encoding seconds.
 * ``full``: the whole pipeline on a "typical" 512x512x200 CT (the same real CT resampled, linear, onto
-  a 512x512x200 grid of 0.8x0.8x1.5 mm, -1024 HU outside) with a stand-in network that returns constant
-  logits (-10) of the right shape: preprocessing, text encoding, window bookkeeping, Gaussian blending and
-  (ours) mapping back to the input grid / (upstream) thresholding and writing at full size.
+  a 512x512x200 grid of 0.8x0.8x1.5 mm, -1024 HU outside) with a stand-in network (``--stand-in``, see
+  ``StandIn``: real organ masks by default, or nothing / everything): preprocessing, text encoding, window
+  bookkeeping, Gaussian blending and (ours) masks on the input grid / (upstream) thresholding and writing
+  on its grid. Ours also reports, apart, the time a caller pays to read every probability map.
 
 Extrapolated full-size time = ``full`` seconds + (patches of the 512x512x200 CT) x (network seconds per
 patch from ``patch``). Upstream runs ``evaluate/inference_engine.inference`` (text for all queries in

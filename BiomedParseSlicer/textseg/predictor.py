@@ -7,7 +7,9 @@
 The same contract is implemented by ``textseg.client.RemotePredictor`` over HTTP.
 
 Geometry: the adapter sees the canonical (closest-LPS) volume; every probability map and mask
-comes back on exactly the input grid. Devices: ``auto`` picks cuda, then mps, then cpu. On a GPU
+comes back on exactly the input grid. A result's ``mask`` is always computed; its ``probability`` may be
+computed on first read (``probability_ready``), when the model's map is costly to bring back (SAT), so
+callers that use masks only never pay for the maps. Devices: ``auto`` picks cuda, then mps, then cpu. On a GPU
 out-of-memory error the batch is halved and retried, and finally the model moves to the CPU; each
 step is logged. Progress is reported as (fraction, stage); ``cancel`` (a CancelToken) stops the
 run between steps: prompts already completed are returned, the rest are left out.
