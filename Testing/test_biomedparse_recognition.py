@@ -126,6 +126,17 @@ def test_recognizer_takes_one_target_name_as_a_string():
 
     v1 = V1Recognizer(["CT-Abdomen"], targets="liver")
     assert v1.names == ["liver"] and [p.text for p in v1.prompts] == ["liver"]
+    # several image types fit (MRI without a site): the targets of all of them, not silently the first type's
+    from textseg.models.biomedparse.v1_spec import BIOMED_OBJECTS, image_types_for
+
+    mri = V1Recognizer(image_types_for("MRI"))
+    assert mri.names[:13] == list(BIOMED_OBJECTS["MRI-Abdomen"]) and len(mri.names) == 13 + 3 + 2 + 2
+    assert {"myocardium", "edema", "enhancing tumor"} <= set(mri.names)
+    assert mri.info["image_type"] == "MRI-Abdomen + MRI-Cardiac + MRI-FLAIR-Brain + MRI-T1-Gd-Brain"
+    one = V1Recognizer(image_types_for("MRI"), image_type="MRI-Cardiac")
+    assert one.names == list(BIOMED_OBJECTS["MRI-Cardiac"]) and one.info["image_type"] == "MRI-Cardiac"
+    with pytest.raises(UsageError, match="image_type= one of"):
+        V1Recognizer(image_types_for("MRI"), image_type="MRI-Knee")
 
 
 # ---- detection: boxes and centroids in LPS mm -----------------------------------------------------------------
@@ -258,6 +269,7 @@ def test_v2_recognize_through_the_predictor(v2_weights):
         t = names.index(r.name)
         assert np.array_equal(r.mask, vol.to_input_grid((canon == t + 1).astype(np.uint8)))
         assert r.present and r.complete and r.existence is not None and 0 <= r.existence <= 1
+        assert not r.probability_ready  # computed on first read from the run's shared label/probability maps
         assert (r.probability[r.mask > 0] > 0.5).all() and not r.probability[r.mask == 0].any()
         total += r.mask
         assert r.extra["recognition"]["rules"] == "biomedparse-v2"

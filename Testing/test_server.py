@@ -379,10 +379,9 @@ def test_cancel_mid_job_keeps_completed_prompts(slow):
         if "'fat'" in stage:  # the third prompt has started: the first two are complete
             token.cancel()
 
-    t0 = time.monotonic()
     results = rp.predict(["bone", "air", "fat", "soft tissue"], progress=progress, cancel=token)
-    assert time.monotonic() - t0 < 7.5  # 4 prompts x 2 s would take 8 s
     assert [r.prompt.text for r in results] == ["bone", "air"]
+    assert not any("'soft tissue'" in s for s in stages)  # the server stopped inside 'fat' (no wall-clock bound)
     lp = Predictor("synthetic-3d", device="cpu")
     lp.set_image(v, "CT")
     _assert_same(results, lp.predict(["bone", "air"]))

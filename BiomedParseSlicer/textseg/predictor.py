@@ -96,6 +96,23 @@ PromptResult.probability = property(  # type: ignore[assignment]
     _get_probability, _set_probability, doc="float32 (k, j, i) in [0, 1] on the input grid (computed on first read)")
 
 
+@dataclass(frozen=True, eq=False)
+class _Recognized(DeferredMap):
+    """A recognised target: its mask is where it won (the label map), its probability the winning probability
+    there, 0 elsewhere, computed on first read; every target of a run shares the two canonical arrays (no
+    float32 map per target)."""
+
+    labels: np.ndarray  # int32 canonical label map (0 = none, n = target n)
+    probability: np.ndarray  # float32 canonical: the winning target's probability
+    label: int
+
+    def array(self) -> np.ndarray:
+        return np.where(self.labels == self.label, self.probability, np.float32(0))
+
+    def mask(self, threshold: float) -> np.ndarray:
+        return (self.labels == self.label).astype(np.uint8)
+
+
 @dataclass(frozen=True)
 class _OnInputGrid:
     """A deferred canonical map, put on a volume's input grid when called (picklable: no volume array)."""
@@ -439,9 +456,8 @@ class Predictor:
             sc = scores[t][on_slice]
             existence = float(np.nanmax(sc)) if np.isfinite(sc).any() else None
             extra: Dict[str, Any] = {"name": rec.names[t], "recognition": dict(rec.info)}
-            r = self._finish(rec.prompts[t], np.where(region, win, np.float32(0)), None, extra,
+            r = self._finish(rec.prompts[t], _Recognized(labels, win, t + 1), None, extra,
                              self.spec.threshold, True, seconds, detect=False)
-            r.mask = self._volume.to_input_grid(region.astype(np.uint8))
             r.existence = existence
             r.provenance["existence"] = None if existence is None else round(existence, 4)
             r.provenance["recognition"] = rec.info.get("rules", "")

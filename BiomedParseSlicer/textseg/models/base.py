@@ -100,7 +100,8 @@ class DeferredMap:
         raise NotImplementedError
 
     def mask(self, threshold: float) -> np.ndarray:
-        """uint8 0/1, exactly ``array() >= threshold`` (``array() > 0`` for a threshold <= 0)."""
+        """uint8 0/1: the result's mask; unless a subclass says otherwise (a recognised target: where it won),
+        exactly ``array() >= threshold`` (``array() > 0`` for a threshold <= 0)."""
         a = self.array()
         return (a >= threshold if threshold > 0 else a > 0).astype(np.uint8)
 

@@ -127,7 +127,8 @@ class BiomedParseV1Adapter(ModelAdapter):
 class V1Recognizer(Recognizer):
     """Upstream ``interactive_infer_image_all`` per slice: every target of the image type, keep those whose
     p-value passes on the slice, NMS in descending p-value order, then ``combine_masks`` (one target per pixel).
-    Options: ``image_type`` (default: from the modality/site), ``p_value_threshold`` (0.05), ``targets``."""
+    Options: ``image_type`` (default: from the modality/site; when several fit, e.g. MRI without a site, the
+    targets of all of them), ``p_value_threshold`` (0.05), ``targets``."""
 
     OPTIONS = ("image_type", "p_value_threshold", "targets")
 
@@ -138,14 +139,17 @@ class V1Recognizer(Recognizer):
                              f"{', '.join(self.OPTIONS)}.")
         forced = options.get("image_type")
         types = [forced] if forced else list(types)
-        if not types or types[0] not in BIOMED_OBJECTS:
+        if not types or any(t not in BIOMED_OBJECTS for t in types):
             raise UsageError(f"No BiomedParse v1 image type for this image; pass image_type= one of "
                              f"{', '.join(BIOMED_OBJECTS)}.")
+        # Several image types fit (MRI without a site, brain MRI): every one's targets are run, each tested
+        # against its own type's existence distribution (the first type that knows it, as for prompts).
         targets = options.get("targets")
-        self.names = [targets] if isinstance(targets, str) else list(targets or BIOMED_OBJECTS[types[0]])
+        every = list(dict.fromkeys(t for it in types for t in BIOMED_OBJECTS[it]))
+        self.names = [targets] if isinstance(targets, str) else list(targets or every)
         self.prompts = [Prompt(t) for t in self.names]
         self.threshold = float(options.get("p_value_threshold", 0.05))
-        self.info = {"rules": "biomedparse-v1", "image_type": types[0], "p_value_threshold": self.threshold}
+        self.info = {"rules": "biomedparse-v1", "image_type": " + ".join(types), "p_value_threshold": self.threshold}
 
     def slices(self, probs: np.ndarray, existence: Optional[np.ndarray], edges=None) -> SliceLabels:
         from .v1_existence import combine_masks, non_maxima_suppression
