@@ -101,11 +101,10 @@ def test_ray_recognize_equals_local(ray_v2_server):
         assert g.objects == w.objects and g.complete and g.existence == pytest.approx(w.existence)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (not fixed): the Ray backend cancels by cancelling the Ray "
-                   "request, so results made after the cancel (a recognition's, a 2D model's) cannot be streamed back")
 def test_ray_recognize_cancel_keeps_completed_slices(ray_v2_server, monkeypatch):
     """A cancel after two slices keeps the targets found in them, marked incomplete (as the local Predictor and
-    the worker-process backend do)."""
+    the worker-process backend do): the DELETE sets the replica's CancelToken and the stream goes on to the
+    results the recognition returns after the cancel."""
     import time
 
     import test_biomedparse_recognition as tr
@@ -139,3 +138,35 @@ def test_ray_recognize_cancel_keeps_completed_slices(ray_v2_server, monkeypatch)
         assert 2 <= done < 5
         np.testing.assert_array_equal(r.mask[:done], by_name[r.name].mask[:done])
         assert not r.mask[done:].any()
+
+
+# ---- the fallback: a replica that does not stop after the cancel ------------------------------------------------
+def test_ray_cancel_falls_back_to_cancelling_the_request(monkeypatch):
+    """A replica that ignores the cancel (stuck, or its cancel() never arrives): after cancel_timeout the Ray
+    request itself is cancelled; the prompts streamed before are kept and the job's messages say why."""
+    import time
+
+    import textseg.server_ray as sr
+
+    monkeypatch.setattr(sr, "_cancel", lambda tokens, job_id: True)  # acknowledged, but the token is never set
+    s = Settings(port=0, ray=True, ray_options={"local_testing": True, "replicas": 1, "cancel_timeout": 0.3},
+                 devices=("cpu",), show_test_models=True, adapter_options={"synthetic-3d": {"delay": 1.5}})
+    v = _phantom()
+    with running_server(s) as url:
+        rp = RemotePredictor(url, "synthetic-3d")
+        rp.set_image(v, "CT")
+        token = CancelToken()
+
+        def progress(frac, stage):
+            if "'nothing'" in stage:
+                token.cancel()
+
+        t0 = time.monotonic()
+        kept = rp.predict(["bone left", "nothing", "air"], progress=progress, cancel=token)
+        assert time.monotonic() - t0 < 3.5  # the deaf replica would take 4.5 s for all three
+        assert [r.prompt.text for r in kept] == ["bone left"]
+        assert kept[0].voxel_count == 4 * 4 * 4
+        assert any("did not stop within 0.3 s of the cancel" in m for m in rp.messages)
+        assert any("kept 1 of 3" in m for m in rp.messages)
+        again = rp.predict(["bone left"])  # the replica serves the next job (after the stuck one has stopped)
+        np.testing.assert_array_equal(again[0].mask, kept[0].mask)
