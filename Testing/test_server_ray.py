@@ -16,6 +16,8 @@ from textseg.predictor import Predictor  # noqa: E402
 from textseg.server import Settings, running_server  # noqa: E402
 from textseg.volume import Volume  # noqa: E402
 
+SLOW_2D = {"synthetic-2d": {"delay": 0.5, "batch_size": 2}}  # as test_server.SLOW_2D
+
 
 def _phantom():
     arr = np.full((6, 8, 10), -1000, np.int16)
@@ -26,7 +28,7 @@ def _phantom():
 @pytest.fixture(scope="module")
 def ray_server():
     s = Settings(port=0, ray=True, ray_options={"local_testing": True, "replicas": 1}, devices=("cpu",),
-                 show_test_models=True, adapter_options={"synthetic-3d": {"delay": 0.6}})
+                 show_test_models=True, adapter_options={"synthetic-3d": {"delay": 0.6}, **SLOW_2D})
     with running_server(s) as url:
         yield url
 
@@ -57,6 +59,13 @@ def test_ray_round_trip_and_cancel(ray_server):
     assert [r.prompt.text for r in kept] == ["bone left", "nothing"]
     np.testing.assert_array_equal(kept[0].mask, local[0].mask)
     assert any("kept 2 of 4" in m for m in rp.messages)
+
+
+def test_ray_cancel_keeps_partial_2d_results(ray_server):
+    """The partial results a 2D model returns after the cancel are streamed back (cooperative cancel)."""
+    import test_server
+
+    test_server.check_cancel_keeps_partial_2d_results(ray_server)
 
 
 # ---- recognition ("segment everything") through the Ray deployment -------------------------------------------
