@@ -8,9 +8,10 @@ A DELETE cancels cooperatively, as the worker-process backend does: the front en
 replica's ``cancel(job_id)``, which sets the job's CancelToken, and keeps reading the stream up to
 the replica's final message, so what the model returns after the cancel (the completed prompts,
 a 2D model's or a recognition's partial results of the slices done, marked incomplete) is kept.
-If the stream has not ended ``cancel_timeout`` seconds after the DELETE (a crashed or stuck
-replica), the Ray request itself is cancelled, the results streamed so far are kept and the job's
-messages say so. A replica that dies fails only its job; Ray Serve replaces it.
+If the stream has not ended ``cancel_timeout`` seconds after the DELETE (a stuck or unreachable
+replica), the Ray request itself is cancelled; then, as when the replica dies after the cancel,
+the results streamed so far are kept and the job's messages say so. A replica that dies before
+any cancel fails only its job; Ray Serve replaces it.
 
 Each replica is its own single-replica deployment (application ``textseg-<n>``, fed by one
 dispatcher thread), so that a cancel reaches the replica that runs the job.
@@ -146,7 +147,7 @@ class RayDispatcher:
         stop, forced = threading.Event(), threading.Event()
         threading.Thread(target=self._watch, args=(job, stream, stop, forced), daemon=True).start()
         results: List[Any] = []
-        final = None
+        final, broke = None, ""
         try:
             for msg in stream:
                 if msg[0] == "progress":
@@ -159,7 +160,8 @@ class RayDispatcher:
         except Exception as exc:  # noqa: BLE001
             if not job.cancel_requested:
                 raise
-            log.info("job %s cancelled on Ray (%s)", job.id, type(exc).__name__)
+            broke = type(exc).__name__
+            log.info("job %s cancelled on Ray (%s)", job.id, broke)
         finally:
             stop.set()
         if final is not None and final[0] == "error":
@@ -172,10 +174,10 @@ class RayDispatcher:
             raise RuntimeError("the Ray stream ended without a result")
         meta = write_outputs(job.dir, job.volume.shape[:3], results, job.request.get("probabilities", "uint8"))
         meta["messages"] = final[1] if final is not None and final[0] == "done" else []
-        if forced.is_set():
-            meta["messages"].append(
-                f"The Ray worker did not stop within {self.cancel_timeout:g} s of the cancel; its request was cancelled "
-                "and only the results it had sent before were kept.")
+        if final is None:  # the stream ended without the replica's last word: say why
+            why = (f"did not stop within {self.cancel_timeout:g} s of the cancel; its request was cancelled"
+                   if forced.is_set() else f"stopped answering after the cancel ({broke or 'stream ended'})")
+            meta["messages"].append(f"The Ray worker {why}, and only the results it had sent before were kept.")
         meta["cancelled"] = was_cancelled(job.request, results, job.cancel_requested)
         job.finish(meta)
 
