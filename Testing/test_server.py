@@ -65,10 +65,13 @@ def fast(fast_dir):
         yield url
 
 
+SLOW_2D = {"synthetic-2d": {"delay": 0.5, "batch_size": 2}}  # 0.5 s per batch of 2 slices
+
+
 @pytest.fixture(scope="module")
 def slow():
     s = Settings(port=0, devices=("cpu", "cpu"), show_test_models=True, queue_size=1, session_ttl=1.0,
-                 max_upload_bytes=1 << 20, adapter_options={"synthetic-3d": {"delay": 2.0}})
+                 max_upload_bytes=1 << 20, adapter_options={"synthetic-3d": {"delay": 2.0}, **SLOW_2D})
     with running_server(s) as url:
         yield url
 
@@ -386,6 +389,38 @@ def test_cancel_mid_job_keeps_completed_prompts(slow):
     lp.set_image(v, "CT")
     _assert_same(results, lp.predict(["bone", "air"]))
     assert any("kept 2 of 4" in m for m in rp.messages)
+
+
+def check_cancel_keeps_partial_2d_results(url):
+    """A slice-wise model cancelled part-way: every prompt's result over the slices done, marked incomplete, as
+    the local Predictor; the job ends 'cancelled' (not 'done'). Shared with test_server_ray."""
+    v = _phantom()
+    rp = RemotePredictor(url, "synthetic-2d")
+    rp.set_image(v, "CT")
+    token = CancelToken()
+
+    def progress(frac, stage):
+        if stage.startswith("slices 2"):  # slices 0-1 are done
+            token.cancel()
+
+    part = rp.predict(["bone", "air"], progress=progress, cancel=token)
+    lp = Predictor("synthetic-2d", device="cpu", batch_size=2)
+    lp.set_image(v, "CT")
+    want = lp.predict(["bone", "air"])
+    assert [r.prompt.text for r in part] == ["bone", "air"]
+    for r, w in zip(part, want):
+        first, done = r.extra["slices_done"]
+        assert not r.complete and first == 0 and 2 <= done < 6
+        np.testing.assert_array_equal(r.mask[:done], w.mask[:done])
+        assert not r.mask[done:].any() and w.mask[done:].any()
+    job = requests.get(f"{url}/v1/jobs/{rp.last_job}", timeout=10).json()
+    assert job["state"] == "cancelled" and job["results"] == 2
+    assert job["stage"] == "cancelled: kept 0 of 2 completed prompt(s) and 2 partial result(s)"
+    assert rp.messages[-1] == "Cancelled: kept 0 of 2 completed prompt(s) and 2 partial result(s)."
+
+
+def test_cancel_mid_job_keeps_partial_2d_results(slow):
+    check_cancel_keeps_partial_2d_results(slow)
 
 
 def test_expired_session_is_uploaded_again_transparently(slow):

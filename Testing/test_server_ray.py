@@ -16,6 +16,8 @@ from textseg.predictor import Predictor  # noqa: E402
 from textseg.server import Settings, running_server  # noqa: E402
 from textseg.volume import Volume  # noqa: E402
 
+SLOW_2D = {"synthetic-2d": {"delay": 0.5, "batch_size": 2}}  # as test_server.SLOW_2D
+
 
 def _phantom():
     arr = np.full((6, 8, 10), -1000, np.int16)
@@ -26,7 +28,7 @@ def _phantom():
 @pytest.fixture(scope="module")
 def ray_server():
     s = Settings(port=0, ray=True, ray_options={"local_testing": True, "replicas": 1}, devices=("cpu",),
-                 show_test_models=True, adapter_options={"synthetic-3d": {"delay": 0.6}})
+                 show_test_models=True, adapter_options={"synthetic-3d": {"delay": 0.6}, **SLOW_2D})
     with running_server(s) as url:
         yield url
 
@@ -57,6 +59,13 @@ def test_ray_round_trip_and_cancel(ray_server):
     assert [r.prompt.text for r in kept] == ["bone left", "nothing"]
     np.testing.assert_array_equal(kept[0].mask, local[0].mask)
     assert any("kept 2 of 4" in m for m in rp.messages)
+
+
+def test_ray_cancel_keeps_partial_2d_results(ray_server):
+    """The partial results a 2D model returns after the cancel are streamed back (cooperative cancel)."""
+    import test_server
+
+    test_server.check_cancel_keeps_partial_2d_results(ray_server)
 
 
 # ---- recognition ("segment everything") through the Ray deployment -------------------------------------------
@@ -101,11 +110,10 @@ def test_ray_recognize_equals_local(ray_v2_server):
         assert g.objects == w.objects and g.complete and g.existence == pytest.approx(w.existence)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (not fixed): the Ray backend cancels by cancelling the Ray "
-                   "request, so results made after the cancel (a recognition's, a 2D model's) cannot be streamed back")
 def test_ray_recognize_cancel_keeps_completed_slices(ray_v2_server, monkeypatch):
     """A cancel after two slices keeps the targets found in them, marked incomplete (as the local Predictor and
-    the worker-process backend do)."""
+    the worker-process backend do): the DELETE sets the replica's CancelToken and the stream goes on to the
+    results the recognition returns after the cancel."""
     import time
 
     import test_biomedparse_recognition as tr
@@ -139,3 +147,35 @@ def test_ray_recognize_cancel_keeps_completed_slices(ray_v2_server, monkeypatch)
         assert 2 <= done < 5
         np.testing.assert_array_equal(r.mask[:done], by_name[r.name].mask[:done])
         assert not r.mask[done:].any()
+
+
+# ---- the fallback: a replica that does not stop after the cancel ------------------------------------------------
+def test_ray_cancel_falls_back_to_cancelling_the_request(monkeypatch):
+    """A replica that ignores the cancel (stuck, or its cancel() never arrives): after cancel_timeout the Ray
+    request itself is cancelled; the prompts streamed before are kept and the job's messages say why."""
+    import time
+
+    import textseg.server_ray as sr
+
+    monkeypatch.setattr(sr, "_cancel", lambda tokens, job_id: True)  # acknowledged, but the token is never set
+    s = Settings(port=0, ray=True, ray_options={"local_testing": True, "replicas": 1, "cancel_timeout": 0.3},
+                 devices=("cpu",), show_test_models=True, adapter_options={"synthetic-3d": {"delay": 1.5}})
+    v = _phantom()
+    with running_server(s) as url:
+        rp = RemotePredictor(url, "synthetic-3d")
+        rp.set_image(v, "CT")
+        token = CancelToken()
+
+        def progress(frac, stage):
+            if "'nothing'" in stage:
+                token.cancel()
+
+        t0 = time.monotonic()
+        kept = rp.predict(["bone left", "nothing", "air"], progress=progress, cancel=token)
+        assert time.monotonic() - t0 < 3.5  # the deaf replica would take 4.5 s for all three
+        assert [r.prompt.text for r in kept] == ["bone left"]
+        assert kept[0].voxel_count == 4 * 4 * 4
+        assert any("did not stop within 0.3 s of the cancel" in m for m in rp.messages)
+        assert any("kept 1 of 3" in m for m in rp.messages)
+        again = rp.predict(["bone left"])  # the replica serves the next job (after the stuck one has stopped)
+        np.testing.assert_array_equal(again[0].mask, kept[0].mask)

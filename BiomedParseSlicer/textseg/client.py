@@ -178,9 +178,12 @@ class RemotePredictor:
         plist = [p.to_dict() for p in parse_prompts(prompts)]
         job = self._run_job(plist, progress, cancel, threshold=threshold, keep_absent=keep_absent)
         self.last_job = job["id"]
-        if job["state"] == "cancelled":
-            self.messages.append(f"Cancelled: kept {job['results'] or 0} of {len(plist)} completed prompt(s).")
-        return self._results(job) if job.get("results") else []
+        results = self._results(job) if job.get("results") else []
+        if job["state"] == "cancelled":  # as Predictor.predict says it (a 2D model's results may be partial)
+            done = sum(r.complete for r in results)
+            self.messages.append(f"Cancelled: kept {done} of {len(plist)} completed prompt(s)"
+                                 + (f" and {len(results) - done} partial result(s)." if len(results) > done else "."))
+        return results
 
     def recognize(self, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
                   **options: Any) -> List[PromptResult]:

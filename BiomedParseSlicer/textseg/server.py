@@ -133,9 +133,11 @@ class Job:
     def finish(self, meta: Dict[str, Any]) -> None:
         self.meta = meta
         n, total = len(meta["results"]), len(self.request.get("prompts") or [])
+        done = sum(bool(r.get("complete", True)) for r in meta["results"])
         if meta.get("cancelled"):
             self.stage = (f"cancelled: kept {n} target(s) found so far" if self.request.get("recognize")
-                          else f"cancelled: kept {n} of {total} completed prompt(s)")
+                          else f"cancelled: kept {done} of {total} completed prompt(s)"
+                          + (f" and {n - done} partial result(s)" if n > done else ""))
             self._final("cancelled")
         else:
             self.progress, self.stage = 1.0, "done"

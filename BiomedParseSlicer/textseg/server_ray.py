@@ -3,13 +3,22 @@
 The FastAPI front end (uploads, jobs, queue, expiry, auth) is unchanged; each job is sent to the
 ``TextsegWorker`` deployment, whose replicas (one per GPU by default, ``num_gpus=1`` each) may
 live on any machine of the Ray cluster. A job's image travels with it through Ray's object store.
-The replica streams progress and, prompt group by prompt group, results back to the front end;
-a DELETE cancels the Ray request, which stops the model through its CancelToken, and the
-completed prompts are kept. A replica that dies fails only its job; Ray Serve replaces it.
+The replica streams progress and, prompt group by prompt group, results back to the front end.
+A DELETE cancels cooperatively, as the worker-process backend does: the front end calls the
+replica's ``cancel(job_id)``, which sets the job's CancelToken, and keeps reading the stream up to
+the replica's final message, so what the model returns after the cancel (the completed prompts,
+a 2D model's or a recognition's partial results of the slices done, marked incomplete) is kept.
+If the stream has not ended ``cancel_timeout`` seconds after the DELETE (a stuck or unreachable
+replica), the Ray request itself is cancelled; then, as when the replica dies after the cancel,
+the results streamed so far are kept and the job's messages say so. A replica that dies before
+any cancel fails only its job; Ray Serve replaces it.
+
+Each replica is its own single-replica deployment (application ``textseg-<n>``, fed by one
+dispatcher thread), so that a cancel reaches the replica that runs the job.
 
 ``Settings.ray_options``: ``address`` (a cluster to join; default: start a local one),
-``replicas``, ``num_gpus`` per replica, ``local_testing`` (Ray Serve's in-process local testing
-mode, used by the tests).
+``replicas``, ``num_gpus`` per replica, ``cancel_timeout`` (seconds, default 60),
+``local_testing`` (Ray Serve's in-process local testing mode, used by the tests).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Any, Dict, List
 
 import numpy as np
@@ -26,18 +36,18 @@ from .server_workers import WorkerState, was_cancelled, write_outputs
 log = logging.getLogger("textseg.server")
 
 
-def _iter_job(state: WorkerState, job: Dict[str, Any]):
-    """Run a job in a thread; yield ("progress", f, stage), ("results", [...]), then a final message."""
+def _iter_job(state: WorkerState, job: Dict[str, Any], token, lock: threading.Lock):
+    """Run a job in a thread (one at a time: ``lock``); yield ("progress", f, stage), ("results", [...]),
+    then a final message. ``token`` is set by a cooperative cancel; the run then returns what it has."""
     from .errors import Cancelled, TextsegError
-    from .models.base import CancelToken
 
     q: "queue.Queue" = queue.Queue()
-    token = CancelToken()
 
     def work() -> None:
         try:
-            state.execute(job, lambda f, s: q.put(("progress", float(f), s)), token, lambda rs: q.put(("results", rs)))
-            q.put(("done", list(state.predictor(job["model"]).messages), token.cancelled))
+            with lock:  # a job whose request was cancelled may still be stopping
+                state.execute(job, lambda f, s: q.put(("progress", float(f), s)), token, lambda rs: q.put(("results", rs)))
+                q.put(("done", list(state.predictor(job["model"]).messages), token.cancelled))
         except Cancelled as exc:
             q.put(("cancelled", str(exc)))
         except TextsegError as exc:
@@ -54,7 +64,7 @@ def _iter_job(state: WorkerState, job: Dict[str, Any]):
             yield msg
             if msg[0] in ("done", "cancelled", "error"):
                 return
-    finally:  # also when the request is cancelled: stop the model, keep nothing running
+    finally:  # also when the request is cancelled (fallback): stop the model, keep nothing running
         token.cancel()
         thread.join()
 
@@ -62,25 +72,44 @@ def _iter_job(state: WorkerState, job: Dict[str, Any]):
 def make_deployment(num_gpus: float):
     from ray import serve
 
-    @serve.deployment(ray_actor_options={"num_gpus": num_gpus}, max_ongoing_requests=1)
+    @serve.deployment(ray_actor_options={"num_gpus": num_gpus}, max_ongoing_requests=2)  # a run and its cancel
     class TextsegWorker:
         def __init__(self, options: Dict[str, Any]) -> None:
             device = "cuda" if num_gpus else options.get("device", "cpu")
             self.state = WorkerState(device, options.get("adapter_options", {}), options.get("weights_dir"))
+            self.tokens: Dict[str, Any] = {}  # job id -> CancelToken of the running job
+            self.lock = threading.Lock()
             for model in options.get("preload", ()):
                 self.state.predictor(model)
 
         def run(self, job: Dict[str, Any]):
-            yield from _iter_job(self.state, job)
+            from .models.base import CancelToken
+
+            token = self.tokens[job["id"]] = CancelToken()
+            try:
+                yield from _iter_job(self.state, job, token, self.lock)
+            finally:
+                self.tokens.pop(job["id"], None)
+
+        def cancel(self, job_id: str) -> bool:
+            """Set the job's CancelToken; False when this replica does not run it (yet)."""
+            return _cancel(self.tokens, job_id)
 
     return TextsegWorker
+
+
+def _cancel(tokens: Dict[str, Any], job_id: str) -> bool:
+    token = tokens.get(job_id)
+    if token is not None:
+        token.cancel()
+    return token is not None
 
 
 class RayDispatcher:
     """Feeds the deployment from the server's queue (one per replica); mirrors ProcessWorker."""
 
-    def __init__(self, index: int, handle, manager) -> None:
-        self.index, self.handle, self.manager = index, handle, manager
+    def __init__(self, index: int, handle, manager, cancel_timeout: float = 60.0) -> None:
+        self.index, self.handle, self.manager, self.cancel_timeout = index, handle, manager, cancel_timeout
         self.job = None
         self.ready = True
         self.restarts = 0
@@ -115,17 +144,10 @@ class RayDispatcher:
         payload["array"] = np.load(payload.pop("volume_path"), allow_pickle=False)
         job.start("ray")
         stream = self.handle.options(stream=True).run.remote(payload)
-        stop = threading.Event()
-
-        def watch() -> None:  # DELETE -> cancel the Ray request (the replica stops via its CancelToken)
-            while not stop.wait(0.05):
-                if job.cancel_requested:
-                    stream.cancel()
-                    return
-
-        threading.Thread(target=watch, daemon=True).start()
+        stop, forced = threading.Event(), threading.Event()
+        threading.Thread(target=self._watch, args=(job, stream, stop, forced), daemon=True).start()
         results: List[Any] = []
-        final = None
+        final, broke = None, ""
         try:
             for msg in stream:
                 if msg[0] == "progress":
@@ -138,7 +160,8 @@ class RayDispatcher:
         except Exception as exc:  # noqa: BLE001
             if not job.cancel_requested:
                 raise
-            log.info("job %s cancelled on Ray (%s)", job.id, type(exc).__name__)
+            broke = type(exc).__name__
+            log.info("job %s cancelled on Ray (%s)", job.id, broke)
         finally:
             stop.set()
         if final is not None and final[0] == "error":
@@ -151,8 +174,33 @@ class RayDispatcher:
             raise RuntimeError("the Ray stream ended without a result")
         meta = write_outputs(job.dir, job.volume.shape[:3], results, job.request.get("probabilities", "uint8"))
         meta["messages"] = final[1] if final is not None and final[0] == "done" else []
+        if final is None:  # the stream ended without the replica's last word: say why
+            why = (f"did not stop within {self.cancel_timeout:g} s of the cancel; its request was cancelled"
+                   if forced.is_set() else f"stopped answering after the cancel ({broke or 'stream ended'})")
+            meta["messages"].append(f"The Ray worker {why}, and only the results it had sent before were kept.")
         meta["cancelled"] = was_cancelled(job.request, results, job.cancel_requested)
         job.finish(meta)
+
+    def _watch(self, job, stream, stop: threading.Event, forced: threading.Event) -> None:
+        """DELETE -> the replica's cancel(job_id) (cooperative: the stream goes on to the final message);
+        no final message within cancel_timeout -> cancel the Ray request itself."""
+        while not job.cancel_requested:
+            if stop.wait(0.05):
+                return
+        deadline = time.monotonic() + self.cancel_timeout
+        told = False
+        while not stop.is_set() and time.monotonic() < deadline:
+            if not told:  # False until the replica has registered the job (the request may be in transit)
+                try:
+                    told = bool(self.handle.cancel.remote(job.id).result(timeout_s=max(0.1, min(5.0, deadline - time.monotonic()))))
+                except Exception as exc:  # noqa: BLE001 - a dead or busy replica: the deadline decides
+                    log.warning("cancel of job %s not delivered to Ray (%s)", job.id, type(exc).__name__)
+            stop.wait(0.1)
+        if not stop.is_set():
+            log.warning("job %s: the Ray worker did not stop within %g s of the cancel; cancelling the request",
+                        job.id, self.cancel_timeout)
+            forced.set()
+            stream.cancel()
 
 
 class RayBackend:
@@ -160,6 +208,7 @@ class RayBackend:
         self.manager = manager
         self.local_testing = False
         self.started_ray = False
+        self.apps: List[str] = []
 
     def start(self) -> List[RayDispatcher]:
         import ray
@@ -177,9 +226,17 @@ class RayBackend:
         replicas = int(opts.get("replicas") or (int(ray.cluster_resources().get("GPU", 0)) if gpus else 0) or 1)
         options = {"adapter_options": s.adapter_options, "weights_dir": s.weights_dir, "preload": tuple(s.preload),
                    "device": s.devices[0] if s.devices and s.devices[0] != "auto" else "cpu"}
-        app = make_deployment(gpus).options(num_replicas=replicas).bind(options)
-        handle = serve.run(app, name="textseg", route_prefix=None, _local_testing_mode=self.local_testing)
-        dispatchers = [RayDispatcher(i, handle, self.manager) for i in range(replicas)]
+        # one single-replica application per dispatcher: a cancel must reach the replica running the job
+        self.apps = [f"textseg-{i}" for i in range(replicas)]
+        apps = [make_deployment(gpus).bind(options) for _ in self.apps]
+        if hasattr(serve, "run_many"):  # Ray >= 2.4x: the replicas start (load their models) at the same time
+            handles = serve.run_many([serve.RunTarget(app, name=name, route_prefix=None) for app, name in zip(apps, self.apps)],
+                                     _local_testing_mode=self.local_testing)
+        else:
+            handles = [serve.run(app, name=name, route_prefix=None, _local_testing_mode=self.local_testing)
+                       for app, name in zip(apps, self.apps)]
+        timeout = float(opts.get("cancel_timeout") or 60.0)
+        dispatchers = [RayDispatcher(i, h, self.manager, timeout) for i, h in enumerate(handles)]
         for d in dispatchers:
             d.start()
         log.info("Ray Serve deployment up: %d replica(s), %s GPU each", replicas, gpus)
@@ -190,7 +247,8 @@ class RayBackend:
             try:
                 from ray import serve
 
-                serve.delete("textseg")
+                for name in self.apps:
+                    serve.delete(name)
                 if self.started_ray:  # a local Ray instance we started: take its processes down too
                     import ray
 

@@ -114,12 +114,12 @@ class WorkerState:
 
 
 def was_cancelled(job: Dict[str, Any], results: list, cancel_requested: bool) -> bool:
-    """Whether a finished job stopped early: prompts left undone, or recognition cut short."""
+    """Whether a finished job stopped early: prompts left undone, partial (2D) results, or recognition cut short."""
     if not cancel_requested:
         return False
     if job.get("recognize"):  # no results after a cancel: stopped before the first slice batch was done
         return not results or any(not r.complete for r in results)
-    return len(results) < len(job.get("prompts") or [])
+    return len(results) < len(job.get("prompts") or []) or any(not r.complete for r in results)
 
 
 def _scaled(progress, lo: float, hi: float):
