@@ -126,6 +126,24 @@ def test_window_embeddings_are_cached_across_prompts(oracle_adapter):
         ad.net.encode_image = orig
     assert n_first == 4 and len(calls) == 4  # second prompt: every window from the cache
     np.testing.assert_array_equal(a.probability, b.probability)
+    # the cache is a byte budget (least recently used first out): room for 2 of the 4 windows re-encodes all 4
+    # on the next prompt (the windows are visited in a cycle), same probabilities
+    one = state.cache_bytes // 4
+    assert len(state.window_cache) == 4 and one == 4 * int(np.prod(state.zo_embedding.shape))
+    ad.options["window_cache_bytes"] = 2 * one
+    try:
+        ad.free_memory(state)
+        assert state.cache_bytes == 0 and not state.window_cache
+        ad.net.encode_image = lambda x: (calls.append(tuple(x.shape)), orig(x))[1]
+        calls.clear()
+        ad.decode(state, [Prompt("liver")], ctx)
+        assert len(calls) == 4 and len(state.window_cache) == 2 and state.cache_bytes == 2 * one
+        c = ad.decode(state, [Prompt("liver")], ctx)[0]
+        assert len(calls) == 8
+    finally:
+        ad.net.encode_image = orig
+        del ad.options["window_cache_bytes"]
+    np.testing.assert_array_equal(a.probability, c.probability)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from monai.transforms.utils import generate_spatial_bounding_box
 
 from ...errors import InputError
 from ...prompts import Prompt
-from ..base import Decoded, ModelAdapter, RunContext, weight_file
+from ..base import Decoded, ModelAdapter, RunContext, nbytes, weight_file
 from .network import SegVolConfig, SegVolNet, load_checkpoint
 
 TEMPLATE = "A computerized tomography of a {}."
@@ -183,11 +183,16 @@ class SegVolState:
     zoom_out: torch.Tensor  # (1, 1, *window)
     zo_embedding: Optional[torch.Tensor] = None
     window_cache: "OrderedDict[Any, torch.Tensor]" = field(default_factory=OrderedDict)
+    cache_bytes: int = 0
 
 
 class SegVolAdapter(ModelAdapter):
+    """Options: ``config`` (SegVolConfig), ``zoom_in`` (default True), ``seed``, ``tokenizer_dir`` and
+    ``window_cache_bytes``: window embeddings kept per image, least recently used dropped first (default
+    2 GiB, at most half the free GPU memory on CUDA; ~6 MB a window at full size, so the ~100 windows of a
+    512x512x200 CT are each encoded once for all prompts whose windows coincide)."""
+
     max_prompts_per_call = 16
-    window_cache_size = 32
 
     # ---- lifecycle --------------------------------------------------------------------------
     def load(self, device: Any) -> None:
@@ -220,19 +225,35 @@ class SegVolAdapter(ModelAdapter):
     def encode(self, state: SegVolState, ctx: RunContext) -> SegVolState:
         ctx.report(0.1, "SegVol: encoding the zoom-out image")
         state.zo_embedding = self.net.encode_image(state.zoom_out.to(self.device))
-        state.window_cache.clear()
+        self.free_memory(state)
         return state
 
     def _window_embedding(self, state: SegVolState, window: torch.Tensor, key: Any) -> torch.Tensor:
         emb = state.window_cache.get(key)
-        if emb is None:
-            emb = self.net.encode_image(window.to(self.device))
-            state.window_cache[key] = emb
-            while len(state.window_cache) > self.window_cache_size:
-                state.window_cache.popitem(last=False)
-        else:
+        if emb is not None:
             state.window_cache.move_to_end(key)
+            return emb
+        emb = self.net.encode_image(window.to(self.device))
+        budget, size = self._cache_budget(), nbytes(emb)
+        if size <= budget:
+            state.window_cache[key] = emb
+            state.cache_bytes += size
+            while state.cache_bytes > budget:
+                state.cache_bytes -= nbytes(state.window_cache.popitem(last=False)[1])
         return emb
+
+    def _cache_budget(self) -> int:
+        if "window_cache_bytes" in self.options:
+            return int(self.options["window_cache_bytes"])
+        budget = 2 << 30
+        if self.device.type == "cuda":
+            budget = min(budget, int(torch.cuda.mem_get_info(self.device)[0] // 2))
+        return budget
+
+    def free_memory(self, encoded: Any) -> None:
+        if isinstance(encoded, SegVolState):
+            encoded.window_cache.clear()
+            encoded.cache_bytes = 0
 
     # ---- prompts ----------------------------------------------------------------------------
     @torch.no_grad()
