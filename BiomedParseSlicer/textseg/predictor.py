@@ -113,7 +113,7 @@ class _Recognized(DeferredMap):
         return (self.labels == self.label).astype(np.uint8)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _OnInputGrid:
     """A deferred canonical map, put on a volume's input grid when called (picklable: no volume array)."""
 

@@ -33,7 +33,7 @@ from .window import MAX_QUERIES, PATCH, sliding_window
 CHECKPOINTS = {"sat-nano": ("nano.pth", "nano_text_encoder.pth", "nano"), "sat-pro": ("SAT_Pro.pth", "text_encoder.pth", "pro")}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SATMap(DeferredMap):
     """One prompt's probabilities on the SAT grid, brought onto the canonical grid when read (the mask alone
     only where the map can reach the threshold: a fraction of the work for an organ; see SATGeometry)."""
