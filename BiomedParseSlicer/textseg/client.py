@@ -29,7 +29,7 @@ from . import errors
 from .catalog import ModelSpec, WeightFile
 from .errors import AuthError, Cancelled, InputError, ServerError, UsageError
 from .models.base import CancelToken, ProgressFn
-from .predictor import PromptLike, PromptResult, check_prompts
+from .predictor import PromptLike, PromptResult, check_prompts, kept_summary
 from .prompts import Prompt, parse_prompts
 from .volume import Volume
 from .wire import API_VERSION, client_headers, decode_probability, load_npz, sha256, unpack_mask, volume_to_nrrd
@@ -181,8 +181,7 @@ class RemotePredictor:
         results = self._results(job) if job.get("results") else []
         if job["state"] == "cancelled":  # as Predictor.predict says it (a 2D model's results may be partial)
             done = sum(r.complete for r in results)
-            self.messages.append(f"Cancelled: kept {done} of {len(plist)} completed prompt(s)"
-                                 + (f" and {len(results) - done} partial result(s)." if len(results) > done else "."))
+            self.messages.append(f"Cancelled: {kept_summary(done, len(plist), len(results) - done)}.")
         return results
 
     def recognize(self, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,

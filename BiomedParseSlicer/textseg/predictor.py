@@ -122,10 +122,12 @@ class _OnInputGrid:
     shape: Tuple[int, ...]
 
     def __call__(self) -> np.ndarray:
-        out = np.ascontiguousarray(self.orientation.from_canonical(np.asarray(self.deferred.array(), np.float32)))
-        if out.shape[:3] != self.shape:
-            raise ValueError(f"canonical map of shape {out.shape} does not fit {self.shape}")
-        return out
+        return self.orientation.onto_grid(np.asarray(self.deferred.array(), np.float32), self.shape)
+
+
+def kept_summary(done: int, total: int, partial: int) -> str:
+    """What a cancelled prompt run kept, as the predictor, the client and the server's job stage say it."""
+    return f"kept {done} of {total} completed prompt(s)" + (f" and {partial} partial result(s)" if partial else "")
 
 
 # ---- devices -----------------------------------------------------------------------------------
@@ -376,9 +378,7 @@ class Predictor:
                 self._predict_volume(plist, thr, keep_absent, ctx, results)
         except Cancelled:
             done = sum(r.complete for r in results)
-            partial = len(results) - done
-            self._log(f"Cancelled: kept {done} of {len(plist)} completed prompt(s)"
-                      + (f" and {partial} partial result(s)." if partial else "."))
+            self._log(f"Cancelled: {kept_summary(done, len(plist), len(results) - done)}.")
         ctx.span(1.0, 1.0, "done")
         return results
 
@@ -448,9 +448,9 @@ class Predictor:
         idx = self._slices_done
         seconds = (time.perf_counter() - t0) / max(1, n)
         split = rec.instances(labels, edges)
+        held = np.stack([np.bincount(s.ravel(), minlength=n + 1) > 0 for s in labels])  # (slice, label): present
         for t in range(n):
-            region = labels == t + 1
-            on_slice = region.any((1, 2))
+            on_slice = held[:, t + 1]
             if not on_slice.any():
                 continue
             sc = scores[t][on_slice]

@@ -135,9 +135,10 @@ class Job:
         n, total = len(meta["results"]), len(self.request.get("prompts") or [])
         done = sum(bool(r.get("complete", True)) for r in meta["results"])
         if meta.get("cancelled"):
+            from .predictor import kept_summary
+
             self.stage = (f"cancelled: kept {n} target(s) found so far" if self.request.get("recognize")
-                          else f"cancelled: kept {done} of {total} completed prompt(s)"
-                          + (f" and {n - done} partial result(s)" if n > done else ""))
+                          else f"cancelled: {kept_summary(done, total, n - done)}")
             self._final("cancelled")
         else:
             self.progress, self.stage = 1.0, "done"

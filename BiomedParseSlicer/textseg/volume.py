@@ -86,6 +86,13 @@ class Orientation:
         inverse = list(np.argsort(np_axes)) + list(range(3, array.ndim))
         return np.transpose(out, inverse)
 
+    def onto_grid(self, canonical_array: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+        """``from_canonical`` as a contiguous array, checked against the target grid's (k, j, i) ``shape``."""
+        out = self.from_canonical(canonical_array)
+        if out.shape[:3] != tuple(shape):
+            raise ValueError(f"canonical array of shape {canonical_array.shape} does not fit {tuple(shape)}")
+        return np.ascontiguousarray(out)
+
 
 @dataclass
 class Volume:
@@ -205,10 +212,7 @@ class Volume:
 
     def to_input_grid(self, canonical_array: np.ndarray) -> np.ndarray:
         """Map an array on this volume's canonical grid back onto this volume's grid."""
-        out = self.orientation.from_canonical(canonical_array)
-        if out.shape[:3] != self.shape:
-            raise ValueError(f"canonical array of shape {canonical_array.shape} does not fit {self.shape}")
-        return np.ascontiguousarray(out)
+        return self.orientation.onto_grid(canonical_array, self.shape)
 
     # ---- checks ----------------------------------------------------------------------------
     def check_usable(self, source: str = "image") -> None:
