@@ -226,3 +226,19 @@ def test_a_declared_size_beyond_the_available_memory_is_refused(tmp_path, monkey
     with pytest.raises(InputError, match=r"m\.nrrd: its 64x64x64 int16 voxels need 0\.5 MiB of memory \(twice that while "
                                          r"reading\) but only 0\.5 MiB is available"):
         read_volume(p)
+
+
+def test_nifti_with_an_infinite_sform_entry(tmp_path):
+    """Found by the fuzz run: an 'inf' in srow of a rotated image made ITK spin for ever (the reader's time limit
+    stopped it); the header check refuses it first."""
+    import math
+
+    img = sitk.GetImageFromArray(ARR)
+    t = math.radians(20)
+    img.SetDirection((math.cos(t), -math.sin(t), 0, math.sin(t), math.cos(t), 0, 0, 0, 1))
+    sitk.WriteImage(img, str(tmp_path / "inf.nii"))
+    raw = bytearray((tmp_path / "inf.nii").read_bytes())
+    raw[280 + 6 * 4:280 + 7 * 4] = struct.pack("<f", float("inf"))  # srow_y[2]
+    (tmp_path / "inf.nii").write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"inf\.nii: invalid NIfTI header: its sform \(srow\) holds NaN or infinite"):
+        read_volume(tmp_path / "inf.nii")

@@ -88,8 +88,8 @@ def read_dicom_folder(folder: Path, budget: Budget = None) -> DicomImage:
         notes.append(f"{folder} holds {other_series + 1} DICOM series; using the largest ({len(files)} files)"
                      f"{'; ' + skipped_series if skipped_series else ''}.")
     if non_images:
-        notes.append(f"{folder}: {len(non_images)} DICOM file(s) of the series hold no image and were not used "
-                     f"({_names(non_images)}).")
+        notes.append(f"{folder}: {len(non_images)} DICOM file(s) hold no image (reports, directories, ...) and were "
+                     f"not used ({_names(non_images, 20)}).")
     return _read(files, str(folder), notes, budget)
 
 
@@ -131,27 +131,45 @@ def _header(path: Path) -> Optional[_File]:
 
 
 def _scan(folder: Path):
+    """The files of the largest series; the number of other series; DICOM files without an image; a text naming
+    the files of the other series. A DICOM file whose data set ends before its pixel data (pydicom stops
+    quietly at damage) is refused: it may be a slice."""
     try:
         entries = sorted(p for p in folder.iterdir() if p.is_file())
     except OSError as exc:
         raise InputError(f"{folder}: cannot list the folder ({exc.strerror}).") from None
     by_series: Dict[str, List[_File]] = {}
-    no_pixels: Dict[str, List[Path]] = {}
+    non_images: List[Path] = []
     for p in entries:
         f = _header(p)
         if f is None:
-            continue  # not DICOM (README, DICOMDIR-less leftovers, ...): not a slice
-        uid = str(f.ds.get("SeriesInstanceUID", "") or "")
+            continue  # not DICOM (README, checksums, ...): not a slice
         if PIXEL_DATA not in f.ds:
-            no_pixels.setdefault(uid, []).append(p)
+            if _is_image_class(f.ds):
+                raise InputError(f"{p}: damaged DICOM file: it has no pixel data (its data set ends early); remove it "
+                                 "from the folder or copy the series again.")
+            non_images.append(p)
             continue
-        by_series.setdefault(uid, []).append(f)
+        by_series.setdefault(str(f.ds.get("SeriesInstanceUID", "") or ""), []).append(f)
     if not by_series:
-        return [], 0, [], ""
+        return [], 0, non_images, ""
     uid = max(sorted(by_series), key=lambda u: len(by_series[u]))
-    others = [u for u in by_series if u != uid]
-    skipped = ", ".join(f"{len(by_series[u])} file(s) of series {u or '(no UID)'}" for u in sorted(others)[:3])
-    return by_series[uid], len(others), no_pixels.get(uid, []), ("not used: " + skipped) if skipped else ""
+    others = sorted(u for u in by_series if u != uid)
+    skipped = "; ".join(f"{len(by_series[u])} file(s) of series {u or '(no UID)'} ({_names(by_series[u])})"
+                        for u in others[:3]) + (f"; {len(others) - 3} more series" if len(others) > 3 else "")
+    return by_series[uid], len(others), non_images, ("not used: " + skipped) if skipped else ""
+
+
+def _is_image_class(ds: Any) -> bool:
+    """True for an image storage SOP class, and when the SOP class is missing (a data set cut short)."""
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    uid = str(ds.get("SOPClassUID", "") or "") or str((meta.get("MediaStorageSOPClassUID", "") if meta is not None
+                                                       else "") or "")
+    if not uid:
+        return True
+    return "Image Storage" in UID(uid).name
 
 
 # ---- attribute access on possibly damaged headers ----------------------------------------------------------------

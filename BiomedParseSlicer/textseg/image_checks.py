@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import math
 import os
 import re
 import struct
@@ -237,6 +238,21 @@ def check_nifti(path: Path) -> Declared:
         if magic[:3] not in (b"n+1", b"ni1") and not name.endswith((".hdr", ".hdr.gz", ".img", ".img.gz")):
             raise InputError(f"{hdr_path}: not a NIfTI-1 file (magic {magic!r} is neither 'n+1' nor 'ni1'); "
                              "the file is damaged or another format with a .nii name.")
+    if hsize == 540:
+        pixdim = struct.unpack(endian + "8d", raw[104:168])
+        qcode, scode = struct.unpack(endian + "2i", raw[344:352])
+        quatern = struct.unpack(endian + "6d", raw[352:400])
+        srow = struct.unpack(endian + "12d", raw[400:496])
+    else:
+        pixdim = struct.unpack(endian + "8f", raw[76:108])
+        qcode, scode = struct.unpack(endian + "2h", raw[252:256])
+        quatern = struct.unpack(endian + "6f", raw[256:280])
+        srow = struct.unpack(endian + "12f", raw[280:328])
+    for name, values, used in (("pixdim", pixdim[:4], True), ("qform (quatern/qoffset)", quatern, qcode > 0),
+                               ("sform (srow)", srow, scode > 0)):
+        if used and not all(math.isfinite(v) for v in values):
+            raise InputError(f"{hdr_path}: invalid NIfTI header: its {name} holds NaN or infinite numbers, so its "
+                             "geometry is unknown (ITK can hang on such headers).")
     nd = dims[0]
     if not 1 <= nd <= 7:
         raise InputError(f"{hdr_path}: invalid NIfTI header: dim[0] = {nd} (the number of dimensions must be 1 to 7).")
