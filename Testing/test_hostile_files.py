@@ -242,3 +242,21 @@ def test_nifti_with_an_infinite_sform_entry(tmp_path):
     (tmp_path / "inf.nii").write_bytes(bytes(raw))
     with pytest.raises(InputError, match=r"inf\.nii: invalid NIfTI header: its sform \(srow\) holds NaN or infinite"):
         read_volume(tmp_path / "inf.nii")
+
+
+def test_where_no_reader_child_can_start_reading_happens_in_process(tmp_path, monkeypatch, caplog):
+    """E.g. an embedded interpreter whose sys.executable cannot run a script: one warning, then in-process reads."""
+    from textseg import read_isolated
+
+    reader = read_isolated.ReaderProcess()
+    monkeypatch.setattr(read_isolated.sys, "executable", "/bin/false")
+    monkeypatch.setattr(read_isolated, "_READER", reader)
+    monkeypatch.setattr(read_isolated, "_NO_CHILD", [])
+    p = _write(tmp_path / "ok.nrrd")
+    with caplog.at_level("WARNING", logger="textseg"):
+        v = read_volume(p)
+        np.testing.assert_array_equal(read_volume(p).array, ARR)
+    np.testing.assert_array_equal(v.array, ARR)
+    assert reader.starts == 1 and [r.getMessage() for r in caplog.records if "reader process" in r.getMessage()] == [
+        "textseg: cannot start the image reader process (the reader process did not start); reading in this process, "
+        "without its memory and time limits."]

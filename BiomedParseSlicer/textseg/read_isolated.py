@@ -38,6 +38,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 BASE_TIMEOUT_S = 60.0
 BYTES_PER_S = 20 * MiB
+STARTUP_TIMEOUT_S = 120.0
 VALIDATION_ALLOWANCE = 1 * GiB  # headers, gzip counting, pydicom: all bounded and small
 _PASSED_ENV = ("TEXTSEG_READ_MAX_MEMORY_MB",)  # settings read per request (the child outlives changes)
 _BOOT = "import sys; sys.path.insert(0, {root!r}); from textseg.read_isolated import serve; serve()"
@@ -84,6 +85,14 @@ class ReaderProcess:
                                       stdout=subprocess.PIPE, stderr=self._log, env=env, close_fds=True)
         self._owner = os.getpid()
         self.starts += 1
+        box: Dict[str, Any] = {}
+        waiter = threading.Thread(target=lambda: box.update(line=self._proc.stdout.readline()), daemon=True)
+        waiter.start()
+        waiter.join(STARTUP_TIMEOUT_S)
+        if not box.get("line", b"").startswith(b'{"ready"'):  # e.g. an embedded Python whose executable cannot run
+            self._proc.kill()
+            self._drop()
+            raise OSError("the reader process did not start")
 
     def _drop(self) -> None:
         """Forget (and end) the current child."""
@@ -199,14 +208,22 @@ _READER = ReaderProcess()
 atexit.register(_READER.close)
 
 
+_NO_CHILD: list = []  # set once a child could not be started: read in-process from then on
+
+
 def read_in_child(path: Path, timeout: Optional[float] = None) -> Volume:
-    """``io.read_volume``'s reading, done in the reader child process."""
+    """``io.read_volume``'s reading, done in the reader child process (in this process where no child can start,
+    e.g. an embedded interpreter whose executable cannot run on its own)."""
+    from .io import read_here
+
+    if _NO_CHILD:
+        return read_here(path)
     try:
         return _READER.read(path, timeout)
-    except OSError as exc:  # no child can be started here (e.g. an embedded interpreter without an executable)
-        log.warning("textseg: cannot start the image reader process (%s); reading in this process.", exc)
-        from .io import read_here
-
+    except OSError as exc:
+        _NO_CHILD.append(str(exc))
+        log.warning("textseg: cannot start the image reader process (%s); reading in this process, without its "
+                    "memory and time limits.", exc)
         return read_here(path)
 
 
@@ -252,8 +269,12 @@ def serve() -> None:
     import warnings
 
     warnings.simplefilter("ignore")
+    import SimpleITK  # noqa: F401 - imported before the parent is told that the child is ready
+
     from .io import read_here
 
+    out.write(b'{"ready": true}\n')
+    out.flush()
     for line in sys.stdin.buffer:
         try:
             request = json.loads(line)
