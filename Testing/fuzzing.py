@@ -17,6 +17,7 @@ result with ``read_volume`` (``read_segments`` for SEG). ``judge`` classifies th
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import shutil
 import struct
@@ -314,8 +315,12 @@ def _declared(path: Path, fmt: str) -> Optional[Tuple[int, ...]]:
         if fmt == "nifti":
             import nibabel as nib
 
-            with nib.imageglobals.LoggingOutputSuppressor():
+            quiet = nib.imageglobals.logger
+            level, quiet.level = quiet.level, logging.CRITICAL + 1  # its header-fix reports are not for the log
+            try:
                 shape = nib.load(str(path)).header.get_data_shape()
+            finally:
+                quiet.level = level
             return tuple(int(s) for s in shape[:3])
         if fmt == "nrrd":
             import nrrd

@@ -260,3 +260,17 @@ def test_where_no_reader_child_can_start_reading_happens_in_process(tmp_path, mo
     assert reader.starts == 1 and [r.getMessage() for r in caplog.records if "reader process" in r.getMessage()] == [
         "textseg: cannot start the image reader process (the reader process did not start); reading in this process, "
         "without its memory and time limits."]
+
+
+def test_damaged_deflate_data_inside_a_nii_gz(tmp_path):
+    """ITK reads damaged gzip data as zeros without a word (a quarter of a volume here); the check inflates the
+    stream with zlib, which checks it."""
+    rng = np.random.default_rng(1)
+    arr = rng.integers(-1000, 1000, (40, 64, 64)).astype(np.int16)
+    _write(tmp_path / "ok.nii.gz", arr, compress=True)
+    data = bytearray((tmp_path / "ok.nii.gz").read_bytes())
+    for i in range(50):
+        data[len(data) // 3 + 7 * i] ^= 0x5A
+    (tmp_path / "bad.nii.gz").write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"bad\.nii\.gz: cannot be read as an image \(damaged compressed data: Error -3"):
+        read_volume(tmp_path / "bad.nii.gz")

@@ -224,6 +224,9 @@ def _derived(option: str, out: Path, image: Path, suffix: str) -> Path:
 
 
 def cmd_segment(args) -> int:
+    from .read_isolated import prestart
+
+    prestart()  # the image reader child starts while the model is set up
     from .models.base import CancelToken
     from .predictor import Predictor
 
@@ -319,6 +322,9 @@ def _print_summary(summary: dict, args) -> None:
 
 
 def cmd_stats(args) -> int:
+    from .read_isolated import prestart
+
+    prestart()
     from .statistics import statistics_for_files, write_statistics
 
     bar = _Bar("statistics", args.quiet)

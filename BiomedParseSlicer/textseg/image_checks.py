@@ -149,26 +149,38 @@ def _count(read: Callable[[int], bytes], need: int, chunk: int = 1 << 22) -> int
     return n
 
 
+def _inflate_count(fh: BinaryIO, need: int, wbits: int) -> int:
+    """Bytes a deflate stream (gzip: wbits 31, zlib or gzip: 47) inflates to, up to ``need``; several gzip members
+    are followed. zlib checks each member's CRC at its end (zlib.error when the data are damaged: ITK reads
+    damaged data as zeros without a word). Output is discarded in bounded pieces."""
+    d = zlib.decompressobj(wbits)
+    n = 0
+    while n < need:
+        buf = fh.read(1 << 22)
+        if not buf:
+            break
+        while buf and n < need:
+            n += len(d.decompress(buf, 1 << 24))
+            buf = d.unconsumed_tail
+            if d.eof:
+                buf = d.unused_data + buf
+                if not buf.strip(b"\0"):
+                    return n  # zero padding after the last member
+                d = zlib.decompressobj(wbits)
+    return n
+
+
 def _stream_bytes(fh: BinaryIO, encoding: str, need: int) -> int:
     """Decoded bytes available from ``fh`` (at the payload's start) for a gzip/zlib/bzip2/raw payload, up to
-    ``need``; a damaged compressed stream is an InputError-worthy ValueError."""
+    ``need``; a damaged compressed stream raises zlib.error/OSError/ValueError."""
     if encoding == "raw":
         return _count(fh.read, need)
     if encoding == "gzip":
-        return _count(gzip.GzipFile(fileobj=fh).read, need)
+        return _inflate_count(fh, need, 31)
     if encoding == "bzip2":
         return _count(bz2.BZ2File(fh).read, need)
     if encoding == "zlib":  # MetaImage: zlib or gzip header (MetaIO inflates with automatic header detection)
-        d = zlib.decompressobj(47)
-        n = 0
-        while n < need:
-            block = fh.read(1 << 20)
-            if not block:
-                break
-            n += len(d.decompress(block, need - n + 1))
-            while d.unconsumed_tail and n < need:
-                n += len(d.decompress(d.unconsumed_tail, need - n + 1))
-        return n
+        return _inflate_count(fh, need, 47)
     raise ValueError(f"unknown encoding {encoding}")
 
 
@@ -295,8 +307,10 @@ def check_nifti(path: Path) -> Declared:
             raise InputError(f"{hdr_path}: the image file {base}.img of this NIfTI/Analyze pair is missing.")
     need = int(vox_offset) + payload
     try:
-        with _open_maybe_gz(data_path) as fh:
-            have = _count(fh.read, need)
+        with open(data_path, "rb") as fh:
+            gz = fh.read(2) == b"\x1f\x8b"
+            fh.seek(0)
+            have = _inflate_count(fh, need, 31) if gz else _count(fh.read, need)
     except EOFError:  # the gzip stream stops before its end marker
         raise _truncated(data_path, None, payload) from None
     except (OSError, zlib.error) as exc:

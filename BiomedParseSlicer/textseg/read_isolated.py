@@ -71,6 +71,7 @@ class ReaderProcess:
         self._owner = 0
         self._log: Any = None
         self._lock = threading.Lock()
+        self._ready = False
         self.starts = 0  # children started (a test and benchmark figure)
 
     def _alive(self) -> bool:
@@ -85,14 +86,32 @@ class ReaderProcess:
                                       stdout=subprocess.PIPE, stderr=self._log, env=env, close_fds=True)
         self._owner = os.getpid()
         self.starts += 1
+        self._ready = False
+
+    def _await_ready(self) -> None:
+        """Wait for the child's 'ready' line (it imports SimpleITK and the reader first)."""
+        if self._ready:
+            return
         box: Dict[str, Any] = {}
-        waiter = threading.Thread(target=lambda: box.update(line=self._proc.stdout.readline()), daemon=True)
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None
+        waiter = threading.Thread(target=lambda: box.update(line=proc.stdout.readline()), daemon=True)
         waiter.start()
         waiter.join(STARTUP_TIMEOUT_S)
         if not box.get("line", b"").startswith(b'{"ready"'):  # e.g. an embedded Python whose executable cannot run
-            self._proc.kill()
+            proc.kill()
             self._drop()
             raise OSError("the reader process did not start")
+        self._ready = True
+
+    def prestart(self) -> None:
+        """Start the child now, without waiting for it, so that its imports overlap with the caller's work."""
+        with self._lock:
+            if not self._alive():
+                try:
+                    self._start()
+                except OSError:
+                    pass
 
     def _drop(self) -> None:
         """Forget (and end) the current child."""
@@ -118,6 +137,7 @@ class ReaderProcess:
         with self._lock:
             if not self._alive():
                 self._start()
+            self._await_ready()
             proc = self._proc
             assert proc is not None and proc.stdin is not None
             request = (json.dumps({"path": str(path), "env": {k: os.environ.get(k) for k in _PASSED_ENV}}) + "\n").encode()
@@ -126,6 +146,7 @@ class ReaderProcess:
                 proc.stdin.flush()
             except OSError:  # the child died between two reads: start another one
                 self._start()
+                self._await_ready()
                 proc = self._proc
                 proc.stdin.write(request)
                 proc.stdin.flush()
@@ -225,6 +246,14 @@ def read_in_child(path: Path, timeout: Optional[float] = None) -> Volume:
         log.warning("textseg: cannot start the image reader process (%s); reading in this process, without its "
                     "memory and time limits.", exc)
         return read_here(path)
+
+
+def prestart() -> None:
+    """Start the reader child in the background (the CLI calls this first, so that the child's imports overlap
+    with its own); nothing happens where reading is in-process."""
+    if os.environ.get("TEXTSEG_READ_IN_PROCESS", "").strip().lower() in ("1", "true", "yes") or _NO_CHILD:
+        return
+    _READER.prestart()
 
 
 def reader_starts() -> int:
