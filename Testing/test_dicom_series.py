@@ -203,3 +203,52 @@ def test_rle_label_over_raw_pixels_is_refused_not_a_crash(tmp_path):
     ds.save_as(folder / "slice.dcm")
     with pytest.raises(InputError, match=r"slice\.dcm: the pixel data is not a RLE Lossless stream"):
         read_volume(folder)
+
+
+def _multiframe(path: Path, zs, per_frame=True) -> Path:
+    """A small enhanced CT multi-frame file: frame k filled with 100 * k, per-frame positions (0, 0, zs[k])."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "CT", generate_uid(), generate_uid()
+    ds.Rows = ds.Columns = 8
+    ds.NumberOfFrames, ds.SamplesPerPixel, ds.PhotometricInterpretation = len(zs), 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    orientation, measures, shared = Dataset(), Dataset(), Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    measures.PixelSpacing, measures.SliceThickness = [0.5, 0.5], 2
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([orientation]), Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    if per_frame:
+        frames = []
+        for z in zs:
+            item, position = Dataset(), Dataset()
+            position.ImagePositionPatient = [10, 20, z]
+            item.PlanePositionSequence = Sequence([position])
+            frames.append(item)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = np.stack([np.full((8, 8), 100 * k, np.int16) for k in range(len(zs))]).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("zs", [(0, 2, 4), (4, 2, 0)])
+def test_a_multiframe_file_is_placed_by_its_frame_positions(tmp_path, zs):
+    v = read_volume(_multiframe(tmp_path / "mf.dcm", zs))
+    assert v.shape == (3, 8, 8) and v.spacing == pytest.approx((0.5, 0.5, 2.0))
+    for k in range(3):  # frame k (value 100 k) lies at z = zs[k]
+        z = v.index_to_physical([[0, 0, k]])[0][2]
+        assert v.array[k, 0, 0] == 100 * zs.index(round(z))
+
+
+def test_a_multiframe_file_with_uneven_or_missing_frame_positions_is_refused(tmp_path):
+    with pytest.raises(InputError, match=r"frames of this multi-frame file are not on a regular grid"):
+        read_volume(_multiframe(tmp_path / "uneven.dcm", (0, 2, 5)))
+    with pytest.raises(InputError, match=r"GDCM reads a pixel spacing of 1 x 1 mm where the header says 0\.5 x 0\.5"):
+        read_volume(_multiframe(tmp_path / "nopos.dcm", (0, 2, 4), per_frame=False))

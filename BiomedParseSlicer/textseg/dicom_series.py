@@ -669,8 +669,27 @@ def _read_multiframe(f: _File, source: str, notes: List[str], budget: Budget) ->
     elif array.shape[0] > 1:
         notes.append(f"{source}: a multi-frame image without per-frame positions; slice spacing {spacing[2]:g} mm as "
                      "GDCM reads it.")
+    declared = _multiframe_pixel_spacing(f)
+    if declared is not None and not np.allclose([declared[1], declared[0]], spacing[:2], rtol=1e-4):
+        raise InputError(f"{source}: GDCM reads a pixel spacing of {spacing[0]:g} x {spacing[1]:g} mm where the header "
+                         f"says {declared[1]:g} x {declared[0]:g} mm; the multi-frame file is incomplete or damaged.")
     extra = {"dicom": _tags(f.ds), "notes": notes}
     return DicomImage(np.ascontiguousarray(array), spacing, origin, direction, extra)
+
+
+def _multiframe_pixel_spacing(f: _File) -> Optional[np.ndarray]:
+    """PixelSpacing of a multi-frame file: top level, else the shared functional groups' pixel measures."""
+    top = _floats(f.ds, "PixelSpacing", f.path, 2)
+    if top is not None:
+        return top
+    try:
+        shared = f.ds.get("SharedFunctionalGroupsSequence")
+        measures = shared[0].get("PixelMeasuresSequence") if shared else None
+        return _floats(measures[0], "PixelSpacing", f.path, 2) if measures else None
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _frame_positions(f: _File) -> Optional[List[np.ndarray]]:
