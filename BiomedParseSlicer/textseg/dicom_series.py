@@ -119,8 +119,9 @@ def _header(path: Path) -> Optional[_File]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(str(path), defer_size="64 KB", force=not preamble)
-            sop = str(ds.get("SOPInstanceUID", "") or "") or str(
-                getattr(getattr(ds, "file_meta", None), "get", lambda *_: "")("MediaStorageSOPInstanceUID", "") or "")
+            meta = getattr(ds, "file_meta", None)
+            sop = str(ds.get("SOPInstanceUID", "") or "") or (
+                str(meta.get("MediaStorageSOPInstanceUID", "") or "") if meta is not None else "")
             frames = _int(ds, "NumberOfFrames", path, default=1)
     except InputError:
         raise
