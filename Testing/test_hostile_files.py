@@ -5,6 +5,7 @@ garbage or zero-filled volume, traceback, or ITK/GDCM warning block."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -274,3 +275,17 @@ def test_damaged_deflate_data_inside_a_nii_gz(tmp_path):
     (tmp_path / "bad.nii.gz").write_bytes(bytes(data))
     with pytest.raises(InputError, match=r"bad\.nii\.gz: cannot be read as an image \(damaged compressed data: Error -3"):
         read_volume(tmp_path / "bad.nii.gz")
+
+
+@pytest.mark.parametrize("name, old, new, message", [
+    ("s.mha", b"ElementSpacing = 0.5 0.69999999999999996 2", b"ElementSpacing = 0 0 0",
+     r"invalid MetaImage header: ElementSpacing = '0 0 0' \(voxel sizes must be positive\)"),
+    ("t.mha", b"TransformMatrix = 1 0 0 0 1 0 0 0 1", b"TransformMatrix = 0 0 0 0 0 0 0 0 0",
+     r"invalid MetaImage header: TransformMatrix = '0 0 0 0 0 0 0 0 0' is not an orientation"),
+    ("d.nrrd", b"(0,0,2)", b"(0,0,0)", r"invalid NRRD header: the space direction of axis 3 is \(0\.0, 0\.0, 0\.0\)"),
+])
+def test_degenerate_geometry_fields_are_named(tmp_path, name, old, new, message):
+    """ITK refused these with only the numbers ('(0 0 0)', 'Refusing to change spacing ...')."""
+    p = _replace(_write(tmp_path / name), old, new)
+    with pytest.raises(InputError, match=re.escape(name) + ": " + message):
+        read_volume(p)

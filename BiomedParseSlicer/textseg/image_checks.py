@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
+
 from .errors import InputError
 
 MiB = 1 << 20
@@ -377,6 +379,7 @@ def check_nrrd(path: Path) -> Declared:
     sizes = [int(s) for s in header["sizes"]]
     if int(header["dimension"]) != len(sizes) or not 1 <= len(sizes) <= 16 or any(s < 1 for s in sizes):
         raise InputError(f"{path}: invalid NRRD header: dimension {header['dimension']} with sizes {sizes}.")
+    _check_nrrd_geometry(path, header)
     kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * len(sizes))]
     spatial = [s for s, k in zip(sizes, kinds) if k in _NRRD_SPATIAL_KINDS or k == "none"] if "kinds" in header else sizes
     if len(spatial) > 3 and max(spatial[3:]) > 1:
@@ -425,6 +428,27 @@ def check_nrrd(path: Path) -> Declared:
     return Declared("nrrd", payload)
 
 
+def _check_nrrd_geometry(path: Path, header: dict) -> None:
+    """Space directions (of the axes that have one) and spacings must be finite and non-zero, the origin finite."""
+    dirs = header.get("space directions")
+    if dirs is not None:
+        for axis, d in enumerate(np.asarray(dirs, dtype=float)):
+            if np.all(np.isnan(d)):
+                continue  # 'none': a non-spatial axis
+            if not np.all(np.isfinite(d)) or not np.linalg.norm(d) > 0:
+                raise InputError(f"{path}: invalid NRRD header: the space direction of axis {axis + 1} is "
+                                 f"{tuple(float(x) for x in d)} (it must be a non-zero vector).")
+    spacings = header.get("spacings")
+    if spacings is not None:
+        sp = np.asarray(spacings, dtype=float)
+        if np.any(np.isinf(sp)) or np.any(sp[np.isfinite(sp)] <= 0):
+            raise InputError(f"{path}: invalid NRRD header: spacings {tuple(float(x) for x in sp)} (they must be "
+                             "positive).")
+    origin = header.get("space origin")
+    if origin is not None and not np.all(np.isfinite(np.asarray(origin, dtype=float))):
+        raise InputError(f"{path}: invalid NRRD header: space origin {tuple(origin)} (it must be finite).")
+
+
 def _nrrd_data_file(path: Path, spec: str) -> Path:
     """The detached data file of a NRRD header: one regular file (not a device, pipe or list)."""
     if spec.strip().upper().startswith("LIST") or "%" in spec or len(spec.split()) > 1:
@@ -449,6 +473,7 @@ def check_metaimage(path: Path) -> Declared:
     if not lines or not lines[-1].strip().lower().startswith("elementdatafile"):
         raise InputError(f"{path}: invalid MetaImage header: no ElementDataFile line (it must end the header).")
     fields: Dict[str, str] = {}
+    names: Dict[str, str] = {}  # lower-case key -> as written
     for line in lines:
         m = re.match(r"^\s*([A-Za-z0-9_]+)\s*[=:]\s*(.*?)\s*$", line)
         if m:
@@ -457,6 +482,7 @@ def check_metaimage(path: Path) -> Declared:
                                          "compresseddata", "headersize"):
                 raise InputError(f"{path}: invalid MetaImage header: {m.group(1)} is given twice.")
             fields[key] = m.group(2)
+            names[key] = m.group(1)
     ndims = _int_field(path, fields, "ndims")
     if ndims is None:
         raise InputError(f"{path}: invalid MetaImage header: NDims is missing.")
@@ -467,6 +493,7 @@ def check_metaimage(path: Path) -> Declared:
         raise InputError(f"{path}: invalid MetaImage header: DimSize = {fields.get('dimsize')!r} for NDims = {ndims}.")
     if ndims == 4 and dims[3] > 1:
         raise InputError(f"{path} is a 4D image (size {tuple(dims)}); extract one 3D volume (one time point) first.")
+    _check_meta_geometry(path, fields, names, ndims)
     etype = fields.get("elementtype", "").upper()
     if etype not in _MET_TYPES:
         raise InputError(f"{path}: invalid MetaImage header: ElementType = {fields.get('elementtype')!r}.")
@@ -514,6 +541,34 @@ def check_metaimage(path: Path) -> Declared:
     if have < payload:
         raise _truncated(data_path, have, payload)
     return Declared("meta", payload)
+
+
+def _check_meta_geometry(path: Path, fields: Dict[str, str], names: Dict[str, str], ndims: int) -> None:
+    """Spacing, origin and orientation must be finite, spacing positive and the matrix invertible (ITK's own
+    refusals of these name the numbers, not the field)."""
+    def numbers(key: str, n: int) -> Optional[List[float]]:
+        if key not in fields:
+            return None
+        try:
+            vals = [float(v) for v in fields[key].split()]
+        except ValueError:
+            vals = []
+        if len(vals) < n or not all(math.isfinite(v) for v in vals[:n]):
+            raise InputError(f"{path}: invalid MetaImage header: {names[key]} = {fields[key][:60]!r} ({n} finite numbers "
+                             "expected).")
+        return vals[:n]
+    for key in ("elementspacing", "elementsize"):
+        sp = numbers(key, ndims)
+        if sp is not None and min(sp) <= 0:
+            raise InputError(f"{path}: invalid MetaImage header: {names[key]} = {fields[key][:60]!r} (voxel sizes must be "
+                             "positive).")
+    for key in ("offset", "position", "origin"):
+        numbers(key, ndims)
+    for key in ("transformmatrix", "rotation", "orientation"):
+        m = numbers(key, ndims * ndims)
+        if m is not None and abs(np.linalg.det(np.array(m).reshape(ndims, ndims))) < 1e-6:
+            raise InputError(f"{path}: invalid MetaImage header: {names[key]} = {fields[key][:80]!r} is not an orientation "
+                             "(its axes are not independent).")
 
 
 def _zlib_or_gzip_header(b: bytes) -> bool:

@@ -140,6 +140,7 @@ class ReaderProcess:
             self._await_ready()
             proc = self._proc
             assert proc is not None and proc.stdin is not None
+            self._clear_log()
             request = (json.dumps({"path": str(path), "env": {k: os.environ.get(k) for k in _PASSED_ENV}}) + "\n").encode()
             try:
                 proc.stdin.write(request)
@@ -178,14 +179,20 @@ class ReaderProcess:
             return Volume(box["array"], tuple(header["spacing"]), tuple(header["origin"]),
                           np.array(header["direction"], dtype=float).reshape(3, 3), meta)
 
+    def _clear_log(self) -> None:
+        """Keep only the current read's ITK/GDCM output (the child writes at the file's shared offset)."""
+        try:
+            self._log.seek(0)
+            self._log.truncate()
+        except (OSError, AttributeError):
+            pass
+
     def _debug_log(self) -> None:
         if not os.environ.get("TEXTSEG_DEBUG") or self._log is None:
             return
         try:
             self._log.seek(0)
             sys.stderr.write(self._log.read()[-20000:].decode("utf-8", "replace"))
-            self._log.seek(0)
-            self._log.truncate()
         except OSError:
             pass
 
