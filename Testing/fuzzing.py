@@ -545,19 +545,31 @@ def _check_dicom(case: Case, vol) -> Optional[str]:
         for k, f in enumerate(files):
             ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
             used.add(Path(f).name)
-            if "ImagePositionPatient" in ds and len(files) > 1:
-                pos = np.array([float(x) for x in ds.ImagePositionPatient])
+            if len(files) > 1:
+                try:
+                    pos = np.array([float(x) for x in ds.ImagePositionPatient])
+                    assert pos.shape == (3,) and np.all(np.isfinite(pos))
+                except Exception:  # noqa: BLE001
+                    return f"slice {k} ({Path(f).name}) has no valid ImagePositionPatient but was read"
                 exp = vol.index_to_physical([[0, 0, k]])[0]
                 off = abs(float((pos - exp) @ n)) if resampled else float(np.linalg.norm(pos - exp))
                 if off > 1e-3 + 0.01 * vol.spacing[2]:
                     return f"slice {k} ({Path(f).name}) at {pos}, the volume puts it at {exp}"
             if "ImageOrientationPatient" in ds:
-                iop = np.array([float(x) for x in ds.ImageOrientationPatient])
+                try:
+                    iop = np.array([float(x) for x in ds.ImageOrientationPatient])
+                    assert iop.shape == (6,)
+                except Exception:  # noqa: BLE001
+                    return f"{Path(f).name} has an invalid ImageOrientationPatient but was read"
                 if not (np.allclose(iop[:3], vol.direction[:, 0], atol=2e-3) and
                         np.allclose(iop[3:], vol.direction[:, 1], atol=2e-3)):
                     return f"{Path(f).name}: orientation {iop} but direction {vol.direction.T[:2]}"
             if "PixelSpacing" in ds:
-                ps = [float(x) for x in ds.PixelSpacing]
+                try:
+                    ps = [float(x) for x in ds.PixelSpacing]
+                    assert len(ps) == 2
+                except Exception:  # noqa: BLE001
+                    return f"{Path(f).name} has an invalid PixelSpacing but was read"
                 if not np.allclose([ps[1], ps[0]], vol.spacing[:2], rtol=1e-3):
                     return f"{Path(f).name}: pixel spacing {ps} but spacing {vol.spacing}"
         for f in sorted(case.path.iterdir()):  # no slice of the series dropped without a word

@@ -289,3 +289,12 @@ def test_degenerate_geometry_fields_are_named(tmp_path, name, old, new, message)
     p = _replace(_write(tmp_path / name), old, new)
     with pytest.raises(InputError, match=re.escape(name) + ": " + message):
         read_volume(p)
+
+
+def test_relative_paths_follow_the_callers_working_folder(tmp_path, monkeypatch):
+    """The reader child outlives changes of the caller's working folder."""
+    read_volume(shared_file("totalsegmentator-examples", "example_ct_sm.nii.gz"))  # the child is running
+    (tmp_path / "a").mkdir()
+    _write(tmp_path / "a" / "rel.nrrd")
+    monkeypatch.chdir(tmp_path / "a")
+    np.testing.assert_array_equal(read_volume("rel.nrrd").array, ARR)

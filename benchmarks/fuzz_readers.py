@@ -7,6 +7,9 @@ Same mutations and judging as the test (Testing/fuzzing.py): per format, how man
 exception, a message of several lines, the reader's safety net: a signal, the time or memory limit; or
 geometry the oracle contradicts). It also reports how often the reader child had to be restarted and the
 time per case. Exit status 1 when anything failed. Results: docs/input-and-presets.md.
+
+``--checkout PATH`` fuzzes another checkout's read_volume instead (e.g. the commit before the reader checks),
+each case in its own process under the same time limit, so that its crashes and hangs are counted too.
 """
 
 from __future__ import annotations
@@ -28,6 +31,54 @@ sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
 sys.path.insert(0, str(ROOT / "Testing"))
 
 
+_CHILD = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, sys.argv[1])
+from textseg.errors import TextsegError
+from textseg.io import read_volume
+from textseg.writers import read_segments
+try:
+    r = (read_volume if sys.argv[2] == "read_volume" else read_segments)(sys.argv[3])
+    vol, n = (r[0], len(r[1])) if isinstance(r, tuple) else (r, 0)
+    print(json.dumps({"shape": list(vol.array.shape), "spacing": list(vol.spacing), "origin": list(vol.origin),
+                      "direction": vol.direction.ravel().tolist(), "metadata": vol.metadata, "segments": n},
+                     default=str))
+except TextsegError as e:
+    print(json.dumps({"error": str(e)}))
+except Exception as e:
+    print(json.dumps({"other": type(e).__name__ + ": " + str(e)[:300]}))
+"""
+
+
+def _per_process_reader(checkout: Path, timeout: float, what: str):
+    """read_volume / read_segments of another checkout, one process per call: a signal or a hang is reported
+    with the same words as the reader child's safety net, so that the judge counts it as a failure."""
+    import subprocess
+
+    from textseg.errors import InputError
+    from textseg.volume import Volume
+
+    def read(path: Path):
+        try:
+            r = subprocess.run([sys.executable, "-c", _CHILD, str(checkout / "BiomedParseSlicer"), what, str(path)],
+                               capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise InputError(f"{path}: reading took longer than {timeout:g} s and was stopped") from None
+        if r.returncode < 0:
+            raise InputError(f"{path}: the image reader crashed (signal {-r.returncode})")
+        lines = r.stdout.strip().splitlines()
+        out = json.loads(lines[-1]) if lines else {"other": f"exit code {r.returncode}: {r.stderr[-300:]}"}
+        if "error" in out:
+            raise InputError(out["error"])
+        if "other" in out:
+            raise RuntimeError(out["other"])
+        vol = Volume(np.broadcast_to(np.zeros((), np.uint8), tuple(out["shape"])), out["spacing"], out["origin"],
+                     np.array(out["direction"]).reshape(3, 3), out["metadata"])
+        return (vol, []) if what == "read_segments" else vol  # masks are not sent back
+    return read
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[101])
@@ -37,6 +88,7 @@ def main() -> int:
     ap.add_argument("--json", help="write the summary here")
     ap.add_argument("--timeout", type=float, default=20.0, help="time limit per read (s)")
     ap.add_argument("--max-memory-mb", type=float, default=512.0, help="memory a read may declare (MiB)")
+    ap.add_argument("--checkout", help="fuzz this checkout's read_volume, one process per case")
     a = ap.parse_args()
 
     import logging
@@ -51,6 +103,9 @@ def main() -> int:
     from textseg.io import read_volume
     from textseg.writers import read_segments
 
+    if a.checkout:
+        read_volume = _per_process_reader(Path(a.checkout), a.timeout, "read_volume")
+        read_segments = _per_process_reader(Path(a.checkout), a.timeout, "read_segments")
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="textseg-fuzz-"))
     shared = Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
     series = shared / "totalsegmentator-examples" / "example_ct_dicom"

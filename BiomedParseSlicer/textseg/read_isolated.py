@@ -141,7 +141,8 @@ class ReaderProcess:
             proc = self._proc
             assert proc is not None and proc.stdin is not None
             self._clear_log()
-            request = (json.dumps({"path": str(path), "env": {k: os.environ.get(k) for k in _PASSED_ENV}}) + "\n").encode()
+            request = (json.dumps({"path": str(path), "cwd": os.getcwd(),  # relative paths as the caller means them
+                                   "env": {k: os.environ.get(k) for k in _PASSED_ENV}}) + "\n").encode()
             try:
                 proc.stdin.write(request)
                 proc.stdin.flush()
@@ -317,6 +318,10 @@ def serve() -> None:
             path = Path(request["path"])
         except (ValueError, KeyError):
             break
+        try:
+            os.chdir(request.get("cwd") or ".")
+        except OSError:
+            pass
         for key, value in (request.get("env") or {}).items():
             if key in _PASSED_ENV:
                 if value is None:
