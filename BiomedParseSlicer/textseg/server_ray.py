@@ -173,7 +173,6 @@ class RayDispatcher:
         try:
             if self.handle.ping.remote().result(timeout_s=5.0):
                 self.responsive = True
-                self.restarts += 1
                 log.info("Ray replica %d answers again", self.index)
         except Exception:  # noqa: BLE001 - still down: try again
             self.manager.stopping.wait(1.0)
@@ -209,7 +208,9 @@ class RayDispatcher:
         finally:
             stop.set()
         if hung and final is None:
-            self.responsive = not hung["silent"]
+            if hung["silent"]:  # Ray Serve's health check replaces the replica: unresponsive until one answers
+                self.responsive = False
+                self.restarts += 1
             job.fail("ServerError", hung["reason"])
             return
         if final is not None and final[0] == "error":
