@@ -80,9 +80,11 @@ class Hub:
     def cdn(self) -> str:
         return f"http://127.0.0.1:{self._servers[1].server_address[1]}"
 
-    def add(self, repo: str, filename: str, content: bytes, lfs: bool = True, gated: bool = False) -> str:
-        """Publish a file; returns the repo's commit hash (the revision to pin)."""
-        r = self.repos.setdefault(repo, HubRepo(commit=hashlib.sha1(repo.encode()).hexdigest(), gated=gated))
+    def add(self, repo: str, filename: str, content: bytes, lfs: bool = True, gated: bool = False,
+            commit: Optional[str] = None) -> str:
+        """Publish a file; returns the repo's commit hash (the revision to pin). ``commit`` names the
+        repo's commit (a catalog pin) when the repo is new; by default it is derived from the repo's name."""
+        r = self.repos.setdefault(repo, HubRepo(commit=commit or hashlib.sha1(repo.encode()).hexdigest(), gated=gated))
         r.gated = r.gated or gated
         r.files[filename] = HubFile(content, lfs)
         return r.commit

@@ -34,23 +34,8 @@ def sha(data: bytes) -> str:
 
 
 @pytest.fixture
-def hub():
-    h = Hub()
-    yield h
-    h.stop()
-
-
-@pytest.fixture
-def env(hub, textseg_home, tmp_path, monkeypatch):
-    """A private cache, HF_ENDPOINT at the test hub, no token anywhere, no automatic retries."""
-    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setattr(weights, "_SETTINGS", weights.Settings(timeout=10, retries=0))
-    monkeypatch.setattr(weights, "_saved_token", lambda: None)
-    return textseg_home
+def env(hub_env):
+    return hub_env
 
 
 def publish(hub: Hub, model_id: str, files: dict, gated: bool = False, catalog_sha: bool = True, lfs: bool = True) -> ModelSpec:
