@@ -497,10 +497,24 @@ def _proxy_for(url: str) -> Optional[str]:
     return proxies.get(url.split(":", 1)[0].lower()) or proxies.get("all")
 
 
+def _hub_errors() -> Any:
+    """The module holding huggingface_hub's typed errors: ``huggingface_hub.errors`` from 0.25 on; before,
+    ``huggingface_hub.utils`` (0.23 and 0.24 have an ``errors`` module without these classes)."""
+    from huggingface_hub import utils
+
+    try:
+        from huggingface_hub import errors
+    except ImportError:
+        return utils
+    return errors if hasattr(errors, "RevisionNotFoundError") else utils
+
+
 def _hub_metadata(spec: ModelSpec, wf: WeightFile, token: Optional[str]) -> _Remote:
     from huggingface_hub import get_hf_file_metadata
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    errors = _hub_errors()
+    EntryNotFoundError, GatedRepoError, HfHubHTTPError = errors.EntryNotFoundError, errors.GatedRepoError, errors.HfHubHTTPError
+    RepositoryNotFoundError, RevisionNotFoundError = errors.RepositoryNotFoundError, errors.RevisionNotFoundError
 
     url = _hub_url(wf)
     try:
