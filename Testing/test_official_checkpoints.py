@@ -162,6 +162,7 @@ def test_biomedparse_v2_lightning_checkpoint(hub_env, hub, monkeypatch):
 
 
 # ---- SegVol -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
 def segvol_net():
     from textseg.models.segvol.network import CLIP_OFFICIAL, SegVolConfig, SegVolNet
 
@@ -189,8 +190,8 @@ def segvol_same(adapter, net, official):
     same_tensors(adapter.net.state_dict(), want)
 
 
-def test_segvol_huggingface_model_prefix(hub_env, hub, monkeypatch):
-    cfg, net, official = segvol_net()
+def test_segvol_huggingface_model_prefix(hub_env, hub, monkeypatch, segvol_net):
+    cfg, net, official = segvol_net
     spec = get_model("segvol")
     hub.add("BAAI/SegVol", "pytorch_model.bin", save({"model." + k: v for k, v in official.items()},
                                                       hub_env.parent / "upload.bin"), commit=spec.files[0].revision)
@@ -199,8 +200,8 @@ def test_segvol_huggingface_model_prefix(hub_env, hub, monkeypatch):
     segvol_same(adapter, net, official)
 
 
-def test_segvol_github_release_imported(hub_env, tmp_path, monkeypatch):
-    cfg, net, official = segvol_net()
+def test_segvol_github_release_imported(hub_env, tmp_path, monkeypatch, segvol_net):
+    cfg, net, official = segvol_net
     ckpt = {"model": {"module." + k: v for k, v in official.items()}, "optimizer": trained_adamw(net), "epoch": 2000,
             "scheduler": {"warmup_epochs": 10, "max_epochs": 3000, "base_lrs": [1e-4], "last_epoch": 2000}}
     release = tmp_path / "SegVol_v1.pth"
@@ -241,8 +242,9 @@ def biolord_files(text_cfg, vocab) -> dict:
     return files
 
 
-def sat_official_files(tmp: Path, extra: dict = None):
-    """SAT's segmentation and text encoder files as train/trainer.py saved them."""
+@pytest.fixture(scope="module")
+def sat_trained():
+    """SAT's segmentation and text encoder checkpoints as train/trainer.py saved them (objects)."""
     cfg, text_cfg, vocab, net, text = sat_parts()
     seg_sd = {"module." + k: v.clone() for k, v in net.state_dict().items()}
     text_sd = {"module." + k: v.clone() for k, v in text.state_dict().items()}
@@ -250,10 +252,15 @@ def sat_official_files(tmp: Path, extra: dict = None):
     text_sd["module.temperature"] = torch.tensor(0.07)
     seg = {"step": 190000, "model_state_dict": seg_sd,
            "optimizer_state_dict": trained_adamw(net, text, lr=np.float64(0.5 * (1 + np.cos(np.pi * 0.3)) * 1e-4))}
-    seg.update(extra or {})
-    seg_bytes = save_numpy1(seg, tmp / "seg.pth")
-    text_bytes = save({"step": 190000, "model_state_dict": text_sd}, tmp / "text.pth")
-    return cfg, seg_bytes, text_bytes, seg_sd, text_sd, biolord_files(text_cfg, vocab)
+    return cfg, seg, {"step": 190000, "model_state_dict": text_sd}, biolord_files(text_cfg, vocab)
+
+
+def sat_official_files(sat_trained, tmp: Path, extra: dict = None):
+    """The trained checkpoints written as the published files are (numpy scalars under numpy 1's name)."""
+    cfg, seg, text, biolord = sat_trained
+    seg_bytes = save_numpy1({**seg, **(extra or {})}, tmp / "seg.pth")
+    text_bytes = save(text, tmp / "text.pth")
+    return cfg, seg_bytes, text_bytes, seg["model_state_dict"], text["model_state_dict"], biolord
 
 
 def publish_sat(hub, spec, seg_bytes, text_bytes, biolord):
@@ -268,8 +275,8 @@ def publish_sat(hub, spec, seg_bytes, text_bytes, biolord):
 
 
 @pytest.mark.parametrize("model_id", ["sat-nano", "sat-pro"])
-def test_sat_trainer_checkpoints_with_numpy_scalars(hub_env, hub, model_id, monkeypatch):
-    cfg, seg_bytes, text_bytes, seg_sd, text_sd, biolord = sat_official_files(hub_env.parent)
+def test_sat_trainer_checkpoints_with_numpy_scalars(hub_env, hub, model_id, monkeypatch, sat_trained):
+    cfg, seg_bytes, text_bytes, seg_sd, text_sd, biolord = sat_official_files(sat_trained, hub_env.parent)
     # what HuggingFace's pickle scan lists for Nano/nano.pth, less the globals torch allows by default
     assert sorted(torch.serialization.get_unsafe_globals_in_checkpoint(hub_env.parent / "seg.pth")) == \
         ["numpy.core.multiarray.scalar", "numpy.dtype"]
@@ -297,11 +304,11 @@ class _RunsCode:
     ({"args": argparse.Namespace(lr=1e-4)}, "argparse.Namespace"),
     ({"hook": _RunsCode(Path("/nonexistent"))}, os.system.__module__ + ".system"),
 ])
-def test_file_with_unexpected_global_is_refused_naming_it(hub_env, hub, tmp_path, extra, named):
+def test_file_with_unexpected_global_is_refused_naming_it(hub_env, hub, tmp_path, extra, named, sat_trained):
     marker = tmp_path / "code-ran"
     if "hook" in extra:
         extra = {"hook": _RunsCode(marker)}
-    cfg, seg_bytes, text_bytes, *_, biolord = sat_official_files(hub_env.parent, extra)
+    cfg, seg_bytes, text_bytes, *_, biolord = sat_official_files(sat_trained, hub_env.parent, extra)
     spec = get_model("sat-nano")
     publish_sat(hub, spec, seg_bytes, text_bytes, biolord)
     weights.download(spec.id)  # verify passes: the bytes are the published ones
@@ -314,12 +321,12 @@ def test_file_with_unexpected_global_is_refused_naming_it(hub_env, hub, tmp_path
     assert not marker.exists()
 
 
-def test_old_torch_refuses_numpy_scalars_with_the_fix(hub_env, hub, monkeypatch):
+def test_old_torch_refuses_numpy_scalars_with_the_fix(hub_env, monkeypatch, sat_trained):
     """torch < 2.6 cannot allow numpy's scalar under its numpy-1 name: SAT's segmentation file is refused
     with what to do; a file of tensors only (SAT's text encoder) still loads."""
     from textseg.models.sat.loader import read_state_dict
 
-    cfg, seg_bytes, text_bytes, seg_sd, text_sd, biolord = sat_official_files(hub_env.parent)
+    cfg, seg_bytes, text_bytes, seg_sd, text_sd, biolord = sat_official_files(sat_trained, hub_env.parent)
     monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
     with pytest.raises(WeightsError, match=r"needs torch >= 2\.6.*2\.4\.1") as err:
         read_state_dict(hub_env.parent / "seg.pth", "segmentation")
