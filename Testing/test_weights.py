@@ -586,3 +586,18 @@ def test_import_identifies_a_pinned_file_by_its_checksum(env, tmp_path):
     weights.import_file(unpinned, f)
     rec = json.loads((env / "models/t-import-free/.meta/w.bin.json").read_text())
     assert rec["commit"] is None and rec["source"] == f"imported from {f}" and rec["checked_against"] == "none"
+
+
+def test_file_changed_since_download_is_not_loaded(env, hub):
+    """Without a catalog checksum, the sha256 recorded at download is what a changed file is checked against."""
+    data = blob(30_000, 37)
+    spec = publish(hub, "t-changed", {"w.bin": data}, catalog_sha=False)
+    weights.download(spec)
+    p = env / "models/t-changed/w.bin"
+    os.utime(p, ns=(1, 1))  # copied without its times: same bytes, hashed once more, still ready
+    weights.require_weights(spec)
+    assert weights.status(spec).state == "ready" and weights.provenance(spec)[0]["commit"] == spec.files[0].revision
+    p.write_bytes(data[:-1] + b"\0")  # replaced by other bytes
+    with pytest.raises(weights.ChecksumError, match=r"\(recorded at download\).*textseg models import t-changed"):
+        weights.require_weights(spec)
+    assert not p.exists() and weights.status(spec).state == "corrupt"

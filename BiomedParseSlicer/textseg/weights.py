@@ -331,14 +331,18 @@ def _check_file(path: Path, exp: _Expected, label: str, on_bytes: Optional[Calla
 
 
 def _ensure_verified(spec: ModelSpec, wf: WeightFile, w: _Where) -> None:
+    """Hash a file whose record no longer matches it (touched, copied, replaced) against the catalog's
+    sha256, else the one recorded when it was installed; quarantine it when it differs."""
     if _marker_valid(w, wf):
         return
-    exp = _catalog_expected(wf)
+    rec = _read_marker(w) or {}
+    exp = _catalog_expected(wf, rec)
     try:
         digest = _check_file(w.final, exp, f"Weight file {w.final}")
     except ChecksumError as e:
-        raise ChecksumError(_quarantine(w, str(e)) + f" Run `textseg models download {spec.id}` to fetch it again.") from None
-    _write_marker(w, digest, exp.source if exp.sha256 else "none")
+        raise ChecksumError(_quarantine(w, str(e)) + f" Run `textseg models download {spec.id}` to fetch it again, or "
+                            f"`textseg models import {spec.id} FILE` to install a file of your own.") from None
+    _write_marker(w, digest, "catalog" if exp.source == "catalog" else rec.get("checked_against") or "none")
 
 
 # ---- status -------------------------------------------------------------------------------------
