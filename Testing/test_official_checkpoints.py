@@ -23,8 +23,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import pickle
-import types
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from checkpoint_layouts import save_numpy1  # noqa: E402
 from textseg import catalog, weights  # noqa: E402
 from textseg.catalog import get_model  # noqa: E402
 from textseg.errors import WeightsError  # noqa: E402
@@ -40,30 +39,9 @@ from textseg.predictor import load_adapter  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures"
 TOKEN = "hf_accepted"  # a token the hub look-alike lets into gated repos
-NP_SCALAR = np.float64(0.0).__reduce__()[0]  # numpy's scalar reconstructor (numpy._core.multiarray.scalar on numpy 2)
 
 
 # ---- writing files the way the upstream trainers did ----------------------------------------------
-class _Numpy1Pickler(pickle._Pickler):
-    """Pickles numpy scalars under numpy 1's module name ``numpy.core.multiarray.scalar`` (numpy 2 writes
-    ``numpy._core.multiarray.scalar``), as the published SAT files were written."""
-
-    def save_global(self, obj, name=None):
-        if obj is NP_SCALAR:
-            self.write(pickle.GLOBAL + b"numpy.core.multiarray\nscalar\n")
-            self.memoize(obj)
-            return
-        super().save_global(obj, name)
-
-
-NUMPY1_PICKLE = types.SimpleNamespace(Pickler=_Numpy1Pickler, __name__="numpy1_pickle")
-
-
-def save_numpy1(obj, path: Path) -> bytes:
-    torch.save(obj, path, pickle_module=NUMPY1_PICKLE)
-    return path.read_bytes()
-
-
 def save(obj, path: Path) -> bytes:
     torch.save(obj, path)
     return path.read_bytes()
@@ -258,7 +236,8 @@ def sat_trained():
 def sat_official_files(sat_trained, tmp: Path, extra: dict = None):
     """The trained checkpoints written as the published files are (numpy scalars under numpy 1's name)."""
     cfg, seg, text, biolord = sat_trained
-    seg_bytes = save_numpy1({**seg, **(extra or {})}, tmp / "seg.pth")
+    save_numpy1({**seg, **(extra or {})}, tmp / "seg.pth")
+    seg_bytes = (tmp / "seg.pth").read_bytes()
     text_bytes = save(text, tmp / "text.pth")
     return cfg, seg_bytes, text_bytes, seg["model_state_dict"], text["model_state_dict"], biolord
 
