@@ -556,10 +556,10 @@ def _recorded_commits(spec: ModelSpec, weights_dir: Optional[Path]) -> Resolved:
     return out
 
 
-def _origin(wf: WeightFile, remote: _Remote) -> Dict[str, Any]:
+def _origin(wf: WeightFile, remote: _Remote, source: str = "download") -> Dict[str, Any]:
     """The record's account of a download: where the bytes came from, at which commit."""
     return dict(repo=wf.repo or None, filename=wf.filename or wf.name, revision=wf.revision if not wf.url else None,
-                commit=remote.commit, url=remote.url, note=remote.note or None, source="download")
+                commit=remote.commit, url=remote.url, note=remote.note or None, source=source)
 
 
 def _hub_url(wf: WeightFile, revision: Optional[str] = None) -> str:
@@ -841,7 +841,7 @@ def _still_good(w: _Where, wf: WeightFile, remote: _Remote, prog: _Progress, can
         digest = _check_file(w.final, remote.expected, w.name, lambda n: prog.bytes("Verifying", w.name, n, remote.expected.size), cancel)
     except ChecksumError:
         return False
-    _write_marker(w, digest, remote.expected.source, **_origin(wf, remote))
+    _write_marker(w, digest, remote.expected.source, **_origin(wf, remote, "found in the cache; matched the server's file"))
     return True
 
 
