@@ -385,7 +385,7 @@ def test_loader_errors(oracle, tmp_path):
         load_v1_weights(m, trunc)
     text = tmp_path / "config.yaml"
     text.write_text("MODEL:\n  NAME: seem_model_demo\n")
-    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(WeightsError, match="not a readable BiomedParse v1 checkpoint"):
         load_v1_weights(m, text)
     v2 = tmp_path / "biomedparse_v2.ckpt"
     torch.save({"state_dict": {"model.backbone.x": torch.zeros(1)}}, v2)

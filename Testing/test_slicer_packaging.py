@@ -140,7 +140,10 @@ def test_requirement_lists_match_pyproject():
 def test_install_asks_first_and_never_touches_bundled_packages(monkeypatch):
     from BiomedParseSlicerLib import environment
 
-    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("pynrrd", "torch") else "1")
+    declared = {environment.requirement_name(r): (re.findall(r"[=>]=([0-9.]+)", r) or ["1.0"])[0]
+                for r in environment.CLIENT_REQUIREMENTS + environment.MODEL_REQUIREMENTS
+                + environment.SERVER_REQUIREMENTS + (environment.TORCH_REQUIREMENT,)}
+    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("pynrrd", "torch") else declared.get(name))
     installed = []
     assert environment.install(True, lambda msg: False, installed.extend) == [] and installed == []  # declined
     asked = []
@@ -148,12 +151,12 @@ def test_install_asks_first_and_never_touches_bundled_packages(monkeypatch):
     assert installed == ["pynrrd>=1.0"] and done == ["pynrrd>=1.0", "torch"] and "PyTorch extension" in asked[0]
     with pytest.raises(RuntimeError, match="PyTorch"):
         environment.install(True, lambda msg: True, installed.extend, install_torch=None)
-    # open_clip_torch goes in alone with --no-deps (its dependencies would replace torch)
-    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("open_clip_torch", "regex") else "1")
+    # every requirement goes to pip in one call, with its version (pip upgrades what is older)
+    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("einops", "regex") else declared.get(name))
     calls = []
     environment.install(True, lambda msg: True, calls.append)
-    assert calls == [["--no-deps", "open_clip_torch==3.3.0"], ["regex"]]
-    monkeypatch.setattr(environment, "installed_version", lambda name: None if name == "numpy" else "1")
+    assert calls == [["einops>=0.6", "regex"]]
+    monkeypatch.setattr(environment, "installed_version", lambda name: None if name == "numpy" else declared.get(name))
     with pytest.raises(RuntimeError, match="never installs or replaces"):
         environment.install(False, lambda msg: True, installed.extend)
 
