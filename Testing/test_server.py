@@ -70,7 +70,8 @@ SLOW_2D = {"synthetic-2d": {"delay": 0.5, "batch_size": 2}}  # 0.5 s per batch o
 
 @pytest.fixture(scope="module")
 def slow():
-    s = Settings(port=0, devices=("cpu", "cpu"), show_test_models=True, queue_size=1, session_ttl=1.0,
+    # session_ttl is long here: on a loaded machine a 1 s TTL expired images between a test's upload and its jobs
+    s = Settings(port=0, devices=("cpu", "cpu"), show_test_models=True, queue_size=1, session_ttl=60.0,
                  max_upload_bytes=1 << 20, body_timeout=1.0, min_body_rate=2048,
                  adapter_options={"synthetic-3d": {"delay": 2.0}, **SLOW_2D})
     with running_server(s) as url:
@@ -440,7 +441,14 @@ def test_cancel_mid_job_keeps_partial_2d_results(slow):
     check_cancel_keeps_partial_2d_results(slow)
 
 
-def test_expired_session_is_uploaded_again_transparently(slow):
+@pytest.fixture(scope="module")
+def short_ttl():
+    with running_server(Settings(port=0, devices=("cpu",), show_test_models=True, session_ttl=1.0)) as url:
+        yield url
+
+
+def test_expired_session_is_uploaded_again_transparently(short_ttl):
+    slow = short_ttl
     v = _phantom()
     v.array[0, 0, 0] = 7  # an image no other test uploads
     session = CountingSession()
