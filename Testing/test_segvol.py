@@ -372,6 +372,32 @@ def test_matches_official_on_tilted_and_oblique_real_ct(oracle_adapter, tmp_path
     assert np.abs(got - want).max() <= 3e-5  # sigmoid of logits within 1e-4
 
 
+def test_box_prompt_on_an_oblique_ct_covers_the_physical_box(oracle_adapter, tmp_path):
+    """A box is an axis-aligned LPS box (a Slicer ROI's bounding box); on an oblique image it must become the
+    model-grid box around all 8 of its corners, not the box spanned by two of them (which cut the liver)."""
+    import SimpleITK as sitk
+
+    fx = np.load(FIX / "segvol_oracle_oblique_ct.npz")
+    vol, liver, path = real_case_volume(tmp_path, "oblique")
+    ad, ctx = oracle_adapter, RunContext(device=torch.device("cpu"))
+    state = ad.prepare(vol.canonical(), None, ctx)
+    kji = np.argwhere(liver > 0)
+    pts = vol.index_to_physical(kji[:, ::-1])
+    box = np.stack([pts.min(0), pts.max(0)])  # the liver's LPS bounding box
+    lo, hi = ad.crop_box(state, box)
+    # where the liver voxels lie on the crop grid: stored (k, j, i) + pad - crop start (fixture, MONAI's)
+    crop_idx = kji + fx["pad_before"] - fx["crop_start"]
+    assert (crop_idx >= lo).all() and (crop_idx <= hi).all(), "liver voxels outside the box given to the model"
+    # and the box is the one around the 8 corners, computed independently with ITK on the file
+    img = sitk.ReadImage(str(path))
+    corners = [(box[a][0], box[b][1], box[c][2]) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+    ijk = np.array([img.TransformPhysicalPointToContinuousIndex(c) for c in corners])
+    zyx = ijk[:, ::-1] + fx["pad_before"] - fx["crop_start"]
+    shape = np.array(state.geo.crop_shape) - 1
+    np.testing.assert_array_equal(lo, np.clip(np.floor(zyx.min(0) + 0.5), 0, shape))
+    np.testing.assert_array_equal(hi, np.clip(np.floor(zyx.max(0) + 0.5), 0, shape))
+
+
 @pytest.fixture(scope="module")
 def subregion_adapter(tmp_path_factory):
     return adapter_for(np.load(FIX / "segvol_oracle_subregion.npz"), tmp_path_factory)
