@@ -22,6 +22,16 @@ fixture pins the RNG order across calls) and once with ``do_boltzmann=False``. S
 prediction head's mask logits (``<run>/head<i>``) and sampled attention mask (``<run>/attn<i>``, bool), the
 final ``pred_gmasks`` and ``object_existence``.
 
+``biomedparse_v2_flip_oracle.npz`` (issue 15 item 4): the same decoder and weights on larger feature maps
+(``FLIP_SIZES``: 16x16, 32x32, 64x64; mask features 64x64; inputs from the numpy recipe ``flip_inputs``, not
+stored) with ``torch.manual_seed(FLIP_SEED)``, about 1.6 M Boltzmann draws. FLIP_SEED is the first seed of
+0..399 whose run has a draw that our port decides the other way (u between upstream's and our keep probability,
+which differ by float rounding): found by running our decoder beside upstream's on these inputs for each seed
+(torch 2.13.0 CPU; see Testing/fixtures/README.md). Saved: each head's sampled attention mask (``attn<i>``, packed bits, shape
+``attn<i>_shape``), the final ``pred_gmasks``/``object_existence``, and every near tie, |u - P| <= ``NEAR``, with
+upstream's own draw u and keep probability P = (1 - w)^n (w as upstream passes it to ``torch.rand_like``):
+``near<i>_index`` (flat index into the head's mask), ``near<i>_u``, ``near<i>_p``.
+
 ``biomedparse_v2_predictor_keys.json``: every key, shape and dtype of the full-size predictor
 (``boltzformer_decoder.yaml``: hidden 512, 16 queries, 9 layers, FFN 2048) below ``sem_seg_head.predictor.``,
 language encoder excluded, built on the meta device.
@@ -99,6 +109,71 @@ def run(dec, feats, mask_features, tokens, out: dict, name: str) -> None:
         out[f"{name}/attn{i}"] = a.numpy()
     out[f"{name}/pred_gmasks"] = res["pred_gmasks"].numpy()
     out[f"{name}/object_existence"] = res["object_existence"].numpy()
+
+
+FLIP_SIZES, FLIP_MASK, FLIP_INPUT_SEED = ((16, 16), (32, 32), (64, 64)), (64, 64), 15
+FLIP_SEED = 88  # the first seed of range(0, 400) with a draw our port decides the other way (scratch search)
+NEAR = 1e-4  # near ties stored: |u - P| <= NEAR
+
+
+def flip_inputs(seed: int = FLIP_INPUT_SEED):
+    """Features, mask features and grounding tokens (2 prompts of 3 and 7 tokens, upstream padding) from numpy
+    PCG64: standard normal float32, in this order."""
+    rng = np.random.default_rng(seed)
+    c = CFG["hidden_dim"]
+    feats = [torch.from_numpy(rng.standard_normal((SLICES, c, *s)).astype(np.float32)) for s in FLIP_SIZES]
+    mask_features = torch.from_numpy(rng.standard_normal((SLICES, c, *FLIP_MASK)).astype(np.float32))
+    token_emb = [torch.from_numpy(rng.standard_normal((n, c)).astype(np.float32)) for n in TOKENS]
+    q = torch.nn.utils.rnn.pad_sequence(token_emb, padding_value=-1)
+    q[q.sum(dim=-1) == -q.shape[-1]] = 0
+    return feats, mask_features, q
+
+
+def run_recording_draws(dec, feats, mask_features, tokens, seed: int) -> dict:
+    """Upstream forward with ``torch.manual_seed(seed)``; records each head's attention mask, and the weights w
+    and uniform draws u of every ``torch.rand_like(w)`` call (upstream: ``rand_like(boltzmann_prob) < (1-w)^n``)."""
+    heads, draws = [], []
+    orig_heads, orig_rand = dec.forward_prediction_heads, torch.rand_like
+
+    def spy(*a, **k):
+        res = orig_heads(*a, **k)
+        heads.append(res[1].detach().clone())
+        return res
+
+    def rand_like(w, *a, **k):
+        u = orig_rand(w, *a, **k)
+        draws.append((w.detach().clone(), u.clone()))
+        return u
+
+    dec.forward_prediction_heads, torch.rand_like = spy, rand_like
+    p = tokens.shape[1]
+    try:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            res = dec([tile(f, p) for f in feats], tile(mask_features, p),
+                      extra={"grounding_tokens": tokens.repeat(1, SLICES, 1)})
+    finally:
+        dec.forward_prediction_heads, torch.rand_like = orig_heads, orig_rand
+    assert len(heads) == len(draws)
+    return {"heads": heads, "draws": draws, "pred_gmasks": res["pred_gmasks"], "object_existence": res["object_existence"]}
+
+
+def flip_oracle(upstream: Path, out_dir: Path) -> None:
+    dec = build(upstream, True)  # the decoder oracle's weights
+    feats, mask_features, tokens = flip_inputs()
+    rec = run_recording_draws(dec, feats, mask_features, tokens, FLIP_SEED)
+    out = {"seed": np.array(FLIP_SEED), "input_seed": np.array(FLIP_INPUT_SEED), "near": np.array(NEAR),
+           "sizes": np.array(FLIP_SIZES), "mask_size": np.array(FLIP_MASK),
+           "pred_gmasks": rec["pred_gmasks"].numpy(), "object_existence": rec["object_existence"].numpy()}
+    for i, (attn, (w, u)) in enumerate(zip(rec["heads"], rec["draws"])):
+        keep = (1 - w) ** int(w.shape[-1] * SAMPLING["sample_ratio"])  # upstream's expression
+        near = torch.nonzero((u - keep).abs().flatten() <= NEAR)[:, 0]
+        out[f"attn{i}"], out[f"attn{i}_shape"] = np.packbits(attn.numpy().ravel()), np.array(attn.shape)
+        out[f"near{i}_index"] = near.numpy().astype(np.int64)
+        out[f"near{i}_u"], out[f"near{i}_p"] = u.flatten()[near].numpy(), keep.flatten()[near].numpy()
+    path = out_dir / "biomedparse_v2_flip_oracle.npz"
+    np.savez_compressed(path, **out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
 PRE_SLICES = (0, 15, 29)
@@ -258,6 +333,7 @@ def main() -> None:
     run(dec, feats, mask_features, tokens, out, "boltz2")  # second batch: continues the same RNG stream
     run(build(args.upstream, False), feats, mask_features, tokens, out, "full")
     args.out.mkdir(parents=True, exist_ok=True)
+    flip_oracle(args.upstream, args.out)
     path = args.out / "biomedparse_v2_decoder_oracle.npz"
     np.savez_compressed(path, **out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {len(out)} arrays)")
