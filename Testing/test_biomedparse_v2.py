@@ -688,3 +688,83 @@ def test_adapter_encodes_each_prompt_group_once(weights_dir):
     assert len(calls) == 1 and np.array_equal(again.probability, first.probability)
     p.predict(["liver", "spleen"], keep_absent=True)
     assert len(calls) == 2
+
+
+# ---- real MR and CT turned through their header (issue 15 item 2) ---------------------------------------------
+GEOMETRY_ORACLE = Path(__file__).parent / "fixtures" / "biomedparse_v2_geometry_oracle.npz"
+
+
+@pytest.fixture(scope="module")
+def geometry_weights(tmp_path_factory):
+    """The model oracle's weights with the geometry oracle's classifier-bias shift, official .ckpt layout."""
+    import json
+
+    _v2_model()
+    o = dict(np.load(MODEL_ORACLE))
+    for k, shift in json.loads(str(np.load(GEOMETRY_ORACLE)["weight_shift"])).items():
+        o["sd/" + k] = o["sd/" + k] + np.float32(shift)
+    d = tmp_path_factory.mktemp("v2g")
+    official_ckpt(o, d / "biomedparse_v2.ckpt")
+    return d
+
+
+def turned_scan(tmp_path, scan: str, case: str):
+    """The real scan turned through its header, written as NIfTI and read the user's way."""
+    from make_biomedparse_v2_fixture import GEOMETRY_SCANS
+    from real_scans import save_nifti, turned_copy
+
+    from textseg.io import read_volume
+
+    name, modality, site = GEOMETRY_SCANS[scan]
+    array, affine = turned_copy(shared_file("totalsegmentator-examples", name), case)
+    save_nifti(array, affine, tmp_path / f"{scan}_{case}.nii.gz")
+    return read_volume(tmp_path / f"{scan}_{case}.nii.gz"), modality, site
+
+
+@pytest.mark.parametrize("case", ["tilted", "oblique"])
+@pytest.mark.parametrize("scan", ["mr", "ct"])
+def test_compat_on_tilted_and_oblique_real_scans(geometry_weights, tmp_path, monkeypatch, scan, case):
+    """Upstream slices the array as SimpleITK reads it, whatever the header says; ours slices the canonical
+    (closest-LPS) array. For the LPS-stored MR that is the stored array, so compat equals upstream's
+    inference.py end to end (logits, existence, and its label map on the input grid). The CT is stored RAS:
+    upstream would see each slice turned by 180 degrees; ours gives the model the radiological view, which is
+    upstream's answer for the same image stored LPS, mapped back: the mask lands exactly on upstream's voxels
+    with rows and columns reversed, and differs from upstream run on the RAS-stored array."""
+    from textseg.models.biomedparse.v2_model import REDUCED
+    from textseg.predictor import Predictor
+
+    o = dict(np.load(GEOMETRY_ORACLE))
+    vol, modality, site = turned_scan(tmp_path, scan, case)
+    stored, _, _ = turned_scan(tmp_path, scan, "stored")
+    turn = np.degrees(np.arccos(np.clip(np.abs(np.diag(vol.direction.T @ stored.direction)), 0, 1)))
+    assert turn.max() > 9.9 and vol.orientation == stored.orientation
+    p = Predictor("biomedparse-v2", device="cpu", weights_dir=geometry_weights, config=REDUCED, compat_upstream=True,
+                  seed=int(o["seed"]), batch_size=int(o["batch"]))
+    p.set_image(vol, modality, site)
+    p._ensure_loaded()
+    model = p.adapter.model
+    decoded, decode = [], model.decode
+    monkeypatch.setattr(model, "decode", lambda *a, **k: decoded.append(decode(*a, **k)) or decoded[-1])
+    rec = DrawRecorder(monkeypatch)
+    (r,) = p.predict([str(o["prompt"])])
+    logits = torch.cat([d.masks[:, 0] for d in decoded]).numpy()[None]  # (1 prompt, D, h, w) canonical
+    existence = torch.cat([d.existence[:, 0] for d in decoded]).numpy()[None]
+    depth = logits.shape[1]
+    batches = [list(range(a, min(a + int(o["batch"]), depth))) for a in range(0, depth, int(o["batch"]))]
+    tol = compat_tolerance(rec, model, batches, 1)
+    assert within(logits, o[f"{scan}/pred_gmasks"][None], tol) and within(existence, o[f"{scan}/object_existence"][None], tol)
+    # upstream's label map (inference.py: existence > 0.5, then probability > 0.5), placed on the input grid
+    want = o[f"{scan}/labels"] if scan == "mr" else o["ct/labels"][:, ::-1, ::-1]
+    assert r.mask.shape == want.shape == vol.shape and 0.3 < want.mean() < 0.95
+    differ = r.mask != want
+    slack = np.abs(r.probability - 0.5) <= tol[0][:, None, None]  # where ours and upstream's may straddle 0.5
+    assert (slack[differ]).all() and differ.mean() < 1e-3
+    if scan == "ct":  # deliberately not upstream's view of the RAS-stored array
+        assert (r.mask != o["ct/stored_labels"]).mean() > 0.05
+    # the default mode sees the same canonical slices as for the file before its header was turned
+    runs = []
+    for v in (vol, stored):
+        d = Predictor("biomedparse-v2", device="cpu", weights_dir=geometry_weights, config=REDUCED, seed=3)
+        d.set_image(v, modality, site)
+        runs.append(d.predict([str(o["prompt"])], keep_absent=True)[0].probability)
+    np.testing.assert_array_equal(runs[0], runs[1])

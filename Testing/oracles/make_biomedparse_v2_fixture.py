@@ -264,8 +264,8 @@ def build_model(upstream: Path, reduced: bool, tokenizer_dir: Path):
                             edge_queries=2 if r else 4).eval()
 
 
-def model_oracle(upstream: Path, tokenizer_dir: Path, out_dir: Path) -> None:
-    """Reduced upstream model, seeded random weights; forward_eval on 3 slices of 64x64, slice batch 2."""
+def reduced_model(upstream: Path, tokenizer_dir: Path):
+    """The model oracle's reduced upstream model with its seeded random weights."""
     torch.manual_seed(0)
     model = build_model(upstream, True, tokenizer_dir)
     with torch.no_grad():
@@ -273,6 +273,12 @@ def model_oracle(upstream: Path, tokenizer_dir: Path, out_dir: Path) -> None:
             if k in ("pixel_mean", "pixel_std"):
                 continue
             p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in k and k.endswith("weight") else 0.12 * torch.randn_like(p))
+    return model
+
+
+def model_oracle(upstream: Path, tokenizer_dir: Path, out_dir: Path) -> None:
+    """Reduced upstream model, seeded random weights; forward_eval on 3 slices of 64x64, slice batch 2."""
+    model = reduced_model(upstream, tokenizer_dir)
     g = torch.Generator().manual_seed(2)
     vol = (torch.rand(3, 64, 64, generator=g) * 255).int()
     out = {"image": vol.numpy().astype(np.uint8), "seed": np.array(MODEL_SEED), "prompts": np.array(MODEL_PROMPTS)}
@@ -302,6 +308,92 @@ def model_oracle(upstream: Path, tokenizer_dir: Path, out_dir: Path) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
+# ---- real scans turned through their header (issue 15 item 2) -------------------------------------------------
+# (file under totalsegmentator-examples, modality, CT site, flip to canonical (closest LPS) order)
+GEOMETRY_SCANS = {"mr": ("example_mr_sm.nii.gz", "MRI", None),  # stored LPS: the stored array is canonical
+                  "ct": ("example_ct_sm.nii.gz", "CT", "abdomen")}  # stored RAS: canonical = rows and columns reversed
+GEOMETRY_PROMPT = "Visualization of the left kidney in abdominal CT imaging"  # token rows stored in the model oracle
+GEOMETRY_SEED, GEOMETRY_BATCH = 11, 4  # inference.py: slice_batch_size=4
+# The model oracle's weights give existence logits near -0.13 on every slice, so upstream's single-prompt rule
+# (existence > 0.5) would empty every label map; the classifier bias is shifted so the labels carry the masks.
+EXISTENCE_SHIFT = {"sem_seg_head.predictor.classifier.bias": 0.5}
+
+
+def geometry_input(shared: Path, scan: str, case: str):
+    """The challenge-style uint8 volume upstream is given for ``scan`` turned by ``ROTATIONS[case]``: the file read
+    with SimpleITK (``GetArrayFromImage``, (k, j, i), as the challenge's npz were made), each slice windowed to
+    0..255 with ``textseg.presets.window_to_uint8`` (the challenge's preprocessing is not published; ours). Also
+    the array in canonical order (``[:, ::-1, ::-1]`` for the RAS-stored CT) and the NIfTI path written."""
+    import tempfile
+
+    import SimpleITK as sitk
+    from real_scans import save_nifti, turned_copy
+    from textseg.presets import get_preset, window_to_uint8
+
+    name, modality, site = GEOMETRY_SCANS[scan]
+    array, affine = turned_copy(shared / "totalsegmentator-examples" / name, case)
+    path = Path(tempfile.mkdtemp()) / f"{scan}_{case}.nii.gz"
+    save_nifti(array, affine, path)
+    stored = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    preset = get_preset(modality, site)
+    u8 = np.stack([window_to_uint8(sl, preset) for sl in stored])
+    canonical = u8 if scan == "mr" else np.ascontiguousarray(u8[:, ::-1, ::-1])
+    return u8, canonical
+
+
+def upstream_inference(model, imgs: np.ndarray, size: int) -> dict:
+    """inference.py's ``main`` for one case and one prompt: process_input, forward_eval (slice batch 4) after
+    ``torch.manual_seed(GEOMETRY_SEED)``, logits bicubic-antialias to ``size``, postprocess, merge_multiclass_masks,
+    process_output: the label map on the array's grid."""
+    import types
+
+    for name in ("hydra", "hydra.core", "hydra.core.global_hydra"):  # imported by inference.py, unused here
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["hydra"].compose = None
+    sys.modules["hydra.core.global_hydra"].GlobalHydra = None
+    import inference as up
+    from utils import process_input, process_output
+
+    x, pad_width, padded_size, axis = process_input(imgs, size)
+    with torch.no_grad():
+        torch.manual_seed(GEOMETRY_SEED)
+        out = model({"image": x.int().unsqueeze(0), "text": [GEOMETRY_PROMPT]}, mode="eval",
+                    slice_batch_size=GEOMETRY_BATCH)["predictions"]
+    logits = torch.nn.functional.interpolate(out["pred_gmasks"], size=(size, size), mode="bicubic",
+                                             align_corners=False, antialias=True)
+    masks = up.postprocess(logits, out["object_existence"])
+    labels = process_output(up.merge_multiclass_masks(masks, [1]), pad_width, padded_size, axis)
+    return {"axis": np.array(axis), "pred_gmasks": out["pred_gmasks"][0].numpy(),
+            "object_existence": out["object_existence"][0].numpy(), "edge_masks": out["edge_masks"][0].numpy(),
+            "labels": labels.astype(np.uint8)}
+
+
+def geometry_oracle(upstream: Path, tokenizer_dir: Path, shared: Path, out_dir: Path) -> None:
+    """biomedparse_v2_geometry_oracle.npz: upstream on the real MR and CT turned through their header."""
+    from real_scans import ROTATIONS
+
+    model = reduced_model(upstream, tokenizer_dir)
+    with torch.no_grad():
+        for k, shift in EXISTENCE_SHIFT.items():
+            model.state_dict()[k].add_(shift)
+    out = {"seed": np.array(GEOMETRY_SEED), "batch": np.array(GEOMETRY_BATCH), "prompt": np.array(GEOMETRY_PROMPT),
+           "weight_shift": np.array(json.dumps(EXISTENCE_SHIFT))}
+    for scan in GEOMETRY_SCANS:
+        runs = {case: geometry_input(shared, scan, case) for case in ROTATIONS}
+        for case, (u8, canonical) in runs.items():  # upstream reads arrays only: the header changes nothing
+            assert np.array_equal(u8, runs["stored"][0]) and np.array_equal(canonical, runs["stored"][1]), case
+        u8, canonical = runs["stored"]
+        res = upstream_inference(model, canonical, 64)
+        out.update({f"{scan}/{k}": v for k, v in res.items()})
+        if scan == "ct":  # upstream given the file's own (RAS) order sees every slice turned by 180 degrees
+            out["ct/stored_labels"] = upstream_inference(model, u8, 64)["labels"]
+    path = out_dir / "biomedparse_v2_geometry_oracle.npz"
+    np.savez_compressed(path, **out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)",
+          {k: (int(v.sum()), v.shape) for k, v in out.items() if k.endswith("labels")},
+          {k: np.round(1 / (1 + np.exp(-v.ravel())), 2).tolist() for k, v in out.items() if k.endswith("existence")})
+
+
 def model_keys(upstream: Path, tokenizer_dir: Path, out_dir: Path) -> None:
     model = build_model(upstream, False, tokenizer_dir)  # on the CPU (~1.5 GB): the backbone calls .item()
     keys = {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model.state_dict().items()}
@@ -316,13 +408,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "fixtures")
     ap.add_argument("--shared", type=Path, help="shared test data folder (for the preprocessing oracle)")
     ap.add_argument("--tokenizer", type=Path, help="folder with CLIP vocab.json + merges.txt (full-model fixtures)")
+    ap.add_argument("--only", choices=["geometry"], help="write only this fixture")
     args = ap.parse_args()
+    if args.only == "geometry":
+        return geometry_oracle(args.upstream, args.tokenizer, args.shared, args.out)
     if args.shared:
         preprocess_oracle(args.upstream, args.shared, args.out)
     predictor_keys(args.upstream, args.out)
     if args.tokenizer:
         model_oracle(args.upstream, args.tokenizer, args.out)
         model_keys(args.upstream, args.tokenizer, args.out)
+        if args.shared:
+            geometry_oracle(args.upstream, args.tokenizer, args.shared, args.out)
     feats, mask_features, tokens = inputs()
     out = {f"feat{i}": f.numpy() for i, f in enumerate(feats)}
     out.update(mask_features=mask_features.numpy(), tokens=tokens.numpy(), seed=np.array(SEED))

@@ -54,6 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
+from real_scans import ROTATIONS, save_nifti, turned_copy  # noqa: F401  (shared recipes; re-exported)
+
 SEED = 20240607
 # Reduced configuration: the decoder width stays 768 because upstream hard-codes
 # Linear(768, 96) (text-to-pixel term) and Linear(512, 768) (dim_align).
@@ -166,48 +168,16 @@ REAL_DIR = "totalsegmentator-examples"
 # (x, y, z) index ranges of the stored (RAS-ordered) NIfTI arrays: around the liver of example_ct_sm
 REAL_CROP = ((36, 108), (22, 86), (0, 30))
 LIVER = 5  # example_seg_labels.json
-# header-only changes: rotations about the RAS world axes, applied in order, about the volume centre
-ROTATIONS = {"stored": (), "tilted": (("R", 12.0),), "oblique": (("S", 20.0), ("R", 10.0))}
 # item 3: slices 24..87 of example_ct (its 112 slices; example_ct_sm is slices 82..111), the whole plane
 SUBREGION_SLICES = (24, 88)
 SUBREGION_LABEL = ((40, 90), (30, 60), (20, 44))  # cuboid "label" for the demo's box prompt, (x, y, z)
 
 
-def rotation(steps) -> np.ndarray:
-    """3x3 rotation in RAS world coordinates: ("R"|"A"|"S", degrees) steps, the first applied first."""
-    m = np.eye(3)
-    for axis, deg in steps:
-        t = np.deg2rad(deg)
-        c, s = np.cos(t), np.sin(t)
-        i = "RAS".index(axis)
-        r = np.eye(3)
-        a, b = [k for k in range(3) if k != i]
-        r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
-        m = r @ m
-    return m
-
-
-def rotated_affine(affine: np.ndarray, shape, steps) -> np.ndarray:
-    """The affine of the same array turned by ``rotation(steps)`` about the volume centre."""
-    r = rotation(steps)
-    centre = affine[:3, :3] @ ((np.array(shape[:3]) - 1) / 2) + affine[:3, 3]
-    out = np.eye(4)
-    out[:3, :3] = r @ affine[:3, :3]
-    out[:3, 3] = centre + r @ (affine[:3, 3] - centre)
-    return out
-
-
 def real_ct_case(shared: Path, case: str):
     """(CT int16 [x, y, z], liver label uint8, RAS affine) of the item-2 real-CT case ``case``."""
-    import nibabel as nib
-
-    img = nib.load(str(shared / REAL_DIR / "example_ct_sm.nii.gz"))
-    sl = tuple(slice(a, b) for a, b in REAL_CROP)
-    ct = np.asarray(img.dataobj)[sl].astype(np.int16)
-    label = (np.asarray(nib.load(str(shared / REAL_DIR / "example_seg.nii.gz")).dataobj)[sl] == LIVER).astype(np.uint8)
-    affine = img.affine.copy()
-    affine[:3, 3] = img.affine[:3, :3] @ [a for a, _ in REAL_CROP] + img.affine[:3, 3]
-    return ct, label, rotated_affine(affine, ct.shape, ROTATIONS[case])
+    ct, affine = turned_copy(shared / REAL_DIR / "example_ct_sm.nii.gz", case, REAL_CROP)
+    label, _ = turned_copy(shared / REAL_DIR / "example_seg.nii.gz", case, REAL_CROP)
+    return ct.astype(np.int16), (label == LIVER).astype(np.uint8), affine
 
 
 def subregion_case(shared: Path):
@@ -222,16 +192,6 @@ def subregion_case(shared: Path):
     label = np.zeros(ct.shape, np.uint8)
     label[tuple(slice(lo, hi) for lo, hi in SUBREGION_LABEL)] = 1
     return ct, label, affine
-
-
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """NIfTI with the same affine in sform and qform (code 1), as scanners' converters write them."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(array, affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    nib.save(img, str(path))
 
 
 def setup_upstream(up: Path):
