@@ -65,3 +65,34 @@ def test_equals_deepbets_own_pipeline(mni):
     p = Predictor("deepbet", device="cpu")
     p.set_image(t1, "MRI")
     np.testing.assert_array_equal(p.predict(["brain"])[0].mask, theirs)
+
+
+@pytest.mark.parametrize("case", ["tilted", "oblique"])
+def test_equals_deepbets_own_pipeline_on_a_head_turned_through_its_header(mni, tmp_path, case):
+    """The MNI152 head tilted 12 degrees about R, or turned 20 degrees about S and 10 about R, by its header only
+    (Testing/oracles/real_scans.py). deepbet reorders the array to nibabel's closest canonical orientation
+    (no resampling) and back; we reorder to the closest LPS orientation: both keep the rotation, so the network
+    sees the unrotated array. Our adapter, reading the file the user's way, gives deepbet's own mask on the input
+    grid voxel for voxel."""
+    import nibabel as nib
+    from deepbet import BrainExtraction
+    from real_scans import save_nifti, turned_copy
+
+    from textseg.io import read_volume
+    from textseg.predictor import Predictor
+
+    array, affine = turned_copy(shared_file("mni152", "MNI152_T1.nii.gz"), case)
+    path = tmp_path / f"mni_{case}.nii.gz"
+    save_nifti(array, affine, path)
+    img = nib.load(str(path))
+    assert nib.io_orientation(img.affine).tolist() == nib.io_orientation(nib.load(str(shared_file("mni152", "MNI152_T1.nii.gz"))).affine).tolist()
+    _, mask_img, _ = BrainExtraction(no_gpu=True).run(img)
+    theirs = np.asarray(mask_img.dataobj).astype(np.uint8).transpose(2, 1, 0)
+    vol = read_volume(path)
+    turn = np.degrees(np.arccos(np.clip(np.abs(np.diag(vol.direction.T @ mni[0].direction)), 0, 1)))
+    assert turn.max() > 9.9
+    p = Predictor("deepbet", device="cpu")
+    p.set_image(vol, "MRI")
+    ours = p.predict(["brain"])[0].mask
+    assert ours.shape == theirs.shape and 1.8e6 < theirs.sum() < 2.0e6
+    np.testing.assert_array_equal(ours, theirs)
