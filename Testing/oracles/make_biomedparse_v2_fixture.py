@@ -26,8 +26,8 @@ final ``pred_gmasks`` and ``object_existence``.
 (``FLIP_SIZES``: 16x16, 32x32, 64x64; mask features 64x64; inputs from the numpy recipe ``flip_inputs``, not
 stored) with ``torch.manual_seed(FLIP_SEED)``, about 1.6 M Boltzmann draws. FLIP_SEED is the first seed of
 0..399 whose run has a draw that our port decides the other way (u between upstream's and our keep probability,
-which differ by float rounding): found by running our decoder beside upstream's on these inputs for each seed
-(torch 2.13.0 CPU; see Testing/fixtures/README.md). Saved: each head's sampled attention mask (``attn<i>``, packed bits, shape
+which differ by float rounding): ``--find-flip-seed`` runs our decoder beside upstream's on these inputs for each
+seed (torch 2.13.0 CPU). Saved: each head's sampled attention mask (``attn<i>``, packed bits, shape
 ``attn<i>_shape``), the final ``pred_gmasks``/``object_existence``, and every near tie, |u - P| <= ``NEAR``, with
 upstream's own draw u and keep probability P = (1 - w)^n (w as upstream passes it to ``torch.rand_like``):
 ``near<i>_index`` (flat index into the head's mask), ``near<i>_u``, ``near<i>_p``.
@@ -112,7 +112,7 @@ def run(dec, feats, mask_features, tokens, out: dict, name: str) -> None:
 
 
 FLIP_SIZES, FLIP_MASK, FLIP_INPUT_SEED = ((16, 16), (32, 32), (64, 64)), (64, 64), 15
-FLIP_SEED = 88  # the first seed of range(0, 400) with a draw our port decides the other way (scratch search)
+FLIP_SEED = 88  # the first seed of range(0, 400) with a draw our port decides the other way: --find-flip-seed
 NEAR = 1e-4  # near ties stored: |u - P| <= NEAR
 
 
@@ -156,6 +156,31 @@ def run_recording_draws(dec, feats, mask_features, tokens, seed: int) -> dict:
         dec.forward_prediction_heads, torch.rand_like = orig_heads, orig_rand
     assert len(heads) == len(draws)
     return {"heads": heads, "draws": draws, "pred_gmasks": res["pred_gmasks"], "object_existence": res["object_existence"]}
+
+
+def find_flip_seed(upstream: Path, seeds=range(0, 400)) -> int:
+    """The first seed whose run has a sampled attention position where our decoder (``textseg``, on PYTHONPATH)
+    and upstream's disagree: how FLIP_SEED was chosen."""
+    from textseg.models.biomedparse.v2_decoder import BoltzFormerDecoder, Sampling
+
+    up = build(upstream, True)
+    ours = BoltzFormerDecoder(**{k: v for k, v in CFG.items() if k not in ("in_channels", "pre_self_attention")}).eval()
+    ours.load_state_dict(up.state_dict(), strict=True)
+    feats, mask_features, tokens = flip_inputs()
+    p = tokens.shape[1]
+    for seed in seeds:
+        rec = run_recording_draws(up, feats, mask_features, tokens, seed)
+        got, head = [], ours.head
+        ours.head = lambda *a, **k: (got.append(head(*a, **k)), got[-1])[1]
+        with torch.no_grad():
+            ours([tile(f, p) for f in feats], tile(mask_features, p), tokens.repeat(1, SLICES, 1), None,
+                 Sampling(generator=torch.Generator().manual_seed(seed)))
+        del ours.head
+        flips = [int((a != h).sum()) for (_, a), h in zip(got, rec["heads"])]
+        if sum(flips):
+            print(f"seed {seed}: flips per head {flips}")
+            return seed
+    raise SystemExit("no flip in these seeds")
 
 
 def flip_oracle(upstream: Path, out_dir: Path) -> None:
@@ -409,7 +434,10 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, help="shared test data folder (for the preprocessing oracle)")
     ap.add_argument("--tokenizer", type=Path, help="folder with CLIP vocab.json + merges.txt (full-model fixtures)")
     ap.add_argument("--only", choices=["geometry"], help="write only this fixture")
+    ap.add_argument("--find-flip-seed", action="store_true", help="only search FLIP_SEED (needs textseg on PYTHONPATH)")
     args = ap.parse_args()
+    if args.find_flip_seed:
+        return print("FLIP_SEED =", find_flip_seed(args.upstream))
     if args.only == "geometry":
         return geometry_oracle(args.upstream, args.tokenizer, args.shared, args.out)
     if args.shared:
