@@ -226,7 +226,7 @@ def spy_heads(dec):
 #      change of P when the logits move by the row's logit tolerance, plus the rounding of P itself;
 #   2. (slice, prompt) rows with a flipped draw ("affected"; a row with a near tie where upstream's draws are not
 #      stored) may differ from upstream by up to AFFECTED_TOL in logits; every other row within TOL.
-AFFECTED_TOL = 2e-3  # measured 5.5e-4 in biomedparse_v2_flip_oracle.npz; 7.2e-4 on the full model (issue 15)
+AFFECTED_TOL = 2e-3  # the reduced test decoders (flip fixture: 5.5e-4); full size: docs/biomedparse-v2.md
 
 
 def keep_rounding_bound(weights, keep, layer_id: int, logit_tol, base_temp: float = 1.0, ratio: float = 0.1):
