@@ -35,8 +35,8 @@ def boltzmann_attention_mask(prob: Tensor, layer_id: int, *, threshold: float = 
 
     A position with p < threshold stays masked when its uniform draw u < ``keep_probability`` (one draw per
     position, in upstream's order and shape). Upstream computes the same formula from mask logits that differ
-    from ours by float rounding, so where u falls within that rounding of the keep probability (about 1 draw in
-    10^7 on the full model) the two masks differ in that position (see docs/biomedparse-v2.md).
+    from ours by float rounding, so where u falls within that rounding of the keep probability (1 draw in 10^7 to
+    10^8 at full size, depending on the weights) the two masks differ in that position (docs/biomedparse-v2.md).
     """
     below = prob < threshold
     if deterministic:
