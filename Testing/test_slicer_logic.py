@@ -618,3 +618,94 @@ def test_slicer_terminology_gives_snomed_codes_and_standard_colours(ct_path, pre
     np.testing.assert_allclose(kidney.GetColor(), np.array([185, 102, 83]) / 255)
     sid = mrml.add_segment(seg, Segment("my lesion", mask), node, 3, terminology_logic=app.logics["Terminologies"])
     assert seg.GetSegmentation().GetSegment(sid).GetColor() == pytest.approx(mrml.PALETTE[3])  # unknown: palette
+
+
+class _SegmentStatisticsLogic:
+    """Slicer's SegmentStatisticsLogic as far as parameter nodes go (Slicer v5.10.0
+    Modules/Scripted/SegmentStatistics/SegmentStatistics.py lines 385-431, ScriptedLoadableModule.py lines
+    310-330, SegmentStatisticsPluginBase.setDefaultParameters): the constructor calls reset(), which finds the
+    Segment Statistics module's own parameter node in the scene (the first vtkMRMLScriptedModuleNode whose
+    ModuleName is "SegmentStatistics") or adds one, and fills its unset parameters with defaults;
+    setParameterNode() switches to another node. The module itself is absent from slicer-core."""
+
+    scene = None
+
+    class LabelmapSegmentStatisticsPlugin:
+        keys = ("voxel_count", "volume_mm3", "volume_cm3", "surface_mm2")
+
+        def toLongKey(self, key):
+            return f"{type(self).__name__}.{key}"
+
+    class ScalarVolumeSegmentStatisticsPlugin(LabelmapSegmentStatisticsPlugin):
+        keys = ("voxel_count", "volume_mm3", "volume_cm3", "min", "max", "mean", "median", "stdev")
+
+    def __init__(self):
+        self.plugins = [self.LabelmapSegmentStatisticsPlugin(), self.ScalarVolumeSegmentStatisticsPlugin()]
+        self.parameterNode = None
+        self.statistics = {}
+        self.getParameterNode()  # reset()
+
+    def getParameterNode(self):
+        if not self.parameterNode:
+            nodes = [n for n in self.scene.GetNodesByClass("vtkMRMLScriptedModuleNode")
+                     if n.GetAttribute("ModuleName") == "SegmentStatistics"]
+            if not nodes:
+                node = self.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SegmentStatistics")
+                node.SetAttribute("ModuleName", "SegmentStatistics")
+                nodes = [node]
+            self.setParameterNode(nodes[0])
+        return self.parameterNode
+
+    def setParameterNode(self, node):
+        for plugin in self.plugins:
+            for key in [plugin.toLongKey(k) for k in plugin.keys] + [type(plugin).__name__]:
+                if not node.GetParameter(key + ".enabled"):
+                    node.SetParameter(key + ".enabled", "True")
+        if not node.GetParameter("visibleSegmentsOnly"):
+            node.SetParameter("visibleSegmentsOnly", "True")
+        self.parameterNode = node
+
+    def computeStatistics(self):
+        params = self.getParameterNode()
+        seg, vol = (self.scene.GetNodeByID(params.GetParameter(k)) for k in ("Segmentation", "ScalarVolume"))
+        rows = stats.engine_statistics(seg, vol)
+        ids = mrml.segment_ids(seg)
+        self.statistics = {"SegmentIDs": ids}
+        for sid, row in zip(ids, rows):
+            self.statistics[sid, "Segment"] = row["segment"]
+            for key, long_key in stats._SLICER_KEYS.items():
+                if params.GetParameter(long_key + ".enabled") == "True":
+                    self.statistics[sid, long_key] = row.get(key)
+
+    def getStatistics(self):
+        return self.statistics
+
+
+def test_statistics_leave_segment_statistics_own_parameter_node_alone(app, logic, predictor, monkeypatch):
+    """Inside Slicer the Statistics button runs Segment Statistics' logic: it must compute on a private parameter
+    node. The module's own node (the user's measurement choices in the Segment Statistics module) keeps its
+    parameters, stays in the scene, and no node is left behind when there was none."""
+    import types
+
+    _SegmentStatisticsLogic.scene = app.scene
+    monkeypatch.setitem(sys.modules, "SegmentStatistics", types.SimpleNamespace(SegmentStatisticsLogic=_SegmentStatisticsLogic))
+    node = mrml.volume_node_from_volume(app.scene, checks.phantom(), "phantom")
+    seg = logic.segment(node, ["bone", "soft tissue"], "synthetic-3d", modality="CT", predictor=predictor)
+
+    def module_nodes():
+        return [n for n in app.scene.GetNodesByClass("vtkMRMLScriptedModuleNode") if n.GetAttribute("ModuleName") == "SegmentStatistics"]
+
+    rows = stats.slicer_statistics(seg, node)
+    assert [r["segment"] for r in rows] == ["bone", "soft tissue"] and rows[0]["voxel_count"] > 0
+    assert module_nodes() == []  # none before, none after
+    users = app.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SegmentStatistics")
+    users.SetAttribute("ModuleName", "SegmentStatistics")
+    users.SetParameter("LabelmapSegmentStatisticsPlugin.surface_mm2.enabled", "True")
+    users.SetParameter("ScalarVolumeSegmentStatisticsPlugin.enabled", "False")
+    users.SetParameter("visibleSegmentsOnly", "True")
+    _SegmentStatisticsLogic().getParameterNode()  # as the module's GUI leaves it: every default filled in
+    before = {k: users.GetParameter(k) for k in users.GetParameterNames()}
+    table = logic.statistics(seg, node)
+    checks.check_statistics(table, seg, node)  # every measurement of the table, whatever the user's node says
+    assert module_nodes() == [users] and users.GetScene() is app.scene
+    assert {k: users.GetParameter(k) for k in users.GetParameterNames()} == before
