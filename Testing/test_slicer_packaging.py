@@ -101,8 +101,31 @@ def test_extension_metadata_agrees():
     category = re.search(r'set\(EXTENSION_CATEGORY "([^"]*)"\)', cmake).group(1)
     assert index["category"] == category == s4ext["category"]
     assert s4ext["scmurl"] == index["scm_url"] and "add_subdirectory(BiomedParseSlicer)" in cmake
-    assert 'VERSION_LESS "5.8"' in cmake  # the supported versions are enforced at build time
+    assert 'VERSION_LESS "5.10"' in cmake  # the supported versions are enforced at build time
     assert "Apache License" in (ROOT / "LICENSE").read_text() and "CC-BY-NC-SA" in (ROOT / "NOTICE").read_text()
+
+
+def test_extensions_index_checks():
+    """What Slicer's Extensions Index checks (Slicer/ExtensionsIndex scripts/check_description_files.py):
+    the git repository's name starts with "Slicer", the extension's (the .json's) does not, CMake's project()
+    is the extension's name, the category is an accepted one. (The GitHub topic "3d-slicer-extension" is a
+    repository setting: docs/slicer-module-status.md, release checklist.)"""
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    index = json.loads((ROOT / "BiomedParseSlicer.json").read_text())
+    extension = "BiomedParseSlicer"
+    repo = index["scm_url"].rstrip("/").split("/")[-1].removesuffix(".git")
+    assert repo.startswith("Slicer") and not extension.lower().startswith("slicer")
+    assert re.search(r"project\s*\(\s*([^\s)]+)", cmake).group(1) == extension
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]*)"\)', cmake).group(1)
+    assert homepage.rstrip("/").split("/")[-1] == repo and index["scm_url"].startswith(homepage)
+    assert index["category"] in ("Segmentation", "Quantification", "Analysis")  # of the index's accepted list
+
+
+def test_cmake_states_the_slicer_and_python_versions():
+    """Slicer 5.10 bundles Python 3.12 (5.8 bundled 3.9.10); 5.10 is the oldest supported (docs/slicer-tutorial.md)."""
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert "Slicer 5.10" in cmake and "Python 3.12" in cmake and "5.8 bundles Python 3.12" not in cmake
+    assert 'message(FATAL_ERROR "BiomedParseSlicer needs 3D Slicer 5.10 or newer' in cmake
 
 
 def test_screenshot_and_icon_urls_point_at_files_in_this_repository():
