@@ -598,12 +598,13 @@ def test_rgb_vector_volume_keeps_channels(app, logic):
 
 def test_slicer_terminology_gives_snomed_codes_and_standard_colours(ct_path, predictor):
     """With Slicer's terminology files (Slicer's Modules/Loadable/Terminologies/Resources, not in the
-    slicer-core wheel): segments get SNOMED codes and Slicer's standard colours."""
+    slicer-core wheel; ../shared/data/slicer-terminologies, or SLICER_TERMINOLOGIES_DIR): segments get SNOMED codes
+    and Slicer's standard colours."""
     import os
 
-    folder = os.environ.get("SLICER_TERMINOLOGIES_DIR")
-    if not folder or not Path(folder, "SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.term.json").is_file():
-        pytest.skip("set SLICER_TERMINOLOGIES_DIR to a folder with Slicer's *.term.json files")
+    name = "SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.term.json"
+    folder = os.environ.get("SLICER_TERMINOLOGIES_DIR") or shared_file("slicer-terminologies", name).parent
+    assert Path(folder, name).is_file(), f"{folder} has no {name}"
     app = headless.create(folder)
     logic = module.BiomedParseSlicerLogic(scene=app.scene, terminologyLogic=app.logics["Terminologies"])
     node = app.load_volume(ct_path)
