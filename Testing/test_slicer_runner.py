@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import stat
-import subprocess
 import sys
 import tempfile
 import threading
