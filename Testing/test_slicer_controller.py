@@ -108,15 +108,15 @@ def test_each_poll_gives_the_worker_thread_the_gil(app, ctl, local_server):
     GIL over for long enough that the whole request completes within it, not one GIL hand-over per 50 ms tick."""
     inputs = Inputs(model="synthetic-3d", remote=True, server_url=local_server.url)
     ticks = []
-    for _ in range(5):
+    for _ in range(8):
         view = ctl.test_connection(inputs)
         assert view.state == "running"
         views = gui_loop(ctl, inputs)
         assert views[-1].error is None and any(line.startswith("Connected to") for line in views[-1].log)
         ticks.append(len(views))
-    # A poll that hands the GIL over only at its own Python bytecode needs 1-7 ticks per request (3.4 on average,
+    # A poll that hands the GIL over only at its own Python bytecode needs 1-7 ticks per request (3.5 on average,
     # measured); with the slice nearly every request ends within its first tick.
-    assert sum(ticks) <= 8, f"timer ticks per connection test: {ticks}: the worker thread starves between polls"
+    assert sum(ticks) <= 12, f"timer ticks per connection test: {ticks}: the worker thread starves between polls"
 
 
 def test_error_while_applying_results_is_shown_and_the_panel_is_idle_again(app, ctl, monkeypatch):

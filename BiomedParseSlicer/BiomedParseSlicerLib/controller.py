@@ -103,6 +103,15 @@ class _Task:
     context: Dict[str, Any] = field(default_factory=dict)
 
 
+def _import_client() -> None:
+    """Import the HTTP client on the GUI thread before a worker needs it: importing is pure Python, which the
+    worker thread could only do during polls (hundreds of milliseconds become seconds), and it is quick here."""
+    import requests  # noqa: F401
+
+    if runner.has_client():
+        import textseg.client  # noqa: F401
+
+
 def _error_text(exc: BaseException) -> str:
     """One line for the user: the engine's own message, else the exception's type and text."""
     if isinstance(exc, TextsegError):
@@ -344,6 +353,7 @@ class PanelController:
     def _predictor_factory(self, inputs: Inputs, spec) -> Callable:
         """A function (progress, cancel) -> predictor, run in the worker thread: the remote server's client, the
         local server's (started on first use; restarted when the device changes), or the in-process engine."""
+        _import_client()
         if inputs.remote or inputs.client_only:
             url, key = inputs.server_url.strip(), inputs.api_key
             if not url:
@@ -371,6 +381,7 @@ class PanelController:
         if self._state != IDLE:
             return self.view(inputs)
         url, key = inputs.server_url.strip(), inputs.api_key
+        _import_client()
         return self._start(inputs, lambda progress, cancel: runner.check_server(url, key), "connection")
 
     def download(self, inputs: Inputs) -> View:
