@@ -283,3 +283,38 @@ def test_views_follow_the_model_and_where_it_runs(app, ctl):
     assert not view.download_enabled and not view.import_enabled
     inputs.volume = None
     assert not ctl.view(inputs).segment_everything_enabled
+
+
+def test_setup_install_statistics_and_refusals(app, monkeypatch, tmp_path):
+    """Setup lists packages (missing ones said so) and installs only after the user agreed; statistics fill the
+    table Segment Statistics' way and write the CSV; runs a model cannot do are refused with one line."""
+    from textseg.predictor import Predictor
+
+    asked, installed = [], []
+    ctl = PanelController(BiomedParseSlicerLogic(scene=app.scene), confirm=lambda text: asked.append(text) or False)
+    declared = {environment.requirement_name(r): r.split(">=")[-1] for r in environment.CLIENT_REQUIREMENTS}
+    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("pynrrd", "slicerio") else declared.get(name))
+    view = ctl.refresh_setup(Inputs(client_only=True))
+    assert "slicerio: missing" in view.packages_text and "numpy: 1.24" in view.packages_text and view.models_changed
+    view = ctl.install(Inputs(client_only=True), installed.extend)
+    assert installed == [] and "slicerio" in asked[0] and view.log == ("Installed: nothing needed",)  # declined
+    ctl.confirm = lambda text: True
+    ctl.install(Inputs(client_only=True), installed.extend)
+    assert installed == ["slicerio>=1.1", "pynrrd>=1.0"]
+    ctl.confirm = lambda text: asked.append(text) or False
+    view = ctl.download(Inputs(model="biomedparse-v1"))
+    assert "non-commercial" in asked[-1] and view.state == "idle" and not view.polling  # licence declined: no download
+    monkeypatch.undo()
+
+    inputs = phantom_inputs(app)
+    assert ctl.statistics(inputs).error == "Select the input volume and the output segmentation first."
+    inputs.segmentation = ctl.logic.segment(inputs.volume, ["bone", "soft tissue"], "synthetic-3d", modality="CT",
+                                            predictor=Predictor("synthetic-3d", device="cpu"))
+    view = ctl.statistics(inputs, csv_path=str(tmp_path / "stats.csv"))
+    assert view.error is None and view.table.GetUseColumnTitleAsColumnHeader()
+    checks.check_statistics(view.table, inputs.segmentation, inputs.volume)
+    assert (tmp_path / "stats.csv").read_text().startswith("Segment,Voxel count,") and view.log[-1].endswith("stats.csv")
+    view = ctl.segment_everything(inputs)
+    assert view.error.endswith("cannot segment everything; type the targets instead.") and not view.polling
+    assert ctl.apply(phantom_inputs(app, remote=True, server_url="")).error.startswith("Enter the inference server's URL")
+    assert ctl.apply(Inputs(model="synthetic-3d", prompts="bone")).error == "Select an input volume first."
