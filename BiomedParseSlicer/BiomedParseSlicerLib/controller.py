@@ -26,10 +26,11 @@ from . import environment, runner
 
 IDLE, RUNNING, CANCELLING, APPLYING = "idle", "running", "cancelling", "applying"
 
-# The panel's timer interval, and how long each poll lets the worker thread have the GIL (measured in
-# benchmarks/bench_panel_poll.py: docs/slicer-module-status.md). The GUI thread is busy for at most the slice.
+# The panel's timer interval, and how long each poll lets the worker thread have the GIL: with the GIL held between
+# polls, 50 ms / 10 ms runs as fast as a GIL-free main thread, 100 ms / none took 4x as long
+# (benchmarks/bench_panel_poll.py, docs/slicer-module-status.md). The GUI thread is busy at most the slice.
 POLL_INTERVAL_MS = 50
-GIL_SLICE_S = 0.02
+GIL_SLICE_S = 0.01
 
 APPLY_TEXT = {IDLE: "Apply", RUNNING: "Cancel", CANCELLING: "Cancelling...", APPLYING: "Adding segments..."}
 
