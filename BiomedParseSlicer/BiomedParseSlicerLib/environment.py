@@ -13,7 +13,7 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Callable, Dict, List, Optional
 
-# Bundled with 3D Slicer >= 5.8: never installed or replaced from here.
+# Bundled with 3D Slicer (>= 5.10): never installed or replaced from here.
 SLICER_BUNDLED = ("numpy", "scipy", "SimpleITK", "requests")
 # The engine's own dependencies (pyproject [project.dependencies]): enough for client-only mode.
 CLIENT_REQUIREMENTS = ("numpy>=1.24", "scipy>=1.10", "SimpleITK>=2.3", "slicerio>=1.1", "pynrrd>=1.0", "tqdm>=4.60",
@@ -97,7 +97,7 @@ def install(local: bool, confirm: Callable[[str], bool], pip_install: Callable[[
     broken = [_describe(r) for r in missing if requirement_name(r) in SLICER_BUNDLED]
     if broken:
         raise RuntimeError(f"{', '.join(broken)} should come with 3D Slicer but are missing or too old: update 3D "
-                           "Slicer (>= 5.8); the module never installs or replaces packages Slicer bundles.")
+                           "Slicer (>= 5.10); the module never installs or replaces packages Slicer bundles.")
     torch_note = f"{_describe(TORCH_REQUIREMENT)} via the PyTorch extension"
     what = ", ".join([_describe(r) for r in missing] + ([torch_note] if need_torch else []))
     if not confirm(f"BiomedParseSlicer needs these Python packages: {what}. Install them now?"):
