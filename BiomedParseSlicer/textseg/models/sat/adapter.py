@@ -98,11 +98,13 @@ class SATAdapter(ModelAdapter):
     def prepare(self, volume, preset, ctx: RunContext) -> SATState:
         ctx.report(0.0, "SAT: preprocessing")
         modality = sat_modality(preset.modality)
-        image, geo = preprocess(volume.array, volume.spacing, modality)
+        image, geo = preprocess(volume, modality, compat=bool(self.options.get("compat_upstream", False)))
         budget = int(self.options.get("memory_budget", 2 << 30))
         self.max_prompts_per_call = int(min(64, max(1, budget // (4 * image.size))))
+        shift = "" if max(abs(o) for o in geo.offset) < 1e-6 else \
+            f"; voxel 0 at input index {', '.join(f'{o:.3g}' for o in geo.offset)} (upstream centres this grid)"
         ctx.log(f"SAT grid {'x'.join(map(str, geo.shape))} at {', '.join(f'{s:g}' for s in geo.spacing)} mm "
-                f"(cropped to the foreground from {'x'.join(map(str, geo.resampled_shape))})")
+                f"(cropped to the foreground from {'x'.join(map(str, geo.resampled_shape))}{shift})")
         return SATState(image.astype(np.float32), geo, modality.lower())
 
     # ---- prompts ----------------------------------------------------------------------------
