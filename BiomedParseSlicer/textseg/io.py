@@ -147,6 +147,20 @@ def _payload_complete(path: Path) -> bool:
     return True
 
 
+def _keep_nifti_affine(vol: Volume, path: Path) -> None:
+    """``metadata['nifti_affine']``: a NIfTI file's affine as nibabel (and so MONAI) reads its header (RAS; the
+    stored float32 sform, else qform). SimpleITK's geometry can differ from it in the last float32 bit, which
+    decides some of upstream SAT's grid (models/sat/preprocess.py)."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    import nibabel as nib
+
+    try:
+        vol.metadata["nifti_affine"] = np.asarray(nib.load(str(path)).affine, dtype=np.float64)
+    except Exception:  # noqa: BLE001 - ITK read it; without nibabel's header SAT uses the volume's geometry
+        pass
+
+
 def _restore_nonfinite_nifti(vol: Volume, path: Path) -> None:
     """Put back the NaN/Inf voxels of a float NIfTI file that SimpleITK read as 0.
 
@@ -225,6 +239,7 @@ def read_volume(path: PathLike) -> Volume:
     vol.metadata.update(extra)
     if not p.is_dir():
         _restore_nonfinite_nifti(vol, p)
+        _keep_nifti_affine(vol, p)
     if extra.get("dicom", {}).get("Modality"):
         vol.metadata["modality"] = extra["dicom"]["Modality"]
     _check_values(vol, str(p))
