@@ -31,3 +31,28 @@ def textseg_home(tmp_path, monkeypatch):
     home = tmp_path / "textseg-home"
     monkeypatch.setenv("TEXTSEG_HOME", str(home))
     return home
+
+
+@pytest.fixture
+def hub():
+    """The HuggingFace hub look-alike (Testing/hubserver.py) on 127.0.0.1."""
+    from hubserver import Hub
+
+    h = Hub()
+    yield h
+    h.stop()
+
+
+@pytest.fixture
+def hub_env(hub, textseg_home, tmp_path, monkeypatch):
+    """A private weights cache, HF_ENDPOINT at the test hub, no token anywhere, no automatic retries."""
+    from textseg import weights
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setattr(weights, "_SETTINGS", weights.Settings(timeout=10, retries=0))
+    monkeypatch.setattr(weights, "_saved_token", lambda: None)
+    return textseg_home

@@ -2,7 +2,8 @@
 
 It speaks the download protocol as huggingface_hub and our downloader use it:
 
-* ``HEAD|GET {endpoint}/{org}/{repo}/resolve/{revision}/{filename}`` on the *hub* server.
+* ``HEAD|GET {endpoint}/{org}/{repo}/resolve/{revision}/{filename}`` on the *hub* server; the revision is
+  ``main``, the commit main points at, or an earlier commit (``new_commit`` moves main).
   LFS files answer ``302`` to a CDN URL on a second server (another origin, as on the real hub)
   with ``X-Linked-Etag`` (the sha256), ``X-Linked-Size``, ``X-Repo-Commit`` and a git ``ETag``;
   small (non-LFS) files answer ``200`` with their git blob sha1 as ``ETag``.
@@ -45,9 +46,10 @@ class HubFile:
 
 @dataclass
 class HubRepo:
-    commit: str
+    commit: str  # the commit ``main`` points at
     gated: bool = False
     files: Dict[str, HubFile] = field(default_factory=dict)
+    history: Dict[str, Dict[str, HubFile]] = field(default_factory=dict)  # earlier commits -> their files
 
 
 class Hub:
@@ -80,12 +82,22 @@ class Hub:
     def cdn(self) -> str:
         return f"http://127.0.0.1:{self._servers[1].server_address[1]}"
 
-    def add(self, repo: str, filename: str, content: bytes, lfs: bool = True, gated: bool = False) -> str:
-        """Publish a file; returns the repo's commit hash (the revision to pin)."""
-        r = self.repos.setdefault(repo, HubRepo(commit=hashlib.sha1(repo.encode()).hexdigest(), gated=gated))
+    def add(self, repo: str, filename: str, content: bytes, lfs: bool = True, gated: bool = False,
+            commit: Optional[str] = None) -> str:
+        """Publish a file; returns the repo's commit hash (the revision to pin). ``commit`` names the
+        repo's commit (a catalog pin) when the repo is new; by default it is derived from the repo's name."""
+        r = self.repos.setdefault(repo, HubRepo(commit=commit or hashlib.sha1(repo.encode()).hexdigest(), gated=gated))
         r.gated = r.gated or gated
         r.files[filename] = HubFile(content, lfs)
         return r.commit
+
+    def new_commit(self, repo: str, commit: str, files: Dict[str, bytes]) -> None:
+        """Move ``main`` to a new commit that changes ``files``; the earlier commit stays resolvable."""
+        r = self.repos[repo]
+        r.history[r.commit] = dict(r.files)
+        r.commit = commit
+        for name, content in files.items():
+            r.files[name] = HubFile(content, r.files[name].lfs if name in r.files else True)
 
     def stop(self) -> None:
         for s in self._servers:
@@ -113,9 +125,10 @@ class Hub:
 
     def find_sha(self, sha: str) -> Optional[Tuple[str, HubFile]]:
         for r in self.repos.values():
-            for name, f in r.files.items():
-                if f.sha256 == sha:
-                    return name, f
+            for files in (r.files, *r.history.values()):
+                for name, f in files.items():
+                    if f.sha256 == sha:
+                        return name, f
         return None
 
 
@@ -170,19 +183,23 @@ class _Handler(BaseHTTPRequestHandler):
         denied = self._auth(repo)
         if denied:
             return denied
-        if revision not in ("main", repo.commit):
+        if revision in ("main", repo.commit):
+            commit, files = repo.commit, repo.files
+        elif revision in repo.history:
+            commit, files = revision, repo.history[revision]
+        else:
             return self._error(404, "RevisionNotFound", "Invalid rev id")
-        f = repo.files.get(filename)
+        f = files.get(filename)
         if f is None:
             return self._error(404, "EntryNotFound", "Entry not found")
         if not f.lfs:
-            return self._body(f.content, head, extra={"ETag": f'"{git_blob_sha1(f.content)}"', "X-Repo-Commit": repo.commit})
+            return self._body(f.content, head, extra={"ETag": f'"{git_blob_sha1(f.content)}"', "X-Repo-Commit": commit})
         self.send_response(302)
         self.send_header("Location", f"{self.hub.cdn}/lfs/{f.sha256}?X-Amz-Signature=test")
         self.send_header("ETag", f'"{git_blob_sha1(f.content[:64])}"')
         self.send_header("X-Linked-Etag", f'"{f.sha256}"')
         self.send_header("X-Linked-Size", str(len(f.content)))
-        self.send_header("X-Repo-Commit", repo.commit)
+        self.send_header("X-Repo-Commit", commit)
         self.send_header("Content-Length", "0")
         self.end_headers()
         return 302

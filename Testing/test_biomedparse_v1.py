@@ -385,7 +385,7 @@ def test_loader_errors(oracle, tmp_path):
         load_v1_weights(m, trunc)
     text = tmp_path / "config.yaml"
     text.write_text("MODEL:\n  NAME: seem_model_demo\n")
-    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(WeightsError, match="not a readable BiomedParse v1 checkpoint"):
         load_v1_weights(m, text)
     v2 = tmp_path / "biomedparse_v2.ckpt"
     torch.save({"state_dict": {"model.backbone.x": torch.zeros(1)}}, v2)
@@ -418,3 +418,88 @@ def test_spec_and_image_types():
     assert image_types_for("MRI", "brain") == ["MRI-FLAIR-Brain", "MRI-T1-Gd-Brain"]
     assert image_types_for("MRI") == ["MRI-Abdomen", "MRI-Cardiac", "MRI-FLAIR-Brain", "MRI-T1-Gd-Brain"]
     assert image_types_for("OCT") == ["OCT"]
+
+
+# ---- real scans turned through their header (issue 15 item 2) -------------------------------------------
+GEOMETRY = FIX / "biomedparse_v1_geometry.npz"
+
+
+def turned_scan(tmp_path, scan: str, case: str):
+    """The real scan turned through its header (Testing/oracles/real_scans.py), written and read the user's way."""
+    from make_biomedparse_v1_fixture import GEOMETRY_SCANS
+    from real_scans import save_nifti, turned_copy
+
+    from conftest import shared_file
+    from textseg.io import read_volume
+
+    name = GEOMETRY_SCANS[scan][0]
+    array, affine = turned_copy(shared_file("totalsegmentator-examples", name), case)
+    save_nifti(array, affine, tmp_path / f"{scan}_{case}.nii.gz")
+    return read_volume(tmp_path / f"{scan}_{case}.nii.gz"), array
+
+
+def _sha(img) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(img[..., 0]).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("scan", ["mr", "ct"])
+def test_slices_of_tilted_and_oblique_scans_against_upstreams_nifti_reader(tmp_path, scan):
+    """Upstream's read_nifti ignores the header and slices the stored array: rows = the file's first axis by
+    default (HW_index (0, 1)), its second axis with HW_index (1, 0). Ours slices the canonical array (radiological:
+    rows anterior to posterior, columns right to left), so a tilted or oblique file gives the slices of the
+    unrotated one. For the LPS-stored MR that is upstream's HW_index (1, 0) input bit for bit (and the transpose
+    of its default); for the RAS-stored CT upstream's input is ours turned by 180 degrees (the documented choice)."""
+    from make_biomedparse_v1_fixture import GEOMETRY_SCANS
+
+    from textseg.models.biomedparse.v1_preprocess import preprocess_slice
+    from textseg.presets import get_preset
+
+    o = np.load(GEOMETRY)
+    _, is_ct, site, slices = GEOMETRY_SCANS[scan]
+    stored, _ = turned_scan(tmp_path, scan, "stored")
+    canonical = stored.canonical().array
+    for case in ("tilted", "oblique"):
+        vol, _ = turned_scan(tmp_path, scan, case)
+        turn = np.degrees(np.arccos(np.clip(np.abs(np.diag(vol.direction.T @ stored.direction)), 0, 1)))
+        assert turn.max() > 9.9
+        np.testing.assert_array_equal(vol.canonical().array, canonical)  # the model sees the unrotated slices
+    preset = get_preset("CT" if is_ct else "MRI", site)
+    for n, k in enumerate(slices):
+        sl = canonical[k].astype(np.float64)
+        upstream_view = sl if scan == "mr" else sl[::-1, ::-1]  # upstream's rows = the stored second axis
+        assert _sha(preprocess_slice(upstream_view, preset)[0]) == str(o[f"{scan}/hw10/sha256"][n])
+        assert _sha(preprocess_slice(upstream_view.T, preset)[0]) == str(o[f"{scan}/hw01/sha256"][n])
+        if scan == "ct":
+            assert _sha(preprocess_slice(sl, preset)[0]) != str(o["ct/hw10/sha256"][n])
+
+
+@pytest.mark.parametrize("scan", ["mr", "ct"])
+def test_predictor_on_tilted_and_oblique_scans_lands_on_the_input_voxels(weights_dir, tmp_path, scan):
+    """Reference: the model on slices cut from the stored array with nibabel in radiological order (the MR's
+    rows and columns as stored; the RAS-stored CT's reversed), in a volume with an identity direction (nothing to
+    reorient), put back on the stored grid by hand. The predictor on the tilted and oblique files gives exactly that
+    on the input grid (canonical slices 8..11)."""
+    from textseg.catalog import get_model
+    from textseg.models.biomedparse.v1_model import REDUCED
+    from textseg.predictor import Predictor
+    from textseg.volume import Volume
+
+    modality = "MRI" if scan == "mr" else "CT"
+    site = None if scan == "mr" else "abdomen"
+    first, stop = 8, 12
+    _, xyz = turned_scan(tmp_path, scan, "stored")
+    view = xyz if scan == "mr" else xyz[::-1, ::-1]
+    ref_vol = Volume(np.ascontiguousarray(view.transpose(2, 1, 0)).astype(np.float32), (3.0, 3.0, 3.0))
+    p = Predictor(get_model("biomedparse-v1"), device="cpu", weights_dir=weights_dir, config=REDUCED, batch_size=4)
+    p.set_image(ref_vol, modality, site, slices=(first, stop))
+    ref = p.predict(["liver"], keep_absent=True)[0].probability
+    want = ref if scan == "mr" else ref[:, ::-1, ::-1]
+    assert want[first:stop].std() > 0 and not want[:first].any() and not want[stop:].any()
+    for case in ("tilted", "oblique"):
+        vol, _ = turned_scan(tmp_path, scan, case)
+        p.set_image(vol, modality, site, slices=(first, stop))
+        got = p.predict(["liver"], keep_absent=True)[0].probability
+        assert got.shape == vol.shape
+        np.testing.assert_array_equal(got, want)

@@ -7,30 +7,40 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-# (canonical shape [k, j, i], spacing (i, j, k), foreground box in canonical [k, j, i] or None = all)
+from textseg.volume import Volume
+
+# (canonical shape [k, j, i], spacing (i, j, k), foreground box in canonical [k, j, i] or None = all, degrees of
+# rotation about S: an oblique header, whose grid upstream centres instead of anchoring it at a corner)
 CASES = [
-    ((20, 33, 41), (0.8, 0.7, 1.5), ((3, 15), (5, 30), (7, 36))),  # all axes resampled, box inside
-    ((12, 25, 30), (1.0004, 1.3, 2.0), ((0, 12), (2, 25), (0, 9))),  # x kept (within 1e-3), box on borders
-    ((9, 16, 18), (2.2, 0.9, 4.5), None),  # everything foreground
-    ((10, 14, 11), (1.0, 1.0, 3.0), ((4, 6), (6, 7), (2, 3))),  # nothing resampled, two voxels
+    ((20, 33, 41), (0.8, 0.7, 1.5), ((3, 15), (5, 30), (7, 36)), 0),  # all axes resampled, box inside
+    ((12, 25, 30), (1.0004, 1.3, 2.0), ((0, 12), (2, 25), (0, 9)), 0),  # x kept (within 1e-3), box on borders
+    ((9, 16, 18), (2.2, 0.9, 4.5), None, 0),  # everything foreground
+    ((10, 14, 11), (1.0, 1.0, 3.0), ((4, 6), (6, 7), (2, 3)), 0),  # nothing resampled, two voxels
+    ((20, 33, 41), (0.8, 0.7, 1.5), ((3, 15), (5, 30), (7, 36)), 20),  # oblique: centred grid, box inside
+    ((12, 25, 30), (1.25, 1.0004, 2.2), ((0, 12), (0, 25), (20, 30)), 7),  # oblique, box on borders
 ]
 
 
-def reference_preprocess(canonical, spacing, modality):
-    from textseg.models.sat.preprocess import (TARGET_SPACING, SATGeometry, canonical_to_ras, normalize,
-                                               resample_axis, sat_spacing)
+def volume(case, array):
+    shape, spacing, _, deg = CASES[case]
+    t = np.deg2rad(deg)
+    d = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    return Volume(array, spacing, (-7.25, 3.5, 11.0), d)
 
-    ras = canonical_to_ras(canonical).astype(np.float32).astype(np.float64)
-    sp = tuple(float(s) for s in spacing)
-    new = sat_spacing(sp, TARGET_SPACING)
-    shape = tuple(int(np.round((n - 1) * s / t + 1.0)) for n, s, t in zip(ras.shape, sp, new))
+
+def reference_preprocess(vol, modality):
+    from textseg.models.sat.preprocess import SATGeometry, canonical_to_ras, normalize, resample_axis, sat_grid
+
+    grid = sat_grid(vol)
+    ras = canonical_to_ras(vol.array).astype(np.float32).astype(np.float64)
+    shape = grid.shape
     for ax in sorted(range(3), key=lambda a: shape[a] / ras.shape[a]):  # the most shrinking axis first
-        ras = resample_axis(ras, ax, shape[ax], new[ax] / sp[ax])
+        ras = resample_axis(ras, ax, shape[ax], grid.scale[ax], grid.offset[ax])
     ras = ras.astype(np.float32)
     fg = ras > 0
     start = tuple(int(np.nonzero(fg.any(axis=tuple(a for a in range(3) if a != ax)))[0][0]) for ax in range(3))
     stop = tuple(int(np.nonzero(fg.any(axis=tuple(a for a in range(3) if a != ax)))[0][-1]) + 1 for ax in range(3))
-    geo = SATGeometry(canonical.shape[::-1], sp, new, shape, start, stop)
+    geo = SATGeometry.from_grid(grid, vol.array.shape, start, stop)
     return normalize(ras[tuple(slice(a, b) for a, b in zip(start, stop))], modality), geo
 
 
@@ -40,7 +50,7 @@ def reference_to_canonical(geo, sat_map):
     full = np.zeros(geo.resampled_shape, np.float32)
     full[tuple(slice(a, b) for a, b in zip(geo.start, geo.stop))] = sat_map
     for ax in sorted(range(3), key=lambda a: geo.ras_shape[a] / geo.resampled_shape[a]):
-        full = resample_axis(full, ax, geo.ras_shape[ax], 1.0 / geo.scale[ax])
+        full = resample_axis(full, ax, geo.ras_shape[ax], 1.0 / geo.scale[ax], -geo.offset[ax] / geo.scale[ax])
     return ras_to_canonical(full.astype(np.float32, copy=False))
 
 
@@ -48,15 +58,16 @@ def reference_to_canonical(geo, sat_map):
 def test_preprocess_and_back_mapping_equal_plain_computation(case):
     from textseg.models.sat.preprocess import preprocess
 
-    shape, spacing, box = CASES[case]
+    shape, spacing, box, deg = CASES[case]
     rng = np.random.default_rng(case)
     img = np.full(shape, -1000.0, np.float32)
     sl = tuple(slice(*b) for b in box) if box else (slice(None),) * 3
     img[sl] = rng.uniform(-200, 900, img[sl].shape).astype(np.float32)
     img[sl][(0,) * 3], img[sl][(-1,) * 3] = 500.0, 100.0  # corners foreground: the box is the input's box
-    out, geo = preprocess(img, spacing, "CT")
-    ref, ref_geo = reference_preprocess(img, spacing, "CT")
-    assert geo == ref_geo
+    vol = volume(case, img)
+    out, geo = preprocess(vol, "CT")
+    ref, ref_geo = reference_preprocess(vol, "CT")
+    assert geo == ref_geo and (max(abs(o) for o in geo.offset) > 0.01) == (deg != 0)
     np.testing.assert_array_equal(out, ref)
     sat_map = rng.random(geo.shape).astype(np.float32)
     back = geo.to_canonical(sat_map)
@@ -72,13 +83,13 @@ def test_mask_of_the_back_mapping_is_computed_where_it_can_be_set(case):
     threshold, threshold 0 (``> 0``), nothing above the threshold."""
     from textseg.models.sat.preprocess import preprocess
 
-    shape, spacing, box = CASES[case]
+    shape, spacing, box, _ = CASES[case]
     rng = np.random.default_rng(100 + case)
     img = np.full(shape, -1000.0, np.float32)
     sl = tuple(slice(*b) for b in box) if box else (slice(None),) * 3
     img[sl] = rng.uniform(-200, 900, img[sl].shape).astype(np.float32)
     img[sl][(0,) * 3], img[sl][(-1,) * 3] = 500.0, 100.0
-    _, geo = preprocess(img, spacing, "CT")
+    _, geo = preprocess(volume(case, img), "CT")
     spot = np.zeros(geo.shape, np.float32)
     centre = tuple(n // 2 for n in geo.shape)
     spot[centre] = 0.9

@@ -228,11 +228,63 @@ def test_full_size_key_contract(preset, name):
     assert {k: list(v.shape) for k, v in text.state_dict().items()} == contract["text_keys"]
 
 
-def test_autocast_runs_close(fx, net, image):
-    """Upstream runs under autocast; mixed precision must run (float32 positional encoding added to
-    low-precision memory) and stay near the float32 oracle."""
+# ---- SAT-Pro (UNET-L family, reduced) and half precision: sat_pro_oracle.npz --------------------------
+@pytest.fixture(scope="module")
+def pro_fx():
+    return np.load(FIX / "sat_pro_oracle.npz")
+
+
+@pytest.fixture(scope="module")
+def pro_net(pro_fx, tmp_path_factory):
+    """The reduced SAT-Pro network in the official layout (both alias names), loaded by our loader."""
+    c = json.loads(str(pro_fx["config"]))
+    cfg = SATConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
+    _, full = recipe_state_dict(pro_fx["net_keys"].tolist(), SATNetwork(cfg).state_dict(), int(pro_fx["seed"]),
+                                str(pro_fx["net_sha256"]))
+    path = tmp_path_factory.mktemp("sat-pro") / "SAT_Pro.pth"
+    torch.save({"model_state_dict": {"module." + k: v for k, v in full.items()}}, path)
+    return load_sat_network(path, cfg)
+
+
+def test_pro_network_matches_upstream(pro_fx, pro_net, image):
+    """Upstream's Maskformer('UNET-L') (3 convs per stage, projection via 1536, mask MLP via 384 to the first
+    stage's width) reduced: image tokens, decoder features, logits of the inference and batched paths within
+    1e-4 (measured 1.1e-5 on logits up to 17)."""
+    cfg = pro_net.cfg
+    assert cfg.n_conv == (3,) * 6 and cfg.n_conv_decoder == (3,) * 5 and cfg.projection_hidden == 1536
+    assert cfg.mask_hidden == 384 and cfg.per_pixel_dim == cfg.features[0]
+    q = torch.from_numpy(pro_fx["queries"])
+    with torch.no_grad():
+        feats = pro_net.encode(image)
+        close(feats.image_tokens, pro_fx["image_tokens"])
+        close(feats.per_pixel[..., ::4, ::4, ::4], pro_fx["per_pixel_sub"])
+        logits = pro_net.decode(feats, q).numpy()
+        batched = pro_net.decode(feats, torch.stack([q[[2, 0]], q[[1, 2]]])).numpy()
+    assert logits.shape == tuple(pro_fx["logits_shape"])
+    close(logits[..., ::4, ::4, ::4], pro_fx["logits_sub"])
+    close(logits[0, 1, ::2, ::2, ::2], pro_fx["logits_full_b0q1"])
+    np.testing.assert_allclose(logits.astype(np.float64).sum((2, 3, 4)), pro_fx["logits_sum"], rtol=1e-5, atol=0.5)
+    np.testing.assert_allclose(np.abs(logits.astype(np.float64)).sum((2, 3, 4)), pro_fx["logits_abs_sum"], rtol=1e-5)
+    close(batched[..., ::4, ::4, ::4], pro_fx["logits_batched_sub"])
+
+
+# CPU autocast bfloat16, max |difference| / max |float32 logit| on the fixtures' images (every 4th voxel): measured
+# 2.4 % (Nano) and 3.3 % (Pro) from float32, 1.5 % and 1.1 % from upstream's network under the same autocast. (float16 is upstream's
+# CUDA path; PyTorch's CPU float16 3D convolutions are ~200x slower than float32, so it is measured by
+# benchmarks/bench_sat_precision.py, not here: docs/sat.md.)
+BF16_FROM_FP32, BF16_FROM_UPSTREAM = 0.06, 0.025
+
+
+@pytest.mark.parametrize("which", ["nano", "pro"])
+def test_bfloat16_autocast_matches_upstream_autocast(which, fx, net, pro_fx, pro_net, image):
+    """Under CPU bfloat16 autocast both networks run in bfloat16 (float32 positional encoding added to
+    low-precision memory) and stay within the stated bounds of the float32 oracle and of upstream's own network
+    under the same autocast (bit equality is not expected: the implementations round in different places)."""
+    model, ref = (net, fx["logits_sub"][..., ::2, ::2, ::2]) if which == "nano" else (pro_net, pro_fx["logits_sub"])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = net(image[:1], torch.from_numpy(fx["queries_a"]))
-    assert logits.dtype == torch.bfloat16
-    err = np.abs(logits.float().numpy()[..., ::2, ::2, ::2] - fx["logits_sub"][:1]).max()
-    assert err < 0.15, err
+        logits = model(image, torch.from_numpy(pro_fx["queries"]))
+    assert logits.dtype == torch.bfloat16 and str(pro_fx[f"{which}_bfloat16_dtype"]) == str(logits.dtype)
+    sub = logits.float().numpy()[..., ::4, ::4, ::4]
+    scale = float(np.abs(ref).max())
+    assert 1e-3 * scale < np.abs(sub - ref).max() <= BF16_FROM_FP32 * scale  # it ran in low precision
+    assert np.abs(sub - pro_fx[f"{which}_bfloat16_logits_sub"]).max() <= BF16_FROM_UPSTREAM * scale

@@ -83,7 +83,7 @@ def test_preprocess_matches_upstream(case):
 
     f = np.load(FIX / "sat_preprocess.npz")
     vol = volume_from_nifti(f[f"{case}_input"], f[f"{case}_affine"]).canonical()
-    out, geo = preprocess(vol.array, vol.spacing, str(f[f"{case}_modality"]))
+    out, geo = preprocess(vol, str(f[f"{case}_modality"]))
     up = f[f"{case}_output"]
     assert out.shape == up.shape and out.dtype == np.float32
     # float32 rounding of upstream's resampling (relative 1e-6 of the HU range) after z-scoring
@@ -91,7 +91,7 @@ def test_preprocess_matches_upstream(case):
     # before normalisation: resampled + cropped intensities
     ras = canonical_to_ras(vol.array).astype(np.float64)
     for ax in range(3):
-        ras = resample_axis(ras, ax, geo.resampled_shape[ax], geo.spacing[ax] / geo.ras_spacing[ax])
+        ras = resample_axis(ras, ax, geo.resampled_shape[ax], geo.scale[ax], geo.offset[ax])
     ras = ras.astype(np.float32)[tuple(slice(a, b) for a, b in zip(geo.start, geo.stop))]
     pre = f[f"{case}_prenorm"]
     np.testing.assert_allclose(ras, pre, rtol=0, atol=2e-6 * np.abs(pre).max())
@@ -104,10 +104,15 @@ def test_preprocess_matches_upstream(case):
 
 
 def test_spacing_tolerance_keeps_original():
-    from textseg.models.sat.preprocess import sat_spacing
+    """An axis within 1e-3 mm of its target spacing keeps its own (float32) spacing, as MONAI's Spacing."""
+    from textseg.models.sat.preprocess import upstream_grid
 
-    assert sat_spacing((1.2, 1.0004, 2.2)) == (1.0, 1.0004, 3.0)
-    assert sat_spacing((1.0011, 0.5, 2.9995)) == (1.0, 1.0, 2.9995)
+    def spacing(sp):
+        return upstream_grid(np.diag(list(sp) + [1.0]), (20, 20, 20)).spacing
+
+    np.testing.assert_allclose(spacing((1.2, 1.0004, 2.2)), (1.0, 1.0004, 3.0), rtol=1e-7)
+    np.testing.assert_allclose(spacing((1.0011, 0.5, 2.9995)), (1.0, 1.0, 2.9995), rtol=1e-7)
+    assert spacing((1.0004, 1.0004, 2.9995))[0] == float(np.float32(1.0004))  # the float32 header's value
 
 
 def test_preprocess_rejects_empty_foreground():
@@ -115,7 +120,7 @@ def test_preprocess_rejects_empty_foreground():
     from textseg.models.sat.preprocess import preprocess
 
     with pytest.raises(InputError, match="image > 0"):
-        preprocess(np.full((4, 5, 6), -1000.0), (1, 1, 3), "CT")
+        preprocess(Volume(np.full((4, 5, 6), -1000.0), (1, 1, 3)), "CT")
 
 
 # ---- sliding-window oracle --------------------------------------------------------------------
@@ -193,15 +198,28 @@ def _ball(p: np.ndarray) -> np.ndarray:
     return np.linalg.norm(p - np.array([2.0, 30.0, -2.0]), axis=-1) <= 9.0
 
 
+def _oblique():
+    """The first grid rotated 30 degrees about S and 12 about R (its float32 header fails upstream's corner
+    test: the grid is centred)."""
+    base = next(_grids())
+    t, u = np.deg2rad(30.0), np.deg2rad(12.0)
+    rs = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    rr = np.array([[1, 0, 0], [0, np.cos(u), -np.sin(u)], [0, np.sin(u), np.cos(u)]])
+    r = np.diag([-1.0, -1, 1]) @ rr @ rs @ np.diag([-1.0, -1, 1])  # RAS rotation in LPS
+    return Volume(np.zeros(base.shape, np.float32), base.spacing, base.origin, r @ base.direction)
+
+
 def test_back_mapping_linear_function_is_exact():
     """Linear interpolation reproduces a linear function: a map linear in physical position, made on
-    the SAT grid, comes back onto every input voxel inside the resampled extent exactly."""
+    the SAT grid, comes back onto every input voxel inside the resampled extent exactly -- also on an
+    oblique grid that upstream centres (voxel 0 off the input's corner)."""
     from textseg.models.sat.preprocess import preprocess
 
-    for vol in _grids():
+    for case, vol in enumerate(list(_grids()) + [_oblique()]):
         vol.array[:] = 100.0 + np.arange(vol.array.size).reshape(vol.shape) % 7  # all foreground: no crop
         can = vol.canonical()
-        _, geo = preprocess(can.array, can.spacing, "CT")
+        _, geo = preprocess(can, "CT")
+        assert (max(abs(o) for o in geo.offset) > 0.1) == (case == 3)  # the oblique grid is centred
         xs = np.stack(np.meshgrid(*[np.arange(n) for n in geo.shape], indexing="ij"), -1).reshape(-1, 3)
         lps = can.index_to_physical(geo.sat_to_canonical_index(xs))
         coef = np.array([0.01, -0.02, 0.005])
@@ -210,12 +228,12 @@ def test_back_mapping_linear_function_is_exact():
         expect = _physical(vol) @ coef + 0.3
         # input voxels beyond the last resampled voxel are clamped (border): compare inside only
         inside = np.ones(can.shape, bool)
-        for ax, n in zip(range(3), geo.resampled_shape):
+        for ax, m in zip(range(3), geo.resampled_shape):
             idx = np.arange(can.shape[2 - ax])
-            pos = (idx if ax == 2 else idx[::-1]) / geo.scale[ax]  # RAS x, y run against canonical i, j
+            pos = ((idx if ax == 2 else idx[::-1]) - geo.offset[ax]) / geo.scale[ax]  # RAS x, y run against i, j
             shape = [1, 1, 1]
             shape[2 - ax] = -1
-            inside &= (pos <= n - 1 + 1e-9).reshape(shape)
+            inside &= ((pos >= -1e-9) & (pos <= m - 1 + 1e-9)).reshape(shape)
         inside = vol.to_input_grid(inside)
         assert inside.mean() > 0.85
         np.testing.assert_allclose(back[inside], expect[inside], atol=2e-6)
@@ -231,7 +249,7 @@ def test_back_mapping_of_an_object_and_orientations():
         phys = _physical(vol)
         vol.array[:] = np.where(_ball(phys), 200.0, -800.0)
         can = vol.canonical()
-        image, geo = preprocess(can.array, can.spacing, "CT")
+        image, geo = preprocess(can, "CT")
         if ref_image is None:
             ref_image = image
         assert np.array_equal(image, ref_image)

@@ -19,7 +19,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("monai")
 
 from conftest import shared_file  # noqa: E402
-from make_segvol_fixture import recipe_tensor  # noqa: E402  (the oracle script's weight recipe)
+import make_segvol_fixture as recipe  # noqa: E402  (the oracle script's weight and input recipes)
+from make_segvol_fixture import recipe_tensor  # noqa: E402
 from textseg.catalog import get_model  # noqa: E402
 from textseg.errors import WeightsError  # noqa: E402
 from textseg.models.base import RunContext  # noqa: E402
@@ -47,6 +48,8 @@ def official_state_dict(fx, net):
     own = net.state_dict()
     seed = int(fx["seed"])
     sd = {k: torch.from_numpy(recipe_tensor(k, own[ours(k, own)].shape, i, seed)) for i, k in enumerate(fx["keys"].tolist())}
+    if "overrides" in fx:
+        sd = recipe.apply_overrides(sd, json.loads(str(fx["overrides"])))
     h = hashlib.sha256()
     for k in sorted(sd):
         h.update(k.encode())
@@ -57,8 +60,11 @@ def official_state_dict(fx, net):
 
 @pytest.fixture(scope="module")
 def oracle_adapter(tmp_path_factory):
+    return adapter_for(np.load(FIX / "segvol_oracle_zoom.npz"), tmp_path_factory)
+
+
+def adapter_for(fx, tmp_path_factory):
     """An adapter loaded through our real loader from a checkpoint saved in the GitHub layout."""
-    fx = np.load(FIX / "segvol_oracle_zoom.npz")
     cfg = reduced_config(fx)
     sd = official_state_dict(fx, SegVolNet(cfg))
     d = tmp_path_factory.mktemp("segvol-weights")
@@ -299,3 +305,129 @@ def test_point_prompts_are_seeded_and_runs_can_be_cancelled(oracle_adapter):
     with pytest.raises(Cancelled):
         ad.decode(state, [Prompt("liver")], RunContext(device=torch.device("cpu"), progress=progress, cancel=token))
     assert len(seen) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# real CT, tilted and oblique through its header (issue 15 item 2) and a zoom-in region strictly inside
+# a larger volume (item 3): Testing/oracles/make_segvol_fixture.py --shared, see Testing/fixtures/README.md
+def real_case_volume(tmp_path, case: str):
+    """The fixture's NIfTI, written from the recipe as the oracle script wrote it and read the user's way."""
+    from textseg.io import read_volume
+
+    shared = shared_file(recipe.REAL_DIR).parent
+    ct, label, affine = recipe.subregion_case(shared) if case == "subregion" else recipe.real_ct_case(shared, case)
+    path = tmp_path / f"{case}.nii.gz"
+    recipe.save_nifti(ct, affine, path)
+    return read_volume(path), label.transpose(2, 1, 0), path
+
+
+def check_crop(state, fx):
+    """Our crop equals upstream's (stored as every 2nd voxel + moments) and the zoom-out image bit for bit."""
+    crop = state.crop[0, 0].numpy()
+    assert crop.shape == tuple(fx["preprocessed_shape"])
+    np.testing.assert_allclose(crop[::2, ::2, ::2], fx["preprocessed_sub"], atol=1e-6, rtol=0)
+    c64 = crop.astype(np.float64)
+    np.testing.assert_allclose([c64.sum(), (c64 ** 2).sum(), c64.min(), c64.max()], fx["preprocessed_moments"], rtol=1e-6)
+    zo = np.ascontiguousarray(state.zoom_out[0, 0].numpy(), dtype=np.float32)
+    assert hashlib.sha256(zo.tobytes()).hexdigest() == str(fx["zoom_out_image_sha256"])
+
+
+def check_run(r, fx):
+    assert np.abs(r["zoom_out_logits"].numpy() - fx["zoom_out_logits"]).max() <= TOL
+    assert list(r["roi"]) == fx["roi"].tolist()
+    assert len(r["window_boxes"]) == len(fx["window_boxes"])
+    for got, want in zip(r["window_boxes"], fx["window_boxes"]):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("case", ["tilted", "oblique"])
+def test_matches_official_on_tilted_and_oblique_real_ct(oracle_adapter, tmp_path, case):
+    """Upstream's orientation step is a no-op, so it segments the stored array whatever the header says; ours puts
+    the image in closest-RAS order by flips/permutations only, which for a rotation under 45 degrees is the stored
+    order of this RAS-stored file: the same model input, the same logits, and the result lands on exactly the
+    input voxels upstream's crop came from (placement computed with MONAI's own pad/crop, stored in the fixture)."""
+    fx = np.load(FIX / "segvol_oracle_oblique_ct.npz")
+    assert str(fx["weights_sha256"]) == str(np.load(FIX / "segvol_oracle_zoom.npz")["weights_sha256"])
+    vol, _, _ = real_case_volume(tmp_path, case)
+    stored, _, _ = real_case_volume(tmp_path, "stored")
+    tilt = np.degrees(np.arccos(np.clip(np.abs(np.diag(vol.direction.T @ stored.direction)), 0, 1)))
+    assert tilt.max() > 9.9 and vol.orientation == stored.orientation  # really rotated; same closest axes
+    ad, ctx = oracle_adapter, RunContext(device=torch.device("cpu"))
+    state = ad.prepare(vol.canonical(), None, ctx)
+    check_crop(state, fx)
+    ad.encode(state, ctx)
+    grid = sv.PromptGrid()
+    grid.box_zo = torch.from_numpy(fx["zoom_out_box"]).float()
+    grid.box_map = sv.box_map(grid.box_zo, ad.window, state.geo.crop_shape)
+    r = ad.run(state, ad.text_embedding(str(fx["prompt"])), grid, ctx)
+    check_run(r, fx)
+    assert len(r["window_boxes"]) == 6
+    assert np.abs(r["logits"].numpy() - fx["logits"]).max() <= TOL
+    # onto the input grid: upstream's (z, y, x) crop sits at [crop_start - pad_before, crop_stop - pad_before) of
+    # the stored array, which is our [k, j, i] input grid (RAS-stored file); zero elsewhere
+    got = vol.to_input_grid(state.geo.to_canonical(torch.sigmoid(r["logits"]).numpy()))
+    want = np.zeros(vol.shape, np.float32)
+    lo, hi = fx["crop_start"] - fx["pad_before"], fx["crop_stop"] - fx["pad_before"]
+    want[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = torch.sigmoid(torch.from_numpy(fx["logits"])).numpy()
+    assert np.abs(got - want).max() <= 3e-5  # sigmoid of logits within 1e-4
+
+
+def test_box_prompt_on_an_oblique_ct_covers_the_physical_box(oracle_adapter, tmp_path):
+    """A box is an axis-aligned LPS box (a Slicer ROI's bounding box); on an oblique image it must become the
+    model-grid box around all 8 of its corners, not the box spanned by two of them (which cut the liver)."""
+    import SimpleITK as sitk
+
+    fx = np.load(FIX / "segvol_oracle_oblique_ct.npz")
+    vol, liver, path = real_case_volume(tmp_path, "oblique")
+    ad, ctx = oracle_adapter, RunContext(device=torch.device("cpu"))
+    state = ad.prepare(vol.canonical(), None, ctx)
+    kji = np.argwhere(liver > 0)
+    pts = vol.index_to_physical(kji[:, ::-1])
+    box = np.stack([pts.min(0), pts.max(0)])  # the liver's LPS bounding box
+    lo, hi = ad.crop_box(state, box)
+    # where the liver voxels lie on the crop grid: stored (k, j, i) + pad - crop start (fixture, MONAI's)
+    crop_idx = kji + fx["pad_before"] - fx["crop_start"]
+    assert (crop_idx >= lo).all() and (crop_idx <= hi).all(), "liver voxels outside the box given to the model"
+    # and the box is the one around the 8 corners, computed independently with ITK on the file
+    img = sitk.ReadImage(str(path))
+    corners = [(box[a][0], box[b][1], box[c][2]) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+    ijk = np.array([img.TransformPhysicalPointToContinuousIndex(c) for c in corners])
+    zyx = ijk[:, ::-1] + fx["pad_before"] - fx["crop_start"]
+    shape = np.array(state.geo.crop_shape) - 1
+    np.testing.assert_array_equal(lo, np.clip(np.floor(zyx.min(0) + 0.5), 0, shape))
+    np.testing.assert_array_equal(hi, np.clip(np.floor(zyx.max(0) + 0.5), 0, shape))
+
+
+@pytest.fixture(scope="module")
+def subregion_adapter(tmp_path_factory):
+    return adapter_for(np.load(FIX / "segvol_oracle_subregion.npz"), tmp_path_factory)
+
+
+def test_matches_official_where_the_zoom_in_region_is_a_strict_sub_region(subregion_adapter, tmp_path):
+    """Weights from the recipe + SUBREGION_OVERRIDES make the zoom-out mask a compact block: the ROI lies strictly
+    inside the 64x97x122 crop on every axis and is zoomed in with 3 windows; everything equals upstream."""
+    fx = np.load(FIX / "segvol_oracle_subregion.npz")
+    vol, _, _ = real_case_volume(tmp_path, "subregion")
+    ad, ctx = subregion_adapter, RunContext(device=torch.device("cpu"))
+    state = ad.prepare(vol.canonical(), None, ctx)
+    check_crop(state, fx)
+    crop = state.geo.crop_shape
+    assert crop == tuple(fx["crop_shape"]) == (64, 97, 122)
+    ad.encode(state, ctx)
+    grid = sv.PromptGrid()
+    grid.box_zo = torch.from_numpy(fx["zoom_out_box"]).float()
+    grid.box_map = sv.box_map(grid.box_zo, ad.window, crop)
+    r = ad.run(state, ad.text_embedding(str(fx["prompt"])), grid, ctx)
+    check_run(r, fx)
+    roi = r["roi"]
+    assert all(0 < roi[d] and roi[d + 3] < crop[d] - 1 for d in range(3)) and len(r["window_boxes"]) == 3
+    sl = tuple(slice(roi[d], roi[d + 3] + 1) for d in range(3))
+    logits = r["logits"].numpy()
+    assert np.abs(logits[sl] - fx["roi_logits"]).max() <= TOL
+    outside = np.ones(crop, bool)
+    outside[sl] = False
+    zo_up = torch.nn.functional.interpolate(torch.from_numpy(fx["zoom_out_logits"])[None, None], size=crop,
+                                            mode="nearest")[0, 0].numpy()
+    assert np.abs(logits[outside] - zo_up[outside]).max() <= TOL  # upstream keeps the zoom-out logits there
+    mask = logits > 0
+    assert 0 < mask.sum() and not mask[outside].any()  # the final mask lies inside the ROI

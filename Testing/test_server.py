@@ -33,7 +33,7 @@ pytest.importorskip("uvicorn")
 from textseg.client import RemotePredictor  # noqa: E402
 from textseg.server import Settings, create_app, running_server  # noqa: E402
 
-KEY = "test-key-7f3a"
+KEY = "test-key-7f3a-Qw9ZpL2x"
 CT_PROMPTS = ["bone", "air left", "fat superior", "nothing",
               {"text": "soft tissue", "box": [[57.9, -101.3, 124.3], [-62.0, -221.3, 154.3]]}]
 
@@ -70,8 +70,10 @@ SLOW_2D = {"synthetic-2d": {"delay": 0.5, "batch_size": 2}}  # 0.5 s per batch o
 
 @pytest.fixture(scope="module")
 def slow():
-    s = Settings(port=0, devices=("cpu", "cpu"), show_test_models=True, queue_size=1, session_ttl=1.0,
-                 max_upload_bytes=1 << 20, adapter_options={"synthetic-3d": {"delay": 2.0}, **SLOW_2D})
+    # session_ttl is long here: on a loaded machine a 1 s TTL expired images between a test's upload and its jobs
+    s = Settings(port=0, devices=("cpu", "cpu"), show_test_models=True, queue_size=1, session_ttl=60.0,
+                 max_upload_bytes=1 << 20, body_timeout=1.0, min_body_rate=2048,
+                 adapter_options={"synthetic-3d": {"delay": 2.0}, **SLOW_2D})
     with running_server(s) as url:
         yield url
 
@@ -128,7 +130,7 @@ def test_round_trip_on_real_ct_equals_local_predictor(fast, tmp_path):
     assert all(0.0 <= f <= 1.0 for f, _ in seen)
     assert session.count("PUT", "volumes/") == 1
     # the worker's Predictor kept the image prepared by set_image: predict did not encode it again
-    assert _job_state(fast, rp.last_job, {"Authorization": f"Bearer {KEY}"})["image_reused"] is True
+    assert rp.http.get(f"{fast}/v1/jobs/{rp.last_job}", timeout=10).json()["image_reused"] is True
     # the job's .seg.nrrd (written on the server by textseg.writers): same masks, names, provenance tags
     path = rp.download_seg_nrrd(rp.last_job, tmp_path / "remote.seg.nrrd")
     ref, segments = read_seg_nrrd(path)
@@ -161,7 +163,7 @@ def test_deepbet_round_trip_on_mni152_equals_local(fast):
     rq = RemotePredictor(fast, "deepbet", api_key=KEY)
     rq.set_image(mri, "MRI")
     q = rq.predict(["brain"])[0]
-    assert _job_state(fast, rq.last_job, {"Authorization": f"Bearer {KEY}"})["image_reused"] is True
+    assert rq.http.get(f"{fast}/v1/jobs/{rq.last_job}", timeout=10).json()["image_reused"] is True
     np.testing.assert_array_equal(q.mask, local[0].mask)
     assert np.abs(q.probability - local[0].probability).max() <= 1 / 510 + 1e-6
 
@@ -257,7 +259,7 @@ def test_malformed_uploads_are_rejected_and_server_keeps_serving(fast):
                        ({"volume": "0" * 64, "model": "synthetic-3d", "prompts": "bone"}, "must be a list")]:
         r = requests.post(f"{fast}/v1/jobs", json=bad, headers=h, timeout=10)
         assert 400 <= r.status_code < 500 and words in r.json()["message"], r.text
-    r = requests.post(f"{fast}/v1/jobs", data=b"{not json", headers=h, timeout=10)
+    r = requests.post(f"{fast}/v1/jobs", data=b"{not json", headers={**h, "Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 400 and r.json()["error"] == "invalid_request"
     assert requests.get(f"{fast}/v1/jobs/nope", headers=h, timeout=5).status_code == 404
     rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY)  # still serving
@@ -269,7 +271,7 @@ def test_hidden_models_are_not_offered_by_default(monkeypatch):
     from fastapi.testclient import TestClient
 
     monkeypatch.delenv("TEXTSEG_SHOW_TEST_MODELS", raising=False)
-    client = TestClient(create_app(Settings(devices=("cpu",))))  # no lifespan: request checking only
+    client = TestClient(create_app(Settings(devices=("cpu",))), base_url="http://127.0.0.1")  # no lifespan: requests only
     ids = [m["id"] for m in client.get("/v1/models").json()["models"]]
     assert "deepbet" in ids and not any(i.startswith("synthetic") for i in ids)
     r = client.post("/v1/jobs", json={"volume": "0" * 64, "model": "synthetic-3d", "prompts": ["bone"]})
@@ -303,6 +305,23 @@ def test_serve_options(tmp_path):
     assert s.session_ttl == 60 and s.max_upload_bytes == int(1.5 * 2**20) and s.preload == ("deepbet", "synthetic-3d")
     with pytest.raises(UsageError, match="--api-key-file"):
         settings_from_args(parser.parse_args(["serve", "--api-key-file", str(tmp_path / "missing")]))
+    keys = tmp_path / "keys"
+    keys.write_text("# clients\nws1  Ab3dEf6hIj9kLm2n  \nops  Zy8xWv5uTs2rQp0o admin # operators\n")
+    s = settings_from_args(parser.parse_args(["serve", "--keys-file", str(keys), "--heartbeat-timeout", "30",
+                                              "--cancel-timeout", "5", "--job-timeout", "0", "--body-timeout", "10",
+                                              "--max-results", "7", "--max-results-mb", "2"]))
+    assert [(k.name, k.admin) for k in s.keys] == [("ws1", False), ("ops", True)] and s.api_key is None
+    assert "Ab3d" not in repr(s.keys)  # keys never reach a log through a repr
+    assert (s.heartbeat_timeout, s.cancel_timeout, s.job_timeout, s.body_timeout) == (30, 5, 0, 10)
+    assert s.max_results_per_client == 7 and s.max_result_bytes_per_client == 2 << 20
+    for text, words in [("ws1 short\n", "too weak"), ("ws1 Ab3dEf6hIj9kLm2n\nws1 Zy8xWv5uTs2rQp0o\n", "unique"),
+                        ("ws1 Ab3dEf6hIj9kLm2n root\n", "NAME KEY"), ("# nothing\n", "no keys")]:
+        keys.write_text(text)
+        with pytest.raises(UsageError, match=words):
+            settings_from_args(parser.parse_args(["serve", "--keys-file", str(keys)]))
+    keys.write_text("ws1  Ab3dEf6hIj9kLm2n\n")
+    with pytest.raises(UsageError, match="not both"):
+        settings_from_args(parser.parse_args(["serve", "--keys-file", str(keys), "--api-key", "Zy8xWv5uTs2rQp0oXX"]))
 
 
 def test_non_loopback_without_key_is_refused():
@@ -354,17 +373,16 @@ def test_internal_errors_are_json_without_traceback(fast, fast_dir, tmp_path):
     rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY)
     rp.set_image(_phantom(), "CT")
     rp.predict(["bone"])
-    h = {"Authorization": f"Bearer {KEY}"}
     arrays = fast_dir / "jobs" / rp.last_job / "arrays.npz"
     arrays.write_bytes(b"damaged")  # a broken disk: building the seg.nrrd fails inside the server
-    r = requests.get(f"{fast}/v1/jobs/{rp.last_job}/result", headers=h, timeout=10)
+    r = rp.http.get(f"{fast}/v1/jobs/{rp.last_job}/result", timeout=10)
     assert r.status_code == 500 and r.json()["error"] == "internal" and "reference" in r.json()["message"]
     assert "Traceback" not in r.text and str(fast_dir) not in r.text
     with pytest.raises(ServerError, match=r"failed \(500\): Internal server error \(reference"):
         rp.download_seg_nrrd(rp.last_job, tmp_path / "x.seg.nrrd")
     assert not (tmp_path / "x.seg.nrrd").exists()
     arrays.unlink()  # an administrator cleaned the disk
-    r = requests.get(f"{fast}/v1/jobs/{rp.last_job}/arrays", headers=h, timeout=10)
+    r = rp.http.get(f"{fast}/v1/jobs/{rp.last_job}/arrays", timeout=10)
     assert r.status_code == 404 and r.json()["error"] == "result_missing"
     assert rp.predict(["air"])[0].voxel_count > 0  # still serving
 
@@ -413,7 +431,7 @@ def check_cancel_keeps_partial_2d_results(url):
         assert not r.complete and first == 0 and 2 <= done < 6
         np.testing.assert_array_equal(r.mask[:done], w.mask[:done])
         assert not r.mask[done:].any() and w.mask[done:].any()
-    job = requests.get(f"{url}/v1/jobs/{rp.last_job}", timeout=10).json()
+    job = rp.http.get(f"{url}/v1/jobs/{rp.last_job}", timeout=10).json()
     assert job["state"] == "cancelled" and job["results"] == 2
     assert job["stage"] == "cancelled: kept 0 of 2 completed prompt(s) and 2 partial result(s)"
     assert rp.messages[-1] == "Cancelled: kept 0 of 2 completed prompt(s) and 2 partial result(s)."
@@ -423,7 +441,14 @@ def test_cancel_mid_job_keeps_partial_2d_results(slow):
     check_cancel_keeps_partial_2d_results(slow)
 
 
-def test_expired_session_is_uploaded_again_transparently(slow):
+@pytest.fixture(scope="module")
+def short_ttl():
+    with running_server(Settings(port=0, devices=("cpu",), show_test_models=True, session_ttl=1.0)) as url:
+        yield url
+
+
+def test_expired_session_is_uploaded_again_transparently(short_ttl):
+    slow = short_ttl
     v = _phantom()
     v.array[0, 0, 0] = 7  # an image no other test uploads
     session = CountingSession()
@@ -432,7 +457,7 @@ def test_expired_session_is_uploaded_again_transparently(slow):
     assert session.count("PUT", "volumes/") == 1
     sha = sha256(volume_to_nrrd(v))
     deadline = time.monotonic() + 10
-    while requests.head(f"{slow}/v1/volumes/{sha}", timeout=5).status_code == 200:
+    while rp.http.head(f"{slow}/v1/volumes/{sha}", timeout=5).status_code == 200:
         assert time.monotonic() < deadline, "the volume did not expire"
         time.sleep(0.2)
     r = rp.predict(["bone"])[0]
@@ -522,7 +547,7 @@ def test_worker_crash_fails_only_that_job(slow):
     with pytest.raises(ServerError, match="died"):
         # the client raises the job's failure reason (run one, crash it)
         box = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", _kill_running(slow)))
+        t = threading.Thread(target=lambda: box.setdefault("r", _kill_running(slow, dict(rp.http.headers))))
         t.start()
         try:
             rp.predict(["bone", "air", "fat"])
@@ -530,11 +555,11 @@ def test_worker_crash_fails_only_that_job(slow):
             t.join()
 
 
-def _kill_running(url):
+def _kill_running(url, headers):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        for w in requests.get(f"{url}/v1/workers", timeout=5).json()["workers"]:
-            if w["job"] and _job_state(url, w["job"])["state"] == "running":
+        for w in requests.get(f"{url}/v1/workers", headers=headers, timeout=5).json()["workers"]:
+            if w["job"] and _job_state(url, w["job"], headers)["state"] == "running":
                 time.sleep(0.3)
                 os.kill(w["pid"], signal.SIGKILL)
                 return w["pid"]
@@ -586,3 +611,228 @@ def test_result_seg_nrrd_keeps_partial_mark_and_detection_objects(tmp_path):
     for s, r in zip(segs, results):
         assert json.loads(s.tags["textseg.objects"]) == r.objects
         np.testing.assert_array_equal(s.mask, r.mask)
+
+
+# ---- hostile input (issue 14) --------------------------------------------------------------------------------
+def _nrrd(sizes=(4, 3, 2), ntype="int16", encoding="raw", extra=(), data=b""):
+    """A hand-written NRRD (header + attached data)."""
+    lines = ["NRRD0004", f"type: {ntype}", f"dimension: {len(sizes)}", "space: left-posterior-superior",
+             "sizes: " + " ".join(map(str, sizes)), "space directions: (1,0,0) (0,1,0) (0,0,1)",
+             f"encoding: {encoding}", "endian: little", *extra]
+    return ("\n".join(lines) + "\n\n").encode() + data
+
+
+def _put(url, body, headers=None):
+    return requests.put(f"{url}/v1/volumes/{sha256(body)}", data=body, headers=headers or {}, timeout=20)
+
+
+def test_uploads_cannot_name_files_on_the_server(slow, tmp_path):
+    """`data file:` (any spelling or form) would make pynrrd read a server file as the image: refused before any
+    file is touched, with the same answer whether the file exists or not (no existence/size oracle)."""
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(bytes(range(48)))  # exactly 4x3x2 int16: pynrrd would read it as the image
+    answers = set()
+    for field in (f"data file: {secret}", f"datafile: {secret}", f"data file: {tmp_path}/secret.%d.raw 0 0 1 2",
+                  f"data file: {tmp_path / 'missing.raw'}", "data file: LIST", "data file: /dev/zero"):
+        for enc in ("raw", "gzip"):
+            r = _put(slow, _nrrd(encoding=enc, extra=[field]))
+            assert r.status_code == 400, (field, r.status_code, r.text)
+            assert "self-contained" in r.json()["message"] and str(tmp_path) not in r.text
+            answers.add(r.json()["message"])
+    assert len(answers) == 1
+    # line/byte skips are refused too; a self-contained NRRD with the same voxels is fine
+    r = _put(slow, _nrrd(extra=["byte skip: -1"], data=bytes(range(48))))
+    assert r.status_code == 400 and "self-contained" in r.json()["message"]
+    r = _put(slow, _nrrd(data=bytes(range(48))))
+    assert r.status_code == 201 and r.json()["shape"] == [2, 3, 4]
+
+
+def test_nrrd_internal_compression_counts_against_the_upload_limit(slow):
+    """The 1 MiB limit holds for the voxels however they are encoded: declared sizes are checked before anything
+    is decoded, and decompression stops at the declared size."""
+    import bz2
+    import zlib
+
+    zeros = bytes(4 << 20)  # 4 MiB of voxels > the 1 MiB limit, a few kB compressed
+    for enc, packed in (("gzip", gzip.compress(zeros)), ("bzip2", bz2.compress(zeros))):
+        body = _nrrd((256, 256, 64), "uint8", enc, data=packed)
+        assert len(body) < 20_000
+        r = _put(slow, body)
+        assert r.status_code == 413 and "--max-upload-mb" in r.json()["message"], (enc, r.text)
+    # declares 4096^3 (64 GiB) with 30 bytes of data: refused from the header alone
+    r = _put(slow, _nrrd((4096, 4096, 4096), "uint8", "gzip", data=gzip.compress(b"x")))
+    assert r.status_code == 413 and "declares" in r.json()["message"]
+    # declares 64x64x64 uint8 (256 KiB, allowed) but its gzip stream holds 4 MiB: decoding stops at the declared size
+    r = _put(slow, _nrrd((64, 64, 64), "uint8", "gzip", data=gzip.compress(zeros)))
+    assert r.status_code == 400 and "more data than its header declares" in r.json()["message"]
+    # a zlib (not gzip) stream or truncated data: one clear line
+    r = _put(slow, _nrrd((64, 64, 64), "uint8", "gzip", data=zlib.compress(bytes(64 ** 3))[:100]))
+    assert r.status_code == 400 and "Traceback" not in r.text
+    # the same voxels, self-contained and within the limit, are accepted in every encoding
+    small = bytes(range(256)) * 4  # 16x16x4 uint8
+    for enc, packed in (("raw", small), ("gzip", gzip.compress(small)), ("bzip2", bz2.compress(small))):
+        r = _put(slow, _nrrd((16, 16, 4), "uint8", enc, data=packed))
+        assert r.status_code == 201 and r.json()["shape"] == [4, 16, 16], (enc, r.text)
+
+
+def test_keyless_clients_are_separated_by_their_client_token(slow):
+    """On a server without keys (loopback), each client (RemotePredictor: one random token per process, or its
+    client_token) sees only its own jobs and volumes."""
+    from textseg.wire import CLIENT_HEADER
+
+    a, b = {CLIENT_HEADER: "client-a-" + "x" * 24}, {CLIENT_HEADER: "client-b-" + "y" * 24}
+    v = _phantom()
+    v.array[0, 0, 1] = 5
+    body = volume_to_nrrd(v)
+    sha = sha256(body)
+    assert requests.put(f"{slow}/v1/volumes/{sha}", data=body, headers=a, timeout=10).status_code == 201
+    r = requests.post(f"{slow}/v1/jobs", json={"volume": sha, "model": "synthetic-3d", "modality": "CT", "prompts": ["bone"]},
+                      headers=a, timeout=10)
+    jid = r.json()["id"]
+    assert requests.head(f"{slow}/v1/volumes/{sha}", headers=b, timeout=5).status_code == 404
+    assert requests.get(f"{slow}/v1/jobs/{jid}", headers=b, timeout=5).status_code == 404
+    assert requests.delete(f"{slow}/v1/jobs/{jid}", headers=b, timeout=5).status_code == 404
+    assert jid not in requests.get(f"{slow}/v1/workers", headers=b, timeout=5).text
+    r = requests.post(f"{slow}/v1/jobs", json={"volume": sha, "model": "synthetic-3d", "modality": "CT", "prompts": ["air"]},
+                      headers=b, timeout=10)
+    assert r.status_code == 404 and r.json()["error"] == "volume_not_found"
+    assert requests.get(f"{slow}/v1/jobs/{jid}", headers=a, timeout=5).status_code == 200
+    r = requests.get(f"{slow}/v1/jobs", headers={CLIENT_HEADER: "short"}, timeout=5)
+    assert r.status_code == 400 and CLIENT_HEADER in r.json()["message"]
+    # RemotePredictor sends a token of its own; two predictors of one process share it (no second upload)
+    session = CountingSession()
+    one, two = RemotePredictor(slow, "synthetic-3d", session=session), RemotePredictor(slow, "synthetic-3d", session=session)
+    one.set_image(v, "CT")
+    two.set_image(v, "CT")
+    assert session.count("PUT", "volumes/") == 1
+    assert two.predict(["bone"])[0].voxel_count == 4 * 4 * 8
+    assert one.http.get(f"{slow}/v1/jobs/{two.last_job}", timeout=5).status_code == 200
+    other = RemotePredictor(slow, "synthetic-3d", client_token="another-client-" + "z" * 20)
+    assert other.http.get(f"{slow}/v1/jobs/{two.last_job}", timeout=5).status_code == 404
+
+
+def test_browsers_cannot_use_a_keyless_server(slow):
+    """CSRF (a web page POSTing text/plain) and DNS rebinding (a page served under another host name) are refused;
+    the textseg client and curl are not affected."""
+    sha = _upload(slow, _phantom())
+    job = json.dumps({"volume": sha, "model": "synthetic-3d", "modality": "CT", "prompts": ["bone"]})
+    r = requests.post(f"{slow}/v1/jobs", data=job, headers={"Content-Type": "text/plain", "Origin": "http://evil.example"}, timeout=5)
+    assert r.status_code == 403 and "browser" in r.json()["message"]
+    r = requests.post(f"{slow}/v1/jobs", data=job, headers={"Content-Type": "text/plain"}, timeout=5)
+    assert r.status_code == 415 and "application/json" in r.json()["message"]
+    port = slow.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", f"rebind.127.0.0.1.nip.io:{port}"):
+        r = requests.get(f"{slow}/v1/models", headers={"Host": host}, timeout=5)
+        assert r.status_code == 403 and "Host" in r.json()["message"], host
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"127.1:{port}", "localhost"):
+        assert requests.get(f"{slow}/v1/models", headers={"Host": host}, timeout=5).status_code == 200, host
+    assert requests.post(f"{slow}/v1/jobs", data=job, headers={"Content-Type": "application/json"}, timeout=5).status_code == 202
+
+
+def _raw(url, data: bytes, wait: float):
+    """Send raw bytes; return (seconds until the server answered or closed, what it sent)."""
+    import socket
+
+    host, port = url.split("//")[1].split(":")
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=wait) as s:
+        s.sendall(data)
+        try:
+            got = s.recv(65536)
+        except socket.timeout:
+            return None, b""
+    return time.monotonic() - t0, got
+
+
+def test_request_bodies_are_bounded_in_time_size_and_depth(slow):
+    """body_timeout=1 s: a declared but unsent body and a slow-loris upload end in 408 and a closed connection;
+    JSON is limited in size and nesting; prompts in number and length, never echoed whole."""
+    host = slow.split("//")[1]
+    head = f"PUT /v1/volumes/{'ab' * 32} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100000\r\n\r\n".encode()
+    took, got = _raw(slow, head, wait=6)
+    assert took is not None and took < 4 and got.startswith(b"HTTP/1.1 408"), (took, got[:80])
+    # slow loris: a byte every 0.3 s never trips the 1 s idle timeout, but the rate floor (2 KiB/s) does
+    import socket
+
+    hostname, port = host.split(":")
+    t0 = time.monotonic()
+    with socket.create_connection((hostname, int(port)), timeout=6) as s:
+        s.sendall(head)
+        s.settimeout(0.3)
+        got = b""
+        while time.monotonic() - t0 < 6 and not got:
+            try:
+                s.sendall(b"x")
+                got = s.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+    assert got.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 5, got[:80]
+    # JSON: size, nesting, prompts
+    sha = _upload(slow, _phantom())
+    base = {"volume": sha, "model": "synthetic-3d", "modality": "CT"}
+    r = requests.post(f"{slow}/v1/jobs", json={**base, "site": "x" * (2 << 20)}, timeout=10)
+    assert r.status_code == 413 and "JSON" in r.json()["message"]
+    deep = ("[" * 100_000 + "]" * 100_000).encode()
+    r = requests.post(f"{slow}/v1/jobs", data=deep, headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 400 and "nested" in r.json()["message"]
+    r = requests.post(f"{slow}/v1/jobs", json={**base, "prompts": ["bone"] * 1001}, timeout=10)
+    assert r.status_code == 400 and "1000 prompts" in r.json()["message"]
+    huge = "bone " + "z" * 600_000
+    r = requests.post(f"{slow}/v1/jobs", json={**base, "prompts": [huge]}, timeout=10)
+    assert r.status_code == 400 and "characters" in r.json()["message"] and len(r.text) < 1000
+    r = requests.post(f"{slow}/v1/jobs", json={**base, "prompts": [{"text": "bone", "points": [[1, 2, 3]] * 5000}]}, timeout=10)
+    assert r.status_code == 400 and len(r.text) < 1000
+    assert requests.get(f"{slow}/v1/health", timeout=5).json()["status"] == "ok"  # still serving
+
+
+def test_weak_keys_refused_and_loopback_detected_properly(tmp_path):
+    from textseg.cli_serve import main
+    from textseg.server import is_loopback
+
+    for weak in (" ", "a", "secret", "aaaaaaaaaaaaaaaaaaaaaaaa"):
+        with pytest.raises(UsageError, match="too weak"):
+            create_app(Settings(host="0.0.0.0", api_key=weak, devices=("cpu",)))
+    key = tmp_path / "key"
+    key.write_text(" \n")
+    assert main(["serve", "--host", "0.0.0.0", "--port", "1", "--devices", "cpu", "--api-key-file", str(key)]) == 2
+    assert main(["serve", "--host", "0.0.0.0", "--port", "1", "--devices", "cpu", "--api-key", "a"]) == 2
+    for host in ("127.0.0.1", "127.1", "127.0.0.2", "::1", "[::1]", "localhost", "::ffff:127.0.0.1", "0x7f.1"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "::", "10.0.0.1", "8.8.8.8", "127.0.0.1.example.invalid"):
+        assert not is_loopback(host), host
+    create_app(Settings(host="127.1", devices=("cpu",)))  # a loopback address needs no key
+
+
+def test_a_busy_server_is_a_server_error_after_its_retry_after_budget():
+    """429 until the client's busy budget runs out: Retry-After honoured, then ServerError (exit 1) saying the
+    server is busy, not UsageError (exit 2, "bad usage")."""
+    import http.server
+
+    hits = []
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(time.monotonic())
+            body = b'{"error": "queue_full", "message": "The server\'s queue is full (16 jobs waiting)."}'
+            self.send_response(429)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ServerError, match="busy") as err:
+            RemotePredictor(f"http://127.0.0.1:{httpd.server_port}", "synthetic-3d", busy_timeout=2.5)
+        assert err.value.exit_code == 1 and "queue is full" in str(err.value)
+        assert 2.0 <= time.monotonic() - t0 < 5 and len(hits) == 3
+        assert all(b - a >= 0.95 for a, b in zip(hits, hits[1:]))  # Retry-After: 1 honoured
+    finally:
+        httpd.shutdown()

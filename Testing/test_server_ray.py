@@ -179,3 +179,47 @@ def test_ray_cancel_falls_back_to_cancelling_the_request(monkeypatch):
         assert any("kept 1 of 3" in m for m in rp.messages)
         again = rp.predict(["bone left"])  # the replica serves the next job (after the stuck one has stopped)
         np.testing.assert_array_equal(again[0].mask, kept[0].mask)
+
+
+# ---- a replica that stops answering (issue 14, item 7) --------------------------------------------------------
+SILENCE = {"calls": [], "release": None, "real": None}  # module level: Ray pickles the patched function by reference
+
+
+def _silent_once(state, job, token, lock, beat=5.0):
+    """The first job after set_image's: the replica starts, then says nothing more (no beat, no progress)."""
+    SILENCE["calls"].append(job["id"])
+    if len(SILENCE["calls"]) == 2:
+        yield ("progress", 0.0, "starting")
+        SILENCE["release"].wait(30)
+        return
+    yield from SILENCE["real"](state, job, token, lock, beat)
+
+
+def test_ray_silent_replica_fails_its_job_and_the_server_goes_on(monkeypatch):
+    """A replica whose stream goes silent (stopped, lost node): after heartbeat_timeout the request is cancelled
+    and the job fails saying so, instead of running forever; the dispatcher pings the replica before it sends it
+    the next job. (Local testing mode runs the replica in this process: the silence is a run that never yields.)"""
+    import threading
+    import time
+
+    import textseg.server_ray as sr
+    from textseg.errors import ServerError
+
+    SILENCE.update(calls=[], release=threading.Event(), real=sr._iter_job)
+    monkeypatch.setattr(sr, "_iter_job", _silent_once)
+    s = Settings(port=0, ray=True, ray_options={"local_testing": True, "replicas": 1}, devices=("cpu",),
+                 show_test_models=True, heartbeat_timeout=2.0)
+    v = _phantom()
+    try:
+        with running_server(s) as url:
+            rp = RemotePredictor(url, "synthetic-3d", timeout=20)
+            rp.set_image(v, "CT")
+            t0 = time.monotonic()
+            with pytest.raises(ServerError, match=r"stopped responding \(no heartbeat for 2 s\)"):
+                rp.predict(["bone left"])
+            assert time.monotonic() - t0 < 8
+            SILENCE["release"].set()
+            again = rp.predict(["bone left"])  # the next job runs (with heartbeats: no false alarm)
+            assert again[0].voxel_count == 4 * 4 * 4 and len(SILENCE["calls"]) == 3
+    finally:
+        SILENCE["release"].set()

@@ -18,8 +18,8 @@ slicer_core = pytest.importorskip("slicer_core", reason="needs the real Slicer c
 import slicer  # noqa: E402  (the real package from slicer-core)
 
 sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
-import BiomedParseSlicer as module  # noqa: E402
 from BiomedParseSlicerLib import checks, headless, mrml, runner, stats  # noqa: E402
+from BiomedParseSlicerLib.logic import BiomedParseSlicerLogic  # noqa: E402
 from textseg.errors import OutputExistsError, UsageError  # noqa: E402
 from textseg.io import read_volume  # noqa: E402
 from textseg.predictor import Predictor  # noqa: E402
@@ -56,7 +56,7 @@ def app():
 
 @pytest.fixture
 def logic(app):
-    return module.BiomedParseSlicerLogic(scene=app.scene)
+    return BiomedParseSlicerLogic(scene=app.scene)
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +64,48 @@ def predictor():
     return Predictor("synthetic-3d", device="cpu")
 
 
-def test_module_imports_headless_without_faking_slicer():
-    assert module.HAVE_GUI is False  # slicer-core has no Qt: the GUI part is inactive ...
-    assert "qt" not in sys.modules and not hasattr(slicer, "ScriptedLoadableModule")  # ... and nothing was faked
-    assert slicer.vtkMRMLScene is slicer_core.vtkMRMLScene
+def test_lib_imports_headless_without_faking_slicer():
+    """Every module of the Lib imports with slicer-core alone: no Qt, nothing faked (a fresh process: other
+    tests load PyQt5)."""
+    import subprocess
+
+    code = (f"import sys; sys.path[:0] = [{str(ROOT / 'BiomedParseSlicer')!r}]\n"
+            "import slicer, slicer_core, BiomedParseSlicerLib, importlib\n"
+            "for name in BiomedParseSlicerLib.MODULES: importlib.import_module('BiomedParseSlicerLib.' + name)\n"
+            "print(sorted(m for m in ('qt', 'ctk', 'PyQt5', 'PySide6') if m in sys.modules),\n"
+            "      hasattr(slicer, 'ScriptedLoadableModule'), slicer.vtkMRMLScene is slicer_core.vtkMRMLScene)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["[]", "False", "True"], out.stdout + out.stderr[-2000:]
+
+
+def test_parameter_node_and_default_input_volume(app, logic):
+    """The Logic's parameter node is the scene's one singleton vtkMRMLScriptedModuleNode of the module (as
+    ScriptedLoadableModuleLogic makes it); the default input is the first scalar or vector volume, never a label map."""
+    node = logic.getParameterNode()
+    assert node.IsA("vtkMRMLScriptedModuleNode") and node.GetAttribute("ModuleName") == "BiomedParseSlicer"
+    assert node.GetSingletonTag() == "BiomedParseSlicer" and node.GetScene() is app.scene
+    assert BiomedParseSlicerLogic(scene=app.scene).getParameterNode() is node
+    assert logic.defaultInputVolume() is None
+    app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    rgb = app.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "photo")
+    assert logic.defaultInputVolume() is rgb
+    app.scene.Clear(0)
+    assert logic.getParameterNode().GetScene() is app.scene
+
+
+def test_reload_reimports_the_lib():
+    """Slicer's Reload re-imports only the module file; the Widget's onReload reloads the Lib first (in a process
+    of its own: reloaded classes would not compare equal to the ones other tests imported)."""
+    import subprocess
+
+    code = (f"import sys; sys.path[:0] = [{str(ROOT / 'BiomedParseSlicer')!r}]\n"
+            "import BiomedParseSlicerLib\nfrom BiomedParseSlicerLib import controller, logic, panel\n"
+            "before = controller.PanelController, logic.BiomedParseSlicerLogic\n"
+            "BiomedParseSlicerLib.reload()\n"
+            "print(controller.PanelController is not before[0], logic.BiomedParseSlicerLogic is not before[1],\n"
+            "      panel.Inputs is controller.Inputs)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "True", "True"], out.stderr[-2000:]
 
 
 def test_client_only_segments_through_the_local_server_without_torch(tmp_path, monkeypatch):
@@ -84,9 +122,10 @@ def test_client_only_segments_through_the_local_server_without_torch(tmp_path, m
         code = (
             "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
             f"sys.path[:0] = [{str(ROOT / 'BiomedParseSlicer')!r}]\n"
-            "import numpy as np, BiomedParseSlicer as m\n"
+            "import numpy as np\n"
             "from BiomedParseSlicerLib import checks, headless, mrml, runner\n"
-            "app = headless.create(); logic = m.BiomedParseSlicerLogic(scene=app.scene)\n"
+            "from BiomedParseSlicerLib.logic import BiomedParseSlicerLogic\n"
+            "app = headless.create(); logic = BiomedParseSlicerLogic(scene=app.scene)\n"
             "node = mrml.volume_node_from_volume(app.scene, checks.phantom())\n"
             f"p = runner.make_predictor('synthetic-3d', 'remote', url={server.url!r})\n"
             "seg = logic.segment(node, logic.markupPrompts('bone left\\nbone', 'synthetic-3d'), 'synthetic-3d', predictor=p)\n"
@@ -107,15 +146,15 @@ def test_client_only_segments_through_the_local_server_without_torch(tmp_path, m
 
 
 def test_prompt_history_most_recent_first_unique_bounded():
-    history = module.BiomedParseSlicerLogic.updatedHistory("liver\nspleen\nleft  kidney", ["Spleen", "aorta", ""])
+    history = BiomedParseSlicerLogic.updatedHistory("liver\nspleen\nleft  kidney", ["Spleen", "aorta", ""])
     assert history.split("\n") == ["Spleen", "aorta", "liver", "left kidney"]
-    many = module.BiomedParseSlicerLogic.updatedHistory(history, [f"t{n}" for n in range(40)])
+    many = BiomedParseSlicerLogic.updatedHistory(history, [f"t{n}" for n in range(40)])
     assert many.split("\n") == [f"t{n}" for n in range(30)]
-    words = module.BiomedParseSlicerLogic.completionWords("deepbet", ["Brain", "my lesion"])
+    words = BiomedParseSlicerLogic.completionWords("deepbet", ["Brain", "my lesion"])
     assert words == ["brain", "my lesion"]  # deepbet's vocabulary first, then history, each once
     from textseg.catalog import get_model
 
-    v1 = module.BiomedParseSlicerLogic.completionWords("biomedparse-v1")
+    v1 = BiomedParseSlicerLogic.completionWords("biomedparse-v1")
     assert len(v1) > 20 and "liver" in [w.lower() for w in v1] and v1 == list(get_model("biomedparse-v1").vocabulary)
 
 
@@ -598,14 +637,15 @@ def test_rgb_vector_volume_keeps_channels(app, logic):
 
 def test_slicer_terminology_gives_snomed_codes_and_standard_colours(ct_path, predictor):
     """With Slicer's terminology files (Slicer's Modules/Loadable/Terminologies/Resources, not in the
-    slicer-core wheel): segments get SNOMED codes and Slicer's standard colours."""
+    slicer-core wheel; ../shared/data/slicer-terminologies, or SLICER_TERMINOLOGIES_DIR): segments get SNOMED codes
+    and Slicer's standard colours."""
     import os
 
-    folder = os.environ.get("SLICER_TERMINOLOGIES_DIR")
-    if not folder or not Path(folder, "SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.term.json").is_file():
-        pytest.skip("set SLICER_TERMINOLOGIES_DIR to a folder with Slicer's *.term.json files")
+    name = "SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.term.json"
+    folder = os.environ.get("SLICER_TERMINOLOGIES_DIR") or shared_file("slicer-terminologies", name).parent
+    assert Path(folder, name).is_file(), f"{folder} has no {name}"
     app = headless.create(folder)
-    logic = module.BiomedParseSlicerLogic(scene=app.scene, terminologyLogic=app.logics["Terminologies"])
+    logic = BiomedParseSlicerLogic(scene=app.scene, terminologyLogic=app.logics["Terminologies"])
     node = app.load_volume(ct_path)
     seg = logic.segment(node, ["bone"], "synthetic-3d", modality="CT", predictor=predictor)
     bone = seg.GetSegmentation().GetSegment(logic.lastSegmentIDs[0])
@@ -618,3 +658,94 @@ def test_slicer_terminology_gives_snomed_codes_and_standard_colours(ct_path, pre
     np.testing.assert_allclose(kidney.GetColor(), np.array([185, 102, 83]) / 255)
     sid = mrml.add_segment(seg, Segment("my lesion", mask), node, 3, terminology_logic=app.logics["Terminologies"])
     assert seg.GetSegmentation().GetSegment(sid).GetColor() == pytest.approx(mrml.PALETTE[3])  # unknown: palette
+
+
+class _SegmentStatisticsLogic:
+    """Slicer's SegmentStatisticsLogic as far as parameter nodes go (Slicer v5.10.0
+    Modules/Scripted/SegmentStatistics/SegmentStatistics.py lines 385-431, ScriptedLoadableModule.py lines
+    310-330, SegmentStatisticsPluginBase.setDefaultParameters): the constructor calls reset(), which finds the
+    Segment Statistics module's own parameter node in the scene (the first vtkMRMLScriptedModuleNode whose
+    ModuleName is "SegmentStatistics") or adds one, and fills its unset parameters with defaults;
+    setParameterNode() switches to another node. The module itself is absent from slicer-core."""
+
+    scene = None
+
+    class LabelmapSegmentStatisticsPlugin:
+        keys = ("voxel_count", "volume_mm3", "volume_cm3", "surface_mm2")
+
+        def toLongKey(self, key):
+            return f"{type(self).__name__}.{key}"
+
+    class ScalarVolumeSegmentStatisticsPlugin(LabelmapSegmentStatisticsPlugin):
+        keys = ("voxel_count", "volume_mm3", "volume_cm3", "min", "max", "mean", "median", "stdev")
+
+    def __init__(self):
+        self.plugins = [self.LabelmapSegmentStatisticsPlugin(), self.ScalarVolumeSegmentStatisticsPlugin()]
+        self.parameterNode = None
+        self.statistics = {}
+        self.getParameterNode()  # reset()
+
+    def getParameterNode(self):
+        if not self.parameterNode:
+            nodes = [n for n in self.scene.GetNodesByClass("vtkMRMLScriptedModuleNode")
+                     if n.GetAttribute("ModuleName") == "SegmentStatistics"]
+            if not nodes:
+                node = self.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SegmentStatistics")
+                node.SetAttribute("ModuleName", "SegmentStatistics")
+                nodes = [node]
+            self.setParameterNode(nodes[0])
+        return self.parameterNode
+
+    def setParameterNode(self, node):
+        for plugin in self.plugins:
+            for key in [plugin.toLongKey(k) for k in plugin.keys] + [type(plugin).__name__]:
+                if not node.GetParameter(key + ".enabled"):
+                    node.SetParameter(key + ".enabled", "True")
+        if not node.GetParameter("visibleSegmentsOnly"):
+            node.SetParameter("visibleSegmentsOnly", "True")
+        self.parameterNode = node
+
+    def computeStatistics(self):
+        params = self.getParameterNode()
+        seg, vol = (self.scene.GetNodeByID(params.GetParameter(k)) for k in ("Segmentation", "ScalarVolume"))
+        rows = stats.engine_statistics(seg, vol)
+        ids = mrml.segment_ids(seg)
+        self.statistics = {"SegmentIDs": ids}
+        for sid, row in zip(ids, rows):
+            self.statistics[sid, "Segment"] = row["segment"]
+            for key, long_key in stats._SLICER_KEYS.items():
+                if params.GetParameter(long_key + ".enabled") == "True":
+                    self.statistics[sid, long_key] = row.get(key)
+
+    def getStatistics(self):
+        return self.statistics
+
+
+def test_statistics_leave_segment_statistics_own_parameter_node_alone(app, logic, predictor, monkeypatch):
+    """Inside Slicer the Statistics button runs Segment Statistics' logic: it must compute on a private parameter
+    node. The module's own node (the user's measurement choices in the Segment Statistics module) keeps its
+    parameters, stays in the scene, and no node is left behind when there was none."""
+    import types
+
+    _SegmentStatisticsLogic.scene = app.scene
+    monkeypatch.setitem(sys.modules, "SegmentStatistics", types.SimpleNamespace(SegmentStatisticsLogic=_SegmentStatisticsLogic))
+    node = mrml.volume_node_from_volume(app.scene, checks.phantom(), "phantom")
+    seg = logic.segment(node, ["bone", "soft tissue"], "synthetic-3d", modality="CT", predictor=predictor)
+
+    def module_nodes():
+        return [n for n in app.scene.GetNodesByClass("vtkMRMLScriptedModuleNode") if n.GetAttribute("ModuleName") == "SegmentStatistics"]
+
+    rows = stats.slicer_statistics(seg, node)
+    assert [r["segment"] for r in rows] == ["bone", "soft tissue"] and rows[0]["voxel_count"] > 0
+    assert module_nodes() == []  # none before, none after
+    users = app.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SegmentStatistics")
+    users.SetAttribute("ModuleName", "SegmentStatistics")
+    users.SetParameter("LabelmapSegmentStatisticsPlugin.surface_mm2.enabled", "True")
+    users.SetParameter("ScalarVolumeSegmentStatisticsPlugin.enabled", "False")
+    users.SetParameter("visibleSegmentsOnly", "True")
+    _SegmentStatisticsLogic().getParameterNode()  # as the module's GUI leaves it: every default filled in
+    before = {k: users.GetParameter(k) for k in users.GetParameterNames()}
+    table = logic.statistics(seg, node)
+    checks.check_statistics(table, seg, node)  # every measurement of the table, whatever the user's node says
+    assert module_nodes() == [users] and users.GetScene() is app.scene
+    assert {k: users.GetParameter(k) for k in users.GetParameterNames()} == before

@@ -40,7 +40,7 @@ def test_stale_list_is_detected(tmp_path):
 def test_ui_has_every_widget_the_module_uses_and_parameters_exist():
     tree = ET.parse(UI)
     names = {w.get("name") for w in tree.iter("widget")}
-    used = set(re.findall(r"\bui\.(\w+)", MODULE_PY.read_text()))
+    used = set(re.findall(r"\bui\.(\w+)", MODULE_PY.read_text() + (MODULE / "BiomedParseSlicerLib" / "panel.py").read_text()))
     assert used and used <= names, f"widgets missing from the .ui: {sorted(used - names)}"
     params = {p.find("string").text for p in tree.iter("property") if p.get("name") == "SlicerParameterName"}
     fields = set(_parameter_fields())
@@ -57,17 +57,66 @@ def _parameter_fields():
 
 
 def test_module_file_is_ui_and_mrml_glue_only():
+    """Module, parameter node, Widget and Test in Slicer's template order; the Logic comes from the Lib; no
+    engine, HTTP or process code and no headless import shim (the file is only ever imported inside Slicer)."""
+    tree = ast.parse(MODULE_PY.read_text())
     imported = set()
-    for node in ast.walk(ast.parse(MODULE_PY.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    assert not imported & {"torch", "requests", "urllib", "http", "httpx", "fastapi", "uvicorn", "subprocess"}
-    classes = [n.name for n in ast.parse(MODULE_PY.read_text()).body if isinstance(n, ast.ClassDef)]
-    order = ["BiomedParseSlicer", "BiomedParseSlicerParameterNode", "BiomedParseSlicerWidget",
-             "BiomedParseSlicerLogic", "BiomedParseSlicerTest"]
-    assert [c for c in classes if c in order] == order  # Slicer's template order
+    assert not imported & {"torch", "requests", "urllib", "http", "httpx", "fastapi", "uvicorn", "subprocess", "threading"}
+    classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
+    assert classes == ["BiomedParseSlicer", "BiomedParseSlicerParameterNode", "BiomedParseSlicerWidget", "BiomedParseSlicerTest"]
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Try) and any(
+        isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in n.handlers)], "no import shim"
+    logic_import = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "BiomedParseSlicerLib.logic"]
+    assert [a.name for n in logic_import for a in n.names] == ["BiomedParseSlicerLogic"]
+
+
+def test_category_is_translated_as_slicer_modules_do_it():
+    """Slicer's own modules put their category through translate("qSlicerAbstractCoreModule", ...) (e.g.
+    Modules/Scripted/SegmentEditor/SegmentEditor.py), so it matches the translated category Slicer shows."""
+    tree = ast.parse(MODULE_PY.read_text())
+    module_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "BiomedParseSlicer")
+    assign = next(n for n in ast.walk(module_class) if isinstance(n, ast.Assign)
+                  and ast.unparse(n.targets[0]) == "self.parent.categories")
+    assert ast.unparse(assign.value) == "[translate('qSlicerAbstractCoreModule', 'Segmentation')]"
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r'set\(EXTENSION_CATEGORY "Segmentation"\)', cmake)
+
+
+def test_input_volume_field_offers_what_the_selector_shows():
+    """connectGui replaces the selector's nodeTypes with the field's node classes (Slicer v5.10.0
+    parameterNodeWrapper/guiConnectors.py qMRMLNodeComboBoxToNodeConnector, util.getNodeTypes: the classes of a
+    Union, None left out): they must be the .ui's, scalar and vector (RGB) volumes."""
+    import typing
+
+    slicer = pytest.importorskip("slicer", reason="needs the real Slicer core (test extra) for the node classes")
+    tree = ast.parse(MODULE_PY.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "BiomedParseSlicerParameterNode")
+    annotation = next(n.annotation for n in cls.body if isinstance(n, ast.AnnAssign) and n.target.id == "inputVolume")
+    datatype = eval(compile(ast.Expression(annotation), str(MODULE_PY), "eval"),
+                    {"slicer": slicer, "Optional": typing.Optional, "Union": typing.Union})
+    if typing.get_origin(datatype) is typing.Union:
+        classes = [a for a in typing.get_args(datatype) if isinstance(a, type) and issubclass(a, slicer.vtkMRMLNode)]
+    else:
+        classes = [datatype]
+    node_types = [c().GetClassName() for c in classes]
+    selector = next(w for w in ET.parse(UI).iter("widget") if w.get("name") == "inputVolumeSelector")
+    ui_types = [s.text for p in selector.iter("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
+    assert node_types == ui_types == ["vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"]
+    assert type(None) in typing.get_args(datatype)  # "no volume" is a valid value of a Union field only with None
+
+
+def test_ui_is_what_make_ui_generates(tmp_path):
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(ROOT / "Utilities" / "make_ui.py"), str(tmp_path / "panel.ui")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "panel.ui").read_text() == UI.read_text(), "regenerate: python Utilities/make_ui.py " + str(UI)
 
 
 def test_icon_is_128_png():
@@ -101,8 +150,38 @@ def test_extension_metadata_agrees():
     category = re.search(r'set\(EXTENSION_CATEGORY "([^"]*)"\)', cmake).group(1)
     assert index["category"] == category == s4ext["category"]
     assert s4ext["scmurl"] == index["scm_url"] and "add_subdirectory(BiomedParseSlicer)" in cmake
-    assert 'VERSION_LESS "5.8"' in cmake  # the supported versions are enforced at build time
+    assert 'VERSION_LESS "5.10"' in cmake  # the supported versions are enforced at build time
     assert "Apache License" in (ROOT / "LICENSE").read_text() and "CC-BY-NC-SA" in (ROOT / "NOTICE").read_text()
+
+
+def test_extensions_index_checks():
+    """What Slicer's Extensions Index checks (Slicer/ExtensionsIndex scripts/check_description_files.py):
+    the git repository's name starts with "Slicer", the extension's (the .json's) does not, CMake's project()
+    is the extension's name, the category is an accepted one. (The GitHub topic "3d-slicer-extension" is a
+    repository setting: docs/slicer-module-status.md, release checklist.)"""
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    index = json.loads((ROOT / "BiomedParseSlicer.json").read_text())
+    extension = "BiomedParseSlicer"
+    repo = index["scm_url"].rstrip("/").split("/")[-1].removesuffix(".git")
+    assert repo.startswith("Slicer") and not extension.lower().startswith("slicer")
+    assert re.search(r"project\s*\(\s*([^\s)]+)", cmake).group(1) == extension
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]*)"\)', cmake).group(1)
+    assert homepage.rstrip("/").split("/")[-1] == repo and index["scm_url"].startswith(homepage)
+    assert index["category"] in ("Segmentation", "Quantification", "Analysis")  # of the index's accepted list
+
+
+def test_cmake_states_the_slicer_and_python_versions():
+    """Slicer 5.10 bundles Python 3.12 (5.8 bundled 3.9.10); 5.10 is the oldest supported (docs/slicer-tutorial.md)."""
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert "Slicer 5.10" in cmake and "Python 3.12" in cmake and "5.8 bundles Python 3.12" not in cmake
+    assert 'message(FATAL_ERROR "BiomedParseSlicer needs 3D Slicer 5.10 or newer' in cmake
+
+
+def test_test_extra_brings_a_real_qt():
+    """The README's test command runs the panel's Qt tests: the test extra installs PyQt5 (Qt 5.15, as Slicer 5.10)."""
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
+    test = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    assert any(r.startswith("PyQt5") for r in test)
 
 
 def test_screenshot_and_icon_urls_point_at_files_in_this_repository():
@@ -140,7 +219,10 @@ def test_requirement_lists_match_pyproject():
 def test_install_asks_first_and_never_touches_bundled_packages(monkeypatch):
     from BiomedParseSlicerLib import environment
 
-    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("pynrrd", "torch") else "1")
+    declared = {environment.requirement_name(r): (re.findall(r"[=>]=([0-9.]+)", r) or ["1.0"])[0]
+                for r in environment.CLIENT_REQUIREMENTS + environment.MODEL_REQUIREMENTS
+                + environment.SERVER_REQUIREMENTS + (environment.TORCH_REQUIREMENT,)}
+    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("pynrrd", "torch") else declared.get(name))
     installed = []
     assert environment.install(True, lambda msg: False, installed.extend) == [] and installed == []  # declined
     asked = []
@@ -148,12 +230,12 @@ def test_install_asks_first_and_never_touches_bundled_packages(monkeypatch):
     assert installed == ["pynrrd>=1.0"] and done == ["pynrrd>=1.0", "torch"] and "PyTorch extension" in asked[0]
     with pytest.raises(RuntimeError, match="PyTorch"):
         environment.install(True, lambda msg: True, installed.extend, install_torch=None)
-    # open_clip_torch goes in alone with --no-deps (its dependencies would replace torch)
-    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("open_clip_torch", "regex") else "1")
+    # every requirement goes to pip in one call, with its version (pip upgrades what is older)
+    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("einops", "regex") else declared.get(name))
     calls = []
     environment.install(True, lambda msg: True, calls.append)
-    assert calls == [["--no-deps", "open_clip_torch==3.3.0"], ["regex"]]
-    monkeypatch.setattr(environment, "installed_version", lambda name: None if name == "numpy" else "1")
+    assert calls == [["einops>=0.6", "regex"]]
+    monkeypatch.setattr(environment, "installed_version", lambda name: None if name == "numpy" else declared.get(name))
     with pytest.raises(RuntimeError, match="never installs or replaces"):
         environment.install(False, lambda msg: True, installed.extend)
 
@@ -207,6 +289,7 @@ def test_import_weight_file_asks_only_when_ambiguous_and_verifies(textseg_home, 
 
 
 def test_shipped_code_parses_as_python_3_9():
-    """Slicer 5.8 bundles Python 3.9.10 (Slicer 5.10: 3.12.10): no newer syntax in shipped files."""
+    """The engine supports Python >= 3.9 (pyproject); the module needs Slicer >= 5.10 (Python 3.12) but ships the
+    engine, so no newer syntax in any shipped file."""
     for path in sorted(MODULE.rglob("*.py")):
         ast.parse(path.read_text(encoding="utf-8"), str(path), feature_version=(3, 9))

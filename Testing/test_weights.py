@@ -34,23 +34,8 @@ def sha(data: bytes) -> str:
 
 
 @pytest.fixture
-def hub():
-    h = Hub()
-    yield h
-    h.stop()
-
-
-@pytest.fixture
-def env(hub, textseg_home, tmp_path, monkeypatch):
-    """A private cache, HF_ENDPOINT at the test hub, no token anywhere, no automatic retries."""
-    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setattr(weights, "_SETTINGS", weights.Settings(timeout=10, retries=0))
-    monkeypatch.setattr(weights, "_saved_token", lambda: None)
-    return textseg_home
+def env(hub_env):
+    return hub_env
 
 
 def publish(hub: Hub, model_id: str, files: dict, gated: bool = False, catalog_sha: bool = True, lfs: bool = True) -> ModelSpec:
@@ -472,3 +457,147 @@ def test_cli_module_runs_in_a_fresh_process_without_torch(env, hub):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ})
     assert r.returncode == 0, r.stderr
     assert "deepbet" in r.stdout and r.stdout.strip().endswith("False")
+
+
+# ---- revisions: pinned, resolved, recorded ---------------------------------------------------------
+V2_COMMIT = "e473e5b2b1a3f44649734afd3dc7cf1770aaa9e2"
+
+
+def test_catalog_pins_what_is_known_and_says_how_the_rest_is_resolved():
+    v2 = catalog.get_model("biomedparse-v2").files[0]
+    assert (v2.revision, v2.size, v2.sha256) == (
+        V2_COMMIT, 4_460_902_829, "6ea0bee43b983a7490e0b48689add96440c4405ca4b50b9f2fe21d5d03fd9440")
+    segvol = catalog.get_model("segvol").files[0]
+    assert segvol.revision == "516701d5bef430604a13f5db7ce896149d075663" and segvol.fallback == "main"
+    assert "516701d" in segvol.resolution and "main" in segvol.resolution
+    for spec in catalog.list_models():
+        for wf in spec.files:
+            if wf.package:
+                continue
+            pinned = weights.is_commit(wf.revision) and wf.sha256 and wf.size
+            assert pinned or wf.resolution, f"{spec.id}/{wf.name}: neither pinned nor resolution stated"
+            assert not wf.sha256 or weights.is_commit(wf.revision), f"{spec.id}/{wf.name}: a checksum needs a pin"
+
+
+def pinned_spec(model_id, files, revision, fallback="main", sha=None):
+    """A hidden test model whose files are pinned to ``revision`` (maybe not on the hub)."""
+    wfs = tuple(WeightFile(name=n, repo=REPO, revision=revision, filename=f"weights/{n}", size=len(d),
+                           sha256=sha(d) if callable(sha) else sha, fallback=fallback) for n, d in files.items())
+    return catalog.register(ModelSpec(id=model_id, family="test", title=model_id, version="1", dims=3,
+                                      modalities=("CT",), adapter="x:y", files=wfs, hidden=True))
+
+
+def test_wrong_pin_resolves_the_branch_and_says_so(env, hub, capsys):
+    data = blob(40_000, 31)
+    commit = hub.add(REPO, "weights/w.bin", data)
+    wrong = "f" * 40
+    spec = pinned_spec("t-wrong-pin", {"w.bin": data}, wrong)
+    stages = []
+    weights.download(spec, progress=lambda f, s: stages.append(s))
+    rec = json.loads((env / "models/t-wrong-pin/.meta/w.bin.json").read_text())
+    assert rec["commit"] == commit and rec["revision"] == wrong and rec["repo"] == REPO
+    assert f"no commit {wrong}" in rec["note"] and "branch main" in rec["note"]
+    assert rec["note"] in stages
+    assert models_main(["list", "--all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    line = lines[next(i for i, x in enumerate(lines) if x.split()[:1] == ["t-wrong-pin"]) + 1]
+    assert f"commit {commit[:12]}" in line and f"no commit {wrong}" in line, line
+    # without a fallback the error names the revision; with the catalog's sha256 a branch that holds
+    # other bytes is never installed
+    stiff = pinned_spec("t-wrong-pin-stiff", {"w.bin": data}, wrong, fallback=None)
+    with pytest.raises(weights.RemoteNotFoundError, match=f"@{wrong}/weights/w.bin is not on"):
+        weights.download(stiff)
+    other = pinned_spec("t-wrong-pin-sha", {"w.bin": data}, wrong, sha="0" * 64)
+    with pytest.raises(weights.ChecksumError, match="different w.bin than the catalog expects"):
+        weights.download(other)
+    assert not (env / "models/t-wrong-pin-sha/w.bin").exists()
+
+
+def test_branch_is_resolved_once_for_all_files_of_a_model(env, hub):
+    a, b, b2 = blob(30_000, 32), blob(20_000, 33), blob(20_000, 34)
+    first = hub.add(REPO, "weights/a.bin", a)
+    hub.add(REPO, "weights/b.bin", b)
+    spec = pinned_spec("t-branch", {"a.bin": a, "b.bin": b}, "main")
+
+    def progress(fraction, stage):  # main moves while the first file is downloading
+        if stage == "Checking b.bin" and hub.repos[REPO].commit == first:
+            hub.new_commit(REPO, "2" * 40, {"weights/b.bin": b2})
+
+    spec = catalog.register(ModelSpec(**{**spec.__dict__, "files": tuple(
+        WeightFile(**{**wf.__dict__, "size": None}) for wf in spec.files)}))
+    weights.download(spec, progress=progress)
+    folder = env / "models/t-branch"
+    assert (folder / "b.bin").read_bytes() == b  # the pair comes from one commit
+    assert {json.loads((folder / f".meta/{n}.json").read_text())["commit"] for n in ("a.bin", "b.bin")} == {first}
+    # a later download of a missing file keeps to the installed files' commit; --force takes main again
+    (folder / "b.bin").unlink()
+    weights.download(spec)
+    assert (folder / "b.bin").read_bytes() == b
+    weights.download(spec, force=True)
+    assert (folder / "b.bin").read_bytes() == b2
+    assert json.loads((folder / ".meta/a.bin.json").read_text())["commit"] == "2" * 40
+
+
+def test_what_was_resolved_is_listed_kept_by_verify_and_stamped_into_every_segment(env, hub, tmp_path, capsys):
+    import numpy as np
+
+    from textseg.predictor import Predictor
+    from textseg.volume import Volume
+    from textseg.writers import segments_from_results
+
+    data = blob(50_000, 35)
+    commit = hub.add(REPO, "weights/w.bin", data)
+    wf = WeightFile(name="w.bin", repo=REPO, revision="main", filename="weights/w.bin",
+                    resolution="branch main, resolved at download")
+    spec = catalog.register(ModelSpec(id="t-stamp", family="synthetic", title="t", version="1", dims=3,
+                                      modalities=("CT",), adapter="textseg.models.synthetic.adapter:Synthetic3D",
+                                      files=(wf,), hidden=True))
+    weights.download(spec)
+    want = [{"file": "w.bin", "repo": REPO, "revision": "main", "commit": commit, "size": len(data), "sha256": sha(data)}]
+    assert weights.provenance(spec) == want
+    st = weights.status(spec).files[0]
+    assert (st.commit, st.sha256, st.revision) == (commit, sha(data), "main")
+    assert models_main(["list", "--all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    line = lines[next(i for i, x in enumerate(lines) if x.split()[:1] == ["t-stamp"]) + 1]
+    assert f"revision main  commit {commit[:12]}  sha256 {sha(data)[:16]}" in line, line
+    assert weights.verify(spec).state == "ready"
+    assert weights.provenance(spec) == want  # verify re-hashes and keeps what the download resolved
+
+    p = Predictor(spec, device="cpu")
+    p.set_image(Volume(np.full((4, 6, 8), 500, np.int16), (1.0, 1.0, 1.0)), "CT")
+    r = p.predict(["bone"])[0]
+    assert r.provenance["weights"] == want and r.provenance["weights_revision"] == commit
+    tags = segments_from_results([r])[0].tags
+    assert json.loads(tags["textseg.weights"]) == want and tags["textseg.weights_revision"] == commit
+
+
+def test_import_identifies_a_pinned_file_by_its_checksum(env, tmp_path):
+    data = blob(5000, 36)
+    spec = pinned_spec("t-import-pin", {"w.bin": data}, V2_COMMIT, sha=sha)
+    f = tmp_path / "w.bin"
+    f.write_bytes(data)
+    weights.import_file(spec, f)
+    rec = weights.provenance(spec)[0]
+    assert rec["commit"] == V2_COMMIT and rec["sha256"] == sha(data)
+    unpinned = catalog.register(ModelSpec(
+        id="t-import-free", family="test", title="t", version="1", dims=3, modalities=("CT",), adapter="x:y",
+        files=(WeightFile(name="w.bin", repo=REPO, revision="main", filename="w.bin"),), hidden=True))
+    weights.import_file(unpinned, f)
+    rec = json.loads((env / "models/t-import-free/.meta/w.bin.json").read_text())
+    assert rec["commit"] is None and rec["source"] == f"imported from {f}" and rec["checked_against"] == "none"
+
+
+def test_file_changed_since_download_is_not_loaded(env, hub):
+    """Without a catalog checksum, the sha256 recorded at download is what a changed file is checked against."""
+    data = blob(30_000, 37)
+    spec = publish(hub, "t-changed", {"w.bin": data}, catalog_sha=False)
+    weights.download(spec)
+    p = env / "models/t-changed/w.bin"
+    os.utime(p, ns=(1, 1))  # copied without its times: same bytes, hashed once more, still ready
+    weights.require_weights(spec)
+    assert weights.status(spec).state == "ready" and weights.provenance(spec)[0]["commit"] == spec.files[0].revision
+    p.write_bytes(data[:-1] + b"\0")  # replaced by other bytes
+    with pytest.raises(weights.ChecksumError, match=r"\(recorded at download\).*textseg models import t-changed"):
+        weights.require_weights(spec)
+    assert not p.exists() and weights.status(spec).state == "corrupt"

@@ -29,13 +29,13 @@ BG = (0, 0, 0)
 
 def segment_mni(t1: Path, device: str):
     """Run deepbet through the module's Logic on slicer-core; return what the picture needs."""
-    import BiomedParseSlicer as module
     from BiomedParseSlicerLib import headless, mrml
+    from BiomedParseSlicerLib.logic import BiomedParseSlicerLogic
     from textseg.predictor import Predictor
 
     app = headless.create()
     node = app.load_volume(t1)
-    logic = module.BiomedParseSlicerLogic(scene=app.scene)
+    logic = BiomedParseSlicerLogic(scene=app.scene)
     start = time.time()
     seg = logic.segment(node, ["brain"], "deepbet", modality="MRI", predictor=Predictor("deepbet", device=device))
     seconds = time.time() - start

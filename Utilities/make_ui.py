@@ -64,7 +64,7 @@ outputs = [
 ]
 setup = [
     ("", "", widget("QCheckBox", "clientOnlyCheckBox", prop("text", "string", "Client only (remote server; no torch needed)"))),
-    ("dependencyStatus", "Python packages:", widget("QLabel", "dependencyStatusLabel", prop("wordWrap", "bool", "true"))),
+    ("dependencyStatus", "Python packages:", widget("QLabel", "dependencyStatusText", prop("wordWrap", "bool", "true"))),
     ("", "", widget("QPushButton", "installButton", prop("text", "string", "Install missing packages..."), prop("toolTip", "string", "Asks first. torch comes from the PyTorch extension; packages Slicer bundles are never replaced."))),
     ("hfToken", "HuggingFace token:", widget("QLineEdit", "hfTokenLineEdit", PW, prop("toolTip", "string", "For gated weights (accept the licence on huggingface.co first)."))),
     ("", "", hbox("modelButtonsLayout", widget("QPushButton", "downloadButton", prop("text", "string", "Download selected model")),
@@ -83,6 +83,11 @@ doc = f'''<ui version="4.0"><class>BiomedParseSlicer</class>
 <customwidget><class>qMRMLWidget</class><extends>QWidget</extends><header>qMRMLWidget.h</header><container>1</container></customwidget>
 </customwidgets><resources/><connections>{conns}</connections></ui>
 '''
+import re
+from collections import Counter
+twice = sorted(n for n, c in Counter(re.findall(r'<(?:widget|layout) class="[^"]*" name="([^"]+)"', doc)).items() if c > 1)
+if twice:  # slicer.util.childWidgetVariables maps names to widgets: a duplicate hides one of them
+    sys.exit(f"object names used twice: {twice}")
 from xml.dom import minidom
 pretty = minidom.parseString(doc).toprettyxml(indent=" ")
 pretty = pretty.replace('<?xml version="1.0" ?>', '<?xml version="1.0" encoding="UTF-8"?>')

@@ -177,7 +177,7 @@ def write_organs(work: Path) -> None:
     ref = read_volume(work / "full.nii.gz")
     labels = ref.with_array(sitk.GetArrayFromImage(on_full)).canonical().array  # [k, j, i]
     vol = ref.canonical()
-    _, geo = preprocess(vol.array, vol.spacing, "CT")
+    _, geo = preprocess(vol, "CT")
     idx = [np.arange(n, dtype=float) for n in geo.shape]  # SAT (x, y, z) -> canonical (i, j, k), axis by axis
     i = geo.sat_to_canonical_index(np.stack([idx[0], np.zeros_like(idx[0]), np.zeros_like(idx[0])], 1))[:, 0]
     j = geo.sat_to_canonical_index(np.stack([np.zeros_like(idx[1]), idx[1], np.zeros_like(idx[1])], 1))[:, 1]
@@ -438,7 +438,7 @@ def sat_patches(path: Path) -> tuple:
     from textseg.models.sat.window import split_3d
 
     vol = read_volume(path).canonical()
-    _, geo = preprocess(vol.array, vol.spacing, "CT")
+    _, geo = preprocess(vol, "CT")
     return tuple(geo.shape), len(split_3d(geo.shape)), tuple(geo.resampled_shape)
 
 

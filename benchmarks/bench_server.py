@@ -6,10 +6,12 @@
    RemotePredictor through the server, with the test-only synthetic adapter (its "inference" is a
    threshold, so the fixed costs of the server dominate; ``--delay`` adds emulated model time per
    prompt to see the overhead against a model that takes that long). Each step is timed.
-2. Load: N concurrent clients, each with its own small image uploaded once, submit jobs in a
-   loop for a bounded time through RemotePredictor (which retries 429 honouring Retry-After).
-   Reports throughput, p50/p95 latency, 429 rejections, failed and lost jobs (accepted by the
-   server but never returned: must be 0).
+2. Load: N concurrent clients, each with its own small image uploaded once (and its own client
+   token, as N programs would have), submit jobs in a loop for a bounded time through
+   RemotePredictor (which waits out 429 honouring Retry-After). Each result is checked against
+   the local Predictor's voxel counts for that client's image. Reports throughput, p50/p95
+   latency, 429 rejections, failed, wrong and lost jobs (accepted by the server but never
+   returned); failed, wrong and lost must be 0.
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ def overhead(url, shape, delay, repeats, probabilities="uint8"):
 
 
 def load(url, clients, seconds, shape):
-    session = Counting()
-    lat, errors, done = [], [], [0]
+    sessions = [Counting() for _ in range(clients)]  # one per client: a RemotePredictor sets its token on its session
+    lat, errors, done, wrong = [], [], [0], [0]
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
 
@@ -92,8 +94,12 @@ def load(url, clients, seconds, shape):
 
     def client(n):
         try:
-            rp = RemotePredictor(url, "synthetic-3d", session=session, retries=20)
-            rp.set_image(ct_like(shape, seed=n), "CT")
+            vol = ct_like(shape, seed=n)
+            lp = Predictor("synthetic-3d", device="cpu")
+            lp.set_image(vol, "CT")
+            want = [r.voxel_count for r in lp.predict(["bone", "air left"])]
+            rp = RemotePredictor(url, "synthetic-3d", session=sessions[n], client_token=f"bench-client-{n:04d}-{os.getpid()}")
+            rp.set_image(vol, "CT")
         except Exception as exc:  # noqa: BLE001 - reported
             setup_errors.append(f"set-up: {type(exc).__name__}: {exc}")
             return
@@ -103,7 +109,6 @@ def load(url, clients, seconds, shape):
             t0 = time.perf_counter()
             try:
                 res = rp.predict(["bone", "air left"])
-                assert len(res) == 2
             except Exception as exc:  # noqa: BLE001 - counted and reported
                 with lock:
                     errors.append(f"{type(exc).__name__}: {exc}")
@@ -111,6 +116,7 @@ def load(url, clients, seconds, shape):
             with lock:
                 lat.append(time.perf_counter() - t0)
                 done[0] += 1
+                wrong[0] += [r.voxel_count for r in res] != want
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
     t0 = time.perf_counter()
@@ -119,13 +125,16 @@ def load(url, clients, seconds, shape):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    st = session.status
+    st = {}
+    for session in sessions:
+        for k, v in session.status.items():
+            st[k] = st.get(k, 0) + v
     accepted = sum(v for (m, p, s), v in st.items() if m == "POST" and p == "jobs" and s == 202) - setup_jobs[0]
     rejected = sum(v for (m, p, s), v in st.items() if m == "POST" and p == "jobs" and s == 429)
     lost = accepted - done[0] - len(errors)
     return {"jobs": done[0], "wall": wall, "throughput": done[0] / wall, "p50": np.percentile(lat, 50) if lat else float("nan"),
             "p95": np.percentile(lat, 95) if lat else float("nan"), "rejected": rejected, "failed": len(errors), "lost": lost,
-            "errors": setup_errors + errors[:3]}
+            "wrong": wrong[0], "errors": setup_errors + errors[:3]}
 
 
 def main(argv=None):
@@ -160,12 +169,13 @@ def main(argv=None):
         r = load(url, args.clients, args.seconds, load_size)
         print(f"\n## Load: {args.clients} clients for {args.seconds:g} s, {'x'.join(map(str, load_size[::-1]))} volumes, "
               f"2 prompts per job, queue size {args.queue_size}\n")
-        print("| jobs done | throughput (jobs/s) | p50 latency (s) | p95 latency (s) | rejected (429, retried) | failed | lost |")
-        print("|---|---|---|---|---|---|---|")
-        print(f"| {r['jobs']} | {r['throughput']:.2f} | {r['p50']:.3f} | {r['p95']:.3f} | {r['rejected']} | {r['failed']} | {r['lost']} |")
+        print("| jobs done | throughput (jobs/s) | p50 latency (s) | p95 latency (s) | rejected (429, retried) | failed | wrong | lost |")
+        print("|---|---|---|---|---|---|---|---|")
+        print(f"| {r['jobs']} | {r['throughput']:.2f} | {r['p50']:.3f} | {r['p95']:.3f} | {r['rejected']} | {r['failed']} | "
+              f"{r['wrong']} | {r['lost']} |")
         for e in r["errors"]:
             print("error:", e)
-        return 1 if r["lost"] else 0
+        return 1 if (r["lost"] or r["wrong"] or r["failed"] or r["errors"]) else 0
 
 
 if __name__ == "__main__":

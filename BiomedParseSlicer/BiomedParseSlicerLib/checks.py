@@ -205,10 +205,16 @@ def check_segment_statistics_branch(logic, scene, segmentation_node, volume_node
     segments agree with it (the fallback used where SegmentStatistics is absent)."""
     from SegmentStatistics import SegmentStatisticsLogic
 
+    def own_nodes():  # the Segment Statistics module's parameter nodes and their parameters
+        return {n.GetID(): {k: n.GetParameter(k) for k in n.GetParameterNames()}
+                for n in stats.module_parameter_nodes(scene, "SegmentStatistics")}
+
+    before = own_nodes()
     slicer_rows = stats.slicer_statistics(segmentation_node, volume_node)
     expect(slicer_rows is not None, "SegmentStatistics is present but was not used")
     table = logic.statistics(segmentation_node, volume_node)
-    ss = SegmentStatisticsLogic()
+    expect(own_nodes() == before, "the Segment Statistics module's own parameter node was changed or removed")
+    ss = stats.private_segment_statistics_logic(SegmentStatisticsLogic, scene)
     stats.configure_segment_statistics(ss, segmentation_node, volume_node)
     ss.computeStatistics()
     reference = scene.AddNewNodeByClass("vtkMRMLTableNode", "SegmentStatistics reference")
@@ -228,7 +234,6 @@ def check_segment_statistics_branch(logic, scene, segmentation_node, volume_node
                 expect(same, f"'{name}' row {r}: module {a.ToString()} != SegmentStatistics {b.ToString()}")
     finally:
         scene.RemoveNode(reference)
-        scene.RemoveNode(ss.getParameterNode())
     engine_rows = {r["segment"]: r for r in stats.engine_statistics(segmentation_node, volume_node)}
     for row in slicer_rows:
         e = engine_rows[row["segment"]]

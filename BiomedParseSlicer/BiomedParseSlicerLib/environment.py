@@ -1,9 +1,11 @@
 """What the engine needs, what is installed, and installing it (after the user confirms).
 
-Lists here mirror pyproject.toml's extras (a test keeps them equal). Packages that 3D Slicer
-bundles (numpy, scipy, SimpleITK, requests, ...) are never installed or upgraded by the module;
-torch is installed through the PyTorch extension (SlicerPyTorch's ``PyTorchUtils``), which
-picks the build for the computer's GPU/CUDA.
+Lists here mirror pyproject.toml's extras (a test keeps them equal). A requirement is met when the
+package is installed at a version it accepts (``packaging``, bundled with 3D Slicer, compares them):
+a package another extension installed at an older version than declared is offered the upgrade.
+Packages that 3D Slicer bundles (numpy, scipy, SimpleITK, requests, ...) are never installed or
+upgraded by the module; torch is installed or upgraded through the PyTorch extension (SlicerPyTorch's
+``PyTorchUtils``), which picks the build for the computer's GPU/CUDA.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Callable, Dict, List, Optional
 
-# Bundled with 3D Slicer >= 5.8: never installed or replaced from here.
+# Bundled with 3D Slicer (>= 5.10): never installed or replaced from here.
 SLICER_BUNDLED = ("numpy", "scipy", "SimpleITK", "requests")
 # The engine's own dependencies (pyproject [project.dependencies]): enough for client-only mode.
 CLIENT_REQUIREMENTS = ("numpy>=1.24", "scipy>=1.10", "SimpleITK>=2.3", "slicerio>=1.1", "pynrrd>=1.0", "tqdm>=4.60",
@@ -21,9 +23,6 @@ MODEL_REQUIREMENTS = ("deepbet==1.0.2", "monai>=1.3", "safetensors>=0.4", "einop
                       "ftfy>=6", "regex", "scikit-image>=0.21")
 # torch itself comes from the PyTorch extension, with this version requirement (pyproject [models]).
 TORCH_REQUIREMENT = "torch>=2.1"
-# Installed with --no-deps: its dependencies (torchvision, timm) would replace Slicer's torch. Its wheel
-# carries the CLIP BPE vocabulary used by BiomedParse and SegVol (textseg.models.clip_tokenizer).
-NO_DEPS_REQUIREMENTS = ("open_clip_torch==3.3.0",)
 SERVER_REQUIREMENTS = ("fastapi>=0.110", "uvicorn>=0.27", "python-multipart>=0.0.9")
 
 
@@ -40,18 +39,50 @@ def installed_version(name: str) -> Optional[str]:
         return None
 
 
+def satisfied(requirement: str) -> bool:
+    """The package is installed at a version the requirement accepts (pre-releases and local builds such
+    as torch's ``2.6.0+cu124`` included)."""
+    from packaging.requirements import Requirement
+    from packaging.version import InvalidVersion, Version
+
+    version = installed_version(requirement_name(requirement))
+    if version is None:
+        return False
+    try:
+        return Requirement(requirement).specifier.contains(Version(version), prereleases=True)
+    except InvalidVersion:  # a version pip itself could not compare: install the declared one
+        return False
+
+
+def _requirements(local: bool) -> List[str]:
+    return list(CLIENT_REQUIREMENTS) + (list(MODEL_REQUIREMENTS + SERVER_REQUIREMENTS) if local else [])
+
+
 def status(local: bool = True) -> Dict[str, Optional[str]]:
-    """Package -> installed version (None: missing) for client-only or local use."""
-    names = [requirement_name(r) for r in CLIENT_REQUIREMENTS]
-    if local:
-        names += ["torch"] + [requirement_name(r) for r in MODEL_REQUIREMENTS + SERVER_REQUIREMENTS]
-    return {n: installed_version(n) for n in names}
-
-
-def missing_requirements(local: bool = True) -> List[str]:
-    reqs = list(CLIENT_REQUIREMENTS) + (list(MODEL_REQUIREMENTS + SERVER_REQUIREMENTS + NO_DEPS_REQUIREMENTS)
+    """Package -> installed version (None: missing), with what is needed after it when the installed
+    version is not the declared one, e.g. ``'0.22.2 (needs >=0.23)'``, for client-only or local use."""
+    reqs = list(CLIENT_REQUIREMENTS) + ([TORCH_REQUIREMENT] + list(MODEL_REQUIREMENTS + SERVER_REQUIREMENTS)
                                         if local else [])
-    return [r for r in reqs if installed_version(requirement_name(r)) is None]
+    out: Dict[str, Optional[str]] = {}
+    for r in reqs:
+        name, version = requirement_name(r), installed_version(requirement_name(r))
+        out[name] = version if version is None or satisfied(r) else f"{version} (needs {r[len(name):]})"
+    return out
+
+
+def unmet_requirements(local: bool = True) -> List[str]:
+    """Requirements (pip syntax) whose package is missing or installed at a version they do not accept;
+    torch is not among them (see ``torch_needed``)."""
+    return [r for r in _requirements(local) if not satisfied(r)]
+
+
+def torch_needed(local: bool = True) -> bool:
+    return local and not satisfied(TORCH_REQUIREMENT)
+
+
+def _describe(requirement: str) -> str:
+    version = installed_version(requirement_name(requirement))
+    return requirement + (f" ({version} installed)" if version else "")
 
 
 def install(local: bool, confirm: Callable[[str], bool], pip_install: Callable[[List[str]], None],
@@ -59,26 +90,25 @@ def install(local: bool, confirm: Callable[[str], bool], pip_install: Callable[[
     """Install what is missing after ``confirm(message)`` says yes; returns what was installed.
     Inside Slicer, ``pip_install`` is slicer.util.pip_install and ``install_torch`` calls the
     PyTorch extension (see ``torch_installer``)."""
-    missing = missing_requirements(local)
-    need_torch = local and installed_version("torch") is None
+    missing = unmet_requirements(local)
+    need_torch = torch_needed(local)
     if not missing and not need_torch:
         return []
-    what = ", ".join(missing + (["torch (via the PyTorch extension)"] if need_torch else []))
-    broken = [r for r in missing if requirement_name(r) in SLICER_BUNDLED]
+    broken = [_describe(r) for r in missing if requirement_name(r) in SLICER_BUNDLED]
     if broken:
-        raise RuntimeError(f"{', '.join(broken)} should come with 3D Slicer but are missing: reinstall Slicer "
-                           "(>= 5.8); the module never installs or replaces packages Slicer bundles.")
+        raise RuntimeError(f"{', '.join(broken)} should come with 3D Slicer but are missing or too old: update 3D "
+                           "Slicer (>= 5.10); the module never installs or replaces packages Slicer bundles.")
+    torch_note = f"{_describe(TORCH_REQUIREMENT)} via the PyTorch extension"
+    what = ", ".join([_describe(r) for r in missing] + ([torch_note] if need_torch else []))
     if not confirm(f"BiomedParseSlicer needs these Python packages: {what}. Install them now?"):
         return []
     if need_torch:
         if install_torch is None or not install_torch():
-            raise RuntimeError("torch is not installed: install the 'PyTorch' extension from the Extensions "
-                               "Manager, restart Slicer, and try again (or use a remote server).")
-    no_deps = [r for r in missing if r in NO_DEPS_REQUIREMENTS]
-    if no_deps:
-        pip_install(["--no-deps"] + no_deps)
-    if len(no_deps) < len(missing):
-        pip_install([r for r in missing if r not in NO_DEPS_REQUIREMENTS])
+            raise RuntimeError(f"torch is not installed at a version the engine needs ({TORCH_REQUIREMENT}): install "
+                               "or update the 'PyTorch' extension from the Extensions Manager, restart Slicer, and try "
+                               "again (or use a remote server).")
+    if missing:
+        pip_install(missing)
     return missing + (["torch"] if need_torch else [])
 
 
@@ -90,7 +120,8 @@ def torch_installer() -> Optional[Callable[[], bool]]:
         return None
 
     def install_torch() -> bool:
-        # the user already confirmed the whole list; PyTorchUtils picks the CUDA/CPU/macOS build
+        # the user already confirmed the whole list; PyTorchUtils picks the CUDA/CPU/macOS build and replaces
+        # a torch older than the requirement (as SlicerNNUnet's installer relies on)
         version = TORCH_REQUIREMENT[len("torch"):]
         return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=version) is not None
 

@@ -28,7 +28,7 @@ MODEL_TAG = TAG_PREFIX + "model"
 # sometimes, then terminology_match, objects, complete): a replaced segment drops them all before the new run's
 # tags are set, so no tag of the earlier run (a "partial" mark, detection boxes of another mask) survives.
 RUN_TAGS = tuple(TAG_PREFIX + k for k in (
-    "model", "model_version", "weights_revision", "engine", "prompt", "modality", "site", "threshold", "existence",
+    "model", "model_version", "weights_revision", "weights", "engine", "prompt", "modality", "site", "threshold", "existence",
     "device", "seconds", "time", "seed", "recognition", "terminology_match", "objects", "complete"))
 
 # Distinct, readable colours for segments nobody gave a colour to (Slicer's GenericAnatomy-like).

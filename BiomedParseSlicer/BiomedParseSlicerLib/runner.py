@@ -15,18 +15,21 @@ in-process ``Predictor`` in the same worker thread (torch releases the GIL in it
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-from textseg.errors import ModelError, UsageError
+from textseg.errors import Cancelled, ModelError, UsageError
 from textseg.models.base import CancelToken
 
 
@@ -128,8 +131,97 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Windows' CREATE_NO_WINDOW process creation flag (winbase.h; subprocess.CREATE_NO_WINDOW exists only on Windows).
+CREATE_NO_WINDOW = 0x08000000
+
+
+def process_options(platform: str = sys.platform) -> dict:
+    """Popen options for the server process. PythonSlicer is a launcher (CTKAppLauncher) that starts
+    python-real as its child and forwards no signal, so the server is a process tree that must be stopped
+    as a whole: on POSIX it gets its own session (process group = its pid, signalled with killpg); on
+    Windows the tree is ended with taskkill /T (``stop_tree_command``), and no console window opens."""
+    if platform == "win32":
+        return {"creationflags": CREATE_NO_WINDOW}
+    return {"start_new_session": True}
+
+
+def stop_tree_command(pid: int, platform: str = sys.platform) -> Optional[List[str]]:
+    """The command that ends process ``pid`` and all its descendants (Windows), or None where a signal
+    to the process group does it (POSIX)."""
+    if platform == "win32":
+        return ["taskkill", "/F", "/T", "/PID", str(pid)]
+    return None
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` still runs. Zombies count as ended: on Linux the group is read
+    from /proc (an orphaned python-real whose reaper never reaps it stays a zombie); elsewhere killpg(0)."""
+    proc = Path("/proc")
+    if proc.is_dir():
+        for stat in proc.glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_process_tree(process: subprocess.Popen, grace: float = 5.0, platform: str = sys.platform) -> None:
+    """End ``process`` (started with ``process_options``) and everything it started: politely (SIGTERM to the
+    group), then for good after ``grace`` seconds (SIGKILL); on Windows taskkill /T /F."""
+    command = stop_tree_command(process.pid, platform)
+    if command is not None:
+        if process.poll() is None:
+            subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           **process_options(platform))
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(grace)
+        return
+    pgid = process.pid  # start_new_session: the launcher leads its own group
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        process.poll()  # reap the launcher, our own child
+        if not _group_alive(pgid):
+            break
+        time.sleep(0.05)
+    else:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def default_log_path(port: int) -> Path:
+    """Where the server's output goes: the platform's temporary folder as Python finds it (TMPDIR, TEMP or
+    TMP, then the platform's default such as %LOCALAPPDATA%\\Temp); Windows and Slicer set no TMPDIR."""
+    return Path(tempfile.gettempdir()) / f"textseg-server-{port}.log"
+
+
 class LocalServer:
-    """The engine's server on 127.0.0.1 in a background process (one per Slicer session)."""
+    """The engine's server on 127.0.0.1 in a background process tree (one per Slicer session).
+
+    ``start`` runs in the panel's worker thread and ``stop`` in the GUI thread; a stop during a start ends
+    the start at once with Cancelled. Stopping ends the whole tree (PythonSlicer's launcher and python-real)."""
 
     def __init__(self, command: Optional[List[str]] = None, port: Optional[int] = None,
                  log_path: Optional[Path] = None, health_path: str = "/health", device: str = "auto") -> None:
@@ -137,9 +229,11 @@ class LocalServer:
         self.device = device
         self.command = command or [python_executable(), "-m", "textseg", "serve", "--host", "127.0.0.1",
                                    "--port", str(self.port), "--devices", server_device(device)]
-        self.log_path = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"textseg-server-{self.port}.log"
+        self.log_path = Path(log_path) if log_path else default_log_path(self.port)
         self.health_path = health_path
         self.process: Optional[subprocess.Popen] = None
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
 
     @property
     def url(self) -> str:
@@ -147,24 +241,33 @@ class LocalServer:
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        process = self.process
+        return process is not None and process.poll() is None
 
     def start(self, timeout: float = 120.0, cancel: Optional[CancelToken] = None) -> str:
-        """Start (if needed) and wait until /health answers; ModelError with the log tail if it dies."""
-        if self.running:
-            return self.url
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=engine_environment(self.device))
+        """Start (if needed) and wait until /health answers; ModelError with the log tail if it dies,
+        Cancelled when ``stop`` is called meanwhile (or ``cancel`` is set)."""
+        with self._lock:
+            if self.running:
+                return self.url
+            self._stopped.clear()
+            with open(self.log_path, "wb") as log:
+                process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           env=engine_environment(self.device), **process_options())
+            self.process = process
+            atexit.register(self.stop)  # Slicer quitting without the panel's cleanup: no orphaned server
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if cancel is not None:
+            if self._stopped.is_set():
+                raise Cancelled("The local inference server was stopped while it was starting.")
+            if cancel is not None and cancel.cancelled:
+                self.stop()
                 cancel.check()
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 raise ModelError(f"The local inference server stopped at start-up:\n{self.log_tail()}")
             if self._healthy():
                 return self.url
-            time.sleep(0.2)
+            self._stopped.wait(0.2)
         self.stop()
         raise ModelError(f"The local inference server did not answer within {timeout:.0f} s:\n{self.log_tail()}")
 
@@ -184,16 +287,14 @@ class LocalServer:
             return "(no server log)"
 
     def stop(self) -> None:
-        if self.process is None:
+        """End the server's whole process tree (safe to call from any thread, at any time)."""
+        self._stopped.set()
+        with self._lock:
+            process, self.process = self.process, None
+        if process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.process = None
+        atexit.unregister(self.stop)
+        stop_process_tree(process)
 
 
 def check_server(url: str, api_key: Optional[str] = None, timeout: float = 10.0) -> str:

@@ -60,19 +60,33 @@ def slicer_statistics(segmentation_node, volume_node) -> Optional[List[Dict]]:
         from SegmentStatistics import SegmentStatisticsLogic
     except ImportError:
         return None
-    logic = SegmentStatisticsLogic()
-    params = logic.getParameterNode()
-    try:
-        configure_segment_statistics(logic, segmentation_node, volume_node)
-        logic.computeStatistics()
-        stats = logic.getStatistics()
-        return [
-            {"segment": stats[sid, "Segment"], **{k: stats.get((sid, lk)) for k, lk in _SLICER_KEYS.items()}}
-            for sid in stats["SegmentIDs"]
-        ]
-    finally:
-        if params.GetScene() is not None:
-            params.GetScene().RemoveNode(params)
+    logic = private_segment_statistics_logic(SegmentStatisticsLogic, segmentation_node.GetScene())
+    configure_segment_statistics(logic, segmentation_node, volume_node)
+    logic.computeStatistics()
+    stats = logic.getStatistics()
+    return [
+        {"segment": stats[sid, "Segment"], **{k: stats.get((sid, lk)) for k, lk in _SLICER_KEYS.items()}}
+        for sid in stats["SegmentIDs"]
+    ]
+
+
+def private_segment_statistics_logic(logic_class, scene):
+    """A SegmentStatisticsLogic computing on a private parameter node outside the scene. Its constructor finds
+    the Segment Statistics module's own parameter node (the user's measurement choices) or adds one to the
+    scene; that node is never changed here, and one the constructor added is removed, so the scene is left as
+    it was."""
+    existing = {n.GetID() for n in module_parameter_nodes(scene, "SegmentStatistics")}
+    logic = logic_class()
+    for node in module_parameter_nodes(scene, "SegmentStatistics"):
+        if node.GetID() not in existing:
+            scene.RemoveNode(node)
+    logic.setParameterNode(mrml.slicer.vtkMRMLScriptedModuleNode())
+    return logic
+
+
+def module_parameter_nodes(scene, module_name: str) -> List:
+    """The scene's parameter nodes of a scripted module (vtkMRMLScriptedModuleNode with that ModuleName)."""
+    return [n for n in scene.GetNodesByClass("vtkMRMLScriptedModuleNode") if n.GetAttribute("ModuleName") == module_name]
 
 
 def configure_segment_statistics(logic, segmentation_node, volume_node) -> None:

@@ -25,9 +25,17 @@ _FAMILY_MODULES = (
 
 @dataclass(frozen=True)
 class WeightFile:
-    """One file a model needs. ``repo``/``revision``/``filename`` locate it on the HuggingFace hub
-    (revision pinned to a commit); ``url`` overrides that for non-hub files; ``package`` names a
-    PyPI package that ships the file inside it (then nothing is downloaded)."""
+    """One file a model needs. ``repo``/``revision``/``filename`` locate it on the HuggingFace hub;
+    ``url`` overrides that for non-hub files; ``package`` names a PyPI package that ships the file
+    inside it (then nothing is downloaded).
+
+    ``revision`` is a commit (40 hex digits: a pin) or a branch. A branch is resolved to a commit once
+    per download of a model (every file of the model from that commit). ``size``/``sha256`` are the
+    pinned file's, where published. ``resolution`` says how a revision that is not a confirmed pin with
+    a checksum is known or resolved (``textseg models list`` shows it). ``fallback`` names the branch
+    resolved instead when the pinned commit is not on the hub (then the file's sha256, if the catalog
+    has one, still has to match); None: a missing pin is an error. What was resolved (commit, size,
+    sha256) is recorded in the install (``textseg.weights.provenance``)."""
 
     name: str  # file name in the model's local folder
     repo: str = ""
@@ -39,6 +47,8 @@ class WeightFile:
     url: Optional[str] = None
     package: Optional[str] = None
     package_path: Optional[str] = None  # path inside the installed package
+    resolution: str = ""
+    fallback: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -87,8 +87,11 @@ def _list(args: argparse.Namespace) -> int:
         print(f"{r.model_id:<28} {r.state}")
         for f in r.files:
             size = f" {f.have}/{f.size} bytes" if f.size else f" {f.have} bytes"
-            note = f" ({f.message})" if f.message else ""
-            print(f"  {f.name:<26} {f.state}{size}{note}")
+            where = [f"revision {f.revision[:12] if weights.is_commit(f.revision) else f.revision}"] if f.revision else []
+            where += [f"commit {f.commit[:12]}"] if f.commit else []
+            where += [f"sha256 {f.sha256[:16]}"] if f.sha256 else []
+            notes = "; ".join(n for n in (f.message, f.note) if n)
+            print(f"  {f.name:<26} {f.state}{size}" + "".join(f"  {w}" for w in where) + (f" ({notes})" if notes else ""))
     return 0
 
 
@@ -125,6 +128,9 @@ def _download(args: argparse.Namespace) -> int:
         finally:
             bars.close()
         print(f"{model}: ready in {folder}")
+        for f in weights.status(model).files:
+            if f.note:
+                print(f"  {f.name}: {f.note}")
     return 0
 
 

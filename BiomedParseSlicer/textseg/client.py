@@ -12,16 +12,23 @@ metadata (prompt, existence, present, message, provenance, extra) and its arrays
 ``probabilities="float32"`` for exact ones or ``"none"`` to skip them). The job's ``.seg.nrrd``
 (written on the server with textseg.writers) is saved by ``download_seg_nrrd(last_job, path)``. Progress comes from a
 long poll of the job; a CancelToken cancels the job on the server (DELETE); completed prompts
-are kept. 429/503 are retried with backoff (Retry-After honoured); a volume the server expired
-is uploaded again transparently.
+are kept. A busy server (429, 503) is retried for up to ``busy_timeout`` seconds, honouring its
+Retry-After, then reported as a ServerError saying it is busy; a volume the server expired is
+uploaded again transparently.
+
+The server shows each client only its own jobs and images. A client is its API key plus the
+random client token RemotePredictor sends (``X-Textseg-Client``): one per process by default, so
+every predictor of one program (one Slicer session, one CLI run) shares its uploads, and two
+programs on one machine, even without a key, cannot see or cancel each other's work.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import secrets
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -32,9 +39,12 @@ from .models.base import CancelToken, ProgressFn
 from .predictor import PromptLike, PromptResult, check_prompts, kept_summary
 from .prompts import Prompt, parse_prompts
 from .volume import Volume
-from .wire import API_VERSION, client_headers, decode_probability, load_npz, sha256, unpack_mask, volume_to_nrrd
+from .wire import (API_VERSION, CLIENT_HEADER, CLIENT_TOKEN, client_headers, decode_probability, is_loopback, load_npz,
+                   prompt_limits_error, sha256, unpack_mask, volume_to_nrrd)
 
-_RETRY_STATUS = (429, 502, 503, 504)
+_BUSY_STATUS = (429, 503)  # the server says: not now (queue full, no worker ready); retried for busy_timeout
+_RETRY_STATUS = (502, 504)  # a proxy lost the server for a moment; retried `retries` times
+_PROCESS_TOKEN = secrets.token_urlsafe(24)  # this program's client token (see the module docstring)
 
 
 def spec_from_dict(d: Dict[str, Any]) -> ModelSpec:
@@ -62,12 +72,17 @@ class RemotePredictor:
         compress: Optional[bool] = None,
         verify: Union[bool, str] = True,
         session: Any = None,
+        client_token: Optional[str] = None,
+        busy_timeout: float = 300.0,
     ) -> None:
         """``timeout``: the longest a set_image/predict call waits for its job (seconds);
         ``request_timeout``: (connect, read) of each HTTP request; ``compress``: gzip uploads
         (default: yes unless the server is on this machine); ``retries``/``backoff``: how
-        often and how patiently 429/503 and dropped connections are retried; ``verify``: TLS
-        verification (True, or a CA bundle path for a private CA)."""
+        often and how patiently dropped connections and 502/504 are retried; ``busy_timeout``:
+        how long a busy server (429 queue full, 503) is retried, honouring its Retry-After, before
+        a ServerError; ``verify``: TLS verification (True, or a CA bundle path for a private CA);
+        ``client_token``: this client's identity on the server besides its key (default:
+        $TEXTSEG_CLIENT_TOKEN, else one random token per process)."""
         import requests
 
         self.url = url.rstrip("/")
@@ -77,6 +92,10 @@ class RemotePredictor:
         self.request_timeout = request_timeout
         self.retries = int(retries)
         self.backoff = float(backoff)
+        self.busy_timeout = float(busy_timeout)
+        token = client_token or os.environ.get("TEXTSEG_CLIENT_TOKEN") or _PROCESS_TOKEN
+        if not CLIENT_TOKEN.fullmatch(token):
+            raise UsageError("The client token (client_token / TEXTSEG_CLIENT_TOKEN) must be 16-128 letters, digits or _.~-.")
         if probabilities not in ("uint8", "float32", "none"):
             raise UsageError("probabilities must be 'uint8', 'float32' or 'none'.")
         self.probabilities = probabilities
@@ -84,6 +103,7 @@ class RemotePredictor:
         self.http = session or requests.Session()
         self.http.verify = verify
         self.http.headers.update(client_headers())
+        self.http.headers[CLIENT_HEADER] = token
         if self.api_key:
             self.http.headers["Authorization"] = f"Bearer {self.api_key}"
         self.messages: List[str] = []
@@ -96,12 +116,17 @@ class RemotePredictor:
         self.spec: ModelSpec = self._find_spec(model)
 
     # ---- HTTP ------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, expect: Sequence[int] = (200,), **kw: Any):
-        """One request with retries on 429/502/503/504 and dropped connections; errors -> textseg.errors."""
+    def _request(self, method: str, path: str, expect: Sequence[int] = (200,), cancel: Optional[CancelToken] = None,
+                 waiting: Optional[Callable[[str], None]] = None, **kw: Any):
+        """One request, retried while the server is busy (429/503: up to busy_timeout seconds, honouring
+        Retry-After; ``waiting`` hears why, ``cancel`` ends the wait with Cancelled), on 502/504 and on dropped
+        connections (``retries``); errors -> textseg.errors."""
         import requests
 
         delay = self.backoff
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        busy_until: Optional[float] = None
+        while True:
             try:
                 r = self.http.request(method, self.url + path, timeout=self.request_timeout, **kw)
             except requests.exceptions.SSLError as exc:
@@ -113,18 +138,40 @@ class RemotePredictor:
                 if attempt >= min(self.retries, 2) or (method == "POST" and not unsent):
                     raise ServerError(f"Cannot reach the textseg server at {self.url} ({type(exc).__name__}). Is it running "
                                       "(`textseg serve`), is the address right, and does a firewall allow it?") from None
-                time.sleep(delay)
+                attempt += 1
+                self._sleep(delay, cancel)
                 delay = min(delay * 2, 30.0)
                 continue
-            if r.status_code in _RETRY_STATUS and attempt < self.retries:
+            if r.status_code in _BUSY_STATUS and r.status_code not in expect:
+                now = time.monotonic()
+                busy_until = busy_until or now + self.busy_timeout
                 wait = _retry_after(r, delay)
-                time.sleep(wait)
+                if now + wait > busy_until:
+                    raise _busy_error(r, self.url, self.busy_timeout)
+                if waiting is not None:
+                    waiting(f"server busy ({_reason(r)}): retrying in {wait:.0f} s")
+                self._sleep(wait, cancel)
                 delay = min(max(delay * 2, wait), 30.0)
+                continue
+            if r.status_code in _RETRY_STATUS and attempt < self.retries:
+                attempt += 1
+                self._sleep(_retry_after(r, delay), cancel)
+                delay = min(delay * 2, 30.0)
                 continue
             if r.status_code in expect:
                 return r
             raise _http_error(r, self.url)
-        raise ServerError(f"The server at {self.url} stayed busy after {self.retries} retries; try again later.")
+
+    @staticmethod
+    def _sleep(seconds: float, cancel: Optional[CancelToken]) -> None:
+        end = time.monotonic() + seconds
+        while True:
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled("Cancelled while waiting for the server; nothing was run.")
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.1))
 
     def _find_spec(self, model: str) -> ModelSpec:
         for d in self._request("GET", "/v1/models").json()["models"]:
@@ -176,6 +223,9 @@ class RemotePredictor:
         if self._volume is None:
             raise UsageError("No image set: call set_image(volume, modality) before predict().")
         plist = [p.to_dict() for p in parse_prompts(prompts)]
+        too_many = prompt_limits_error(plist)
+        if too_many:
+            raise UsageError(too_many)
         job = self._run_job(plist, progress, cancel, threshold=threshold, keep_absent=keep_absent)
         self.last_job = job["id"]
         results = self._results(job) if job.get("results") else []
@@ -216,11 +266,12 @@ class RemotePredictor:
             body, headers["Content-Encoding"] = gzip.compress(self._nrrd, 1), "gzip"
         self._request("PUT", f"/v1/volumes/{self._sha}", expect=(200, 201), data=body, headers=headers)
 
-    def _submit(self, body: Dict[str, Any], progress) -> Dict[str, Any]:
-        r = self._request("POST", "/v1/jobs", expect=(202, 404), json=body)
+    def _submit(self, body: Dict[str, Any], progress, cancel=None) -> Dict[str, Any]:
+        waiting = (lambda stage: progress(0.0, stage)) if progress is not None else None
+        r = self._request("POST", "/v1/jobs", expect=(202, 404), json=body, cancel=cancel, waiting=waiting)
         if r.status_code == 404 and r.json().get("error") == "volume_not_found":
             self._upload(progress)  # the server expired our session: send the image again
-            r = self._request("POST", "/v1/jobs", expect=(202,), json=body)
+            r = self._request("POST", "/v1/jobs", expect=(202,), json=body, cancel=cancel, waiting=waiting)
         elif r.status_code == 404:
             raise _http_error(r, self.url)
         return r.json()
@@ -228,7 +279,10 @@ class RemotePredictor:
     def _run_job(self, prompts, progress, cancel, scale=(0.0, 1.0), **options: Any) -> Dict[str, Any]:
         body = {"volume": self._sha, "model": self.model, **self._image, "prompts": prompts,
                 "probabilities": self.probabilities, **options}
-        job = self._submit(body, progress)
+        try:
+            job = self._submit(body, progress, cancel)
+        except Cancelled:  # cancelled while a busy server made us wait: no job exists, nothing was run
+            return {"id": None, "state": "cancelled", "stage": "cancelled", "progress": 0.0, "results": 0, "messages": []}
         lo, hi = scale
         deadline = time.monotonic() + self.timeout
         cancelled = False
@@ -290,8 +344,7 @@ class RemotePredictor:
 def _is_loopback_url(url: str) -> bool:
     from urllib.parse import urlparse
 
-    host = urlparse(url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
+    return is_loopback(urlparse(url).hostname or "")
 
 
 def _retry_after(r, default: float) -> float:
@@ -299,6 +352,22 @@ def _retry_after(r, default: float) -> float:
         return max(0.0, float(r.headers.get("Retry-After", default)))
     except ValueError:
         return default
+
+
+def _reason(r) -> str:
+    """A short reason for a busy answer: the server's JSON message, else the HTTP status."""
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    msg = body.get("message") if isinstance(body, dict) else None
+    return (str(msg) if msg else f"HTTP {r.status_code}")[:300]
+
+
+def _busy_error(r, url: str, budget: float) -> ServerError:
+    what = "its queue is full" if r.status_code == 429 else "it is unavailable (503)"
+    return ServerError(f"The server at {url} is busy ({what}: {_reason(r)}) and stayed busy for the {budget:g} s this client "
+                       "waits; try again later, or ask its administrator for more workers or a larger --queue-size.")
 
 
 def _http_error(r, url: str) -> errors.TextsegError:
@@ -317,6 +386,10 @@ def _http_error(r, url: str) -> errors.TextsegError:
         return InputError(f"The image is too large for the server at {url}: {msg}")
     if s == 426:
         return ServerError(msg)
+    if s == 507:  # the server's disk is full: its message says so and what to do
+        return ServerError(msg)
+    if s == 408:
+        return ServerError(f"The server at {url} gave up waiting for the request body (slow network?): {msg}")
     if s == 404:
         return UsageError(f"{msg}" if code else f"{url} has no such resource ({r.request.method} {r.request.path_url}); is it a textseg server of API {API_VERSION}?")
     if s == 409 and code == "weights_missing":

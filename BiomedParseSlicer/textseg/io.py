@@ -53,6 +53,20 @@ def _from_sitk(img, source: str) -> Volume:
     return Volume(arr, spacing, origin, direction, {"source": source})
 
 
+def _keep_nifti_affine(vol: Volume, path: Path) -> None:
+    """``metadata['nifti_affine']``: a NIfTI file's affine as nibabel (and so MONAI) reads its header (RAS; the
+    stored float32 sform, else qform). SimpleITK's geometry can differ from it in the last float32 bit, which
+    decides some of upstream SAT's grid (models/sat/preprocess.py)."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    import nibabel as nib
+
+    try:
+        vol.metadata["nifti_affine"] = np.asarray(nib.load(str(path)).affine, dtype=np.float64)
+    except Exception:  # noqa: BLE001 - ITK read it; without nibabel's header SAT uses the volume's geometry
+        pass
+
+
 def _restore_nonfinite_nifti(vol: Volume, path: Path) -> None:
     """Put back the NaN/Inf voxels of a float NIfTI file that SimpleITK read as 0.
 
@@ -153,6 +167,7 @@ def _read_checked(p: Path, budget: Optional[Callable[[int], None]]) -> Volume:
             if declared.notes:
                 vol.metadata.setdefault("notes", []).extend(declared.notes)
             _restore_nonfinite_nifti(vol, p)
+            _keep_nifti_affine(vol, p)
     if vol.metadata.get("dicom", {}).get("Modality"):
         vol.metadata["modality"] = vol.metadata["dicom"]["Modality"]
     _check_values(vol, str(p))

@@ -594,6 +594,7 @@ class Predictor:
             "model": self.spec.id,
             "model_version": self.spec.version,
             "weights_revision": self.adapter.weights_revision,
+            "weights": getattr(self.adapter, "weights_files", []),
             "engine": f"textseg {__version__}",
             "prompt": prompt.to_dict(),
             "modality": self._preset.modality,

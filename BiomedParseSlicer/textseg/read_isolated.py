@@ -198,13 +198,28 @@ class ReaderProcess:
             pass
 
 
+def _encode(value: Any) -> Any:
+    """JSON for metadata values: numpy arrays (e.g. ``nifti_affine``) and numbers travel exactly, others as text."""
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": value.dtype.str}
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def _decode(obj: Dict[str, Any]) -> Any:
+    if "__ndarray__" in obj:
+        return np.array(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
+    return obj
+
+
 def _receive(proc: subprocess.Popen, box: Dict[str, Any]) -> None:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line:
             return
-        header = json.loads(line)
+        header = json.loads(line, object_hook=_decode)
         if header.get("ok"):
             array = np.empty(tuple(header["shape"]), dtype=np.dtype(header["dtype"]))
             view = memoryview(array).cast("B") if array.nbytes else memoryview(b"")
@@ -348,7 +363,7 @@ def serve() -> None:
         finally:
             _set_limit(None)
         try:
-            out.write((json.dumps(reply, default=str) + "\n").encode())
+            out.write((json.dumps(reply, default=_encode) + "\n").encode())
             if array is not None and reply.get("ok"):
                 out.write(memoryview(array).cast("B") if array.nbytes else b"")
             out.flush()

@@ -7,10 +7,17 @@ fresh worker for that device and keeps serving. GPU memory is also freed with th
 
 A worker keeps one Predictor per model and remembers which image each one holds, so jobs on the
 same uploaded volume (same modality/site/slices) encode the image once.
+
+A worker that stops answering without dying (stopped, deadlocked, stuck in a driver) is found by
+its heartbeat: a thread of the worker sends a beat every ``heartbeat_interval`` seconds, and a
+worker silent for ``Settings.heartbeat_timeout`` is killed and replaced, failing its job with the
+reason. A running job that has not stopped ``cancel_timeout`` seconds after its DELETE, or that runs
+past ``job_timeout``, also costs its worker: the worker is killed and replaced.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import multiprocessing as mp
@@ -24,6 +31,14 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 
 log = logging.getLogger("textseg.server")
+DISK_FULL = ("The server's disk is full: {what} could not be stored. Try again later, and tell the server's "
+             "administrator (the server's work folder needs space).")
+START_GRACE = 120.0  # seconds a new worker may take before its first sign of life (interpreter start, imports)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write failed for want of space (full disk or quota)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 # ---- job execution (inside a worker process, or a Ray replica) --------------------------------
@@ -142,36 +157,74 @@ def write_outputs(out_dir: Path, shape, results, prob_mode: str) -> Dict[str, An
             arrays.update(encode_probability(r.probability, prob_mode, n))
         records.append(result_record(n, r, None if prob_mode == "none" else prob_mode))
     tmp = out_dir / "arrays.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out_dir / "arrays.npz")
     meta = {"results": records, "shape": list(shape)}
-    (out_dir / "result.json").write_text(json.dumps(meta))
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, out_dir / "arrays.npz")
+        (out_dir / "result.json").write_text(json.dumps(meta))
+    except OSError:  # a full disk: nothing half-written stays behind
+        for name in ("arrays.tmp.npz", "arrays.npz", "result.json"):
+            (out_dir / name).unlink(missing_ok=True)
+        raise
     return meta
 
 
 # ---- the worker process -------------------------------------------------------------------------
-def _event_token(event):
-    """A CancelToken backed by a multiprocessing.Event that the server process sets."""
+class SharedFlag:
+    """A cancel flag in shared memory, set and read without a lock: a multiprocessing.Event's lock may be
+    held by a worker at the moment it is stopped or killed, and the server must never wait on it."""
+
+    def __init__(self, ctx) -> None:
+        self._value = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def clear(self) -> None:
+        self._value.value = 0
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+
+def _flag_token(flag):
+    """A CancelToken backed by the SharedFlag that the server process sets."""
     from .models.base import CancelToken
 
     token = CancelToken()
-    token._event = event  # same set()/is_set() interface, shared across processes
+    token._event = flag  # same set()/is_set() interface, shared across processes
     return token
 
 
-def worker_main(conn, cancel_event, device: str, options: Dict[str, Any]) -> None:
-    """Entry point of a worker process: load models, then run jobs sent over ``conn``."""
+def worker_main(conn, cancel_flag, device: str, options: Dict[str, Any]) -> None:
+    """Entry point of a worker process: start the heartbeat, load models, then run jobs sent over ``conn``."""
     from .errors import Cancelled, TextsegError
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's business
     logging.basicConfig(level=options.get("log_level", "INFO"), format="%(asctime)s worker[%(process)d] %(message)s")
+    lock = threading.Lock()  # the heartbeat thread and the job share the pipe
+
+    def send(msg) -> None:
+        with lock:
+            conn.send(msg)
+
+    def heartbeat(interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                send(("beat",))
+            except (OSError, ValueError):
+                return
+
+    threading.Thread(target=heartbeat, args=(float(options.get("heartbeat_interval", 5.0)),), name="textseg-heartbeat",
+                     daemon=True).start()
     state = WorkerState(device, options.get("adapter_options", {}), options.get("weights_dir"))
     for model in options.get("preload", ()):
         try:
             state.predictor(model)
         except Exception as exc:  # noqa: BLE001 - a missing model must not stop the worker
             log.error("preloading %s failed: %s", model, exc)
-    conn.send(("ready", os.getpid()))
+    send(("ready", os.getpid()))
     while True:
         try:
             job = conn.recv()
@@ -185,18 +238,23 @@ def worker_main(conn, cancel_event, device: str, options: Dict[str, Any]) -> Non
             now = time.monotonic()
             if now - last[0] >= 0.05 or frac >= 1.0:
                 last[0] = now
-                conn.send(("progress", float(frac), stage))
+                send(("progress", float(frac), stage))
 
         try:
-            meta = state.run(job, progress, _event_token(cancel_event), Path(job["out_dir"]))
-            conn.send(("done", meta))
+            meta = state.run(job, progress, _flag_token(cancel_flag), Path(job["out_dir"]))
+            send(("done", meta))
         except Cancelled as exc:
-            conn.send(("cancelled", str(exc)))
+            send(("cancelled", str(exc)))
         except TextsegError as exc:
-            conn.send(("error", type(exc).__name__, str(exc)))
+            send(("error", type(exc).__name__, str(exc)))
         except Exception as exc:  # noqa: BLE001 - reported to the client without a traceback
+            if disk_full(exc):
+                log.error("job %s: the disk is full (%s)", job.get("id"), exc)
+                send(("error", "ServerError", DISK_FULL.format(what="the job's results")))
+                continue
             log.exception("job %s failed", job.get("id"))
-            conn.send(("error", "ModelError", f"The model failed on the server ({type(exc).__name__}: {str(exc)[:300]}). The server log has the details."))
+            send(("error", "ModelError", f"The model failed on the server ({type(exc).__name__}: {str(exc)[:300]}). "
+                  "The server log has the details."))
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -213,17 +271,20 @@ def describe_exit(code: Optional[int]) -> str:
 
 
 class ProcessWorker:
-    """One worker process on one device, fed by a dispatcher thread from the server's job queue."""
+    """One worker process on one device, fed by a dispatcher thread from the server's job queue; the thread also
+    watches the worker's heartbeat and the running job's cancel and time limits."""
 
     def __init__(self, index: int, device: str, options: Dict[str, Any], manager) -> None:
         self.index, self.device, self.options, self.manager = index, device, options, manager
         self.ctx = mp.get_context("spawn")  # no fork: CUDA and uvicorn's threads do not survive it
         self.proc = None
         self.conn = None
-        self.cancel_event = self.ctx.Event()
+        self.cancel_flag = SharedFlag(self.ctx)
         self.job = None
         self.ready = False
         self.restarts = 0
+        self.last_seen = time.monotonic()  # the worker's last message (a beat, progress, a result)
+        self.heard = False  # any message from the current process yet?
         self.thread = threading.Thread(target=self._loop, name=f"textseg-dispatch-{index}", daemon=True)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -232,15 +293,17 @@ class ProcessWorker:
 
     def _spawn(self) -> None:
         parent, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=worker_main, args=(child, self.cancel_event, self.device, self.options),
+        self.cancel_flag.clear()
+        self.proc = self.ctx.Process(target=worker_main, args=(child, self.cancel_flag, self.device, self.options),
                                      name=f"textseg-worker-{self.index}", daemon=True)
+        self.last_seen, self.heard = time.monotonic(), False
         self.proc.start()
         child.close()
         self.conn = parent
         while not self.manager.stopping.is_set():
             if self.conn.poll(0.1):
                 try:
-                    msg = self.conn.recv()
+                    msg = self._recv()
                 except (EOFError, OSError):
                     break
                 if msg[0] == "ready":
@@ -248,6 +311,10 @@ class ProcessWorker:
                     log.info("worker %d ready on %s (pid %d)", self.index, self.device, msg[1])
                     return
             elif not self.proc.is_alive():
+                break
+            elif self.silent():
+                log.error("worker %d on %s stopped responding while starting; killing it", self.index, self.device)
+                self._kill()
                 break
         self.proc.join(1)
         log.error("worker %d on %s failed to start: %s", self.index, self.device, describe_exit(self.proc.exitcode))
@@ -265,13 +332,36 @@ class ProcessWorker:
                 self.proc.kill()
                 self.proc.join(3)
 
+    def _recv(self):
+        msg = self.conn.recv()
+        self.last_seen, self.heard = time.monotonic(), True
+        return msg
+
+    def silent(self) -> bool:
+        """No sign of life for heartbeat_timeout seconds (before the first one: START_GRACE at least)."""
+        hb = self.manager.settings.heartbeat_timeout
+        if hb <= 0 or self.proc is None:
+            return False
+        return time.monotonic() - self.last_seen > (hb if self.heard else max(hb, START_GRACE))
+
+    def _kill(self) -> None:
+        """End a hung worker (SIGKILL also ends a stopped process); the dispatch loop starts a new one."""
+        self.ready = False
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        if self.conn is not None:
+            self.conn.close()
+
     def info(self) -> Dict[str, Any]:
+        alive = bool(self.proc is not None and self.proc.is_alive())
         return {
             "index": self.index,
             "device": self.device,
             "pid": self.proc.pid if self.proc is not None else None,
-            "alive": bool(self.proc is not None and self.proc.is_alive()),
+            "alive": alive,
             "ready": self.ready,
+            "responsive": alive and not self.silent(),
             "job": self.job.id if self.job is not None else None,
             "restarts": self.restarts,
         }
@@ -287,6 +377,7 @@ class ProcessWorker:
                 continue
             job = self.manager.next_job(timeout=0.2)
             if job is None:
+                self._idle()
                 continue
             self.job = job
             try:
@@ -294,8 +385,21 @@ class ProcessWorker:
             finally:
                 self.job = None
 
+    def _idle(self) -> None:
+        """Between jobs: read the beats; replace a worker that stopped sending them."""
+        try:
+            while self.conn.poll(0):
+                self._recv()
+        except (EOFError, OSError):
+            return  # dead: the loop restarts it
+        if self.silent():
+            log.error("worker %d on %s stopped responding (no heartbeat for %g s) while idle; replacing it",
+                      self.index, self.device, self.manager.settings.heartbeat_timeout)
+            self._kill()
+
     def _run(self, job) -> None:
-        self.cancel_event.clear()
+        s = self.manager.settings
+        self.cancel_flag.clear()
         job.start(self.device)
         try:
             self.conn.send(job.payload())
@@ -304,10 +408,32 @@ class ProcessWorker:
             return
         while True:
             if job.cancel_requested:
-                self.cancel_event.set()
+                self.cancel_flag.set()
+                if s.cancel_timeout > 0 and time.monotonic() - (job.cancel_mono or time.monotonic()) > s.cancel_timeout:
+                    self._kill()
+                    log.error("worker %d on %s did not stop within %g s of the cancel of job %s; replaced it",
+                              self.index, self.device, s.cancel_timeout, job.id)
+                    job.cancelled_before_results(f"cancelled: the worker did not stop within {s.cancel_timeout:g} s of the "
+                                                 "cancel, so the server replaced it (no results kept)")
+                    return
+            if self.silent():
+                self._kill()
+                log.error("worker %d on %s stopped responding (no heartbeat for %g s) during job %s; replaced it",
+                          self.index, self.device, s.heartbeat_timeout, job.id)
+                job.fail("ServerError", f"The server's worker process on {self.device} stopped responding (no heartbeat "
+                         f"for {s.heartbeat_timeout:g} s) while running this job; the server killed it and replaced it. "
+                         "Submit the job again, and tell the administrator if it happens again.")
+                return
+            if s.job_timeout > 0 and time.monotonic() - job.started_mono > s.job_timeout:
+                self._kill()
+                log.error("job %s ran past the job timeout (%g s); replaced worker %d", job.id, s.job_timeout, self.index)
+                job.fail("ServerError", f"The job ran longer than this server allows ({s.job_timeout:g} s, --job-timeout); "
+                         "the server stopped it and replaced its worker. Send fewer prompts or a smaller image, or ask the "
+                         "administrator to raise --job-timeout.")
+                return
             try:
                 if self.conn.poll(0.05):
-                    msg = self.conn.recv()
+                    msg = self._recv()
                 elif not self.proc.is_alive():
                     if self.conn.poll(0):
                         continue  # read what it said before it died

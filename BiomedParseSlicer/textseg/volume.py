@@ -208,7 +208,9 @@ class Volume:
                 col = -col
             new_dir[:, d] = col
             new_spacing[d] = self.spacing[src]
-        return Volume(arr, tuple(new_spacing), tuple(new_origin), new_dir, dict(self.metadata))
+        # the input's own geometry: SAT reproduces upstream's float32 NIfTI affine in the input's axis order
+        meta = {**self.metadata, "input_ijk_to_ras": self.ijk_to_ras}
+        return Volume(arr, tuple(new_spacing), tuple(new_origin), new_dir, meta)
 
     def to_input_grid(self, canonical_array: np.ndarray) -> np.ndarray:
         """Map an array on this volume's canonical grid back onto this volume's grid."""

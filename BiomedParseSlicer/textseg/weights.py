@@ -16,6 +16,13 @@ refusal, keeps its own blob/symlink cache (symlinks fail on many Windows/Slicer 
 doubles multi-GB files) and sends Xet-backed files through ``hf_xet`` around any such checks.
 A file is installed only after its sha256 matches the catalog (or, when the catalog has none, the
 hub's LFS sha256 from the HEAD; small non-LFS files: their git blob sha1).
+
+Revisions: a branch (``main``) is resolved to a commit once per download of a model, and every file of
+the model comes from that commit (a file downloaded later keeps to the commit its installed siblings
+were recorded at, unless ``force``). A pinned commit the hub does not know is replaced by the file's
+``fallback`` branch, with a note. The record in ``.meta/<name>.json`` keeps the repo, the revision asked
+for, the commit resolved, the size and the sha256: ``status`` / ``textseg models list`` show them and
+``provenance`` hands them to every segment's provenance.
 """
 
 from __future__ import annotations
@@ -42,6 +49,13 @@ _CHUNK = 1 << 20
 _DISK_MARGIN = 16 << 20  # keep this much free beyond the file itself
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
+# What a record says about where the bytes came from (kept by verify while the bytes are the same).
+_ORIGIN = ("repo", "filename", "revision", "commit", "url", "note", "source")
+
+
+def is_commit(revision: Optional[str]) -> bool:
+    """A full git commit hash (a pin), not a branch or tag."""
+    return bool(revision) and _SHA1.match(str(revision)) is not None
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -67,6 +81,10 @@ class IncompleteDownloadError(WeightsError):
 
 class RemoteNotFoundError(WeightsError):
     """The repository, revision or file named by the catalog is not on the server."""
+
+
+class _RevisionMissing(RemoteNotFoundError):
+    """The revision asked for is not on the server (a wrong pin, or history rewritten)."""
 
 
 # ---- settings -----------------------------------------------------------------------------------
@@ -234,10 +252,14 @@ def _read_marker(w: _Where) -> Optional[Dict[str, Any]]:
         return None
 
 
-def _write_marker(w: _Where, sha256: str, checked_against: str, **extra: Any) -> None:
+def _write_marker(w: _Where, sha256: str, checked_against: str, **origin: Any) -> None:
+    """Record a verified file; ``origin`` (repo, revision, commit, ...) replaces what an earlier record
+    said, which is kept only while the bytes are the same (verify re-hashing a downloaded file)."""
     st = w.final.stat()
+    old = _read_marker(w) or {}
+    kept = {k: old.get(k) for k in _ORIGIN} if old.get("sha256") == sha256 else {k: None for k in _ORIGIN}
     rec = dict(sha256=sha256, size=st.st_size, mtime_ns=st.st_mtime_ns, checked_against=checked_against,
-               verified_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra)
+               verified_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **{**kept, **origin})
     try:
         w.marker.parent.mkdir(parents=True, exist_ok=True)
         tmp = w.marker.with_suffix(".json.tmp")
@@ -278,10 +300,18 @@ class _Expected:
 
 
 def _catalog_expected(wf: WeightFile, rec: Optional[Dict[str, Any]] = None) -> _Expected:
+    """What a file must be: the catalog's sha256 and size; without them, the sha256 and size in the record
+    ``rec`` (given by verify), which was taken when the file was installed."""
     if wf.sha256:
         return _Expected(wf.sha256.lower(), None, wf.size, "catalog")
-    if rec and rec.get("checked_against") in ("catalog", "hub-lfs-sha256") and rec.get("sha256"):
-        return _Expected(rec["sha256"], None, rec.get("size") or wf.size, "recorded at download")
+    if rec and rec.get("sha256"):
+        if rec.get("checked_against") in ("catalog", "hub-lfs-sha256", "hub-git-sha1"):
+            when = "recorded at download"
+        elif str(rec.get("source") or "").startswith("imported"):
+            when = "recorded at import"
+        else:
+            when = "recorded when it was first verified"
+        return _Expected(rec["sha256"], None, rec.get("size") or wf.size, when)
     return _Expected(None, None, wf.size, "none")
 
 
@@ -301,14 +331,18 @@ def _check_file(path: Path, exp: _Expected, label: str, on_bytes: Optional[Calla
 
 
 def _ensure_verified(spec: ModelSpec, wf: WeightFile, w: _Where) -> None:
+    """Hash a file whose record no longer matches it (touched, copied, replaced) against the catalog's
+    sha256, else the one recorded when it was installed; quarantine it when it differs."""
     if _marker_valid(w, wf):
         return
-    exp = _catalog_expected(wf)
+    rec = _read_marker(w) or {}
+    exp = _catalog_expected(wf, rec)
     try:
         digest = _check_file(w.final, exp, f"Weight file {w.final}")
     except ChecksumError as e:
-        raise ChecksumError(_quarantine(w, str(e)) + f" Run `textseg models download {spec.id}` to fetch it again.") from None
-    _write_marker(w, digest, exp.source if exp.sha256 else "none")
+        raise ChecksumError(_quarantine(w, str(e)) + f" Run `textseg models download {spec.id}` to fetch it again, or "
+                            f"`textseg models import {spec.id} FILE` to install a file of your own.") from None
+    _write_marker(w, digest, "catalog" if exp.source == "catalog" else rec.get("checked_against") or "none")
 
 
 # ---- status -------------------------------------------------------------------------------------
@@ -323,6 +357,11 @@ class FileStatus:
     size: Optional[int]  # expected size (catalog or recorded), None if unknown
     have: int  # bytes present (final, partial or quarantined file)
     message: str = ""
+    revision: str = ""  # what the catalog asks for: a commit (pin) or a branch
+    commit: Optional[str] = None  # the commit the installed file was downloaded from (recorded)
+    sha256: Optional[str] = None  # the installed file's sha256 (recorded)
+    note: str = ""  # how the revision was resolved at download (e.g. a pin the hub did not know)
+    resolution: str = ""  # the catalog's account of how the revision is known or resolved
 
 
 @dataclass(frozen=True)
@@ -340,23 +379,26 @@ def _file_status(spec: ModelSpec, wf: WeightFile, weights_dir: Optional[Path]) -
     if wf.package:
         p = locate(spec, wf, weights_dir)
         msg = "" if p else f"install the package that ships it: pip install {wf.package}"
-        return FileStatus(wf.name, READY if p else MISSING, str(p) if p else None, wf.size, p.stat().st_size if p else 0, msg)
+        return FileStatus(wf.name, READY if p else MISSING, str(p) if p else None, wf.size, p.stat().st_size if p else 0, msg,
+                          revision=wf.revision, resolution=f"shipped in the Python package {wf.package}")
     w = _where(spec, wf, weights_dir)
     rec = _read_marker(w)
     size = wf.size or (rec or {}).get("size")
+    known = dict(revision=wf.revision if not wf.url else "", resolution=wf.resolution)
     if w.final.is_file():
         have = w.final.stat().st_size
         if size is not None and have != size:
-            return FileStatus(wf.name, CORRUPT, str(w.final), size, have, f"size {have} bytes, expected {size}")
+            return FileStatus(wf.name, CORRUPT, str(w.final), size, have, f"size {have} bytes, expected {size}", **known)
         if _marker_valid(w, wf):
-            return FileStatus(wf.name, READY, str(w.final), size, have)
-        return FileStatus(wf.name, UNVERIFIED, str(w.final), size, have, "present but not verified yet")
+            return FileStatus(wf.name, READY, str(w.final), size, have, commit=(rec or {}).get("commit"),
+                              sha256=(rec or {}).get("sha256"), note=(rec or {}).get("note") or "", **known)
+        return FileStatus(wf.name, UNVERIFIED, str(w.final), size, have, "present but not verified yet", **known)
     if w.part.is_file():
         have = w.part.stat().st_size
-        return FileStatus(wf.name, PARTIAL, str(w.part), size, have, "download interrupted; it resumes on the next download")
+        return FileStatus(wf.name, PARTIAL, str(w.part), size, have, "download interrupted; it resumes on the next download", **known)
     if w.corrupt.is_file():
-        return FileStatus(wf.name, CORRUPT, str(w.corrupt), size, w.corrupt.stat().st_size, "failed verification (quarantined)")
-    return FileStatus(wf.name, MISSING, None, size, 0)
+        return FileStatus(wf.name, CORRUPT, str(w.corrupt), size, w.corrupt.stat().st_size, "failed verification (quarantined)", **known)
+    return FileStatus(wf.name, MISSING, None, size, 0, **known)
 
 
 def _model_state(states: List[str]) -> str:
@@ -377,6 +419,33 @@ def status(model: Union[str, ModelSpec], weights_dir: Optional[Path] = None) -> 
 
 def status_all(include_hidden: bool = False) -> List[ModelStatus]:
     return [status(s) for s in list_models(include_hidden)]
+
+
+def provenance(model: Union[str, ModelSpec], weights_dir: Optional[Path] = None) -> List[Dict[str, Any]]:
+    """What each weight file of a model is, for a segment's provenance: for a downloaded or imported file
+    its repo, the revision the catalog asks for, the commit it was downloaded from, its size and sha256 as
+    recorded when it was verified (None where unknown: no record, or a file changed since); for a
+    package-shipped file the package and its installed version. No hashing."""
+    spec = _spec(model)
+    out: List[Dict[str, Any]] = []
+    for wf in spec.files:
+        if wf.package:
+            try:
+                version: Optional[str] = metadata.version(wf.package)
+            except metadata.PackageNotFoundError:
+                version = None
+            out.append({"file": wf.name, "package": wf.package, "revision": wf.revision, "version": version})
+            continue
+        w = _where(spec, wf, weights_dir)
+        rec = (_read_marker(w) or {}) if _marker_valid(w, wf) else {}
+        out.append({"file": wf.name, "repo": wf.repo or wf.url, "revision": None if wf.url else wf.revision,
+                    "commit": rec.get("commit"), "size": rec.get("size"), "sha256": rec.get("sha256")})
+    return out
+
+
+def revision_summary(files: List[Dict[str, Any]]) -> str:
+    """One revision per file (the commit where one was recorded, else what the catalog asks for), comma-joined."""
+    return ",".join(str(r) for r in (f.get("commit") or f.get("revision") or f.get("version") for f in files) if r)
 
 
 def _spec(model: Union[str, ModelSpec]) -> ModelSpec:
@@ -443,12 +512,60 @@ class _Remote:
     url: str
     expected: _Expected
     commit: Optional[str] = None
+    note: str = ""  # what the user should know about how the revision was resolved
 
 
-def _hub_url(wf: WeightFile) -> str:
+Resolved = Dict[Tuple[str, str], str]  # (repo, revision asked for) -> commit, for one download of a model
+
+
+def _resolve(spec: ModelSpec, wf: WeightFile, token: Optional[str], prog: "_Progress", resolved: Resolved) -> _Remote:
+    """The file's metadata at the commit this download uses for its repo and revision: the one already
+    resolved for a sibling file (or recorded for an installed one), else what the hub says the revision is.
+    A pinned commit the hub does not know falls back to ``wf.fallback`` (a branch), with a note."""
+    key = (wf.repo, wf.revision)
+    known = resolved.get(key)
+    try:
+        remote = _hub_metadata(spec, wf, token, known or wf.revision)
+    except _RevisionMissing:
+        if known and known != wf.revision:  # a commit recorded earlier is gone (history rewritten): ask again
+            resolved.pop(key, None)
+            return _resolve(spec, wf, token, prog, resolved)
+        if not (is_commit(wf.revision) and wf.fallback):
+            raise
+        note = (f"{wf.repo} has no commit {wf.revision} (the catalog's pin) on {endpoint()}: branch {wf.fallback} "
+                f"was resolved instead" + ("; the file must still match the catalog's sha256" if wf.sha256 else ""))
+        prog.stage(note)
+        remote = _hub_metadata(spec, wf, token, wf.fallback)
+        remote = _Remote(remote.url, remote.expected, remote.commit, note)
+    if remote.commit:
+        resolved[key] = remote.commit
+    return remote
+
+
+def _recorded_commits(spec: ModelSpec, weights_dir: Optional[Path]) -> Resolved:
+    """(repo, revision) -> commit recorded for the model's installed files, so that a file downloaded later
+    comes from the same commit as its installed siblings."""
+    out: Resolved = {}
+    for wf in spec.files:
+        if wf.package or wf.url:
+            continue
+        w = _where(spec, wf, weights_dir)
+        rec = _read_marker(w)
+        if rec and rec.get("commit") and _marker_valid(w, wf):
+            out.setdefault((wf.repo, wf.revision), rec["commit"])
+    return out
+
+
+def _origin(wf: WeightFile, remote: _Remote, source: str = "download") -> Dict[str, Any]:
+    """The record's account of a download: where the bytes came from, at which commit."""
+    return dict(repo=wf.repo or None, filename=wf.filename or wf.name, revision=wf.revision if not wf.url else None,
+                commit=remote.commit, url=remote.url, note=remote.note or None, source=source)
+
+
+def _hub_url(wf: WeightFile, revision: Optional[str] = None) -> str:
     from huggingface_hub import hf_hub_url
 
-    return hf_hub_url(wf.repo, wf.filename or wf.name, revision=wf.revision or "main", endpoint=endpoint())
+    return hf_hub_url(wf.repo, wf.filename or wf.name, revision=revision or wf.revision or "main", endpoint=endpoint())
 
 
 def _manual_hint(spec: ModelSpec, wf: WeightFile) -> str:
@@ -497,19 +614,35 @@ def _proxy_for(url: str) -> Optional[str]:
     return proxies.get(url.split(":", 1)[0].lower()) or proxies.get("all")
 
 
-def _hub_metadata(spec: ModelSpec, wf: WeightFile, token: Optional[str]) -> _Remote:
-    from huggingface_hub import get_hf_file_metadata
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+def _hub_errors() -> Any:
+    """The module holding huggingface_hub's typed errors: ``huggingface_hub.errors`` from 0.25 on; before,
+    ``huggingface_hub.utils`` (0.23 and 0.24 have an ``errors`` module without these classes)."""
+    from huggingface_hub import utils
 
-    url = _hub_url(wf)
+    try:
+        from huggingface_hub import errors
+    except ImportError:
+        return utils
+    return errors if hasattr(errors, "RevisionNotFoundError") else utils
+
+
+def _hub_metadata(spec: ModelSpec, wf: WeightFile, token: Optional[str], revision: Optional[str] = None) -> _Remote:
+    from huggingface_hub import get_hf_file_metadata
+
+    errors = _hub_errors()
+    EntryNotFoundError, GatedRepoError, HfHubHTTPError = errors.EntryNotFoundError, errors.GatedRepoError, errors.HfHubHTTPError
+    RepositoryNotFoundError, RevisionNotFoundError = errors.RepositoryNotFoundError, errors.RevisionNotFoundError
+
+    revision = revision or wf.revision
+    url = _hub_url(wf, revision)
     try:
         meta = get_hf_file_metadata(url, token=token or False, timeout=_SETTINGS.timeout)
     except (GatedRepoError,) as e:
         raise AccessDeniedError(_access_message(spec, wf, _code(e), token, "")) from None
     except (RevisionNotFoundError, EntryNotFoundError) as e:
-        raise RemoteNotFoundError(f"{wf.repo}@{wf.revision}/{wf.filename or wf.name} is not on {endpoint()} ({type(e).__name__}): "
-                                  f"the mirror may be incomplete, or the catalog entry is wrong.") from None
+        kind = _RevisionMissing if isinstance(e, RevisionNotFoundError) else RemoteNotFoundError
+        raise kind(f"{wf.repo}@{revision}/{wf.filename or wf.name} is not on {endpoint()} ({type(e).__name__}): "
+                   f"the mirror may be incomplete, or the catalog entry is wrong.") from None
     except RepositoryNotFoundError as e:
         raise AccessDeniedError(_access_message(spec, wf, _code(e), token, f"(or {wf.repo} does not exist on {endpoint()})")) from None
     except HfHubHTTPError as e:
@@ -521,7 +654,7 @@ def _hub_metadata(spec: ModelSpec, wf: WeightFile, token: Optional[str]) -> _Rem
         if _transport_error(e):
             raise NetworkError(_network_message(spec, wf, e)) from None
         raise
-    return _Remote(url, _expected_from_hub(wf, meta.etag, meta.size), meta.commit_hash)
+    return _Remote(url, _expected_from_hub(wf, meta.etag, meta.size), meta.commit_hash or (revision if is_commit(revision) else None))
 
 
 def _code(e: BaseException) -> Optional[int]:
@@ -665,8 +798,9 @@ def _fetch(remote: _Remote, w: _Where, prog: _Progress, cancel: Any, spec: Model
         f"again to resume. {_manual_hint(spec, wf)}")
 
 
-def _install(w: _Where, remote: _Remote, prog: _Progress, cancel: Any, label: str, on_fail: str) -> None:
-    """Verify ``<name>.part`` and move it into place atomically; delete it if it fails."""
+def _install(w: _Where, remote: _Remote, prog: _Progress, cancel: Any, label: str, on_fail: str,
+             origin: Dict[str, Any]) -> None:
+    """Verify ``<name>.part`` and move it into place atomically (recording ``origin``); delete it if it fails."""
     exp = remote.expected
     size = w.part.stat().st_size
     try:
@@ -676,38 +810,38 @@ def _install(w: _Where, remote: _Remote, prog: _Progress, cancel: Any, label: st
         raise ChecksumError(f"{e} {on_fail}") from None
     os.replace(w.part, w.final)
     w.corrupt.unlink(missing_ok=True)
-    _write_marker(w, digest, exp.source, commit=remote.commit, url=remote.url)
+    _write_marker(w, digest, exp.source, **origin)
 
 
 def _download_file(spec: ModelSpec, wf: WeightFile, w: _Where, token: Optional[str], prog: _Progress,
-                   cancel: Any, force: bool, retries: int) -> Path:
+                   cancel: Any, force: bool, retries: int, resolved: Resolved) -> Path:
     w.folder.mkdir(parents=True, exist_ok=True)
     prog.stage(f"Checking {wf.name}", 0.0)
     with _Lock(w, prog, cancel):
         if not force and w.final.is_file() and _marker_valid(w, wf):
             prog.stage(f"{wf.name} is ready", 1.0)
             return w.final
-        remote = _url_metadata(spec, wf) if wf.url else _hub_metadata(spec, wf, token)
+        remote = _url_metadata(spec, wf) if wf.url else _resolve(spec, wf, token, prog, resolved)
         if w.final.is_file():
-            if not force and _still_good(w, remote, prog, cancel):
+            if not force and _still_good(w, wf, remote, prog, cancel):
                 return w.final
             _quarantine(w, "")
         _check_disk(w, remote.expected)
         _fetch(remote, w, prog, cancel, spec, wf, token, retries)
         _install(w, remote, prog, cancel, f"Downloaded {w.name}",
                  f"The download was deleted and nothing was installed; run `textseg models download {spec.id}` to "
-                 "retry. If it fails again the server or a proxy is altering the file.")
+                 "retry. If it fails again the server or a proxy is altering the file.", _origin(wf, remote))
         prog.stage(f"{wf.name} downloaded and verified", 1.0)
         return w.final
 
 
-def _still_good(w: _Where, remote: _Remote, prog: _Progress, cancel: Any) -> bool:
+def _still_good(w: _Where, wf: WeightFile, remote: _Remote, prog: _Progress, cancel: Any) -> bool:
     """An installed file without a valid record (copied in by hand, touched): keep it if it verifies."""
     try:
         digest = _check_file(w.final, remote.expected, w.name, lambda n: prog.bytes("Verifying", w.name, n, remote.expected.size), cancel)
     except ChecksumError:
         return False
-    _write_marker(w, digest, remote.expected.source, commit=remote.commit)
+    _write_marker(w, digest, remote.expected.source, **_origin(wf, remote, "found in the cache; matched the server's file"))
     return True
 
 
@@ -726,10 +860,11 @@ def download(model: Union[str, ModelSpec], token: Optional[str] = None, progress
         if wf.package and locate(spec, wf, weights_dir) is None:
             raise WeightsError(f"Model '{spec.id}' ships {wf.name} inside the Python package '{wf.package}': pip install {wf.package}.")
     prog = _Progress(progress, on_bytes, [float(wf.size or 1) for wf in todo] or [1.0])
+    resolved = {} if force else _recorded_commits(spec, weights_dir)
     for i, wf in enumerate(todo):
         prog.index = i
         _download_file(spec, wf, _where(spec, wf, weights_dir), token, prog, cancel, force,
-                       _SETTINGS.retries if retries is None else retries)
+                       _SETTINGS.retries if retries is None else retries, resolved)
     if progress:
         progress(1.0, f"{spec.id} is ready")
     return Path(weights_dir or model_dir(spec))
@@ -769,8 +904,9 @@ def import_file(model: Union[str, ModelSpec], file: Union[str, Path], name: Opti
                 weights_dir: Optional[Path] = None, progress: Optional[ProgressFn] = None, cancel: Any = None) -> Path:
     """Verify and install a manually downloaded file (air-gapped sites). The source is only read.
 
-    Checked against the catalog's size and sha256; when the catalog has no sha256 the file is
-    installed with the digest recorded (``verify`` then reports it as checked against nothing)."""
+    Checked against the catalog's size and sha256 (then its commit is the catalog's pin); when the catalog
+    has no sha256, only the size where the catalog has one, and the file is installed with its sha256
+    recorded (``verify`` then checks it against that record; its commit is unknown)."""
     spec = _spec(model)
     source = Path(file).expanduser()
     if not source.is_file():
@@ -782,8 +918,11 @@ def import_file(model: Union[str, ModelSpec], file: Union[str, Path], name: Opti
     exp = _catalog_expected(wf)
     with _Lock(w, prog, cancel):
         _copy_part(source, w, prog, cancel)
+        origin = dict(repo=wf.repo or None, filename=wf.filename or wf.name, revision=wf.revision if not wf.url else None,
+                      commit=wf.revision if exp.sha256 and is_commit(wf.revision) else None, url=None,
+                      note=None, source=f"imported from {source}")
         _install(w, _Remote(str(source), exp), prog, cancel, f"{source} (as '{wf.name}' of '{spec.id}')",
-                 "Nothing was installed; your file was left untouched.")
+                 "Nothing was installed; your file was left untouched.", origin)
     if progress:
         progress(1.0, f"Imported {wf.name}")
     return w.final
@@ -820,8 +959,11 @@ def _verify_one(spec: ModelSpec, wf: WeightFile, weights_dir: Optional[Path], pr
         except ChecksumError as e:
             return _quarantine(w, str(e))
         _write_marker(w, digest, "catalog" if wf.sha256 else (_read_marker(w) or {}).get("checked_against", "none"))
-    return {"catalog": "sha256 matches the catalog", "recorded at download": "sha256 matches the one recorded at download"}.get(
-        exp.source, "no reference checksum known; sha256 recorded")
+    if exp.source == "catalog":
+        return "sha256 matches the catalog"
+    if exp.sha256:
+        return f"sha256 matches the one {exp.source}"
+    return "no reference checksum known; sha256 recorded"
 
 
 def remove(model: Union[str, ModelSpec], weights_dir: Optional[Path] = None) -> List[Path]:
@@ -856,5 +998,6 @@ __all__ = [
     "AccessDeniedError", "ChecksumError", "DiskFullError", "IncompleteDownloadError", "NetworkError",
     "RemoteNotFoundError", "Settings", "FileStatus", "ModelStatus", "configure", "settings", "home", "endpoint",
     "resolve_token", "free_bytes", "model_dir", "locate", "missing_files", "is_ready", "require_weights",
-    "sha256_file", "status", "status_all", "download", "import_file", "verify", "remove",
+    "sha256_file", "status", "status_all", "download", "import_file", "verify", "remove", "is_commit", "provenance",
+    "revision_summary",
 ]

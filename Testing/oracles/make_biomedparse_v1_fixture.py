@@ -171,14 +171,63 @@ def preprocess_oracle(shared: Path, out: Path) -> None:
     np.savez_compressed(out / "biomedparse_v1_preprocess.npz", **data)
 
 
+# ---- real scans turned through their header (issue 15 item 2) -------------------------------------------
+# (file under totalsegmentator-examples, is_CT, site, slices checked)
+GEOMETRY_SCANS = {"mr": ("example_mr_sm.nii.gz", False, None, (0, 10, 19)),  # stored LPS
+                  "ct": ("example_ct_sm.nii.gz", True, "abdomen", (0, 15, 29))}  # stored RAS
+
+
+def geometry_oracle(shared: Path, out: Path) -> None:
+    """biomedparse_v1_geometry.npz: upstream's own NIfTI reader ``read_nifti`` (nibabel ``get_fdata``, slice
+    ``[:, :, k]`` after moving ``HW_index`` to the front, then ``process_intensity_image``) on the real MR and CT,
+    each written as stored, tilted and oblique (header only; ``Testing/oracles/real_scans.py``), with the default
+    ``HW_index=(0, 1)`` (rows = the file's first axis) and ``(1, 0)`` (rows = its second axis, as in DICOM). The
+    header changes nothing for upstream (asserted), so one SHA-256 per (scan, HW_index, slice) of the 1024x1024
+    uint8 model input (first channel; the three are equal) is stored, with its sum."""
+    import hashlib
+
+    from inference_utils.processing_utils import read_nifti  # upstream
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the cwd is upstream's root by now
+    from real_scans import ROTATIONS, save_nifti, turned_copy
+
+    data = {}
+    tmp = Path(tempfile.mkdtemp(prefix="v1-geometry-"))
+    for scan, (name, is_ct, site, slices) in GEOMETRY_SCANS.items():
+        for hw in ((0, 1), (1, 0)):
+            tag = f"{scan}/hw{hw[0]}{hw[1]}"
+            ref = None
+            for case in ROTATIONS:
+                array, affine = turned_copy(shared / "totalsegmentator-examples" / name, case)
+                path = tmp / f"{scan}_{case}.nii.gz"
+                save_nifti(array, affine, path)
+                imgs = [read_nifti(str(path), is_ct, k, site, HW_index=hw) for k in slices]
+                assert all(im.shape == (1024, 1024, 3) and (im == im[..., :1]).all() for im in imgs)
+                if ref is None:
+                    ref = imgs
+                assert all(np.array_equal(a, b) for a, b in zip(imgs, ref)), (scan, hw, case)
+            data[tag + "/sha256"] = np.array([hashlib.sha256(np.ascontiguousarray(im[..., 0]).tobytes()).hexdigest()
+                                              for im in ref])
+            data[tag + "/sum"] = np.array([int(im[..., 0].sum()) for im in ref])
+        data[scan + "/slices"] = np.array(slices)
+    np.savez_compressed(out / "biomedparse_v1_geometry.npz", **data)
+    print(f"wrote {out}/biomedparse_v1_geometry.npz", {k: v.tolist() for k, v in data.items() if k.endswith("sum")})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--upstream", required=True, type=Path, help="checkout of microsoft/BiomedParse (main @ 750eb40)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "fixtures")
     ap.add_argument("--shared", type=Path, help="shared test data folder (for the preprocessing oracle)")
+    ap.add_argument("--only", choices=["geometry"], help="write only this fixture (needs --shared; upstream's"
+                    " inference_utils/processing_utils.py imports pydicom, PIL, nibabel, SimpleITK, skimage only)")
     args = ap.parse_args()
     upstream = args.upstream.resolve()
     os.chdir(upstream)  # upstream reads some files relative to its root
+    if args.only == "geometry":
+        sys.path.insert(0, str(upstream))
+        args.out.mkdir(parents=True, exist_ok=True)
+        return geometry_oracle(args.shared.resolve(), args.out.resolve())
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "BiomedParseSlicer"))
     from textseg.models.clip_tokenizer import build_vocab_files
@@ -224,6 +273,7 @@ def main() -> None:
     (args.out / "biomedparse_v1_keys.json").write_text(json.dumps(keys, indent=0, sort_keys=True) + "\n")
     if args.shared:
         preprocess_oracle(args.shared.resolve(), args.out)
+        geometry_oracle(args.shared.resolve(), args.out)
     print(f"wrote {args.out}/biomedparse_v1_oracle.npz and biomedparse_v1_keys.json ({len(keys)} keys)")
 
 

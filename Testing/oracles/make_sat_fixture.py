@@ -24,9 +24,13 @@ What it does:
 5. Writes ``sat_nano_keys.json`` / ``sat_pro_keys.json``: every key and shape of the full-size
    ``Maskformer('UNET'/'UNET-L')`` and of the text encoder with BioLORD-2023-C's MPNet config
    (meta device; ``AutoModel.from_pretrained`` replaced by ``from_config``, the hub is not used).
+6. ``sat_pro_oracle.npz`` (``pro_and_precision``; ``--only pro`` makes just this file): SAT-Pro's family
+   (``Maskformer('UNET-L')``) reduced as ``REDUCED_PRO``, weights seed ``SEED + 2``, on the same image and
+   ``sat_oracle.npz``'s queries; and both reduced networks under CPU autocast (bfloat16, float16).
 
 Patches: ``torch.cuda.current_device`` -> 'cpu' (upstream's text tower moves tokens to CUDA); for the
-meta-device key listing only, ``PositionalEncoding3D`` -> zeros (it cannot run on meta; not in the state dict).
+meta-device key listing only, ``PositionalEncoding3D`` -> zeros (it cannot run on meta; not in the state dict);
+for the reduced SAT-Pro, ``PlainConvUNet`` wrapped during ``Maskformer``'s constructor (smaller features).
 """
 
 from __future__ import annotations
@@ -159,6 +163,92 @@ def reduced_maskformer(mods):
     return m.eval()
 
 
+# SAT-Pro's family ('UNET-L') reduced: upstream's UNET-L backbone arguments (3 convs per stage and per decoder
+# stage) with small features; its projection (sum(features) -> 1536 -> 768) and mask MLP (768 -> 384 ->
+# features[0]) widths; the query decoder as REDUCED.
+REDUCED_PRO = dict(
+    features=[16, 16, 32, 32, 64, 64], n_conv=[3] * 6, n_conv_decoder=[3] * 5, strides=[1, 2, 2, 2, 2, 2],
+    patch_size=PATCH, token_patch=[32, 32, 32], projection_hidden=1536, d_model=768, decoder_layers=2,
+    decoder_heads=8, decoder_ffn=256, mask_hidden=384, per_pixel_dim=16,
+)
+AUTOCAST = ("bfloat16", "float16")  # CPU autocast dtypes the precision fixture records
+
+
+def reduced_pro_maskformer(mods):
+    """Upstream's ``Maskformer('UNET-L')``: its backbone built by upstream's constructor call with the
+    features reduced (``PlainConvUNet`` wrapped for the call; the unused UNET / UNET-H entries of its dict get
+    the same small backbone), then the projection, query decoder and mask MLP swapped for reduced modules of
+    upstream's classes with SAT-Pro's hidden widths."""
+    import torch.nn as nn
+
+    mf, _, _, _, td, PlainConvUNet = mods
+    r = REDUCED_PRO
+    real = mf.PlainConvUNet
+
+    def small(**kw):
+        assert kw["n_conv_per_stage"] == (3,) * 6 or kw["features_per_stage"][0] != 128  # UNET-L: 3 convs
+        return real(**dict(kw, features_per_stage=tuple(r["features"])))
+
+    mf.PlainConvUNet = small
+    try:
+        m = mf.Maskformer("UNET-L", image_size=list(PATCH), patch_size=list(r["token_patch"]), deep_supervision=False)
+    finally:
+        mf.PlainConvUNet = real
+    assert tuple(m.backbone.encoder.output_channels) == tuple(r["features"])
+    assert [len(s[0].convs) for s in m.backbone.encoder.stages] == [3] * 6
+    assert isinstance(m.query_proj, nn.Identity) and m.mask_embed_proj[2].out_features == 128  # UNET-L's
+    m.projection_layer = nn.Sequential(nn.Linear(sum(r["features"]), r["projection_hidden"]), nn.GELU(),
+                                       nn.Linear(r["projection_hidden"], r["d_model"]), nn.GELU())
+    layer = td.TransformerDecoderLayer(d_model=r["d_model"], nhead=r["decoder_heads"], dim_feedforward=r["decoder_ffn"],
+                                       normalize_before=True)
+    m.transformer_decoder = td.TransformerDecoder(decoder_layer=layer, num_layers=r["decoder_layers"],
+                                                  norm=nn.LayerNorm(r["d_model"]))
+    m.mask_embed_proj = nn.Sequential(nn.Linear(r["d_model"], r["mask_hidden"]), nn.GELU(),
+                                      nn.Linear(r["mask_hidden"], r["per_pixel_dim"]), nn.GELU())
+    return m.eval()
+
+
+def pro_and_precision(mods, out: Path, commit: str) -> None:
+    """``sat_pro_oracle.npz``: the reduced SAT-Pro network (fp32), and both reduced networks (Nano = sat_oracle's
+    weights) under CPU autocast (bfloat16, float16), on sat_oracle's recipe image and queries."""
+    import torch
+
+    nano_fx = np.load(out / "sat_oracle.npz")
+    q = torch.from_numpy(nano_fx["queries_a"])
+    image = torch.from_numpy(recipe_image()).repeat(1, 3, 1, 1, 1)
+    torch.manual_seed(0)
+    pro = reduced_pro_maskformer(mods)
+    pro_keys = fill(pro, SEED + 2)
+    nano = reduced_maskformer(mods)
+    fill(nano, SEED)
+    assert digest(nano.state_dict()) == str(nano_fx["net_sha256"])
+    res = dict(upstream_commit=commit, seed=np.int64(SEED + 2), config=json.dumps(REDUCED_PRO), net_keys=np.array(pro_keys),
+               net_sha256=digest(pro.state_dict()), queries=q.numpy(), autocast=np.array(AUTOCAST))
+    with torch.no_grad():
+        emb, pos, per_pixel_ls = pro.vision_backbone_forward(image)
+        logits = pro([q], image).numpy()
+        res.update(image_tokens=emb.numpy(), per_pixel_sub=per_pixel_ls[0][..., ::4, ::4, ::4].numpy(),
+                   logits_shape=np.array(logits.shape), logits_sub=logits[..., ::4, ::4, ::4],
+                   logits_full_b0q1=logits[0, 1, ::2, ::2, ::2], logits_sum=logits.astype(np.float64).sum((2, 3, 4)),
+                   logits_abs_sum=np.abs(logits.astype(np.float64)).sum((2, 3, 4)))
+        q_batched = torch.stack([q[[2, 0]], q[[1, 2]]])
+        res["logits_batched_sub"] = pro(q_batched, image)[0].numpy()[..., ::4, ::4, ::4]
+        for name, net in (("pro", pro), ("nano", nano)):
+            for dt in AUTOCAST:
+                with torch.autocast("cpu", dtype=getattr(torch, dt)):
+                    lg = net([q], image)
+                res[f"{name}_{dt}_dtype"] = np.array(str(lg.dtype))
+                lg = lg.float().numpy()
+                res[f"{name}_{dt}_logits_sub"] = lg[..., ::4, ::4, ::4]
+                res[f"{name}_{dt}_logits_abs_sum"] = np.abs(lg.astype(np.float64)).sum((2, 3, 4))
+                print(name, dt, "max |autocast - fp32| on the sub-grid:",
+                      float(np.abs(lg[..., ::4, ::4, ::4] - (logits[..., ::4, ::4, ::4] if name == "pro"
+                                                               else nano_fx["logits_sub"][..., ::2, ::2, ::2])).max()))
+    np.savez_compressed(out / "sat_pro_oracle.npz", **res)
+    print("sat_pro_oracle.npz", (out / "sat_pro_oracle.npz").stat().st_size, "bytes; logits", logits.shape,
+          "range", float(logits.min()), float(logits.max()))
+
+
 def tiny_text_encoder(mods, tmp: Path):
     from transformers import MPNetConfig, MPNetModel, MPNetTokenizerFast
 
@@ -209,6 +299,8 @@ def main() -> None:
     ap.add_argument("upstream", type=Path, help="checkout of zhaoziheng/SAT")
     ap.add_argument("--upstream-commit", required=True)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "fixtures")
+    ap.add_argument("--only", choices=("nano", "pro"), help="nano: sat_oracle.npz and the key lists; pro: "
+                    "sat_pro_oracle.npz (reads sat_oracle.npz from --out)")
     a = ap.parse_args()
     import torch
     from positional_encodings.torch_encodings import PositionalEncoding3D
@@ -216,6 +308,9 @@ def main() -> None:
     torch.manual_seed(0)
     mods = import_upstream(a.upstream.resolve())
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.only == "pro":
+        pro_and_precision(mods, a.out, a.upstream_commit)
+        return
     key_contracts(mods, a.out, a.upstream_commit)
 
     net = reduced_maskformer(mods)
@@ -271,6 +366,8 @@ def main() -> None:
         )
     print("sat_oracle.npz", (a.out / "sat_oracle.npz").stat().st_size, "bytes; logits", lg.shape,
           "range", float(lg.min()), float(lg.max()), "ids_a", tok_a["input_ids"].tolist())
+    if a.only is None:
+        pro_and_precision(mods, a.out, a.upstream_commit)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,22 @@ What it does:
    ``logits2roi_coor`` and the box given to every sliding window; the stitched logits are the
    function's result.
 4. Writes ``segvol_keys.json``: every key and shape of the full-size model (meta device).
+5. With ``--shared`` (the shared test data folder), the real-CT cases:
+
+   * ``segvol_oracle_oblique_ct.npz`` (issue 15, item 2): a crop of the real CT
+     ``totalsegmentator-examples/example_ct_sm.nii.gz`` (``REAL_CROP``) written as NIfTI three times with
+     only the header changed (``ROTATIONS``: as stored, tilted 12 degrees about R like a gantry tilt,
+     oblique 20 degrees about S then 10 degrees about R); text + box from the real liver label of
+     ``example_seg.nii.gz`` (as the demo derives it). Upstream reads each file with its own loader and
+     gives bit-identical results for all three (its orientation step is a no-op, so the header is
+     ignored; the script asserts it); they are stored once, with the padding/crop that place upstream's
+     crop on the stored array (computed with MONAI's own ``SpatialPad``/``CropForeground``).
+   * ``segvol_oracle_subregion.npz`` (item 3): a 64-slice crop of the real CT ``example_ct.nii.gz`` with
+     weights from the same recipe plus ``SUBREGION_OVERRIDES`` (``recipe_state_dict``), chosen so that
+     the zoom-out mask is a block of 2x1x2 of the 4x4x4 zoom-out tokens: the ROI is a strict
+     sub-region of the crop on every axis and is zoomed in with 3 windows. Text + box (from a cuboid
+     label). Stored: the zoom-out logits and the stitched logits inside the ROI (outside it they are
+     the zoom-out logits, nearest-upsampled).
 
 The only patches are ``.cuda()`` -> no-op (the demo hard-codes CUDA), ``LoadImage(image_only=False)``
 (MONAI 0.9's return value, which the demo unpacks), ``Orientationd`` -> pass-through (what MONAI 0.9
@@ -37,6 +53,8 @@ import types
 from pathlib import Path
 
 import numpy as np
+
+from real_scans import ROTATIONS, save_nifti, turned_copy  # noqa: F401  (shared recipes; re-exported)
 
 SEED = 20240607
 # Reduced configuration: the decoder width stays 768 because upstream hard-codes
@@ -65,6 +83,62 @@ def recipe_tensor(key: str, shape, index: int, seed: int = SEED) -> np.ndarray:
     return x / np.float32(np.sqrt(max(fan_in, 1)))
 
 
+# Item 3: the recipe alone gives zoom-out logits whose positive set covers every zoom-out token (the
+# ConvTranspose kernels of ``output_upscaling`` repeat one random pattern in every token). These overrides
+# make the zoom-out mask a compact block: the ViT position embedding of every token is ALPHA x row 0 of the
+# recipe's, of the BLOCK tokens row 1 (position dominates content); the upscaling kernels and its
+# LayerNorm's affine are tied across spatial positions (each token's up-sampled embedding is constant);
+# upscaled channel GAIN_CHANNEL (the one separating the two kinds of token most, measured) gets the
+# hypernetwork output GAIN and channel CONST_CHANNEL is made the constant GELU(1) with hypernetwork
+# output OFFSET / GELU(1) (a constant logit offset putting the threshold between the two levels); the
+# text-alignment rows of both channels are zero.
+SUBREGION_OVERRIDES = dict(alpha=1000.0, block=[[1, 1, 1], [1, 1, 2], [2, 1, 1], [2, 1, 2]], row_out=0, row_in=1,
+                           gain_channel=80, gain=20.0, const_channel=5, offset=6.6)
+GELU1 = 0.8413447460685429  # GELU(1), exact erf form
+
+
+def apply_overrides(sd: dict, o: dict) -> dict:
+    """``SUBREGION_OVERRIDES`` applied to a (recipe) state dict of torch tensors under the official names."""
+    import torch
+
+    sd = dict(sd)
+    pe_key = "image_encoder.patch_embedding.position_embeddings"
+    pe = sd[pe_key]
+    n = pe.shape[1]
+    grid = round(n ** (1 / 3))
+    new = pe[0, o["row_out"]].repeat(n, 1)
+    for z, y, x in o["block"]:
+        new[(z * grid + y) * grid + x] = pe[0, o["row_in"]]
+    sd[pe_key] = (o["alpha"] * new)[None].contiguous()
+    for k in ("mask_decoder.output_upscaling.0.weight", "mask_decoder.output_upscaling.3.weight",
+              "mask_decoder.output_upscaling.1.weight", "mask_decoder.output_upscaling.1.bias"):
+        t = sd[k]
+        sd[k] = t[(slice(None),) * (t.dim() - 3) + (slice(0, 1),) * 3].expand_as(t).contiguous()
+
+    def row(key, c, w, b):
+        wt, bt = sd[key + ".weight"].clone(), sd[key + ".bias"].clone()
+        wt[c], bt[c] = w, b
+        sd[key + ".weight"], sd[key + ".bias"] = wt, bt
+
+    up_w, up_b = sd["mask_decoder.output_upscaling.3.weight"].clone(), sd["mask_decoder.output_upscaling.3.bias"].clone()
+    up_w[:, o["const_channel"]], up_b[o["const_channel"]] = 0.0, 1.0
+    sd["mask_decoder.output_upscaling.3.weight"], sd["mask_decoder.output_upscaling.3.bias"] = up_w, up_b
+    hyper, text = "mask_decoder.output_hypernetworks_mlps.0.layers.2", "mask_decoder.txt_align_upscaled_embedding"
+    row(hyper, o["const_channel"], 0.0, o["offset"] / GELU1)
+    row(text, o["const_channel"], 0.0, 0.0)
+    row(hyper, o["gain_channel"], 0.0, o["gain"])
+    row(text, o["gain_channel"], 0.0, 0.0)
+    return sd
+
+
+def recipe_state_dict(shapes: dict, seed: int = SEED, overrides=None) -> dict:
+    """The weights of a fixture: ``recipe_tensor`` over the sorted keys, then the overrides (if any)."""
+    import torch
+
+    sd = {k: torch.from_numpy(recipe_tensor(k, shapes[k], i, seed)) for i, k in enumerate(sorted(shapes))}
+    return apply_overrides(sd, overrides) if overrides else sd
+
+
 def weights_digest(sd) -> str:
     h = hashlib.sha256()
     for k in sorted(sd):
@@ -87,6 +161,37 @@ def synthetic_ct(shape_xyz=(84, 76, 22), seed=SEED):
     ct[bone & body] = 700.0
     ct += rng.normal(0, 15, shape_xyz).astype(np.float32)
     return ct.astype(np.float32), organ.astype(np.uint8)
+
+
+# ---- real-CT cases (recipes shared with Testing/test_segvol.py) ---------------------------------------
+REAL_DIR = "totalsegmentator-examples"
+# (x, y, z) index ranges of the stored (RAS-ordered) NIfTI arrays: around the liver of example_ct_sm
+REAL_CROP = ((36, 108), (22, 86), (0, 30))
+LIVER = 5  # example_seg_labels.json
+# item 3: slices 24..87 of example_ct (its 112 slices; example_ct_sm is slices 82..111), the whole plane
+SUBREGION_SLICES = (24, 88)
+SUBREGION_LABEL = ((40, 90), (30, 60), (20, 44))  # cuboid "label" for the demo's box prompt, (x, y, z)
+
+
+def real_ct_case(shared: Path, case: str):
+    """(CT int16 [x, y, z], liver label uint8, RAS affine) of the item-2 real-CT case ``case``."""
+    ct, affine = turned_copy(shared / REAL_DIR / "example_ct_sm.nii.gz", case, REAL_CROP)
+    label, _ = turned_copy(shared / REAL_DIR / "example_seg.nii.gz", case, REAL_CROP)
+    return ct.astype(np.int16), (label == LIVER).astype(np.uint8), affine
+
+
+def subregion_case(shared: Path):
+    """(CT int16 [x, y, z], cuboid label, RAS affine) of the item-3 case."""
+    import nibabel as nib
+
+    img = nib.load(str(shared / REAL_DIR / "example_ct.nii.gz"))
+    a, b = SUBREGION_SLICES
+    ct = np.asarray(img.dataobj)[:, :, a:b].astype(np.int16)
+    affine = img.affine.copy()
+    affine[:3, 3] = img.affine[:3, :3] @ [0, 0, a] + img.affine[:3, 3]
+    label = np.zeros(ct.shape, np.uint8)
+    label[tuple(slice(lo, hi) for lo, hi in SUBREGION_LABEL)] = 1
+    return ct, label, affine
 
 
 def setup_upstream(up: Path):
@@ -142,6 +247,7 @@ def build_upstream(up: Path, c: dict = REDUCED):
 
 
 def run_demo(model, ct_path, gt_path, use_box: bool):
+    """Upstream's demo path on a CT/label NIfTI pair (process_ct_gt + zoom_in_zoom_out), with records."""
     import torch
     import inference_demo as demo
     from data_process.demo_data_process import process_ct_gt
@@ -179,6 +285,90 @@ def run_demo(model, ct_path, gt_path, use_box: bool):
     return rec
 
 
+def crop_placement(ct_path, spatial_size):
+    """Where upstream's crop lies on the stored array (z, y, x): SpatialPad's leading padding and
+    CropForeground's box on the padded image, from MONAI's own transforms, upstream's classes in
+    process_ct_gt's order."""
+    import monai.transforms as mt
+    from data_process.demo_data_process import DimTranspose, ForegroundNormalization, MinMaxNormalization
+
+    ct, _ = mt.LoadImage()(str(ct_path))
+    d = {"image": np.expand_dims(np.array(ct).squeeze(), 0)}
+    for t in (ForegroundNormalization(keys=["image"]), DimTranspose(keys=["image"]), MinMaxNormalization()):
+        d = t(d)
+    shape = d["image"].shape[1:]
+    pad = mt.SpatialPad(spatial_size=spatial_size).compute_pad_width(shape)[1:]
+    padded = mt.SpatialPad(spatial_size=spatial_size)(d["image"])
+    start, stop = mt.CropForeground().compute_bounding_box(padded)
+    return np.array([p[0] for p in pad]), np.asarray(start), np.asarray(stop)
+
+
+def preprocessed_summary(rec) -> dict:
+    """Upstream's cropped image and zoom-out image, too large to store whole: every 2nd voxel per axis, shape
+    and moments of the crop; SHA-256 of the zoom-out image's float32 bytes (ours is bit-equal)."""
+    p = rec["preprocessed"]
+    p64 = p.astype(np.float64)
+    zo = np.ascontiguousarray(rec["zoom_out_image"], dtype=np.float32)
+    return {"preprocessed_sub": p[::2, ::2, ::2], "preprocessed_shape": np.array(p.shape),
+            "preprocessed_moments": np.array([p64.sum(), (p64 ** 2).sum(), p64.min(), p64.max()]),
+            "zoom_out_image_sha256": hashlib.sha256(zo.tobytes()).hexdigest()}
+
+
+def real_fixtures(model, keys, up_commit: str, shared: Path, out: Path, tmp: Path) -> None:
+    """segvol_oracle_oblique_ct.npz (item 2) and segvol_oracle_subregion.npz (item 3)."""
+    import torch
+
+    spatial = tuple(REDUCED["img_size"])
+    common = dict(seed=np.int64(SEED), config=json.dumps(REDUCED), keys=np.array(keys), prompt="liver",
+                  upstream_commit=up_commit)
+    recs = {}
+    for case in ROTATIONS:
+        ct, label, affine = real_ct_case(shared, case)
+        save_nifti(ct, affine, tmp / f"{case}.nii.gz")
+        save_nifti(label, affine, tmp / f"{case}_label.nii.gz")
+        recs[case] = run_demo(model, tmp / f"{case}.nii.gz", tmp / f"{case}_label.nii.gz", True)
+    ref = recs["stored"]
+    for case, rec in recs.items():  # upstream ignores the header: bit-identical results
+        for k in ("zoom_out_logits", "zoom_out_box", "roi", "logits", "preprocessed", "zoom_out_image"):
+            assert np.array_equal(rec[k], ref[k]), (case, k)
+        assert all(np.array_equal(a, b) for a, b in zip(rec["windows"], ref["windows"])), case
+    pad, start, stop = crop_placement(tmp / "oblique.nii.gz", spatial)
+    name = "segvol_oracle_oblique_ct.npz"
+    np.savez_compressed(out / name, **common, weights_sha256=weights_digest(model.state_dict()),
+                        cases=np.array(list(ROTATIONS)), zoom_out_box=ref["zoom_out_box"],
+                        zoom_out_logits=ref["zoom_out_logits"], roi=ref["roi"], window_boxes=np.array(ref["windows"]),
+                        logits=ref["logits"], **preprocessed_summary(ref),
+                        pad_before=pad, crop_start=start, crop_stop=stop)
+    print(name, "roi", ref["roi"], "windows", len(ref["windows"]), "logits", ref["logits"].shape,
+          "size", (out / name).stat().st_size)
+
+    # item 3: same model with the sub-region overrides
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    orig = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(recipe_state_dict(shapes, SEED, SUBREGION_OVERRIDES), strict=True)
+    ct, label, affine = subregion_case(shared)
+    save_nifti(ct, affine, tmp / "sub.nii.gz")
+    save_nifti(label, affine, tmp / "sub_label.nii.gz")
+    rec = run_demo(model, tmp / "sub.nii.gz", tmp / "sub_label.nii.gz", True)
+    roi = rec["roi"]
+    crop = rec["logits"].shape
+    assert all(roi[d] > 0 and roi[d + 3] < crop[d] - 1 for d in range(3)), ("ROI not strictly inside", roi, crop)
+    sl = tuple(slice(roi[d], roi[d + 3] + 1) for d in range(3))
+    outside = rec["logits"].copy()
+    outside[sl] = np.nan
+    zo_up = torch.nn.functional.interpolate(torch.from_numpy(rec["zoom_out_logits"])[None, None], size=crop,
+                                            mode="nearest")[0, 0].numpy()
+    keep = ~np.isnan(outside)
+    assert np.array_equal(outside[keep], zo_up[keep])  # outside the ROI: the zoom-out logits
+    name = "segvol_oracle_subregion.npz"
+    np.savez_compressed(out / name, **common, overrides=json.dumps(SUBREGION_OVERRIDES),
+                        weights_sha256=weights_digest(model.state_dict()), zoom_out_box=rec["zoom_out_box"],
+                        zoom_out_logits=rec["zoom_out_logits"], roi=roi, window_boxes=np.array(rec["windows"]),
+                        crop_shape=np.array(crop), roi_logits=rec["logits"][sl], **preprocessed_summary(rec))
+    print(name, "crop", crop, "roi", roi, "windows", len(rec["windows"]), "size", (out / name).stat().st_size)
+    model.load_state_dict(orig, strict=True)
+
+
 def key_contract(up: Path, commit: str) -> dict:
     """Every key and shape of the released SegVol (full size), built on the meta device."""
     import torch
@@ -206,6 +396,7 @@ def main() -> None:
     ap.add_argument("upstream", type=Path, help="checkout of github.com/BAAI-DCAI/SegVol")
     ap.add_argument("--upstream-commit", default="5768c97", help="recorded in the fixtures")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "fixtures")
+    ap.add_argument("--shared", type=Path, help="shared test data folder: also the real-CT fixtures")
     a = ap.parse_args()
     import nibabel as nib
     import torch
@@ -241,6 +432,8 @@ def main() -> None:
                             preprocessed=rec["preprocessed"], zoom_out_image=rec["zoom_out_image"])
         print(name, "roi", rec["roi"], "windows", len(rec["windows"]), "logits", rec["logits"].shape,
               "size", (a.out / name).stat().st_size)
+    if a.shared:
+        real_fixtures(model, keys, a.upstream_commit, a.shared.resolve(), a.out, tmp)
 
 
 if __name__ == "__main__":

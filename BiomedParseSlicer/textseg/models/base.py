@@ -163,7 +163,11 @@ class ModelAdapter:
         self.weights_dir = Path(weights_dir) if weights_dir is not None else None
         self.options = options
         self.device: Any = None
-        self.weights_revision: str = ",".join(f.revision for f in spec.files if f.revision) or spec.version
+        from ..weights import provenance, revision_summary
+
+        # what the weight files are (commit, size, sha256 recorded at download): every result's provenance
+        self.weights_files: List[Dict[str, Any]] = provenance(spec, self.weights_dir) if spec.files else []
+        self.weights_revision: str = revision_summary(self.weights_files) or spec.version
 
     # ---- lifecycle --------------------------------------------------------------------------
     def load(self, device: Any) -> None:

@@ -1,22 +1,24 @@
 """The CLIP BPE tokenizer (openai/clip-vit-base-patch32), built offline.
 
-The BPE table ships inside the ``open_clip_torch`` wheel (``open_clip/bpe_simple_vocab_16e6.txt.gz``,
-MIT). From it we write ``vocab.json`` (byte-unicode table, ``</w>`` variants, 48 894 merges and the
-two special tokens: 49 408 entries) and ``merges.txt`` - byte-identical in content to the official
-files - and hand them to transformers' CLIPTokenizer. A user without open_clip_torch can instead
-put the official ``vocab.json`` + ``merges.txt`` in ``$TEXTSEG_HOME/tokenizers/clip``.
+The BPE table ships with the engine: ``textseg/data/clip/bpe_simple_vocab_16e6.txt.gz`` is OpenAI
+CLIP's file, MIT-licensed (its licence is next to it). From it we write ``vocab.json`` (byte-unicode
+table, ``</w>`` variants, 48 894 merges and the two special tokens: 49 408 entries) and ``merges.txt``
+- identical in content to the official files - and hand them to transformers' CLIPTokenizer.
 
-Used by BiomedParse (v1, v2) and SegVol. Install open_clip_torch with ``--no-deps`` (its
-dependencies would replace torch): ``pip install --no-deps open_clip_torch``.
+The two files are kept in ``$TEXTSEG_HOME/tokenizers/clip`` (official copies put there are used as
+they are). When that folder cannot be written (a read-only, site-wide cache), they are built in a
+temporary folder of this process instead. Used by BiomedParse (v1, v2) and SegVol.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gzip
 import json
 import os
-from importlib import metadata
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -39,22 +41,18 @@ def bytes_to_unicode() -> Dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _bpe_source() -> Optional[Path]:
-    try:
-        p = Path(str(metadata.distribution("open_clip_torch").locate_file("open_clip/bpe_simple_vocab_16e6.txt.gz")))
-    except metadata.PackageNotFoundError:
-        return None
-    return p if p.is_file() else None
+def bpe_source() -> Path:
+    """OpenAI CLIP's BPE table, shipped in the engine's data folder."""
+    return Path(__file__).resolve().parents[1] / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def build_vocab_files(out_dir: Path, bpe_gz: Optional[Path] = None) -> Tuple[Path, Path]:
-    """Write vocab.json and merges.txt (official layout) from open_clip's BPE table."""
-    src = bpe_gz or _bpe_source()
-    if src is None:
+    """Write vocab.json and merges.txt (official layout) from CLIP's BPE table."""
+    src = bpe_gz or bpe_source()
+    if not src.is_file():
         raise WeightsError(
-            "The CLIP tokenizer needs its BPE vocabulary: install it with `pip install --no-deps open_clip_torch`, "
-            "or put the official vocab.json and merges.txt of openai/clip-vit-base-patch32 in "
-            f"{out_dir}."
+            f"The CLIP tokenizer's vocabulary {src} is missing from this installation: reinstall textseg, or put the "
+            f"official vocab.json and merges.txt of openai/clip-vit-base-patch32 in {out_dir}."
         )
     lines = gzip.open(src).read().decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1 : N_MERGES + 1]]
@@ -79,14 +77,25 @@ def tokenizer_dir() -> Path:
     return home() / "tokenizers" / "clip"
 
 
+def _private_dir() -> Path:
+    d = Path(tempfile.mkdtemp(prefix="textseg-clip-"))
+    atexit.register(shutil.rmtree, d, True)
+    return d
+
+
 @functools.lru_cache(maxsize=2)
 def get_clip_tokenizer(directory: Optional[str] = None):
-    """transformers' CLIPTokenizer over the official vocabulary (built offline on first use)."""
+    """transformers' CLIPTokenizer over the official vocabulary (built offline on first use; in a
+    temporary folder when ``directory`` / the cache folder cannot be written)."""
     from transformers import CLIPTokenizer
 
     d = Path(directory) if directory else tokenizer_dir()
     if not ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()):
-        build_vocab_files(d)
+        try:
+            build_vocab_files(d)
+        except OSError:  # read-only shared cache (PermissionError, read-only file system, ...)
+            d = _private_dir()
+            build_vocab_files(d)
     return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), pad_token=EOS)
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import WeightsError
-from ..checkpoint import key_mismatch
+from ..checkpoint import assign_state_dict, key_mismatch, read_checkpoint
 from .v1_decoder import SEEMGroundingDecoder, vl_similarity
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -188,14 +188,8 @@ def read_v1_state_dict(path: Path) -> Dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"BiomedParse v1 weights not found at {path}: run `textseg models download biomedparse-v1`.")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle garbage, wrong format
-        raise WeightsError(
-            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:200]}). The file is "
-            "probably truncated or not biomedparse_v1.pt: delete it and download it again "
-            "(`textseg models download biomedparse-v1`)."
-        ) from None
+    sd = read_checkpoint(path, "BiomedParse v1 checkpoint",
+                         "delete it and download it again (`textseg models download biomedparse-v1`).")
     if isinstance(sd, dict) and "state_dict" in sd and any(str(k).startswith("model.") for k in sd["state_dict"]):
         raise WeightsError(f"{path} is a BiomedParse v2 (Lightning) checkpoint; use the model biomedparse-v2 for it.")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -207,7 +201,7 @@ def load_v1_weights(model: BiomedParseV1, path: Path) -> None:
     """Strict load: every tensor of the model present with its shape, nothing left over."""
     sd = read_v1_state_dict(path)
     check_state_dict(model, sd, str(path))
-    model.load_state_dict(sd, strict=True)
+    assign_state_dict(model, sd)
 
 
 def check_state_dict(model: nn.Module, sd: Dict[str, Tensor], source: str) -> None:

@@ -70,6 +70,9 @@ def vocabulary() -> Tuple[str, ...]:
     return tuple(seen)
 
 
+V1_RESOLUTION = ("no commit confirmed: branch main, resolved to a commit at download (both files from that "
+                 "commit); commit, size and sha256 are recorded in the install")
+
 SPEC = ModelSpec(
     id="biomedparse-v1",
     family="biomedparse",
@@ -84,9 +87,9 @@ SPEC = ModelSpec(
         # The HF repo names no commit for the v1 files in the material we have: "main" until a
         # user-verified revision is pinned. Both files are gated (accept the licence on the hub).
         WeightFile(name="biomedparse_v1.pt", repo="microsoft/BiomedParse", revision="main",
-                   filename="biomedparse_v1.pt", gated=True),
+                   filename="biomedparse_v1.pt", gated=True, resolution=V1_RESOLUTION),
         WeightFile(name="target_dist.json", repo="microsoft/BiomedParse", revision="main",
-                   filename="target_dist.json", gated=True),
+                   filename="target_dist.json", gated=True, resolution=V1_RESOLUTION),
     ),
     license="CC-BY-NC-SA-4.0",
     citation="Zhao T. et al. A foundation model for joint segmentation, detection and recognition of biomedical "

@@ -79,8 +79,13 @@ SPEC = ModelSpec(
     prompt_kinds=("text",),
     sites=CT_SITES,
     files=(
+        # The revision biomedparse-mlx pins; size and sha256 are the published ones of that revision. Should
+        # the hub not know the commit, branch main is resolved, and its file must still have this sha256.
         WeightFile(name="biomedparse_v2.ckpt", repo="microsoft/BiomedParse",
-                   revision="e473e5b2b1a3f44649734afd3dc7cf1770aaa9e2", filename="biomedparse_v2.ckpt", gated=True),
+                   revision="e473e5b2b1a3f44649734afd3dc7cf1770aaa9e2", filename="biomedparse_v2.ckpt", gated=True,
+                   size=4_460_902_829, sha256="6ea0bee43b983a7490e0b48689add96440c4405ca4b50b9f2fe21d5d03fd9440",
+                   fallback="main",
+                   resolution="commit pinned by biomedparse-mlx, with its published size and sha256"),
     ),
     license="CC-BY-NC-SA-4.0",
     citation="Zhao T. et al. A foundation model for joint segmentation, detection and recognition of biomedical "

@@ -6,8 +6,14 @@ window in ``window.py`` and the predictor glue in ``adapter.py`` (see docs/sat.m
 from ...catalog import ModelSpec, WeightFile
 from .vocab import names
 
-# HF zzh99/SAT has no pinned commit in the material we know; files are taken from "main".
+# HF zzh99/SAT has no pinned commit in the material we know (main keeps changing: files in Nano/ were
+# renamed in Aug 2024, new files came in 2025); files are taken from "main", resolved once per download.
 SAT_REPO = "zzh99/SAT"
+SAT_RESOLUTION = ("no commit confirmed (main changes: Nano/ renamed in Aug 2024, new files in 2025): branch main, "
+                  "resolved to one commit at download for the segmentation file and its paired text encoder; a file "
+                  "downloaded later keeps to that commit; commit, size and sha256 are recorded in the install")
+BIOLORD_RESOLUTION = ("no commit confirmed: branch main of FremyCompany/BioLORD-2023-C, resolved to a commit at "
+                      "download; commit, size and sha256 are recorded in the install")
 BIOLORD_REPO = "FremyCompany/BioLORD-2023-C"
 # The BioLORD-2023-C tokenizer and MPNet config are not in SAT's checkpoints (their weights are):
 # they come from the BioLORD repository, stored flat in the model folder under these names.
@@ -16,7 +22,8 @@ BIOLORD_PREFIX = "biolord-"
 
 
 def _biolord() -> tuple:
-    return tuple(WeightFile(name=BIOLORD_PREFIX + f, repo=BIOLORD_REPO, revision="main", filename=f) for f in BIOLORD_FILES)
+    return tuple(WeightFile(name=BIOLORD_PREFIX + f, repo=BIOLORD_REPO, revision="main", filename=f,
+                            resolution=BIOLORD_RESOLUTION) for f in BIOLORD_FILES)
 
 
 CITATION = (
@@ -43,8 +50,10 @@ SPECS = [
         id="sat-nano",
         title="SAT-Nano (3D CT/MR/PET, 497 text classes)",
         files=(
-            WeightFile(name="nano.pth", repo=SAT_REPO, revision="main", filename="Nano/nano.pth"),
-            WeightFile(name="nano_text_encoder.pth", repo=SAT_REPO, revision="main", filename="Nano/nano_text_encoder.pth"),
+            WeightFile(name="nano.pth", repo=SAT_REPO, revision="main", filename="Nano/nano.pth",
+                       resolution=SAT_RESOLUTION),
+            WeightFile(name="nano_text_encoder.pth", repo=SAT_REPO, revision="main",
+                       filename="Nano/nano_text_encoder.pth", resolution=SAT_RESOLUTION),
         ) + _biolord(),
         description=(
             "U-Net (110 M) + text-query transformer decoder trained on 72 datasets (SAT-DS); knowledge-enhanced "
@@ -56,8 +65,10 @@ SPECS = [
         id="sat-pro",
         title="SAT-Pro (3D CT/MR/PET, 497 text classes)",
         files=(
-            WeightFile(name="SAT_Pro.pth", repo=SAT_REPO, revision="main", filename="Pro/SAT_Pro.pth"),
-            WeightFile(name="text_encoder.pth", repo=SAT_REPO, revision="main", filename="Pro/text_encoder.pth"),
+            WeightFile(name="SAT_Pro.pth", repo=SAT_REPO, revision="main", filename="Pro/SAT_Pro.pth",
+                       resolution=SAT_RESOLUTION),
+            WeightFile(name="text_encoder.pth", repo=SAT_REPO, revision="main", filename="Pro/text_encoder.pth",
+                       resolution=SAT_RESOLUTION),
         ) + _biolord(),
         description=(
             "Large U-Net (447 M) + text-query transformer decoder trained on 72 datasets (SAT-DS); more accurate and "

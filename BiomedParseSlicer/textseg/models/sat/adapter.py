@@ -11,6 +11,11 @@ sliding window over 288x288x96 patches (window.py) with Gaussian blending; each 
 mapped back from the SAT grid onto the canonical grid (un-crop, linear resampling, orientation) when it
 is read (``SATMap``): the predictor's mask needs only the part where the map reaches the threshold.
 Prompts outside SAT's 497 trained classes run anyway, with a warning naming the closest classes.
+
+Options: ``compat_upstream`` (False: upstream's grid, sampled along the input's axes, exact way back; True:
+also upstream's exact sample positions, see preprocess.py), ``autocast`` (True: float16 on CUDA as upstream,
+float32 on a CPU; False; "bfloat16"; "float16" on CUDA only), ``memory_budget``, ``feature_cache_bytes``;
+tests inject ``network``, ``text_tower``, ``config``, ``patch``, ``max_queries``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from ...errors import UsageError
 from ...prompts import Prompt
 from ..base import Decoded, DeferredMap, ModelAdapter, RunContext, nbytes, weight_file
 from . import BIOLORD_FILES, BIOLORD_PREFIX
@@ -66,6 +72,7 @@ class SATAdapter(ModelAdapter):
     def load(self, device: Any) -> None:
         """Network and text tower from the catalog files; tests inject ``network``/``text_tower``
         (anything with ``encode``/``decode`` and ``embed(texts, modality)``)."""
+        autocast_dtype(self.options.get("autocast", True), torch.device(device).type)  # a bad value fails here
         self.network = self.options.get("network")
         self.text_tower = self.options.get("text_tower")
         if self.network is None or self.text_tower is None:
@@ -98,11 +105,13 @@ class SATAdapter(ModelAdapter):
     def prepare(self, volume, preset, ctx: RunContext) -> SATState:
         ctx.report(0.0, "SAT: preprocessing")
         modality = sat_modality(preset.modality)
-        image, geo = preprocess(volume.array, volume.spacing, modality)
+        image, geo = preprocess(volume, modality, compat=bool(self.options.get("compat_upstream", False)))
         budget = int(self.options.get("memory_budget", 2 << 30))
         self.max_prompts_per_call = int(min(64, max(1, budget // (4 * image.size))))
+        shift = "" if max(abs(o) for o in geo.offset) < 1e-6 else \
+            f"; voxel 0 at input index {', '.join(f'{o:.3g}' for o in geo.offset)} (upstream centres this grid)"
         ctx.log(f"SAT grid {'x'.join(map(str, geo.shape))} at {', '.join(f'{s:g}' for s in geo.spacing)} mm "
-                f"(cropped to the foreground from {'x'.join(map(str, geo.resampled_shape))})")
+                f"(cropped to the foreground from {'x'.join(map(str, geo.resampled_shape))}{shift})")
         return SATState(image.astype(np.float32), geo, modality.lower())
 
     # ---- prompts ----------------------------------------------------------------------------
@@ -118,10 +127,16 @@ class SATAdapter(ModelAdapter):
         return torch.stack([self.text_cache[(t, modality)] for t in texts])
 
     def _autocast(self):
-        """Upstream runs under CUDA autocast (float16); so do we on CUDA unless ``autocast=False``."""
-        if self.device.type == "cuda" and self.options.get("autocast", True):
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+        """Option ``autocast``: True (default) = float16 on CUDA as upstream (``torch.cuda.amp.autocast``),
+        float32 elsewhere; False = float32 everywhere; "bfloat16" on CUDA or a CPU; "float16" on CUDA only
+        (``autocast_dtype``). Measured differences from float32: docs/sat.md, "Precision"."""
+        try:
+            dtype = autocast_dtype(self.options.get("autocast", True), self.device.type)
+        except UsageError:  # float16 asked for on CUDA, now on the CPU after running out of GPU memory: float32
+            dtype = None
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def decode(self, encoded: SATState, prompts: Sequence[Prompt], ctx: RunContext) -> List[Decoded]:
         texts = [normalize(p.text) for p in prompts]
@@ -172,6 +187,31 @@ class SATAdapter(ModelAdapter):
         if self.device.type == "cuda":
             return int(torch.cuda.mem_get_info(self.device)[0] // 2)
         return 0
+
+
+AUTOCAST_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+                   "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def autocast_dtype(value: Any, device_type: str):
+    """The autocast dtype the option ``autocast`` asks for on ``device_type`` (None: float32)."""
+    if value is True or value is None:
+        return torch.float16 if device_type == "cuda" else None
+    if value is False:
+        return None
+    key = str(value).lower()
+    if key in ("float32", "fp32", "off", "none"):
+        return None
+    if key not in AUTOCAST_DTYPES:
+        raise UsageError(f"SAT option autocast={value!r}: use True (float16 on CUDA, as upstream), False (float32), "
+                         "'float16' (CUDA) or 'bfloat16'.")
+    if device_type not in ("cuda", "cpu"):
+        raise UsageError(f"SAT option autocast={value!r}: mixed precision is offered on CUDA and CPU only, not on "
+                         f"{device_type}; use autocast=False.")
+    if AUTOCAST_DTYPES[key] == torch.float16 and device_type == "cpu":
+        raise UsageError("SAT option autocast='float16' on a CPU: PyTorch's CPU float16 3D convolutions are about "
+                         "200x slower than float32. Use autocast='bfloat16' or float32 (the CPU default).")
+    return AUTOCAST_DTYPES[key]
 
 
 def biolord_dir(folder) -> Any:

@@ -1,7 +1,9 @@
 """Load SAT's official checkpoints (HF ``zzh99/SAT``: ``Nano/nano.pth`` + text encoder, ``Pro/SAT_Pro.pth`` +
 ``Pro/text_encoder.pth``) strictly into :class:`SATNetwork` and :class:`SATTextEncoder`.
 
-Both files are ``{'model_state_dict': {'module.' + key: tensor}, ...}`` (DDP). The segmentation file
+Both files are ``{'model_state_dict': {'module.' + key: tensor}, 'step': n}`` (DDP); the segmentation file
+also holds ``'optimizer_state_dict'`` (AdamW moments and numpy-float learning rates), which
+:func:`..checkpoint.read_checkpoint` leaves unread in the mapped file. The segmentation file
 holds every conv/norm of the U-Net under two names (``convs.N.conv.*`` and ``convs.N.all_modules.0.*``,
 ``convs.N.norm.*`` and ``convs.N.all_modules.1.*``); a file carrying only one of them is completed from
 the other. The text file may also hold the knowledge-pretraining ``atlas_tower.*`` and ``temperature``
@@ -17,7 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 
 from ...errors import WeightsError
-from ..checkpoint import key_mismatch
+from ..checkpoint import assign_state_dict, key_mismatch, read_checkpoint
 from .network import NANO, SATConfig, SATNetwork
 from .text import SATTextEncoder
 
@@ -31,12 +33,8 @@ def read_state_dict(path: Union[str, Path], what: str) -> Dict[str, torch.Tensor
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"SAT {what} weights not found at {path}: download them (HF zzh99/SAT) first.")
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated download, HTML error page, pickle with code, ...
-        raise WeightsError(
-            f"{path.name} is not a readable SAT {what} checkpoint ({type(exc).__name__}: {str(exc)[:120]}); the file "
-            "is probably truncated or corrupt: delete it and download it again.") from None
+    ckpt = read_checkpoint(path, f"SAT {what} checkpoint",
+                           "delete it and download it again (`textseg models download sat-nano` or `sat-pro`).")
     sd = ckpt.get("model_state_dict", ckpt) if isinstance(ckpt, Mapping) else None
     if not isinstance(sd, Mapping) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         raise WeightsError(f"{path.name} does not contain SAT's 'model_state_dict' of tensors; it is not a SAT {what} "
@@ -62,7 +60,7 @@ def _check(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], name: str, hi
         raise WeightsError(f"{name} does not match this SAT architecture ({problem}). {hint}")
 
 
-def load_network_weights(model: SATNetwork, path: Union[str, Path], assign: bool = False) -> SATNetwork:
+def load_network_weights(model: SATNetwork, path: Union[str, Path]) -> SATNetwork:
     """Load an official segmentation checkpoint into ``model`` strictly (WeightsError says what differs)."""
     own = model.state_dict()
     sd = fill_aliases(read_state_dict(path, "segmentation"), own)
@@ -71,7 +69,7 @@ def load_network_weights(model: SATNetwork, path: Union[str, Path], assign: bool
     _check(model, sd, Path(path).name,
            "Use the segmentation file paired with the chosen size: SAT-Nano nano.pth or SAT-Pro SAT_Pro.pth "
            "(not text_encoder.pth or a Pretrain/ file).")
-    model.load_state_dict(sd, strict=True, assign=assign)
+    assign_state_dict(model, sd)
     return model
 
 
@@ -82,7 +80,7 @@ def load_text_weights(model: SATTextEncoder, path: Union[str, Path]) -> SATTextE
     _check(model, sd, Path(path).name,
            "Use the text_encoder.pth paired with the segmentation file (SAT's Pretrain/ encoders are not inference "
            "pairs) and BioLORD-2023-C's config.json.")
-    model.load_state_dict(sd, strict=True)
+    assign_state_dict(model, sd)
     return model
 
 
@@ -93,7 +91,7 @@ def load_sat_network(path: Union[str, Path], cfg: SATConfig = NANO, device: Any 
     second copy of the weights); it has no buffers, so nothing is left on meta."""
     with torch.device("meta"):
         model = SATNetwork(cfg)
-    model = load_network_weights(model, path, assign=True)
+    model = load_network_weights(model, path)
     return model.float().to(device).eval()
 
 

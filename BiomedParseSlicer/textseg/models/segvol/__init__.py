@@ -32,7 +32,11 @@ SPECS = [
         adapter="textseg.models.segvol.adapter:SegVolAdapter",
         prompt_kinds=("text", "box", "point"),
         files=(
-            WeightFile(name="pytorch_model.bin", repo="BAAI/SegVol", revision=HF_REVISION, filename="pytorch_model.bin"),
+            WeightFile(name="pytorch_model.bin", repo="BAAI/SegVol", revision=HF_REVISION, filename="pytorch_model.bin",
+                       fallback="main",
+                       resolution="commit confirmed publicly only by its prefix 516701d; should the hub not know it, "
+                                  "branch main is resolved instead (later commits did not change the weights); the "
+                                  "commit, size and sha256 downloaded are recorded in the install"),
         ),
         license="MIT",
         citation=(

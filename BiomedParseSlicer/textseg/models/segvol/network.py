@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import WeightsError
+from ..checkpoint import assign_state_dict, read_checkpoint
 
 STALE_KEYS = ("text_encoder.clip_text_model.text_model.embeddings.position_ids",)
 PREFIXES = ("module.", "model.")
@@ -344,18 +345,17 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"SegVol weights not found at {path}: run `textseg models download segvol`.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    fix = "delete it and run `textseg models download segvol` again."
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             sd: Any = load_file(str(path))
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated download, HTML error page, wrong format
-        raise WeightsError(
-            f"{path.name} is not a readable SegVol checkpoint ({type(exc).__name__}: {str(exc)[:120]}); the file is "
-            "probably truncated or corrupt: delete it and run `textseg models download segvol` again."
-        ) from None
+        except Exception as exc:  # truncated download, wrong format
+            raise WeightsError(f"{path.name} is not a readable SegVol checkpoint ({type(exc).__name__}: "
+                               f"{str(exc)[:120]}); the file is probably truncated or corrupt: {fix}") from None
+    else:
+        sd = read_checkpoint(path, "SegVol checkpoint", fix)
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]  # GitHub release SegVol_v1.pth: {'model': DataParallel state dict, 'epoch': n}
     elif isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
@@ -413,4 +413,4 @@ def load_checkpoint(model: SegVolNet, path: Path) -> None:
     """Load official SegVol weights strictly; a WeightsError says what is wrong."""
     sd = remap_state_dict(_read_state_dict(path), model.state_dict().keys())
     check_state_dict(model, sd, Path(path).name)
-    model.load_state_dict(sd, strict=True)
+    assign_state_dict(model, sd)

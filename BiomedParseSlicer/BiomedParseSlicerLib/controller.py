@@ -1,0 +1,540 @@
+"""The panel's run policy without Qt: what a click does, where inference runs, the task's state, what the
+user is told and which controls are enabled. The Widget (BiomedParseSlicer.py) only reads its widgets into
+``Inputs``, calls the controller, and shows the ``View`` it returns; questions to the user go through the
+functions it passes in (Qt dialogs inside Slicer, plain functions in tests).
+
+Task states: ``idle`` -> ``running`` (Apply, Segment everything, a download, an import or a connection test in
+a worker thread) -> ``cancelling`` (Cancel pressed) -> ``applying`` (results go into the scene on the GUI
+thread) -> ``idle``. Every error, also one while applying results, ends in ``idle`` with one message for the
+user; nothing escapes to Qt.
+
+Slicer's GUI thread holds Python's GIL even while its event loop is idle (PythonQt's thread support is off
+and CTK/Slicer never release it), so a Python worker thread runs only while the GUI thread runs Python.
+``poll`` therefore gives the GIL away for a short slice on every tick of the panel's timer (docs: the
+benchmark in benchmarks/bench_panel_poll.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from textseg.errors import Cancelled, TextsegError, UsageError
+
+from . import environment, runner
+
+IDLE, RUNNING, CANCELLING, APPLYING = "idle", "running", "cancelling", "applying"
+
+# The panel's timer interval, and how long each poll lets the worker thread have the GIL: with the GIL held between
+# polls, 50 ms / 10 ms runs as fast as a GIL-free main thread, 100 ms / none took 4x as long
+# (benchmarks/bench_panel_poll.py, docs/slicer-module-status.md). The GUI thread is busy at most the slice.
+POLL_INTERVAL_MS = 50
+GIL_SLICE_S = 0.01
+
+APPLY_TEXT = {IDLE: "Apply", RUNNING: "Cancel", CANCELLING: "Cancelling...", APPLYING: "Adding segments..."}
+
+
+@dataclass
+class Inputs:
+    """What the panel's widgets hold (and a few settings), read by the Widget before each call."""
+
+    volume: Any = None  # vtkMRMLScalarVolumeNode / vtkMRMLVectorVolumeNode
+    segmentation: Any = None  # output vtkMRMLSegmentationNode, None: a new one
+    roi: Any = None
+    points: Any = None
+    model: str = ""
+    modality: str = ""
+    site: str = ""
+    prompts: str = ""
+    history: str = ""  # newline-separated, most recent first
+    remote: bool = False
+    device: str = "auto"
+    server_url: str = ""
+    api_key: str = ""
+    client_only: bool = False
+    hf_token: str = ""
+    statistics_table: Any = None
+
+
+@dataclass
+class View:
+    """What the panel shows. ``log`` holds the lines new since the last view; the fields after it are
+    one-time requests (None / empty: leave the panel as it is)."""
+
+    state: str = IDLE
+    apply_text: str = "Apply"
+    apply_enabled: bool = False
+    segment_everything_enabled: bool = False
+    roi_enabled: bool = False
+    points_enabled: bool = False
+    site_enabled: bool = True
+    local_enabled: bool = True
+    device_enabled: bool = True
+    remote_enabled: bool = False
+    test_connection_enabled: bool = False
+    stop_server_enabled: bool = False
+    download_enabled: bool = False
+    import_enabled: bool = False
+    install_enabled: bool = True
+    polling: bool = False
+    poll_interval_ms: int = POLL_INTERVAL_MS
+    progress: int = 0
+    progress_text: str = ""
+    elapsed_text: str = ""
+    packages_text: str = ""
+    model_info: str = ""
+    log: Tuple[str, ...] = ()
+    clear_log: bool = False
+    remote_checked: Optional[bool] = None  # client-only mode: select "Remote server"
+    error: Optional[str] = None  # for an error dialog
+    history: Optional[str] = None  # the new prompt history, for the parameter node
+    modality: Optional[str] = None  # guessed: select it
+    site: Optional[str] = None
+    output_segmentation: Any = None  # select it as the output
+    background_volume: Any = None  # show it in the slice views
+    table: Any = None  # show it in the layout, keep it in the parameter node
+    models_changed: bool = False  # refill the model list (a model became ready)
+
+
+@dataclass
+class _Task:
+    task: runner.BackgroundTask
+    kind: str  # segment | recognize | connection | download
+    context: Dict[str, Any] = field(default_factory=dict)
+
+
+def _import_client() -> None:
+    """Import the HTTP client on the GUI thread before a worker needs it: importing is pure Python, which the
+    worker thread could only do during polls (hundreds of milliseconds become seconds), and it is quick here."""
+    import requests  # noqa: F401
+
+    if runner.has_client():
+        import textseg.client  # noqa: F401
+
+
+def _error_text(exc: BaseException) -> str:
+    """One line for the user: the engine's own message, else the exception's type and text."""
+    if isinstance(exc, TextsegError):
+        return str(exc)
+    return f"Unexpected error ({type(exc).__name__}: {exc}). Details are in Slicer's Python console / log."
+
+
+class PanelController:
+    """The panel's policy, driven by plain calls.
+
+    ``logic``: BiomedParseSlicerLogic. ``confirm(text) -> bool`` asks Yes/No (OK/Cancel);
+    ``ask(text) -> True | False | None`` asks Yes/No/Cancel; ``choose(title, label, items) -> item | None``
+    offers a list (None: cancelled). ``server_factory(device=...)`` makes the local server (runner.LocalServer).
+    """
+
+    def __init__(self, logic, confirm: Callable[[str], bool] = lambda text: False,
+                 ask: Callable[[str], Optional[bool]] = lambda text: None,
+                 choose: Callable[[str, str, Sequence[str]], Optional[str]] = lambda title, label, items: None,
+                 server_factory: Callable[..., runner.LocalServer] = runner.LocalServer) -> None:
+        self.logic = logic
+        self.confirm, self.ask, self.choose = confirm, ask, choose
+        self.server_factory = server_factory
+        self.server: Optional[runner.LocalServer] = None
+        self._task: Optional[_Task] = None
+        self._state = IDLE
+        self._log: List[str] = []
+        self._clear_log = False
+        self._progress = (0.0, "", 0.0)
+        self._specs: Dict[str, Any] = {}
+        self._packages_text = ""
+
+    # ---- models and setup ---------------------------------------------------------------------
+    def model_rows(self) -> List[Tuple[str, str]]:
+        """(model id, label) for the model selector; ready models are marked with a check mark."""
+        rows = []
+        self._specs = {}
+        for row in environment.model_rows():
+            spec = row["spec"]
+            self._specs[spec.id] = spec
+            rows.append((spec.id, f"{'✓ ' if row['ready'] else '(download needed) '}{spec.title}"))
+        return rows
+
+    def spec(self, model_id: str):
+        if not self._specs:
+            self.model_rows()
+        return self._specs.get(model_id)
+
+    def completion_words(self, inputs: Inputs) -> List[str]:
+        spec = self.spec(inputs.model)
+        return self.logic.completionWords(spec.id, self._history(inputs)) if spec else []
+
+    @staticmethod
+    def _history(inputs: Inputs) -> List[str]:
+        return [h for h in inputs.history.split("\n") if h]
+
+    def refresh_setup(self, inputs: Inputs) -> View:
+        """Re-read the installed packages (after an install) for Setup's list."""
+        status = environment.status(not inputs.client_only)
+        self._packages_text = "\n".join(f"{name}: {version or 'missing'}" for name, version in status.items())
+        view = self.view(inputs)
+        view.models_changed = True
+        return view
+
+    def _missing_packages(self, inputs: Inputs) -> List[str]:
+        """Requirements this Slicer does not meet for the run the inputs ask for (client: the engine's own
+        packages; local: also the model packages and torch), each missing or older than declared. Slicer bundles
+        numpy, scipy, SimpleITK and requests, not the rest."""
+        local = not (inputs.remote or inputs.client_only)
+        unmet = environment.unmet_requirements(local)
+        return unmet + ([environment.TORCH_REQUIREMENT] if environment.torch_needed(local) else [])
+
+    def install(self, inputs: Inputs, pip_install: Callable[[List[str]], None],
+                install_torch: Optional[Callable[[], bool]] = None) -> View:
+        """Setup > Install missing packages (asks first, through ``confirm``)."""
+        if self._state != IDLE:
+            return self._refuse(inputs, "Wait for the current run to finish (or cancel it) before installing.")
+        try:
+            done = environment.install(not inputs.client_only, self.confirm, pip_install, install_torch)
+            self._log.append(f"Installed: {', '.join(done)}" if done else "Installed: nothing needed")
+        except Exception as exc:  # noqa: BLE001 - pip and the PyTorch extension fail in many ways
+            logging.exception("BiomedParse: installation failed")
+            view = self.refresh_setup(inputs)
+            view.error = f"Installation failed: {exc}"
+            return view
+        return self.refresh_setup(inputs)
+
+    # ---- what the panel shows ----------------------------------------------------------------
+    def view(self, inputs: Inputs) -> View:
+        spec = self.spec(inputs.model)
+        idle, state = self._state == IDLE, self._state
+        kinds = spec.prompt_kinds if spec else ()
+        markups = ("box" in kinds and inputs.roi is not None) or ("point" in kinds and inputs.points is not None)
+        ready = bool(inputs.volume is not None and spec is not None and (inputs.prompts.strip() or markups))
+        remote = inputs.remote or inputs.client_only
+        fraction, stage, elapsed = self._progress
+        log, self._log = tuple(self._log), []
+        for line in log:
+            logging.info("BiomedParse: %s", line)
+        clear, self._clear_log = self._clear_log, False
+        return View(
+            state=state,
+            apply_text=APPLY_TEXT[state],
+            apply_enabled=(idle and ready) or state == RUNNING,
+            segment_everything_enabled=idle and inputs.volume is not None and bool(spec and spec.recognition),
+            roi_enabled="box" in kinds,
+            points_enabled="point" in kinds,
+            site_enabled=inputs.modality == "CT",
+            local_enabled=not inputs.client_only,
+            device_enabled=not remote,
+            remote_enabled=remote,
+            test_connection_enabled=remote and idle,
+            stop_server_enabled=idle and self.server is not None and self.server.running,
+            download_enabled=idle and not inputs.client_only and spec is not None,
+            import_enabled=idle and not inputs.client_only and spec is not None,
+            install_enabled=idle,
+            polling=self._task is not None,
+            progress=int(round(100 * fraction)),
+            progress_text=stage,
+            elapsed_text=f"{elapsed:.0f} s" if self._task is not None or elapsed else "",
+            packages_text=self._packages_text,
+            model_info=f"{spec.description} Licence: {spec.license or '?'}" if spec else "",
+            log=log,
+            clear_log=clear,
+            remote_checked=True if inputs.client_only and not inputs.remote else None,
+        )
+
+    def _refuse(self, inputs: Inputs, message: str) -> View:
+        self._log.append(message)
+        view = self.view(inputs)
+        view.error = message
+        return view
+
+    # ---- input changes ------------------------------------------------------------------------
+    def volume_selected(self, inputs: Inputs, guess: bool = True) -> View:
+        """A new input volume: guess its modality (not when a saved scene is being restored)."""
+        view_fields = {}
+        if inputs.volume is not None and guess:
+            try:
+                modality, site, reason = self.logic.guessModality(inputs.volume)
+            except TextsegError as exc:
+                self._log.append(str(exc))
+            except Exception as exc:  # noqa: BLE001 - an odd node must not break the panel
+                logging.exception("BiomedParse: modality guess failed")
+                self._log.append(f"Could not guess the modality of '{inputs.volume.GetName()}' ({exc}); choose it.")
+            else:
+                if modality:
+                    view_fields = {"modality": modality, "site": site}
+                    self._log.append(f"Modality guessed: {modality} ({reason}). Change it if wrong.")
+        view = self.view(inputs)
+        view.modality, view.site = view_fields.get("modality"), view_fields.get("site")
+        return view
+
+    # ---- runs ---------------------------------------------------------------------------------
+    def apply(self, inputs: Inputs) -> View:
+        """Apply: segment the prompts; while a task runs, the same button cancels it."""
+        if self._state == RUNNING:
+            return self.cancel(inputs)
+        if self._state != IDLE:
+            return self.view(inputs)
+        try:
+            return self._start_segmentation(inputs)
+        except TextsegError as exc:
+            return self._refuse(inputs, str(exc))
+
+    def cancel(self, inputs: Inputs) -> View:
+        if self._task is not None and self._state == RUNNING:
+            self._task.task.cancel()
+            self._state = CANCELLING
+            self._log.append("Cancelling...")
+        return self.view(inputs)
+
+    def _check_run(self, inputs: Inputs):
+        """The model spec of a run, after the checks every run needs (refused with one clear line)."""
+        spec = self.spec(inputs.model)
+        if inputs.volume is None:
+            raise UsageError("Select an input volume first.")
+        if spec is None:
+            raise UsageError("Select a model first.")
+        missing = self._missing_packages(inputs)
+        if missing:
+            where = "client-only mode" if inputs.client_only else ("remote inference" if inputs.remote else "local inference")
+            raise UsageError(f"{where.capitalize()} needs Python packages that are missing or too old: {', '.join(missing)}. "
+                             "Press Setup > Install missing packages, then try again.")
+        return spec
+
+    def _start_segmentation(self, inputs: Inputs) -> View:
+        spec = self._check_run(inputs)
+        roi = inputs.roi if "box" in spec.prompt_kinds else None
+        points = inputs.points if "point" in spec.prompt_kinds else None
+        prompts = self.logic.markupPrompts(inputs.prompts.splitlines(), spec.id, roi, points)
+        replace = False
+        if inputs.segmentation is not None and self.logic.existingSegmentsFor(inputs.segmentation, prompts):
+            answer = self.ask("Some prompts were segmented before in this segmentation. Replace those segments? "
+                              "(No: add new segments beside them.)")
+            if answer is None:
+                return self.view(inputs)
+            replace = bool(answer)
+        volume = self.logic.volumeFromNode(inputs.volume)  # GUI thread: reads MRML
+        modality, site = self._modality(inputs)
+        make_predictor = self._predictor_factory(inputs, spec)
+
+        def work(progress, cancel):
+            predictor = make_predictor(progress, cancel)
+            return self.logic.predict(volume, prompts, spec.id, modality, site, predictor, progress, cancel)
+
+        history = self.logic.updatedHistory(inputs.history, [p.text for p in prompts if p.text])
+        view = self._start(inputs, work, "segment", {"volume": inputs.volume, "segmentation": inputs.segmentation,
+                                                       "replace": replace})
+        view.history = history
+        return view
+
+    def segment_everything(self, inputs: Inputs) -> View:
+        """Segment everything (models with recognition): the targets' replace question comes with the results."""
+        if self._state != IDLE:
+            return self.view(inputs)
+        try:
+            spec = self._check_run(inputs)
+            if not spec.recognition:
+                raise UsageError(f"{spec.title} cannot segment everything; type the targets instead.")
+            volume = self.logic.volumeFromNode(inputs.volume)
+            modality, site = self._modality(inputs)
+            make_predictor = self._predictor_factory(inputs, spec)
+        except TextsegError as exc:
+            return self._refuse(inputs, str(exc))
+
+        def work(progress, cancel):
+            predictor = make_predictor(progress, cancel)
+            return self.logic.recognizeVolume(volume, spec.id, modality, site, predictor, progress, cancel)
+
+        return self._start(inputs, work, "recognize", {"volume": inputs.volume, "segmentation": inputs.segmentation,
+                                                        "replace": None})
+
+    @staticmethod
+    def _modality(inputs: Inputs) -> Tuple[str, Optional[str]]:
+        if not inputs.modality:
+            raise UsageError("Choose the modality first.")
+        return inputs.modality, (inputs.site or None) if inputs.modality == "CT" else None
+
+    def _predictor_factory(self, inputs: Inputs, spec) -> Callable:
+        """A function (progress, cancel) -> predictor, run in the worker thread: the remote server's client, the
+        local server's (started on first use; restarted when the device changes), or the in-process engine."""
+        _import_client()
+        if inputs.remote or inputs.client_only:
+            url, key = inputs.server_url.strip(), inputs.api_key
+            if not url:
+                raise UsageError("Enter the inference server's URL (e.g. https://gpu-server:8000) first, or run on this computer.")
+            return lambda progress, cancel: runner.make_predictor(spec.id, "remote", url=url, api_key=key)
+        device = inputs.device or "auto"
+        if not runner.has_client():  # engine without server: in-process predictor in the worker thread
+            return lambda progress, cancel: self.logic.localPredictor(spec.id, device)
+        if self.server is not None and self.server.device != device:
+            self.server.stop()  # restarted below with the new device
+            self.server = None
+        if self.server is None:
+            self.server = self.server_factory(device=device)
+        server = self.server
+
+        def start(progress, cancel):
+            if not server.running:
+                progress(0.0, "starting the local inference server")
+            server.start(cancel=cancel)
+            return runner.make_predictor(spec.id, server=server)
+
+        return start
+
+    def test_connection(self, inputs: Inputs) -> View:
+        if self._state != IDLE:
+            return self.view(inputs)
+        url, key = inputs.server_url.strip(), inputs.api_key
+        _import_client()
+        return self._start(inputs, lambda progress, cancel: runner.check_server(url, key), "connection")
+
+    def download(self, inputs: Inputs) -> View:
+        spec = self.spec(inputs.model)
+        if self._state != IDLE or spec is None:
+            return self.view(inputs)
+        if spec.license.startswith("CC-BY-NC") and not self.confirm(
+                f"{spec.title} weights are licensed {spec.license} (non-commercial research use). Continue?"):
+            return self.view(inputs)
+        token = inputs.hf_token or None
+        return self._start(inputs, lambda progress, cancel: environment.download_model(spec.id, progress, cancel, token),
+                           "download")
+
+    def import_file(self, inputs: Inputs, path: str) -> View:
+        """Import a weight file the user picked; asks which file of the model it is when its name does not say."""
+        spec = self.spec(inputs.model)
+        if self._state != IDLE or spec is None or not path:
+            return self.view(inputs)
+        try:
+            name, names = None, environment.import_candidates(spec.id, path)
+        except TextsegError as exc:
+            return self._refuse(inputs, str(exc))
+        if names:  # a multi-file model and a renamed file
+            name = self.choose("Import weight file", f"Which file of {spec.title} is this?", names)
+            if name is None:
+                self._log.append("Import cancelled: nothing was imported.")
+                return self.view(inputs)
+        # copying and checking a multi-GB file takes a while: in the background, with progress
+        return self._start(inputs, lambda progress, cancel: environment.import_model_file(spec.id, path, name, progress, cancel),
+                           "download")
+
+    def _start(self, inputs: Inputs, work, kind: str, context: Optional[Dict[str, Any]] = None) -> View:
+        self._task = _Task(runner.BackgroundTask(work).start(), kind, context or {})
+        self._state = RUNNING
+        self._progress = (0.0, "starting", 0.0)
+        self._clear_log = True
+        return self.view(inputs)
+
+    # ---- the timer ----------------------------------------------------------------------------
+    def poll(self, inputs: Inputs) -> View:
+        """The panel timer's tick: let the worker run, show its progress, and apply its results when it is done.
+        Never raises: an error while applying results ends the task with an error message."""
+        current = self._task
+        if current is None or self._state == APPLYING:  # re-entered from a dialog shown while applying
+            return self.view(inputs)
+        # Slicer's GUI thread keeps the GIL between timer ticks; waiting here (Event.wait releases the GIL, and
+        # returns at once when the task ends) is when the worker thread gets to run.
+        current.task.wait(GIL_SLICE_S)
+        snap = current.task.poll()
+        self._log.extend(snap.log)
+        self._progress = (snap.fraction, snap.stage, snap.elapsed)
+        if not snap.done:
+            return self.view(inputs)
+        self._state = APPLYING
+        fields: Dict[str, Any] = {}
+        try:
+            fields = self._finish(current, inputs)
+        except Exception as exc:  # noqa: BLE001 - results that cannot be applied: say so, back to idle
+            logging.exception("BiomedParse: applying the results failed")
+            fields = {"error": _error_text(exc)}
+            self._log.append(fields["error"])
+        finally:
+            self._task = None
+            self._state = IDLE
+        view = self.view(inputs)
+        for key, value in fields.items():
+            setattr(view, key, value)
+        return view
+
+    def _finish(self, current: _Task, inputs: Inputs) -> Dict[str, Any]:
+        task = current.task
+        if isinstance(task.error, Cancelled):
+            self._log.append(str(task.error) if "nothing added" in str(task.error) else "Cancelled.")
+            return {}
+        if task.error is not None:
+            if not isinstance(task.error, TextsegError):
+                logging.error("BiomedParse: the run failed", exc_info=task.error)
+            message = _error_text(task.error)
+            self._log.append(message)
+            return {"error": message}
+        if current.kind in ("segment", "recognize"):
+            return self._add_results(current.context, task.result)
+        if current.kind == "connection":
+            self._log.append(str(task.result))
+            return {}
+        self._log.append("Model ready.")  # download / import
+        return {"models_changed": True}
+
+    def _add_results(self, context: Dict[str, Any], results) -> Dict[str, Any]:
+        volume, segmentation = context["volume"], context["segmentation"]
+        if volume.GetScene() is None:
+            self._log.append("The input volume was removed from the scene meanwhile: results discarded.")
+            return {}
+        for r in results:
+            if r.message:
+                self._log.append(r.message)
+        if segmentation is not None and segmentation.GetScene() is None:
+            self._log.append("The output segmentation was removed meanwhile: the results go to a new segmentation.")
+            segmentation = None
+        replace = context["replace"]
+        if replace is None:  # "Segment everything": the targets are known only now
+            earlier = segmentation is not None and self.logic.existingSegmentsFor(segmentation, [r.prompt for r in results])
+            replace = bool(earlier) and self.confirm(
+                "Some of the targets found were segmented before in this segmentation. Replace those segments? "
+                "(No: add new segments beside them.)")
+        seg = self.logic.addResults(volume, results, segmentation, replace)
+        seg.CreateClosedSurfaceRepresentation()
+        self._log.append(f"Done: {len(results)} segment(s).")
+        return {"output_segmentation": seg, "background_volume": volume}
+
+    # ---- results ------------------------------------------------------------------------------
+    def statistics(self, inputs: Inputs, csv_path: Optional[str] = None) -> View:
+        """Statistics of every segment into the table (and a CSV file the save dialog already agreed to replace)."""
+        if inputs.segmentation is None or inputs.volume is None:
+            return self._refuse(inputs, "Select the input volume and the output segmentation first.")
+        try:
+            table = self.logic.statistics(inputs.segmentation, inputs.volume, inputs.statistics_table, csv_path,
+                                          overwrite=csv_path is not None)
+        except Exception as exc:  # noqa: BLE001 - one message, never a traceback in the user's face
+            if not isinstance(exc, TextsegError):
+                logging.exception("BiomedParse: statistics failed")
+            return self._refuse(inputs, f"Statistics failed: {_error_text(exc)}")
+        table.SetUseColumnTitleAsColumnHeader(True)  # as Segment Statistics shows its table
+        if csv_path:
+            self._log.append(f"Statistics written to {csv_path}")
+        view = self.view(inputs)
+        view.table = table
+        return view
+
+    # ---- the local server and the panel's life --------------------------------------------------
+    def stop_server(self, inputs: Inputs) -> View:
+        """Stop local server: refused while a task may be starting or using it."""
+        if self._state != IDLE:
+            return self._refuse(inputs, "Cancel the current run (or wait for it to finish) before stopping the server.")
+        if self.server is not None:
+            self.server.stop()
+            self._log.append("Local inference server stopped: its memory (and GPU memory) is free.")
+        return self.view(inputs)
+
+    def scene_closing(self, inputs: Inputs) -> View:
+        """The scene closes: a running task's results would have nowhere to go."""
+        if self._task is not None and self._state == RUNNING:
+            self._task.task.cancel()
+            self._state = CANCELLING
+        return self.view(inputs)
+
+    def shutdown(self) -> View:
+        """The panel goes away (module cleanup, Slicer quits): cancel the task, stop the server, stop polling."""
+        current, self._task = self._task, None
+        if current is not None:
+            current.task.cancel()
+        if self.server is not None:
+            self.server.stop()  # also ends a request the worker thread is waiting on
+        self._state = IDLE
+        return self.view(Inputs())
