@@ -70,7 +70,8 @@ def test_dicom_seg_frames_and_codes(tmp_path, ct_series):
     assert alg.AlgorithmName == "synthetic" and alg.AlgorithmVersion == "textseg 0.1.0 1"
     assert alg.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
     src = pydicom.dcmread(vol.metadata["dicom_files"][0], stop_before_pixels=True)
-    assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+    assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+    assert src.StudyInstanceUID == "" and ds.StudyInstanceUID  # anonymised source: see test_anonymised_source_uids
     # read back through read_segments (its own frame grid) and onto the CT grid
     from textseg.dicomseg import read_dicom_seg
 
@@ -99,3 +100,156 @@ def test_dicom_seg_needs_a_dicom_volume_and_keeps_existing_files(tmp_path, ct_se
 
     with pytest.raises(InputError, match="k order"):
         write_dicom_seg(tmp_path / "y.dcm", shuffled, [Segment("liver", a)])
+
+
+# ---- issue 14: hostile and anonymised series (items 2, 9, 12) ------------------------------------------------------
+def _copy_series(tmp_path, edit=None, name="s"):
+    import shutil
+
+    out = tmp_path / name
+    out.mkdir()
+    for k, f in enumerate(sorted(shared_file("totalsegmentator-examples", "example_ct_dicom").iterdir())):
+        if edit is None:
+            shutil.copy(f, out / f.name)
+        else:
+            ds = pydicom.dcmread(f)
+            edit(k, ds)
+            ds.save_as(out / f.name)
+    return out
+
+
+def _roundtrip(tmp_path, vol, name="seg.dcm"):
+    from textseg.dicomseg import read_dicom_seg
+
+    a, b = _masks(vol)
+    path = write_dicom_seg(tmp_path / name, vol, [Segment("liver", a), Segment("spleen", b)])
+    ref, segs = read_dicom_seg(path, reference=vol)
+    np.testing.assert_array_equal(segs[0].mask, a)
+    np.testing.assert_array_equal(segs[1].mask, b)
+    return path
+
+
+def test_anonymised_source_uids_get_generated_ones_and_a_note(tmp_path, caplog):
+    """The real series has empty StudyInstanceUID and SeriesInstanceUID; the SEG copied them (Type 1 errors)."""
+    import highdicom as hd
+    from pydicom.uid import UID
+
+    from textseg.io import read_volume
+
+    vol = read_volume(shared_file("totalsegmentator-examples", "example_ct_dicom"))
+    src = pydicom.dcmread(vol.metadata["dicom_files"][0], stop_before_pixels=True)
+    assert src.StudyInstanceUID == "" and src.SeriesInstanceUID == ""
+    with caplog.at_level("WARNING", logger="textseg"):
+        path = _roundtrip(tmp_path, vol)
+    ds = pydicom.dcmread(path)
+    study, series = ds.StudyInstanceUID, ds.ReferencedSeriesSequence[0].SeriesInstanceUID
+    assert UID(study).is_valid and UID(series).is_valid and study != series
+    assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID  # present in the source: kept
+    assert hd.seg.segread(str(path)).StudyInstanceUID == study
+    note = [r.getMessage() for r in caplog.records if "anonymised" in r.getMessage()]
+    assert len(note) == 1 and "no StudyInstanceUID / SeriesInstanceUID" in note[0] and study in note[0]
+    again = pydicom.dcmread(_roundtrip(tmp_path, vol, "again.dcm"))  # the same study for every SEG of the series
+    assert again.StudyInstanceUID == study and again.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    assert again.SeriesInstanceUID != ds.SeriesInstanceUID  # each SEG is its own series
+
+
+def test_series_without_slice_thickness(tmp_path):
+    """highdicom raised AttributeError for sources without SliceThickness."""
+    from textseg.io import read_volume
+
+    def edit(k, ds):
+        del ds.SliceThickness
+    vol = read_volume(_copy_series(tmp_path, edit))
+    ds = pydicom.dcmread(_roundtrip(tmp_path, vol))
+    measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == pytest.approx(2.0)
+
+
+def test_series_with_a_copied_slice(tmp_path):
+    """The copy gave 21 slices, then highdicom's ValueError for a duplicate."""
+    import shutil
+
+    from textseg.io import read_volume
+
+    folder = _copy_series(tmp_path)
+    shutil.copy(sorted(folder.iterdir())[5], folder / "copy.dcm")
+    vol = read_volume(folder)
+    ds = pydicom.dcmread(_roundtrip(tmp_path, vol))
+    assert len(ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 20
+
+
+def test_tilted_series_seg_agrees_with_the_volume(tmp_path):
+    """The SEG is placed by the (resampled) volume's own grid, so it agrees with the .seg.nrrd: every frame lies at
+    the origin of a slice of the volume and references the source image of that slice."""
+    import math
+
+    from textseg.io import read_volume
+
+    t = math.radians(15)
+    vol = read_volume(_copy_series(tmp_path, lambda k, ds: setattr(
+        ds, "ImageOrientationPatient", [1, 0, 0, 0, round(math.cos(t), 10), round(math.sin(t), 10)])))
+    assert vol.metadata["dicom_resampled"]
+    ds = pydicom.dcmread(_roundtrip(tmp_path, vol))
+    sop_to_k = {pydicom.dcmread(f, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID: k
+                for k, f in enumerate(vol.metadata["dicom_files"])}
+    a, b = _masks(vol)
+    frames = ds.pixel_array.reshape(-1, *vol.shape[1:])
+    for n, fg in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        k = sop_to_k[fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        pos = [float(x) for x in fg.PlanePositionSequence[0].ImagePositionPatient]
+        np.testing.assert_allclose(pos, vol.index_to_physical([[0, 0, k]])[0], atol=1e-4)
+        seg_no = int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        np.testing.assert_array_equal(frames[n], (a if seg_no == 1 else b)[k])
+
+
+def test_read_dicom_seg_of_uneven_frames_is_one_line(tmp_path, ct_series):
+    """A SEG whose frames are not evenly spaced: a bare RuntimeError from highdicom."""
+    from textseg.errors import InputError
+
+    a, b = _masks(ct_series)
+    path = write_dicom_seg(tmp_path / "seg.dcm", ct_series, [Segment("liver", a)])
+    ds = pydicom.dcmread(path)
+    pos = ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence[0]
+    pos.ImagePositionPatient = [pos.ImagePositionPatient[0], pos.ImagePositionPatient[1],
+                                float(pos.ImagePositionPatient[2]) + 0.7]
+    ds.save_as(tmp_path / "uneven.dcm")
+    with pytest.raises(InputError, match=r"uneven\.dcm: the DICOM SEG's frames do not lie on one evenly spaced grid"):
+        read_segments(tmp_path / "uneven.dcm")
+
+
+def test_cli_checks_the_dicom_seg_before_writing_anything(tmp_path, monkeypatch, capfd):
+    """A DICOM SEG that cannot be made failed after the .seg.nrrd was written (and after inference)."""
+    from textseg.cli import main
+
+    monkeypatch.setenv("TEXTSEG_SHOW_TEST_MODELS", "1")
+
+    def edit(k, ds):
+        ds.SOPInstanceUID = ""
+        ds.file_meta.MediaStorageSOPInstanceUID = ""
+    folder = _copy_series(tmp_path, edit)
+    out = tmp_path / "ct.seg.nrrd"
+    rc = main(["-q", "segment", str(folder), "-m", "synthetic-3d", "--modality", "CT", "-p", "bone", "--out", str(out),
+               "--dicom-seg", str(tmp_path / "ct.dcm")])
+    err = capfd.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "has no SOPInstanceUID; a DICOM SEG cannot reference it" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_cli_dicom_seg_of_a_series_without_slice_thickness(tmp_path, monkeypatch, capfd):
+    from textseg.cli import main
+    from textseg.dicomseg import read_dicom_seg
+    from textseg.writers import read_seg_nrrd
+
+    monkeypatch.setenv("TEXTSEG_SHOW_TEST_MODELS", "1")
+
+    def edit(k, ds):
+        del ds.SliceThickness
+    folder = _copy_series(tmp_path, edit)
+    out = tmp_path / "ct.seg.nrrd"
+    rc = main(["-q", "segment", str(folder), "-m", "synthetic-3d", "--modality", "CT", "-p", "bone", "--out", str(out),
+               "--dicom-seg", str(tmp_path / "ct.dcm")])
+    assert rc == 0, capfd.readouterr().err
+    ref, segs = read_seg_nrrd(out)
+    _, on_ref = read_dicom_seg(tmp_path / "ct.dcm", reference=ref)
+    assert segs[0].mask.sum() > 1000
+    np.testing.assert_array_equal(on_ref[0].mask, segs[0].mask)

@@ -189,3 +189,22 @@ def test_uncompressed_nifti_truncated_header(tmp_path):
         fh.write(raw[: len(raw) // 3])  # valid gzip, short payload
     with pytest.raises(InputError, match=r"c\.nii\.gz: cannot be read"):
         read_volume(tmp_path / "c.nii.gz")
+
+
+@pytest.mark.parametrize("rel", [("totalsegmentator-examples", "example_ct.nii.gz"),
+                                 ("totalsegmentator-examples", "example_ct_dicom")])
+def test_the_reader_child_returns_what_reading_in_process_gives(rel):
+    """Array, geometry and metadata (numpy arrays such as nifti_affine included) cross the pipe unchanged."""
+    path = shared_file(*rel)
+    here, there = read_volume(path, isolate=False), read_volume(path)
+    assert there.array.dtype == here.array.dtype
+    np.testing.assert_array_equal(there.array, here.array)
+    assert there.spacing == here.spacing and there.origin == here.origin
+    np.testing.assert_array_equal(there.direction, here.direction)
+    assert there.metadata.keys() == here.metadata.keys()
+    for key, value in here.metadata.items():
+        if isinstance(value, np.ndarray):
+            assert isinstance(there.metadata[key], np.ndarray) and there.metadata[key].dtype == value.dtype
+            np.testing.assert_array_equal(there.metadata[key], value)
+        else:
+            assert there.metadata[key] == value

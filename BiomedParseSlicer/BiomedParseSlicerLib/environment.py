@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 SLICER_BUNDLED = ("numpy", "scipy", "SimpleITK", "requests")
 # The engine's own dependencies (pyproject [project.dependencies]): enough for client-only mode.
 CLIENT_REQUIREMENTS = ("numpy>=1.24", "scipy>=1.10", "SimpleITK>=2.3", "slicerio>=1.1", "pynrrd>=1.0", "tqdm>=4.60",
-                       "requests>=2.28", "filelock>=3.12", "huggingface_hub>=0.23", "nibabel>=5")
+                       "requests>=2.28", "filelock>=3.12", "huggingface_hub>=0.23", "nibabel>=5", "pydicom>=2.4")
 # Needed to run models in this computer (torch comes from the PyTorch extension).
 MODEL_REQUIREMENTS = ("deepbet==1.0.2", "monai>=1.3", "safetensors>=0.4", "einops>=0.6", "transformers>=4.40",
                       "ftfy>=6", "regex", "scikit-image>=0.21")

@@ -121,14 +121,30 @@ class _Bar:
 
 
 def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
-    """Segment one image; write .seg.nrrd (+ optional labelmap/stats/DICOM SEG). Returns a summary."""
+    """Segment one image; write .seg.nrrd (+ optional labelmap/stats/DICOM SEG). Returns a summary.
+
+    Every output is checked (exists? can a DICOM SEG be made for this image?) before inference, and
+    built in memory before the first file is written, so a failure leaves no partial set of outputs."""
     from .io import read_volume
     from .errors import OutputExistsError
     from .writers import segments_from_results, write_seg_nrrd
 
-    if out.exists() and not args.overwrite:  # before spending minutes on inference
-        raise OutputExistsError(f"{out} already exists; choose another name or pass --overwrite to replace it.")
+    outputs = [out] + [_derived(getattr(args, key), out, image, suffix) for key, suffix in DERIVED_SUFFIX.items()
+                       if getattr(args, key, None)]
+    if args.labelmap:
+        from .writers import labels_path
+
+        outputs.append(labels_path(_derived(args.labelmap, out, image, ".nii.gz")))
+    for path in outputs:  # before spending minutes on inference
+        if path.exists() and not args.overwrite:
+            raise OutputExistsError(f"{path} already exists; choose another name or pass --overwrite to replace it.")
     volume = read_volume(image)
+    for note in volume.metadata.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    if args.dicom_seg:
+        from .dicomseg import check_dicom_seg_reference
+
+        check_dicom_seg_reference(volume)
     bar = _Bar(_stem(image), args.quiet)
     try:
         predictor.set_image(volume, args.modality, args.site, _parse_slices(args.slices), progress=bar, cancel=token)
@@ -149,19 +165,29 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
                          "nothing written. Check --modality/--site, or segment with --prompt.")
     if not segments:
         raise Cancelled(f"{image}: cancelled before any prompt completed; nothing written.")
+    seg_dataset = None
+    if args.dicom_seg:
+        from .dicomseg import build_dicom_seg
+
+        seg_dataset = build_dicom_seg(volume, segments)
+    rows = None
+    if args.stats:
+        from .statistics import compute_statistics
+
+        rows = compute_statistics(volume, segments)
     write_seg_nrrd(out, volume, segments, overwrite=args.overwrite)
     if args.labelmap:
         from .writers import write_labelmap
 
         write_labelmap(_derived(args.labelmap, out, image, ".nii.gz"), volume, segments, overwrite=args.overwrite)
-    if args.dicom_seg:
-        from .writers import write_dicom_seg
+    if seg_dataset is not None:
+        from .dicomseg import save_dicom_seg
 
-        write_dicom_seg(_derived(args.dicom_seg, out, image, ".dcm"), volume, segments, overwrite=args.overwrite)
-    if args.stats:
-        from .statistics import compute_statistics, write_statistics
+        save_dicom_seg(seg_dataset, _derived(args.dicom_seg, out, image, ".dcm"), overwrite=args.overwrite)
+    if rows is not None:
+        from .statistics import write_statistics
 
-        write_statistics(compute_statistics(volume, segments), _derived(args.stats, out, image, ".csv"), overwrite=args.overwrite)
+        write_statistics(rows, _derived(args.stats, out, image, ".csv"), overwrite=args.overwrite)
     if getattr(args, "objects", None):
         _write_objects(_derived(args.objects, out, image, ".objects.json"), image, predictor, results, args.overwrite)
     expected = len(results) if getattr(args, "recognize", False) else len(_prompts(args))
@@ -187,6 +213,7 @@ def _write_objects(path: Path, image: Path, predictor, results, overwrite: bool)
 
 
 DERIVED = ("labelmap", "dicom_seg", "stats", "objects")  # options naming an extra output (a folder in cohort mode)
+DERIVED_SUFFIX = {"labelmap": ".nii.gz", "dicom_seg": ".dcm", "stats": ".csv", "objects": ".objects.json"}
 
 
 def _derived(option: str, out: Path, image: Path, suffix: str) -> Path:
@@ -197,6 +224,9 @@ def _derived(option: str, out: Path, image: Path, suffix: str) -> Path:
 
 
 def cmd_segment(args) -> int:
+    from .read_isolated import prestart
+
+    prestart()  # the image reader child starts while the model is set up
     from .models.base import CancelToken
     from .predictor import Predictor
 
@@ -292,6 +322,9 @@ def _print_summary(summary: dict, args) -> None:
 
 
 def cmd_stats(args) -> int:
+    from .read_isolated import prestart
+
+    prestart()
     from .statistics import statistics_for_files, write_statistics
 
     bar = _Bar("statistics", args.quiet)

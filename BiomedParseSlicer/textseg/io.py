@@ -1,14 +1,15 @@
 """Reading images into Volumes (SimpleITK), keeping spacing, origin and direction.
 
-Supported: NIfTI, NRRD, MHA/MHD, a DICOM series folder, and 2D images (PNG/JPEG/TIFF/BMP, RGB
-kept for pathology, fundus, endoscopy and dermoscopy). Anything else gives an InputError that
-names the file and says what to do.
+Supported: NIfTI (1 and 2), NRRD, MHA/MHD, DICOM (a series folder or one file) and 2D images
+(PNG/JPEG/TIFF/BMP, RGB kept for pathology, fundus, endoscopy and dermoscopy). Anything else, and
+every damaged or inconsistent file, gives an InputError that names the file and says what to do.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -18,14 +19,6 @@ from .volume import Volume
 PathLike = Union[str, Path]
 
 
-DICOM_TAGS = {
-    "0008|0060": "Modality",
-    "0018|0015": "BodyPartExamined",
-    "0008|103e": "SeriesDescription",
-    "0020|000e": "SeriesInstanceUID",
-    "0020|000d": "StudyInstanceUID",
-    "0018|0050": "SliceThickness",
-}
 _NON_IMAGE_SUFFIXES = (".txt", ".json", ".csv", ".md", ".py", ".seg.nrrd")
 
 
@@ -60,93 +53,6 @@ def _from_sitk(img, source: str) -> Volume:
     return Volume(arr, spacing, origin, direction, {"source": source})
 
 
-def _read_dicom_series(folder: Path):
-    """The largest DICOM series of a folder; metadata with tags and the source files in k order."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise InputError(
-            f"{folder}: the folder contains no DICOM image series. Give an image file (NIfTI, NRRD, MHA, "
-            "PNG/JPEG/TIFF) or a folder holding one DICOM series."
-        )
-    by_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
-    sid = max(by_series, key=lambda k: len(by_series[k]))
-    files = list(by_series[sid])
-    notes = []
-    if len(series) > 1:
-        notes.append(f"{folder} holds {len(series)} DICOM series; using the largest ({len(files)} files).")
-    reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()
-    reader.LoadPrivateTagsOff()
-    img = reader.Execute()
-    tags = {name: reader.GetMetaData(0, key).strip() for key, name in DICOM_TAGS.items() if reader.HasMetaDataKey(0, key)}
-    return img, {"dicom": tags, "dicom_files": files, "notes": notes}
-
-
-def _stream_length(fh, chunk: int = 1 << 22) -> int:
-    n = 0
-    while True:
-        block = fh.read(chunk)
-        if not block:
-            return n
-        n += len(block)
-
-
-def _payload_complete(path: Path) -> bool:
-    """False when a NIfTI/NRRD file ends before its pixel data does.
-
-    ITK zero-fills the missing voxels of a truncated file without an error, which would silently
-    turn half a scan into background: check the gzip stream and the expected payload size."""
-    import gzip
-    import struct
-    import zlib
-
-    name = path.name.lower()
-    with open(path, "rb") as fh:
-        gz = fh.read(2) == b"\x1f\x8b"
-    try:
-        if name.endswith((".nii", ".nii.gz")):
-            opener = gzip.open if gz else open
-            with opener(path, "rb") as fh:
-                hdr = fh.read(348)
-                if len(hdr) < 348:
-                    return False
-                endian = "<" if struct.unpack("<i", hdr[:4])[0] == 348 else ">"
-                dims = struct.unpack(endian + "8h", hdr[40:56])
-                bitpix = struct.unpack(endian + "h", hdr[72:74])[0]
-                vox_offset = struct.unpack(endian + "f", hdr[108:112])[0]
-                expected = int(vox_offset) + int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]])) * bitpix // 8
-                return 348 + _stream_length(fh) >= expected
-        if name.endswith((".nrrd", ".seg.nrrd")):
-            import nrrd
-
-            with open(path, "rb") as fh:
-                header = nrrd.read_header(fh)
-                data_start = fh.tell()
-            if header.get("data file") or header.get("datafile"):
-                return True  # detached data: ITK reports a missing file itself
-            dtype = nrrd.reader._determine_datatype(header)
-            expected = int(np.prod(header["sizes"])) * dtype.itemsize
-            encoding = header.get("encoding", "raw")
-            with open(path, "rb") as fh:
-                fh.seek(data_start)
-                if encoding in ("gzip", "gz"):
-                    return _stream_length(gzip.GzipFile(fileobj=fh)) >= expected
-                if encoding == "raw":
-                    return _stream_length(fh) >= expected
-            return True
-        if gz:
-            with gzip.open(path, "rb") as fh:
-                _stream_length(fh)
-    except (EOFError, zlib.error, OSError, struct.error):
-        return False
-    except Exception:  # noqa: BLE001 - an unusual header: leave the verdict to ITK
-        return True
-    return True
-
-
 def _keep_nifti_affine(vol: Volume, path: Path) -> None:
     """``metadata['nifti_affine']``: a NIfTI file's affine as nibabel (and so MONAI) reads its header (RAS; the
     stored float32 sform, else qform). SimpleITK's geometry can differ from it in the last float32 bit, which
@@ -174,11 +80,11 @@ def _restore_nonfinite_nifti(vol: Volume, path: Path) -> None:
 
     try:
         img = nib.load(str(path))
+        if not np.issubdtype(img.get_data_dtype(), np.floating):
+            return
+        data = np.asanyarray(img.dataobj)
     except Exception:  # noqa: BLE001 - ITK read it; nibabel's opinion on odd headers is not needed
         return
-    if not np.issubdtype(img.get_data_dtype(), np.floating):
-        return
-    data = np.asanyarray(img.dataobj)
     if data.size != vol.array.size:  # vector/RGB images: not float grey data
         return
     bad = ~np.isfinite(data)
@@ -200,32 +106,98 @@ def _check_values(vol: Volume, source: str) -> None:
         vol.metadata.setdefault("notes", []).append(f"{source}: {bad} NaN/infinite voxels (treated as background).")
 
 
-def read_volume(path: PathLike) -> Volume:
+def read_volume(path: PathLike, isolate: Optional[bool] = None) -> Volume:
     """Read an image file or DICOM series folder into a Volume; InputError on failure.
 
-    DICOM series: the largest series of the folder; ``metadata["dicom"]`` holds Modality,
-    BodyPartExamined, SeriesDescription and UIDs, ``metadata["dicom_files"]`` the source files in
-    k order (for DICOM SEG). Rescale slope/intercept are applied (HU for CT)."""
-    import SimpleITK as sitk
+    DICOM series: the largest series of the folder, its geometry checked file by file
+    (``textseg.dicom_series``); ``metadata["dicom"]`` holds Modality, BodyPartExamined,
+    SeriesDescription and UIDs, ``metadata["dicom_files"]`` the source files in k order (for DICOM
+    SEG). Rescale slope/intercept are applied (HU for CT). ``metadata["notes"]`` says what the reader
+    had to decide (e.g. a copied slice used once, a gantry tilt resampled).
 
+    Headers are checked against the file before ITK/GDCM reads it (``textseg.image_checks``), and the
+    reading itself runs in a child process with memory and time limits (``textseg.read_isolated``),
+    so a damaged file is one InputError, never a crash or a hang. ``isolate=False`` (or
+    ``$TEXTSEG_READ_IN_PROCESS=1``) reads in this process: same checks, no limits."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder.")
-    extra: dict = {}
+    if isolate is None:
+        isolate = os.environ.get("TEXTSEG_READ_IN_PROCESS", "").strip().lower() not in ("1", "true", "yes")
+    if isolate:
+        from .read_isolated import read_in_child
+
+        return read_in_child(p)
+    return read_here(p)
+
+
+def read_here(p: Path, budget: Optional[Callable[[int], None]] = None) -> Volume:
+    """``read_volume`` in this process. ``budget(nbytes)`` is told the image's size before its pixels are
+    read (the reader child sets its memory limit from it)."""
+    import SimpleITK as sitk
+
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK/GDCM warning blocks are not for the user
     try:
-        if p.is_dir():
-            img, extra = _read_dicom_series(p)
+        return _read_checked(Path(p), budget)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
+
+
+def _read_checked(p: Path, budget: Optional[Callable[[int], None]]) -> Volume:
+    from .dicom_series import read_dicom_file, read_dicom_folder
+    from .image_checks import check_file
+
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder.")
+    if p.is_dir():
+        d = read_dicom_folder(p, budget)
+        vol = Volume(d.array, d.spacing, d.origin, d.direction, {"source": str(p), **d.extra})
+    else:
+        if p.stat().st_size == 0:
+            raise InputError(f"{p}: the file is empty (0 bytes).")
+        if p.name.lower().endswith(_NON_IMAGE_SUFFIXES) and not p.name.lower().endswith(".seg.nrrd"):
+            raise InputError(f"{p}: not an image file (NIfTI, NRRD, MHA, DICOM, PNG/JPEG/TIFF).")
+        declared = check_file(p)
+        if declared.fmt == "dicom":
+            d = read_dicom_file(p, budget)
+            vol = Volume(d.array, d.spacing, d.origin, d.direction, {"source": str(p), **d.extra})
         else:
-            if p.stat().st_size == 0:
-                raise InputError(f"{p}: the file is empty (0 bytes).")
-            if p.name.lower().endswith(_NON_IMAGE_SUFFIXES) and not p.name.lower().endswith(".seg.nrrd"):
-                raise InputError(f"{p}: not an image file (NIfTI, NRRD, MHA, DICOM, PNG/JPEG/TIFF).")
-            img = sitk.ReadImage(str(p))
-            if not _payload_complete(p):
-                raise InputError(
-                    f"{p}: cannot be read as an image: the file ends before its pixel data does (truncated "
-                    "download or copy?). Copy it again from the source."
-                )
+            vol = _from_sitk(_itk_read(p, declared, budget), str(p))
+            if declared.notes:
+                vol.metadata.setdefault("notes", []).extend(declared.notes)
+            _restore_nonfinite_nifti(vol, p)
+            _keep_nifti_affine(vol, p)
+    if vol.metadata.get("dicom", {}).get("Modality"):
+        vol.metadata["modality"] = vol.metadata["dicom"]["Modality"]
+    _check_values(vol, str(p))
+    return vol
+
+
+def _itk_read(p: Path, declared, budget: Optional[Callable[[int], None]]):
+    """ITK's reading with the ImageIO of the checked format; its header must agree with the check."""
+    import SimpleITK as sitk
+
+    from .image_checks import check_memory
+
+    tmp = None
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO(declared.itk_io)
+        if declared.nifti2:
+            tmp = _nifti2_as_nifti1(p)
+        reader.SetFileName(str(tmp or p))
+        reader.ReadImageInformation()
+        itemsize = sitk.GetArrayViewFromImage(sitk.Image([1] * 2, reader.GetPixelID())).itemsize
+        nbytes = int(np.prod(reader.GetSize(), dtype=np.float64)) * itemsize
+        if declared.payload_bytes is None:
+            check_memory(nbytes, str(p), f"its {'x'.join(map(str, reader.GetSize()))} pixels")
+        elif nbytes > 8 * declared.payload_bytes + (1 << 20):
+            raise InputError(f"{p}: ITK reads a header of {'x'.join(map(str, reader.GetSize()))} voxels from this file, "
+                             "more than the file holds; the file is damaged.")
+        if budget:
+            budget(nbytes)
+        return reader.Execute()
     except InputError:
         raise
     except RuntimeError as exc:
@@ -235,15 +207,32 @@ def read_volume(path: PathLike) -> Volume:
             f"{p}: cannot be read as an image ({detail}). Supported: NIfTI, NRRD, MHA, a DICOM series folder, "
             "PNG/JPEG/TIFF. If it should be one of these, the file may be incomplete (truncated) or corrupt."
         ) from None
-    vol = _from_sitk(img, str(p))
-    vol.metadata.update(extra)
-    if not p.is_dir():
-        _restore_nonfinite_nifti(vol, p)
-        _keep_nifti_affine(vol, p)
-    if extra.get("dicom", {}).get("Modality"):
-        vol.metadata["modality"] = extra["dicom"]["Modality"]
-    _check_values(vol, str(p))
-    return vol
+    finally:
+        if tmp is not None:
+            import shutil
+
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def _nifti2_as_nifti1(p: Path) -> Path:
+    """A NIfTI-2 file as a temporary NIfTI-1 file with the same header fields and stored values, so that
+    ITK (which reads NIfTI-1 only) applies exactly its NIfTI-1 rules for geometry and scaling."""
+    import tempfile
+
+    import nibabel as nib
+
+    img = nib.load(str(p))
+    if any(d > 32767 for d in img.shape):
+        raise InputError(f"{p}: a NIfTI-2 image of size {img.shape}; textseg reads NIfTI-2 images up to 32767 voxels "
+                         "per axis.")
+    hdr = nib.Nifti1Header.from_header(img.header)
+    data = np.asanyarray(img.dataobj.get_unscaled())
+    out = nib.Nifti1Image(data, None, header=hdr)
+    out.header.set_slope_inter(*img.header.get_slope_inter())
+    folder = Path(tempfile.mkdtemp(prefix="textseg-nifti2-"))
+    path = folder / "image.nii"
+    nib.save(out, str(path))
+    return path
 
 
 def to_sitk(volume: Volume, array: np.ndarray = None):
