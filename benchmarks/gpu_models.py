@@ -589,10 +589,26 @@ def upstream_dir(ctx: Ctx, name: str) -> Path:
     return ctx.prepared / "upstream" / name
 
 
+PROBES = {"timm": ("timm.models.layers", "timm.loss"), "torchvision": ("torchvision.transforms", "torchvision.ops.boxes")}
+
+
 def fallback_standins(ctx: Ctx, *packages: str) -> None:
-    """timm/torchvision stand-ins only where the real packages are missing (after site-packages)."""
+    """The real timm/torchvision where they import with what upstream uses (the GPU machine has both), else the
+    stand-ins (the CPU dry run; or a timm that dropped ``timm.models.layers``). Recorded in the results."""
+    import importlib
+
+    used = {}
     for name in packages:
-        sys.path.append(str(ctx.prepared / "standins" / "fallback" / name))
+        try:
+            for mod in PROBES[name]:
+                importlib.import_module(mod)
+            used[name] = "installed " + getattr(sys.modules[name], "__version__", "?")
+        except Exception as exc:  # noqa: BLE001 - any failure: use the stand-in
+            for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+                del sys.modules[mod]
+            sys.path.insert(0, str(ctx.prepared / "standins" / "fallback" / name))
+            used[name] = f"stand-in ({type(exc).__name__}: {str(exc)[:80]})"
+    emit(kind="info", part=ctx.part, packages=used)
 
 
 def upstream_precisions(ctx: Ctx) -> List[str]:

@@ -221,7 +221,14 @@ class Runner:
     def save(self) -> None:
         self.meta["elapsed_s"] = round(time.monotonic() - self.t_start, 1)
         data = {"meta": self.meta, "parts": self.parts, "records": self.records}
-        for name, text in (("results.json", json.dumps(data, indent=1, default=str) + "\n"), ("results.md", report(data))):
+        try:
+            md = report(data)
+        except Exception as exc:  # noqa: BLE001 - the figures are in results.json; never lose the run to the table
+            import traceback
+
+            md = f"# GPU suite results\n\nThe table could not be written ({type(exc).__name__}: {exc}); see results.json.\n"
+            self.log_file.write(traceback.format_exc())
+        for name, text in (("results.json", json.dumps(data, indent=1, default=str) + "\n"), ("results.md", md)):
             tmp = self.out / (name + ".tmp")
             tmp.write_text(text)
             os.replace(tmp, self.out / name)
@@ -322,6 +329,10 @@ def report(data: Dict[str, Any]) -> str:
     up = (meta.get("prepared") or {}).get("upstream") or {}
     if up:
         out.append("Upstream: " + ", ".join(f"{k} {v.get('repo')}@{str(v.get('commit'))[:7]}" for k, v in up.items()) + ".")
+    used = {r["part"]: r["packages"] for r in records if r.get("kind") == "info" and r.get("packages")}
+    if used:
+        out.append("timm/torchvision for upstream: " + "; ".join(
+            f"{p}: " + ", ".join(f"{k} {v}" for k, v in pk.items()) for p, pk in used.items()) + ".")
     out.append("")
     rows = rows_of(records)
     out += ["## Targets", "",
@@ -367,7 +378,7 @@ def report(data: Dict[str, Any]) -> str:
                     further += f"; fp32, whole range in the slice cache: {ratio(cached[0])}"
             else:
                 further = ratio(o)
-            d = (o16 if label == "fp32" else o or {}).get("dice") if (o16 or o) else None
+            d = ((o16 if label == "fp32" else o) or {}).get("dice")
             note = " (slice range: see below)" if (o or u or {}).get("scale", 1.0) != 1.0 else ""
             name = m + (f", {label}" if label != "fp32" else "") + note
             out.append(f"| {name} | {further} | {vs(u, o, 'first')} | {vs(u, o, 'e2e')} | {mem(u, o)} | "
@@ -483,6 +494,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         r.run_part(part, budget * scale)
         r.save()
+    r.save()
     r.say(f"done in {time.monotonic() - r.t_start:.0f} s; results in {a.out}/results.md and results.json")
     print("\n" + (Path(a.out) / "results.md").read_text())
     return 0
