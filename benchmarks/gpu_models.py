@@ -53,13 +53,13 @@ class Model:
 
 MODELS: Dict[str, Model] = {
     "deepbet": Model("deepbet", "t1", "MRI", None, ("brain",), "brain", 0),
-    "segvol": Model("segvol", "ct", "CT", None, tuple(ORGANS), "heart", 9),
-    "sat-nano": Model("sat-nano", "ct", "CT", None, tuple(ORGANS), "heart", 9),
-    "sat-pro": Model("sat-pro", "ct", "CT", None, tuple(ORGANS), "heart", 9),
+    "segvol": Model("segvol", "ct", "CT", None, tuple(ORGANS), "heart", 4),
+    "sat-nano": Model("sat-nano", "ct", "CT", None, tuple(ORGANS), "heart", 4),
+    "sat-pro": Model("sat-pro", "ct", "CT", None, tuple(ORGANS), "heart", 4),
     # 2D models: with the default 2 GiB slice cache a further prompt re-encodes every slice (~45 MB of features a
-    # slice for v2, ~130 MB for v1): one further prompt shows it; the cached variant times the rest.
+    # slice for v2, ~130 MB for v1): one further prompt (fp32) shows it; the cached variant times four.
     "biomedparse-v2": Model("biomedparse-v2", "ct", "CT", "abdomen", tuple(BP_TARGETS), "left adrenal gland", 1,
-                            None, (8, 16), further_cached=9),
+                            None, (8, 16), further_cached=4),
     # v1: every slice is encoded at 1024x1024 (and upstream runs once per slice AND prompt): a slice range, the
     # figures are also given extrapolated to the whole CT (both sides are linear in slices).
     "biomedparse-v1": Model("biomedparse-v1", "ct", "CT", "abdomen", tuple(BP_TARGETS), "left adrenal gland", 1,
@@ -447,10 +447,9 @@ def ours_options(ctx: Ctx) -> Dict[str, Any]:
 
 
 def ours_precisions(ctx: Ctx) -> List[str]:
-    out = ["fp32", "bf16"]
     if ctx.model_key in ("sat-nano", "sat-pro") and ctx.cuda:
-        out.append("fp16-engine")  # the engine's default for SAT on CUDA: upstream's own float16 autocast
-    return out
+        return ["fp32", "fp16-engine"]  # the engine's default for SAT on CUDA: upstream's own float16 autocast
+    return ["fp32", "bf16"]
 
 
 def attempt(ctx: Ctx, what: str, fn) -> bool:
@@ -557,7 +556,9 @@ def run_ours(ctx: Ctx) -> None:
     for prec in ours_precisions(ctx):
         if not attempt(ctx, f"warm-up {prec}", lambda: warm(prec)):
             continue
-        attempt(ctx, f"interactive {prec}", lambda: interactive(prec, ctx.n_further))
+        # 2D models re-encode every slice for a further prompt (default cache): timed once, in fp32
+        further = 0 if pred.spec.dims == 2 and prec != "fp32" else ctx.n_further
+        attempt(ctx, f"interactive {prec}", lambda: interactive(prec, further))
         if len(m.prompts) > 1:
             attempt(ctx, f"{len(m.prompts)} prompts {prec}", lambda: all_prompts(prec))
     if ctx.n_further_cached:  # a slice cache that holds the whole range: further prompts skip the encoder
