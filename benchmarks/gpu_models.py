@@ -150,7 +150,8 @@ class Measure:
         self.base_mib = 0.0
 
     def __enter__(self) -> "Measure":
-        sys.path.insert(0, str(ROOT / "benchmarks"))
+        if str(ROOT / "benchmarks") not in sys.path:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
         from peak import Peak
 
         sync(self.device)
@@ -344,7 +345,7 @@ def ensure_weights(ctx: Ctx) -> Optional[Path]:
     key = ctx.model_key
     if key == "deepbet":
         return None
-    wdir = ctx.work / "weights" / key
+    wdir = ctx.work / "weights" / f"{key}-{'tiny' if ctx.tiny else 'full'}-{'cuda' if ctx.cuda else 'cpu'}"
     done = wdir / ".complete"
     if done.exists():
         return wdir
