@@ -1,6 +1,7 @@
 """The predictor path needs no file-format or MONAI packages: a GPU machine for benchmarks (benchmarks/gpu_suite.py)
 has none of SimpleITK, nibabel, pynrrd, slicerio or MONAI, and only the models that use one may need it (SegVol:
-MONAI; deepbet: nibabel, through its own package). Checked in a fresh interpreter that refuses to import them."""
+MONAI; SAT: nibabel's orientation helpers, for upstream's grid; deepbet: nibabel, through its own package;
+benchmarks/gpu_prepare.py carries those wheels). Checked in a fresh interpreter that refuses to import them."""
 
 from __future__ import annotations
 
@@ -40,11 +41,7 @@ p.set_image(vol, "CT")
 (bone,) = p.predict(["bone"])
 assert bone.voxel_count == 6 * 10 * 16, bone.voxel_count
 
-# the models' own preprocessing (SAT resampling and windows, BiomedParse v2 and v1 slices)
-from textseg.models.sat.preprocess import preprocess
-from textseg.models.sat.window import split_3d
-image, geo = preprocess(vol.canonical().array.astype(np.float32), vol.canonical().spacing, "CT")
-assert image.ndim == 3 and len(split_3d(geo.shape)) >= 1
+# the models' own preprocessing (BiomedParse v2 and v1 slices; SAT below)
 import torch
 from textseg.models.biomedparse import v2_preprocess
 from textseg.models.biomedparse.v1_preprocess import preprocess_slice
@@ -53,6 +50,15 @@ v2_preprocess.square_pad_resize(np.zeros((2, 20, 24), np.uint8))
 img, pad = preprocess_slice(vol.canonical().array[4], get_preset("CT", "abdomen"), 64)
 assert img.shape == (64, 64, 3)
 
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+assert not loaded, loaded
+
+# SAT's grid is upstream's, computed with nibabel's orientation helpers: the one file-format package it needs
+BLOCKED.discard("nibabel")
+from textseg.models.sat.preprocess import preprocess
+from textseg.models.sat.window import split_3d
+image, geo = preprocess(vol.canonical(), "CT")
+assert image.ndim == 3 and len(split_3d(geo.shape)) >= 1
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert not loaded, loaded
 try:  # SegVol is built on MONAI: the refusal is real, and only that model needs it
