@@ -300,7 +300,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 # BiomedParseSlicerTest
 #
 class BiomedParseSlicerTest(ScriptedLoadableModuleTest):
-    """Inside Slicer: the checks Testing/test_slicer_logic.py runs headless (BiomedParseSlicerLib.checks) on an
+    """Inside Slicer: the checks Testing/slicer/test_slicer_logic.py runs headless (BiomedParseSlicerLib.checks) on an
     oblique, flipped phantom made here (no downloads, the test-only synthetic model), Slicer's own Segment
     Statistics, and the panel's parameter node across leaving and entering the module."""
 

@@ -1,4 +1,4 @@
-"""Writing checkpoints the way the upstream trainers did (used by Testing/test_official_checkpoints.py and
+"""Writing checkpoints the way the upstream trainers did (used by Testing/models/test_official_checkpoints.py and
 benchmarks/bench_checkpoint_memory.py).
 
 SAT's trainer (zhaoziheng/SAT train/trainer.py) saved ``{'step', 'model_state_dict', 'optimizer_state_dict'}``

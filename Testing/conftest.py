@@ -5,16 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import sys
-
 import pytest
 
+# pyproject's pytest ``pythonpath`` puts this checkout's engine first (also when another checkout is
+# pip-installed in editable mode), this folder's shared helpers, the oracle scripts' weight/input recipes
+# (they import only numpy at module level, upstream code only when run), Utilities/ and benchmarks/.
 ROOT = Path(__file__).resolve().parents[1]
-# Test the engine of this checkout (also when another checkout is pip-installed in editable mode).
-sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
-# The oracle scripts' weight/input recipes are imported by the tests (one copy; the scripts import only numpy
-# at module level, upstream code only when run).
-sys.path.insert(0, str(ROOT / "Testing" / "oracles"))
 SHARED = Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 

@@ -61,7 +61,7 @@ def make_image_seeds(folder: Path) -> Dict[str, Tuple[Path, Any]]:
     """name -> (path, reference Volume) of small valid NIfTI/NRRD/MetaImage files."""
     import SimpleITK as sitk
 
-    from textseg.io import read_volume
+    from textseg.formats.images import read_volume
 
     folder.mkdir(parents=True, exist_ok=True)
     arr = _phantom()
@@ -156,8 +156,9 @@ def make_dicom_seeds(folder: Path, shared_series: Optional[Path]) -> Dict[str, P
 
 
 def make_seg_seed(folder: Path, series: Path) -> Path:
-    from textseg.io import read_volume
-    from textseg.writers import Segment, write_dicom_seg
+    from textseg.formats.images import read_volume
+    from textseg.formats.segments import Segment
+    from textseg.formats.dicomseg import write_dicom_seg
 
     vol = read_volume(series)
     m = np.zeros(vol.shape, np.uint8)

@@ -1,7 +1,7 @@
 """Rewrite the file lists in BiomedParseSlicer/CMakeLists.txt from the source tree.
 
 Every .py under BiomedParseSlicer/ (module, helpers and the whole textseg engine) is shipped, and
-every other file of the module (UI, icons, engine data). Testing/test_slicer_packaging.py fails
+every other file of the module (UI, icons, engine data). Testing/slicer/test_slicer_packaging.py fails
 when the lists are stale; run `python Utilities/update_cmake_scripts.py` to fix them.
 """
 

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
 
-from textseg.models.biomedparse.v1_model import REDUCED, V1Config, build_v1, load_v1_weights  # noqa: E402
+from textseg.models.biomedparse.v1.model import REDUCED, V1Config, build_v1, load_v1_weights  # noqa: E402
 from textseg.models.clip_tokenizer import tokenize  # noqa: E402
 
 PROMPTS = ["liver", "spleen", "left kidney", "right kidney", "pancreas", "aorta", "postcava", "stomach",

@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Testing" / "oracles"))
 sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
 
-from textseg.models.biomedparse import v2_preprocess as pre  # noqa: E402
-from textseg.models.biomedparse.v2_decoder import Sampling  # noqa: E402
-from textseg.models.biomedparse.v2_model import build_v2  # noqa: E402
+from textseg.models.biomedparse.v2 import preprocess as pre  # noqa: E402
+from textseg.models.biomedparse.v2.decoder import Sampling  # noqa: E402
+from textseg.models.biomedparse.v2.model import build_v2  # noqa: E402
 from textseg.models.clip_tokenizer import tokenize  # noqa: E402
 
 TARGETS = ["liver", "spleen", "left kidney", "right kidney", "pancreas", "stomach", "aorta", "gallbladder",

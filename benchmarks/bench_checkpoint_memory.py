@@ -59,8 +59,8 @@ def write(model: str, path: Path) -> None:
         save_numpy1({"step": 190000, "model_state_dict": sd,
                      "optimizer_state_dict": adamw_state(params, np.float64(3.2e-5))}, tmp)
     else:
-        from textseg.models.biomedparse.v2_loader import LOSS_KEYS
-        from textseg.models.biomedparse.v2_model import build_v2
+        from textseg.models.biomedparse.v2.loader import LOSS_KEYS
+        from textseg.models.biomedparse.v2.model import build_v2
 
         net = build_v2()
         sd = {"model." + k: v for k, v in net.state_dict().items()}
@@ -91,8 +91,8 @@ def child(model: str, mode: str, path: str) -> dict:
         def load():
             return load_sat_network(path, NANO)
     else:
-        from textseg.models.biomedparse.v2_loader import load_v2_weights
-        from textseg.models.biomedparse.v2_model import build_v2
+        from textseg.models.biomedparse.v2.loader import load_v2_weights
+        from textseg.models.biomedparse.v2.model import build_v2
 
         def load():
             net = build_v2()  # the adapter's full-size model (random init), then the checkpoint

@@ -17,9 +17,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "BiomedParseSlicer"))
 
-from textseg.statistics import compute_statistics, statistics_for_files  # noqa: E402
+from textseg.analysis.segment_stats import compute_statistics, statistics_for_files  # noqa: E402
 from textseg.volume import Volume  # noqa: E402
-from textseg.writers import Segment, write_labelmap, write_seg_nrrd  # noqa: E402
+from textseg.formats.segments import Segment, write_labelmap, write_seg_nrrd  # noqa: E402
 
 SHARED = Path(os.environ.get("TEXTSEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -167,7 +167,7 @@ def write_organs(work: Path) -> None:
     import SimpleITK as sitk
 
     sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
-    from textseg.io import read_volume
+    from textseg.formats.images import read_volume
     from textseg.models.sat.preprocess import preprocess
     from textseg.models.sat.window import split_3d
 
@@ -228,7 +228,7 @@ def worker_ours(a) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
-    from textseg.io import read_volume
+    from textseg.formats.images import read_volume
     from textseg.predictor import Predictor
 
     work = Path(a.work)
@@ -433,7 +433,7 @@ class _Recording:
 def sat_patches(path: Path) -> tuple:
     """SAT grid (after resampling and foreground crop) and its window count, by our (oracle-tested) code."""
     sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
-    from textseg.io import read_volume
+    from textseg.formats.images import read_volume
     from textseg.models.sat.preprocess import preprocess
     from textseg.models.sat.window import split_3d
 

@@ -84,7 +84,7 @@ def e2e_rows(dtypes, device, tmp):
 
     import make_sat_oblique_fixtures as rec
     from textseg.catalog import get_model
-    from textseg.io import read_volume
+    from textseg.formats.images import read_volume
     from textseg.models.base import RunContext
     from textseg.models.sat.adapter import SATAdapter
     from textseg.models.sat.loader import fill_aliases, load_text_tower

@@ -83,7 +83,7 @@ def worker_weights(a, cfg: dict) -> dict:
 def worker_ours(a, cfg: dict) -> dict:
     sc, wdir = our_config(cfg), Path(a.work) / "weights"
     from textseg.catalog import get_model
-    from textseg.io import read_volume
+    from textseg.formats.images import read_volume
     from textseg.models.segvol.adapter import SegVolAdapter
     from textseg.predictor import Predictor
 

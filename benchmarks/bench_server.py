@@ -29,9 +29,9 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "BiomedParseSlicer"))
 
-from textseg.client import RemotePredictor  # noqa: E402
+from textseg.remote.client import RemotePredictor  # noqa: E402
 from textseg.predictor import Predictor  # noqa: E402
-from textseg.server import Settings, running_server  # noqa: E402
+from textseg.remote.server import Settings, running_server  # noqa: E402
 from textseg.volume import Volume  # noqa: E402
 
 

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
 
-from textseg.models.biomedparse.v2_decoder import BoltzFormerDecoder, Sampling  # noqa: E402
+from textseg.models.biomedparse.v2.decoder import BoltzFormerDecoder, Sampling  # noqa: E402
 
 CONFIGS = {
     "full": dict(in_channels=512, hidden_dim=512, dim_proj=512, num_queries=16, nheads=8, dim_feedforward=2048,

@@ -396,14 +396,14 @@ def ensure_weights(ctx: Ctx) -> Optional[Path]:
                 (bio / name).write_text("{}\n")
             (wdir / (BIOLORD_PREFIX + name)).write_bytes((bio / name).read_bytes())
     elif key == "biomedparse-v2":
-        from textseg.models.biomedparse.v2_model import REDUCED, V2Config, build_v2
+        from textseg.models.biomedparse.v2.model import REDUCED, V2Config, build_v2
 
         model = build_v2(REDUCED if ctx.tiny else V2Config(), device=dev)
         seed_parameters(model, 4)
         torch.save({"state_dict": {"model." + k: v for k, v in _cpu_state(model).items()}, "epoch": 0},
                    wdir / "biomedparse_v2.ckpt")  # the official Lightning layout
     elif key == "biomedparse-v1":
-        from textseg.models.biomedparse.v1_model import REDUCED, V1Config, build_v1
+        from textseg.models.biomedparse.v1.model import REDUCED, V1Config, build_v1
 
         model = build_v1(REDUCED if ctx.tiny else V1Config(), device=dev)
         seed_parameters(model, 5)
@@ -437,11 +437,11 @@ def ours_options(ctx: Ctx) -> Dict[str, Any]:
     if key in ("sat-nano", "sat-pro"):
         return {"config": _sat_config(ctx), **({"patch": tiny_sat_patch()} if ctx.tiny else {})}
     if key == "biomedparse-v2":
-        from textseg.models.biomedparse.v2_model import REDUCED
+        from textseg.models.biomedparse.v2.model import REDUCED
 
         return {"config": REDUCED} if ctx.tiny else {}
     if key == "biomedparse-v1":
-        from textseg.models.biomedparse.v1_model import REDUCED
+        from textseg.models.biomedparse.v1.model import REDUCED
 
         return {"config": REDUCED} if ctx.tiny else {}
     return {}
@@ -994,9 +994,9 @@ def run_server(ctx: Ctx) -> None:
     import logging
     import statistics
 
-    from textseg.client import RemotePredictor
+    from textseg.remote.client import RemotePredictor
     from textseg.predictor import Predictor
-    from textseg.server import Settings, running_server
+    from textseg.remote.server import Settings, running_server
 
     logging.getLogger("textseg").setLevel(logging.WARNING)
     sctx = dataclasses.replace(ctx, part="segvol/server")

@@ -1,4 +1,4 @@
-"""Checks shared by the pytest suite (Testing/test_slicer_logic.py, slicer-core) and the module's
+"""Checks shared by the pytest suite (Testing/slicer/test_slicer_logic.py, slicer-core) and the module's
 self-test inside 3D Slicer (BiomedParseSlicerTest), so they are written once.
 
 Each check raises AssertionError with a message saying what differs. ``reference`` is an engine
@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from textseg.predictor import Predictor
-from textseg.writers import read_seg_nrrd
+from textseg.formats.segments import read_seg_nrrd
 
 from . import mrml, stats
 

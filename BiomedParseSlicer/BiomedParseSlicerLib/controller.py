@@ -110,7 +110,7 @@ def _import_client() -> None:
     import requests  # noqa: F401
 
     if runner.has_client():
-        import textseg.client  # noqa: F401
+        import textseg.remote.client  # noqa: F401
 
 
 def _error_text(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ import slicer
 from textseg.errors import Cancelled, TextsegError, UsageError
 from textseg.presets import guess_modality, normalize_modality
 from textseg.prompts import Prompt, parse_prompts
-from textseg.writers import segments_from_results
+from textseg.formats.segments import segments_from_results
 
 from . import mrml, runner, stats
 
@@ -178,7 +178,7 @@ class BiomedParseSlicerLogic:
                 predictor=None, replace: bool = False, progress=None, cancel=None):
         """Segment ``prompts`` (list or one per line) in ``volumeNode`` with ``model``.
 
-        ``predictor``: textseg.predictor.Predictor or textseg.client.RemotePredictor (default: a
+        ``predictor``: textseg.predictor.Predictor or textseg.remote.client.RemotePredictor (default: a
         local one). ``replace``: overwrite segments an earlier run made for the same prompt;
         otherwise new segments are added. Other segments are never touched."""
         modality, site = self._modality(volumeNode, modality, site)

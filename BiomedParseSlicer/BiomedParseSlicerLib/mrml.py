@@ -20,11 +20,11 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 from textseg.errors import InputError, UsageError
 from textseg.volume import LPS_TO_RAS, Volume
-from textseg.writers import TAG_PREFIX, Segment
+from textseg.formats.segments import TAG_PREFIX, Segment
 
 PROMPT_TAG = TAG_PREFIX + "prompt"
 MODEL_TAG = TAG_PREFIX + "model"
-# Every textseg.* tag a run may write (writers.segments_from_results: the predictor's provenance, some keys only
+# Every textseg.* tag a run may write (formats.segments.segments_from_results: the predictor's provenance, some keys only
 # sometimes, then terminology_match, objects, complete): a replaced segment drops them all before the new run's
 # tags are set, so no tag of the earlier run (a "partial" mark, detection boxes of another mask) survives.
 RUN_TAGS = tuple(TAG_PREFIX + k for k in (
@@ -216,7 +216,7 @@ def slicer_terminology(name: str, terminology_logic) -> Tuple[Optional[str], Opt
 
 def appearance(segment: Segment, index: int, terminology_logic=None):
     """Colour (0..1) and terminology string of a new segment: the engine's (textseg.terminology
-    via writers.segments_from_results) first, then Slicer's terminology, then a palette colour."""
+    via formats.segments.segments_from_results) first, then Slicer's terminology, then a palette colour."""
     term = terminology_string(segment.terminology)
     color = segment.color
     if term is None or color is None:

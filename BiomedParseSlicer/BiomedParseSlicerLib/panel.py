@@ -2,7 +2,7 @@
 fill the combo boxes, and the dialogs. The only Qt code of the Lib; it imports no Qt module itself (the Widget
 passes ``qt`` where a class is needed) and calls only API that PythonQt (inside Slicer) and PyQt5 share:
 setters and slots as methods, Qt property getters through ``QObject.property`` (PythonQt makes them attributes,
-PyQt5 methods), other getters as methods (QInputDialog.textValue is no property), ``exec_()``. Testing/test_slicer_qt.py runs it on the real .ui with PyQt5.
+PyQt5 methods), other getters as methods (QInputDialog.textValue is no property), ``exec_()``. Testing/slicer/test_slicer_qt.py runs it on the real .ui with PyQt5.
 
 ``ui``: the panel's named widgets as attributes (slicer.util.childWidgetVariables of the loaded .ui).
 """

@@ -318,7 +318,7 @@ def check_server(url: str, api_key: Optional[str] = None, timeout: float = 10.0)
 
 def has_client() -> bool:
     try:
-        import textseg.client  # noqa: F401
+        import textseg.remote.client  # noqa: F401
     except ImportError:
         return False
     return True
@@ -329,8 +329,8 @@ def make_predictor(model: str, where: str = "local", device: str = "auto", url: 
     """The injected predictor: remote client, client of the local server, or in-process Predictor."""
     if where == "remote" or server is not None:
         if not has_client():
-            raise UsageError("This engine version has no remote client (textseg.client); use local inference.")
-        from textseg.client import RemotePredictor
+            raise UsageError("This engine version has no remote client (textseg.remote.client); use local inference.")
+        from textseg.remote.client import RemotePredictor
 
         target = server.url if server is not None else url
         if not target:

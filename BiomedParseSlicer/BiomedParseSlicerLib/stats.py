@@ -1,8 +1,8 @@
 """Segment statistics into a table node and CSV: Slicer's SegmentStatistics when present (inside
-Slicer), the engine's ``textseg.statistics`` otherwise. Same columns and units either way.
+Slicer), the engine's ``textseg.analysis.segment_stats`` otherwise. Same columns and units either way.
 
 Rows are dicts keyed by SegmentStatistics' short keys (``voxel_count``, ``volume_mm3``, ...);
-``textseg.statistics.compute_statistics(volume, segments)`` returns the same keys.
+``textseg.analysis.segment_stats.compute_statistics(volume, segments)`` returns the same keys.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from textseg.writers import Segment, atomic_output
+from textseg.formats.segments import Segment
+from textseg.formats.atomic import atomic_output
 
 from . import mrml
 
@@ -104,7 +105,7 @@ def configure_segment_statistics(logic, segmentation_node, volume_node) -> None:
 
 
 def basic_statistics(volume, segments: Sequence[Segment]) -> List[Dict]:
-    """The SegmentStatistics labelmap + scalar numbers with numpy (until textseg.statistics lands)."""
+    """The SegmentStatistics labelmap + scalar numbers with numpy (until textseg.analysis.segment_stats lands)."""
     rows = []
     for s in segments:
         values = np.asarray(volume.array)[np.asarray(s.mask) > 0].astype(np.float64)
@@ -120,7 +121,7 @@ def basic_statistics(volume, segments: Sequence[Segment]) -> List[Dict]:
 
 def engine_statistics(segmentation_node, volume_node) -> List[Dict]:
     try:
-        from textseg.statistics import compute_statistics
+        from textseg.analysis.segment_stats import compute_statistics
     except ImportError:
         compute_statistics = basic_statistics
     volume = mrml.volume_from_node(volume_node)

@@ -4,7 +4,7 @@
     predictor.set_image(volume, modality="MRI")
     results = predictor.predict(["brain"])          # one PromptResult per prompt
 
-The same contract is implemented by ``textseg.client.RemotePredictor`` over HTTP.
+The same contract is implemented by ``textseg.remote.client.RemotePredictor`` over HTTP.
 
 Geometry: the adapter sees the canonical (closest-LPS) volume; every probability map and mask
 comes back on exactly the input grid. A result's ``mask`` is always computed; its ``probability`` may be

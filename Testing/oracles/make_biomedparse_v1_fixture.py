@@ -160,7 +160,7 @@ def image_features(model, image: np.ndarray):
 
 def preprocess_oracle(shared: Path, out: Path) -> None:
     from inference_utils.processing_utils import process_intensity_image  # upstream
-    from textseg.io import read_volume
+    from textseg.formats.images import read_volume
 
     data = {}
     for name, (rel, k, is_ct, site) in PREPROCESS_CASES.items():

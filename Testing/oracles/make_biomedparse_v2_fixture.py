@@ -161,7 +161,7 @@ def run_recording_draws(dec, feats, mask_features, tokens, seed: int) -> dict:
 def find_flip_seed(upstream: Path, seeds=range(0, 400)) -> int:
     """The first seed whose run has a sampled attention position where our decoder (``textseg``, on PYTHONPATH)
     and upstream's disagree: how FLIP_SEED was chosen."""
-    from textseg.models.biomedparse.v2_decoder import BoltzFormerDecoder, Sampling
+    from textseg.models.biomedparse.v2.decoder import BoltzFormerDecoder, Sampling
 
     up = build(upstream, True)
     ours = BoltzFormerDecoder(**{k: v for k, v in CFG.items() if k not in ("in_channels", "pre_self_attention")}).eval()

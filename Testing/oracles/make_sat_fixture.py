@@ -72,7 +72,7 @@ MODALITY = {"ct": 0, "mri": 1, "us": 2, "pet": 3}
 
 
 def recipe_tensor(key: str, shape, index: int, seed: int = SEED) -> np.ndarray:
-    """The weight recipe (Testing/test_sat_network.py imports it from here)."""
+    """The weight recipe (Testing/models/test_sat_network.py imports it from here)."""
     rng = np.random.default_rng([seed, index])
     x = rng.standard_normal(tuple(shape)).astype(np.float32)
     if key.endswith("bias"):

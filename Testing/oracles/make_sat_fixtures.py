@@ -56,7 +56,7 @@ BATCH = 2
 
 def stand_in_logits(image_input, coeffs):
     """logits[b, n] = a_n * (c0 + c1 - c2) + b_n (u - .5) + c_n (v - .5) + e_n (t - .5); u, v, t the
-    patch-local coordinates / size (float32). Shared with Testing/test_sat_pipeline.py."""
+    patch-local coordinates / size (float32). Shared with Testing/models/test_sat_pipeline.py."""
     import torch
 
     x = image_input.float()

@@ -72,7 +72,7 @@ LN_LIKE = ("mask_decoder.output_upscaling.1.weight",)  # multi-dimensional Layer
 
 
 def recipe_tensor(key: str, shape, index: int, seed: int = SEED) -> np.ndarray:
-    """The weight recipe (Testing/test_segvol.py imports it from here)."""
+    """The weight recipe (Testing/models/test_segvol.py imports it from here)."""
     rng = np.random.default_rng([seed, index])
     x = rng.standard_normal(tuple(shape)).astype(np.float32)
     if key.endswith(".bias"):
@@ -163,7 +163,7 @@ def synthetic_ct(shape_xyz=(84, 76, 22), seed=SEED):
     return ct.astype(np.float32), organ.astype(np.uint8)
 
 
-# ---- real-CT cases (recipes shared with Testing/test_segvol.py) ---------------------------------------
+# ---- real-CT cases (recipes shared with Testing/models/test_segvol.py) ---------------------------------------
 REAL_DIR = "totalsegmentator-examples"
 # (x, y, z) index ranges of the stored (RAS-ordered) NIfTI arrays: around the liver of example_ct_sm
 REAL_CROP = ((36, 108), (22, 86), (0, 30))

@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .v1_decoder import sine_position_embedding
+from .v1.decoder import sine_position_embedding
 
 
 class ConvNorm(nn.Conv2d):

@@ -166,7 +166,7 @@ def _index_map(affine: np.ndarray, canonical: np.ndarray, shape_ijk) -> Optional
 
 def sat_grid(volume: Any, target=TARGET_SPACING) -> SATGrid:
     """Upstream's grid of a canonical Volume (what ``Predictor`` hands adapters): from the NIfTI header the
-    image was read from (``metadata['nifti_affine']``, kept by ``textseg.io``) when it describes this volume,
+    image was read from (``metadata['nifti_affine']``, kept by ``textseg.formats.images``) when it describes this volume,
     else from the float32 rounding of the geometry of the volume the canonical one was made from (the header
     nibabel would write for it; ``metadata['input_ijk_to_ras']``, kept by ``Volume.canonical``; the volume
     itself when absent). The input's axis order matters: upstream reorients, then rounds to float32."""

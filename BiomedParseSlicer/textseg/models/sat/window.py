@@ -48,7 +48,7 @@ def compute_gaussian(tile_size: Sequence[int], sigma_scale: float = 1.0 / 8, val
     Upstream filters a 3D delta with ``scipy.ndimage.gaussian_filter`` (three 1D passes over the whole tile,
     about 2 s at 288x288x96). Filtering a delta axis by axis only ever multiplies the one non-zero value by a
     kernel tap and adds zeros, so the result is the outer product of the three 1D kernels, multiplied in
-    the order of the passes: bit-equal (Testing/test_sat_pipeline.py), 7x faster."""
+    the order of the passes: bit-equal (Testing/models/test_sat_pipeline.py), 7x faster."""
     from scipy.ndimage import gaussian_filter1d
 
     kernels = []
