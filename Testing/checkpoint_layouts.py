@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pickle
 import types
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch

@@ -48,7 +48,7 @@ def rewrite(text: str) -> str:
     scripts, resources = expected_lists()
     for name, items in (("MODULE_PYTHON_SCRIPTS", scripts), ("MODULE_PYTHON_RESOURCES", resources)):
         body = "\n".join(f"  {f}" for f in items)
-        text = re.sub(rf"set\({name}\n.*?\n  \)", lambda m: f"set({name}\n{body}\n  )", text, flags=re.S)
+        text = re.sub(rf"set\({name}\n.*?\n  \)", lambda m: f"set({name}\n{body}\n  )", text, flags=re.S)  # noqa: B023 - runs in this iteration
     return text
 
 

@@ -1,11 +1,11 @@
-"""Reading speed of textseg.formats.images.read_volume against plain SimpleITK, on the real CT, the real DICOM series and a
-512x512x200 CT-sized volume (NIfTI .nii.gz and .nii).
+"""Reading speed of textseg.formats.images.read_volume against plain SimpleITK, on the real CT, the real DICOM series
+and a 512x512x200 CT-sized volume (NIfTI .nii.gz and .nii).
 
     .venv/bin/python benchmarks/bench_readers.py --repeat 5
 
 Modes: ``baseline`` is read_volume of another checkout given with ``--baseline`` (e.g. the commit before the
-reader checks; it runs in a subprocess), ``sitk`` is SimpleITK alone (what the reader did before the checks; the DICOM series with
-ImageSeriesReader), ``in-process`` is read_volume(isolate=False) (header checks + ITK), ``child`` is the
+reader checks; it runs in a subprocess), ``sitk`` is SimpleITK alone (what the reader did before the checks; the DICOM
+series with ImageSeriesReader), ``in-process`` is read_volume(isolate=False) (header checks + ITK), ``child`` is the
 default read_volume (the same in the reader child, the array sent back through a pipe; the child already
 running), ``child-cold`` includes starting the child (the first read of a process). Median seconds over the
 repeats, wall clock and CPU (this process and the reader child; less sensitive to a busy machine).

@@ -99,6 +99,7 @@ def main() -> int:
     os.environ["TEXTSEG_READ_TIMEOUT"] = str(a.timeout)
     os.environ["TEXTSEG_READ_MAX_MEMORY_MB"] = str(a.max_memory_mb)
     import fuzzing
+
     from textseg.formats import read_isolated
     from textseg.formats.images import read_volume
     from textseg.formats.segment_files import read_segments

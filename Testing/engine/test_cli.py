@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, shared_file
+
 from textseg.cli import main
 from textseg.formats.images import write_image
-from textseg.volume import Volume
 from textseg.formats.segments import read_seg_nrrd
+from textseg.volume import Volume
 
 
 def _phantom_file(path: Path, value=400) -> Path:
@@ -33,7 +33,8 @@ def test_models(monkeypatch):
 def test_segment_writes_one_segment_per_prompt(tmp_path, test_models, capsys):
     img = _phantom_file(tmp_path / "ct.nii.gz")
     out = tmp_path / "ct.seg.nrrd"
-    rc = main(["-q", "segment", str(img), "-m", "synthetic-3d", "--modality", "CT", "-p", "bone", "-p", "bone left", "--out", str(out)])
+    rc = main(["-q", "segment", str(img), "-m", "synthetic-3d", "--modality", "CT", "-p", "bone", "-p", "bone left",
+               "--out", str(out)])
     assert rc == 0
     ref, segs = read_seg_nrrd(out)
     assert [s.name for s in segs] == ["bone", "bone left"]
@@ -50,7 +51,8 @@ def test_exit_codes_and_messages(tmp_path, test_models, capsys):
     assert "already exists" in capsys.readouterr().err and out.read_text() == "precious"
     assert main(["segment", str(img), "-m", "no-such", "-p", "x", "--out", str(tmp_path / "a.seg.nrrd")]) == 2
     assert "Unknown model" in capsys.readouterr().err
-    assert main(["segment", str(tmp_path / "missing.nii.gz"), "-m", "synthetic-3d", "-p", "x", "--out", str(tmp_path / "b.seg.nrrd")]) == 2
+    assert main(["segment", str(tmp_path / "missing.nii.gz"), "-m", "synthetic-3d", "-p", "x", "--out",
+                 str(tmp_path / "b.seg.nrrd")]) == 2
     assert main(["segment", str(img), "-m", "synthetic-3d", "--out", str(tmp_path / "c.seg.nrrd")]) == 2
     assert "--prompt" in capsys.readouterr().err
     bad = tmp_path / "bad.nii.gz"
@@ -77,7 +79,8 @@ def test_cohort_resumes_where_it_stopped(tmp_path, test_models):
     assert (out / "b.seg.nrrd").read_text() == "earlier result"
     assert sorted(p.name for p in out.glob("*.seg.nrrd")) == ["a.seg.nrrd", "b.seg.nrrd", "c.seg.nrrd"]
     manifest = json.loads((out / "cohort.json").read_text())
-    assert {k: v["status"] for k, v in manifest["cases"].items()} == {"a.nii.gz": "done", "b.nii.gz": "done", "c.nii.gz": "done"}
+    assert {k: v["status"] for k, v in manifest["cases"].items()} == {"a.nii.gz": "done", "b.nii.gz": "done",
+                                                                      "c.nii.gz": "done"}
 
 
 def test_cohort_writes_one_objects_and_stats_file_per_case(tmp_path, test_models, capsys):

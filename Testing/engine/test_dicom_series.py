@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import shared_file
+
 from textseg.errors import InputError
 from textseg.formats.images import read_volume
 

@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
-
 from conftest import shared_file
+
 from textseg.errors import OutputExistsError, UsageError
-from textseg.volume import Volume
-from textseg.formats.segments import Segment
-from textseg.formats.segment_files import read_segments
 from textseg.formats.dicomseg import write_dicom_seg
+from textseg.formats.segment_files import read_segments
+from textseg.formats.segments import Segment
+from textseg.volume import Volume
 
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("highdicom")
@@ -43,7 +43,8 @@ def test_dicom_seg_frames_and_codes(tmp_path, ct_series):
     vol = ct_series
     a, b = _masks(vol)
     tags = {"textseg.model": "synthetic", "textseg.model_version": "1", "textseg.engine": "textseg 0.1.0"}
-    path = write_dicom_seg(tmp_path / "seg.dcm", vol, [Segment("left kidney tumor", a, tags=tags), Segment("liver", b, tags=tags)])
+    path = write_dicom_seg(tmp_path / "seg.dcm", vol,
+                           [Segment("left kidney tumor", a, tags=tags), Segment("liver", b, tags=tags)])
     ds = pydicom.dcmread(str(path))
     assert ds.Modality == "SEG" and ds.SegmentationType == "BINARY"
     sop_to_k = {pydicom.dcmread(f, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID: k
@@ -61,7 +62,8 @@ def test_dicom_seg_frames_and_codes(tmp_path, ct_series):
     assert seen[1] == set(range(3, 9)) and seen[2] == set(range(5, 15))  # empty frames omitted
     d1, d2 = ds.SegmentSequence
     assert d1.SegmentLabel == "left kidney tumor"
-    assert (d1.SegmentedPropertyCategoryCodeSequence[0].CodeValue, d1.SegmentedPropertyTypeCodeSequence[0].CodeValue) == (
+    assert (d1.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
+            d1.SegmentedPropertyTypeCodeSequence[0].CodeValue) == (
         "49755003", "108369006")
     assert d1.AnatomicRegionSequence[0].CodeValue == "64033007"
     assert d1.AnatomicRegionSequence[0].AnatomicRegionModifierSequence[0].CodeValue == "7771000"

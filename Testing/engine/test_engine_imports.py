@@ -72,7 +72,8 @@ print("OK")
 
 
 def test_predictor_path_runs_without_file_format_and_monai_packages():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "BiomedParseSlicer"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join([str(ROOT / "BiomedParseSlicer"), os.environ.get("PYTHONPATH", "")]))
     p = subprocess.run([sys.executable, "-c", CHILD, ",".join(BLOCKED)], capture_output=True, text=True, env=env,
                        cwd=str(ROOT), timeout=240)
     assert p.returncode == 0 and p.stdout.strip().endswith("OK"), p.stdout[-2000:] + p.stderr[-4000:]

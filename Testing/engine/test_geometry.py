@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import shared_file
+
 from textseg.formats.images import read_volume, to_sitk
 from textseg.predictor import Predictor
 from textseg.volume import Orientation, Volume
@@ -74,7 +74,8 @@ def test_permuted_and_flipped_copies_give_the_same_physical_mask(tmp_path, ct, r
     copy = _copy(ct, perm, flip)
     # physical position of every voxel is unchanged
     probe = np.array([[3, 5, 7]])
-    idx_copy = np.array([[probe[0, perm[d]] if not flip[perm[d]] else ct.size[perm[d]] - 1 - probe[0, perm[d]] for d in range(3)]])
+    idx_copy = np.array([[probe[0, perm[d]] if not flip[perm[d]] else ct.size[perm[d]] - 1 - probe[0, perm[d]]
+                          for d in range(3)]])
     np.testing.assert_allclose(copy.index_to_physical(idx_copy), ct.index_to_physical(probe), atol=1e-6)
     sitk.WriteImage(to_sitk(copy), str(tmp_path / f"copy{suffix}"))
     back = read_volume(tmp_path / f"copy{suffix}")
@@ -89,7 +90,8 @@ def test_permuted_and_flipped_copies_give_the_same_physical_mask(tmp_path, ct, r
 def test_oblique_copy_gives_the_same_voxels(tmp_path, ct, reference_masks, axis, degrees):
     t = np.deg2rad(degrees)
     c, s = np.cos(t), np.sin(t)
-    rot = {"z": [[c, -s, 0], [s, c, 0], [0, 0, 1]], "x": [[1, 0, 0], [0, c, -s], [0, s, c]], "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]]}[axis]
+    rot = {"z": [[c, -s, 0], [s, c, 0], [0, 0, 1]], "x": [[1, 0, 0], [0, c, -s], [0, s, c]],
+           "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]]}[axis]
     oblique = Volume(ct.array, ct.spacing, ct.origin, np.array(rot) @ ct.direction)
     sitk.WriteImage(to_sitk(oblique), str(tmp_path / "oblique.nrrd"))
     back = read_volume(tmp_path / "oblique.nrrd")
@@ -103,7 +105,8 @@ def test_oblique_copy_gives_the_same_voxels(tmp_path, ct, reference_masks, axis,
 def test_matrices_agree_with_simpleitk(tmp_path, ct):
     t = np.deg2rad(17.0)
     rot = np.array([[np.cos(t), 0, np.sin(t)], [0, 1, 0], [-np.sin(t), 0, np.cos(t)]])
-    for vol in (ct, _copy(ct, (2, 0, 1), (True, False, True)), Volume(ct.array, ct.spacing, ct.origin, rot @ ct.direction)):
+    for vol in (ct, _copy(ct, (2, 0, 1), (True, False, True)),
+                Volume(ct.array, ct.spacing, ct.origin, rot @ ct.direction)):
         img = to_sitk(vol)
         pts = np.array([[0, 0, 0], [1.5, 2.25, 3.0], [vol.size[0] - 1, vol.size[1] - 1, vol.size[2] - 1]], float)
         expected = np.array([img.TransformContinuousIndexToPhysicalPoint(tuple(p)) for p in pts])

@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import ROOT, shared_file
+
 from textseg.errors import InputError
-from textseg.formats.images import read_volume, write_image
-from textseg.volume import Volume
+from textseg.formats.images import read_volume
 
 ARR = np.arange(6 * 5 * 4, dtype=np.int16).reshape(4, 5, 6)
 
@@ -97,7 +96,8 @@ def test_nifti_bitpix_8_datatype_int16_half_the_data_missing(tmp_path):
     raw = bytearray(p.read_bytes())
     raw[72:74] = struct.pack("<h", 8)
     p.write_bytes(bytes(raw[: 352 + ARR.nbytes // 2]))
-    with pytest.raises(InputError, match=r"b\.nii: cannot be read as an image: the file ends before its pixel data does "
+    with pytest.raises(InputError,
+                       match=r"b\.nii: cannot be read as an image: the file ends before its pixel data does "
                                          r"\(120 of 240 bytes"):
         read_volume(p)
 
@@ -138,7 +138,8 @@ def test_nifti_datatype_larger_than_the_data(tmp_path):
     raw = bytearray(p.read_bytes())
     raw[70:72] = struct.pack("<h", 64)  # datatype float64, bitpix stays 32
     p.write_bytes(bytes(raw))
-    with pytest.raises(InputError, match=r"f\.nii: cannot be read as an image: the file ends before its pixel data does"):
+    with pytest.raises(InputError,
+                       match=r"f\.nii: cannot be read as an image: the file ends before its pixel data does"):
         read_volume(p)
 
 
@@ -224,7 +225,8 @@ def test_tiny_files_declaring_huge_images_are_refused_before_allocating(tmp_path
 def test_a_declared_size_beyond_the_available_memory_is_refused(tmp_path, monkeypatch):
     p = _write(tmp_path / "m.nrrd", np.zeros((64, 64, 64), np.int16))
     monkeypatch.setenv("TEXTSEG_READ_MAX_MEMORY_MB", "0.5")
-    with pytest.raises(InputError, match=r"m\.nrrd: its 64x64x64 int16 voxels need 0\.5 MiB of memory \(twice that while "
+    with pytest.raises(InputError,
+                       match=r"m\.nrrd: its 64x64x64 int16 voxels need 0\.5 MiB of memory \(twice that while "
                                          r"reading\) but only 0\.5 MiB is available"):
         read_volume(p)
 
@@ -273,7 +275,8 @@ def test_damaged_deflate_data_inside_a_nii_gz(tmp_path):
     for i in range(50):
         data[len(data) // 3 + 7 * i] ^= 0x5A
     (tmp_path / "bad.nii.gz").write_bytes(bytes(data))
-    with pytest.raises(InputError, match=r"bad\.nii\.gz: cannot be read as an image \(damaged compressed data: Error -3"):
+    with pytest.raises(InputError,
+                       match=r"bad\.nii\.gz: cannot be read as an image \(damaged compressed data: Error -3"):
         read_volume(tmp_path / "bad.nii.gz")
 
 

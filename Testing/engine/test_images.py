@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import shared_file
+
 from textseg.errors import InputError
 from textseg.formats.images import read_volume, write_image
 from textseg.volume import Volume

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Dict, List, Set
 
 import textseg
 
 PACKAGE = Path(textseg.__file__).resolve().parent
 
 
-def _modules() -> Dict[str, Path]:
+def _modules() -> dict[str, Path]:
     out = {}
     for f in sorted(PACKAGE.rglob("*.py")):
         parts = ["textseg", *f.relative_to(PACKAGE).with_suffix("").parts]
@@ -24,7 +23,7 @@ def _modules() -> Dict[str, Path]:
     return out
 
 
-def _imports(name: str, path: Path, modules: Dict[str, Path]) -> Set[str]:
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The textseg modules that ``name`` imports anywhere in its body."""
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found = set()
@@ -42,13 +41,13 @@ def _imports(name: str, path: Path, modules: Dict[str, Path]) -> Set[str]:
     return {m for m in found if m in modules and m != name}
 
 
-def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """One cycle per strongly connected component of more than one module (Tarjan)."""
-    index: Dict[str, int] = {}
-    low: Dict[str, int] = {}
-    stack: List[str] = []
-    on_stack: Set[str] = set()
-    found: List[List[str]] = []
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
 
     def visit(v: str) -> None:
         index[v] = low[v] = len(index)

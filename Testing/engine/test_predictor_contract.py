@@ -113,7 +113,8 @@ def test_box_prompt_in_physical_coordinates():
     v = _phantom()  # identity direction, spacing (1, 1, 2): LPS mm = (i, j, 2k)
     p = Predictor("synthetic-3d", device="cpu")
     p.set_image(v, "CT")
-    inside, outside = p.predict([Prompt("bone", box=((1, 2, 2), (4, 5, 6))), Prompt("bone", box=((-9, -9, -9), (-5, -5, -5)))])
+    inside, outside = p.predict([Prompt("bone", box=((1, 2, 2), (4, 5, 6))),
+                                 Prompt("bone", box=((-9, -9, -9), (-5, -5, -5)))])
     assert inside.voxel_count == 4 * 4 * 3  # i 1..4, j 2..5, k 1..3
     assert outside.voxel_count == 0
 

@@ -2,11 +2,19 @@
 
 import numpy as np
 import pytest
-
 from conftest import shared_file
+
 from textseg.errors import UsageError
-from textseg.presets import CT_WINDOW_SOURCES, CT_WINDOWS, MODALITIES, get_preset, guess_modality, normalize_modality, window_to_uint8
 from textseg.predictor import Predictor
+from textseg.presets import (
+    CT_WINDOW_SOURCES,
+    CT_WINDOWS,
+    MODALITIES,
+    get_preset,
+    guess_modality,
+    normalize_modality,
+    window_to_uint8,
+)
 from textseg.volume import Volume
 
 

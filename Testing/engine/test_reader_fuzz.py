@@ -9,12 +9,10 @@ from __future__ import annotations
 import collections
 import logging
 import warnings
-from pathlib import Path
-
-import numpy as np
-import pytest
 
 import fuzzing
+import numpy as np
+import pytest
 from conftest import SHARED
 
 COUNTS = {"nifti": 200, "nrrd": 200, "meta": 200, "dicom": 200, "seg": 60}

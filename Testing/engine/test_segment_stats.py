@@ -6,14 +6,14 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import shared_file
-from textseg.errors import Cancelled, InputError, OutputExistsError
-from textseg.models.base import CancelToken
+
 from textseg.analysis.segment_stats import COLUMNS, compute_statistics, write_statistics
-from textseg.volume import Volume
-from textseg.formats.segments import Segment
+from textseg.errors import Cancelled, InputError, OutputExistsError
 from textseg.formats.segment_files import read_segments
+from textseg.formats.segments import Segment
+from textseg.models.base import CancelToken
+from textseg.volume import Volume
 
 
 def _rot(deg):
@@ -150,8 +150,8 @@ def test_write_csv_and_json(tmp_path):
 
 
 def test_statistics_for_files_labelmap_and_seg_nrrd(tmp_path):
-    from textseg.formats.images import read_volume
     from textseg.analysis.segment_stats import statistics_for_files
+    from textseg.formats.images import read_volume
     from textseg.formats.segments import write_seg_nrrd
 
     ct_path = shared_file("totalsegmentator-examples", "example_ct_sm.nii.gz")

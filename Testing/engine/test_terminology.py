@@ -17,7 +17,8 @@ def test_table_has_totalsegmentator_layout_and_unique_structures():
         rows = list(reader)
     groups = ["SegmentedPropertyCategoryCodeSequence", "SegmentedPropertyTypeCodeSequence",
               "SegmentedPropertyTypeModifierCodeSequence", "AnatomicRegionSequence", "AnatomicRegionModifierSequence"]
-    expected = ["Structure"] + [f"{g}.{c}" for g in groups for c in ("CodingSchemeDesignator", "CodeValue", "CodeMeaning")]
+    expected = ["Structure"] + [f"{g}.{c}" for g in groups for c in ("CodingSchemeDesignator", "CodeValue",
+                                                                     "CodeMeaning")]
     assert reader.fieldnames[:16] == expected
     assert reader.fieldnames[16:] == ["RecommendedDisplayRGBValue", "Synonyms"]
     names = [r["Structure"] for r in rows]

@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from hubserver import Hub
+
 from textseg import catalog, weights
 from textseg.catalog import ModelSpec, WeightFile
 from textseg.cli.models import main as models_main
@@ -38,7 +38,8 @@ def env(hub_env):
     return hub_env
 
 
-def publish(hub: Hub, model_id: str, files: dict, gated: bool = False, catalog_sha: bool = True, lfs: bool = True) -> ModelSpec:
+def publish(hub: Hub, model_id: str, files: dict, gated: bool = False, catalog_sha: bool = True,
+            lfs: bool = True) -> ModelSpec:
     """Publish ``{name: bytes}`` on the hub and register a hidden test model pinned to its commit."""
     wfs = []
     for name, data in files.items():
@@ -170,7 +171,8 @@ def test_gated_repo_tokens(env, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_accepted")
     weights.download("t-gated")
     assert (env / "models/t-gated/w.bin").read_bytes() == data
-    assert {h["auth"] for h in hub.requests("HEAD", "hub")} == {None, "Bearer hf_not_accepted", "Bearer hf_wrong", "Bearer hf_accepted"}
+    assert {h["auth"] for h in hub.requests("HEAD", "hub")} == {None, "Bearer hf_not_accepted", "Bearer hf_wrong",
+                                                                "Bearer hf_accepted"}
     assert cdn_gets(hub)[0]["auth"] is None  # the token never leaves the hub's origin
 
 
@@ -248,10 +250,12 @@ def test_two_processes_download_the_same_file(env, hub):
     code = _CHILD.format(src=str(ROOT / "BiomedParseSlicer"))
     arg = json.dumps(spec.files[0].__dict__)
     env_vars = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen([sys.executable, "-c", code, arg], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_vars)
+    first = subprocess.Popen([sys.executable, "-c", code, arg], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env_vars)
     try:
         assert hub.holding.setdefault("weights/w.bin", threading.Event()).wait(60), "first process never downloaded"
-        second = subprocess.Popen([sys.executable, "-c", code, arg], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_vars)
+        second = subprocess.Popen([sys.executable, "-c", code, arg], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, env=env_vars)
         lines = [second.stdout.readline() for _ in range(2)]  # its progress while the first holds the lock
         hold.set()
         assert lines == ["Checking w.bin\n", "Waiting for another process downloading w.bin\n"], lines
@@ -286,7 +290,8 @@ def run_cli_child(spec: ModelSpec, args: list, env_vars: dict) -> subprocess.Com
     """``textseg models ARGS`` in a fresh process (fresh HTTP sessions, real environment)."""
     code = _CLI_CHILD.format(src=str(ROOT / "BiomedParseSlicer"), model_id=spec.id)
     files = json.dumps([f.__dict__ for f in spec.files])
-    return subprocess.run([sys.executable, "-c", code, files, *args], capture_output=True, text=True, timeout=60, env=env_vars)
+    return subprocess.run([sys.executable, "-c", code, files, *args], capture_output=True, text=True, timeout=60,
+                          env=env_vars)
 
 
 def test_dead_proxy_is_named_in_the_error(env, hub):
@@ -360,7 +365,8 @@ def test_verify_quarantines_and_require_weights_refuses_corrupt_file(env, hub):
     p = env / "models/t-verify/w.bin"
     p.write_bytes(data[:-1] + b"\0")  # same size, different content, new mtime
     assert weights.status(spec).state == "unverified"
-    with pytest.raises(weights.ChecksumError, match=r"failed its checksum.*moved to .*w\.bin\.corrupt.*download t-verify"):
+    with pytest.raises(weights.ChecksumError,
+                       match=r"failed its checksum.*moved to .*w\.bin\.corrupt.*download t-verify"):
         weights.require_weights(spec)
     assert not p.exists() and weights.status(spec).state == "corrupt"
     weights.download(spec)  # fetches a good copy, drops the quarantined one
@@ -424,7 +430,8 @@ def test_cli_verbs_end_to_end(env, hub, tmp_path, capsys):
     assert models_main(["list", "--all"]) == 0
     assert any(line.split() == ["t-cli", "missing"] for line in capsys.readouterr().out.splitlines())
     assert models_main([]) == 0  # plain `textseg models`: the list of the models users see
-    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line and not line.startswith((" ", "cache"))]
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line
+              and not line.startswith((" ", "cache"))]
     assert "deepbet" in listed and "sat-nano" in listed and "t-cli" not in listed
     assert models_main(["verify", "t-cli"]) == 1
     capsys.readouterr()
@@ -452,8 +459,8 @@ def test_cli_errors_and_usage(env, hub, capsys):
 
 
 def test_cli_module_runs_in_a_fresh_process_without_torch(env, hub):
-    code = ("import sys; sys.path.insert(0, %r); import textseg.cli.models as c; rc = c.main(['list']); "
-            "print('torch' in sys.modules); sys.exit(rc)") % str(ROOT / "BiomedParseSlicer")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'BiomedParseSlicer')!r}); import textseg.cli.models as c; "
+            "rc = c.main(['list']); print('torch' in sys.modules); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ})
     assert r.returncode == 0, r.stderr
     assert "deepbet" in r.stdout and r.stdout.strip().endswith("False")
@@ -541,9 +548,9 @@ def test_branch_is_resolved_once_for_all_files_of_a_model(env, hub):
 def test_what_was_resolved_is_listed_kept_by_verify_and_stamped_into_every_segment(env, hub, tmp_path, capsys):
     import numpy as np
 
+    from textseg.formats.segments import segments_from_results
     from textseg.predictor import Predictor
     from textseg.volume import Volume
-    from textseg.formats.segments import segments_from_results
 
     data = blob(50_000, 35)
     commit = hub.add(REPO, "weights/w.bin", data)
@@ -553,7 +560,8 @@ def test_what_was_resolved_is_listed_kept_by_verify_and_stamped_into_every_segme
                                       modalities=("CT",), adapter="textseg.models.synthetic.adapter:Synthetic3D",
                                       files=(wf,), hidden=True))
     weights.download(spec)
-    want = [{"file": "w.bin", "repo": REPO, "revision": "main", "commit": commit, "size": len(data), "sha256": sha(data)}]
+    want = [{"file": "w.bin", "repo": REPO, "revision": "main", "commit": commit, "size": len(data),
+             "sha256": sha(data)}]
     assert weights.provenance(spec) == want
     st = weights.status(spec).files[0]
     assert (st.commit, st.sha256, st.revision) == (commit, sha(data), "main")

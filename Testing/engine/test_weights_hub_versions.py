@@ -79,7 +79,8 @@ def test_download_with_lowest_declared_huggingface_hub(hub, hub_env, tmp_path):
                sha256=hashlib.sha256(data).hexdigest()),
           dict(name="config.json", repo="test-org/old-hub", revision="main", filename="config.json")]
     models = {"t-old-ok": ok,
-              "t-old-gated": [dict(name="w.bin", repo="test-org/old-hub-gated", revision="main", filename="w.bin", gated=True)],
+              "t-old-gated": [dict(name="w.bin", repo="test-org/old-hub-gated", revision="main", filename="w.bin",
+                                   gated=True)],
               "t-old-absent": [dict(name="x.bin", repo="test-org/old-hub", revision=commit, filename="nothere.bin")]}
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONWARNINGS": "ignore"}
     r = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT / "BiomedParseSlicer"), json.dumps(models)],

@@ -214,7 +214,8 @@ def v2_predictor(weights, **options):
     from textseg.models.biomedparse.v2.model import REDUCED
     from textseg.predictor import Predictor
 
-    return Predictor("biomedparse-v2", device="cpu", weights_dir=weights, seed=3, config=REDUCED, batch_size=2, **options)
+    return Predictor("biomedparse-v2", device="cpu", weights_dir=weights, seed=3, config=REDUCED, batch_size=2,
+                     **options)
 
 
 def spy_decodes(p):
@@ -258,7 +259,8 @@ def test_v2_recognize_through_the_predictor(v2_weights):
     calls = spy_decodes(p)
     names = ["liver", "spleen", "left kidney", "aorta"]
     out = p.recognize(targets=names, instances=["liver", "aorta"], existence_threshold=0.0)
-    rec = V2Recognizer("CT", "abdomen", 0.5, False, targets=names, instances=["liver", "aorta"], existence_threshold=0.0)
+    rec = V2Recognizer("CT", "abdomen", 0.5, False, targets=names, instances=["liver", "aorta"],
+                       existence_threshold=0.0)
     assert all(o.edges is not None for _, _, outs in calls for o in outs)
     canon, _ = expected_from(calls, rec, 4, vol.canonical().shape)
     want = [n for t, n in enumerate(names) if (canon == t + 1).any()]
@@ -342,6 +344,7 @@ def test_recognize_cancel_keeps_completed_slices(v2_weights):
 def test_v1_recognize_public_api_equals_the_wrapper(tmp_path):
     pytest.importorskip("torch")
     import test_biomedparse_v1 as t1
+
     from textseg.catalog import get_model
     from textseg.models.biomedparse.v1.adapter import recognize
     from textseg.models.biomedparse.v1.model import REDUCED
@@ -351,7 +354,8 @@ def test_v1_recognize_public_api_equals_the_wrapper(tmp_path):
     oracle = dict(np.load(t1.ORACLE))
     t1.official_file(oracle, tmp_path / "biomedparse_v1.pt")
     params = [[2.0, 2.0]] * 4  # wide Beta: most targets pass, NMS and combine decide
-    (tmp_path / "target_dist.json").write_text(json.dumps({"Pathology": {t: params for t in BIOMED_OBJECTS["Pathology"]}}))
+    (tmp_path / "target_dist.json").write_text(json.dumps({"Pathology": {t: params
+                                                                         for t in BIOMED_OBJECTS["Pathology"]}}))
     p = Predictor(get_model("biomedparse-v1"), device="cpu", weights_dir=tmp_path, config=REDUCED)
     p.set_image(t1.rgb_volume(oracle["image"], 1), "Pathology")
     a = p.recognize()
@@ -397,8 +401,8 @@ def test_cli_segment_one_recognize_writes_named_segments_and_objects(v2_weights,
 
     from textseg.cli.segment import segment_one
     from textseg.formats.images import write_image
-    from textseg.models.base import CancelToken
     from textseg.formats.segments import read_seg_nrrd
+    from textseg.models.base import CancelToken
 
     img = tmp_path / "ct.nii.gz"
     write_image(ct_volume(), img)
@@ -419,12 +423,13 @@ def test_cli_segment_one_recognize_writes_named_segments_and_objects(v2_weights,
 def test_remote_recognize_equals_local(v2_weights):
     """RemotePredictor.recognize runs the same rules on the server: same targets, masks, scores and objects."""
     pytest.importorskip("fastapi")
-    from textseg.remote.client import RemotePredictor
     from textseg.errors import UsageError as Usage
     from textseg.models.biomedparse.v2.model import REDUCED
+    from textseg.remote.client import RemotePredictor
     from textseg.remote.server import Settings, running_server
 
-    options = {"targets": ["liver", "spleen", "left kidney", "aorta"], "instances": ["aorta"], "existence_threshold": 0.0}
+    options = {"targets": ["liver", "spleen", "left kidney", "aorta"], "instances": ["aorta"],
+               "existence_threshold": 0.0}
     local = v2_predictor(v2_weights)
     local.set_image(ct_volume(), "CT", "abdomen")
     want = local.recognize(**options)

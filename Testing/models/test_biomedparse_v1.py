@@ -140,9 +140,12 @@ def test_target_dist_errors(tmp_path):
 
 # ---- recognition rules (upstream non_maxima_suppression, combine_masks) ----------------------------
 def test_nms_drops_masks_mostly_inside_a_better_one():
-    a = np.zeros((10, 10)); a[:, :6] = 0.9
-    b = np.zeros((10, 10)); b[:, 2:7] = 0.8  # 40 of 50 pixels inside a
-    c = np.zeros((10, 10)); c[:, 5:] = 0.7  # 10 of 50 inside a
+    a = np.zeros((10, 10))
+    a[:, :6] = 0.9
+    b = np.zeros((10, 10))
+    b[:, 2:7] = 0.8  # 40 of 50 pixels inside a
+    c = np.zeros((10, 10))
+    c[:, 5:] = 0.7  # 10 of 50 inside a
     empty = np.zeros((10, 10))
     kept = ex.non_maxima_suppression({"a": a, "b": b, "c": c, "e": empty}, {"a": 0.9, "b": 0.5, "c": 0.3, "e": 1.0})
     assert kept == ["a", "c"]
@@ -151,15 +154,20 @@ def test_nms_drops_masks_mostly_inside_a_better_one():
 
 
 def test_combine_masks_pixelwise_argmax_and_discard():
-    a = np.zeros((4, 10)); a[:, :6] = 0.9
-    b = np.zeros((4, 10)); b[:, 4:] = 0.6
-    small = np.zeros((4, 10)); small[:, 5:7] = 0.55  # loses all its pixels to a (0.9) / b (0.6)
+    a = np.zeros((4, 10))
+    a[:, :6] = 0.9
+    b = np.zeros((4, 10))
+    b[:, 4:] = 0.6
+    small = np.zeros((4, 10))
+    small[:, 5:7] = 0.55  # loses all its pixels to a (0.9) / b (0.6)
     m = ex.combine_masks({"a": a, "b": b, "small": small})
     assert set(m) == {"a", "b"}
     assert int(m["a"].sum()) == 24 and int(m["b"].sum()) == 16 and not (m["a"] & m["b"]).any()
     # the most confident target is kept even when it loses most of its area
-    weak = np.zeros((4, 10)); weak[:, :] = 0.3
-    strong = np.zeros((4, 10)); strong[:, 1:] = 0.35
+    weak = np.zeros((4, 10))
+    weak[:, :] = 0.3
+    strong = np.zeros((4, 10))
+    strong[:, 1:] = 0.35
     m2 = ex.combine_masks({"weak": weak, "strong": strong})
     assert set(m2) == {"strong"} and int(m2["strong"].sum()) == 0  # nothing > 0.5
 
@@ -171,6 +179,7 @@ def test_combine_masks_pixelwise_argmax_and_discard():
 ])
 def test_preprocessing_equals_upstream_elementwise(case, rel, k, modality, site):
     from conftest import shared_file
+
     from textseg.formats.images import read_volume
     from textseg.models.biomedparse.v1.preprocess import preprocess_slice
     from textseg.presets import get_preset
@@ -363,7 +372,8 @@ def test_full_size_model_has_exactly_the_official_keys_and_shapes():
     want = json.loads(KEYS.read_text())
     assert len(want) == 932
     model = build_v1(V1Config(), device="meta")
-    own = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in model.state_dict().items()}
+    own = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+           for k, v in model.state_dict().items()}
     assert own == want
     n_params = sum(int(np.prod(v["shape"])) for k, v in want.items() if k != "dilation_kernel")
     assert 341.0e6 < n_params < 341.5e6  # 341.2 M measured on upstream
@@ -412,7 +422,8 @@ def test_spec_and_image_types():
     spec = get_model("biomedparse-v1")
     assert spec.dims == 2 and spec.recognition and spec.existence_threshold == 0.05
     assert spec.sites == ("abdomen", "lung", "pelvis", "liver", "colon", "pancreas") and len(spec.modalities) == 9
-    assert {f.name for f in spec.files} == {"biomedparse_v1.pt", "target_dist.json"} and all(f.gated for f in spec.files)
+    assert {f.name for f in spec.files} == {"biomedparse_v1.pt",
+                                            "target_dist.json"} and all(f.gated for f in spec.files)
     assert sum(map(len, BIOMED_OBJECTS.values())) == 52 and "COVID-19 infection" in spec.vocabulary
     assert image_types_for("CT", "pelvis") == ["CT-Abdomen"] and image_types_for("CT", "lung") == ["CT-Chest"]
     assert image_types_for("MRI", "brain") == ["MRI-FLAIR-Brain", "MRI-T1-Gd-Brain"]
@@ -426,10 +437,10 @@ GEOMETRY = FIX / "biomedparse_v1_geometry.npz"
 
 def turned_scan(tmp_path, scan: str, case: str):
     """The real scan turned through its header (Testing/oracles/real_scans.py), written and read the user's way."""
+    from conftest import shared_file
     from make_biomedparse_v1_fixture import GEOMETRY_SCANS
     from real_scans import save_nifti, turned_copy
 
-    from conftest import shared_file
     from textseg.formats.images import read_volume
 
     name = GEOMETRY_SCANS[scan][0]

@@ -40,7 +40,8 @@ def test_prompt_sentence_matches_upstream_example():
         "Visualization of the duodenum in abdominal CT imaging"
     own = "Segmentation of enhancing tissue in head post-contrast T1-weighted MR"
     assert v2_spec.prompt_sentence(own, "MRI", "brain") == own
-    assert v2_spec.prompt_sentence("mitochondria", "Microscopy") == "Visualization of the mitochondria in Microscopy imaging"
+    assert v2_spec.prompt_sentence("mitochondria",
+                                   "Microscopy") == "Visualization of the mitochondria in Microscopy imaging"
 
 
 # ---- loader --------------------------------------------------------------------------------------------
@@ -108,7 +109,9 @@ def test_loader_errors(tmp_path):
         load_v2_weights(Tiny(), extra)
     wrong = Tiny()
     wrong.backbone = torch.nn.Linear(32, 9)
-    with pytest.raises(WeightsError, match=r"2 with another shape: backbone.bias \(8,\) != \(9,\), backbone.weight \(8, 32\) != \(9, 32\)"):
+    with pytest.raises(WeightsError,
+                       match=r"2 with another shape: backbone.bias \(8,\) != \(9,\), backbone.weight \(8, 32\) != \(9, "
+                             r"32\)"):
         load_v2_weights(wrong, good)
 
 
@@ -202,7 +205,8 @@ def decoder(dec_oracle, tmp_path_factory):
 
 def tiled(o, p=2):
     feats = [torch.from_numpy(o[f"feat{i}"]).repeat_interleave(p, 0) for i in range(3)]
-    return feats, torch.from_numpy(o["mask_features"]).repeat_interleave(p, 0), torch.from_numpy(o["tokens"]).repeat(1, 2, 1)
+    return (feats, torch.from_numpy(o["mask_features"]).repeat_interleave(p, 0),
+            torch.from_numpy(o["tokens"]).repeat(1, 2, 1))
 
 
 def spy_heads(dec):
@@ -323,7 +327,8 @@ def test_decoder_equals_upstream(decoder, dec_oracle, run, monkeypatch):
     for i, (masks, attn) in enumerate(got[:4]):
         assert np.abs(masks.numpy() - o[f"{run}/head{i}"]).max() <= TOL
         if run == "full":
-            assert o[f"{run}/attn{i}"].all() and attn.numpy().all()  # threshold 1.1: all blocked, rows opened before use
+            # threshold 1.1: all blocked, rows opened before use
+            assert o[f"{run}/attn{i}"].all() and attn.numpy().all()
     if run == "boltz":  # the same random draws in the same order; rule 1 (no flip happens in this small fixture)
         flipped, _, flips = check_draws(rec, rec.calls[:4], 4, [o[f"boltz/attn{i}"] for i in range(4)])
         assert flips == 0 and not flipped
@@ -528,7 +533,8 @@ def run_ours(model, o, compat: bool, prompts=None, seed=None, batch=2):
             x = pre.pack_neighbours(vol, idx)
             stages.append(model.backbone((x.float() - model.pixel_mean.mean()) / model.pixel_std.mean()))
             enc = model.encode(x)
-            sampling = Sampling(generator=g) if compat else Sampling(row_seeds=[seed_of(t, k) for k in idx for t in texts])
+            sampling = Sampling(generator=g) if compat else Sampling(row_seeds=[seed_of(t, k) for k in idx
+                                                                                for t in texts])
             d = model.decode(enc, pr, sampling, compat_upstream=compat)
             masks.append(d.masks), ex.append(d.existence), edges.append(d.edges)
     cat = lambda xs: torch.cat(xs).transpose(0, 1).numpy()  # noqa: E731  (P, D, ...) like upstream
@@ -752,7 +758,8 @@ def test_compat_on_tilted_and_oblique_real_scans(geometry_weights, tmp_path, mon
     depth = logits.shape[1]
     batches = [list(range(a, min(a + int(o["batch"]), depth))) for a in range(0, depth, int(o["batch"]))]
     tol = compat_tolerance(rec, model, batches, 1)
-    assert within(logits, o[f"{scan}/pred_gmasks"][None], tol) and within(existence, o[f"{scan}/object_existence"][None], tol)
+    assert within(logits, o[f"{scan}/pred_gmasks"][None], tol) and within(existence,
+                                                                          o[f"{scan}/object_existence"][None], tol)
     # upstream's label map (inference.py: existence > 0.5, then probability > 0.5), placed on the input grid
     want = o[f"{scan}/labels"] if scan == "mr" else o["ct/labels"][:, ::-1, ::-1]
     assert r.mask.shape == want.shape == vol.shape and 0.3 < want.mean() < 0.95

@@ -27,7 +27,8 @@ def test_known_ids(tmp_path):
     assert mask[1].sum() == 3
 
 
-BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"  # OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz
+# OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz
+BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
 
 def test_vocabulary_ships_with_the_engine():

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from conftest import shared_file
 
 pytest.importorskip("deepbet")
@@ -12,7 +11,8 @@ pytest.importorskip("deepbet")
 def mni():
     from textseg.formats.images import read_volume
 
-    return read_volume(shared_file("mni152", "MNI152_T1.nii.gz")), read_volume(shared_file("mni152", "MNI152_mask.nii.gz"))
+    return read_volume(shared_file("mni152", "MNI152_T1.nii.gz")), read_volume(shared_file("mni152",
+                                                                                           "MNI152_mask.nii.gz"))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,8 @@ def test_equals_deepbets_own_pipeline_on_a_head_turned_through_its_header(mni, t
     path = tmp_path / f"mni_{case}.nii.gz"
     save_nifti(array, affine, path)
     img = nib.load(str(path))
-    assert nib.io_orientation(img.affine).tolist() == nib.io_orientation(nib.load(str(shared_file("mni152", "MNI152_T1.nii.gz"))).affine).tolist()
+    assert nib.io_orientation(img.affine).tolist() == nib.io_orientation(nib.load(str(shared_file("mni152",
+                                                                                                  "MNI152_T1.nii.gz"))).affine).tolist()
     _, mask_img, _ = BrainExtraction(no_gpu=True).run(img)
     theirs = np.asarray(mask_img.dataobj).astype(np.uint8).transpose(2, 1, 0)
     vol = read_volume(path)

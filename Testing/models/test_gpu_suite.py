@@ -44,13 +44,15 @@ def test_report_reads_targets_from_partial_results():
             slices=[92, 108], total_slices=200),
         # a model whose upstream part failed and whose bf16 run hit an error
         rec(kind="interactive", model="sat-pro", impl="ours", precision="fp32", prompts=1, first_s=4.0, further_s=[]),
-        {"kind": "error", "part": "sat-pro/ours", "model": "sat-pro", "what": "interactive bf16", "error": "OutOfMemoryError: x"},
+        {"kind": "error", "part": "sat-pro/ours", "model": "sat-pro", "what": "interactive bf16",
+         "error": "OutOfMemoryError: x"},
         {"kind": "server", "part": "server", "step": "set_image", "local_s": 1.0, "remote_s": 1.5, "overhead_s": 0.5,
          "overhead_pct": 50.0},
         {"kind": "server", "part": "server", "step": "first prompt", "local_s": 2.0, "remote_s": 2.1, "overhead_s": 0.1,
          "overhead_pct": 5.0},
     ]
-    parts = {"sat-pro/upstream": {"status": "stopped at its budget", "seconds": 75.0, "budget_s": 75, "error": "Killed"}}
+    parts = {"sat-pro/upstream": {"status": "stopped at its budget", "seconds": 75.0, "budget_s": 75,
+                                  "error": "Killed"}}
     md = suite.report({"meta": {"started": "now", "elapsed_s": 1.0}, "parts": parts, "records": records})
     line = next(ln for ln in md.splitlines() if ln.startswith("| segvol |"))
     assert "fp32 6.0 % ✓" in line and "bf16 20.0 % ✗" in line  # median further / first
@@ -69,7 +71,7 @@ def test_a_part_over_its_budget_is_stopped_and_the_suite_goes_on(tmp_path):
     started, and the results are still written."""
     prepared = tmp_path / "prep"
     (prepared / "home").mkdir(parents=True)
-    (prepared / "manifest.json").write_text('{"python": "%d.%d"}' % sys.version_info[:2])
+    (prepared / "manifest.json").write_text(f'{{"python": "{sys.version_info[0]}.{sys.version_info[1]}"}}')
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--prepared", str(prepared), "--out",
                         str(out), "--work", str(tmp_path / "work"), "--dry-run", "--only", "deepbet/ours",
@@ -97,7 +99,8 @@ def test_prepare_selects_pinned_files_and_checks_wheel_requirements(tmp_path):
     def wheel(folder, name, requires):
         (tmp_path / folder).mkdir(exist_ok=True)
         with zipfile.ZipFile(tmp_path / folder / f"{name}-1.0-py3-none-any.whl", "w") as z:
-            z.writestr(f"{name}-1.0.dist-info/METADATA", "Name: %s\n" % name + "".join(f"Requires-Dist: {r}\n" for r in requires))
+            z.writestr(f"{name}-1.0.dist-info/METADATA",
+                       f"Name: {name}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires))
 
     wheel("whl", "fastapi", ["starlette>=1", "pydantic", "anyio", "email-validator; extra == 'all'"])
     wheel("whl", "nibabel", ["numpy", "importlib-resources>=5; python_version < '3.12'"])
@@ -111,22 +114,20 @@ def test_standins_import_and_fail_loudly_when_used(tmp_path):
     standins = load("gpu_standins")
     standins.write(tmp_path)
     code = (
-        "import torch; from detectron2.layers import Conv2d, get_norm; from detectron2.structures import ImageList\n"
-        "c = Conv2d(3, 64, 3, padding=1, norm=get_norm('GN', 64), activation=torch.relu)\n"
-        "assert c(torch.zeros(1, 3, 8, 8)).shape == (1, 64, 8, 8)\n"
-        "il = ImageList.from_tensors([torch.zeros(3, 5, 7), torch.zeros(3, 6, 4)], 4)\n"
-        "assert tuple(il.tensor.shape) == (2, 3, 8, 8) and il.image_sizes == [(5, 7), (6, 4)]\n"
-        "from nltk.stem.lancaster import LancasterStemmer\n"
-        "st = LancasterStemmer()  # built at import time upstream: must not fail\n"
-        "try:\n    st.stem('x') + 'y'\nexcept RuntimeError as e:\n    assert 'stand-in' in str(e)\nelse:\n    raise SystemExit(1)\n"
-        "from mpi4py import MPI; assert MPI.COMM_WORLD.Get_rank() == 0\n"
-        "print('OK')\n")
+        "import torch; from detectron2.layers import Conv2d, get_norm; from detectron2.structures import ImageList\nc "
+        "= Conv2d(3, 64, 3, padding=1, norm=get_norm('GN', 64), activation=torch.relu)\nassert c(torch.zeros(1, 3, 8, "
+        "8)).shape == (1, 64, 8, 8)\nil = ImageList.from_tensors([torch.zeros(3, 5, 7), torch.zeros(3, 6, 4)], "
+        "4)\nassert tuple(il.tensor.shape) == (2, 3, 8, 8) and il.image_sizes == [(5, 7), (6, 4)]\nfrom "
+        "nltk.stem.lancaster import LancasterStemmer\nst = LancasterStemmer()  # built at import time upstream: must "
+        "not fail\ntry:\n    st.stem('x') + 'y'\nexcept RuntimeError as e:\n    assert 'stand-in' in str(e)\nelse:\n   "
+        " raise SystemExit(1)\nfrom mpi4py import MPI; assert MPI.COMM_WORLD.Get_rank() == 0\nprint('OK')\n")
     env = {"PYTHONPATH": str(tmp_path / "always"), "PATH": "/usr/bin:/bin"}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert p.stdout.strip() == "OK", p.stderr[-2000:]
 
 
-@pytest.mark.parametrize("shape,spacing", [((8, 6, 4), (2.0, 3.0, 1.5)), ((4, 4, 4), (1.0, 1.0, 1.0))])  # even: whole-voxel offset
+@pytest.mark.parametrize("shape,spacing",
+                         [((8, 6, 4), (2.0, 3.0, 1.5)), ((4, 4, 4), (1.0, 1.0, 1.0))])  # even: whole-voxel offset
 def test_input_resampling_keeps_the_centre_and_fills_outside(shape, spacing):
     import numpy as np
 
@@ -138,7 +139,8 @@ def test_input_resampling_keeps_the_centre_and_fills_outside(shape, spacing):
     big = models.resample_centred(src, spacing, tuple(2 * s for s in shape), spacing, -1024.0)
     assert (big[0] == -1024).all() and (big[:, :, -1] == -1024).all()  # outside the source: the fill value
     half = tuple(s // 2 for s in shape)
-    assert np.allclose(big[half[0]:half[0] + shape[0], half[1]:half[1] + shape[1], half[2]:half[2] + shape[2]], src, atol=1e-5)
+    assert np.allclose(big[half[0]:half[0] + shape[0], half[1]:half[1] + shape[1], half[2]:half[2] + shape[2]], src,
+                       atol=1e-5)
     aff = np.diag(list(spacing) + [1.0])
     aff[:3, 3] = (5.0, -3.0, 2.0)
     a2 = models.centred_affine(aff, shape, tuple(2 * s for s in shape), spacing)

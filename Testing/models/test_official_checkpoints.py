@@ -32,6 +32,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from checkpoint_layouts import save_numpy1  # noqa: E402
+
 from textseg import catalog, weights  # noqa: E402
 from textseg.catalog import get_model  # noqa: E402
 from textseg.errors import WeightsError  # noqa: E402
@@ -226,7 +227,8 @@ def sat_trained():
     cfg, text_cfg, vocab, net, text = sat_parts()
     seg_sd = {"module." + k: v.clone() for k, v in net.state_dict().items()}
     text_sd = {"module." + k: v.clone() for k, v in text.state_dict().items()}
-    text_sd["module.text_tower.biolord.embeddings.position_ids"] = torch.arange(text_cfg["max_position_embeddings"])[None]
+    position_ids = torch.arange(text_cfg["max_position_embeddings"])[None]
+    text_sd["module.text_tower.biolord.embeddings.position_ids"] = position_ids
     text_sd["module.temperature"] = torch.tensor(0.07)
     seg = {"step": 190000, "model_state_dict": seg_sd,
            "optimizer_state_dict": trained_adamw(net, text, lr=np.float64(0.5 * (1 + np.cos(np.pi * 0.3)) * 1e-4))}

@@ -97,7 +97,7 @@ def test_mask_of_the_back_mapping_is_computed_where_it_can_be_set(case):
     edge = np.zeros(geo.shape, np.float32)
     edge[(0,) * 3] = edge[tuple(n - 1 for n in geo.shape)] = 0.5
     grid = np.stack(np.meshgrid(*[np.arange(n) - n / 2 for n in geo.shape], indexing="ij"))
-    ball = (1 / (1 + np.exp((np.sqrt((grid ** 2).sum(0)) - min(geo.shape) / 3)))).astype(np.float32)  # smooth organ
+    ball = (1 / (1 + np.exp(np.sqrt((grid ** 2).sum(0)) - min(geo.shape) / 3))).astype(np.float32)  # smooth organ
     plateau = np.where(rng.random(geo.shape) < 0.5, np.float32(0.5), np.float32(0.75))  # values at the threshold
     maps = (rng.random(geo.shape).astype(np.float32), spot, edge, np.full(geo.shape, 0.25, np.float32), ball, plateau,
             np.full(geo.shape, 0.9, np.float32))

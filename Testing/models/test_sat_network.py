@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from make_sat_fixture import recipe_image, recipe_tensor  # noqa: E402  (the oracle script's recipes)
+
 from textseg.errors import WeightsError  # noqa: E402
 from textseg.models.sat.loader import fill_aliases, load_sat_network, load_text_tower  # noqa: E402
 from textseg.models.sat.network import NANO, PRO, SATConfig, SATNetwork, positional_encoding_3d  # noqa: E402
@@ -184,11 +185,13 @@ def test_loader_errors(files, cfg, tmp_path):
     (tmp_path / "trunc.pth").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "html.pth").write_text("<html>404</html>")
     torch.save({"model_state_dict": {k: v for k, v in full.items()
-                                      if not (k.startswith("module.mask_embed_proj.2.") or k.endswith("decoder.norm.weight"))}}, tmp_path / "missing.pth")
+                                      if not (k.startswith("module.mask_embed_proj.2.")
+                                              or k.endswith("decoder.norm.weight"))}}, tmp_path / "missing.pth")
     torch.save({"model_state_dict": {"module.foo": torch.zeros(1)}}, tmp_path / "other.pth")
     torch.save({"optimizer": [1, 2]}, tmp_path / "nodict.pth")
     for name, msg in (("trunc.pth", "truncated or corrupt"), ("html.pth", "truncated or corrupt"),
-                      ("missing.pth", "3 missing"), ("other.pth", "unexpected: foo"), ("nodict.pth", "model_state_dict"),
+                      ("missing.pth", "3 missing"), ("other.pth", "unexpected: foo"),
+                      ("nodict.pth", "model_state_dict"),
                       ("absent.pth", "not found")):
         with pytest.raises(WeightsError, match=msg):
             load_sat_network(tmp_path / name, cfg)
@@ -269,9 +272,9 @@ def test_pro_network_matches_upstream(pro_fx, pro_net, image):
 
 
 # CPU autocast bfloat16, max |difference| / max |float32 logit| on the fixtures' images (every 4th voxel): measured
-# 2.4 % (Nano) and 3.3 % (Pro) from float32, 1.5 % and 1.1 % from upstream's network under the same autocast. (float16 is upstream's
-# CUDA path; PyTorch's CPU float16 3D convolutions are ~200x slower than float32, so it is measured by
-# benchmarks/bench_sat_precision.py, not here: docs/sat.md.)
+# 2.4 % (Nano) and 3.3 % (Pro) from float32, 1.5 % and 1.1 % from upstream's network under the same autocast.
+# (float16 is upstream's CUDA path; PyTorch's CPU float16 3D convolutions are ~200x slower than float32, so it is
+# measured by benchmarks/bench_sat_precision.py, not here: docs/sat.md.)
 BF16_FROM_FP32, BF16_FROM_UPSTREAM = 0.06, 0.025
 
 

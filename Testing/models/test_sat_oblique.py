@@ -20,11 +20,11 @@ import hashlib
 import json
 from pathlib import Path
 
+import make_sat_oblique_fixtures as rec
 import numpy as np
 import pytest
-
-import make_sat_oblique_fixtures as rec
 from conftest import shared_file
+
 from textseg.volume import LPS_TO_RAS, Volume
 
 FIX = Path(__file__).parents[1] / "fixtures"
@@ -77,7 +77,8 @@ def test_grid_cases_are_the_issues():
                 and np.allclose(GRID["niivsitk_out_affine"], GRID["niivsitk_itk_out_affine"], atol=1e-3))
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith(("ct512_tilt", "lps", "sag", "kept", "rot4", "small"))])
+@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith(("ct512_tilt", "lps", "sag", "kept", "rot4",
+                                                                    "small"))])
 def test_grid_of_a_volume(name):
     """The same grid from a Volume's geometry (no NIfTI header: what ITK writes for it, float32), whatever the
     storage order; the default's separable sampling maps every corner of the grid within 1e-4 mm of
@@ -117,7 +118,8 @@ def test_nifti_header_is_used(tmp_path):
     bare = Volume(vol.array, vol.spacing, vol.origin, vol.direction)
     g2 = sat_grid(bare.canonical())
     assert g2.source == "volume geometry"
-    if np.array_equal(as_stored(bare.ijk_to_ras), GRID["niivsitk_itk_affine"]):  # this SimpleITK reads as the generator's
+    if np.array_equal(as_stored(bare.ijk_to_ras),
+                      GRID["niivsitk_itk_affine"]):  # this SimpleITK reads as the generator's
         assert g2.shape == tuple(GRID["niivsitk_itk_out_shape"])
         np.testing.assert_allclose(g2.affine, GRID["niivsitk_itk_out_affine"], rtol=0, atol=1e-9)
     # a header that does not describe the volume (cropped elsewhere, resampled) is not used
@@ -172,7 +174,8 @@ def rotated_volume(source, case) -> Volume:
 
 
 def via_nifti(vol: Volume, case, tmp_path) -> Volume:
-    """The volume written as NIfTI by nibabel (as the generator did) and read back by textseg.formats.images (SimpleITK)."""
+    """The volume written as NIfTI by nibabel (as the generator did) and read back by textseg.formats.images
+    (SimpleITK)."""
     import nibabel as nib
 
     from textseg.formats.images import read_volume
@@ -189,6 +192,7 @@ def models(tmp_path_factory):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from make_sat_fixture import recipe_tensor
+
     from textseg.models.sat.loader import fill_aliases, load_sat_network, load_text_tower
     from textseg.models.sat.network import SATConfig, SATNetwork
     from textseg.models.sat.text import SATTextEncoder

@@ -5,15 +5,14 @@ the input grid, and the adapter end to end through the Predictor with a tiny ran
 from __future__ import annotations
 
 import pickle
-
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from make_sat_fixtures import stand_in_logits  # the oracle script's stand-in network
+
 from textseg.catalog import get_model
 from textseg.models.sat import vocab
 from textseg.volume import LPS_TO_RAS, Volume
@@ -32,7 +31,8 @@ def test_catalog_entries():
         assert [f.filename for f in spec.files[2:]] == ["config.json", "vocab.txt", "tokenizer.json",
                                                         "tokenizer_config.json", "special_tokens_map.json"]
     assert [(f.name, f.repo, f.filename) for f in nano.files[:2]] == [
-        ("nano.pth", "zzh99/SAT", "Nano/nano.pth"), ("nano_text_encoder.pth", "zzh99/SAT", "Nano/nano_text_encoder.pth")]
+        ("nano.pth", "zzh99/SAT", "Nano/nano.pth"),
+        ("nano_text_encoder.pth", "zzh99/SAT", "Nano/nano_text_encoder.pth")]
     assert [(f.name, f.filename) for f in pro.files[:2]] == [("SAT_Pro.pth", "Pro/SAT_Pro.pth"),
                                                              ("text_encoder.pth", "Pro/text_encoder.pth")]
 
@@ -129,7 +129,7 @@ def test_preprocess_rejects_empty_foreground():
 def test_window_matches_upstream(key, batch_size, max_queries):
     import torch
 
-    from textseg.models.sat.window import compute_gaussian, split_3d, sliding_window
+    from textseg.models.sat.window import compute_gaussian, sliding_window, split_3d
 
     f = np.load(FIX / "sat_window_oracle.npz")
     patch = tuple(int(x) for x in f[f"{key}_patch"])
@@ -176,7 +176,8 @@ def test_split_3d_full_size():
 def _grids():
     """The same physical image on three grids: LPS-ordered, RAS-flipped, axes permuted + flipped."""
     base = Volume(np.zeros((21, 37, 43), np.float32), (0.7, 0.9, 2.5), (-10.0, 20.0, -30.0), np.eye(3))
-    c = base.index_to_physical(np.stack(np.meshgrid(*[np.arange(n) for n in base.size], indexing="ij"), -1).reshape(-1, 3))
+    c = base.index_to_physical(np.stack(np.meshgrid(*[np.arange(n) for n in base.size], indexing="ij"),
+                                        -1).reshape(-1, 3))
     yield base
     flip = Volume(np.zeros(base.shape, np.float32), base.spacing,
                   tuple(base.index_to_physical([[base.size[0] - 1, base.size[1] - 1, 0]])[0]), np.diag([-1.0, -1, 1]))
@@ -273,6 +274,7 @@ TEXT_CONFIG = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, i
 def tiny_sat(tmp_path):
     """A tiny random SAT network + text tower (real classes) and a toy BioLORD-like tokenizer."""
     import torch
+
     from textseg.models.sat.network import SATConfig, SATNetwork
     from textseg.models.sat.text import SATTextEncoder, load_tokenizer
 
@@ -335,7 +337,8 @@ def test_adapter_through_predictor(tiny):
     with torch.no_grad():
         probs = sliding_window(state.image, q, net.encode, net.decode, patch=PATCH)
     for n, r in enumerate(results):
-        np.testing.assert_allclose(r.probability, vol.to_input_grid(state.geo.to_canonical(probs[n].numpy())), atol=1e-6)
+        np.testing.assert_allclose(r.probability, vol.to_input_grid(state.geo.to_canonical(probs[n].numpy())),
+                                   atol=1e-6)
     assert max(seen) <= 1.0 and len(seen) > 3
     # cancel between patches (2 windows on the SAT grid): after the first one
     assert results[0].extra["sat_grid"] == [75, 25, 10]
@@ -346,7 +349,8 @@ def test_adapter_through_predictor(tiny):
     tok = CancelToken()
     assert len(small.predict(["liver"])) == 1 and len(encoded) == 2
     encoded.clear()
-    out = small.predict(["liver", "brain"], cancel=tok, progress=lambda f, s: tok.cancel() if s == "SAT: patches" and f > 0.2 else None)
+    out = small.predict(["liver", "brain"], cancel=tok, progress=lambda f,
+                        s: tok.cancel() if s == "SAT: patches" and f > 0.2 else None)
     assert out == [] and len(encoded) == 1
     del net.encode
 

@@ -18,9 +18,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("monai")
 
-from conftest import shared_file  # noqa: E402
 import make_segvol_fixture as recipe  # noqa: E402  (the oracle script's weight and input recipes)
+from conftest import shared_file  # noqa: E402
 from make_segvol_fixture import recipe_tensor  # noqa: E402
+
 from textseg.catalog import get_model  # noqa: E402
 from textseg.errors import WeightsError  # noqa: E402
 from textseg.models.base import RunContext  # noqa: E402
@@ -47,7 +48,8 @@ def official_state_dict(fx, net):
     """The oracle's weights under the official key names, rebuilt from the recipe and checked."""
     own = net.state_dict()
     seed = int(fx["seed"])
-    sd = {k: torch.from_numpy(recipe_tensor(k, own[ours(k, own)].shape, i, seed)) for i, k in enumerate(fx["keys"].tolist())}
+    sd = {k: torch.from_numpy(recipe_tensor(k, own[ours(k, own)].shape, i, seed))
+          for i, k in enumerate(fx["keys"].tolist())}
     if "overrides" in fx:
         sd = recipe.apply_overrides(sd, json.loads(str(fx["overrides"])))
     h = hashlib.sha256()
@@ -186,7 +188,9 @@ def test_loader_errors(tmp_path):
     sd["image_encoder.norm.weight"] = torch.ones(5)
     sd["head.weight"] = torch.ones(2)
     torch.save(sd, other)
-    with pytest.raises(WeightsError, match=r"missing keys: mask_decoder.*1 unexpected keys: head.weight.*1 keys with another shape: image_encoder.norm.weight"):
+    with pytest.raises(WeightsError,
+                       match=r"missing keys: mask_decoder.*1 unexpected keys: head.weight.*1 keys with another shape: "
+                             r"image_encoder.norm.weight"):
         load_checkpoint(net, other)
     junk = tmp_path / "junk.bin"
     torch.save({"epoch": 3, "note": "not weights"}, junk)
@@ -243,7 +247,8 @@ def test_box_and_points_map_to_the_same_place_on_reoriented_ct(oracle_adapter, r
         cube = np.zeros(crop, np.float32)
         cube[a[0] : b[0] + 1, a[1] : b[1] + 1, a[2] : b[2] + 1] = 1
         back = vol.to_input_grid(state.geo.to_canonical(cube))
-        same = reoriented(Volume(back.astype(np.float32), vol.spacing, vol.origin, vol.direction), *inverse(perm, flips))
+        same = reoriented(Volume(back.astype(np.float32), vol.spacing, vol.origin, vol.direction),
+                          *inverse(perm, flips))
         assert same.array.shape == real_ct.shape and (same.array > 0).sum() == inside.sum() == 41 * 41 * 16
         np.testing.assert_array_equal(same.array > 0, inside)
     for g in grids[1:]:
@@ -287,7 +292,8 @@ def test_point_prompts_are_seeded_and_runs_can_be_cancelled(oracle_adapter):
     fx = np.load(FIX / "segvol_oracle_zoom.npz")
     vol = fixture_volume(fx)
     ad = oracle_adapter
-    state = ad.encode(ad.prepare(vol.canonical(), None, RunContext(device=torch.device("cpu"))), RunContext(device=torch.device("cpu")))
+    state = ad.encode(ad.prepare(vol.canonical(), None, RunContext(device=torch.device("cpu"))),
+                      RunContext(device=torch.device("cpu")))
     pts = vol.index_to_physical([[52, 34, 11], [20, 20, 5]])  # inside the 'organ', and outside
     prompt = Prompt("liver", points=tuple(map(tuple, pts)), point_labels=(1, 0))
     runs = [ad.decode(state, [prompt], RunContext(device=torch.device("cpu"), seed=s))[0] for s in (7, 7)]
@@ -327,7 +333,8 @@ def check_crop(state, fx):
     assert crop.shape == tuple(fx["preprocessed_shape"])
     np.testing.assert_allclose(crop[::2, ::2, ::2], fx["preprocessed_sub"], atol=1e-6, rtol=0)
     c64 = crop.astype(np.float64)
-    np.testing.assert_allclose([c64.sum(), (c64 ** 2).sum(), c64.min(), c64.max()], fx["preprocessed_moments"], rtol=1e-6)
+    np.testing.assert_allclose([c64.sum(), (c64 ** 2).sum(), c64.min(), c64.max()], fx["preprocessed_moments"],
+                               rtol=1e-6)
     zo = np.ascontiguousarray(state.zoom_out[0, 0].numpy(), dtype=np.float32)
     assert hashlib.sha256(zo.tobytes()).hexdigest() == str(fx["zoom_out_image_sha256"])
 

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-
 from conftest import shared_file
+
 from textseg.errors import AuthError, InputError, OutputExistsError, ServerError, UsageError
+from textseg.formats.segments import read_seg_nrrd
 from textseg.models.base import CancelToken
 from textseg.predictor import Predictor
-from textseg.volume import Volume
 from textseg.remote.wire import API_HEADER, sha256, volume_to_nrrd
-from textseg.formats.segments import read_seg_nrrd
+from textseg.volume import Volume
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -60,7 +60,8 @@ def fast_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fast(fast_dir):
-    s = Settings(port=0, api_key=KEY, devices=("cpu",), show_test_models=True, max_upload_bytes=64 << 20, work_dir=str(fast_dir))
+    s = Settings(port=0, api_key=KEY, devices=("cpu",), show_test_models=True, max_upload_bytes=64 << 20,
+                 work_dir=str(fast_dir))
     with running_server(s) as url:
         yield url
 
@@ -98,7 +99,8 @@ def _assert_same(remote, local, prob_atol=0.0):
         np.testing.assert_allclose(a.probability, b.probability, rtol=0, atol=prob_atol)
         assert (a.existence, a.present, a.message, a.extra) == (b.existence, b.present, b.message, b.extra)
         drop = ("time", "seconds")
-        assert {k: v for k, v in a.provenance.items() if k not in drop} == {k: v for k, v in b.provenance.items() if k not in drop}
+        assert {k: v for k, v in a.provenance.items() if k not in drop} == \
+            {k: v for k, v in b.provenance.items() if k not in drop}
 
 
 def _job_state(url, jid, headers=None):
@@ -137,7 +139,8 @@ def test_round_trip_on_real_ct_equals_local_predictor(fast, tmp_path):
     assert ref.same_grid(ct) and [s.name for s in segments] == [r.name for r in local]
     for seg, r in zip(segments, local):
         np.testing.assert_array_equal(seg.mask, r.mask)
-        assert seg.tags["textseg.model"] == "synthetic-3d" and json.loads(seg.tags["textseg.prompt"]) == r.prompt.to_dict()
+        assert seg.tags["textseg.model"] == "synthetic-3d" and \
+            json.loads(seg.tags["textseg.prompt"]) == r.prompt.to_dict()
     with pytest.raises(OutputExistsError):
         rp.download_seg_nrrd(rp.last_job, path)
     # the same image again: HEAD finds it, nothing is uploaded a second time
@@ -254,12 +257,14 @@ def test_malformed_uploads_are_rejected_and_server_keeps_serving(fast):
         assert r.status_code == status, (words, r.text)
         assert words in r.json()["message"] and "Traceback" not in r.text
     for bad, words in [({"volume": "0" * 64, "model": "synthetic-3d", "path": "/etc/passwd"}, "Unknown job field"),
-                       ({"volume": "0" * 64, "model": "synthetic-3d", "prompts": [{"text": "x", "file": "/tmp/a"}]}, "Unknown prompt fields"),
+                       ({"volume": "0" * 64, "model": "synthetic-3d", "prompts": [{"text": "x", "file": "/tmp/a"}]},
+                        "Unknown prompt fields"),
                        ({"volume": "0" * 64, "model": "synthetic-3d"}, "upload it again"),
                        ({"volume": "0" * 64, "model": "synthetic-3d", "prompts": "bone"}, "must be a list")]:
         r = requests.post(f"{fast}/v1/jobs", json=bad, headers=h, timeout=10)
         assert 400 <= r.status_code < 500 and words in r.json()["message"], r.text
-    r = requests.post(f"{fast}/v1/jobs", data=b"{not json", headers={**h, "Content-Type": "application/json"}, timeout=10)
+    r = requests.post(f"{fast}/v1/jobs", data=b"{not json", headers={**h, "Content-Type": "application/json"},
+                      timeout=10)
     assert r.status_code == 400 and r.json()["error"] == "invalid_request"
     assert requests.get(f"{fast}/v1/jobs/nope", headers=h, timeout=5).status_code == 404
     rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY)  # still serving
@@ -271,7 +276,8 @@ def test_hidden_models_are_not_offered_by_default(monkeypatch):
     from fastapi.testclient import TestClient
 
     monkeypatch.delenv("TEXTSEG_SHOW_TEST_MODELS", raising=False)
-    client = TestClient(create_app(Settings(devices=("cpu",))), base_url="http://127.0.0.1")  # no lifespan: requests only
+    client = TestClient(create_app(Settings(devices=("cpu",))),
+                        base_url="http://127.0.0.1")  # no lifespan: requests only
     ids = [m["id"] for m in client.get("/v1/models").json()["models"]]
     assert "deepbet" in ids and not any(i.startswith("synthetic") for i in ids)
     r = client.post("/v1/jobs", json={"volume": "0" * 64, "model": "synthetic-3d", "prompts": ["bone"]})
@@ -298,7 +304,8 @@ def test_serve_options(tmp_path):
     add_parser(parser.add_subparsers(dest="command"))
     key = tmp_path / "key"
     key.write_text("s3cret\n")
-    args = parser.parse_args(["serve", "--devices", "cpu", "--workers", "3", "--api-key-file", str(key), "--queue-size", "5",
+    args = parser.parse_args(["serve", "--devices", "cpu", "--workers", "3", "--api-key-file", str(key), "--queue-size",
+                              "5",
                               "--session-ttl", "60", "--max-upload-mb", "1.5", "--preload", "deepbet, synthetic-3d"])
     s = settings_from_args(args)
     assert s.devices == ("cpu", "cpu", "cpu") and s.api_key == "s3cret" and s.queue_size == 5
@@ -469,7 +476,8 @@ def test_oversized_upload_is_413_and_server_keeps_serving(slow):
     body = volume_to_nrrd(big)
     r = requests.put(f"{slow}/v1/volumes/{sha256(body)}", data=body, timeout=10)
     assert r.status_code == 413 and "--max-upload-mb" in r.json()["message"]
-    r = requests.put(f"{slow}/v1/volumes/{sha256(body)}", data=gzip.compress(body), headers={"Content-Encoding": "gzip"}, timeout=10)
+    r = requests.put(f"{slow}/v1/volumes/{sha256(body)}", data=gzip.compress(body),
+                     headers={"Content-Encoding": "gzip"}, timeout=10)
     assert r.status_code == 413  # the limit applies to the decoded size (no gzip bombs)
     rp = RemotePredictor(slow, "synthetic-3d")
     with pytest.raises(InputError, match="larger than the server accepts"):
@@ -485,7 +493,9 @@ def _upload(url, v):
 
 
 def _submit(url, sha, prompts):
-    return requests.post(f"{url}/v1/jobs", json={"volume": sha, "model": "synthetic-3d", "modality": "CT", "prompts": prompts}, timeout=10)
+    return requests.post(f"{url}/v1/jobs",
+                         json={"volume": sha, "model": "synthetic-3d", "modality": "CT", "prompts": prompts},
+                         timeout=10)
 
 
 def _wait(url, jid, states, timeout=20.0):
@@ -591,9 +601,9 @@ def test_result_seg_nrrd_keeps_partial_mark_and_detection_objects(tmp_path):
     import dataclasses
     import types
 
+    from textseg.formats.segments import segments_from_results
     from textseg.remote.server import seg_nrrd_path
     from textseg.remote.workers import write_outputs
-    from textseg.formats.segments import segments_from_results
 
     v = _phantom()
     lp = Predictor("synthetic-3d", device="cpu")
@@ -686,14 +696,16 @@ def test_keyless_clients_are_separated_by_their_client_token(slow):
     body = volume_to_nrrd(v)
     sha = sha256(body)
     assert requests.put(f"{slow}/v1/volumes/{sha}", data=body, headers=a, timeout=10).status_code == 201
-    r = requests.post(f"{slow}/v1/jobs", json={"volume": sha, "model": "synthetic-3d", "modality": "CT", "prompts": ["bone"]},
+    r = requests.post(f"{slow}/v1/jobs",
+                      json={"volume": sha, "model": "synthetic-3d", "modality": "CT", "prompts": ["bone"]},
                       headers=a, timeout=10)
     jid = r.json()["id"]
     assert requests.head(f"{slow}/v1/volumes/{sha}", headers=b, timeout=5).status_code == 404
     assert requests.get(f"{slow}/v1/jobs/{jid}", headers=b, timeout=5).status_code == 404
     assert requests.delete(f"{slow}/v1/jobs/{jid}", headers=b, timeout=5).status_code == 404
     assert jid not in requests.get(f"{slow}/v1/workers", headers=b, timeout=5).text
-    r = requests.post(f"{slow}/v1/jobs", json={"volume": sha, "model": "synthetic-3d", "modality": "CT", "prompts": ["air"]},
+    r = requests.post(f"{slow}/v1/jobs",
+                      json={"volume": sha, "model": "synthetic-3d", "modality": "CT", "prompts": ["air"]},
                       headers=b, timeout=10)
     assert r.status_code == 404 and r.json()["error"] == "volume_not_found"
     assert requests.get(f"{slow}/v1/jobs/{jid}", headers=a, timeout=5).status_code == 200
@@ -701,7 +713,8 @@ def test_keyless_clients_are_separated_by_their_client_token(slow):
     assert r.status_code == 400 and CLIENT_HEADER in r.json()["message"]
     # RemotePredictor sends a token of its own; two predictors of one process share it (no second upload)
     session = CountingSession()
-    one, two = RemotePredictor(slow, "synthetic-3d", session=session), RemotePredictor(slow, "synthetic-3d", session=session)
+    one, two = RemotePredictor(slow, "synthetic-3d", session=session), RemotePredictor(slow, "synthetic-3d",
+                                                                                       session=session)
     one.set_image(v, "CT")
     two.set_image(v, "CT")
     assert session.count("PUT", "volumes/") == 1
@@ -716,7 +729,8 @@ def test_browsers_cannot_use_a_keyless_server(slow):
     the textseg client and curl are not affected."""
     sha = _upload(slow, _phantom())
     job = json.dumps({"volume": sha, "model": "synthetic-3d", "modality": "CT", "prompts": ["bone"]})
-    r = requests.post(f"{slow}/v1/jobs", data=job, headers={"Content-Type": "text/plain", "Origin": "http://evil.example"}, timeout=5)
+    r = requests.post(f"{slow}/v1/jobs", data=job,
+                      headers={"Content-Type": "text/plain", "Origin": "http://evil.example"}, timeout=5)
     assert r.status_code == 403 and "browser" in r.json()["message"]
     r = requests.post(f"{slow}/v1/jobs", data=job, headers={"Content-Type": "text/plain"}, timeout=5)
     assert r.status_code == 415 and "application/json" in r.json()["message"]
@@ -726,7 +740,8 @@ def test_browsers_cannot_use_a_keyless_server(slow):
         assert r.status_code == 403 and "Host" in r.json()["message"], host
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"127.1:{port}", "localhost"):
         assert requests.get(f"{slow}/v1/models", headers={"Host": host}, timeout=5).status_code == 200, host
-    assert requests.post(f"{slow}/v1/jobs", data=job, headers={"Content-Type": "application/json"}, timeout=5).status_code == 202
+    assert requests.post(f"{slow}/v1/jobs", data=job, headers={"Content-Type": "application/json"},
+                         timeout=5).status_code == 202
 
 
 def _raw(url, data: bytes, wait: float):
@@ -782,7 +797,8 @@ def test_request_bodies_are_bounded_in_time_size_and_depth(slow):
     huge = "bone " + "z" * 600_000
     r = requests.post(f"{slow}/v1/jobs", json={**base, "prompts": [huge]}, timeout=10)
     assert r.status_code == 400 and "characters" in r.json()["message"] and len(r.text) < 1000
-    r = requests.post(f"{slow}/v1/jobs", json={**base, "prompts": [{"text": "bone", "points": [[1, 2, 3]] * 5000}]}, timeout=10)
+    r = requests.post(f"{slow}/v1/jobs", json={**base, "prompts": [{"text": "bone", "points": [[1, 2, 3]] * 5000}]},
+                      timeout=10)
     assert r.status_code == 400 and len(r.text) < 1000
     assert requests.get(f"{slow}/v1/health", timeout=5).json()["status"] == "ok"  # still serving
 

@@ -10,9 +10,9 @@ pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 pytest.importorskip("fastapi")
 
-from textseg.remote.client import RemotePredictor  # noqa: E402
 from textseg.models.base import CancelToken  # noqa: E402
 from textseg.predictor import Predictor  # noqa: E402
+from textseg.remote.client import RemotePredictor  # noqa: E402
 from textseg.remote.server import Settings, running_server  # noqa: E402
 from textseg.volume import Volume  # noqa: E402
 
@@ -73,11 +73,13 @@ def test_ray_cancel_keeps_partial_2d_results(ray_server):
 def ray_v2_server(tmp_path_factory):
     pytest.importorskip("torch")
     import test_biomedparse_recognition as tr
+
     from textseg.models.biomedparse.v2.model import REDUCED
 
     weights = tr.make_v2_weights(tmp_path_factory.mktemp("rayv2"))
     s = Settings(port=0, ray=True, ray_options={"local_testing": True, "replicas": 1}, devices=("cpu",),
-                 weights_dir=str(weights), adapter_options={"biomedparse-v2": {"config": REDUCED, "seed": 3, "batch_size": 2}})
+                 weights_dir=str(weights),
+                 adapter_options={"biomedparse-v2": {"config": REDUCED, "seed": 3, "batch_size": 2}})
     with running_server(s) as url:
         yield url, weights
 
@@ -117,6 +119,7 @@ def test_ray_recognize_cancel_keeps_completed_slices(ray_v2_server, monkeypatch)
     import time
 
     import test_biomedparse_recognition as tr
+
     from textseg.models.biomedparse.v2.adapter import BiomedParseV2Adapter
 
     url, weights = ray_v2_server

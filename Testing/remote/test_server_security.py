@@ -27,11 +27,11 @@ import requests
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from textseg.remote.client import RemotePredictor  # noqa: E402
 from textseg.errors import ServerError  # noqa: E402
+from textseg.remote.client import RemotePredictor  # noqa: E402
 from textseg.remote.server import Settings, read_keys_file, running_server  # noqa: E402
-from textseg.volume import Volume  # noqa: E402
 from textseg.remote.wire import CLIENT_HEADER, sha256, volume_to_nrrd  # noqa: E402
+from textseg.volume import Volume  # noqa: E402
 
 ALICE, BOB, OPS = "alice-Zk8q2Lr7Vt4xNp6W", "bob-Hs3mYc9Qe1uTb5Rj", "ops-Gf7dKw2Pz8nXa4Lq"
 SLOW_2D = {"synthetic-2d": {"delay": 0.4, "batch_size": 1}}  # 0.4 s per slice: 2.4 s per prompt on the phantom
@@ -109,13 +109,16 @@ def test_each_client_sees_only_its_own_jobs_volumes_and_results(guarded):
     jid = _submit(url, ALICE, sha, ["bone"])
     assert _wait(url, ALICE, jid, ("done", "failed"))["state"] == "done"
     # bob (another key) can neither see nor use anything of alice's: 404, as for what does not exist
-    for method, path in [("GET", f"/v1/jobs/{jid}"), ("DELETE", f"/v1/jobs/{jid}"), ("GET", f"/v1/jobs/{jid}/result.json"),
-                         ("GET", f"/v1/jobs/{jid}/arrays"), ("GET", f"/v1/jobs/{jid}/result"), ("HEAD", f"/v1/volumes/{sha}"),
+    for method, path in [("GET", f"/v1/jobs/{jid}"), ("DELETE", f"/v1/jobs/{jid}"),
+                         ("GET", f"/v1/jobs/{jid}/result.json"),
+                         ("GET", f"/v1/jobs/{jid}/arrays"), ("GET", f"/v1/jobs/{jid}/result"),
+                         ("HEAD", f"/v1/volumes/{sha}"),
                          ("GET", f"/v1/volumes/{sha}")]:
         r = requests.request(method, url + path, headers=_h(BOB), timeout=10)
         assert r.status_code == 404, (method, path, r.status_code)
         assert sha not in r.text
-    r = requests.post(f"{url}/v1/jobs", json={"volume": sha, "model": "synthetic-3d", "modality": "CT", "prompts": ["air"]},
+    r = requests.post(f"{url}/v1/jobs",
+                      json={"volume": sha, "model": "synthetic-3d", "modality": "CT", "prompts": ["air"]},
                       headers=_h(BOB), timeout=10)
     assert r.status_code == 404 and r.json()["error"] == "volume_not_found"
     assert requests.get(f"{url}/v1/jobs", headers=_h(BOB), timeout=5).json()["jobs"] == []
@@ -235,8 +238,8 @@ def test_client_disconnect_during_upload_logs_one_line_and_leaves_no_file(guarde
     try:
         for _ in range(2):
             with socket.create_connection((host, int(port)), timeout=5) as s:
-                s.sendall((f"PUT /v1/volumes/{'ab' * 32} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {ALICE}\r\n"
-                           "Content-Length: 500000\r\n\r\n").encode() + b"x" * 20000)
+                s.sendall((f"PUT /v1/volumes/{'ab' * 32} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer "
+                           f"{ALICE}\r\nContent-Length: 500000\r\n\r\n").encode() + b"x" * 20000)
                 time.sleep(0.3)  # the server is receiving the body
         deadline = time.monotonic() + 5
         while any((work / "uploads").iterdir()) or sum("disconnect" in r.getMessage() for r in handler.records) < 2:

@@ -10,10 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
-slicer_core = pytest.importorskip("slicer_core", reason="needs the real Slicer core: pip install slicer-core (test extra)")
+slicer_core = pytest.importorskip("slicer_core",
+                                  reason="needs the real Slicer core: pip install slicer-core (test extra)")
 from BiomedParseSlicerLib import checks, controller, environment, headless, mrml, runner  # noqa: E402
 from BiomedParseSlicerLib.controller import Inputs, PanelController  # noqa: E402
 from BiomedParseSlicerLib.logic import BiomedParseSlicerLogic  # noqa: E402
@@ -70,7 +70,8 @@ def ctl(app, local_server):
 
 def phantom_inputs(app, **kw) -> Inputs:
     node = mrml.volume_node_from_volume(app.scene, checks.phantom(), "phantom")
-    values = dict(volume=node, model="synthetic-3d", modality="CT", site="abdomen", prompts="bone left\nbone", device="cpu")
+    values = dict(volume=node, model="synthetic-3d", modality="CT", site="abdomen", prompts="bone left\nbone",
+                  device="cpu")
     values.update(kw)
     return Inputs(**values)
 
@@ -187,7 +188,8 @@ def test_volume_without_voxels_is_one_log_line(app, ctl):
     hollow = app.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "hollow")
     hollow.SetAndObserveImageData(vtkImageData())
     view = ctl.volume_selected(Inputs(volume=hollow, model="synthetic-3d"))
-    assert view.modality is None and view.log == ("Volume 'hollow' has no voxels. Load an image (File > Add Data) and select it.",)
+    assert view.modality is None and view.log == ("Volume 'hollow' has no voxels. Load an image (File > Add Data) and "
+                                                  "select it.",)
     ct = mrml.volume_node_from_volume(app.scene, checks.phantom(), "ct")
     view = ctl.volume_selected(Inputs(volume=ct, model="synthetic-3d"))
     assert view.modality == "CT" and view.log[0].startswith("Modality guessed: CT")
@@ -219,13 +221,16 @@ def test_the_lib_loads_in_a_slicer_without_the_engines_packages(tmp_path):
         f"import sys\nfor name in {blocked!r}: sys.modules[name] = None\n"
         f"sys.path[:0] = [{str(ROOT / 'BiomedParseSlicer')!r}]\n"
         "from BiomedParseSlicerLib import controller, environment, headless, logic, mrml, panel, stats, checks\n"
-        "environment.installed_version = {'numpy': '2.0.2', 'scipy': '1.14.1', 'SimpleITK': '2.4.1', 'requests': '2.32.3'}.get\n"
+        "environment.installed_version = {'numpy': '2.0.2', 'scipy': '1.14.1', 'SimpleITK': '2.4.1', 'requests': "
+        "'2.32.3'}.get\n"
         "app = headless.create()\n"
         "c = controller.PanelController(logic.BiomedParseSlicerLogic(scene=app.scene))\n"
         "node = mrml.volume_node_from_volume(app.scene, checks.phantom())\n"
-        "i = controller.Inputs(volume=node, model='deepbet', modality='MRI', prompts='brain', client_only=True, remote=True, server_url='http://127.0.0.1:9')\n"
+        "i = controller.Inputs(volume=node, model='deepbet', modality='MRI', prompts='brain', client_only=True, "
+        "remote=True, server_url='http://127.0.0.1:9')\n"
         "print(c.volume_selected(i).log[0]); v = c.apply(i); print(v.state, '|', v.error)\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in " + repr(blocked) + " and sys.modules[m] is not None))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in " + repr(blocked) +
+        " and sys.modules[m] is not None))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -292,7 +297,8 @@ def test_setup_install_statistics_and_refusals(app, monkeypatch, tmp_path):
     asked, installed = [], []
     ctl = PanelController(BiomedParseSlicerLogic(scene=app.scene), confirm=lambda text: asked.append(text) or False)
     declared = {environment.requirement_name(r): r.split(">=")[-1] for r in environment.CLIENT_REQUIREMENTS}
-    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("pynrrd", "slicerio") else declared.get(name))
+    monkeypatch.setattr(environment, "installed_version",
+                        lambda name: None if name in ("pynrrd", "slicerio") else declared.get(name))
     view = ctl.refresh_setup(Inputs(client_only=True))
     assert "slicerio: missing" in view.packages_text and "numpy: 1.24" in view.packages_text and view.models_changed
     view = ctl.install(Inputs(client_only=True), installed.extend)
@@ -312,8 +318,10 @@ def test_setup_install_statistics_and_refusals(app, monkeypatch, tmp_path):
     view = ctl.statistics(inputs, csv_path=str(tmp_path / "stats.csv"))
     assert view.error is None and view.table.GetUseColumnTitleAsColumnHeader()
     checks.check_statistics(view.table, inputs.segmentation, inputs.volume)
-    assert (tmp_path / "stats.csv").read_text().startswith("Segment,Voxel count,") and view.log[-1].endswith("stats.csv")
+    assert (tmp_path / "stats.csv").read_text().startswith("Segment,Voxel count,") and \
+        view.log[-1].endswith("stats.csv")
     view = ctl.segment_everything(inputs)
     assert view.error.endswith("cannot segment everything; type the targets instead.") and not view.polling
-    assert ctl.apply(phantom_inputs(app, remote=True, server_url="")).error.startswith("Enter the inference server's URL")
+    assert ctl.apply(phantom_inputs(app, remote=True,
+                                    server_url="")).error.startswith("Enter the inference server's URL")
     assert ctl.apply(Inputs(model="synthetic-3d", prompts="bone")).error == "Select an input volume first."

@@ -11,18 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, shared_file
 
-slicer_core = pytest.importorskip("slicer_core", reason="needs the real Slicer core: pip install slicer-core (test extra)")
+slicer_core = pytest.importorskip("slicer_core",
+                                  reason="needs the real Slicer core: pip install slicer-core (test extra)")
 import slicer  # noqa: E402  (the real package from slicer-core)
 
 from BiomedParseSlicerLib import checks, headless, mrml, runner, stats  # noqa: E402
 from BiomedParseSlicerLib.logic import BiomedParseSlicerLogic  # noqa: E402
 from textseg.errors import OutputExistsError, UsageError  # noqa: E402
 from textseg.formats.images import read_volume  # noqa: E402
-from textseg.predictor import Predictor  # noqa: E402
 from textseg.formats.segments import Segment  # noqa: E402
+from textseg.predictor import Predictor  # noqa: E402
 
 PROMPTS = ["bone left", "bone", "soft tissue superior"]
 
@@ -120,17 +120,15 @@ def test_client_only_segments_through_the_local_server_without_torch(tmp_path, m
     try:
         code = (
             "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
-            f"sys.path[:0] = [{str(ROOT / 'BiomedParseSlicer')!r}]\n"
-            "import numpy as np\n"
-            "from BiomedParseSlicerLib import checks, headless, mrml, runner\n"
-            "from BiomedParseSlicerLib.logic import BiomedParseSlicerLogic\n"
-            "app = headless.create(); logic = BiomedParseSlicerLogic(scene=app.scene)\n"
-            "node = mrml.volume_node_from_volume(app.scene, checks.phantom())\n"
-            f"p = runner.make_predictor('synthetic-3d', 'remote', url={server.url!r})\n"
-            "seg = logic.segment(node, logic.markupPrompts('bone left\\nbone', 'synthetic-3d'), 'synthetic-3d', predictor=p)\n"
-            "masks = {seg.GetSegmentation().GetSegment(s).GetName(): mrml.segment_mask(seg, s, node) for s in logic.lastSegmentIDs}\n"
-            f"np.savez({str(tmp_path / 'masks.npz')!r}, **masks)\n"
-            "print(type(p).__name__, sys.modules['torch'])\n"
+            f"sys.path[:0] = [{str(ROOT / 'BiomedParseSlicer')!r}]\nimport numpy as np\nfrom BiomedParseSlicerLib "
+            f"import checks, headless, mrml, runner\nfrom BiomedParseSlicerLib.logic import "
+            f"BiomedParseSlicerLogic\napp = headless.create(); logic = BiomedParseSlicerLogic(scene=app.scene)\nnode = "
+            f"mrml.volume_node_from_volume(app.scene, checks.phantom())\np = runner.make_predictor('synthetic-3d', "
+            f"'remote', url={server.url!r})\nseg = logic.segment(node, logic.markupPrompts('bone left\\nbone', "
+            f"'synthetic-3d'), 'synthetic-3d', predictor=p)\nmasks = {{seg.GetSegmentation().GetSegment(s).GetName(): "
+            f"mrml.segment_mask(seg, s, node) for s in "
+            f"logic.lastSegmentIDs}}\nnp.savez({str(tmp_path / 'masks.npz')!r}, **masks)\nprint(type(p).__name__, "
+            f"sys.modules['torch'])\n"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     finally:
@@ -231,12 +229,14 @@ def test_existing_segments_preserved_and_rerun_replaces_only_its_own(app, logic,
 
     before = checks.segment_state(seg, node)
     bone_again = Predictor("synthetic-3d", device="cpu")
-    logic.segment(node, ["BONE"], "synthetic-3d", modality="CT", segmentationNode=seg, predictor=bone_again, replace=True)
+    logic.segment(node, ["BONE"], "synthetic-3d", modality="CT", segmentationNode=seg, predictor=bone_again,
+                  replace=True)
     assert logic.lastSegmentIDs == [first_ids[0]] and len(mrml.segment_ids(seg)) == 4
     checks.check_preserved(before, checks.segment_state(seg, node), changed=[first_ids[0]])
     np.testing.assert_array_equal(mrml.segment_mask(seg, user_id, node), drawn)
 
-    logic.segment(node, ["bone"], "synthetic-3d", modality="CT", segmentationNode=seg, predictor=predictor, replace=False)
+    logic.segment(node, ["bone"], "synthetic-3d", modality="CT", segmentationNode=seg, predictor=predictor,
+                  replace=False)
     assert len(mrml.segment_ids(seg)) == 5  # without replace: added beside
 
 
@@ -327,6 +327,7 @@ def test_segment_everything_cancelled_or_empty_is_said_so_and_adds_no_node(app, 
     "Cancelled."), not "recognized none of its targets"; one that finds nothing says so. Neither leaves an empty
     segmentation node behind (recognizeVolume, which the panel's worker thread runs, raises as Logic.recognize)."""
     import test_biomedparse_recognition as tr
+
     from textseg.errors import Cancelled
     from textseg.models.base import CancelToken
 
@@ -473,12 +474,10 @@ def test_module_self_test_checks_on_phantom(app, logic, tmp_path):
 def test_local_server_lifecycle(tmp_path):
     script = tmp_path / "serve.py"
     script.write_text(
-        "import http.server, sys, textseg\n"
-        "print('engine at', textseg.__file__, flush=True)\n"
-        "class H(http.server.BaseHTTPRequestHandler):\n"
-        "    def do_GET(self):\n"
-        "        self.send_response(200 if self.path == '/health' else 404); self.end_headers(); self.wfile.write(b'ok')\n"
-        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
+        "import http.server, sys, textseg\nprint('engine at', textseg.__file__, flush=True)\nclass "
+        "H(http.server.BaseHTTPRequestHandler):\n    def do_GET(self):\n        self.send_response(200 if self.path == "
+        "'/health' else 404); self.end_headers(); self.wfile.write(b'ok')\nhttp.server.HTTPServer(('127.0.0.1', "
+        "int(sys.argv[1])), H).serve_forever()\n")
     port = runner.free_port()
     # -S: no site-packages (no editable install), so textseg must come from PYTHONPATH (engine_environment)
     server = runner.LocalServer([sys.executable, "-S", str(script), str(port)], port=port, log_path=tmp_path / "log")
@@ -559,7 +558,8 @@ def test_markups_become_lps_box_and_point_prompts(app, logic, predictor, ct_path
     assert ((inside >= lo - 1.5) & (inside <= hi + 1.5)).all()  # within half a 3 mm voxel
 
 
-def test_box_prompt_from_roi_on_flipped_volume_under_transform_gives_exact_voxels(app, logic, predictor, ct_path, tmp_path):
+def test_box_prompt_from_roi_on_flipped_volume_under_transform_gives_exact_voxels(app, logic, predictor, ct_path,
+                                                                                  tmp_path):
     """An ROI drawn in world coordinates around a block of voxels of a flipped CT that sits under a
     rotating parent transform: the segment is exactly the thresholded voxels of that block (computed
     here with numpy from the node's own grid, independently of the engine)."""
@@ -727,12 +727,14 @@ def test_statistics_leave_segment_statistics_own_parameter_node_alone(app, logic
     import types
 
     _SegmentStatisticsLogic.scene = app.scene
-    monkeypatch.setitem(sys.modules, "SegmentStatistics", types.SimpleNamespace(SegmentStatisticsLogic=_SegmentStatisticsLogic))
+    monkeypatch.setitem(sys.modules, "SegmentStatistics",
+                        types.SimpleNamespace(SegmentStatisticsLogic=_SegmentStatisticsLogic))
     node = mrml.volume_node_from_volume(app.scene, checks.phantom(), "phantom")
     seg = logic.segment(node, ["bone", "soft tissue"], "synthetic-3d", modality="CT", predictor=predictor)
 
     def module_nodes():
-        return [n for n in app.scene.GetNodesByClass("vtkMRMLScriptedModuleNode") if n.GetAttribute("ModuleName") == "SegmentStatistics"]
+        return [n for n in app.scene.GetNodesByClass("vtkMRMLScriptedModuleNode")
+                if n.GetAttribute("ModuleName") == "SegmentStatistics"]
 
     rows = stats.slicer_statistics(seg, node)
     assert [r["segment"] for r in rows] == ["bone", "soft tissue"] and rows[0]["voxel_count"] > 0

@@ -10,10 +10,8 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-
-from conftest import ROOT
-
 import update_cmake_scripts  # noqa: E402
+from conftest import ROOT
 
 MODULE = ROOT / "BiomedParseSlicer"
 MODULE_PY = MODULE / "BiomedParseSlicer.py"
@@ -39,7 +37,8 @@ def test_stale_list_is_detected(tmp_path):
 def test_ui_has_every_widget_the_module_uses_and_parameters_exist():
     tree = ET.parse(UI)
     names = {w.get("name") for w in tree.iter("widget")}
-    used = set(re.findall(r"\bui\.(\w+)", MODULE_PY.read_text() + (MODULE / "BiomedParseSlicerLib" / "panel.py").read_text()))
+    used = set(re.findall(r"\bui\.(\w+)",
+                          MODULE_PY.read_text() + (MODULE / "BiomedParseSlicerLib" / "panel.py").read_text()))
     assert used and used <= names, f"widgets missing from the .ui: {sorted(used - names)}"
     params = {p.find("string").text for p in tree.iter("property") if p.get("name") == "SlicerParameterName"}
     fields = set(_parameter_fields())
@@ -65,9 +64,11 @@ def test_module_file_is_ui_and_mrml_glue_only():
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    assert not imported & {"torch", "requests", "urllib", "http", "httpx", "fastapi", "uvicorn", "subprocess", "threading"}
+    assert not imported & {"torch", "requests", "urllib", "http", "httpx", "fastapi", "uvicorn", "subprocess",
+                           "threading"}
     classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
-    assert classes == ["BiomedParseSlicer", "BiomedParseSlicerParameterNode", "BiomedParseSlicerWidget", "BiomedParseSlicerTest"]
+    assert classes == ["BiomedParseSlicer", "BiomedParseSlicerParameterNode", "BiomedParseSlicerWidget",
+                       "BiomedParseSlicerTest"]
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Try) and any(
         isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in n.handlers)], "no import shim"
     logic_import = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "BiomedParseSlicerLib.logic"]
@@ -124,7 +125,8 @@ def test_icon_is_128_png():
     Image = pytest.importorskip("PIL.Image", reason="needs Pillow (comes with scikit-image, test extra)")
     with Image.open(MODULE / "Resources" / "Icons" / "BiomedParseSlicer.png") as im:
         assert im.format == "PNG" and im.size == (128, 128)
-        assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 20  # a picture, not a flat placeholder
+        assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3),
+                             axis=0)) > 20  # a picture, not a flat placeholder
 
 
 # Slicer/Slicer Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json (additionalProperties: false):
@@ -221,16 +223,19 @@ def test_install_asks_first_and_never_touches_bundled_packages(monkeypatch):
     declared = {environment.requirement_name(r): (re.findall(r"[=>]=([0-9.]+)", r) or ["1.0"])[0]
                 for r in environment.CLIENT_REQUIREMENTS + environment.MODEL_REQUIREMENTS
                 + environment.SERVER_REQUIREMENTS + (environment.TORCH_REQUIREMENT,)}
-    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("pynrrd", "torch") else declared.get(name))
+    monkeypatch.setattr(environment, "installed_version",
+                        lambda name: None if name in ("pynrrd", "torch") else declared.get(name))
     installed = []
     assert environment.install(True, lambda msg: False, installed.extend) == [] and installed == []  # declined
     asked = []
-    done = environment.install(True, lambda msg: asked.append(msg) or True, installed.extend, install_torch=lambda: True)
+    done = environment.install(True, lambda msg: asked.append(msg) or True, installed.extend,
+                               install_torch=lambda: True)
     assert installed == ["pynrrd>=1.0"] and done == ["pynrrd>=1.0", "torch"] and "PyTorch extension" in asked[0]
     with pytest.raises(RuntimeError, match="PyTorch"):
         environment.install(True, lambda msg: True, installed.extend, install_torch=None)
     # every requirement goes to pip in one call, with its version (pip upgrades what is older)
-    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in ("einops", "regex") else declared.get(name))
+    monkeypatch.setattr(environment, "installed_version",
+                        lambda name: None if name in ("einops", "regex") else declared.get(name))
     calls = []
     environment.install(True, lambda msg: True, calls.append)
     assert calls == [["einops>=0.6", "regex"]]

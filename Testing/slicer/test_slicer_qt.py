@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import ast
 import re
-import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-
 from conftest import ROOT
 
 pytest.importorskip("PyQt5.QtWidgets", reason="needs PyQt5 (test extra): the panel's Qt tests")
@@ -53,7 +51,9 @@ def test_ui_loads_in_qt_with_unique_names():
     loaded = [o.objectName() for o in [widget] + widget.findChildren(QtCore.QObject)
               if o.objectName() and not o.objectName().startswith("qt_")]
     assert sorted(loaded) == sorted(declared)
-    used = set(re.findall(r"\bui\.(\w+)", MODULE_PY.read_text() + (ROOT / "BiomedParseSlicer" / "BiomedParseSlicerLib" / "panel.py").read_text()))
+    used = set(re.findall(r"\bui\.(\w+)",
+                          MODULE_PY.read_text()
+                          + (ROOT / "BiomedParseSlicer" / "BiomedParseSlicerLib" / "panel.py").read_text()))
     assert used <= set(declared), f"widgets the code uses but the .ui lacks: {sorted(used - set(declared))}"
     widget.setMRMLScene("the scene")  # the .ui's connections give every node selector the scene
     selectors = widget.findChildren(slicer_qt.qMRMLNodeComboBox)
@@ -81,7 +81,8 @@ def test_panel_shows_views_and_reads_the_widgets():
                             server_url="https://gpu:8000", statistics_table="table")
     timer = qt.QTimer()
     panel.show(ui, View(state="running", apply_text="Cancel", apply_enabled=True, roi_enabled=True, polling=True,
-                        progress=42, progress_text="segmenting", elapsed_text="3 s", packages_text="numpy: 2.0\nslicerio: missing",
+                        progress=42, progress_text="segmenting", elapsed_text="3 s",
+                        packages_text="numpy: 2.0\nslicerio: missing",
                         log=("one", "two"), clear_log=True, modality="MRI", install_enabled=False), timer)
     assert ui.applyButton.text() == "Cancel" and ui.applyButton.isEnabled() and not ui.installButton.isEnabled()
     assert ui.roiSelector.isEnabled() and not ui.pointsSelector.isEnabled() and not ui.stopServerButton.isEnabled()
@@ -103,7 +104,8 @@ def test_cleanup_stops_the_poll_timer():
     panel.show(ui, PanelController(logic=None).shutdown(), timer)
     assert not timer.isActive()
     source = MODULE_PY.read_text()
-    widget_class = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "BiomedParseSlicerWidget")
+    widget_class = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)
+                        and n.name == "BiomedParseSlicerWidget")
     cleanup = next(f for f in widget_class.body if isinstance(f, ast.FunctionDef) and f.name == "cleanup")
     assert "self._show(self.controller.shutdown())" in ast.get_source_segment(source, cleanup)
 

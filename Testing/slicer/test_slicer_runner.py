@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-
 from BiomedParseSlicerLib import runner  # noqa: E402
 from textseg.errors import Cancelled, TextsegError  # noqa: E402
 
@@ -88,12 +86,9 @@ def test_server_log_in_the_platform_temp_folder_without_tmpdir(tmp_path, monkeyp
     monkeypatch.setattr(tempfile, "tempdir", None)  # forget the folder chosen earlier in this process
     script = tmp_path / "serve.py"
     script.write_text(
-        "import http.server, sys\n"
-        "print('serving', flush=True)\n"
-        "class H(http.server.BaseHTTPRequestHandler):\n"
-        "    def do_GET(self):\n"
-        "        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')\n"
-        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
+        "import http.server, sys\nprint('serving', flush=True)\nclass H(http.server.BaseHTTPRequestHandler):\n    def "
+        "do_GET(self):\n        self.send_response(200); self.end_headers(); "
+        "self.wfile.write(b'ok')\nhttp.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
     port = runner.free_port()
     server = runner.LocalServer([sys.executable, str(script), str(port)], port=port)
     assert server.log_path.parent == temp

@@ -15,20 +15,21 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
 from ..errors import InputError
-from ..volume import Volume
-from ..formats.segments import Segment, resample_segments
 from ..formats.atomic import atomic_output
+from ..formats.segments import Segment, resample_segments
+from ..volume import Volume
 
 PathLike = Union[str, Path]
 
 # column -> (unit, definition)
-COLUMNS: Dict[str, Tuple[str, str]] = {
+COLUMNS: dict[str, tuple[str, str]] = {
     "segment": ("", "Segment name (the prompt)."),
     "voxel_count": ("voxels", "Number of voxels of the segment on the image grid."),
     "volume_mm3": ("mm3", "voxel_count x voxel volume (product of the image spacing)."),
@@ -66,7 +67,7 @@ ProgressFn = Callable[[float, str], None]
 
 
 def compute_statistics(volume: Volume, segments: Sequence[Segment], reference: Optional[Volume] = None,
-                       progress: Optional[ProgressFn] = None, cancel: Any = None) -> List[Dict[str, Any]]:
+                       progress: Optional[ProgressFn] = None, cancel: Any = None) -> list[dict[str, Any]]:
     """One row (dict keyed by ``COLUMNS``) per segment.
 
     ``reference`` is the grid of the segments' masks when it differs from ``volume``'s (a
@@ -89,8 +90,8 @@ def compute_statistics(volume: Volume, segments: Sequence[Segment], reference: O
     return rows
 
 
-def _segment_row(volume: Volume, s: Segment) -> Dict[str, Any]:
-    row: Dict[str, Any] = {k: None for k in COLUMNS}
+def _segment_row(volume: Volume, s: Segment) -> dict[str, Any]:
+    row: dict[str, Any] = {k: None for k in COLUMNS}
     row["segment"] = s.name
     mask = np.asarray(s.mask) > 0
     count = int(np.count_nonzero(mask))
@@ -105,7 +106,7 @@ def _segment_row(volume: Volume, s: Segment) -> Dict[str, Any]:
     return row
 
 
-def _bbox(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inclusive (k, j, i) index bounds of the nonzero voxels."""
     lo, hi = [], []
     for axis in range(3):
@@ -115,7 +116,7 @@ def _bbox(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return np.array(lo), np.array(hi)
 
 
-def _intensity(values: np.ndarray) -> Dict[str, float]:
+def _intensity(values: np.ndarray) -> dict[str, float]:
     v = values.astype(np.float64)
     p05, p50, p95 = np.percentile(v, [5, 50, 95])
     return {"min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()),
@@ -123,7 +124,7 @@ def _intensity(values: np.ndarray) -> Dict[str, float]:
             "median": float(p50), "percentile_05": float(p05), "percentile_95": float(p95)}
 
 
-def _shape(volume: Volume, mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Dict[str, float]:
+def _shape(volume: Volume, mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict[str, float]:
     """ITK label shape statistics on the segment's bounding box (plus a one-voxel margin so the
     surface is closed at the crop; ITK's perimeter is unaffected by background padding)."""
     import SimpleITK as sitk
@@ -158,7 +159,7 @@ def _shape(volume: Volume, mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> 
     return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in out.items()}
 
 
-def write_statistics(rows: Sequence[Dict[str, Any]], path: PathLike, overwrite: bool = False) -> Path:
+def write_statistics(rows: Sequence[dict[str, Any]], path: PathLike, overwrite: bool = False) -> Path:
     """CSV (``.csv``, one row per segment, columns in ``COLUMNS`` order) or JSON (``.json``:
     {"columns": {name: {"unit", "definition"}}, "segments": rows}); atomic, never overwrites unless
     asked."""
@@ -191,7 +192,7 @@ def _fmt(v: Any) -> Any:
 
 
 def statistics_for_files(image: PathLike, segmentation: PathLike, labels: Optional[PathLike] = None,
-                         progress: Optional[ProgressFn] = None, cancel: Any = None) -> List[Dict[str, Any]]:
+                         progress: Optional[ProgressFn] = None, cancel: Any = None) -> list[dict[str, Any]]:
     """``textseg stats IMAGE SEGMENTATION``: read both (a .seg.nrrd, DICOM SEG or label map + labels
     JSON), bring the segments onto the image grid and compute one row per segment. Label maps are
     read lazily (one mask in memory at a time)."""

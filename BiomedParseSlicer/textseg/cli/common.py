@@ -9,7 +9,8 @@ class Bar:
     def __init__(self, desc: str, quiet: bool) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=1000, desc=desc, disable=quiet, leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+        self.bar = tqdm(total=1000, desc=desc, disable=quiet, leave=False,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
         self.desc = desc
 
     def __call__(self, fraction: float, stage: str) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from .. import weights
 from ..catalog import get_model
@@ -87,11 +88,13 @@ def _list(args: argparse.Namespace) -> int:
         print(f"{r.model_id:<28} {r.state}")
         for f in r.files:
             size = f" {f.have}/{f.size} bytes" if f.size else f" {f.have} bytes"
-            where = [f"revision {f.revision[:12] if weights.is_commit(f.revision) else f.revision}"] if f.revision else []
+            revision = f.revision[:12] if f.revision and weights.is_commit(f.revision) else f.revision
+            where = [f"revision {revision}"] if f.revision else []
             where += [f"commit {f.commit[:12]}"] if f.commit else []
             where += [f"sha256 {f.sha256[:16]}"] if f.sha256 else []
             notes = "; ".join(n for n in (f.message, f.note) if n)
-            print(f"  {f.name:<26} {f.state}{size}" + "".join(f"  {w}" for w in where) + (f" ({notes})" if notes else ""))
+            print(f"  {f.name:<26} {f.state}{size}" + "".join(f"  {w}" for w in where)
+                  + (f" ({notes})" if notes else ""))
     return 0
 
 
@@ -100,7 +103,7 @@ class _Bars:
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
-        self.bars: Dict[str, Any] = {}
+        self.bars: dict[str, Any] = {}
 
     def __call__(self, name: str, done: int, total: Optional[int]) -> None:
         if self.quiet:

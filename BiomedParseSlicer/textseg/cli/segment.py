@@ -8,9 +8,10 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Optional
 
 from ..errors import Cancelled, TextsegError, UsageError
 from .common import Bar
@@ -46,7 +47,7 @@ def _is_dicom_dir(path: Path) -> bool:
     return False
 
 
-def cohort_cases(folder: Path) -> List[Path]:
+def cohort_cases(folder: Path) -> list[Path]:
     """Image files and DICOM series folders directly inside ``folder``, sorted by name."""
     cases = [p for p in sorted(folder.iterdir()) if _is_image(p) or _is_dicom_dir(p)]
     if not cases:
@@ -89,7 +90,7 @@ def _cancel_on_ctrl_c(token) -> Iterator[None]:
             pass
 
 
-def _prompts(args) -> List[str]:
+def _prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
@@ -103,8 +104,8 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
 
     Every output is checked (exists? can a DICOM SEG be made for this image?) before inference, and
     built in memory before the first file is written, so a failure leaves no partial set of outputs."""
-    from ..formats.images import read_volume
     from ..errors import OutputExistsError
+    from ..formats.images import read_volume
     from ..formats.segments import segments_from_results, write_seg_nrrd
 
     outputs = [out] + [_derived(getattr(args, key), out, image, suffix) for key, suffix in DERIVED_SUFFIX.items()
@@ -225,15 +226,16 @@ def cmd_segment(args) -> int:
             raise UsageError("--recognize finds the model's targets itself; leave out --prompt/--prompts-file.")
         if args.threshold is not None or args.keep_absent:
             raise UsageError("--threshold and --keep-absent apply to --prompt runs; recognition keeps targets by the "
-                             "model family's rules (Python: Predictor.recognize(existence_threshold=... for BiomedParse "
-                             "v2, p_value_threshold=... for v1)). Leave them out with --recognize.")
+                             "model family's rules (Python: Predictor.recognize(existence_threshold=... for "
+                             "BiomedParse v2, p_value_threshold=... for v1)). Leave them out with --recognize.")
         if not get_model(args.model).recognition:
             raise UsageError(f"Model '{args.model}' has no recognition ('segment everything'); give --prompt.")
     if args.server:
         from ..remote.client import RemotePredictor
 
         if args.device != "auto" or args.batch_size or args.seed is not None:
-            raise UsageError("--device, --batch-size and --seed are the server's settings; leave them out with --server.")
+            raise UsageError("--device, --batch-size and --seed are the server's settings; leave them out with "
+                             "--server.")
         predictor = RemotePredictor(args.server, args.model, api_key=args.api_key or os.environ.get("TEXTSEG_API_KEY"))
     else:
         predictor = Predictor(args.model, device=args.device, batch_size=args.batch_size, seed=args.seed)

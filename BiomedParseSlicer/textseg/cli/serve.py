@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional, Tuple
+from typing import Optional
 
 from ..errors import TextsegError, UsageError
 
@@ -19,26 +19,33 @@ from ..errors import TextsegError, UsageError
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="run the HTTP inference server", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything else needs an API key)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; anything else needs an API key)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--api-key", default=None,
                    help="one bearer key all clients send (default: $TEXTSEG_API_KEY); at least 16 random characters")
     p.add_argument("--api-key-file", default=None, help="read the key from this file (keeps it out of `ps`)")
     p.add_argument("--keys-file", default=None,
-                   help="per-client keys, one 'NAME KEY [user|admin]' a line: each client sees only its own jobs and images; "
-                        "admins see (and may cancel) every job")
+                   help="per-client keys, one 'NAME KEY [user|admin]' a line: each client sees only its own jobs and "
+                        "images; admins see (and may cancel) every job")
     p.add_argument("--devices", default=None,
-                   help="comma-separated devices, one worker process each (default: every CUDA GPU, else one cpu worker)")
-    p.add_argument("--workers", type=int, default=None, help="number of worker processes on --devices' first device (default 1)")
+                   help="comma-separated devices, one worker process each (default: every CUDA GPU, else one cpu "
+                        "worker)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="number of worker processes on --devices' first device (default 1)")
     p.add_argument("--preload", default="", help="comma-separated model ids to load at start")
-    p.add_argument("--queue-size", type=int, default=16, help="jobs waiting beyond the running ones; more get 429 (default 16)")
-    p.add_argument("--session-ttl", type=float, default=3600.0, help="seconds an uploaded image is kept after its last use")
+    p.add_argument("--queue-size", type=int, default=16,
+                   help="jobs waiting beyond the running ones; more get 429 (default 16)")
+    p.add_argument("--session-ttl", type=float, default=3600.0,
+                   help="seconds an uploaded image is kept after its last use")
     p.add_argument("--result-ttl", type=float, default=3600.0, help="seconds a finished job's result is kept")
     p.add_argument("--max-upload-mb", type=float, default=2048.0, help="largest accepted image, decoded (MiB)")
     p.add_argument("--max-results", type=int, default=100, help="finished jobs kept per client; the oldest go first")
-    p.add_argument("--max-results-mb", type=float, default=4096.0, help="result files kept per client (MiB); the oldest go first")
+    p.add_argument("--max-results-mb", type=float, default=4096.0,
+                   help="result files kept per client (MiB); the oldest go first")
     p.add_argument("--heartbeat-timeout", type=float, default=120.0,
-                   help="seconds a worker may be silent before it counts as hung: its job fails, it is replaced (0: off)")
+                   help="seconds a worker may be silent before it counts as hung: its job fails, it is replaced (0: "
+                        "off)")
     p.add_argument("--cancel-timeout", type=float, default=60.0,
                    help="seconds a cancelled job may take to stop before its worker is replaced")
     p.add_argument("--job-timeout", type=float, default=10800.0, help="longest a job may run, in seconds (0: no limit)")
@@ -46,7 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds a request body may pause (and, past that, must average 16 KiB/s) before 408")
     p.add_argument("--work-dir", default=None, help="folder for uploads and results (default: a private temp folder)")
     p.add_argument("--weights-dir", default=None, help="model weights folder (default: the textseg cache)")
-    p.add_argument("--ray", action="store_true", help="run the workers as a Ray Serve deployment (pip install 'textseg[ray]')")
+    p.add_argument("--ray", action="store_true",
+                   help="run the workers as a Ray Serve deployment (pip install 'textseg[ray]')")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
     p.add_argument("--ray-replicas", type=int, default=None, help="Ray worker replicas (default: one per GPU, else 1)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -54,7 +62,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _devices(arg: Optional[str], workers: Optional[int]) -> Tuple[str, ...]:
+def _devices(arg: Optional[str], workers: Optional[int]) -> tuple[str, ...]:
     if arg:
         devs = tuple(d.strip() for d in arg.split(",") if d.strip())
     else:
@@ -91,7 +99,8 @@ def settings_from_args(args: argparse.Namespace):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative.")
     if min(args.session_ttl, args.result_ttl, args.max_upload_mb, args.max_results, args.max_results_mb) <= 0:
-        raise UsageError("--session-ttl, --result-ttl, --max-upload-mb, --max-results and --max-results-mb must be positive.")
+        raise UsageError("--session-ttl, --result-ttl, --max-upload-mb, --max-results and --max-results-mb must be "
+                         "positive.")
     ray_options = {"address": args.ray_address, "replicas": args.ray_replicas}
     return Settings(
         host=args.host, port=args.port, api_key=key, keys=keys, devices=_devices(args.devices, args.workers),
@@ -100,7 +109,8 @@ def settings_from_args(args: argparse.Namespace):
         max_results_per_client=args.max_results, max_result_bytes_per_client=int(args.max_results_mb * 2**20),
         heartbeat_timeout=args.heartbeat_timeout, cancel_timeout=args.cancel_timeout, job_timeout=args.job_timeout,
         body_timeout=args.body_timeout,
-        work_dir=args.work_dir, weights_dir=args.weights_dir, ray=args.ray, ray_options=ray_options, log_level=args.log_level,
+        work_dir=args.work_dir, weights_dir=args.weights_dir, ray=args.ray, ray_options=ray_options,
+        log_level=args.log_level,
     )
 
 
@@ -125,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="textseg")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -29,9 +29,10 @@ import math
 import re
 import struct
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -69,10 +70,10 @@ class _File:
 @dataclass
 class DicomImage:
     array: np.ndarray
-    spacing: Tuple[float, float, float]
-    origin: Tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
     direction: np.ndarray
-    extra: Dict[str, Any]
+    extra: dict[str, Any]
 
 
 # ---- entry points ----------------------------------------------------------------------------------------
@@ -126,8 +127,8 @@ def _header(path: Path) -> Optional[_File]:
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on damaged files
-        raise InputError(f"{path}: damaged DICOM file ({_one_line(exc)}); remove it from the folder or copy the "
-                         "series again.") from None
+        raise InputError(f"{path}: damaged DICOM file ({_one_line(exc)}); remove it from the folder or copy the series "
+                         f"again.") from None
     return _File(path, ds, sop, max(frames, 1))
 
 
@@ -139,8 +140,8 @@ def _scan(folder: Path):
         entries = sorted(p for p in folder.iterdir() if p.is_file())
     except OSError as exc:
         raise InputError(f"{folder}: cannot list the folder ({exc.strerror}).") from None
-    by_series: Dict[str, List[_File]] = {}
-    non_images: List[Path] = []
+    by_series: dict[str, list[_File]] = {}
+    non_images: list[Path] = []
     for p in entries:
         f = _header(p)
         if f is None:
@@ -238,7 +239,8 @@ def _check_pixels(f: _File) -> int:
         value = ds[PIXEL_DATA].value
         length = 0xFFFFFFFF if getattr(ds[PIXEL_DATA], "is_undefined_length", False) else len(value or b"")
     undefined = length == 0xFFFFFFFF
-    name = getattr(meta.get("TransferSyntaxUID"), "name", ts) if meta is not None and meta.get("TransferSyntaxUID") else ts
+    name = getattr(meta.get("TransferSyntaxUID"), "name",
+                   ts) if meta is not None and meta.get("TransferSyntaxUID") else ts
     size = path.stat().st_size
     if ts in _NATIVE:
         if undefined:
@@ -253,9 +255,9 @@ def _check_pixels(f: _File) -> int:
                              "(truncated download or copy?). Copy it again from the source.")
     elif ts in _RLE or ts in _JPEG or ts in _J2K:
         if not undefined:
-            raise InputError(f"{path}: the transfer syntax ({name}) says compressed, but the pixel data is stored "
-                             "as plain bytes; the file is damaged or mislabelled (GDCM crashes on such files, so "
-                             "it is not read).")
+            raise InputError(f"{path}: the transfer syntax ({name}) says compressed, but the pixel data is stored as "
+                             f"plain bytes; the file is damaged or mislabelled (GDCM crashes on such files, so it is "
+                             f"not read).")
         if tell is None:
             raise InputError(f"{path}: cannot locate the compressed pixel data.")
         frags = _fragments(path, tell, size)
@@ -269,7 +271,7 @@ def _check_pixels(f: _File) -> int:
     return voxels * outbytes
 
 
-def _fragments(path: Path, tell: int, size: int) -> List[Tuple[int, int]]:
+def _fragments(path: Path, tell: int, size: int) -> list[tuple[int, int]]:
     """(offset, length) of the fragments of encapsulated pixel data (after the basic offset table)."""
     out = []
     with open(path, "rb") as fh:
@@ -307,7 +309,7 @@ def _check_codestream(path: Path, ts: str, name: str, start: int, flen: int, spp
         head = fh.read(min(flen, 1 << 16))
     bad = f"{path}: the pixel data is not a {name} stream; the file is damaged or mislabelled (GDCM crashes on such " \
           "files, so it is not read)."
-    found: Optional[Tuple[int, int]] = None
+    found: Optional[tuple[int, int]] = None
     if ts in _RLE:
         if len(head) < 64:
             raise InputError(bad)
@@ -336,7 +338,7 @@ def _check_codestream(path: Path, ts: str, name: str, start: int, flen: int, spp
                          f"{cols} (Rows x Columns); the file is damaged.")
 
 
-def _jpeg_size(head: bytes) -> Optional[Tuple[int, int]]:
+def _jpeg_size(head: bytes) -> Optional[tuple[int, int]]:
     """(rows, columns) from a JPEG / JPEG-LS frame header, None if not within ``head``."""
     i = 2
     while i + 4 <= len(head):
@@ -359,7 +361,7 @@ def _jpeg_size(head: bytes) -> Optional[Tuple[int, int]]:
 # ---- geometry -----------------------------------------------------------------------------------------------------
 def _consistent(files: Sequence[_File], value: Callable[[_File], Any], same: Callable[[Any, Any], bool],
                 what: str, show: Callable[[Any], str], source: str) -> Any:
-    groups: List[Tuple[Any, List[_File]]] = []
+    groups: list[tuple[Any, list[_File]]] = []
     for f in files:
         v = value(f)
         for g in groups:
@@ -380,7 +382,7 @@ def _fmt(v: np.ndarray) -> str:
     return "(" + ", ".join(f"{x:g}" for x in np.round(v, 4)) + ")"
 
 
-def _read(files: List[_File], source: str, notes: List[str], budget: Budget) -> DicomImage:
+def _read(files: list[_File], source: str, notes: list[str], budget: Budget) -> DicomImage:
     for f in files:
         f.decoded_bytes = _check_pixels(f)
         f.position = _floats(f.ds, "ImagePositionPatient", f.path, 3)
@@ -469,7 +471,7 @@ def _read(files: List[_File], source: str, notes: List[str], budget: Budget) -> 
     array = _decode(files, size, spp, source, pos, r, c, px_i, px_j)
     direction = np.stack([r, c, n], axis=1)
     origin = pos[0]
-    extra: Dict[str, Any] = {"dicom": _tags(files[0].ds), "dicom_files": [str(f.path) for f in files], "notes": notes}
+    extra: dict[str, Any] = {"dicom": _tags(files[0].ds), "dicom_files": [str(f.path) for f in files], "notes": notes}
     if tilt is not None:
         angle, drift, step = tilt
         array = _untilt(array, (px_i, px_j, sz), origin, direction, step)
@@ -488,7 +490,7 @@ def _instance(ds: Any) -> int:
         return 0
 
 
-def _drop_copies(files: List[_File], pos: List[np.ndarray], n: np.ndarray, source: str, notes: List[str]):
+def _drop_copies(files: list[_File], pos: list[np.ndarray], n: np.ndarray, source: str, notes: list[str]):
     keep_f, keep_p, copies = [files[0]], [pos[0]], []
     for f, p in zip(files[1:], pos[1:]):
         if float(np.linalg.norm(p - keep_p[-1])) < POSITION_TOL_MM and len(files) > 1:
@@ -508,7 +510,7 @@ def _drop_copies(files: List[_File], pos: List[np.ndarray], n: np.ndarray, sourc
     return keep_f, keep_p
 
 
-def _uneven_message(source: str, files: List[_File], pos: List[np.ndarray], n: np.ndarray, step_n: float) -> str:
+def _uneven_message(source: str, files: list[_File], pos: list[np.ndarray], n: np.ndarray, step_n: float) -> str:
     d = [float(p @ n) for p in pos]
     gaps = np.diff(d)
     typical = float(np.median(gaps))
@@ -527,7 +529,7 @@ def _uneven_message(source: str, files: List[_File], pos: List[np.ndarray], n: n
             "Slicer, dcm2niix) and give that file.")
 
 
-def _single_slice_spacing(f: _File, source: str) -> Tuple[float, str]:
+def _single_slice_spacing(f: _File, source: str) -> tuple[float, str]:
     for key in ("SpacingBetweenSlices", "SliceThickness"):
         v = _float(f.ds, key, f.path)
         if v is not None and v > 0:
@@ -535,7 +537,7 @@ def _single_slice_spacing(f: _File, source: str) -> Tuple[float, str]:
     return 1.0, "no SpacingBetweenSlices or SliceThickness (1 mm assumed)"
 
 
-def _tags(ds: Any) -> Dict[str, str]:
+def _tags(ds: Any) -> dict[str, str]:
     out = {}
     for key in TAGS:
         if key in ds:
@@ -584,7 +586,7 @@ def _trailing(path: Path) -> str:
         return ""
 
 
-def _decode(files: List[_File], size: Tuple[int, int], spp: int, source: str, pos: List[np.ndarray],
+def _decode(files: list[_File], size: tuple[int, int], spp: int, source: str, pos: list[np.ndarray],
             r: np.ndarray, c: np.ndarray, px_i: float, px_j: float) -> np.ndarray:
     import SimpleITK as sitk
 
@@ -593,8 +595,8 @@ def _decode(files: List[_File], size: Tuple[int, int], spp: int, source: str, po
     for k, f in enumerate(files):
         img = _itk_read(f.path)
         if img.GetSize()[:2] != (cols, rows) or (img.GetDimension() == 3 and img.GetSize()[2] != 1):
-            raise InputError(f"{f.path}: GDCM reads {img.GetSize()} pixels where the header says {cols}x{rows}; "
-                             "the file is damaged.")
+            raise InputError(f"{f.path}: GDCM reads {img.GetSize()} pixels where the header says {cols}x{rows}; the "
+                             f"file is damaged.")
         if f.position is not None and len(img.GetOrigin()) == 3 and \
                 np.linalg.norm(np.array(img.GetOrigin()) - f.position) > POSITION_TOL_MM:
             raise InputError(f"{f.path}: GDCM places this slice at {_fmt(np.array(img.GetOrigin()))}, its header at "
@@ -613,7 +615,7 @@ def _decode(files: List[_File], size: Tuple[int, int], spp: int, source: str, po
     return array
 
 
-def _untilt(array: np.ndarray, spacing: Tuple[float, float, float], origin: np.ndarray, direction: np.ndarray,
+def _untilt(array: np.ndarray, spacing: tuple[float, float, float], origin: np.ndarray, direction: np.ndarray,
             step: np.ndarray) -> np.ndarray:
     """Resample a sheared stack (slice k at origin + k * step) onto the orthogonal grid with the same planes."""
     import SimpleITK as sitk
@@ -636,7 +638,7 @@ def _untilt(array: np.ndarray, spacing: Tuple[float, float, float], origin: np.n
     return out
 
 
-def _read_multiframe(f: _File, source: str, notes: List[str], budget: Budget) -> DicomImage:
+def _read_multiframe(f: _File, source: str, notes: list[str], budget: Budget) -> DicomImage:
     """One multi-frame file: GDCM decodes it; per-frame positions (enhanced objects), where present, must
     form a regular grid, and give the geometry."""
     import SimpleITK as sitk
@@ -693,7 +695,7 @@ def _multiframe_pixel_spacing(f: _File) -> Optional[np.ndarray]:
         return None
 
 
-def _frame_positions(f: _File) -> Optional[List[np.ndarray]]:
+def _frame_positions(f: _File) -> Optional[list[np.ndarray]]:
     try:
         groups = f.ds.get("PerFrameFunctionalGroupsSequence")
         if not groups:

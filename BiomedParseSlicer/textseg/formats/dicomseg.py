@@ -12,16 +12,17 @@ model version) from the segment's provenance tags.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from .. import __version__
 from ..errors import InputError, UsageError
 from ..volume import Volume
-from .segments import TAG_PREFIX, Segment, segment_terminology
 from .atomic import atomic_output
+from .segments import TAG_PREFIX, Segment, segment_terminology
 
 PathLike = Union[str, Path]
 log = logging.getLogger("textseg")
@@ -84,7 +85,7 @@ def build_dicom_seg(reference: Volume, segments: Sequence[Segment], series_descr
                          f"{(lines[-1] if lines else '')[:200]}). Write .seg.nrrd or a label map instead.") from None
 
 
-def check_dicom_seg_reference(reference: Volume) -> List[Any]:
+def check_dicom_seg_reference(reference: Volume) -> list[Any]:
     """The source data sets of a volume read from a DICOM series, checked against its grid (InputError /
     UsageError when a SEG cannot be written): call it before a long run that ends in a DICOM SEG."""
     sources = _source_datasets(reference)
@@ -98,7 +99,7 @@ def check_dicom_seg_reference(reference: Volume) -> List[Any]:
     return sources
 
 
-def _source_datasets(reference: Volume) -> List[Any]:
+def _source_datasets(reference: Volume) -> list[Any]:
     import warnings
 
     import pydicom
@@ -138,7 +139,7 @@ def _source_datasets(reference: Volume) -> List[Any]:
     return datasets
 
 
-def _fill_missing_uids(datasets: List[Any]) -> None:
+def _fill_missing_uids(datasets: list[Any]) -> None:
     """Anonymisers often blank StudyInstanceUID, SeriesInstanceUID or FrameOfReferenceUID; a SEG copies them
     (Type 1: must not be empty). Give each missing one a UID derived from the series' SOP Instance UIDs (the
     same for every SEG of that series), in memory only, and say so."""
@@ -215,7 +216,7 @@ def _description(number: int, s: Segment) -> Any:
     return desc
 
 
-def read_dicom_seg(path: PathLike, reference: Optional[Volume] = None) -> Tuple[Volume, List[Segment]]:
+def read_dicom_seg(path: PathLike, reference: Optional[Volume] = None) -> tuple[Volume, list[Segment]]:
     """Segments of a DICOM SEG on the grid of its stored frames (empty frames are usually omitted,
     so that grid may cover fewer slices than the source series), or, with ``reference``, resampled
     (nearest neighbour) onto the reference grid."""

@@ -21,7 +21,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
+from typing import BinaryIO, Callable, Optional
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class Declared:
 
     fmt: str
     payload_bytes: Optional[int] = None  # decoded pixel bytes (None: known only once ITK reads the header)
-    notes: List[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     nifti2: bool = False
 
     @property
@@ -329,7 +329,7 @@ _NRRD_ENCODINGS = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2",
 _NRRD_SPATIAL_KINDS = {"domain", "space", "time"}
 
 
-def _read_text_header(path: Path, end: Callable[[List[str]], bool], what: str) -> Tuple[List[str], int]:
+def _read_text_header(path: Path, end: Callable[[list[str]], bool], what: str) -> tuple[list[str], int]:
     """Header lines of a text header and the byte offset after it (the header ends where ``end`` says or at
     the end of the file); it must end within HEADER_LIMIT."""
     with open(path, "rb") as fh:
@@ -381,7 +381,8 @@ def check_nrrd(path: Path) -> Declared:
         raise InputError(f"{path}: invalid NRRD header: dimension {header['dimension']} with sizes {sizes}.")
     _check_nrrd_geometry(path, header)
     kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * len(sizes))]
-    spatial = [s for s, k in zip(sizes, kinds) if k in _NRRD_SPATIAL_KINDS or k == "none"] if "kinds" in header else sizes
+    spatial = [s for s, k in zip(sizes, kinds) if k in _NRRD_SPATIAL_KINDS
+               or k == "none"] if "kinds" in header else sizes
     if len(spatial) > 3 and max(spatial[3:]) > 1:
         raise InputError(f"{path} is a 4D image (size {tuple(sizes)}); extract one 3D volume (one time point) first.")
     payload = dtype.itemsize
@@ -472,8 +473,8 @@ def check_metaimage(path: Path) -> Declared:
         path, lambda ls: ls[-1].strip().lower().startswith("elementdatafile"), "MetaImage")
     if not lines or not lines[-1].strip().lower().startswith("elementdatafile"):
         raise InputError(f"{path}: invalid MetaImage header: no ElementDataFile line (it must end the header).")
-    fields: Dict[str, str] = {}
-    names: Dict[str, str] = {}  # lower-case key -> as written
+    fields: dict[str, str] = {}
+    names: dict[str, str] = {}  # lower-case key -> as written
     for line in lines:
         m = re.match(r"^\s*([A-Za-z0-9_]+)\s*[=:]\s*(.*?)\s*$", line)
         if m:
@@ -543,10 +544,10 @@ def check_metaimage(path: Path) -> Declared:
     return Declared("meta", payload)
 
 
-def _check_meta_geometry(path: Path, fields: Dict[str, str], names: Dict[str, str], ndims: int) -> None:
+def _check_meta_geometry(path: Path, fields: dict[str, str], names: dict[str, str], ndims: int) -> None:
     """Spacing, origin and orientation must be finite, spacing positive and the matrix invertible (ITK's own
     refusals of these name the numbers, not the field)."""
-    def numbers(key: str, n: int) -> Optional[List[float]]:
+    def numbers(key: str, n: int) -> Optional[list[float]]:
         if key not in fields:
             return None
         try:
@@ -554,21 +555,21 @@ def _check_meta_geometry(path: Path, fields: Dict[str, str], names: Dict[str, st
         except ValueError:
             vals = []
         if len(vals) < n or not all(math.isfinite(v) for v in vals[:n]):
-            raise InputError(f"{path}: invalid MetaImage header: {names[key]} = {fields[key][:60]!r} ({n} finite numbers "
-                             "expected).")
+            raise InputError(f"{path}: invalid MetaImage header: {names[key]} = {fields[key][:60]!r} ({n} finite "
+                             f"numbers expected).")
         return vals[:n]
     for key in ("elementspacing", "elementsize"):
         sp = numbers(key, ndims)
         if sp is not None and min(sp) <= 0:
-            raise InputError(f"{path}: invalid MetaImage header: {names[key]} = {fields[key][:60]!r} (voxel sizes must be "
-                             "positive).")
+            raise InputError(f"{path}: invalid MetaImage header: {names[key]} = {fields[key][:60]!r} (voxel sizes must "
+                             f"be positive).")
     for key in ("offset", "position", "origin"):
         numbers(key, ndims)
     for key in ("transformmatrix", "rotation", "orientation"):
         m = numbers(key, ndims * ndims)
         if m is not None and abs(np.linalg.det(np.array(m).reshape(ndims, ndims))) < 1e-6:
-            raise InputError(f"{path}: invalid MetaImage header: {names[key]} = {fields[key][:80]!r} is not an orientation "
-                             "(its axes are not independent).")
+            raise InputError(f"{path}: invalid MetaImage header: {names[key]} = {fields[key][:80]!r} is not an "
+                             f"orientation (its axes are not independent).")
 
 
 def _zlib_or_gzip_header(b: bytes) -> bool:
@@ -579,7 +580,7 @@ def _zlib_or_gzip_header(b: bytes) -> bool:
     return (b[0] & 0x0F) == 8 and (b[0] >> 4) <= 7 and ((b[0] << 8) | b[1]) % 31 == 0
 
 
-def _int_field(path: Path, fields: Dict[str, str], key: str) -> Optional[int]:
+def _int_field(path: Path, fields: dict[str, str], key: str) -> Optional[int]:
     if key not in fields:
         return None
     try:
@@ -588,7 +589,7 @@ def _int_field(path: Path, fields: Dict[str, str], key: str) -> Optional[int]:
         raise InputError(f"{path}: invalid MetaImage header: {key} = {fields[key][:40]!r}.") from None
 
 
-def _ints(path: Path, fields: Dict[str, str], key: str) -> Optional[List[int]]:
+def _ints(path: Path, fields: dict[str, str], key: str) -> Optional[list[int]]:
     if key not in fields:
         return None
     try:

@@ -28,7 +28,8 @@ def _from_sitk(img, source: str) -> Volume:
     dim = img.GetDimension()
     ncomp = img.GetNumberOfComponentsPerPixel()
     if dim == 4:
-        raise InputError(f"{source} is a 4D image (size {img.GetSize()}); extract one 3D volume (one time point) first.")
+        raise InputError(f"{source} is a 4D image (size {img.GetSize()}); extract one 3D volume (one time point) "
+                         f"first.")
     if dim not in (2, 3):
         raise InputError(f"{source} has {dim} dimensions; only 2D and 3D images are supported.")
     if ncomp not in (1, 3, 4):
@@ -193,8 +194,8 @@ def _itk_read(p: Path, declared, budget: Optional[Callable[[int], None]]):
         if declared.payload_bytes is None:
             check_memory(nbytes, str(p), f"its {'x'.join(map(str, reader.GetSize()))} pixels")
         elif nbytes > 8 * declared.payload_bytes + (1 << 20):
-            raise InputError(f"{p}: ITK reads a header of {'x'.join(map(str, reader.GetSize()))} voxels from this file, "
-                             "more than the file holds; the file is damaged.")
+            raise InputError(f"{p}: ITK reads a header of {'x'.join(map(str, reader.GetSize()))} voxels from this "
+                             f"file, more than the file holds; the file is damaged.")
         if budget:
             budget(nbytes)
         return reader.Execute()

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -94,7 +94,7 @@ class ReaderProcess:
         """Wait for the child's 'ready' line (it imports SimpleITK and the reader first)."""
         if self._ready:
             return
-        box: Dict[str, Any] = {}
+        box: dict[str, Any] = {}
         proc = self._proc
         assert proc is not None and proc.stdout is not None
         waiter = threading.Thread(target=lambda: box.update(line=proc.stdout.readline()), daemon=True)
@@ -154,7 +154,7 @@ class ReaderProcess:
                 proc = self._proc
                 proc.stdin.write(request)
                 proc.stdin.flush()
-            box: Dict[str, Any] = {}
+            box: dict[str, Any] = {}
             worker = threading.Thread(target=_receive, args=(proc, box), daemon=True)
             worker.start()
             worker.join(timeout)
@@ -162,8 +162,8 @@ class ReaderProcess:
                 proc.kill()
                 worker.join(10)
                 self._drop()
-                raise InputError(f"{path}: reading took longer than {timeout:g} s and was stopped; the file is probably "
-                                 "damaged (set TEXTSEG_READ_TIMEOUT=SECONDS to allow more).")
+                raise InputError(f"{path}: reading took longer than {timeout:g} s and was stopped; the file is "
+                                 f"probably damaged (set TEXTSEG_READ_TIMEOUT=SECONDS to allow more).")
             if "header" not in box or box.get("short"):
                 try:
                     rc = proc.wait(timeout=10)
@@ -209,13 +209,13 @@ def _encode(value: Any) -> Any:
     return str(value)
 
 
-def _decode(obj: Dict[str, Any]) -> Any:
+def _decode(obj: dict[str, Any]) -> Any:
     if "__ndarray__" in obj:
         return np.array(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
     return obj
 
 
-def _receive(proc: subprocess.Popen, box: Dict[str, Any]) -> None:
+def _receive(proc: subprocess.Popen, box: dict[str, Any]) -> None:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -267,8 +267,8 @@ def read_in_child(path: Path, read_here: Callable[[Path], Volume], timeout: Opti
         return _READER.read(path, timeout)
     except OSError as exc:
         _NO_CHILD.append(str(exc))
-        log.warning("textseg: cannot start the image reader process (%s); reading in this process, without its "
-                    "memory and time limits.", exc)
+        log.warning("textseg: cannot start the image reader process (%s); reading in this process, without its memory "
+                    "and time limits.", exc)
         return read_here(path)
 
 
@@ -343,7 +343,7 @@ def serve(read_here: Callable[..., Volume]) -> None:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-        reply: Dict[str, Any]
+        reply: dict[str, Any]
         array = None
         try:
             _set_limit(VALIDATION_ALLOWANCE)

@@ -4,8 +4,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional
 
 from ..errors import InputError
 from ..volume import Volume
@@ -14,7 +15,7 @@ from .segments import LABELMAP_SUFFIXES, PathLike, Segment, read_labelmap, read_
 
 
 def read_segments(path: PathLike, labels: Optional[PathLike] = None, lazy: bool = False
-                  ) -> Tuple[Volume, Sequence[Segment]]:
+                  ) -> tuple[Volume, Sequence[Segment]]:
     """Any segmentation textseg reads: ``.seg.nrrd``/``.seg.nhdr`` (Slicer, overlaps kept), a DICOM
     SEG file (``.dcm``), or a label map (NIfTI/NRRD/MHA) with an optional labels JSON (``lazy``:
     see ``read_labelmap``). Returns the segmentation's own grid and its segments."""

@@ -10,8 +10,8 @@ the local Predictor. ``predict`` runs a job and rebuilds the PromptResults from 
 metadata (prompt, existence, present, message, provenance, extra) and its arrays: masks exact
 (bit-packed), probabilities uint8-quantized by default (|error| <= 1/510; pass
 ``probabilities="float32"`` for exact ones or ``"none"`` to skip them). The job's ``.seg.nrrd``
-(written on the server with textseg.formats.segments) is saved by ``download_seg_nrrd(last_job, path)``. Progress comes from a
-long poll of the job; a CancelToken cancels the job on the server (DELETE); completed prompts
+(written on the server with textseg.formats.segments) is saved by ``download_seg_nrrd(last_job, path)``. Progress
+comes from a long poll of the job; a CancelToken cancels the job on the server (DELETE); completed prompts
 are kept. A busy server (429, 503) is retried for up to ``busy_timeout`` seconds, honouring its
 Retry-After, then reported as a ServerError saying it is busy; a volume the server expired is
 uploaded again transparently.
@@ -28,7 +28,8 @@ import gzip
 import os
 import secrets
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -39,17 +40,30 @@ from ..models.base import CancelToken, ProgressFn
 from ..predictor import PromptLike, PromptResult, check_prompts, kept_summary
 from ..prompts import Prompt, parse_prompts
 from ..volume import Volume
-from .wire import API_VERSION, CLIENT_HEADER, CLIENT_TOKEN, client_headers, decode_probability, is_loopback, load_npz, prompt_limits_error, sha256, unpack_mask, volume_to_nrrd
+from .wire import (
+    API_VERSION,
+    CLIENT_HEADER,
+    CLIENT_TOKEN,
+    client_headers,
+    decode_probability,
+    is_loopback,
+    load_npz,
+    prompt_limits_error,
+    sha256,
+    unpack_mask,
+    volume_to_nrrd,
+)
 
 _BUSY_STATUS = (429, 503)  # the server says: not now (queue full, no worker ready); retried for busy_timeout
 _RETRY_STATUS = (502, 504)  # a proxy lost the server for a moment; retried `retries` times
 _PROCESS_TOKEN = secrets.token_urlsafe(24)  # this program's client token (see the module docstring)
 
 
-def spec_from_dict(d: Dict[str, Any]) -> ModelSpec:
+def spec_from_dict(d: dict[str, Any]) -> ModelSpec:
     fields = set(ModelSpec.__dataclass_fields__)
     kw = {k: v for k, v in d.items() if k in fields}
-    kw["files"] = tuple(WeightFile(**{k: v for k, v in f.items() if k in WeightFile.__dataclass_fields__}) for f in d.get("files", ()))
+    file_fields = WeightFile.__dataclass_fields__
+    kw["files"] = tuple(WeightFile(**{k: v for k, v in f.items() if k in file_fields}) for f in d.get("files", ()))
     for k in ("modalities", "prompt_kinds", "sites", "vocabulary"):
         kw[k] = tuple(kw.get(k) or ())
     return ModelSpec(**kw)
@@ -64,7 +78,7 @@ class RemotePredictor:
         model: str,
         api_key: Optional[str] = None,
         timeout: float = 3600.0,
-        request_timeout: Tuple[float, float] = (5.0, 120.0),
+        request_timeout: tuple[float, float] = (5.0, 120.0),
         retries: int = 5,
         backoff: float = 0.5,
         probabilities: str = "uint8",
@@ -94,7 +108,8 @@ class RemotePredictor:
         self.busy_timeout = float(busy_timeout)
         token = client_token or os.environ.get("TEXTSEG_CLIENT_TOKEN") or _PROCESS_TOKEN
         if not CLIENT_TOKEN.fullmatch(token):
-            raise UsageError("The client token (client_token / TEXTSEG_CLIENT_TOKEN) must be 16-128 letters, digits or _.~-.")
+            raise UsageError("The client token (client_token / TEXTSEG_CLIENT_TOKEN) must be 16-128 letters, digits or "
+                             "_.~-.")
         if probabilities not in ("uint8", "float32", "none"):
             raise UsageError("probabilities must be 'uint8', 'float32' or 'none'.")
         self.probabilities = probabilities
@@ -105,12 +120,12 @@ class RemotePredictor:
         self.http.headers[CLIENT_HEADER] = token
         if self.api_key:
             self.http.headers["Authorization"] = f"Bearer {self.api_key}"
-        self.messages: List[str] = []
+        self.messages: list[str] = []
         self.last_job: Optional[str] = None  # id of the last predict job (see download_seg_nrrd)
         self._volume: Optional[Volume] = None
         self._sha: Optional[str] = None
         self._nrrd: Optional[bytes] = None
-        self._image: Dict[str, Any] = {}
+        self._image: dict[str, Any] = {}
         self.server = self._request("GET", "/v1/health").json()
         self.spec: ModelSpec = self._find_spec(model)
 
@@ -129,14 +144,16 @@ class RemotePredictor:
             try:
                 r = self.http.request(method, self.url + path, timeout=self.request_timeout, **kw)
             except requests.exceptions.SSLError as exc:
-                raise ServerError(f"TLS error talking to {self.url}: {exc}. Check the certificate (verify=CA bundle path).") from None
+                raise ServerError(f"TLS error talking to {self.url}: {exc}. Check the certificate (verify=CA bundle "
+                                  f"path).") from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
                 # a POST that may have reached the server is not repeated (it would run the job twice);
                 # an unreachable server is reported after two quick retries, not after minutes
                 unsent = isinstance(exc, requests.exceptions.ConnectTimeout) or "NewConnectionError" in repr(exc)
                 if attempt >= min(self.retries, 2) or (method == "POST" and not unsent):
-                    raise ServerError(f"Cannot reach the textseg server at {self.url} ({type(exc).__name__}). Is it running "
-                                      "(`textseg serve`), is the address right, and does a firewall allow it?") from None
+                    raise ServerError(f"Cannot reach the textseg server at {self.url} ({type(exc).__name__}). Is it "
+                                      "running (`textseg serve`), is the address right, and does a firewall allow "
+                                      "it?") from None
                 attempt += 1
                 self._sleep(delay, cancel)
                 delay = min(delay * 2, 30.0)
@@ -187,7 +204,7 @@ class RemotePredictor:
         volume: Volume,
         modality: Optional[str] = None,
         site: Optional[str] = None,
-        slices: Optional[Tuple[int, int]] = None,
+        slices: Optional[tuple[int, int]] = None,
         progress: Optional[ProgressFn] = None,
         cancel: Optional[CancelToken] = None,
     ) -> None:
@@ -202,7 +219,7 @@ class RemotePredictor:
         if job["state"] == "cancelled":
             raise Cancelled("Cancelled by the user while the image was being prepared.")
 
-    def check_prompts(self, prompts: Union[str, Sequence[PromptLike]]) -> List[Prompt]:
+    def check_prompts(self, prompts: Union[str, Sequence[PromptLike]]) -> list[Prompt]:
         """Parse and validate prompts against the server's model without running it."""
         return check_prompts(self.spec, prompts)
 
@@ -217,7 +234,7 @@ class RemotePredictor:
         keep_absent: bool = False,
         progress: Optional[ProgressFn] = None,
         cancel: Optional[CancelToken] = None,
-    ) -> List[PromptResult]:
+    ) -> list[PromptResult]:
         """One result per prompt (completed ones only after a cancel), as the local Predictor."""
         if self._volume is None:
             raise UsageError("No image set: call set_image(volume, modality) before predict().")
@@ -234,14 +251,15 @@ class RemotePredictor:
         return results
 
     def recognize(self, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
-                  **options: Any) -> List[PromptResult]:
+                  **options: Any) -> list[PromptResult]:
         """Recognition ("segment everything") on the server, as the local Predictor.recognize (same JSON-able
         options): one result per target found, named after it, with detection ``objects``. (Instance label
         maps of an instance split stay on the server; each instance is one entry of ``objects``.)"""
         if self._volume is None:
             raise UsageError("No image set: call set_image(volume, modality) before recognize().")
         if not self.spec.recognition:
-            raise UsageError(f"Model '{self.model}' has no recognition ('segment everything'): give prompts to predict().")
+            raise UsageError(f"Model '{self.model}' has no recognition ('segment everything'): give prompts to "
+                             f"predict().")
         job = self._run_job([], progress, cancel, recognize=options or True)
         self.last_job = job["id"]
         if job["state"] == "cancelled":
@@ -265,7 +283,7 @@ class RemotePredictor:
             body, headers["Content-Encoding"] = gzip.compress(self._nrrd, 1), "gzip"
         self._request("PUT", f"/v1/volumes/{self._sha}", expect=(200, 201), data=body, headers=headers)
 
-    def _submit(self, body: Dict[str, Any], progress, cancel=None) -> Dict[str, Any]:
+    def _submit(self, body: dict[str, Any], progress, cancel=None) -> dict[str, Any]:
         waiting = (lambda stage: progress(0.0, stage)) if progress is not None else None
         r = self._request("POST", "/v1/jobs", expect=(202, 404), json=body, cancel=cancel, waiting=waiting)
         if r.status_code == 404 and r.json().get("error") == "volume_not_found":
@@ -275,13 +293,14 @@ class RemotePredictor:
             raise _http_error(r, self.url)
         return r.json()
 
-    def _run_job(self, prompts, progress, cancel, scale=(0.0, 1.0), **options: Any) -> Dict[str, Any]:
+    def _run_job(self, prompts, progress, cancel, scale=(0.0, 1.0), **options: Any) -> dict[str, Any]:
         body = {"volume": self._sha, "model": self.model, **self._image, "prompts": prompts,
                 "probabilities": self.probabilities, **options}
         try:
             job = self._submit(body, progress, cancel)
         except Cancelled:  # cancelled while a busy server made us wait: no job exists, nothing was run
-            return {"id": None, "state": "cancelled", "stage": "cancelled", "progress": 0.0, "results": 0, "messages": []}
+            return {"id": None, "state": "cancelled", "stage": "cancelled", "progress": 0.0, "results": 0,
+                    "messages": []}
         lo, hi = scale
         deadline = time.monotonic() + self.timeout
         cancelled = False
@@ -292,8 +311,8 @@ class RemotePredictor:
                 continue
             if time.monotonic() > deadline:
                 self._request("DELETE", f"/v1/jobs/{job['id']}")
-                raise ServerError(f"The job did not finish within {self.timeout:g} s (it was {job['stage']}); it was cancelled. "
-                                  "Raise the client's timeout for large images or busy servers.")
+                raise ServerError(f"The job did not finish within {self.timeout:g} s (it was {job['stage']}); it was "
+                                  f"cancelled. Raise the client's timeout for large images or busy servers.")
             job = self._request("GET", f"/v1/jobs/{job['id']}", params={"wait": 1.0, "version": job["version"]}).json()
             if progress is not None:
                 progress(lo + (hi - lo) * job["progress"], job["stage"])
@@ -305,7 +324,7 @@ class RemotePredictor:
             raise cls(err.get("message") or "The job failed on the server.")
         return job
 
-    def _results(self, job: Dict[str, Any]) -> List[PromptResult]:
+    def _results(self, job: dict[str, Any]) -> list[PromptResult]:
         jid = job["id"]
         meta = self._request("GET", f"/v1/jobs/{jid}/result.json").json()
         accept = {} if self.compress else {"Accept-Encoding": "identity"}  # loopback: skip gzip both ways
@@ -330,7 +349,7 @@ class RemotePredictor:
                                     complete=rec.get("complete", True), objects=rec.get("objects") or []))
         return out
 
-    def download_seg_nrrd(self, job_id: str, path: Union[str, "os.PathLike"], overwrite: bool = False) -> str:
+    def download_seg_nrrd(self, job_id: str, path: Union[str, os.PathLike], overwrite: bool = False) -> str:
         """Save a finished job's .seg.nrrd (written on the server with textseg.formats.segments) to ``path``."""
         from ..formats.atomic import atomic_output
 
@@ -365,8 +384,9 @@ def _reason(r) -> str:
 
 def _busy_error(r, url: str, budget: float) -> ServerError:
     what = "its queue is full" if r.status_code == 429 else "it is unavailable (503)"
-    return ServerError(f"The server at {url} is busy ({what}: {_reason(r)}) and stayed busy for the {budget:g} s this client "
-                       "waits; try again later, or ask its administrator for more workers or a larger --queue-size.")
+    return ServerError(f"The server at {url} is busy ({what}: {_reason(r)}) and stayed busy for the {budget:g} s this "
+                       f"client waits; try again later, or ask its administrator for more workers or a larger "
+                       f"--queue-size.")
 
 
 def _http_error(r, url: str) -> errors.TextsegError:
@@ -378,7 +398,8 @@ def _http_error(r, url: str) -> errors.TextsegError:
         msg, code = r.text[:300] or r.reason, ""
     s = r.status_code
     if s == 401:
-        return AuthError(f"The server at {url} needs an API key: pass api_key= / --api-key or set TEXTSEG_API_KEY. ({msg})")
+        return AuthError(f"The server at {url} needs an API key: pass api_key= / --api-key or set TEXTSEG_API_KEY. "
+                         f"({msg})")
     if s == 403:
         return AuthError(f"The server at {url} refused the API key; check it with the administrator. ({msg})")
     if s == 413:
@@ -390,7 +411,8 @@ def _http_error(r, url: str) -> errors.TextsegError:
     if s == 408:
         return ServerError(f"The server at {url} gave up waiting for the request body (slow network?): {msg}")
     if s == 404:
-        return UsageError(f"{msg}" if code else f"{url} has no such resource ({r.request.method} {r.request.path_url}); is it a textseg server of API {API_VERSION}?")
+        return UsageError(f"{msg}" if code else f"{url} has no such resource ({r.request.method} "
+                                                f"{r.request.path_url}); is it a textseg server of API {API_VERSION}?")
     if s == 409 and code == "weights_missing":
         return errors.WeightsError(msg)
     if 400 <= s < 500:

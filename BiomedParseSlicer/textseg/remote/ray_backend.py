@@ -34,7 +34,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 
@@ -44,18 +44,19 @@ log = logging.getLogger("textseg.server")
 FIRST_MESSAGE_GRACE = 30.0  # seconds a job's stream may take to say anything at all
 
 
-def _iter_job(state: WorkerState, job: Dict[str, Any], token, lock: threading.Lock, beat: float = 5.0):
+def _iter_job(state: WorkerState, job: dict[str, Any], token, lock: threading.Lock, beat: float = 5.0):
     """Run a job in a thread (one at a time: ``lock``); yield ("progress", f, stage), ("results", [...]),
     ("beat",) after ``beat`` seconds without another message, then a final message. ``token`` is set by a
     cooperative cancel; the run then returns what it has."""
     from ..errors import Cancelled, TextsegError
 
-    q: "queue.Queue" = queue.Queue()
+    q: queue.Queue = queue.Queue()
 
     def work() -> None:
         try:
             with lock:  # a job whose request was cancelled may still be stopping
-                state.execute(job, lambda f, s: q.put(("progress", float(f), s)), token, lambda rs: q.put(("results", rs)))
+                state.execute(job, lambda f, s: q.put(("progress", float(f), s)), token,
+                              lambda rs: q.put(("results", rs)))
                 q.put(("done", list(state.predictor(job["model"]).messages), token.cancelled))
         except Cancelled as exc:
             q.put(("cancelled", str(exc)))
@@ -86,18 +87,19 @@ def make_deployment(num_gpus: float, health_timeout: float = 30.0):
     from ray import serve
 
     @serve.deployment(ray_actor_options={"num_gpus": num_gpus}, max_ongoing_requests=3,  # a run, its cancel, a ping
-                      health_check_period_s=max(1.0, min(10.0, health_timeout / 3)), health_check_timeout_s=health_timeout)
+                      health_check_period_s=max(1.0, min(10.0, health_timeout / 3)),
+                      health_check_timeout_s=health_timeout)
     class TextsegWorker:
-        def __init__(self, options: Dict[str, Any]) -> None:
+        def __init__(self, options: dict[str, Any]) -> None:
             device = "cuda" if num_gpus else options.get("device", "cpu")
             self.state = WorkerState(device, options.get("adapter_options", {}), options.get("weights_dir"))
-            self.tokens: Dict[str, Any] = {}  # job id -> CancelToken of the running job
+            self.tokens: dict[str, Any] = {}  # job id -> CancelToken of the running job
             self.lock = threading.Lock()
             self.beat = float(options.get("heartbeat_interval", 5.0))
             for model in options.get("preload", ()):
                 self.state.predictor(model)
 
-        def run(self, job: Dict[str, Any]):
+        def run(self, job: dict[str, Any]):
             from ..models.base import CancelToken
 
             token = self.tokens[job["id"]] = CancelToken()
@@ -116,7 +118,7 @@ def make_deployment(num_gpus: float, health_timeout: float = 30.0):
     return TextsegWorker
 
 
-def _cancel(tokens: Dict[str, Any], job_id: str) -> bool:
+def _cancel(tokens: dict[str, Any], job_id: str) -> bool:
     token = tokens.get(job_id)
     if token is not None:
         token.cancel()
@@ -142,7 +144,7 @@ class RayDispatcher:
     def stop(self) -> None:
         self.thread.join(5)
 
-    def info(self) -> Dict[str, Any]:
+    def info(self) -> dict[str, Any]:
         return {"index": self.index, "device": "ray", "pid": None, "alive": True, "ready": True,
                 "responsive": self.responsive, "job": self.job.id if self.job is not None else None,
                 "restarts": self.restarts}
@@ -164,7 +166,8 @@ class RayDispatcher:
                     job.fail("ServerError", DISK_FULL.format(what="the job's results"))
                 else:
                     log.exception("ray job %s failed", job.id)
-                    job.fail("ServerError", f"The Ray worker running this job failed ({type(exc).__name__}); submit the job again.")
+                    job.fail("ServerError",
+                             f"The Ray worker running this job failed ({type(exc).__name__}); submit the job again.")
             finally:
                 self.job = None
 
@@ -184,9 +187,9 @@ class RayDispatcher:
         self.last_seen, self.heard = time.monotonic(), False
         stream = self.handle.options(stream=True).run.remote(payload)
         stop, forced = threading.Event(), threading.Event()
-        hung: Dict[str, Any] = {}  # set by _watch when it gives up on a silent or overdue stream
+        hung: dict[str, Any] = {}  # set by _watch when it gives up on a silent or overdue stream
         threading.Thread(target=self._watch, args=(job, stream, stop, forced, hung), daemon=True).start()
-        results: List[Any] = []
+        results: list[Any] = []
         final, broke = None, ""
         try:
             for msg in stream:
@@ -230,7 +233,7 @@ class RayDispatcher:
         meta["cancelled"] = was_cancelled(job.request, results, job.cancel_requested)
         job.finish(meta)
 
-    def _watch(self, job, stream, stop: threading.Event, forced: threading.Event, hung: Dict[str, Any]) -> None:
+    def _watch(self, job, stream, stop: threading.Event, forced: threading.Event, hung: dict[str, Any]) -> None:
         """DELETE -> the replica's cancel(job_id) (cooperative: the stream goes on to the final message);
         no final message within cancel_timeout -> cancel the Ray request itself. A stream silent for
         heartbeat_timeout, or a job past job_timeout -> cancel the request; the job fails (``hung``)."""
@@ -245,12 +248,14 @@ class RayDispatcher:
             if (silent or overdue) and not job.cancel_requested:
                 hung["silent"] = silent
                 hung["reason"] = (
-                    f"The Ray worker running this job stopped responding (no heartbeat for {s.heartbeat_timeout:g} s); the "
-                    "server cancelled the request and Ray Serve replaces the replica. Submit the job again, and tell the "
-                    "administrator if it happens again." if silent else
-                    f"The job ran longer than this server allows ({s.job_timeout:g} s, --job-timeout); the server stopped it. "
-                    "Send fewer prompts or a smaller image, or ask the administrator to raise --job-timeout.")
-                log.error("job %s on Ray replica %d: %s", job.id, self.index, "no heartbeat" if silent else "job timeout")
+                    f"The Ray worker running this job stopped responding (no heartbeat for {s.heartbeat_timeout:g} s); "
+                    f"the server cancelled the request and Ray Serve replaces the replica. Submit the job again, and "
+                    f"tell the administrator if it happens again." if silent else
+                    f"The job ran longer than this server allows ({s.job_timeout:g} s, --job-timeout); the server "
+                    f"stopped it. Send fewer prompts or a smaller image, or ask the administrator to raise "
+                    f"--job-timeout.")
+                log.error("job %s on Ray replica %d: %s", job.id, self.index,
+                          "no heartbeat" if silent else "job timeout")
                 stream.cancel()
                 return
             if not job.cancel_requested:
@@ -274,9 +279,9 @@ class RayBackend:
         self.manager = manager
         self.local_testing = False
         self.started_ray = False
-        self.apps: List[str] = []
+        self.apps: list[str] = []
 
-    def start(self) -> List[RayDispatcher]:
+    def start(self) -> list[RayDispatcher]:
         import ray
         from ray import serve
 
@@ -300,7 +305,8 @@ class RayBackend:
         health = s.heartbeat_timeout if s.heartbeat_timeout > 0 else 30.0
         apps = [make_deployment(gpus, health).bind(options) for _ in self.apps]
         if hasattr(serve, "run_many"):  # Ray >= 2.4x: the replicas start (load their models) at the same time
-            handles = serve.run_many([serve.RunTarget(app, name=name, route_prefix=None) for app, name in zip(apps, self.apps)],
+            handles = serve.run_many([serve.RunTarget(app, name=name, route_prefix=None)
+                                      for app, name in zip(apps, self.apps)],
                                      _local_testing_mode=self.local_testing)
         else:
             handles = [serve.run(app, name=name, route_prefix=None, _local_testing_mode=self.local_testing)

@@ -32,15 +32,28 @@ import time
 import uuid
 import zlib
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Optional
 
 from .. import __version__
 from ..errors import TextsegError, UsageError
+from .wire import (
+    API_HEADER,
+    API_VERSION,
+    CLIENT_HEADER,
+    CLIENT_TOKEN,
+    PROBABILITY_MODES,
+    VERSION_HEADER,
+    UploadTooLarge,
+    is_loopback,
+    nrrd_to_volume,
+    prompt_limits_error,
+    version_mismatch_message,
+)
 from .workers import DISK_FULL, disk_full, heartbeat_interval
-from .wire import API_HEADER, API_VERSION, CLIENT_HEADER, CLIENT_TOKEN, PROBABILITY_MODES, VERSION_HEADER, UploadTooLarge, is_loopback, nrrd_to_volume, prompt_limits_error, version_mismatch_message
 
 log = logging.getLogger("textseg.server")
 _HEX = set("0123456789abcdef")
@@ -65,9 +78,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8765
     api_key: Optional[str] = None  # one key shared by all clients (client "default"); or:
-    keys: Tuple[ClientKey, ...] = ()  # per-client keys (read_keys_file); a key is required unless host is loopback
-    devices: Tuple[str, ...] = ("auto",)  # one worker process per entry
-    preload: Tuple[str, ...] = ()
+    keys: tuple[ClientKey, ...] = ()  # per-client keys (read_keys_file); a key is required unless host is loopback
+    devices: tuple[str, ...] = ("auto",)  # one worker process per entry
+    preload: tuple[str, ...] = ()
     queue_size: int = 16  # queued jobs (not counting running ones); full -> 429
     session_ttl: float = 3600.0  # seconds an uploaded volume lives after its last use
     result_ttl: float = 3600.0  # seconds a finished job and its result are kept
@@ -82,10 +95,10 @@ class Settings:
     job_timeout: float = 3 * 3600.0  # longest a job may run (0: no limit)
     work_dir: Optional[str] = None  # default: a private temp folder removed at shutdown
     show_test_models: bool = False  # offer hidden test-only adapters (tests only; or TEXTSEG_SHOW_TEST_MODELS=1)
-    adapter_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # server-side, per model
+    adapter_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # server-side, per model
     weights_dir: Optional[str] = None
     ray: bool = False
-    ray_options: Dict[str, Any] = field(default_factory=dict)
+    ray_options: dict[str, Any] = field(default_factory=dict)
     log_level: str = "INFO"
 
 
@@ -106,13 +119,13 @@ def key_problem(key: str) -> Optional[str]:
     return None
 
 
-def read_keys_file(path) -> Tuple[ClientKey, ...]:
+def read_keys_file(path) -> tuple[ClientKey, ...]:
     """Per-client keys: one client a line, ``NAME KEY [user|admin]``; blank lines and ``#`` comments ignored."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"Cannot read --keys-file {path}: {exc.strerror}.") from None
-    keys: List[ClientKey] = []
+    keys: list[ClientKey] = []
     for n, line in enumerate(text.splitlines(), 1):
         parts = line.split("#", 1)[0].split()
         if not parts:
@@ -124,7 +137,8 @@ def read_keys_file(path) -> Tuple[ClientKey, ...]:
             raise UsageError(f"--keys-file {path}, line {n}: a client name is 1-64 letters, digits or _.@-.")
         weak = key_problem(key)
         if weak:
-            raise UsageError(f"--keys-file {path}, line {n}: the key of '{name}' is too weak ({weak}). Make one with {KEY_HINT}.")
+            raise UsageError(f"--keys-file {path}, line {n}: the key of '{name}' is too weak ({weak}). Make one with "
+                             f"{KEY_HINT}.")
         if any(k.name == name for k in keys) or any(k.key == key for k in keys):
             raise UsageError(f"--keys-file {path}, line {n}: client names and keys must be unique.")
         keys.append(ClientKey(name, key, len(parts) == 3 and parts[2] == "admin"))
@@ -133,7 +147,7 @@ def read_keys_file(path) -> Tuple[ClientKey, ...]:
     return tuple(keys)
 
 
-def _all_keys(settings: Settings) -> Tuple[ClientKey, ...]:
+def _all_keys(settings: Settings) -> tuple[ClientKey, ...]:
     keys = tuple(settings.keys)
     if settings.api_key is not None:
         if keys:
@@ -168,7 +182,7 @@ class Caller:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: Optional[Dict[str, str]] = None):
+    def __init__(self, status: int, code: str, message: str, headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
@@ -178,8 +192,8 @@ class ApiError(Exception):
 class StoredVolume:
     sha: str
     path: Path
-    geometry: Dict[str, Any]
-    shape: Tuple[int, ...]
+    geometry: dict[str, Any]
+    shape: tuple[int, ...]
     dtype: str
     last_used: float = field(default_factory=time.monotonic)
     owners: set = field(default_factory=set)  # the clients that uploaded it (proved they have it)
@@ -204,7 +218,7 @@ def _dir_bytes(path: Path) -> int:
 
 
 class Job:
-    def __init__(self, manager: "JobManager", volume: StoredVolume, request: Dict[str, Any], owner: str = "local"):
+    def __init__(self, manager: "JobManager", volume: StoredVolume, request: dict[str, Any], owner: str = "local"):
         self.manager = manager
         self.id = uuid.uuid4().hex
         self.volume = volume
@@ -213,8 +227,8 @@ class Job:
         self.state = "queued"
         self.stage = "queued"
         self.progress = 0.0
-        self.error: Optional[Dict[str, str]] = None
-        self.meta: Optional[Dict[str, Any]] = None
+        self.error: Optional[dict[str, str]] = None
+        self.meta: Optional[dict[str, Any]] = None
         self.device: Optional[str] = None
         self.created = time.time()
         self.started: Optional[float] = None
@@ -226,7 +240,7 @@ class Job:
         self.version = 0
         self.dir = manager.jobs_dir / self.id
 
-    def payload(self) -> Dict[str, Any]:
+    def payload(self) -> dict[str, Any]:
         return {**self.request, "id": self.id, "volume_path": str(self.volume.path), "geometry": self.volume.geometry,
                 "out_dir": str(self.dir)}
 
@@ -253,7 +267,7 @@ class Job:
         self._bump()
         self.manager.finished(self)
 
-    def finish(self, meta: Dict[str, Any]) -> None:
+    def finish(self, meta: dict[str, Any]) -> None:
         self.meta = meta
         n, total = len(meta["results"]), len(self.request.get("prompts") or [])
         done = sum(bool(r.get("complete", True)) for r in meta["results"])
@@ -276,7 +290,7 @@ class Job:
         self.stage = "failed"
         self._final("failed")
 
-    def to_dict(self, admin: bool = False) -> Dict[str, Any]:
+    def to_dict(self, admin: bool = False) -> dict[str, Any]:
         d = {
             "id": self.id, "state": self.state, "stage": self.stage, "progress": round(self.progress, 4),
             "version": self.version, "volume": self.volume.sha, "model": self.request["model"],
@@ -347,14 +361,14 @@ class JobManager:
         self.uploads_dir = self.root / "uploads"
         for d in (self.volumes_dir, self.jobs_dir, self.uploads_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.volumes: Dict[str, StoredVolume] = {}
-        self.jobs: Dict[str, Job] = {}
-        self.dropped: "OrderedDict[str, str]" = OrderedDict()  # job id -> owner, of results dropped by the caps
+        self.volumes: dict[str, StoredVolume] = {}
+        self.jobs: dict[str, Job] = {}
+        self.dropped: OrderedDict[str, str] = OrderedDict()  # job id -> owner, of results dropped by the caps
         self.lock = threading.RLock()
         self.queue = BoundedQueue(settings.queue_size)
         self.stopping = threading.Event()
         self.durations: deque = deque(maxlen=20)
-        self.workers: List[Any] = []
+        self.workers: list[Any] = []
         self.backend = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -420,7 +434,8 @@ class JobManager:
             if disk_full(exc):
                 raise _disk_full_error("the uploaded image") from None
             raise
-        geometry = {"spacing": list(volume.spacing), "origin": list(volume.origin), "direction": volume.direction.tolist()}
+        geometry = {"spacing": list(volume.spacing), "origin": list(volume.origin),
+                    "direction": volume.direction.tolist()}
         sv = StoredVolume(sha, path, geometry, tuple(volume.array.shape), str(volume.array.dtype))
         with self.lock:
             sv = self.volumes.setdefault(sha, sv)
@@ -428,11 +443,12 @@ class JobManager:
         return sv
 
     # ---- jobs ----------------------------------------------------------------------------------
-    def submit(self, volume: StoredVolume, request: Dict[str, Any], owner: str = "local") -> Job:
+    def submit(self, volume: StoredVolume, request: dict[str, Any], owner: str = "local") -> Job:
         job = Job(self, volume, request, owner)
         with self.lock:
             if not self.queue.put(job):
-                raise ApiError(429, "queue_full", f"The server's queue is full ({self.settings.queue_size} jobs waiting); "
+                raise ApiError(429, "queue_full",
+                               f"The server's queue is full ({self.settings.queue_size} jobs waiting); "
                                "retry after the time in Retry-After.", {"Retry-After": str(self.retry_after())})
             self.jobs[job.id] = job
         return job
@@ -463,7 +479,8 @@ class JobManager:
         """A job ended: keep at most max_results_per_client results (and bytes) of its owner; the oldest go."""
         s = self.settings
         with self.lock:
-            mine = sorted((j for j in self.jobs.values() if j.owner == job.owner and j.finished_mono is not None and j is not job),
+            mine = sorted((j for j in self.jobs.values() if j.owner == job.owner and j.finished_mono is not None
+                           and j is not job),
                           key=lambda j: j.finished_mono)
             total = _dir_bytes(job.dir) + sum(_dir_bytes(j.dir) for j in mine)
             drop = []
@@ -488,11 +505,13 @@ class JobManager:
     def expire(self) -> None:
         now = time.monotonic()
         with self.lock:
-            old_jobs = [j for j in self.jobs.values() if j.finished_mono and now - j.finished_mono > self.settings.result_ttl]
+            old_jobs = [j for j in self.jobs.values() if j.finished_mono
+                        and now - j.finished_mono > self.settings.result_ttl]
             for j in old_jobs:
                 del self.jobs[j.id]
             busy = {j.volume.sha for j in self.jobs.values() if j.state not in FINAL}
-            old_vols = [v for v in self.volumes.values() if v.sha not in busy and now - v.last_used > self.settings.session_ttl]
+            old_vols = [v for v in self.volumes.values() if v.sha not in busy
+                        and now - v.last_used > self.settings.session_ttl]
             for v in old_vols:
                 del self.volumes[v.sha]
         for j in old_jobs:
@@ -503,10 +522,11 @@ class JobManager:
 
 
 # ---- the HTTP app ----------------------------------------------------------------------------------
-def _error(status: int, code: str, message: str, headers: Optional[Dict[str, str]] = None):
+def _error(status: int, code: str, message: str, headers: Optional[dict[str, str]] = None):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": code, "message": _clip(message), "status": status}, status_code=status, headers=headers)
+    return JSONResponse({"error": code, "message": _clip(message), "status": status}, status_code=status,
+                        headers=headers)
 
 
 _ERROR_STATUS = {"UsageError": 400, "InputError": 400, "WeightsError": 409, "ModelError": 500, "OutputExistsError": 409}
@@ -527,7 +547,7 @@ class _Guard:
     * a client that disconnects mid-request is one log line, any other exception one logged traceback and a
       JSON 500 with a reference (never a traceback to the client, never twice in the log)."""
 
-    def __init__(self, app, settings: Settings, keys: Tuple[ClientKey, ...]) -> None:
+    def __init__(self, app, settings: Settings, keys: tuple[ClientKey, ...]) -> None:
         self.app, self.settings = app, settings
         self.keys = {hashlib.sha256(k.key.encode()).digest(): k for k in keys}
         self.public = {"/health", "/v1/health"}
@@ -536,15 +556,18 @@ class _Guard:
         """A Caller, or the error response that refuses the request."""
         api = headers.get(API_HEADER.lower())
         if api is not None and api != str(API_VERSION):
-            return _error(426, "version_mismatch", version_mismatch_message(api, headers.get(VERSION_HEADER.lower(), "")))
+            return _error(426, "version_mismatch",
+                          version_mismatch_message(api, headers.get(VERSION_HEADER.lower(), "")))
         path = scope.get("path", "")
         if not self.keys:
             if headers.get("origin") is not None:
-                return _error(403, "browser_refused", "This textseg server has no API key, so it refuses requests made by "
+                return _error(403, "browser_refused",
+                              "This textseg server has no API key, so it refuses requests made by "
                               "web browsers (Origin header); use the textseg client, or serve with --api-key.")
             host = _host_name(headers.get("host", ""))
             if host is None or not is_loopback(host):
-                return _error(403, "host_refused", "This textseg server has no API key and answers only to a loopback Host "
+                return _error(403, "host_refused",
+                              "This textseg server has no API key and answers only to a loopback Host "
                               "(localhost, 127.0.0.1, [::1]); serve with --api-key to reach it under another name.")
             caller = Caller("local")
         elif path in self.public:
@@ -558,12 +581,14 @@ class _Guard:
             # the sha256 of the presented key is looked up: its time depends on the digest, never on the key's bytes
             key = self.keys.get(hashlib.sha256(token.strip().encode()).digest()) if scheme.lower() == "bearer" else None
             if key is None or not hmac.compare_digest(token.strip().encode(), key.key.encode()):
-                return _error(403, "forbidden", "The API key was refused by the server; check --api-key / TEXTSEG_API_KEY.")
+                return _error(403, "forbidden",
+                              "The API key was refused by the server; check --api-key / TEXTSEG_API_KEY.")
             caller = Caller(key.name, key.admin)
         token = headers.get(CLIENT_HEADER.lower())
         if token is not None:
             if not CLIENT_TOKEN.fullmatch(token):
-                return _error(400, "invalid_client_token", f"The {CLIENT_HEADER} header must be 16-128 letters, digits or "
+                return _error(400, "invalid_client_token",
+                              f"The {CLIENT_HEADER} header must be 16-128 letters, digits or "
                               "_.~- (a random token of this client, e.g. secrets.token_urlsafe(24)).")
             caller = Caller(caller.name, caller.admin, hashlib.sha256(token.encode()).hexdigest())
         return caller
@@ -587,7 +612,8 @@ class _Guard:
                 else:
                     elapsed = time.monotonic() - state["t0"]
                     if rate and elapsed > idle and state["got"] < rate * elapsed:
-                        raise BodyTimeout(f"{state['got'] / elapsed:,.0f} bytes/s, under the server's minimum of {rate:,} bytes/s")
+                        raise BodyTimeout(f"{state['got'] / elapsed:,.0f} bytes/s, under the server's minimum of "
+                                          f"{rate:,} bytes/s")
             return msg
 
         return bounded_receive
@@ -615,15 +641,18 @@ class _Guard:
         except BodyTimeout as exc:
             log.info("%s from %s: the request body stopped arriving (%s); connection closed", what, _client(scope), exc)
             if not started:
-                await _error(408, "body_timeout", f"The request body did not arrive in time ({exc}); the server closed the "
-                             "connection. Send it again (check the network).", {"Connection": "close"})(scope, receive, send)
+                await _error(408, "body_timeout",
+                             f"The request body did not arrive in time ({exc}); the server closed the "
+                             "connection. Send it again (check the network).", {"Connection": "close"})(scope, receive,
+                                                                                                        send)
         except ClientDisconnect:
             log.info("%s from %s: the client disconnected before its request was complete", what, _client(scope))
         except Exception:  # noqa: BLE001 - logged once here, a JSON 500 to the client
             ref = uuid.uuid4().hex[:8]
             log.exception("internal error %s on %s", ref, what)
             if not started:
-                await _error(500, "internal", f"Internal server error (reference {ref} in the server log).")(scope, receive, send)
+                await _error(500, "internal",
+                             f"Internal server error (reference {ref} in the server log).")(scope, receive, send)
 
 
 def _host_name(host: str) -> Optional[str]:
@@ -641,7 +670,7 @@ def _client(scope) -> str:
     return f"{c[0]}:{c[1]}" if c else "?"
 
 
-def model_list(settings: Settings) -> List[Dict[str, Any]]:
+def model_list(settings: Settings) -> list[dict[str, Any]]:
     from ..catalog import list_models
     from ..weights import is_ready
 
@@ -654,7 +683,7 @@ def model_list(settings: Settings) -> List[Dict[str, Any]]:
     return out
 
 
-def _check_request(body: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
+def _check_request(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Validate a job request; returns the normalized request sent to a worker."""
     from ..catalog import get_model
     from ..prompts import parse_prompts
@@ -675,7 +704,8 @@ def _check_request(body: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
     if spec.hidden and not (settings.show_test_models or os.environ.get("TEXTSEG_SHOW_TEST_MODELS") == "1"):
         raise ApiError(404, "unknown_model", f"Unknown model '{model}'. See GET /v1/models.")
     if not is_ready(spec, Path(settings.weights_dir) if settings.weights_dir else None):
-        raise ApiError(409, "weights_missing", f"The server does not have the weights of model '{model}'; its administrator "
+        raise ApiError(409, "weights_missing",
+                       f"The server does not have the weights of model '{model}'; its administrator "
                        f"must run `textseg models download {model}` on the server.")
     prompts = body.get("prompts") or []
     if not isinstance(prompts, list):
@@ -693,12 +723,14 @@ def _check_request(body: Dict[str, Any], settings: Settings) -> Dict[str, Any]:
     if recognize and prompts:
         raise ApiError(400, "invalid_request", "A recognition job finds the model's targets itself: send no 'prompts'.")
     if recognize and not spec.recognition:
-        raise ApiError(400, "no_recognition", f"Model '{model}' has no recognition ('segment everything'); send prompts.")
+        raise ApiError(400, "no_recognition",
+                       f"Model '{model}' has no recognition ('segment everything'); send prompts.")
     probs = body.get("probabilities", "uint8")
     if probs not in PROBABILITY_MODES:
         raise ApiError(400, "invalid_request", f"'probabilities' must be one of {', '.join(PROBABILITY_MODES)}.")
     slices = body.get("slices")
-    if slices is not None and not (isinstance(slices, list) and len(slices) == 2 and all(isinstance(s, int) for s in slices)):
+    if slices is not None and not (isinstance(slices, list) and len(slices) == 2
+                                   and all(isinstance(s, int) for s in slices)):
         raise ApiError(400, "invalid_request", "'slices' must be [first, stop] (two integers).")
     for key in ("modality", "site"):
         if body.get(key) is not None and not isinstance(body[key], str):
@@ -721,8 +753,9 @@ def create_app(settings: Settings):
 
     keys = _all_keys(settings)
     if not keys and not is_loopback(settings.host, resolve=True):
-        raise UsageError(f"Serving on {settings.host} (not loopback) needs an API key: pass --api-key-file (or --api-key, "
-                         "TEXTSEG_API_KEY) or --keys-file, and put a TLS reverse proxy in front (see docs/server.md).")
+        raise UsageError(f"Serving on {settings.host} (not loopback) needs an API key: pass --api-key-file (or "
+                         f"--api-key, TEXTSEG_API_KEY) or --keys-file, and put a TLS reverse proxy in front (see "
+                         f"docs/server.md).")
     manager = JobManager(settings)
 
     @asynccontextmanager
@@ -733,7 +766,8 @@ def create_app(settings: Settings):
         finally:
             manager.stop()
 
-    app = FastAPI(title="textseg inference server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="textseg inference server", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     app.state.manager = manager
     app.add_middleware(_Guard, settings=settings, keys=keys)
 
@@ -804,7 +838,8 @@ def create_app(settings: Settings):
             raise ApiError(400, "invalid_request", "A volume is named by the sha256 (64 hex digits) of its NRRD bytes.")
         return sha
 
-    not_held = ("The server does not hold this volume for this client (never uploaded by it, or expired): upload it again.")
+    not_held = ("The server does not hold this volume for this client (never uploaded by it, or expired): upload it "
+                "again.")
 
     @app.head("/v1/volumes/{sha}")
     @app.get("/v1/volumes/{sha}")
@@ -822,12 +857,14 @@ def create_app(settings: Settings):
         limit = settings.max_upload_bytes
         enc = request.headers.get("content-encoding", "identity").lower()
         if enc not in ("identity", "gzip"):
-            raise ApiError(415, "unsupported_encoding", f"Content-Encoding '{enc[:40]}' is not supported; send raw or gzip.")
+            raise ApiError(415, "unsupported_encoding",
+                           f"Content-Encoding '{enc[:40]}' is not supported; send raw or gzip.")
         tmp = manager.uploads_dir / f"{uuid.uuid4().hex}.nrrd"
         try:
             digest, size = await _receive(request, tmp, enc == "gzip", limit)
             if digest != sha:
-                raise ApiError(400, "hash_mismatch", f"The upload's sha256 is {digest}, not {sha} as named: the body was changed "
+                raise ApiError(400, "hash_mismatch",
+                               f"The upload's sha256 is {digest}, not {sha} as named: the body was changed "
                                "or truncated in transit. Upload it again.")
             v = await run_in_threadpool(manager.add_volume, sha, tmp, owner)
         finally:
@@ -843,9 +880,11 @@ def create_app(settings: Settings):
             return job
         if manager.dropped.get(job_id) == caller.owner:
             raise ApiError(404, "job_not_found", f"Job {job_id} was removed: this server keeps at most "
-                           f"{settings.max_results_per_client} results ({settings.max_result_bytes_per_client / 2**20:,.0f} MiB) "
+                           f"{settings.max_results_per_client} results "
+                           f"({settings.max_result_bytes_per_client / 2**20:,.0f} MiB) "
                            "per client and drops the oldest. Run it again.")
-        raise ApiError(404, "job_not_found", f"No job {job_id[:64]} for this client on this server (never created, or its "
+        raise ApiError(404, "job_not_found",
+                       f"No job {job_id[:64]} for this client on this server (never created, or its "
                        f"result expired after {settings.result_ttl:g} s).")
 
     @app.post("/v1/jobs", status_code=202)
@@ -883,13 +922,15 @@ def create_app(settings: Settings):
         manager.cancel(job)
         return job.to_dict(caller.admin)
 
-    def _finished(job: Job) -> Dict[str, Any]:
+    def _finished(job: Job) -> dict[str, Any]:
         if job.state == "failed":
             raise ApiError(409, "job_failed", f"The job failed: {job.error['message'] if job.error else ''}")
         if job.meta is None:
             raise ApiError(409, "not_ready", f"The job is {job.state}; its result is not available.")
-        if not (job.dir / "arrays.npz").is_file():  # checked here: a FileResponse failing mid-response drops the connection
-            raise ApiError(404, "result_missing", "This job's result files are no longer on the server; run the job again.")
+        # checked here: a FileResponse failing mid-response drops the connection
+        if not (job.dir / "arrays.npz").is_file():
+            raise ApiError(404, "result_missing",
+                           "This job's result files are no longer on the server; run the job again.")
         return job.meta
 
     @app.get("/v1/jobs/{job_id}/result.json")
@@ -901,7 +942,8 @@ def create_app(settings: Settings):
     async def result_seg(job_id: str, request: Request):
         job = _job(job_id, _caller(request))
         if not _finished(job)["results"]:
-            raise ApiError(404, "no_result", "This job produced no segments (no prompts, or cancelled before the first).")
+            raise ApiError(404, "no_result",
+                           "This job produced no segments (no prompts, or cancelled before the first).")
         path = await run_in_threadpool(seg_nrrd_path, job)
         return FileResponse(path, media_type="application/octet-stream", filename=f"{job.id}.seg.nrrd")
 
@@ -926,7 +968,8 @@ async def _read_json(request, limit: int) -> Any:
     a job), at most ``limit`` bytes (413), nesting Python can parse (400)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
-        raise ApiError(415, "unsupported_media_type", "A job is a JSON object sent with 'Content-Type: application/json'.")
+        raise ApiError(415, "unsupported_media_type",
+                       "A job is a JSON object sent with 'Content-Type: application/json'.")
     too_big = ApiError(413, "too_large", f"The job's JSON is larger than this server accepts ({limit:,} bytes).")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -971,11 +1014,11 @@ def seg_nrrd_path(job: Job) -> Path:
     """The job's .seg.nrrd, written (once, atomically) with textseg.formats.segments from its arrays."""
     import numpy as np
 
+    from ..formats.segments import segments_from_results, write_seg_nrrd
     from ..predictor import PromptResult
     from ..prompts import Prompt
     from ..volume import Volume
     from .wire import load_npz, unpack_mask
-    from ..formats.segments import segments_from_results, write_seg_nrrd
 
     path = job.dir / "result.seg.nrrd"
     with _SEG_LOCK:
@@ -983,7 +1026,8 @@ def seg_nrrd_path(job: Job) -> Path:
             meta = job.meta or {}
             shape = meta["shape"]
             arrays = load_npz((job.dir / "arrays.npz").read_bytes())
-            results = [PromptResult(Prompt.from_any(r["prompt"]), None, unpack_mask(arrays[f"mask_{r['index']}"], shape),
+            results = [PromptResult(Prompt.from_any(r["prompt"]), None,
+                                    unpack_mask(arrays[f"mask_{r['index']}"], shape),
                                     r["existence"], r["present"], r["provenance"], r["message"], r["extra"],
                                     complete=r.get("complete", True), objects=r.get("objects") or [])
                        for r in meta["results"]]
@@ -998,11 +1042,12 @@ def seg_nrrd_path(job: Job) -> Path:
     return path
 
 
-async def _receive(request, path: Path, gzipped: bool, limit: int) -> Tuple[str, int]:
+async def _receive(request, path: Path, gzipped: bool, limit: int) -> tuple[str, int]:
     """Stream the body to ``path`` (decoding gzip), hashing it; 413 past ``limit`` decoded bytes, 507 when the
     disk is full (the caller removes ``path``)."""
     declared = request.headers.get("content-length")
-    too_big = ApiError(413, "too_large", f"The image is larger than this server accepts ({limit / 2**20:.0f} MiB decoded). "
+    too_big = ApiError(413, "too_large",
+                       f"The image is larger than this server accepts ({limit / 2**20:.0f} MiB decoded). "
                        "Crop it or ask the administrator to raise --max-upload-mb.")
     if declared and declared.isdigit() and int(declared) > limit and not gzipped:
         raise too_big
@@ -1045,7 +1090,8 @@ def run(settings: Settings) -> None:
 
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), timeout_keep_alive=30)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_keep_alive=30)
 
 
 @contextmanager
@@ -1062,7 +1108,8 @@ def running_server(settings: Settings, ready_timeout: float = 120.0) -> Iterator
             s.bind((settings.host, 0))
             settings.port = s.getsockname()[1]
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                           lifespan="on"))
     thread = threading.Thread(target=server.run, name="textseg-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + ready_timeout

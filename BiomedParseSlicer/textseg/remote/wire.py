@@ -17,7 +17,7 @@ import ipaddress
 import math
 import re
 import socket
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -36,7 +36,8 @@ CLIENT_TOKEN = re.compile(r"[A-Za-z0-9_.~-]{16,128}")
 MAX_PROMPTS = 1000
 MAX_PROMPT_CHARS = 1000
 MAX_PROMPT_POINTS = 1000
-_SPACES = {"left-posterior-superior": (1, 1, 1), "LPS": (1, 1, 1), "right-anterior-superior": (-1, -1, 1), "RAS": (-1, -1, 1)}
+_SPACES = {"left-posterior-superior": (1, 1, 1), "LPS": (1, 1, 1), "right-anterior-superior": (-1, -1, 1),
+           "RAS": (-1, -1, 1)}
 
 
 def volume_to_nrrd(volume) -> bytes:
@@ -48,7 +49,8 @@ def volume_to_nrrd(volume) -> bytes:
         arr = arr.astype(np.uint8)
     axes = volume.direction @ np.diag(volume.spacing)  # columns: i, j, k axis vectors in mm
     directions = [list(axes[:, a]) for a in range(3)]
-    header: Dict[str, Any] = {"space": "left-posterior-superior", "space origin": np.array(volume.origin), "encoding": "raw", "endian": "little"}
+    header: dict[str, Any] = {"space": "left-posterior-superior", "space origin": np.array(volume.origin),
+                              "encoding": "raw", "endian": "little"}
     if arr.ndim == 4:
         header["kinds"] = ["vector", "domain", "domain", "domain"]
         header["space directions"] = np.array([[np.nan] * 3] + directions)
@@ -102,10 +104,12 @@ def nrrd_to_volume(fh, source: str = "upload", max_bytes: Optional[int] = None):
     try:
         header = nrrd.read_header(fh)
     except Exception as exc:  # noqa: BLE001 - pynrrd raises many kinds on garbage
-        raise InputError(f"{source} is not a readable NRRD image ({str(exc)[:200]}). Send a NRRD file (raw or gzip).") from None
+        raise InputError(f"{source} is not a readable NRRD image ({str(exc)[:200]}). Send a NRRD file (raw or "
+                         f"gzip).") from None
     if any(k in header and (k in ("datafile", "data file") or header[k]) for k in _NOT_SELF_CONTAINED):
-        raise InputError(f"{source} is not self-contained: it names a separate data file or skips lines/bytes ('data file', "
-                         "'line skip', 'byte skip'). Send one NRRD file with the voxels attached after its header.")
+        raise InputError(f"{source} is not self-contained: it names a separate data file or skips lines/bytes ('data "
+                         f"file', 'line skip', 'byte skip'). Send one NRRD file with the voxels attached after its "
+                         f"header.")
     encoding = _ENCODINGS.get(str(header.get("encoding", "")).lower())
     if encoding is None:
         raise InputError(f"{source} has NRRD encoding '{str(header.get('encoding'))[:40]}'; send raw, gzip or bzip2.")
@@ -114,8 +118,8 @@ def nrrd_to_volume(fh, source: str = "upload", max_bytes: Optional[int] = None):
         raise InputError(f"{source} has NRRD pixel type '{str(header.get('type'))[:40]}'; a numeric type is expected.")
     sizes = [int(n) for n in np.asarray(header.get("sizes", []), dtype=np.int64).ravel()]
     if header.get("dimension") != len(sizes) or any(n < 1 for n in sizes):
-        raise InputError(f"{source} is not a readable NRRD image (its 'dimension' does not match its {len(sizes)} positive "
-                         "'sizes'). Send a NRRD file (raw or gzip).")
+        raise InputError(f"{source} is not a readable NRRD image (its 'dimension' does not match its {len(sizes)} "
+                         f"positive 'sizes'). Send a NRRD file (raw or gzip).")
     if len(sizes) not in (3, 4):
         raise InputError(f"{source} has {len(sizes)} dimensions; a 3D image (or 3D RGB) is expected.")
     dtype = np.dtype(code)
@@ -126,9 +130,10 @@ def nrrd_to_volume(fh, source: str = "upload", max_bytes: Optional[int] = None):
         dtype = dtype.newbyteorder("<" if endian == "little" else ">")
     nbytes = math.prod(sizes) * dtype.itemsize
     if max_bytes is not None and nbytes > max_bytes:
-        raise UploadTooLarge(f"{source} declares {'x'.join(map(str, sizes))} {header['type']} voxels ({nbytes / 2**20:,.0f} MiB "
-                             f"decoded), more than this server accepts ({max_bytes / 2**20:,.0f} MiB). Crop it, or ask the "
-                             "administrator to raise --max-upload-mb.")
+        raise UploadTooLarge(f"{source} declares {'x'.join(map(str, sizes))} {header['type']} voxels "
+                             f"({nbytes / 2**20:,.0f} MiB "
+                             f"decoded), more than this server accepts ({max_bytes / 2**20:,.0f} MiB). Crop it, or ask "
+                             f"the administrator to raise --max-upload-mb.")
     data = np.frombuffer(_read_voxels(fh, encoding, nbytes, source), dtype).reshape(sizes[::-1])
     if not data.dtype.isnative:
         data = data.astype(data.dtype.newbyteorder("="))
@@ -248,7 +253,7 @@ def sha256(data: bytes) -> str:
 
 
 # ---- results ----------------------------------------------------------------------------------
-def result_record(index: int, r, probability: Optional[str]) -> Dict[str, Any]:
+def result_record(index: int, r, probability: Optional[str]) -> dict[str, Any]:
     """JSON-able description of one PromptResult (the arrays travel separately)."""
     return {
         "index": index,
@@ -274,7 +279,7 @@ def quantize(prob: np.ndarray, mode: str) -> np.ndarray:
     return tmp.astype(np.uint8)  # round half up: |error| <= 1/510 after dequantize
 
 
-def encode_probability(prob: np.ndarray, mode: str, n: int) -> Dict[str, np.ndarray]:
+def encode_probability(prob: np.ndarray, mode: str, n: int) -> dict[str, np.ndarray]:
     """Sparse: a bitmap of the non-zero voxels + their (quantized) values. Models put ~0 almost
     everywhere, so this is a fraction of the dense size without costing a compressor."""
     q = quantize(prob, mode).ravel()
@@ -282,7 +287,7 @@ def encode_probability(prob: np.ndarray, mode: str, n: int) -> Dict[str, np.ndar
     return {f"probnz_{n}": np.packbits(nz), f"probv_{n}": q[nz]}
 
 
-def decode_probability(arrays: Dict[str, np.ndarray], n: int, shape) -> np.ndarray:
+def decode_probability(arrays: dict[str, np.ndarray], n: int, shape) -> np.ndarray:
     nz = unpack_mask(arrays[f"probnz_{n}"], (int(np.prod(shape)),)).view(bool)
     values = arrays[f"probv_{n}"]
     out = np.zeros(nz.shape, np.float32)
@@ -296,7 +301,7 @@ def dequantize(arr: np.ndarray) -> np.ndarray:
     return np.asarray(arr, dtype=np.float32)
 
 
-def load_npz(data: bytes) -> Dict[str, np.ndarray]:
+def load_npz(data: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
@@ -318,7 +323,7 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def client_headers() -> Dict[str, str]:
+def client_headers() -> dict[str, str]:
     return {API_HEADER: str(API_VERSION), VERSION_HEADER: __version__, "User-Agent": f"textseg-client/{__version__}"}
 
 
@@ -330,5 +335,5 @@ def version_mismatch_message(client_api: str, client_version: str) -> str:
     )
 
 
-def summarize(results: List[Any]) -> str:
+def summarize(results: list[Any]) -> str:
     return ", ".join(f"{r.name}: {r.voxel_count} voxels" for r in results)

@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -49,21 +49,22 @@ def heartbeat_interval(settings: Any) -> float:
 
 
 # ---- job execution (inside a worker process, or a Ray replica) --------------------------------
-def load_volume(npy_path: str, geometry: Dict[str, Any]):
+def load_volume(npy_path: str, geometry: dict[str, Any]):
     from ..volume import Volume
 
-    return Volume(np.load(npy_path, allow_pickle=False), geometry["spacing"], geometry["origin"], np.array(geometry["direction"]))
+    return Volume(np.load(npy_path, allow_pickle=False), geometry["spacing"], geometry["origin"],
+                  np.array(geometry["direction"]))
 
 
 class WorkerState:
     """Predictors (one per model) and the image each one holds."""
 
-    def __init__(self, device: str, adapter_options: Dict[str, Dict[str, Any]], weights_dir: Optional[str] = None):
+    def __init__(self, device: str, adapter_options: dict[str, dict[str, Any]], weights_dir: Optional[str] = None):
         self.device = device
         self.adapter_options = adapter_options
         self.weights_dir = weights_dir
-        self.predictors: Dict[str, Any] = {}
-        self.images: Dict[str, Tuple] = {}  # model -> key of the image set on its predictor
+        self.predictors: dict[str, Any] = {}
+        self.images: dict[str, tuple] = {}  # model -> key of the image set on its predictor
         self.volume_key: Optional[str] = None
         self.volume = None
         self.image_reused = False  # did the last job find its image already prepared (encoded)?
@@ -77,7 +78,7 @@ class WorkerState:
             self.predictors[model]._ensure_loaded()
         return self.predictors[model]
 
-    def execute(self, job: Dict[str, Any], progress: Callable[[float, str], None], cancel,
+    def execute(self, job: dict[str, Any], progress: Callable[[float, str], None], cancel,
                 on_results: Optional[Callable[[list], None]] = None) -> list:
         """Set the image if this predictor does not hold it yet, then predict; returns the results.
 
@@ -103,7 +104,8 @@ class WorkerState:
         split = 0.3 if (need_image and work) else (1.0 if need_image else 0.0)
         if need_image:
             self.images.pop(job["model"], None)
-            pred.set_image(self.volume, job.get("modality"), job.get("site"), key[3], _scaled(progress, 0.0, split), cancel)
+            pred.set_image(self.volume, job.get("modality"), job.get("site"), key[3], _scaled(progress, 0.0, split),
+                           cancel)
             self.images[job["model"]] = key
         if job.get("recognize"):
             options = job["recognize"] if isinstance(job["recognize"], dict) else {}
@@ -112,12 +114,14 @@ class WorkerState:
                 on_results(results)
             return results
         results: list = []
-        group = max(1, pred.adapter.max_prompts_per_call) if (on_results and pred.spec.dims == 3) else max(1, len(prompts))
+        group = max(1, pred.adapter.max_prompts_per_call) if (on_results
+                                                              and pred.spec.dims == 3) else max(1, len(prompts))
         for start in range(0, len(prompts), group):
             chunk = prompts[start : start + group]
             lo = split + (1.0 - split) * start / len(prompts)
             hi = split + (1.0 - split) * (start + len(chunk)) / len(prompts)
-            done = pred.predict(chunk, job.get("threshold"), bool(job.get("keep_absent")), _scaled(progress, lo, hi), cancel)
+            done = pred.predict(chunk, job.get("threshold"), bool(job.get("keep_absent")), _scaled(progress, lo, hi),
+                                cancel)
             results.extend(done)
             if on_results and done:
                 on_results(done)
@@ -125,7 +129,7 @@ class WorkerState:
                 break  # cancelled
         return results
 
-    def run(self, job: Dict[str, Any], progress: Callable[[float, str], None], cancel, out_dir: Path) -> Dict[str, Any]:
+    def run(self, job: dict[str, Any], progress: Callable[[float, str], None], cancel, out_dir: Path) -> dict[str, Any]:
         """execute() and write the outputs for the server (worker-process backend)."""
         results = self.execute(job, progress, cancel)
         meta = write_outputs(out_dir, self.volume.shape, results, job.get("probabilities", "uint8"))
@@ -135,7 +139,7 @@ class WorkerState:
         return meta
 
 
-def was_cancelled(job: Dict[str, Any], results: list, cancel_requested: bool) -> bool:
+def was_cancelled(job: dict[str, Any], results: list, cancel_requested: bool) -> bool:
     """Whether a finished job stopped early: prompts left undone, partial (2D) results, or recognition cut short."""
     if not cancel_requested:
         return False
@@ -148,7 +152,7 @@ def _scaled(progress, lo: float, hi: float):
     return lambda f, stage: progress(lo + (hi - lo) * f, stage)
 
 
-def write_outputs(out_dir: Path, shape, results, prob_mode: str) -> Dict[str, Any]:
+def write_outputs(out_dir: Path, shape, results, prob_mode: str) -> dict[str, Any]:
     """arrays.npz (bit-packed masks, probabilities) + result.json in out_dir; returns the JSON.
 
     The .seg.nrrd is written from these on the first GET of /result (see server.seg_nrrd_path):
@@ -203,7 +207,7 @@ def _flag_token(flag):
     return token
 
 
-def worker_main(conn, cancel_flag, device: str, options: Dict[str, Any]) -> None:
+def worker_main(conn, cancel_flag, device: str, options: dict[str, Any]) -> None:
     """Entry point of a worker process: start the heartbeat, load models, then run jobs sent over ``conn``."""
     from ..errors import Cancelled, TextsegError
 
@@ -243,8 +247,8 @@ def worker_main(conn, cancel_flag, device: str, options: Dict[str, Any]) -> None
 
         def progress(frac: float, stage: str) -> None:
             now = time.monotonic()
-            if now - last[0] >= 0.05 or frac >= 1.0:
-                last[0] = now
+            if now - last[0] >= 0.05 or frac >= 1.0:  # noqa: B023 - runs in this iteration
+                last[0] = now  # noqa: B023 - runs in this iteration
                 send(("progress", float(frac), stage))
 
         try:
@@ -281,7 +285,7 @@ class ProcessWorker:
     """One worker process on one device, fed by a dispatcher thread from the server's job queue; the thread also
     watches the worker's heartbeat and the running job's cancel and time limits."""
 
-    def __init__(self, index: int, device: str, options: Dict[str, Any], manager) -> None:
+    def __init__(self, index: int, device: str, options: dict[str, Any], manager) -> None:
         self.index, self.device, self.options, self.manager = index, device, options, manager
         self.ctx = mp.get_context("spawn")  # no fork: CUDA and uvicorn's threads do not survive it
         self.proc = None
@@ -360,7 +364,7 @@ class ProcessWorker:
         if self.conn is not None:
             self.conn.close()
 
-    def info(self) -> Dict[str, Any]:
+    def info(self) -> dict[str, Any]:
         alive = bool(self.proc is not None and self.proc.is_alive())
         return {
             "index": self.index,
@@ -420,23 +424,26 @@ class ProcessWorker:
                     self._kill()
                     log.error("worker %d on %s did not stop within %g s of the cancel of job %s; replaced it",
                               self.index, self.device, s.cancel_timeout, job.id)
-                    job.cancelled_before_results(f"cancelled: the worker did not stop within {s.cancel_timeout:g} s of the "
-                                                 "cancel, so the server replaced it (no results kept)")
+                    job.cancelled_before_results(f"cancelled: the worker did not stop within {s.cancel_timeout:g} s of "
+                                                 f"the cancel, so the server replaced it (no results kept)")
                     return
             if self.silent():
                 self._kill()
                 log.error("worker %d on %s stopped responding (no heartbeat for %g s) during job %s; replaced it",
                           self.index, self.device, s.heartbeat_timeout, job.id)
-                job.fail("ServerError", f"The server's worker process on {self.device} stopped responding (no heartbeat "
-                         f"for {s.heartbeat_timeout:g} s) while running this job; the server killed it and replaced it. "
-                         "Submit the job again, and tell the administrator if it happens again.")
+                job.fail("ServerError",
+                         f"The server's worker process on {self.device} stopped responding (no heartbeat "
+                         f"for {s.heartbeat_timeout:g} s) while running this job; the server killed it and replaced "
+                         f"it. Submit the job again, and tell the administrator if it happens again.")
                 return
             if s.job_timeout > 0 and time.monotonic() - job.started_mono > s.job_timeout:
                 self._kill()
-                log.error("job %s ran past the job timeout (%g s); replaced worker %d", job.id, s.job_timeout, self.index)
-                job.fail("ServerError", f"The job ran longer than this server allows ({s.job_timeout:g} s, --job-timeout); "
-                         "the server stopped it and replaced its worker. Send fewer prompts or a smaller image, or ask the "
-                         "administrator to raise --job-timeout.")
+                log.error("job %s ran past the job timeout (%g s); replaced worker %d", job.id, s.job_timeout,
+                          self.index)
+                job.fail("ServerError",
+                         f"The job ran longer than this server allows ({s.job_timeout:g} s, --job-timeout); "
+                         "the server stopped it and replaced its worker. Send fewer prompts or a smaller image, or ask "
+                         "the administrator to raise --job-timeout.")
                 return
             try:
                 if self.conn.poll(0.05):

@@ -15,7 +15,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ class BiomedParseV1Adapter(ModelAdapter):
         self.model = build_v1(cfg)
         load_v1_weights(self.model, weight_file(self, "biomedparse_v1.pt"))
         self.target_dist = load_target_dist(weight_file(self, "target_dist.json"))
-        self._text_cache: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.to(device)
 
     def to(self, device: Any) -> None:
@@ -90,7 +91,7 @@ class BiomedParseV1Adapter(ModelAdapter):
         parts = [self._text_cache[t] for t in texts]
         return tuple(torch.stack([p[i] for p in parts]) for i in range(3))
 
-    def decode_slices(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> List[SliceDecoded]:
+    def decode_slices(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> list[SliceDecoded]:
         from .model import Encoded
 
         texts = [p.text or "" for p in prompts]
@@ -103,11 +104,11 @@ class BiomedParseV1Adapter(ModelAdapter):
         ctx.report(0.8)
         return [self._finish(encoded, logits[:, j], t) for j, t in enumerate(texts)]
 
-    def recognizer(self, preset, **options: Any) -> "V1Recognizer":
+    def recognizer(self, preset, **options: Any) -> V1Recognizer:
         forced = self.options.get("image_type")
         return V1Recognizer([forced] if forced else image_types_for(preset.modality, preset.site), **options)
 
-    def _finish(self, encoded: Dict[str, Any], logits: torch.Tensor, text: str) -> SliceDecoded:
+    def _finish(self, encoded: dict[str, Any], logits: torch.Tensor, text: str) -> SliceDecoded:
         """(B, h, w) logits of one prompt -> canonical probabilities + per-slice existence."""
         probs = []
         for b, pad in enumerate(encoded["pads"]):

@@ -24,7 +24,7 @@ Prompt semantics (``concat_prompts``):
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -112,12 +112,15 @@ class SEEMGroundingDecoder(nn.Module):
     num_feature_levels = 3
 
     def __init__(self, hidden_dim: int = 512, dim_proj: int = 512, num_queries: int = 101, nheads: int = 8,
-                 dim_feedforward: int = 2048, dec_layers: int = 9, mask_dim: int = 512, spatial_memories: int = 32) -> None:
+                 dim_feedforward: int = 2048, dec_layers: int = 9, mask_dim: int = 512,
+                 spatial_memories: int = 32) -> None:
         super().__init__()
         self.num_heads, self.num_layers, self.num_queries = nheads, dec_layers, num_queries
         self.hidden_dim = hidden_dim
-        self.transformer_self_attention_layers = nn.ModuleList(SelfAttentionLayer(hidden_dim, nheads) for _ in range(dec_layers))
-        self.transformer_cross_attention_layers = nn.ModuleList(CrossAttentionLayer(hidden_dim, nheads) for _ in range(dec_layers))
+        self.transformer_self_attention_layers = nn.ModuleList(SelfAttentionLayer(hidden_dim,
+                                                                                  nheads) for _ in range(dec_layers))
+        self.transformer_cross_attention_layers = nn.ModuleList(CrossAttentionLayer(hidden_dim,
+                                                                                    nheads) for _ in range(dec_layers))
         self.transformer_ffn_layers = nn.ModuleList(FFNLayer(hidden_dim, dim_feedforward) for _ in range(dec_layers))
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
@@ -131,7 +134,7 @@ class SEEMGroundingDecoder(nn.Module):
         self.spatial_featured = nn.Embedding(spatial_memories, hidden_dim)
 
     # ------------------------------------------------------------------------------------------
-    def prepare_memory(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tuple[int, int]]]:
+    def prepare_memory(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int]]]:
         """Flattened (HW, B, C) sources + level embedding, sine positions, sizes (upstream prepare_features)."""
         src, pos, sizes = [], [], []
         for i, x in enumerate(features[: self.num_feature_levels]):
@@ -148,7 +151,7 @@ class SEEMGroundingDecoder(nn.Module):
         m = torch.einsum("bqc,bchw->bqhw", emb.reshape(b, group * q, c), mask_features)
         return m.reshape(n, q, *m.shape[-2:])
 
-    def heads(self, queries: Tensor, mask_features: Tensor, target: Optional[Tuple[int, int]],
+    def heads(self, queries: Tensor, mask_features: Tensor, target: Optional[tuple[int, int]],
               low_res: Optional[Tensor], group: int):
         """Prediction head: mask embeddings (N,Q,C), captions (N,Q,D), attention mask for the next layer.
 
@@ -170,9 +173,9 @@ class SEEMGroundingDecoder(nn.Module):
             attn[attn.all(-1)] = False
         return emb, caption, attn
 
-    def forward(self, features: Optional[List[Tensor]], mask_features: Tensor, tokens: Tensor,
+    def forward(self, features: Optional[list[Tensor]], mask_features: Tensor, tokens: Tensor,
                 token_padding: Optional[Tensor] = None, memory=None, group: int = 1,
-                low_res_attention: bool = True) -> Tuple[Tensor, Tensor]:
+                low_res_attention: bool = True) -> tuple[Tensor, Tensor]:
         """Decode.
 
         features: three scales (B, C, h, w) (strides 32, 16, 8) or ``memory`` from ``prepare_memory``

@@ -15,15 +15,16 @@ it vectorised over slices. The adjusted p-value is returned unchanged as the exi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
 from scipy.special import betainc
 
 from ....errors import WeightsError
 
-TargetDist = Dict[str, Dict[str, List[List[float]]]]
+TargetDist = dict[str, dict[str, list[list[float]]]]
 
 
 def load_target_dist(path: Path) -> TargetDist:
@@ -41,7 +42,7 @@ def load_target_dist(path: Path) -> TargetDist:
     return data
 
 
-def find_params(dist: TargetDist, image_types: Sequence[str], target: str) -> Optional[Tuple[str, str, np.ndarray]]:
+def find_params(dist: TargetDist, image_types: Sequence[str], target: str) -> Optional[tuple[str, str, np.ndarray]]:
     """(image type, target key, (4, 2) Beta parameters) of the first image type knowing the target."""
     t = target.strip().lower()
     for it in image_types:
@@ -78,10 +79,10 @@ def adjusted_p_value(stats: np.ndarray, params: np.ndarray) -> np.ndarray:
 
 
 # ---- recognition ("segment everything"), per 2D slice -------------------------------------------------
-def non_maxima_suppression(probs: Dict[str, np.ndarray], p_values: Dict[str, float]) -> List[str]:
+def non_maxima_suppression(probs: dict[str, np.ndarray], p_values: dict[str, float]) -> list[str]:
     """Upstream NMS: in descending p-value order keep a mask unless > 50 % of its area (p > 0.5)
     lies in an already kept mask; empty masks are dropped. Returns the kept targets."""
-    kept: List[str] = []
+    kept: list[str] = []
     for t in sorted(probs, key=lambda t: p_values[t], reverse=True):
         region = probs[t] > 0.5
         area = int(region.sum())
@@ -92,7 +93,7 @@ def non_maxima_suppression(probs: Dict[str, np.ndarray], p_values: Dict[str, flo
     return kept
 
 
-def combine_masks(probs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def combine_masks(probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Upstream ``combine_masks``: pixels with p > 0.1 vote for their most probable target; targets
     winning < 50 % of their own (p > 0.1) area are discarded, except the most confident target (highest
     mean p over its p > 0.1 area); each remaining pixel goes to the most probable kept target with p > 0.5.

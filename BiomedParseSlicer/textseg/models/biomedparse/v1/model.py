@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,9 @@ IGNORED_PARTS = (".lang_encoder.biomed_encoder.",)  # BiomedBERT, unused with th
 class V1Config:
     image_size: int = 1024
     embed_dim: int = 192
-    depths: Tuple[int, ...] = (2, 2, 18, 2)
-    focal_levels: Tuple[int, ...] = (4, 4, 4, 4)
-    focal_windows: Tuple[int, ...] = (3, 3, 3, 3)
+    depths: tuple[int, ...] = (2, 2, 18, 2)
+    focal_levels: tuple[int, ...] = (4, 4, 4, 4)
+    focal_windows: tuple[int, ...] = (3, 3, 3, 3)
     conv_dim: int = 512
     mask_dim: int = 512
     enc_layers: int = 6
@@ -70,7 +70,7 @@ class LanguageEncoder(nn.Module):
         self.lang_proj = nn.Parameter(torch.zeros(cfg.text_width, cfg.dim_proj))
         self.logit_scale = nn.Parameter(torch.ones([]))
 
-    def forward(self, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Token embeddings (N, L, D) and class embeddings (N, D) at the first EOS (argmax id), projected."""
         x = self.lang_encoder(input_ids)
         cls = x[torch.arange(x.shape[0], device=x.device), input_ids.argmax(dim=-1)]
@@ -83,7 +83,8 @@ class SemSegHead(nn.Module):
         from ..pixel_decoder import TransformerEncoderPixelDecoder  # shared with v2
 
         chans = [cfg.embed_dim * 2 ** i for i in range(4)]
-        self.pixel_decoder = TransformerEncoderPixelDecoder(in_channels=chans, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim,
+        self.pixel_decoder = TransformerEncoderPixelDecoder(in_channels=chans, conv_dim=cfg.conv_dim,
+                                                            mask_dim=cfg.mask_dim,
                                                             nheads=cfg.nheads, dim_feedforward=cfg.dim_feedforward,
                                                             enc_layers=cfg.enc_layers)
         self.predictor = SEEMGroundingDecoder(cfg.hidden_dim, cfg.dim_proj, cfg.num_queries, cfg.nheads,
@@ -96,7 +97,7 @@ class Encoded:
     """Image features of a slice batch (kept on the model's device)."""
 
     mask_features: Tensor  # (B, C, S/4, S/4)
-    features: List[Tensor]  # three decoder scales
+    features: list[Tensor]  # three decoder scales
     memory: tuple  # decoder-ready (src, pos, sizes)
 
 
@@ -129,16 +130,16 @@ class BiomedParseV1(nn.Module):
         memory = self.sem_seg_head.predictor.prepare_memory(multi_scale)
         return Encoded(mask_features, multi_scale, memory)
 
-    def _pixel(self, feats) -> Tuple[Tensor, List[Tensor]]:
+    def _pixel(self, feats) -> tuple[Tensor, list[Tensor]]:
         """mask features (stride 4) and the three decoder scales (strides 32, 16, 8)."""
         out = self.sem_seg_head.pixel_decoder.forward_features(feats)
         return out[0], list(out[-1])
 
-    def embed_text(self, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
+    def embed_text(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         return self.lang(input_ids)
 
     def decode(self, enc: Encoded, token_emb: Tensor, attention_mask: Tensor, class_emb: Tensor,
-               concat: bool = False, all_masks: bool = False, low_res_attention: bool = True) -> Dict[str, Tensor]:
+               concat: bool = False, all_masks: bool = False, low_res_attention: bool = True) -> dict[str, Tensor]:
         """Decode P prompts on B slices.
 
         token_emb (P, L, D), attention_mask (P, L), class_emb (P, D). Default: each prompt decoded on
@@ -154,14 +155,16 @@ class BiomedParseV1(nn.Module):
         scale = pred.lang_encoder.logit_scale
         if concat:
             tokens = token_emb[keep][:, None].expand(-1, b, -1)
-            emb, captions = pred(None, enc.mask_features, tokens, memory=enc.memory, low_res_attention=low_res_attention)
+            emb, captions = pred(None, enc.mask_features, tokens, memory=enc.memory,
+                                 low_res_attention=low_res_attention)
             matched = vl_similarity(captions, class_emb, scale).argmax(1)  # (B, P)
             chosen = torch.gather(emb, 1, matched[..., None].expand(-1, -1, emb.shape[-1]))  # (B, P, C)
             logits = pred.mask_logits(chosen, enc.mask_features)
             group = 1
         else:
             lengths = keep.sum(1)
-            tok = torch.zeros((p, int(lengths.max()), token_emb.shape[-1]), dtype=token_emb.dtype, device=token_emb.device)
+            tok = torch.zeros((p, int(lengths.max()), token_emb.shape[-1]), dtype=token_emb.dtype,
+                              device=token_emb.device)
             pad = torch.ones(tok.shape[:2], dtype=torch.bool, device=token_emb.device)
             for i in range(p):
                 tok[i, : lengths[i]] = token_emb[i][keep[i]]
@@ -183,7 +186,7 @@ class BiomedParseV1(nn.Module):
 
 
 # ---- checkpoint -------------------------------------------------------------------------------------
-def read_v1_state_dict(path: Path) -> Dict[str, Tensor]:
+def read_v1_state_dict(path: Path) -> dict[str, Tensor]:
     """The official ``biomedparse_v1.pt`` (a plain ``model.state_dict()``), loss/BiomedBERT keys dropped."""
     path = Path(path)
     if not path.is_file():
@@ -193,7 +196,8 @@ def read_v1_state_dict(path: Path) -> Dict[str, Tensor]:
     if isinstance(sd, dict) and "state_dict" in sd and any(str(k).startswith("model.") for k in sd["state_dict"]):
         raise WeightsError(f"{path} is a BiomedParse v2 (Lightning) checkpoint; use the model biomedparse-v2 for it.")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsError(f"{path} is not a BiomedParse v1 state dict (expected a mapping of tensor names to tensors).")
+        raise WeightsError(f"{path} is not a BiomedParse v1 state dict (expected a mapping of tensor names to "
+                           f"tensors).")
     return {k: v for k, v in sd.items() if k not in IGNORED_KEYS and not any(p in k for p in IGNORED_PARTS)}
 
 
@@ -204,7 +208,7 @@ def load_v1_weights(model: BiomedParseV1, path: Path) -> None:
     assign_state_dict(model, sd)
 
 
-def check_state_dict(model: nn.Module, sd: Dict[str, Tensor], source: str) -> None:
+def check_state_dict(model: nn.Module, sd: dict[str, Tensor], source: str) -> None:
     """WeightsError naming missing, unexpected and reshaped tensors (shapes only; works on meta)."""
     problems = key_mismatch(model.state_dict(), sd)
     if not problems:

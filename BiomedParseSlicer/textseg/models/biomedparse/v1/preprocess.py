@@ -15,7 +15,6 @@ to the padded shape, then crop) is exact for that quirk too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
 
 import numpy as np
 
@@ -24,16 +23,16 @@ from ....presets import Preset, window_to_255
 
 @dataclass(frozen=True)
 class Padding:
-    shape: Tuple[int, int]  # original (H, W)
-    padded: Tuple[int, int]  # (H, W) after padding, before the resize
-    offset: Tuple[int, int]  # rows, columns added before the image
+    shape: tuple[int, int]  # original (H, W)
+    padded: tuple[int, int]  # (H, W) after padding, before the resize
+    offset: tuple[int, int]  # rows, columns added before the image
 
     def crop(self, arr: np.ndarray) -> np.ndarray:
         r, c = self.offset
         return arr[..., r : r + self.shape[0], c : c + self.shape[1]]
 
 
-def pad_square(img: np.ndarray) -> Tuple[np.ndarray, Padding]:
+def pad_square(img: np.ndarray) -> tuple[np.ndarray, Padding]:
     h, w = img.shape[:2]
     r = c = 0
     if h > w:
@@ -51,7 +50,7 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
     return resize(img, (size, size), order=3, mode="constant", preserve_range=True, anti_aliasing=True)
 
 
-def preprocess_slice(slice_2d: np.ndarray, preset: Preset, size: int = 1024) -> Tuple[np.ndarray, Padding]:
+def preprocess_slice(slice_2d: np.ndarray, preset: Preset, size: int = 1024) -> tuple[np.ndarray, Padding]:
     """One canonical slice (H, W) or RGB (H, W, 3|4) -> (size, size, 3) uint8 model input + padding."""
     arr = np.asarray(slice_2d)
     if arr.ndim == 3:

@@ -8,11 +8,11 @@ hold a few extra aliases per image type (e.g. CT-Abdomen: kidney, adrenal gland)
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 from ....catalog import ModelSpec, WeightFile
 
-BIOMED_OBJECTS: Dict[str, Tuple[str, ...]] = {
+BIOMED_OBJECTS: dict[str, tuple[str, ...]] = {
     "CT-Abdomen": ("postcava", "aorta", "right kidney", "left kidney", "duodenum", "pancreas", "liver", "spleen",
                    "stomach", "gallbladder", "left adrenal gland", "right adrenal gland", "esophagus"),
     "CT-Chest": ("nodule", "COVID-19 infection", "tumor"),
@@ -32,7 +32,7 @@ BIOMED_OBJECTS: Dict[str, Tuple[str, ...]] = {
 }
 
 # image type -> (our modality, preset sites it applies to; empty = any site)
-IMAGE_TYPES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+IMAGE_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "CT-Abdomen": ("CT", ("abdomen", "pelvis", "pancreas", "colon")),
     "CT-Chest": ("CT", ("lung",)),
     "CT-Liver": ("CT", ("liver",)),
@@ -54,7 +54,7 @@ CT_SITES = ("abdomen", "lung", "pelvis", "liver", "colon", "pancreas")
 P_VALUE_THRESHOLD = 0.05  # upstream notebook: "recommended threshold 0.05"
 
 
-def image_types_for(modality: str, site: Optional[str] = None) -> List[str]:
+def image_types_for(modality: str, site: Optional[str] = None) -> list[str]:
     """Upstream image types of a preset: those of the modality whose sites include the preset's
     site, or all of the modality's types when none does (e.g. MRI without a site)."""
     cands = [t for t, (m, _) in IMAGE_TYPES.items() if m == modality]
@@ -62,8 +62,8 @@ def image_types_for(modality: str, site: Optional[str] = None) -> List[str]:
     return matching or cands
 
 
-def vocabulary() -> Tuple[str, ...]:
-    seen: Dict[str, None] = {}
+def vocabulary() -> tuple[str, ...]:
+    seen: dict[str, None] = {}
     for targets in BIOMED_OBJECTS.values():
         for t in targets:
             seen.setdefault(t, None)

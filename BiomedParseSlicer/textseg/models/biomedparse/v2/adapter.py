@@ -24,7 +24,8 @@
 from __future__ import annotations
 
 import zlib
-from typing import Any, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ class BiomedParseV2Adapter(ModelAdapter):
     def to(self, device: Any) -> None:
         self.device = torch.device(device)
         self.model.to(self.device)
-        self._text_cache: Dict[tuple, Prompts] = {}  # prompt group -> grounding tokens (text encoder once)
+        self._text_cache: dict[tuple, Prompts] = {}  # prompt group -> grounding tokens (text encoder once)
 
     # ---- image ----------------------------------------------------------------------------------
     def prepare(self, volume, preset, ctx: RunContext) -> Any:
@@ -109,16 +110,18 @@ class BiomedParseV2Adapter(ModelAdapter):
         if key not in self._text_cache:
             ids, att = tokenize(list(texts), self.model.cfg.context_length)
             with torch.inference_mode():
-                prompts = self.model.embed_prompts(torch.from_numpy(ids).to(self.device), torch.from_numpy(att).to(self.device))
+                prompts = self.model.embed_prompts(torch.from_numpy(ids).to(self.device),
+                                                   torch.from_numpy(att).to(self.device))
             if len(self._text_cache) >= 64:
                 self._text_cache.pop(next(iter(self._text_cache)))
             self._text_cache[key] = prompts
         return self._text_cache[key]
 
-    def decode_slices(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> List[SliceDecoded]:
+    def decode_slices(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> list[SliceDecoded]:
         texts = [(p.text or "").strip() for p in prompts]
         if not all(texts):
-            raise UsageError("BiomedParse v2 needs a text prompt, e.g. 'Visualization of the liver in abdominal CT imaging'.")
+            raise UsageError("BiomedParse v2 needs a text prompt, e.g. 'Visualization of the liver in abdominal CT "
+                             "imaging'.")
         enc: Encoded = encoded["enc"]
         if self.deterministic:
             sampling = Sampling(deterministic=True)
@@ -142,7 +145,7 @@ class BiomedParseV2Adapter(ModelAdapter):
         return V2Recognizer(preset.modality, preset.site, self.spec.existence_threshold or 0.5,
                             bool(self.options.get("compat_upstream", False)), **options)
 
-    def _probability(self, logits: torch.Tensor, encoded: Dict[str, Any]) -> np.ndarray:
+    def _probability(self, logits: torch.Tensor, encoded: dict[str, Any]) -> np.ndarray:
         """(B, h, w) logits -> (B, H, W) probabilities on the canonical slice grid."""
         padded = encoded["padded"]
         if self.compat:  # upstream: bicubic-antialias to 512, then nearest to the padded square

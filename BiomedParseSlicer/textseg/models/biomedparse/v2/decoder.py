@@ -23,14 +23,22 @@ Prompt semantics:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..v1.decoder import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer, padding_attn_mask, sine_position_embedding
+from ..v1.decoder import (
+    MLP,
+    CrossAttentionLayer,
+    FFNLayer,
+    SelfAttentionLayer,
+    padding_attn_mask,
+    sine_position_embedding,
+)
 from .boltzmann import boltzmann_attention_mask, open_full_rows
 
 
@@ -74,7 +82,8 @@ class BoltzFormerDecoder(nn.Module):
         self.transformer_self_attention_layers = nn.ModuleList(SelfAttentionLayer(hidden_dim, nheads) for _ in layers)
         self.transformer_cross_attention_layers = nn.ModuleList(CrossAttentionLayer(hidden_dim, nheads) for _ in layers)
         self.transformer_ffn_layers = nn.ModuleList(FFNLayer(hidden_dim, dim_feedforward) for _ in layers)
-        self.classifier_cross_attention_layers = nn.ModuleList(KeyMaskedCrossAttention(hidden_dim, nheads) for _ in layers)
+        self.classifier_cross_attention_layers = nn.ModuleList(KeyMaskedCrossAttention(hidden_dim,
+                                                                                       nheads) for _ in layers)
         self.classifier_ffn_layers = nn.ModuleList(FFNLayer(hidden_dim, dim_feedforward) for _ in layers)
         self.classifier = nn.Linear(hidden_dim, 1)
         self.decoder_norm = nn.LayerNorm(hidden_dim)
@@ -85,7 +94,7 @@ class BoltzFormerDecoder(nn.Module):
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
         self.class_embed = nn.Parameter(torch.zeros(hidden_dim, dim_proj))  # v1-compat caption head, unused
 
-    def prepare_memory(self, features: List[Tensor]):
+    def prepare_memory(self, features: list[Tensor]):
         """Flattened (HW, B, C) sources + level embedding, sine positions, sizes (coarsest first)."""
         src, pos, sizes = [], [], []
         for i, x in enumerate(features[: self.num_feature_levels]):
@@ -115,7 +124,7 @@ class BoltzFormerDecoder(nn.Module):
                                                  layer_id, generator=g, **kw))
         return torch.cat(rows)
 
-    def forward(self, features: List[Tensor], mask_features: Tensor, tokens: Tensor,
+    def forward(self, features: list[Tensor], mask_features: Tensor, tokens: Tensor,
                 token_padding: Optional[Tensor] = None, sampling: Optional[Sampling] = None,
                 memory=None) -> DecoderOutput:
         """features: 3 scales (B, C, h, w); mask_features (B, C, H/4, W/4); tokens (T, B, C) grounding tokens

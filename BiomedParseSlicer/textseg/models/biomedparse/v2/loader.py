@@ -10,7 +10,6 @@ what to do, as is a truncated file or a Git LFS pointer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
 
 from torch import Tensor, nn
 
@@ -32,7 +31,7 @@ def _load_raw(path: Path) -> object:
     return read_checkpoint(path, "BiomedParse v2 checkpoint", _REDOWNLOAD)
 
 
-def read_v2_state_dict(path: Path) -> Dict[str, Tensor]:
+def read_v2_state_dict(path: Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"BiomedParse v2 weights not found at {path}: run `textseg models download biomedparse-v2`.")
@@ -47,7 +46,7 @@ def read_v2_state_dict(path: Path) -> Dict[str, Tensor]:
     return {k: v for k, v in sd.items() if k not in LOSS_KEYS}
 
 
-def check_keys(own: Dict[str, Tensor], sd: Dict[str, Tensor], path: Path) -> None:
+def check_keys(own: dict[str, Tensor], sd: dict[str, Tensor], path: Path) -> None:
     problems = key_mismatch(own, sd)
     if problems:
         raise WeightsError(f"{path} does not match BiomedParse v2 ({problems}). Is it the official "

@@ -15,7 +15,7 @@ is skipped.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +28,9 @@ from .preprocess import PIXEL_MEAN, PIXEL_STD
 class V2Config:
     image_size: int = 512
     embed_dim: int = 192
-    depths: Tuple[int, ...] = (2, 2, 18, 2)
-    focal_levels: Tuple[int, ...] = (4, 4, 4, 4)
-    focal_windows: Tuple[int, ...] = (3, 3, 3, 3)
+    depths: tuple[int, ...] = (2, 2, 18, 2)
+    focal_levels: tuple[int, ...] = (4, 4, 4, 4)
+    focal_windows: tuple[int, ...] = (3, 3, 3, 3)
     conv_dim: int = 512
     mask_dim: int = 512
     enc_layers: int = 6
@@ -71,7 +71,8 @@ class SemSegHead(nn.Module):
         from ..pixel_decoder import TransformerEncoderPixelDecoder  # shared with v1
 
         chans = [cfg.embed_dim * 2 ** i for i in range(4)]
-        self.pixel_decoder = TransformerEncoderPixelDecoder(in_channels=chans, conv_dim=cfg.conv_dim, mask_dim=cfg.mask_dim,
+        self.pixel_decoder = TransformerEncoderPixelDecoder(in_channels=chans, conv_dim=cfg.conv_dim,
+                                                            mask_dim=cfg.mask_dim,
                                                             nheads=cfg.nheads, dim_feedforward=cfg.dim_feedforward,
                                                             enc_layers=cfg.enc_layers)
         self.predictor = BoltzFormerDecoder(cfg.hidden_dim, cfg.dim_proj, cfg.num_queries, cfg.nheads,

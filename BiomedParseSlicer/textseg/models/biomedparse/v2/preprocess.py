@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor
 SIZE = 512
 PIXEL_MEAN = (123.675 + 116.280 + 103.530) / 3  # gray_scale=True: mean of the RGB statistics = 114.495
 PIXEL_STD = (58.395 + 57.120 + 57.375) / 3  # 57.63
-PadWidth = List[List[int]]
+PadWidth = list[list[int]]
 
 
 def upstream_axis(shape: Sequence[int]) -> int:
@@ -35,7 +35,7 @@ def upstream_axis(shape: Sequence[int]) -> int:
     return int(np.argmin(s))
 
 
-def padding(h: int, w: int) -> Tuple[PadWidth, int]:
+def padding(h: int, w: int) -> tuple[PadWidth, int]:
     """Upstream ``get_padding`` for slices of h x w: pad widths ([[0,0],[a,b],[c,d]]) and the square size."""
     d = abs(h - w)
     first, second = d // 2, d - d // 2
@@ -43,7 +43,7 @@ def padding(h: int, w: int) -> Tuple[PadWidth, int]:
     return pad, max(h, w)
 
 
-def square_pad_resize(vol: np.ndarray, size: int = SIZE, resize_path: str = "uint8") -> Tuple[Tensor, PadWidth, int]:
+def square_pad_resize(vol: np.ndarray, size: int = SIZE, resize_path: str = "uint8") -> tuple[Tensor, PadWidth, int]:
     """(D, H, W) 0..255 slices -> (D, size, size) int32, pad widths, padded size."""
     if resize_path not in ("uint8", "float"):
         raise ValueError("resize_path must be 'uint8' or 'float'")
@@ -54,7 +54,7 @@ def square_pad_resize(vol: np.ndarray, size: int = SIZE, resize_path: str = "uin
     return out.squeeze(0).int(), pad, padded
 
 
-def neighbours(k: int, d: int) -> Tuple[int, int, int]:
+def neighbours(k: int, d: int) -> tuple[int, int, int]:
     """(current, previous, next) of slice k of d: reflection at the ends, one slice repeated."""
     if d == 1:
         return k, k, k

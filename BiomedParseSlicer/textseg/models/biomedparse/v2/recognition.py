@@ -25,7 +25,8 @@ Differences by default (``compat=True`` reproduces upstream exactly; docs/biomed
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 from scipy import ndimage
@@ -38,7 +39,7 @@ BACKGROUND = 0.5
 
 
 def nms_keep(masks: np.ndarray, scores: np.ndarray, iou_threshold: float = 0.5,
-             score_threshold: float = 0.5) -> List[int]:
+             score_threshold: float = 0.5) -> list[int]:
     """Upstream ``nms_masks_batch_iou`` on one slice: masks (N, H, W) bool, scores (N,) -> kept indices in order.
     Intersections are counted on the overlap of the two masks' bounding boxes only (same counts, faster)."""
     order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
@@ -49,7 +50,7 @@ def nms_keep(masks: np.ndarray, scores: np.ndarray, iou_threshold: float = 0.5,
         r, c = np.flatnonzero(rows[n]), np.flatnonzero(cols[n])
         box[n] = (r[0], r[-1] + 1, c[0], c[-1] + 1)
         areas[n] = int(np.count_nonzero(masks[n, box[n, 0]:box[n, 1], box[n, 2]:box[n, 3]]))
-    keep: List[int] = []
+    keep: list[int] = []
     while len(order):
         i = int(order[0])
         if scores[i] < score_threshold:
@@ -98,7 +99,8 @@ def merge(probs: np.ndarray, keep: Optional[np.ndarray] = None):
     best = np.full(probs.shape[1:], BACKGROUND, np.result_type(probs.dtype, np.float32))
     labels = np.zeros(probs.shape[1:], np.int64)
     for n in range(len(probs)):
-        p = probs[n] if keep is None else np.where(keep[n].reshape(keep[n].shape + (1,) * (probs.ndim - 2)), probs[n], 0)
+        p = probs[n] if keep is None else np.where(keep[n].reshape(keep[n].shape + (1,) * (probs.ndim - 2)), probs[n],
+                                                   0)
         better = p > best
         best[better] = p[better]
         labels[better] = n + 1
@@ -167,7 +169,7 @@ def split_instances(region: np.ndarray, edges: np.ndarray, distance: float = 1) 
     return out
 
 
-def _names(value: Any) -> List[str]:
+def _names(value: Any) -> list[str]:
     """A recognition option naming targets: a list of names, or one name as a string (not its letters)."""
     if not value:
         return []
@@ -231,7 +233,7 @@ class V2Recognizer(Recognizer):
         scores = np.where(keep, existence, np.nan)
         return SliceLabels(labels.astype(np.int32), win.astype(np.float32), scores, edge)
 
-    def instances(self, labels: np.ndarray, edges: Optional[np.ndarray]) -> Dict[int, np.ndarray]:
+    def instances(self, labels: np.ndarray, edges: Optional[np.ndarray]) -> dict[int, np.ndarray]:
         if not self.instance_targets or edges is None:
             return {}
         idx = [n for n, t in enumerate(self.names) if t in self.instance_targets]

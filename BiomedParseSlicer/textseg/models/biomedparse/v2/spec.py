@@ -8,11 +8,11 @@ trained on the CVPR 2025 challenge sentences, e.g. "Visualization of the liver i
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 from ....catalog import ModelSpec, WeightFile
 
-TARGETS: Dict[str, Tuple[str, ...]] = {
+TARGETS: dict[str, tuple[str, ...]] = {
     "CT": (
         "spleen", "liver", "gallbladder", "stomach", "pancreas", "duodenum", "small bowel", "colon", "esophagus",
         "right kidney", "left kidney", "right adrenal gland", "left adrenal gland", "bladder", "prostate", "uterus",
@@ -60,8 +60,8 @@ def prompt_sentence(target: str, modality: str, site: Optional[str] = None) -> s
     return f"Visualization of the {target} in {' '.join(w for w in words if w)} imaging"
 
 
-def vocabulary() -> Tuple[str, ...]:
-    seen: Dict[str, None] = {}
+def vocabulary() -> tuple[str, ...]:
+    seen: dict[str, None] = {}
     for targets in TARGETS.values():
         for t in targets:
             seen.setdefault(t, None)
