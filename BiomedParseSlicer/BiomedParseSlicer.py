@@ -14,7 +14,11 @@ import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 import BiomedParseSlicerLib
@@ -105,7 +109,8 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         settings = qt.QSettings()
         self.ui.apiKeyLineEdit.setText(settings.value("BiomedParseSlicer/apiKey", ""))
         self.ui.hfTokenLineEdit.setText(settings.value("BiomedParseSlicer/hfToken", ""))
-        self.ui.clientOnlyCheckBox.setChecked(str(settings.value("BiomedParseSlicer/clientOnly", "false")).lower() == "true")
+        self.ui.clientOnlyCheckBox.setChecked(str(settings.value("BiomedParseSlicer/clientOnly",
+                                                                 "false")).lower() == "true")
         self._connect()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -119,7 +124,8 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return lambda *_args: self._show(getattr(self.controller, name)(self._inputs()))
 
         ui.applyButton.clicked.connect(self.onApply)
-        for button, name in ((ui.segmentEverythingButton, "segment_everything"), (ui.testConnectionButton, "test_connection"),
+        for button, name in ((ui.segmentEverythingButton, "segment_everything"),
+                             (ui.testConnectionButton, "test_connection"),
                              (ui.downloadButton, "download"), (ui.stopServerButton, "stop_server"),
                              (ui.statisticsButton, "statistics")):
             button.clicked.connect(call(name))
@@ -132,8 +138,10 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         ui.addTargetLineEdit.returnPressed.connect(self.onAddTarget)
         ui.historyComboBox.connect("activated(int)", self.onHistoryChosen)
         ui.localRadioButton.toggled.connect(self.onWhereChanged)
-        ui.apiKeyLineEdit.editingFinished.connect(lambda: qt.QSettings().setValue("BiomedParseSlicer/apiKey", ui.apiKeyLineEdit.text))
-        ui.hfTokenLineEdit.editingFinished.connect(lambda: qt.QSettings().setValue("BiomedParseSlicer/hfToken", ui.hfTokenLineEdit.text))
+        ui.apiKeyLineEdit.editingFinished.connect(lambda: qt.QSettings().setValue("BiomedParseSlicer/apiKey",
+                                                                                  ui.apiKeyLineEdit.text))
+        ui.hfTokenLineEdit.editingFinished.connect(lambda: qt.QSettings().setValue("BiomedParseSlicer/hfToken",
+                                                                                   ui.hfTokenLineEdit.text))
         ui.clientOnlyCheckBox.toggled.connect(self.onClientOnlyChanged)
         ui.segmentEditorButton.clicked.connect(self.onOpenSegmentEditor)
         ui.exportCsvButton.clicked.connect(self.onExportCsv)
@@ -270,7 +278,8 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._show(view)
 
     def onImport(self):
-        path = qt.QFileDialog.getOpenFileName(None, _("Import weight file for {m}").format(m=self.ui.modelComboBox.currentText))
+        title = _("Import weight file for {m}").format(m=self.ui.modelComboBox.currentText)
+        path = qt.QFileDialog.getOpenFileName(None, title)
         if path:
             self._show(self.controller.import_file(self._inputs(), path))
 
@@ -300,7 +309,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 # BiomedParseSlicerTest
 #
 class BiomedParseSlicerTest(ScriptedLoadableModuleTest):
-    """Inside Slicer: the checks Testing/test_slicer_logic.py runs headless (BiomedParseSlicerLib.checks) on an
+    """Inside Slicer: the checks Testing/slicer/test_slicer_logic.py runs headless (BiomedParseSlicerLib.checks) on an
     oblique, flipped phantom made here (no downloads, the test-only synthetic model), Slicer's own Segment
     Statistics, and the panel's parameter node across leaving and entering the module."""
 

@@ -1,4 +1,4 @@
-"""Writing checkpoints the way the upstream trainers did (used by Testing/test_official_checkpoints.py and
+"""Writing checkpoints the way the upstream trainers did (used by Testing/models/test_official_checkpoints.py and
 benchmarks/bench_checkpoint_memory.py).
 
 SAT's trainer (zhaoziheng/SAT train/trainer.py) saved ``{'step', 'model_state_dict', 'optimizer_state_dict'}``
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pickle
 import types
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch

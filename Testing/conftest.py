@@ -5,16 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import sys
-
 import pytest
 
+# pyproject's pytest ``pythonpath`` puts this checkout's engine first (also when another checkout is
+# pip-installed in editable mode), this folder's shared helpers, the oracle scripts' weight/input recipes
+# (they import only numpy at module level, upstream code only when run), Utilities/ and benchmarks/.
 ROOT = Path(__file__).resolve().parents[1]
-# Test the engine of this checkout (also when another checkout is pip-installed in editable mode).
-sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
-# The oracle scripts' weight/input recipes are imported by the tests (one copy; the scripts import only numpy
-# at module level, upstream code only when run).
-sys.path.insert(0, str(ROOT / "Testing" / "oracles"))
 SHARED = Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
@@ -50,7 +46,8 @@ def hub_env(hub, textseg_home, tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+                "https_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setattr(weights, "_SETTINGS", weights.Settings(timeout=10, retries=0))

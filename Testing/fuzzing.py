@@ -21,10 +21,9 @@ import logging
 import math
 import shutil
 import struct
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -39,9 +38,9 @@ HOSTILE_NUMBERS = ["-1", "0", "1", "2", "3", "4", "5", "7", "99999", "2147483647
 class Case:
     fmt: str
     path: Path
-    mutations: List[str]
-    seed_geometry: Optional[Tuple] = None  # (shape, spacing, origin, direction, array) when only pixel bytes changed
-    declared: Optional[Tuple[int, ...]] = None  # (i, j, k) sizes from an independent header parse, if any
+    mutations: list[str]
+    seed_geometry: Optional[tuple] = None  # (shape, spacing, origin, direction, array) when only pixel bytes changed
+    declared: Optional[tuple[int, ...]] = None  # (i, j, k) sizes from an independent header parse, if any
 
 
 @dataclass
@@ -57,11 +56,11 @@ def _phantom(shape=(5, 6, 7), dtype=np.int16) -> np.ndarray:
     return a
 
 
-def make_image_seeds(folder: Path) -> Dict[str, Tuple[Path, Any]]:
+def make_image_seeds(folder: Path) -> dict[str, tuple[Path, Any]]:
     """name -> (path, reference Volume) of small valid NIfTI/NRRD/MetaImage files."""
     import SimpleITK as sitk
 
-    from textseg.io import read_volume
+    from textseg.formats.images import read_volume
 
     folder.mkdir(parents=True, exist_ok=True)
     arr = _phantom()
@@ -104,7 +103,7 @@ def _real_header(shared: Optional[Path]):
     return ds
 
 
-def make_dicom_seeds(folder: Path, shared_series: Optional[Path]) -> Dict[str, Path]:
+def make_dicom_seeds(folder: Path, shared_series: Optional[Path]) -> dict[str, Path]:
     """4-slice 16x16 series: uncompressed, JPEG 2000, JPEG lossless (GDCM's encoders), RLE (pydicom's)."""
     import pydicom
     import SimpleITK as sitk
@@ -156,8 +155,9 @@ def make_dicom_seeds(folder: Path, shared_series: Optional[Path]) -> Dict[str, P
 
 
 def make_seg_seed(folder: Path, series: Path) -> Path:
-    from textseg.io import read_volume
-    from textseg.writers import Segment, write_dicom_seg
+    from textseg.formats.dicomseg import write_dicom_seg
+    from textseg.formats.images import read_volume
+    from textseg.formats.segments import Segment
 
     vol = read_volume(series)
     m = np.zeros(vol.shape, np.uint8)
@@ -177,7 +177,7 @@ def _header_len(data: bytes, fmt: str) -> int:
     return 352
 
 
-def _bytes_mutation(rng: np.random.Generator, data: bytes, hlen: int) -> Tuple[bytes, str, bool]:
+def _bytes_mutation(rng: np.random.Generator, data: bytes, hlen: int) -> tuple[bytes, str, bool]:
     """One byte-level mutation; the flag says whether only pixel bytes (after the header) changed."""
     op = rng.integers(6)
     b = bytearray(data)
@@ -201,7 +201,7 @@ def _bytes_mutation(rng: np.random.Generator, data: bytes, hlen: int) -> Tuple[b
     return bytes(b[:i]) + bytes(b[i + int(rng.integers(1, 32)):]), "delete bytes", False
 
 
-def _text_field_mutation(rng: np.random.Generator, data: bytes, fmt: str) -> Tuple[bytes, str]:
+def _text_field_mutation(rng: np.random.Generator, data: bytes, fmt: str) -> tuple[bytes, str]:
     hlen = _header_len(data, fmt)
     head, body = data[:hlen], data[hlen:]
     lines = head.split(b"\n")
@@ -251,7 +251,7 @@ NIFTI_VALUES = [-1, 0, 1, 2, 3, 4, 5, 7, 8, 16, 32, 64, 128, 256, 512, 1024, 230
 NIFTI_FLOATS = [0.0, -1.0, 1e30, -1e30, float("nan"), float("inf"), 1e-30, 352.0, 1e9]
 
 
-def _nifti_field_mutation(rng: np.random.Generator, data: bytes) -> Tuple[bytes, str]:
+def _nifti_field_mutation(rng: np.random.Generator, data: bytes) -> tuple[bytes, str]:
     gz = data[:2] == b"\x1f\x8b"
     raw = bytearray(gzip.decompress(data) if gz else data) if not gz or _gz_ok(data) else bytearray(data)
     name = str(rng.choice(list(NIFTI_FIELDS)))
@@ -281,7 +281,7 @@ def _gz_ok(data: bytes) -> bool:
 
 def mutate_file(rng: np.random.Generator, seed_path: Path, out: Path, fmt: str, seed_volume) -> Case:
     data = seed_path.read_bytes()
-    muts: List[str] = []
+    muts: list[str] = []
     pixels_only = True
     for _ in range(int(rng.integers(1, 4))):
         r = rng.random()
@@ -309,7 +309,7 @@ def mutate_file(rng: np.random.Generator, seed_path: Path, out: Path, fmt: str, 
     return case
 
 
-def _declared(path: Path, fmt: str) -> Optional[Tuple[int, ...]]:
+def _declared(path: Path, fmt: str) -> Optional[tuple[int, ...]]:
     """(i, j, k) sizes from a parser independent of the reader's checks (None if it cannot tell)."""
     try:
         if fmt == "nifti":
@@ -467,7 +467,8 @@ def _seg_attr_mutation(rng: np.random.Generator, path: Path) -> str:
             if op == 0 and "PerFrameFunctionalGroupsSequence" in ds:
                 fg = ds.PerFrameFunctionalGroupsSequence[int(rng.integers(len(ds.PerFrameFunctionalGroupsSequence)))]
                 p = fg.PlanePositionSequence[0]
-                p.ImagePositionPatient = [float(x) + float(rng.choice([0.3, 2.0, -5.0])) for x in p.ImagePositionPatient]
+                p.ImagePositionPatient = [float(x) + float(rng.choice([0.3, 2.0,
+                                                                       -5.0])) for x in p.ImagePositionPatient]
                 what = "frame position"
             elif op == 1:
                 ds.NumberOfFrames = int(rng.choice([0, 1, 99999]))
@@ -585,7 +586,7 @@ def _check_dicom(case: Case, vol) -> Optional[str]:
     return None
 
 
-def run_cases(rng: np.random.Generator, work: Path, seeds: Dict[str, Any], counts: Dict[str, int],
+def run_cases(rng: np.random.Generator, work: Path, seeds: dict[str, Any], counts: dict[str, int],
               read_image: Callable[[Path], Any], read_seg: Callable[[Path], Any]):
     """Yield (case, outcome) for counts[fmt] mutations of each format."""
     by_fmt = {"nifti": [k for k in seeds if k.startswith("s.nii")],

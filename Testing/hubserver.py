@@ -26,7 +26,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Optional
 from urllib.parse import unquote, urlparse
 
 
@@ -48,8 +48,8 @@ class HubFile:
 class HubRepo:
     commit: str  # the commit ``main`` points at
     gated: bool = False
-    files: Dict[str, HubFile] = field(default_factory=dict)
-    history: Dict[str, Dict[str, HubFile]] = field(default_factory=dict)  # earlier commits -> their files
+    files: dict[str, HubFile] = field(default_factory=dict)
+    history: dict[str, dict[str, HubFile]] = field(default_factory=dict)  # earlier commits -> their files
 
 
 class Hub:
@@ -58,15 +58,15 @@ class Hub:
     CHUNK = 16 * 1024
 
     def __init__(self) -> None:
-        self.repos: Dict[str, HubRepo] = {}
-        self.tokens_with_access: Set[str] = {"hf_accepted"}
-        self.known_tokens: Set[str] = {"hf_accepted", "hf_not_accepted"}
-        self.drop_after: Dict[str, List[int]] = {}
-        self.tamper: Set[str] = set()
-        self.hold: Dict[str, threading.Event] = {}
-        self.holding: Dict[str, threading.Event] = {}
+        self.repos: dict[str, HubRepo] = {}
+        self.tokens_with_access: set[str] = {"hf_accepted"}
+        self.known_tokens: set[str] = {"hf_accepted", "hf_not_accepted"}
+        self.drop_after: dict[str, list[int]] = {}
+        self.tamper: set[str] = set()
+        self.hold: dict[str, threading.Event] = {}
+        self.holding: dict[str, threading.Event] = {}
         self.chunk_delay = 0.0
-        self.log: List[dict] = []
+        self.log: list[dict] = []
         self._lock = threading.Lock()
         self._servers = [self._server("hub"), self._server("cdn")]
         self._threads = [threading.Thread(target=s.serve_forever, args=(0.02,), daemon=True) for s in self._servers]
@@ -91,7 +91,7 @@ class Hub:
         r.files[filename] = HubFile(content, lfs)
         return r.commit
 
-    def new_commit(self, repo: str, commit: str, files: Dict[str, bytes]) -> None:
+    def new_commit(self, repo: str, commit: str, files: dict[str, bytes]) -> None:
         """Move ``main`` to a new commit that changes ``files``; the earlier commit stays resolvable."""
         r = self.repos[repo]
         r.history[r.commit] = dict(r.files)
@@ -104,9 +104,10 @@ class Hub:
             s.shutdown()
             s.server_close()
 
-    def requests(self, method: Optional[str] = None, server: Optional[str] = None) -> List[dict]:
+    def requests(self, method: Optional[str] = None, server: Optional[str] = None) -> list[dict]:
         with self._lock:
-            return [e for e in self.log if (method is None or e["method"] == method) and (server is None or e["server"] == server)]
+            return [e for e in self.log if (method is None or e["method"] == method)
+                    and (server is None or e["server"] == server)]
 
     def _record(self, **entry: object) -> None:
         with self._lock:
@@ -123,7 +124,7 @@ class Hub:
         srv.daemon_threads = True
         return srv
 
-    def find_sha(self, sha: str) -> Optional[Tuple[str, HubFile]]:
+    def find_sha(self, sha: str) -> Optional[tuple[str, HubFile]]:
         for r in self.repos.values():
             for files in (r.files, *r.history.values()):
                 for name, f in files.items():
@@ -212,7 +213,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not repo.gated or token in self.hub.tokens_with_access:
             return 0
         if not token:
-            return self._error(401, "GatedRepo", "Access to model is restricted. You must be authenticated to access it.")
+            return self._error(401, "GatedRepo",
+                               "Access to model is restricted. You must be authenticated to access it.")
         return self._error(403, "GatedRepo", "Access to model is restricted and you are not in the authorized list.")
 
     def _cdn(self, path: str, head: bool) -> int:
@@ -226,7 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self._body(content, head, name=name)
 
     # ---- bodies with Range, drops and holds ---------------------------------------------------
-    def _body(self, content: bytes, head: bool, extra: Optional[Dict[str, str]] = None, name: str = "") -> int:
+    def _body(self, content: bytes, head: bool, extra: Optional[dict[str, str]] = None, name: str = "") -> int:
         start, code = 0, 200
         rng = self.headers.get("Range")
         if rng and rng.startswith("bytes="):

@@ -1,6 +1,8 @@
 """Draw the extension icon (128x128): an axial slice with a coloured segment and a text-prompt bubble."""
 import sys
+
 from PIL import Image, ImageDraw
+
 S = 4  # supersample
 W = 128 * S
 img = Image.new("RGBA", (W, W), (0, 0, 0, 0))
@@ -12,7 +14,8 @@ d.ellipse([20 * S, 36 * S, 108 * S, 106 * S], fill=(86, 92, 104, 255))
 # spine
 d.ellipse([56 * S, 88 * S, 72 * S, 102 * S], fill=(235, 232, 220, 255))
 # liver-like segment (Slicer's liver colour 221,130,101)
-d.polygon([(24 * S, 58 * S), (40 * S, 46 * S), (62 * S, 48 * S), (66 * S, 62 * S), (56 * S, 80 * S), (34 * S, 86 * S), (24 * S, 74 * S)],
+d.polygon([(24 * S, 58 * S), (40 * S, 46 * S), (62 * S, 48 * S), (66 * S, 62 * S), (56 * S, 80 * S), (34 * S, 86 * S),
+           (24 * S, 74 * S)],
           fill=(221, 130, 101, 255))
 # kidney-like segment
 d.ellipse([76 * S, 70 * S, 94 * S, 92 * S], fill=(185, 102, 83, 255))

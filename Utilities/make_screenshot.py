@@ -104,7 +104,13 @@ def render_surface(surface, color) -> np.ndarray:
     import vtkmodules.vtkRenderingOpenGL2  # registers the OpenGL render window (EGL/OSMesa offscreen)
     from vtkmodules.util.numpy_support import vtk_to_numpy
     from vtkmodules.vtkFiltersCore import vtkPolyDataNormals
-    from vtkmodules.vtkRenderingCore import vtkActor, vtkPolyDataMapper, vtkRenderer, vtkRenderWindow, vtkWindowToImageFilter
+    from vtkmodules.vtkRenderingCore import (
+        vtkActor,
+        vtkPolyDataMapper,
+        vtkRenderer,
+        vtkRenderWindow,
+        vtkWindowToImageFilter,
+    )
 
     normals = vtkPolyDataNormals()
     normals.SetInputData(surface)
@@ -166,9 +172,10 @@ def compose(data):
         if title == "Axial" or title == "Coronal":
             draw.text((x + 6, y + PANEL // 2), "R", fill=(255, 220, 0), font=font)
             draw.text((x + PANEL - 16, y + PANEL // 2), "L", fill=(255, 220, 0), font=font)
-    lines = (f"Segment '{data['name']}' from the prompt 'brain' (deepbet, CPU, {data['seconds']:.0f} s), MNI152 T1 1 mm, "
-             f"{data['voxels']} voxels.",
-             "Engine output via the module's Logic on slicer-core, rendered offscreen: not a screenshot of the Slicer window.")
+    lines = (f"Segment '{data['name']}' from the prompt 'brain' (deepbet, CPU, {data['seconds']:.0f} s), MNI152 T1 1 "
+             f"mm, {data['voxels']} voxels.",
+             "Engine output via the module's Logic on slicer-core, rendered offscreen: not a screenshot of the Slicer "
+             "window.")
     for n, line in enumerate(lines):
         draw.text((6, 2 * PANEL + gap + 6 + 17 * n), line, fill=(230, 230, 230), font=small)
     return sheet

@@ -1,7 +1,7 @@
 """Rewrite the file lists in BiomedParseSlicer/CMakeLists.txt from the source tree.
 
 Every .py under BiomedParseSlicer/ (module, helpers and the whole textseg engine) is shipped, and
-every other file of the module (UI, icons, engine data). Testing/test_slicer_packaging.py fails
+every other file of the module (UI, icons, engine data). Testing/slicer/test_slicer_packaging.py fails
 when the lists are stale; run `python Utilities/update_cmake_scripts.py` to fix them.
 """
 
@@ -48,7 +48,7 @@ def rewrite(text: str) -> str:
     scripts, resources = expected_lists()
     for name, items in (("MODULE_PYTHON_SCRIPTS", scripts), ("MODULE_PYTHON_RESOURCES", resources)):
         body = "\n".join(f"  {f}" for f in items)
-        text = re.sub(rf"set\({name}\n.*?\n  \)", lambda m: f"set({name}\n{body}\n  )", text, flags=re.S)
+        text = re.sub(rf"set\({name}\n.*?\n  \)", lambda m: f"set({name}\n{body}\n  )", text, flags=re.S)  # noqa: B023 - runs in this iteration
     return text
 
 

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
 
-from textseg.models.biomedparse.v1_model import REDUCED, V1Config, build_v1, load_v1_weights  # noqa: E402
+from textseg.models.biomedparse.v1.model import REDUCED, V1Config, build_v1, load_v1_weights  # noqa: E402
 from textseg.models.clip_tokenizer import tokenize  # noqa: E402
 
 PROMPTS = ["liver", "spleen", "left kidney", "right kidney", "pancreas", "aorta", "postcava", "stomach",
@@ -38,7 +38,8 @@ PROMPTS = ["liver", "spleen", "left kidney", "right kidney", "pancreas", "aorta"
 
 
 def oracle_module():
-    spec = importlib.util.spec_from_file_location("bpv1_oracle", ROOT / "Testing" / "oracles" / "make_biomedparse_v1_fixture.py")
+    spec = importlib.util.spec_from_file_location("bpv1_oracle",
+                                                  ROOT / "Testing" / "oracles" / "make_biomedparse_v1_fixture.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -110,9 +111,12 @@ def main() -> None:
         for s in range(0, len(prompts), 4):  # the adapter's max_prompts_per_call
             ours.decode(enc, tok[s:s + 4], torch.from_numpy(att[s:s + 4]).to(device), cls[s:s + 4])
 
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, %d threads' % torch.get_num_threads()})")
-    print(f"config: {args.config}, image {args.image_size}x{args.image_size}, {args.slices} slices, torch {torch.__version__}")
-    print(f"{'prompts':>7} | {'upstream s':>10} | {'ours s':>8} | {'up s/prompt/slice':>17} | {'ours s/prompt/slice':>19} | {'x':>5} | {'peak MB':>8}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {device} ({name})")
+    print(f"config: {args.config}, image {args.image_size}x{args.image_size}, {args.slices} slices, torch "
+          f"{torch.__version__}")
+    print(f"{'prompts':>7} | {'upstream s':>10} | {'ours s':>8} | {'up s/prompt/slice':>17} | "
+          f"{'ours s/prompt/slice':>19} | {'x':>5} | {'peak MB':>8}")
     for n in (1, 10):
         prompts = PROMPTS[:n]
         times = {}
@@ -126,7 +130,8 @@ def main() -> None:
         per = {k: v / (n * args.slices) for k, v in times.items()}
         print(f"{n:>7} | {times['upstream']:>10.2f} | {times['ours']:>8.2f} | {per['upstream']:>17.3f} | "
               f"{per['ours']:>19.3f} | {times['upstream'] / times['ours']:>5.1f} | {peak_mb(device):>8.0f}")
-        print(f"        200-slice extrapolation: upstream {per['upstream'] * n * 200:.0f} s, ours {per['ours'] * n * 200:.0f} s")
+        print(f"        200-slice extrapolation: upstream {per['upstream'] * n * 200:.0f} s, ours "
+              f"{per['ours'] * n * 200:.0f} s")
 
 
 if __name__ == "__main__":

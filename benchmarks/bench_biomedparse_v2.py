@@ -5,7 +5,8 @@
           [--slices 200] [--device cuda] [--prompts 1 10]
 
 The target workload is a 512x512x200 CT. On a CPU, run fewer slices (``--slices 2``) and read the
-extrapolated column (per-call constant = text encoding, timed inside the run, counted once; the rest scaled to 200 slices):
+extrapolated column (per-call constant = text encoding, timed inside the run, counted once; the rest scaled to 200
+slices):
 both pipelines are linear in the number of slices (per slice: backbone once, decoder
 once per prompt), plus a per-call constant (text; upstream also encodes 17 classes x 81 templates each call).
 Upstream: ``BiomedParseModel.forward_eval`` with all prompts joined by [SEP] (slice batch 4), then its
@@ -31,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Testing" / "oracles"))
 sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
 
-from textseg.models.biomedparse import v2_preprocess as pre  # noqa: E402
-from textseg.models.biomedparse.v2_decoder import Sampling  # noqa: E402
-from textseg.models.biomedparse.v2_model import build_v2  # noqa: E402
+from textseg.models.biomedparse.v2 import preprocess as pre  # noqa: E402
+from textseg.models.biomedparse.v2.decoder import Sampling  # noqa: E402
+from textseg.models.biomedparse.v2.model import build_v2  # noqa: E402
 from textseg.models.clip_tokenizer import tokenize  # noqa: E402
 
 TARGETS = ["liver", "spleen", "left kidney", "right kidney", "pancreas", "stomach", "aorta", "gallbladder",
@@ -62,7 +63,8 @@ def sentences_of(prompts):
 
 def run_upstream(model, vol, prompts, device):
     with torch.no_grad():
-        out = model({"image": vol[None].to(device), "text": ["[SEP]".join(sentences_of(prompts))]}, mode="eval", slice_batch_size=4)
+        out = model({"image": vol[None].to(device), "text": ["[SEP]".join(sentences_of(prompts))]}, mode="eval",
+                    slice_batch_size=4)
         m = out["predictions"]["pred_gmasks"]
         F.interpolate(m, size=(512, 512), mode="bicubic", align_corners=False, antialias=True)
 
@@ -88,7 +90,8 @@ def run_ours(model, vol, prompts, device):
     with torch.inference_mode():
         ids, am = tokenize(sentences)
         groups = [slice(i, i + 8) for i in range(0, len(sentences), 8)]
-        pr = [model.embed_prompts(torch.from_numpy(ids[g]).to(device), torch.from_numpy(am[g]).to(device)) for g in groups]
+        pr = [model.embed_prompts(torch.from_numpy(ids[g]).to(device),
+                                  torch.from_numpy(am[g]).to(device)) for g in groups]
         for start in range(0, vol.shape[0], 4):
             idx = list(range(start, min(start + 4, vol.shape[0])))
             enc = model.encode(pre.pack_neighbours(vol, idx).to(device))
@@ -118,22 +121,24 @@ def main() -> None:
     vol = pre.square_pad_resize((torch.rand(n, 512, 512, generator=g) * 255).to(torch.uint8).numpy())[0]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; fp32; {n} slices of 512x512 (target 200)")
-    print(f"{'prompts':>7} {'impl':>8} {'seconds':>9} {'per call':>9} {'s/slice':>8} {'200 slices (extrap.)':>21} {'peak MB':>8}"
-          f" {'cpu s/slice':>12}")
+    print(f"{'prompts':>7} {'impl':>8} {'seconds':>9} {'per call':>9} {'s/slice':>8} {'200 slices (extrap.)':>21} "
+          f"{'peak MB':>8} {'cpu s/slice':>12}")
     for p in args.prompts:
         prompts = TARGETS[:p] if p <= len(TARGETS) else (TARGETS * (p // len(TARGETS) + 1))[:p]
         res = {}
-        for impl, fn, model, owner, attr in (("upstream", run_upstream, upstream, upstream.sem_seg_head, "encode_prompts"),
+        for impl, fn, model, owner, attr in (("upstream", run_upstream, upstream, upstream.sem_seg_head,
+                                              "encode_prompts"),
                                              ("ours", run_ours, ours, ours, "embed_prompts")):
             timer = Timed(getattr(owner, attr), device)
             setattr(owner, attr, timer)  # text encoding: the per-call constant
-            sec, cpu, mem = measure(lambda: fn(model, vol, prompts, device), device)
+            sec, cpu, mem = measure(lambda: fn(model, vol, prompts, device), device)  # noqa: B023 - runs in this iteration
             delattr(owner, attr)
             c = timer.seconds
             per_slice = max(sec - c, 0.0) / n
             res[impl] = c + per_slice * 200  # the per-call constant once, the rest linear in slices
             cpu_slice = max(cpu - timer.cpu, 0.0) / n
-            print(f"{p:>7} {impl:>8} {sec:>9.1f} {c:>9.1f} {per_slice:>8.2f} {res[impl]:>21.0f} {mem:>8.0f} {cpu_slice:>12.2f}")
+            print(f"{p:>7} {impl:>8} {sec:>9.1f} {c:>9.1f} {per_slice:>8.2f} {res[impl]:>21.0f} {mem:>8.0f} "
+                  f"{cpu_slice:>12.2f}")
         print(f"{p:>7} {'speed-up':>8} {'':>9} {'':>9} {'':>8} {res['upstream'] / res['ours']:>20.2f}x")
 
 

@@ -45,7 +45,6 @@ FILES = {"sat-nano": "nano.pth", "biomedparse-v2": "biomedparse_v2.ckpt"}
 def write(model: str, path: Path) -> None:
     import numpy as np
     import torch
-
     from checkpoint_layouts import adamw_state, save_numpy1
 
     torch.manual_seed(0)
@@ -59,8 +58,8 @@ def write(model: str, path: Path) -> None:
         save_numpy1({"step": 190000, "model_state_dict": sd,
                      "optimizer_state_dict": adamw_state(params, np.float64(3.2e-5))}, tmp)
     else:
-        from textseg.models.biomedparse.v2_loader import LOSS_KEYS
-        from textseg.models.biomedparse.v2_model import build_v2
+        from textseg.models.biomedparse.v2.loader import LOSS_KEYS
+        from textseg.models.biomedparse.v2.model import build_v2
 
         net = build_v2()
         sd = {"model." + k: v for k, v in net.state_dict().items()}
@@ -73,7 +72,6 @@ def write(model: str, path: Path) -> None:
 def child(model: str, mode: str, path: str) -> dict:
     """One load in this (fresh) process; ``mode`` 'before' reads the whole file as the loaders used to."""
     import torch
-
     from peak import Peak
 
     if mode == "before":
@@ -91,8 +89,8 @@ def child(model: str, mode: str, path: str) -> dict:
         def load():
             return load_sat_network(path, NANO)
     else:
-        from textseg.models.biomedparse.v2_loader import load_v2_weights
-        from textseg.models.biomedparse.v2_model import build_v2
+        from textseg.models.biomedparse.v2.loader import load_v2_weights
+        from textseg.models.biomedparse.v2.model import build_v2
 
         def load():
             net = build_v2()  # the adapter's full-size model (random init), then the checkpoint
@@ -130,9 +128,9 @@ def main() -> None:
                                text=True, check=True)
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             x = rows[-1]
-            print(f"{model:<15} {mode:<6} file {x['file_mb']:7.0f} MB  model {x['model_mb']:6.0f} MB  peak while loading "
-                  f"+{x['load_peak_mb']:6.0f} MB  after reading every weight +{x['peak_after_reading_mb']:6.0f} MB  "
-                  f"({x['seconds_cpu']:.1f} s CPU)", flush=True)
+            print(f"{model:<15} {mode:<6} file {x['file_mb']:7.0f} MB  model {x['model_mb']:6.0f} MB  peak while "
+                  f"loading +{x['load_peak_mb']:6.0f} MB  after reading every weight "
+                  f"+{x['peak_after_reading_mb']:6.0f} MB  ({x['seconds_cpu']:.1f} s CPU)", flush=True)
         before, after = rows[-2], rows[-1]
         assert abs(before["check"] - after["check"]) <= 1e-6 * max(1.0, abs(before["check"])), "different weights"
     if a.json:

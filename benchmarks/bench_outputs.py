@@ -17,9 +17,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "BiomedParseSlicer"))
 
-from textseg.statistics import compute_statistics, statistics_for_files  # noqa: E402
+from textseg.analysis.segment_stats import compute_statistics, statistics_for_files  # noqa: E402
+from textseg.formats.segments import Segment, write_labelmap, write_seg_nrrd  # noqa: E402
 from textseg.volume import Volume  # noqa: E402
-from textseg.writers import Segment, write_labelmap, write_seg_nrrd  # noqa: E402
 
 SHARED = Path(os.environ.get("TEXTSEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -45,14 +45,18 @@ def main():
     for n in range(args.segments):
         c = rng.uniform(0.3, 0.7, 3) * (k, j, i)
         r = min(k, j, i) * 0.15
-        segs.append(Segment(f"organ {n}", (((zz - c[0]) / 1.0) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r * r).astype(np.uint8)))
+        segs.append(Segment(f"organ {n}",
+                            (((zz - c[0]) / 1.0) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r * r).astype(np.uint8)))
     with tempfile.TemporaryDirectory() as d:
-        timed(f"write .seg.nrrd ({args.segments} spheres, {i}x{j}x{k})", lambda: write_seg_nrrd(Path(d) / "a.seg.nrrd", vol, segs), rows)
+        timed(f"write .seg.nrrd ({args.segments} spheres, {i}x{j}x{k})",
+              lambda: write_seg_nrrd(Path(d) / "a.seg.nrrd", vol, segs), rows)
         timed("write label map .nii.gz + labels.json", lambda: write_labelmap(Path(d) / "a.nii.gz", vol, segs), rows)
         timed(f"compute_statistics ({args.segments} segments)", lambda: compute_statistics(vol, segs), rows)
-    ct, seg, labels = (SHARED / "totalsegmentator-examples" / n for n in ("example_ct_sm.nii.gz", "example_seg.nii.gz", "example_seg_labels.json"))
+    ct, seg, labels = (SHARED / "totalsegmentator-examples" / n for n in ("example_ct_sm.nii.gz", "example_seg.nii.gz",
+                                                                          "example_seg_labels.json"))
     if ct.exists():
-        out = timed("statistics_for_files (TotalSegmentator 117-class map)", lambda: statistics_for_files(ct, seg, labels), rows)
+        out = timed("statistics_for_files (TotalSegmentator 117-class map)",
+                    lambda: statistics_for_files(ct, seg, labels), rows)
         rows[-1] = (rows[-1][0] + f", {len(out)} labels present", *rows[-1][1:])
     print(f"{'step':<72} {'seconds':>8} {'peak RSS MiB':>13}")
     for label, sec, rss in rows:

@@ -87,7 +87,8 @@ def main() -> None:
         server.start()
         ctl = PanelController(BiomedParseSlicerLogic(scene=app.scene), server_factory=lambda device: server)
         # "bone left": a smaller segment than "bone", so adding it (and its 3D surface) does not dwarf the run
-        inputs = Inputs(volume=node, model="synthetic-3d", modality="CT", site="lung", prompts="bone left", device="cpu")
+        inputs = Inputs(volume=node, model="synthetic-3d", modality="CT", site="lung", prompts="bone left",
+                        device="cpu")
         try:
             run_once(ctl, inputs, "free", 100)  # warm up (imports, first job)
             runs = {setting: [] for setting in SETTINGS}
@@ -97,14 +98,15 @@ def main() -> None:
                     controller.GIL_SLICE_S = slice_s
                     runs[setting].append(run_once(ctl, inputs, loop, interval_ms))
             print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, {args.repeats} runs each")
-            print("| main loop between polls | poll interval | GIL slice per poll | Apply -> run done (median, min-max) "
-                  "| adding the segment (median) | timer ticks |")
+            print("| main loop between polls | poll interval | GIL slice per poll | Apply -> run done (median, "
+                  "min-max) | adding the segment (median) | timer ticks |")
             print("|---|---|---|---|---|---|")
             for (loop, interval_ms, slice_s), done in runs.items():
                 seconds = [r[0] for r in done]
-                print(f"| {'GIL held (Slicer)' if loop == 'held' else 'GIL free'} | {interval_ms} ms | {slice_s * 1000:.0f} ms "
-                      f"| {statistics.median(seconds):.2f} s ({min(seconds):.2f}-{max(seconds):.2f}) "
-                      f"| {statistics.median(r[1] for r in done):.2f} s | {statistics.median(r[2] for r in done):.0f} |")
+                print(f"| {'GIL held (Slicer)' if loop == 'held' else 'GIL free'} | {interval_ms} ms | "
+                      f"{slice_s * 1000:.0f} ms | {statistics.median(seconds):.2f} s "
+                      f"({min(seconds):.2f}-{max(seconds):.2f}) | {statistics.median(r[1] for r in done):.2f} s | "
+                      f"{statistics.median(r[2] for r in done):.0f} |")
         finally:
             server.stop()
 

@@ -1,11 +1,11 @@
-"""Reading speed of textseg.io.read_volume against plain SimpleITK, on the real CT, the real DICOM series and a
-512x512x200 CT-sized volume (NIfTI .nii.gz and .nii).
+"""Reading speed of textseg.formats.images.read_volume against plain SimpleITK, on the real CT, the real DICOM series
+and a 512x512x200 CT-sized volume (NIfTI .nii.gz and .nii).
 
     .venv/bin/python benchmarks/bench_readers.py --repeat 5
 
 Modes: ``baseline`` is read_volume of another checkout given with ``--baseline`` (e.g. the commit before the
-reader checks; it runs in a subprocess), ``sitk`` is SimpleITK alone (what the reader did before the checks; the DICOM series with
-ImageSeriesReader), ``in-process`` is read_volume(isolate=False) (header checks + ITK), ``child`` is the
+reader checks; it runs in a subprocess), ``sitk`` is SimpleITK alone (what the reader did before the checks; the DICOM
+series with ImageSeriesReader), ``in-process`` is read_volume(isolate=False) (header checks + ITK), ``child`` is the
 default read_volume (the same in the reader child, the array sent back through a pipe; the child already
 running), ``child-cold`` includes starting the child (the first read of a process). Median seconds over the
 repeats, wall clock and CPU (this process and the reader child; less sensitive to a busy machine).
@@ -41,7 +41,7 @@ def _sitk(path: Path):
 
 def _baseline(checkout: str, path: Path, repeat: int) -> float:
     code = (f"import sys, time, statistics; sys.path.insert(0, {str(Path(checkout) / 'BiomedParseSlicer')!r})\n"
-            "from textseg.io import read_volume\n"
+            "from textseg.formats.images import read_volume\n"
             f"p = {str(path)!r}; read_volume(p); ts = []; cs = []\n"
             f"for _ in range({repeat}):\n"
             "    t, c = time.perf_counter(), time.process_time(); read_volume(p)\n"
@@ -54,7 +54,7 @@ def _baseline(checkout: str, path: Path, repeat: int) -> float:
 
 def _cpu() -> float:
     """CPU seconds of this process and of the reader child (if running)."""
-    from textseg import read_isolated
+    from textseg.formats import read_isolated
 
     total = time.process_time()
     proc = read_isolated._READER._proc
@@ -74,8 +74,8 @@ def main() -> int:
     a = ap.parse_args()
     import SimpleITK as sitk
 
-    from textseg import read_isolated
-    from textseg.io import read_volume
+    from textseg.formats import read_isolated
+    from textseg.formats.images import read_volume
 
     shared = Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "totalsegmentator-examples"
     tmp = Path(tempfile.mkdtemp(prefix="textseg-bench-"))

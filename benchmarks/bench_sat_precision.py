@@ -38,8 +38,8 @@ FIX = ROOT / "Testing" / "fixtures"
 
 def build(fx, tmp: Path):
     import torch
-
     from make_sat_fixture import recipe_tensor
+
     from textseg.models.sat.loader import fill_aliases, load_sat_network
     from textseg.models.sat.network import SATConfig, SATNetwork
 
@@ -54,7 +54,6 @@ def build(fx, tmp: Path):
 
 def network_rows(dtypes, device, tmp):
     import torch
-
     from make_sat_fixture import recipe_image
 
     pro_fx, nano_fx = np.load(FIX / "sat_pro_oracle.npz"), np.load(FIX / "sat_oracle.npz")
@@ -80,11 +79,13 @@ def network_rows(dtypes, device, tmp):
 
 
 def e2e_rows(dtypes, device, tmp):
-    import torch
-
     import make_sat_oblique_fixtures as rec
+    import torch
+    from conftest import SHARED
+    from make_sat_fixture import recipe_tensor
+
     from textseg.catalog import get_model
-    from textseg.io import read_volume
+    from textseg.formats.images import read_volume
     from textseg.models.base import RunContext
     from textseg.models.sat.adapter import SATAdapter
     from textseg.models.sat.loader import fill_aliases, load_text_tower
@@ -92,8 +93,6 @@ def e2e_rows(dtypes, device, tmp):
     from textseg.models.sat.window import sliding_window
     from textseg.presets import get_preset
     from textseg.volume import Volume
-    from conftest import SHARED
-    from make_sat_fixture import recipe_tensor
 
     obl = np.load(FIX / "sat_oblique_oracle.npz")
     net = build(obl, tmp).to(device)
@@ -148,7 +147,8 @@ def main() -> None:
                   f"{100 * r['from_fp32'] / s:.2f} | {r['from_upstream_autocast']:.4f} | "
                   f"{100 * r['from_upstream_autocast'] / s:.2f} | {r['seconds']} |")
         if not a.no_e2e:
-            print("\n| case | autocast | max prob diff from upstream fp32 | mask voxels differing | Dice per prompt | seconds |")
+            print("\n| case | autocast | max prob diff from upstream fp32 | mask voxels differing | Dice per prompt | "
+                  "seconds |")
             print("| --- | --- | ---: | ---: | --- | ---: |")
             for r in e2e_rows(a.dtypes, a.device, Path(tmp)):
                 print(f"| {r['case']} | {r['dtype']} | {r['max_prob_diff']:.4f} | {r['mask_voxels_differing']} of "

@@ -41,7 +41,8 @@ def make_inputs(size, n, out: Path):
     ct, _ = oracle.synthetic_ct((x, y, z))
     label = np.zeros(size, np.uint8)  # upstream skips categories without a label: one stripe each
     for i in range(n):
-        label[x // 4 : 3 * x // 4, y // 4 + i * (y // 2) // n : y // 4 + (i + 1) * (y // 2) // n, z // 4 : 3 * z // 4] = i + 1
+        label[x // 4 : 3 * x // 4, y // 4 + i * (y // 2) // n : y // 4 + (i + 1) * (y // 2) // n,
+              z // 4 : 3 * z // 4] = i + 1
     for arr, name in ((ct, "ct.nii.gz"), (label, "label.nii.gz")):
         img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
         img.SetSpacing((0.8, 0.8, 2.0))
@@ -71,7 +72,8 @@ def worker_weights(a, cfg: dict) -> dict:
     from textseg.models.segvol.network import CLIP_FLAT, CLIP_OFFICIAL, SegVolNet
 
     own = SegVolNet(sc).state_dict()
-    official = {(CLIP_OFFICIAL + k[len(CLIP_FLAT):] if k.startswith(CLIP_FLAT) and not k.startswith(CLIP_OFFICIAL) else k): v
+    official = {(CLIP_OFFICIAL + k[len(CLIP_FLAT):] if k.startswith(CLIP_FLAT) and not k.startswith(CLIP_OFFICIAL)
+                 else k): v
                 for k, v in own.items()}
     sd = {k: torch.from_numpy(oracle.recipe_tensor(k, official[k].shape, i)) for i, k in enumerate(sorted(official))}
     wdir = Path(a.work) / "weights"
@@ -83,7 +85,7 @@ def worker_weights(a, cfg: dict) -> dict:
 def worker_ours(a, cfg: dict) -> dict:
     sc, wdir = our_config(cfg), Path(a.work) / "weights"
     from textseg.catalog import get_model
-    from textseg.io import read_volume
+    from textseg.formats.images import read_volume
     from textseg.models.segvol.adapter import SegVolAdapter
     from textseg.predictor import Predictor
 
@@ -111,7 +113,8 @@ def worker_upstream(a, cfg: dict) -> dict:
     model.to(a.device)
     if a.device.startswith("cuda"):  # the demo moves tensors with .cuda(); the oracle set-up made that a no-op
         del torch.Tensor.cuda
-    args = argparse.Namespace(spatial_size=tuple(cfg["img_size"]), patch_size=tuple(cfg["patch_size"]), infer_overlap=0.5,
+    args = argparse.Namespace(spatial_size=tuple(cfg["img_size"]), patch_size=tuple(cfg["patch_size"]),
+                              infer_overlap=0.5,
                               use_zoom_in=True, use_text_prompt=True, use_box_prompt=False, use_point_prompt=False)
     sync(a.device)
     with Peak(a.device) as peak:
@@ -119,8 +122,10 @@ def worker_upstream(a, cfg: dict) -> dict:
         item = process_ct_gt(str(Path(a.work) / "ct.nii.gz"), str(Path(a.work) / "label.nii.gz"), NAMES[: a.n],
                              args.spatial_size)
         item = {k: torch.as_tensor(np.ascontiguousarray(np.asarray(v))) for k, v in item.items()}
-        out = demo.zoom_in_zoom_out(args, model, item["image"].float().unsqueeze(0), item["zoom_out_image"].float().unsqueeze(0),
-                                    item["label"].unsqueeze(0), item["zoom_out_label"].unsqueeze(0), categories=NAMES[: a.n])
+        out = demo.zoom_in_zoom_out(args, model, item["image"].float().unsqueeze(0),
+                                    item["zoom_out_image"].float().unsqueeze(0),
+                                    item["label"].unsqueeze(0), item["zoom_out_label"].unsqueeze(0),
+                                    categories=NAMES[: a.n])
         sync(a.device)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": seconds, "cpu_s": cpu, "peak_mb": peak.mb, "added_mb": peak.added_mb,
@@ -137,7 +142,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--impl", nargs="+", choices=["upstream", "ours"], default=["upstream", "ours"],
-                    help="which sides to run (upstream's time is linear in the prompts: it re-runs everything per prompt)")
+                    help="which sides to run (upstream's time is linear in the prompts: it re-runs everything per "
+                         "prompt)")
     ap.add_argument("--worker", choices=["ours", "upstream", "weights"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -153,12 +159,14 @@ def main() -> None:
         return
     import torch
 
-    device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    cpu = f"CPU ({torch.get_num_threads()} threads)"
+    device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else cpu
     rows = []
     with tempfile.TemporaryDirectory(prefix="segvol-bench-") as work:
         make_inputs(tuple(a.size), max(a.prompts), Path(work))
         jobs = [(0, "weights", sys.executable)]
-        jobs += [(n, impl, py) for n in a.prompts for impl, py in (("upstream", a.upstream_python), ("ours", sys.executable))
+        jobs += [(n, impl, py)
+                 for n in a.prompts for impl, py in (("upstream", a.upstream_python), ("ours", sys.executable))
                  if impl in a.impl]
         for n, impl, py in jobs:
             cmd = [py, __file__, "--worker", impl, "--n", str(n), "--work", work, "--upstream", a.upstream,
@@ -170,12 +178,14 @@ def main() -> None:
                 sys.exit(f"{impl} failed:\n{p.stderr[-3000:]}")
             if impl != "weights":
                 rows.append((n, impl, json.loads(line[0][7:])))
-    print(f"\nSegVol ({a.config} config), CT {'x'.join(map(str, a.size))}, device: {device_name}, text prompts, zoom-out-zoom-in")
+    print(f"\nSegVol ({a.config} config), CT {'x'.join(map(str, a.size))}, device: {device_name}, text prompts, "
+          f"zoom-out-zoom-in")
     print("peak MB: whole process during the run (CPU: RSS incl. libraries and weights); +MB: above its start")
-    print(f"{'prompts':>7} | {'impl':<8} | {'seconds':>8} | {'CPU s':>8} | {'s/prompt':>8} | {'peak MB':>8} | {'+MB':>6} | mask voxels")
+    print(f"{'prompts':>7} | {'impl':<8} | {'seconds':>8} | {'CPU s':>8} | {'s/prompt':>8} | {'peak MB':>8} | "
+          f"{'+MB':>6} | mask voxels")
     for n, impl, r in rows:
-        print(f"{n:>7} | {impl:<8} | {r['seconds']:8.2f} | {r['cpu_s']:8.1f} | {r['seconds'] / n:8.2f} | {r['peak_mb']:8.0f} | "
-              f"{r['added_mb']:6.0f} | {r['voxels'][:3]}{'...' if n > 3 else ''}")
+        print(f"{n:>7} | {impl:<8} | {r['seconds']:8.2f} | {r['cpu_s']:8.1f} | {r['seconds'] / n:8.2f} | "
+              f"{r['peak_mb']:8.0f} | {r['added_mb']:6.0f} | {r['voxels'][:3]}{'...' if n > 3 else ''}")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "BiomedParseSlicer"))
 
-from textseg.client import RemotePredictor  # noqa: E402
 from textseg.predictor import Predictor  # noqa: E402
-from textseg.server import Settings, running_server  # noqa: E402
+from textseg.remote.client import RemotePredictor  # noqa: E402
+from textseg.remote.server import Settings, running_server  # noqa: E402
 from textseg.volume import Volume  # noqa: E402
 
 
@@ -73,11 +73,11 @@ def overhead(url, shape, delay, repeats, probabilities="uint8"):
     rows = []
     for rep in range(repeats + 1):
         vol = ct_like(shape, seed=100 + rep)
-        _, t_ls = timed(lambda: lp.set_image(vol, "CT"))
+        _, t_ls = timed(lambda: lp.set_image(vol, "CT"))  # noqa: B023 - runs in this iteration
         local, t_lp = timed(lambda: lp.predict(prompts))
         rp = RemotePredictor(url, "synthetic-3d", probabilities=probabilities)
-        _, t_rs = timed(lambda: rp.set_image(vol, "CT"))
-        remote, t_rp = timed(lambda: rp.predict(prompts))
+        _, t_rs = timed(lambda: rp.set_image(vol, "CT"))  # noqa: B023 - runs in this iteration
+        remote, t_rp = timed(lambda: rp.predict(prompts))  # noqa: B023 - runs in this iteration
         assert all(np.array_equal(a.mask, b.mask) for a, b in zip(remote, local))
         if rep:  # round 0 warms both sides up (first-touch memory, imports)
             rows.append((t_ls, t_lp, t_rs, t_rp))
@@ -98,7 +98,8 @@ def load(url, clients, seconds, shape):
             lp = Predictor("synthetic-3d", device="cpu")
             lp.set_image(vol, "CT")
             want = [r.voxel_count for r in lp.predict(["bone", "air left"])]
-            rp = RemotePredictor(url, "synthetic-3d", session=sessions[n], client_token=f"bench-client-{n:04d}-{os.getpid()}")
+            rp = RemotePredictor(url, "synthetic-3d", session=sessions[n],
+                                 client_token=f"bench-client-{n:04d}-{os.getpid()}")
             rp.set_image(vol, "CT")
         except Exception as exc:  # noqa: BLE001 - reported
             setup_errors.append(f"set-up: {type(exc).__name__}: {exc}")
@@ -132,8 +133,10 @@ def load(url, clients, seconds, shape):
     accepted = sum(v for (m, p, s), v in st.items() if m == "POST" and p == "jobs" and s == 202) - setup_jobs[0]
     rejected = sum(v for (m, p, s), v in st.items() if m == "POST" and p == "jobs" and s == 429)
     lost = accepted - done[0] - len(errors)
-    return {"jobs": done[0], "wall": wall, "throughput": done[0] / wall, "p50": np.percentile(lat, 50) if lat else float("nan"),
-            "p95": np.percentile(lat, 95) if lat else float("nan"), "rejected": rejected, "failed": len(errors), "lost": lost,
+    return {"jobs": done[0], "wall": wall, "throughput": done[0] / wall,
+            "p50": np.percentile(lat, 50) if lat else float("nan"),
+            "p95": np.percentile(lat, 95) if lat else float("nan"), "rejected": rejected, "failed": len(errors),
+            "lost": lost,
             "wrong": wrong[0], "errors": setup_errors + errors[:3]}
 
 
@@ -154,25 +157,30 @@ def main(argv=None):
     size = tuple(int(x) for x in args.size.split(","))[::-1]
     load_size = tuple(int(x) for x in args.load_size.split(","))[::-1]
     settings = Settings(port=0, devices=("cpu",) * args.workers, show_test_models=True, queue_size=args.queue_size,
-                        adapter_options={"synthetic-3d": {"delay": args.delay}}, preload=("synthetic-3d",), log_level="WARNING")
+                        adapter_options={"synthetic-3d": {"delay": args.delay}}, preload=("synthetic-3d",),
+                        log_level="WARNING")
     print(f"# textseg server benchmark: {os.cpu_count()} CPU cores, {args.workers} cpu worker(s), loopback")
     with running_server(settings) as url:
         if not args.skip_overhead:
             ls, lp, rs, rp = overhead(url, size, args.delay, args.repeats, args.probabilities)
-            print(f"\n## Overhead, {'x'.join(map(str, size[::-1]))} int16 volume, 2 prompts, delay {args.delay:g} s/prompt "
-                  f"(median of {args.repeats}, after a warm-up), probabilities {args.probabilities}\n")
+            print(f"\n## Overhead, {'x'.join(map(str, size[::-1]))} int16 volume, 2 prompts, delay {args.delay:g} "
+                  f"s/prompt (median of {args.repeats}, after a warm-up), probabilities {args.probabilities}\n")
             print("| step | local (s) | remote (s) | overhead (s) | overhead |")
             print("|---|---|---|---|---|")
-            print(f"| set_image (remote: upload + prepare) | {ls:.2f} | {rs:.2f} | {rs - ls:.2f} | {100 * (rs - ls) / ls:.0f}% |")
-            print(f"| predict (remote: job + masks + probabilities) | {lp:.2f} | {rp:.2f} | {rp - lp:.2f} | {100 * (rp - lp) / lp:.0f}% |")
-            print(f"| total | {ls + lp:.2f} | {rs + rp:.2f} | {rs + rp - ls - lp:.2f} | {100 * (rs + rp - ls - lp) / (ls + lp):.0f}% |")
+            print(f"| set_image (remote: upload + prepare) | {ls:.2f} | {rs:.2f} | {rs - ls:.2f} | "
+                  f"{100 * (rs - ls) / ls:.0f}% |")
+            print(f"| predict (remote: job + masks + probabilities) | {lp:.2f} | {rp:.2f} | {rp - lp:.2f} | "
+                  f"{100 * (rp - lp) / lp:.0f}% |")
+            print(f"| total | {ls + lp:.2f} | {rs + rp:.2f} | {rs + rp - ls - lp:.2f} | "
+                  f"{100 * (rs + rp - ls - lp) / (ls + lp):.0f}% |")
         r = load(url, args.clients, args.seconds, load_size)
-        print(f"\n## Load: {args.clients} clients for {args.seconds:g} s, {'x'.join(map(str, load_size[::-1]))} volumes, "
-              f"2 prompts per job, queue size {args.queue_size}\n")
-        print("| jobs done | throughput (jobs/s) | p50 latency (s) | p95 latency (s) | rejected (429, retried) | failed | wrong | lost |")
+        print(f"\n## Load: {args.clients} clients for {args.seconds:g} s, {'x'.join(map(str, load_size[::-1]))} "
+              f"volumes, 2 prompts per job, queue size {args.queue_size}\n")
+        print("| jobs done | throughput (jobs/s) | p50 latency (s) | p95 latency (s) | rejected (429, retried) | "
+              "failed | wrong | lost |")
         print("|---|---|---|---|---|---|---|---|")
-        print(f"| {r['jobs']} | {r['throughput']:.2f} | {r['p50']:.3f} | {r['p95']:.3f} | {r['rejected']} | {r['failed']} | "
-              f"{r['wrong']} | {r['lost']} |")
+        print(f"| {r['jobs']} | {r['throughput']:.2f} | {r['p50']:.3f} | {r['p95']:.3f} | {r['rejected']} | "
+              f"{r['failed']} | {r['wrong']} | {r['lost']} |")
         for e in r["errors"]:
             print("error:", e)
         return 1 if (r["lost"] or r["wrong"] or r["failed"] or r["errors"]) else 0

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "BiomedParseSlicer"))
 
-from textseg.models.biomedparse.v2_decoder import BoltzFormerDecoder, Sampling  # noqa: E402
+from textseg.models.biomedparse.v2.decoder import BoltzFormerDecoder, Sampling  # noqa: E402
 
 CONFIGS = {
     "full": dict(in_channels=512, hidden_dim=512, dim_proj=512, num_queries=16, nheads=8, dim_feedforward=2048,
@@ -85,14 +85,14 @@ def main() -> None:
     for seed in range(a.first_seed, a.first_seed + a.runs):
         heads = []
         orig = up.forward_prediction_heads
-        up.forward_prediction_heads = lambda *x, **k: (heads.append(orig(*x, **k)), heads[-1])[1]
+        up.forward_prediction_heads = lambda *x, **k: (heads.append(orig(*x, **k)), heads[-1])[1]  # noqa: B023 - runs in this iteration
         torch.manual_seed(seed)
         with torch.no_grad():
             ref = up(feats_p, mf_p, extra={"grounding_tokens": tokens})["pred_gmasks"]
         up.forward_prediction_heads = orig
         got = []
         head = ours.head
-        ours.head = lambda *x, **k: (got.append(head(*x, **k)), got[-1])[1]
+        ours.head = lambda *x, **k: (got.append(head(*x, **k)), got[-1])[1]  # noqa: B023 - runs in this iteration
         with torch.no_grad():
             out = ours(feats_p, mf_p, tokens, None, Sampling(generator=torch.Generator().manual_seed(seed))).masks
         del ours.head

@@ -1,4 +1,4 @@
-"""A bigger seeded fuzz run of the image readers than CI's (Testing/test_reader_fuzz.py), with its numbers.
+"""A bigger seeded fuzz run of the image readers than CI's (Testing/engine/test_reader_fuzz.py), with its numbers.
 
     .venv/bin/python benchmarks/fuzz_readers.py --seeds 101 102 103 --per-format 1000 --seg 200
 
@@ -36,8 +36,8 @@ import json, sys, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, sys.argv[1])
 from textseg.errors import TextsegError
-from textseg.io import read_volume
-from textseg.writers import read_segments
+from textseg.formats.images import read_volume
+from textseg.formats.segments import read_segments
 try:
     r = (read_volume if sys.argv[2] == "read_volume" else read_segments)(sys.argv[3])
     vol, n = (r[0], len(r[1])) if isinstance(r, tuple) else (r, 0)
@@ -99,9 +99,10 @@ def main() -> int:
     os.environ["TEXTSEG_READ_TIMEOUT"] = str(a.timeout)
     os.environ["TEXTSEG_READ_MAX_MEMORY_MB"] = str(a.max_memory_mb)
     import fuzzing
-    from textseg import read_isolated
-    from textseg.io import read_volume
-    from textseg.writers import read_segments
+
+    from textseg.formats import read_isolated
+    from textseg.formats.images import read_volume
+    from textseg.formats.segment_files import read_segments
 
     if a.checkout:
         read_volume = _per_process_reader(Path(a.checkout), a.timeout, "read_volume")

@@ -23,8 +23,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 import numpy as np
 
@@ -43,15 +44,15 @@ class Model:
     image: str  # "ct" or "t1"
     modality: str
     site: Optional[str]
-    prompts: Tuple[str, ...]
+    prompts: tuple[str, ...]
     warmup_prompt: str  # not among the measured prompts (text caches start cold)
     further: int  # further prompts timed one by one after the first
-    slices: Optional[Tuple[int, int]] = None  # 2D models: slice range measured (full size); None = all
-    tiny_slices: Optional[Tuple[int, int]] = None
+    slices: Optional[tuple[int, int]] = None  # 2D models: slice range measured (full size); None = all
+    tiny_slices: Optional[tuple[int, int]] = None
     further_cached: int = 0  # 2D models: further prompts timed with a slice cache that holds the whole range
 
 
-MODELS: Dict[str, Model] = {
+MODELS: dict[str, Model] = {
     "deepbet": Model("deepbet", "t1", "MRI", None, ("brain",), "brain", 0),
     "segvol": Model("segvol", "ct", "CT", None, tuple(ORGANS), "heart", 4),
     "sat-nano": Model("sat-nano", "ct", "CT", None, tuple(ORGANS), "heart", 4),
@@ -95,7 +96,7 @@ class Ctx:
         return len(self.model.prompts)
 
     @property
-    def slices(self) -> Optional[Tuple[int, int]]:
+    def slices(self) -> Optional[tuple[int, int]]:
         return self.model.tiny_slices if self.tiny else self.model.slices
 
     @property
@@ -149,7 +150,7 @@ class Measure:
         self.peak_mib = 0.0
         self.base_mib = 0.0
 
-    def __enter__(self) -> "Measure":
+    def __enter__(self) -> Measure:
         if str(ROOT / "benchmarks") not in sys.path:
             sys.path.insert(0, str(ROOT / "benchmarks"))
         from peak import Peak
@@ -311,13 +312,14 @@ def seed_parameters(module, seed: int) -> None:
                 p.copy_(0.1 * r)
 
 
-def _cpu_state(module) -> Dict[str, Any]:
+def _cpu_state(module) -> dict[str, Any]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 def _segvol_config(tiny: bool):
     sys.path.insert(0, str(ORACLES))
     import make_segvol_fixture as oracle
+
     from textseg.models.segvol.network import SegVolConfig
 
     cfg = oracle.REDUCED if tiny else oracle.FULL
@@ -331,12 +333,13 @@ def _sat_config(ctx: Ctx):
     return dataclasses.replace(cfg, patch_size=tiny_sat_patch()) if ctx.tiny else cfg
 
 
-def tiny_sat_patch() -> Tuple[int, int, int]:
+def tiny_sat_patch() -> tuple[int, int, int]:
     return (64, 64, 32)
 
 
 TINY_MPNET = dict(vocab_size=64, hidden_size=768, num_hidden_layers=1, num_attention_heads=12, intermediate_size=64,
-                  hidden_act="gelu", max_position_embeddings=514, layer_norm_eps=1e-5, relative_attention_num_buckets=32,
+                  hidden_act="gelu", max_position_embeddings=514, layer_norm_eps=1e-5,
+                  relative_attention_num_buckets=32,
                   pad_token_id=1, bos_token_id=0, eos_token_id=2)
 
 
@@ -361,7 +364,8 @@ def ensure_weights(ctx: Ctx) -> Optional[Path]:
         with torch.device(dev):
             net = SegVolNet(sc).eval()
         seed_parameters(net, 1)
-        sd = {(CLIP_OFFICIAL + k[len(CLIP_FLAT):] if k.startswith(CLIP_FLAT) and not k.startswith(CLIP_OFFICIAL) else k): v
+        sd = {(CLIP_OFFICIAL + k[len(CLIP_FLAT):] if k.startswith(CLIP_FLAT) and not k.startswith(CLIP_OFFICIAL)
+               else k): v
               for k, v in _cpu_state(net).items()}
         torch.save({"model." + k: v for k, v in sd.items()}, wdir / "pytorch_model.bin")  # HF BAAI/SegVol layout
     elif key in ("sat-nano", "sat-pro"):
@@ -396,14 +400,14 @@ def ensure_weights(ctx: Ctx) -> Optional[Path]:
                 (bio / name).write_text("{}\n")
             (wdir / (BIOLORD_PREFIX + name)).write_bytes((bio / name).read_bytes())
     elif key == "biomedparse-v2":
-        from textseg.models.biomedparse.v2_model import REDUCED, V2Config, build_v2
+        from textseg.models.biomedparse.v2.model import REDUCED, V2Config, build_v2
 
         model = build_v2(REDUCED if ctx.tiny else V2Config(), device=dev)
         seed_parameters(model, 4)
         torch.save({"state_dict": {"model." + k: v for k, v in _cpu_state(model).items()}, "epoch": 0},
                    wdir / "biomedparse_v2.ckpt")  # the official Lightning layout
     elif key == "biomedparse-v1":
-        from textseg.models.biomedparse.v1_model import REDUCED, V1Config, build_v1
+        from textseg.models.biomedparse.v1.model import REDUCED, V1Config, build_v1
 
         model = build_v1(REDUCED if ctx.tiny else V1Config(), device=dev)
         seed_parameters(model, 5)
@@ -430,24 +434,24 @@ def clear_text_caches(adapter) -> None:
             cache.clear()
 
 
-def ours_options(ctx: Ctx) -> Dict[str, Any]:
+def ours_options(ctx: Ctx) -> dict[str, Any]:
     key = ctx.model_key
     if key == "segvol":
         return {"config": _segvol_config(ctx.tiny)[1]}
     if key in ("sat-nano", "sat-pro"):
         return {"config": _sat_config(ctx), **({"patch": tiny_sat_patch()} if ctx.tiny else {})}
     if key == "biomedparse-v2":
-        from textseg.models.biomedparse.v2_model import REDUCED
+        from textseg.models.biomedparse.v2.model import REDUCED
 
         return {"config": REDUCED} if ctx.tiny else {}
     if key == "biomedparse-v1":
-        from textseg.models.biomedparse.v1_model import REDUCED
+        from textseg.models.biomedparse.v1.model import REDUCED
 
         return {"config": REDUCED} if ctx.tiny else {}
     return {}
 
 
-def ours_precisions(ctx: Ctx) -> List[str]:
+def ours_precisions(ctx: Ctx) -> list[str]:
     if ctx.model_key in ("sat-nano", "sat-pro") and ctx.cuda:
         return ["fp32", "fp16-engine"]  # the engine's default for SAT on CUDA: upstream's own float16 autocast
     return ["fp32", "bf16"]
@@ -462,7 +466,8 @@ def attempt(ctx: Ctx, what: str, fn) -> bool:
         import traceback
 
         traceback.print_exc()
-        emit(kind="error", part=ctx.part, model=ctx.model_key, what=what, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        emit(kind="error", part=ctx.part, model=ctx.model_key, what=what,
+             error=f"{type(exc).__name__}: {str(exc)[:300]}")
         if ctx.cuda:
             import torch
 
@@ -487,7 +492,7 @@ def run_ours(ctx: Ctx) -> None:
     weights_mib = torch.cuda.memory_allocated() / 2**20 if ctx.cuda else None
     emit(kind="load", part=ctx.part, seconds=time.perf_counter() - t0, weights_mib=weights_mib)
     vol, small = load_volume(ctx, m.image), load_volume(ctx, m.image + "_small")
-    kw: Dict[str, Any] = {"modality": m.modality, "site": m.site}
+    kw: dict[str, Any] = {"modality": m.modality, "site": m.site}
     n_slices = vol.array.shape[0]
     rng = (ctx.slices or (0, n_slices)) if pred.spec.dims == 2 else None
     common = dict(part=ctx.part, model=ctx.model_key, impl="ours", slices=list(rng) if rng else None,
@@ -510,9 +515,9 @@ def run_ours(ctx: Ctx) -> None:
         sync(ctx.device)
         log(f"{ctx.part} warm-up {prec}: {time.perf_counter() - t:.1f} s")
 
-    reference: Dict[str, List[np.ndarray]] = {}
+    reference: dict[str, list[np.ndarray]] = {}
 
-    def agreement(prec: str, masks: List[np.ndarray]) -> Dict[str, Any]:
+    def agreement(prec: str, masks: list[np.ndarray]) -> dict[str, Any]:
         if prec == "fp32":
             reference["masks"] = masks
             return {}
@@ -555,20 +560,21 @@ def run_ours(ctx: Ctx) -> None:
              voxels=[int(x.sum()) for x in masks], **agreement(prec, masks), **common)
 
     for prec in ours_precisions(ctx):
-        if not attempt(ctx, f"warm-up {prec}", lambda: warm(prec)):
+        if not attempt(ctx, f"warm-up {prec}", lambda: warm(prec)):  # noqa: B023 - runs in this iteration
             continue
         # 2D models re-encode every slice for a further prompt (default cache): timed once, in fp32
         further = 0 if pred.spec.dims == 2 and prec != "fp32" else ctx.n_further
-        attempt(ctx, f"interactive {prec}", lambda: interactive(prec, further))
+        attempt(ctx, f"interactive {prec}", lambda: interactive(prec, further))  # noqa: B023 - runs in this iteration
         if len(m.prompts) > 1:
-            attempt(ctx, f"{len(m.prompts)} prompts {prec}", lambda: all_prompts(prec))
+            attempt(ctx, f"{len(m.prompts)} prompts {prec}", lambda: all_prompts(prec))  # noqa: B023 - runs in this iteration
     if ctx.n_further_cached:  # a slice cache that holds the whole range: further prompts skip the encoder
         pred.cache_bytes = 96 << 30
-        attempt(ctx, "interactive, slice cache", lambda: interactive("fp32", ctx.n_further_cached, "slice cache 96 GiB"))
+        attempt(ctx, "interactive, slice cache",
+                lambda: interactive("fp32", ctx.n_further_cached, "slice cache 96 GiB"))
 
 
 # ---- upstream: shared set-up -----------------------------------------------------------------------
-def verify_loaded(ctx: Ctx, what: str, module, file_sd: Dict[str, Any], ignore: Sequence[str] = ()) -> None:
+def verify_loaded(ctx: Ctx, what: str, module, file_sd: dict[str, Any], ignore: Sequence[str] = ()) -> None:
     """Upstream loads the same tensors ours does: every tensor of its model equals the file's (upstream loaders
     skip mismatching keys silently; a mismatch here would compare different networks)."""
     import torch
@@ -579,7 +585,8 @@ def verify_loaded(ctx: Ctx, what: str, module, file_sd: Dict[str, Any], ignore: 
     unexpected = sorted(k for k in file_sd if k not in own and not skip(k))
     different = sorted(k for k in own if k in file_sd and not skip(k)
                        and not torch.equal(own[k].detach().cpu(), file_sd[k].detach().cpu().to(own[k].dtype)))
-    emit(kind="weights_check", part=ctx.part, what=what, tensors=len(own), missing=missing[:5], unexpected=unexpected[:5],
+    emit(kind="weights_check", part=ctx.part, what=what, tensors=len(own), missing=missing[:5],
+         unexpected=unexpected[:5],
          different=different[:5])
     if missing or unexpected or different:
         raise RuntimeError(f"upstream {what} did not load the suite's weights: {len(missing)} missing, "
@@ -591,7 +598,8 @@ def upstream_dir(ctx: Ctx, name: str) -> Path:
     return ctx.prepared / "upstream" / name
 
 
-PROBES = {"timm": ("timm.models.layers", "timm.loss"), "torchvision": ("torchvision.transforms", "torchvision.ops.boxes")}
+PROBES = {"timm": ("timm.models.layers", "timm.loss"),
+          "torchvision": ("torchvision.transforms", "torchvision.ops.boxes")}
 
 
 def fallback_standins(ctx: Ctx, *packages: str) -> None:
@@ -613,7 +621,7 @@ def fallback_standins(ctx: Ctx, *packages: str) -> None:
     emit(kind="info", part=ctx.part, packages=used)
 
 
-def upstream_precisions(ctx: Ctx) -> List[str]:
+def upstream_precisions(ctx: Ctx) -> list[str]:
     return ["fp32", "fp16-upstream"] if ctx.model_key.startswith("sat") and ctx.cuda else ["fp32"]
 
 
@@ -644,10 +652,10 @@ def upstream_run(ctx: Ctx, run, warm, precisions: Sequence[str], extra=None) -> 
              seconds=seconds, peak_mib=mm.peak_mib, base_mib=mm.base_mib, **out, **(extra or {}))
 
     for prec in precisions:
-        if not attempt(ctx, f"warm-up {prec}", lambda: warm_up(prec)):
+        if not attempt(ctx, f"warm-up {prec}", lambda: warm_up(prec)):  # noqa: B023 - runs in this iteration
             continue
         for n in (1, ctx.n_prompts) if ctx.n_prompts > 1 else (1,):
-            attempt(ctx, f"{n} prompt(s) {prec}", lambda: measure(prec, n))
+            attempt(ctx, f"{n} prompt(s) {prec}", lambda: measure(prec, n))  # noqa: B023 - runs in this iteration
 
 
 # ---- upstream SegVol ---------------------------------------------------------------------------------
@@ -679,10 +687,12 @@ def run_upstream_segvol(ctx: Ctx) -> None:
     vit = ViT(in_channels=1, img_size=c["img_size"], patch_size=c["patch_size"], hidden_size=c["hidden_size"],
               mlp_dim=c["mlp_dim"], num_layers=c["num_layers"], num_heads=c["num_heads"], pos_embed="perceptron",
               classification=False, dropout_rate=0.0)
-    pe = PromptEncoder(embed_dim=768, image_embedding_size=[int(v) for v in img / patch], input_image_size=c["img_size"],
+    pe = PromptEncoder(embed_dim=768, image_embedding_size=[int(v) for v in img / patch],
+                       input_image_size=c["img_size"],
                        mask_in_chans=c["mask_in_chans"])
     md = MaskDecoder(image_encoder_type="vit", num_multimask_outputs=3,
-                     transformer=TwoWayTransformer(depth=c["decoder_depth"], embedding_dim=768, mlp_dim=c["decoder_mlp_dim"],
+                     transformer=TwoWayTransformer(depth=c["decoder_depth"], embedding_dim=768,
+                                                   mlp_dim=c["decoder_mlp_dim"],
                                                    num_heads=c["decoder_heads"]),
                      transformer_dim=768, iou_head_depth=3, iou_head_hidden_dim=c["iou_head_hidden"], image_size=img,
                      patch_size=patch)
@@ -716,13 +726,16 @@ def run_upstream_segvol(ctx: Ctx) -> None:
                               use_zoom_in=True, use_text_prompt=True, use_box_prompt=False, use_point_prompt=False)
     inp = ctx.work / "input"
 
-    def pipeline(name: str, names: Sequence[str], prec: str) -> Dict[str, Any]:
+    def pipeline(name: str, names: Sequence[str], prec: str) -> dict[str, Any]:
         calls["n"] = 0
         with precision_context(prec, ctx.device):
-            item = process_ct_gt(str(inp / f"{name}.nii"), str(inp / f"{name}_label.nii"), list(names), args.spatial_size)
+            item = process_ct_gt(str(inp / f"{name}.nii"), str(inp / f"{name}_label.nii"), list(names),
+                                 args.spatial_size)
             item = {k: torch.as_tensor(np.ascontiguousarray(np.asarray(v))) for k, v in item.items()}
-            out = demo.zoom_in_zoom_out(args, model, item["image"].float().unsqueeze(0), item["zoom_out_image"].float().unsqueeze(0),
-                                        item["label"].unsqueeze(0), item["zoom_out_label"].unsqueeze(0), categories=list(names))
+            out = demo.zoom_in_zoom_out(args, model, item["image"].float().unsqueeze(0),
+                                        item["zoom_out_image"].float().unsqueeze(0),
+                                        item["label"].unsqueeze(0), item["zoom_out_label"].unsqueeze(0),
+                                        categories=list(names))
         return {"voxels": [int((torch.sigmoid(v[4].float()) > 0.5).sum()) for v in out.values()],
                 "forward_calls": calls["n"], "grid": "upstream's foreground crop"}
 
@@ -783,10 +796,12 @@ def run_upstream_sat(ctx: Ctx) -> None:
                               text_encoder_partial_load=True, max_queries=256, batchsize_3d=2)
     with contextlib.redirect_stdout(sys.stderr):
         model = build_maskformer(args, device, None)
-        model, _, _ = load_checkpoint(checkpoint=str(wdir / ckpt), resume=False, partial_load=True, model=model, device=device)
+        model, _, _ = load_checkpoint(checkpoint=str(wdir / ckpt), resume=False, partial_load=True, model=model,
+                                      device=device)
         text_encoder = Text_Encoder(text_encoder="ours", checkpoint=str(wdir / text_ckpt), partial_load=True,
                                     open_bert_layer=12, open_modality_embed=False, gpu_id=None, device=device)
-    for what, module, path in (("SAT network", model, wdir / ckpt), ("SAT text encoder", text_encoder.model, wdir / text_ckpt)):
+    for what, module, path in (("SAT network", model, wdir / ckpt),
+                               ("SAT text encoder", text_encoder.model, wdir / text_ckpt)):
         verify_loaded(ctx, what, module, torch.load(path, map_location="cpu", weights_only=True)["model_state_dict"],
                       ignore=("position_ids",))
     sync(ctx.device)
@@ -812,7 +827,7 @@ def run_upstream_sat(ctx: Ctx) -> None:
     real_autocast = eng.autocast
     outdir = ctx.work / f"sat-upstream-{ctx.model_key}"
 
-    def pipeline(name: str, names: Sequence[str], prec: str) -> Dict[str, Any]:
+    def pipeline(name: str, names: Sequence[str], prec: str) -> dict[str, Any]:
         eng.autocast = real_autocast if prec == "fp16-upstream" else (lambda: torch.autocast("cuda", enabled=False))
         write_s["s"], patches["n"] = 0.0, 0
         jsonl = ctx.work / f"sat-{name}.jsonl"
@@ -868,7 +883,7 @@ def run_upstream_v2(ctx: Ctx) -> None:
     vol = load_volume(ctx, "ct")
     rng = ctx.slices or (0, vol.array.shape[0])
 
-    def pipeline(rng, names: Sequence[str], prec: str) -> Dict[str, Any]:
+    def pipeline(rng, names: Sequence[str], prec: str) -> dict[str, Any]:
         # upstream's input: the CT windowed to 0..255 slice by slice (its challenge .npz files are stored so)
         imgs = np.stack([window_to_uint8(s, preset) for s in vol.canonical().array[rng[0]:rng[1]]])
         ids = list(range(1, len(names) + 1))
@@ -946,7 +961,7 @@ def run_upstream_v1(ctx: Ctx) -> None:
         prob = F.interpolate(pred_masks[matched, :, :][None].float(), image.shape[:2], mode="bilinear")[0].sigmoid()
         return (prob > 0.5).cpu().numpy()
 
-    def pipeline(rng, names: Sequence[str], prec: str) -> Dict[str, Any]:
+    def pipeline(rng, names: Sequence[str], prec: str) -> dict[str, Any]:
         vox = [0] * len(names)
         with torch.no_grad(), precision_context(prec, ctx.device):
             for k in range(*rng):
@@ -972,7 +987,7 @@ def run_upstream_deepbet(ctx: Ctx) -> None:
     emit(kind="load", part=ctx.part, seconds=time.perf_counter() - t0,
          weights_mib=torch.cuda.memory_allocated() / 2**20 if ctx.cuda else None)
 
-    def pipeline(name: str, prec: str) -> Dict[str, Any]:
+    def pipeline(name: str, prec: str) -> dict[str, Any]:
         with precision_context(prec, ctx.device):
             _, mask, _ = bet.run(nib.load(str(ctx.work / "input" / f"{name}.nii")))
         return {"voxels": [int(np.asarray(mask.dataobj).sum())]}
@@ -994,9 +1009,9 @@ def run_server(ctx: Ctx) -> None:
     import logging
     import statistics
 
-    from textseg.client import RemotePredictor
     from textseg.predictor import Predictor
-    from textseg.server import Settings, running_server
+    from textseg.remote.client import RemotePredictor
+    from textseg.remote.server import Settings, running_server
 
     logging.getLogger("textseg").setLevel(logging.WARNING)
     sctx = dataclasses.replace(ctx, part="segvol/server")
@@ -1012,7 +1027,7 @@ def run_server(ctx: Ctx) -> None:
     t0 = time.perf_counter()
     with running_server(settings) as url:
         emit(kind="info", part=ctx.part, server_start_s=time.perf_counter() - t0, url=url)
-        rows: Dict[str, List[float]] = {}
+        rows: dict[str, list[float]] = {}
         for rnd in range(3):  # round 0: a warm-up on the small crop
             vol = small if rnd == 0 else base.with_array(base.array + np.int16(rnd))
             for side in ("local", "remote"):
@@ -1045,7 +1060,8 @@ def run_env(ctx: Ctx) -> None:
 
     import torch
 
-    info: Dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
+                            "torch": torch.__version__,
                             "cuda_available": torch.cuda.is_available(), "cpu_count": os.cpu_count()}
     if ctx.cuda:
         p = torch.cuda.get_device_properties(0)
@@ -1063,7 +1079,8 @@ def run_env(ctx: Ctx) -> None:
         info["device"] = f"CPU ({torch.get_num_threads()} torch threads)"
     versions = {}
     for name in ("numpy", "scipy", "scikit-image", "transformers", "huggingface-hub", "safetensors", "einops", "monai",
-                 "nibabel", "fastapi", "uvicorn", "pydantic", "deepbet", "timm", "torchvision", "opencv-python-headless"):
+                 "nibabel", "fastapi", "uvicorn", "pydantic", "deepbet", "timm", "torchvision",
+                 "opencv-python-headless"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -40,9 +40,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,8 +60,8 @@ class Pin:
     key: str  # option name and folder under upstream/
     repo: str  # owner/name on GitHub
     commit: str
-    include: Tuple[str, ...]  # fnmatch patterns (paths inside the repository)
-    exclude: Tuple[str, ...] = ("*/__pycache__/*", "*.ipynb_checkpoints*")
+    include: tuple[str, ...]  # fnmatch patterns (paths inside the repository)
+    exclude: tuple[str, ...] = ("*/__pycache__/*", "*.ipynb_checkpoints*")
 
 
 PINS = (
@@ -85,7 +86,7 @@ PINS = (
 # versions this project's own set-up installs today. (name, version, where): where "whl" = the engine and
 # our side, "whl-upstream" = only on the upstream parts' path (ahead of "whl"); "whl<3.12": "whl", only for a
 # Python older than 3.12.
-WHEELS: Tuple[Tuple[str, str, str], ...] = (
+WHEELS: tuple[tuple[str, str, str], ...] = (
     ("fastapi", "0.165.0", "whl"), ("starlette", "1.10.0", "whl"), ("uvicorn", "0.55.0", "whl"),
     ("pydantic", "2.14.4", "whl"), ("pydantic-core", "2.50.5", "whl"), ("annotated-types", "0.8.0", "whl"),
     ("typing-inspection", "0.4.5", "whl"), ("typing-extensions", "4.16.0", "whl"),
@@ -146,11 +147,11 @@ def selected(path: str, pin: Pin) -> bool:
     return any(fnmatch.fnmatch(path, p) for p in pin.include) and not any(fnmatch.fnmatch(path, p) for p in pin.exclude)
 
 
-def copy_upstream(pin: Pin, source: Path, dest: Path, unverified: bool) -> Dict[str, object]:
+def copy_upstream(pin: Pin, source: Path, dest: Path, unverified: bool) -> dict[str, object]:
     """Copy the pin's files from ``source`` into ``dest``; returns the manifest entry (how it was verified)."""
     if not source.exists():
         die(f"--{pin.key}: {source} does not exist. Give a checkout (or bare mirror) of github.com/{pin.repo}.")
-    files: List[Tuple[str, bytes]] = []
+    files: list[tuple[str, bytes]] = []
     try:
         bare = git("rev-parse", "--is-bare-repository", cwd=source).strip() == "true"
         top = None if bare else Path(git("rev-parse", "--show-toplevel", cwd=source).strip())
@@ -200,7 +201,8 @@ def copy_upstream(pin: Pin, source: Path, dest: Path, unverified: bool) -> Dict[
 
 
 # ---- wheels ---------------------------------------------------------------------------------------
-def download_wheels(dest: Path, python: str, platforms: Sequence[str], cache: Optional[Path]) -> List[Dict[str, object]]:
+def download_wheels(dest: Path, python: str, platforms: Sequence[str],
+                    cache: Optional[Path]) -> list[dict[str, object]]:
     out = []
     for name, version, where in wheels_for(python):
         folder = dest / where
@@ -209,7 +211,8 @@ def download_wheels(dest: Path, python: str, platforms: Sequence[str], cache: Op
         if got is None:
             tmp = dest / ".download"
             shutil.rmtree(tmp, ignore_errors=True)
-            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                   "--python-version",
                    python, "--implementation", "cp", "-d", str(tmp), f"{name}=={version}"]
             for plat in platforms:
                 cmd += ["--platform", plat]
@@ -230,7 +233,7 @@ def download_wheels(dest: Path, python: str, platforms: Sequence[str], cache: Op
     return out
 
 
-def wheels_for(python: str) -> List[Tuple[str, str, str]]:
+def wheels_for(python: str) -> list[tuple[str, str, str]]:
     old = tuple(map(int, python.split("."))) < (3, 12)
     return [(n, v, w.split("<")[0]) for n, v, w in WHEELS if "<" not in w or old]
 
@@ -244,7 +247,7 @@ def find_wheel(cache: Path, name: str, version: str) -> Optional[Path]:
     return None
 
 
-def check_requirements(dest: Path, python: str) -> List[str]:
+def check_requirements(dest: Path, python: str) -> list[str]:
     """Every Requires-Dist (no extras, markers for the target Python) of a carried wheel must be carried or there."""
     import zipfile
 
@@ -261,7 +264,7 @@ def check_requirements(dest: Path, python: str) -> List[str]:
             spec, _, marker = req.partition(";")
             if "extra" in marker or not marker_holds(marker, python):
                 continue
-            name = norm(re.split(r"[\s<>=!~\[(]", spec.strip(), 1)[0])
+            name = norm(re.split(r"[\s<>=!~\[(]", spec.strip(), maxsplit=1)[0])
             if name not in carried and name not in DEVICE_HAS and name not in NOT_NEEDED:
                 problems.append(f"{whl.name} needs {spec.strip()}, which is neither carried nor on the GPU machine")
     return problems
@@ -277,7 +280,7 @@ def marker_holds(marker: str, python: str) -> bool:
 
 
 # ---- data -----------------------------------------------------------------------------------------
-def write_data(dest: Path, shared: Path) -> Dict[str, object]:
+def write_data(dest: Path, shared: Path) -> dict[str, object]:
     """The real CT and the MNI152 T1 (2 mm) as int16 arrays + geometry (RAS affine, as stored in the NIfTI)."""
     import nibabel as nib
     import numpy as np
@@ -309,7 +312,7 @@ def tree_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def travelling_bytes(repo: Path, prepared: Path) -> Tuple[int, int]:
+def travelling_bytes(repo: Path, prepared: Path) -> tuple[int, int]:
     """(working tree that travels: tracked + untracked-not-ignored files, the prepared folder)."""
     listing = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=repo).split("\0")
     tree = sum((repo / p).stat().st_size for p in listing if p and (repo / p).is_file())
@@ -339,8 +342,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for pin in PINS:
         ap.add_argument(f"--{pin.key}", type=Path, required=True, metavar="CHECKOUT",
                         help=f"checkout or bare mirror of github.com/{pin.repo} holding {pin.commit[:12]}")
-    ap.add_argument("--out", type=Path, default=ROOT / ".gpu", help="the folder to fill (default: .gpu in the repository root)")
-    ap.add_argument("--shared", type=Path, default=Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data")),
+    ap.add_argument("--out", type=Path, default=ROOT / ".gpu",
+                    help="the folder to fill (default: .gpu in the repository root)")
+    ap.add_argument("--shared", type=Path,
+                    default=Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data")),
                     help="the shared data folder (default: $TEXTSEG_SHARED_DATA or ../shared/data)")
     ap.add_argument("--this-machine", action="store_true",
                     help="wheels for this machine's Python and platform (the CPU dry run), not the GPU machine's")
@@ -363,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         platforms: Sequence[str] = [f"manylinux_2_{n}_{plat}" for n in (28, 27, 24, 17)] + [f"manylinux2014_{plat}"]
     else:
         python, platforms = DEVICE_PYTHON, DEVICE_PLATFORMS
-    manifest: Dict[str, object] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "python": python,
+    manifest: dict[str, object] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "python": python,
                                    "platforms": list(platforms), "upstream": {}}
     for pin in PINS:
         print(f"upstream {pin.key}: github.com/{pin.repo}@{pin.commit[:12]} ...", flush=True)
@@ -398,7 +403,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             die(f"{total / 2**20:.1f} MiB would travel: over the device tool's {LIMIT >> 20} MiB. Leave something out.")
     print(f"prepared in {time.time() - t0:.0f} s")
     if a.this_machine:
-        print(f"\nCPU dry run (docs/benchmarks.md):\n  python benchmarks/gpu_suite.py --prepared {rel} --out /tmp/gpu-dry-out --dry-run")
+        print(f"\nCPU dry run (docs/benchmarks.md):\n  python benchmarks/gpu_suite.py --prepared {rel} --out "
+              f"/tmp/gpu-dry-out --dry-run")
     else:
         cmd = launcher(rel)
         assert len(cmd) < 2000

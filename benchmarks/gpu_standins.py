@@ -23,7 +23,6 @@ Nothing here is upstream code.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
 
 _PLACEHOLDER = '''"""Placeholders for names upstream code imports but the benchmark never calls."""
 
@@ -124,7 +123,8 @@ def get_norm(norm, out_channels):
         return None
     if not isinstance(norm, str):
         return norm(out_channels)
-    return {"BN": nn.BatchNorm2d, "GN": lambda c: nn.GroupNorm(32, c), "LN": lambda c: nn.GroupNorm(1, c)}[norm](out_channels)
+    norms = {"BN": nn.BatchNorm2d, "GN": lambda c: nn.GroupNorm(32, c), "LN": lambda c: nn.GroupNorm(1, c)}
+    return norms[norm](out_channels)
 
 
 @dataclass
@@ -176,7 +176,8 @@ META_ARCH_REGISTRY = Registry("META_ARCH")
 __getattr__ = module_getattr(__name__)
 '''
 
-_D2_STRUCTURES = '''"""detectron2.structures stand-in: ImageList.from_tensors (pad to a common size); the rest placeholders."""
+_D2_STRUCTURES = '''\
+"""detectron2.structures stand-in: ImageList.from_tensors (pad to a common size); the rest placeholders."""
 import math
 
 import torch
@@ -344,7 +345,7 @@ __getattr__ = module_getattr(__name__)
 
 _PKG = '"""Stand-in package (benchmarks/gpu_standins.py)."""\n'
 
-ALWAYS: Dict[str, str] = {
+ALWAYS: dict[str, str] = {
     "_textseg_standin.py": _PLACEHOLDER,
     "detectron2/__init__.py": _PKG,
     "detectron2/layers/__init__.py": _D2_LAYERS,
@@ -380,7 +381,7 @@ ALWAYS: Dict[str, str] = {
     "SimpleITK/__init__.py": _ANY,
 }
 
-FALLBACK: Dict[str, str] = {  # fallback/<package>/...: each package its own folder (added only where needed)
+FALLBACK: dict[str, str] = {  # fallback/<package>/...: each package its own folder (added only where needed)
     "timm/__init__.py": _PKG,
     "timm/models/__init__.py": _PKG,
     "timm/models/layers/__init__.py": _TIMM_LAYERS,
@@ -393,7 +394,7 @@ FALLBACK: Dict[str, str] = {  # fallback/<package>/...: each package its own fol
 }
 
 
-def write(root: Path) -> Dict[str, int]:
+def write(root: Path) -> dict[str, int]:
     """Write both folders under ``root``; returns {relative path: bytes}."""
     sizes = {}
     for folder, files in (("always", ALWAYS), ("fallback", FALLBACK)):

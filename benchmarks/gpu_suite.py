@@ -32,13 +32,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 
 # (part, budget in seconds on the GPU machine). Order = priority: the deadline skips what is left at the end.
-PARTS: Tuple[Tuple[str, int], ...] = (
+PARTS: tuple[tuple[str, int], ...] = (
     ("env", 25), ("input", 40),
     ("deepbet/ours", 35), ("deepbet/upstream", 30),
     ("segvol/ours", 60), ("segvol/upstream", 80),
@@ -62,9 +62,9 @@ class Runner:
         self.prepared = Path(a.prepared).resolve()
         self.t_start = time.monotonic()
         self.deadline = self.t_start + a.deadline
-        self.records: List[Dict[str, Any]] = []
-        self.parts: Dict[str, Dict[str, Any]] = {}
-        self.meta: Dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "dry_run": a.dry_run,
+        self.records: list[dict[str, Any]] = []
+        self.parts: dict[str, dict[str, Any]] = {}
+        self.meta: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "dry_run": a.dry_run,
                                      "device": a.device, "deadline_s": a.deadline}
         self.log_file = open(self.out / "suite.log", "a", buffering=1)
         self.parts_log = open(self.out / "parts.log", "a", buffering=1)
@@ -78,7 +78,7 @@ class Runner:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def env_for(self, part: str) -> Dict[str, str]:
+    def env_for(self, part: str) -> dict[str, str]:
         site, upsite = self.work / "site", self.work / "site-upstream"
         paths = [str(site), str(ROOT / "BiomedParseSlicer"), str(HERE)]
         if part.endswith("/upstream") and not part.startswith("deepbet"):
@@ -93,7 +93,7 @@ class Runner:
         return env
 
     def run_part(self, part: str, budget: float) -> None:
-        entry: Dict[str, Any] = {"budget_s": round(budget, 1)}
+        entry: dict[str, Any] = {"budget_s": round(budget, 1)}
         self.parts[part] = entry
         left = self.left()
         if left < MIN_START:
@@ -112,7 +112,7 @@ class Runner:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=self.env_for(part),
                                     cwd=str(ROOT), start_new_session=True)
             self.active = proc
-            lines: "queue.Queue[Optional[str]]" = queue.Queue()
+            lines: queue.Queue[Optional[str]] = queue.Queue()
 
             def reader() -> None:
                 for line in proc.stdout:  # type: ignore[union-attr]
@@ -169,7 +169,8 @@ class Runner:
         entry.update(status=status, seconds=round(seconds, 1), results=got, exit_code=rc)
         if status != "ok":
             entry["error"] = last_error(tail)
-        self.say(f"{part}: {status} in {seconds:.1f} s ({got} result(s))" + (f": {entry['error']}" if status == "failed" else ""))
+        self.say(f"{part}: {status} in {seconds:.1f} s ({got} result(s))"
+                 + (f": {entry['error']}" if status == "failed" else ""))
 
     def kill(self, proc: subprocess.Popen) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -186,13 +187,13 @@ class Runner:
     def install(self) -> None:
         """The carried wheels into private folders: site (engine, ours) and site-upstream (upstream's MONAI)."""
         t0 = time.monotonic()
-        entry: Dict[str, Any] = {"budget_s": INSTALL_BUDGET}
+        entry: dict[str, Any] = {"budget_s": INSTALL_BUDGET}
         self.parts["install"] = entry
         try:
             manifest = json.loads((self.prepared / "manifest.json").read_text())
         except (OSError, ValueError) as exc:
             entry.update(status="failed", error=f"{self.prepared}/manifest.json unreadable ({exc}): run gpu_prepare.py")
-            raise SystemExit(f"gpu_suite: {entry['error']}")
+            raise SystemExit(f"gpu_suite: {entry['error']}") from None
         self.meta["prepared"] = {k: manifest.get(k) for k in ("created", "python", "upstream", "folder_bytes")}
         want = manifest.get("python")
         have = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -227,7 +228,8 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - the figures are in results.json; never lose the run to the table
             import traceback
 
-            md = f"# GPU suite results\n\nThe table could not be written ({type(exc).__name__}: {exc}); see results.json.\n"
+            md = (f"# GPU suite results\n\nThe table could not be written ({type(exc).__name__}: {exc}); see "
+                  f"results.json.\n")
             self.log_file.write(traceback.format_exc())
         for name, text in (("results.json", json.dumps(data, indent=1, default=str) + "\n"), ("results.md", md)):
             tmp = self.out / (name + ".tmp")
@@ -243,7 +245,7 @@ def last_error(tail: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def summary(rec: Dict[str, Any]) -> str:
+def summary(rec: dict[str, Any]) -> str:
     k = rec.get("kind")
     if k in ("e2e", "interactive"):
         s = rec.get("seconds", rec.get("first_s"))
@@ -252,7 +254,8 @@ def summary(rec: Dict[str, Any]) -> str:
             extra = f", further median {statistics.median(rec['further_s']):.3f} s"
         if rec.get("dice_vs_fp32"):
             extra += f", Dice vs fp32 min {min(rec['dice_vs_fp32']):.4f}"
-        return (f"{rec.get('model')} {rec.get('impl')} {rec.get('precision')}{' ' + rec['variant'] if rec.get('variant') else ''} "
+        return (f"{rec.get('model')} {rec.get('impl')} "
+                f"{rec.get('precision')}{' ' + rec['variant'] if rec.get('variant') else ''} "
                 f"{k} {rec.get('prompts')} prompt(s): {s:.2f} s, peak {rec.get('peak_mib', 0) / 1024:.2f} GiB{extra}")
     return json.dumps({key: v for key, v in rec.items() if key not in ("part",)}, default=str)[:300]
 
@@ -273,7 +276,7 @@ def _s(x: Optional[float]) -> str:
     return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
 
 
-def _scale(rec: Dict[str, Any]) -> float:
+def _scale(rec: dict[str, Any]) -> float:
     """Factor to the whole image for a slice-range measurement (2D models are linear in slices)."""
     sl, total = rec.get("slices"), rec.get("total_slices")
     if not sl or not total or sl[1] - sl[0] >= total:
@@ -287,8 +290,8 @@ def _with_extrapolation(x: Optional[float], f: float) -> str:
     return _s(x) if f == 1.0 else f"{_s(x)} (≈{_s(x * f)} all slices)"
 
 
-def rows_of(records: List[Dict[str, Any]]) -> Dict[Tuple[str, str, str, str], Dict[str, Any]]:
-    rows: Dict[Tuple[str, str, str, str], Dict[str, Any]] = {}
+def rows_of(records: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
+    rows: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for r in records:
         if r.get("kind") not in ("e2e", "interactive", "agreement"):
             continue
@@ -297,7 +300,8 @@ def rows_of(records: List[Dict[str, Any]]) -> Dict[Tuple[str, str, str, str], Di
         if r["kind"] == "agreement":
             row.update(dice=r.get("dice_vs_fp32"))
         elif r["kind"] == "interactive":
-            row.update(first=r["first_s"], further=r.get("further_s") or [], peak1=r.get("peak_mib"), set_image=r.get("set_image_s"),
+            row.update(first=r["first_s"], further=r.get("further_s") or [], peak1=r.get("peak_mib"),
+                       set_image=r.get("set_image_s"),
                        voxels1=r.get("voxels"))
             if r.get("dice_vs_fp32"):  # one-prompt models compare their first prompt's masks
                 row["dice"] = r["dice_vs_fp32"]
@@ -312,7 +316,7 @@ def rows_of(records: List[Dict[str, Any]]) -> Dict[Tuple[str, str, str, str], Di
     return rows
 
 
-def report(data: Dict[str, Any]) -> str:
+def report(data: dict[str, Any]) -> str:
     meta, parts, records = data["meta"], data["parts"], data["records"]
     env = next((r for r in records if r.get("kind") == "env"), {})
     out = [f"# GPU suite results{' (CPU DRY RUN, tiny sizes: not figures)' if meta.get('dry_run') else ''}", ""]
@@ -322,14 +326,16 @@ def report(data: Dict[str, Any]) -> str:
                + f"; torch {env.get('torch')}, Python {env.get('python')}; started {meta.get('started')}, "
                f"{meta.get('elapsed_s')} s so far.")
     if env.get("tf32_cudnn") is not None:
-        out.append(f"fp32 = PyTorch defaults (TF32 convolutions: {env.get('tf32_cudnn')}, TF32 matmuls: {env.get('tf32_matmul')}).")
+        out.append(f"fp32 = PyTorch defaults (TF32 convolutions: {env.get('tf32_cudnn')}, TF32 matmuls: "
+                   f"{env.get('tf32_matmul')}).")
     inp = next((r for r in records if r.get("part") == "input" and r.get("kind") == "info"), None)
     if inp:
         out.append(f"Input: CT {'x'.join(map(str, inp['ct_shape']))} at {'x'.join(map(str, inp['ct_spacing']))} mm "
                    f"(real CT resampled), T1 {'x'.join(map(str, inp['t1_shape']))} (MNI152).")
     up = (meta.get("prepared") or {}).get("upstream") or {}
     if up:
-        out.append("Upstream: " + ", ".join(f"{k} {v.get('repo')}@{str(v.get('commit'))[:7]}" for k, v in up.items()) + ".")
+        out.append("Upstream: " + ", ".join(f"{k} {v.get('repo')}@{str(v.get('commit'))[:7]}"
+                                            for k, v in up.items()) + ".")
     used = {r["part"]: r["packages"] for r in records if r.get("kind") == "info" and r.get("packages")}
     if used:
         out.append("timm/torchvision for upstream: " + "; ".join(
@@ -340,7 +346,8 @@ def report(data: Dict[str, Any]) -> str:
             "Ours vs upstream in fp32 (SAT also both sides' float16 defaults); ✓/✗: the issue's targets. "
             "Peak memory includes each side's weights.", "",
             "| model | further prompt / first (ours; target < 10 %) | 1 prompt s: upstream / ours "
-            "| 10 prompts s: upstream / ours | peak GiB, 10 prompts: upstream / ours | ours bf16 (fp16 line: fp16) masks vs fp32: min Dice |",
+            "| 10 prompts s: upstream / ours | peak GiB, 10 prompts: upstream / ours | ours bf16 (fp16 line: fp16) "
+            "masks vs fp32: min Dice |",
             "| --- | --- | --- | --- | --- | --- |"]
 
     def ratio(r):
@@ -388,7 +395,8 @@ def report(data: Dict[str, Any]) -> str:
             "| model | side | precision | 1 prompt: s | 10 prompts: s | set_image s | further prompt s: median (max) | "
             "further / first | peak GiB: 1 / 10 prompts | masks vs fp32: Dice min / mean | mask voxels (first 3) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for key in sorted(rows, key=lambda k: (MODEL_ORDER.index(k[0]) if k[0] in MODEL_ORDER else 99, k[1] != "ours", k[3], k[2])):
+    for key in sorted(rows, key=lambda k: (MODEL_ORDER.index(k[0]) if k[0] in MODEL_ORDER else 99, k[1] != "ours", k[3],
+                                           k[2])):
         m, impl, prec, variant = key
         r = rows[key]
         f = r["scale"]
@@ -398,33 +406,41 @@ def report(data: Dict[str, Any]) -> str:
         d = r.get("dice")
         vox = r.get("voxels") or r.get("voxels1") or []
         out.append(f"| {m} | {impl}{' (' + variant + ')' if variant else ''} | {PREC_LABEL.get(prec, prec)} | "
-                   f"{_with_extrapolation(r.get('first'), f)} | {_with_extrapolation(r.get('e2e'), f)} | {_s(r.get('set_image'))} | "
+                   f"{_with_extrapolation(r.get('first'), f)} | {_with_extrapolation(r.get('e2e'), f)} | "
+                   f"{_s(r.get('set_image'))} | "
                    f"{fur_s} | {rat} | {_gib(r.get('peak1'))} / {_gib(r.get('peakn'))} | "
                    f"{'-' if not d else f'{min(d):.4f} / {sum(d) / len(d):.4f}'} | {vox[:3]} |")
     srv = [r for r in records if r.get("kind") == "server"]
     if srv:
-        out += ["", "## Server overhead on loopback (SegVol on the CT, a new image each round; median of 2 rounds after "
-                "a warm-up; remote prompts return masks and uint8 probabilities)", "", "| step | local s | remote s | overhead s | overhead |", "| --- | --- | --- | --- | --- |"]
+        out += ["", "## Server overhead on loopback (SegVol on the CT, a new image each round; median of 2 rounds "
+                "after a warm-up; remote prompts return masks and uint8 probabilities)", "",
+                "| step | local s | remote s | overhead s | overhead |", "| --- | --- | --- | --- | --- |"]
         for r in srv:
             pct = "-" if r.get("overhead_pct") is None else f"{r['overhead_pct']:.0f} %"
             out.append(f"| {r['step']} | {_s(r['local_s'])} | {_s(r['remote_s'])} | {_s(r['overhead_s'])} | {pct} |")
         first = [r for r in srv if r["step"] in ("set_image", "first prompt")]
         if len(first) == 2:
             lo, re = sum(r["local_s"] for r in first), sum(r["remote_s"] for r in first)
-            out.append(f"| set_image + first prompt | {_s(lo)} | {_s(re)} | {_s(re - lo)} | {100 * (re - lo) / lo:.0f} % |")
+            out.append(f"| set_image + first prompt | {_s(lo)} | {_s(re)} | {_s(re - lo)} | {100 * (re - lo) / lo:.0f} "
+                       f"% |")
     errors = [r for r in records if r.get("kind") == "error"]
     if errors:
-        out += ["", "## Measurements that failed (the part went on)", "", "| part | what | error |", "| --- | --- | --- |"]
+        out += ["", "## Measurements that failed (the part went on)", "", "| part | what | error |",
+                "| --- | --- | --- |"]
         for r in errors:
             out.append(f"| {r.get('part')} | {r.get('what')} | {str(r.get('error')).replace('|', '/')[:300]} |")
     loads = [r for r in records if r.get("kind") in ("load", "weights")]
     if loads:
-        out += ["", "## Loading (not in the timings above)", "", "| part | what | s | GiB |", "| --- | --- | --- | --- |"]
+        out += ["", "## Loading (not in the timings above)", "", "| part | what | s | GiB |",
+                "| --- | --- | --- | --- |"]
         for r in loads:
             size = r.get("weights_mib")
-            size = _gib(size) + " on the GPU" if size is not None else (f"{r['bytes'] / 2**30:.2f} on disk" if r.get("bytes") else "-")
-            out.append(f"| {r.get('part')} | {'weights written' if r['kind'] == 'weights' else 'model loaded'} | {_s(r.get('seconds'))} | {size} |")
-    out += ["", "## Parts", "", "| part | status | s | budget s | results | note |", "| --- | --- | --- | --- | --- | --- |"]
+            size = _gib(size) + " on the GPU" if size is not None else (f"{r['bytes'] / 2**30:.2f} on disk"
+                                                                        if r.get("bytes") else "-")
+            out.append(f"| {r.get('part')} | {'weights written' if r['kind'] == 'weights' else 'model loaded'} | "
+                       f"{_s(r.get('seconds'))} | {size} |")
+    out += ["", "## Parts", "", "| part | status | s | budget s | results | note |",
+            "| --- | --- | --- | --- | --- | --- |"]
     for name, p in parts.items():
         out.append(f"| {name} | {p.get('status', 'running')} | {p.get('seconds', '-')} | {p.get('budget_s', '-')} | "
                    f"{p.get('results', '-')} | {str(p.get('error') or p.get('note') or '').replace('|', '/')[:200]} |")
@@ -432,15 +448,17 @@ def report(data: Dict[str, Any]) -> str:
 
 
 # ---- main ------------------------------------------------------------------------------------------------
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepared", default=str(ROOT / ".gpu"), help="the folder gpu_prepare.py filled")
     ap.add_argument("--out", help="results folder (on the device: $OUT)")
     ap.add_argument("--work", default="/tmp/textseg-gpu-work", help="scratch: installed wheels, inputs, weights")
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --dry-run)")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: tests the suite, gives no figures")
-    ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole suite (default 450; dry run 1800)")
-    ap.add_argument("--budget-scale", type=float, default=None, help="multiply every part's budget (default 1; dry run 8)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds for the whole suite (default 450; dry run 1800)")
+    ap.add_argument("--budget-scale", type=float, default=None,
+                    help="multiply every part's budget (default 1; dry run 8)")
     ap.add_argument("--only", help="comma-separated parts or models to run (env and input always run)")
     ap.add_argument("--skip", help="comma-separated parts or models to leave out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -477,7 +495,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    r.say(f"gpu_suite: device {a.device}, deadline {a.deadline:.0f} s, budgets x{scale:g}, prepared {r.prepared}, work {a.work}")
+    r.say(f"gpu_suite: device {a.device}, deadline {a.deadline:.0f} s, budgets x{scale:g}, prepared {r.prepared}, work "
+          f"{a.work}")
     r.install()
     r.save()
     wanted = set((a.only or "").split(",")) - {""}
@@ -500,7 +519,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     again = [p for p, e in r.parts.items() if p not in ("install", "env", "input") and e.get("status") != "ok"]
     if again:
         r.say("not complete: " + ", ".join(f"{p} ({r.parts[p].get('status')})" for p in again) + ". Second call: "
-              f"PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --prepared .gpu --out \"$OUT\" --only {','.join(again)}")
+              f"PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --prepared .gpu --out \"$OUT\" --only "
+              f"{','.join(again)}")
     print("\n" + (Path(a.out) / "results.md").read_text())
     return 0
 

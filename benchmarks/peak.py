@@ -28,7 +28,7 @@ class Peak:
         while not self._stop.wait(0.005):
             self.peak = max(self.peak, self.rss())
 
-    def __enter__(self) -> "Peak":
+    def __enter__(self) -> Peak:
         self.cpu0 = self.cpu()
         if self.device.startswith("cuda"):
             import torch

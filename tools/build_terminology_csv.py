@@ -36,7 +36,8 @@ ROWS = [
     ("kidney", "kidneys;both kidneys", AS, "Kidney", None, None, None, (185, 102, 83)),
     ("kidney_left", "left kidney;l kidney", AS, "Kidney", "Left", None, None, None),
     ("kidney_right", "right kidney;r kidney", AS, "Kidney", "Right", None, None, None),
-    ("adrenal_gland", "adrenal gland;adrenal glands;adrenal;suprarenal gland", AS, "Adrenal gland", None, None, None, (249, 186, 150)),
+    ("adrenal_gland", "adrenal gland;adrenal glands;adrenal;suprarenal gland", AS, "Adrenal gland", None, None, None,
+     (249, 186, 150)),
     ("adrenal_gland_left", "left adrenal gland;left adrenal", AS, "Adrenal gland", "Left", None, None, None),
     ("adrenal_gland_right", "right adrenal gland;right adrenal", AS, "Adrenal gland", "Right", None, None, None),
     ("gallbladder", "gall bladder", AS, "Gallbladder", None, None, None, None),
@@ -51,20 +52,24 @@ ROWS = [
     ("prostate", "prostate gland", AS, "Prostate", None, None, None, None),
     ("uterus", "", AS, "Uterus", None, None, None, None),
     ("aorta", "abdominal aorta;thoracic aorta", AS, "Aorta", None, None, None, None),
-    ("inferior_vena_cava", "postcava;ivc;inferior vena cava;vena cava inferior", AS, "Inferior vena cava", None, None, None, (0, 151, 206)),
+    ("inferior_vena_cava", "postcava;ivc;inferior vena cava;vena cava inferior", AS, "Inferior vena cava", None, None,
+     None, (0, 151, 206)),
     ("superior_vena_cava", "svc;superior vena cava", AS, "Superior vena cava", None, None, None, (0, 151, 206)),
     ("portal_vein", "portal vein;portal vein and splenic vein", AS, "Portal vein", None, None, None, (0, 151, 206)),
     ("hepatic_vein", "hepatic veins", AS, "Hepatic vein", None, None, None, (0, 151, 206)),
     ("pulmonary_artery", "", AS, "Pulmonary artery", None, None, None, None),
     # --- thorax / heart ---
     ("heart", "", AS, "Heart", None, None, None, None),
-    ("heart_ventricle_left", "left ventricle;left heart ventricle;lv;left ventricle of heart", AS, "Left ventricle", None, None, None, None),
-    ("heart_ventricle_right", "right ventricle;right heart ventricle;rv;right ventricle of heart", AS, "Right ventricle", None, None, None, None),
+    ("heart_ventricle_left", "left ventricle;left heart ventricle;lv;left ventricle of heart", AS, "Left ventricle",
+     None, None, None, None),
+    ("heart_ventricle_right", "right ventricle;right heart ventricle;rv;right ventricle of heart", AS,
+     "Right ventricle", None, None, None, None),
     ("heart_atrium_left", "left atrium;left heart atrium;la", AS, "Left atrium", None, None, None, None),
     ("heart_atrium_right", "right atrium;right heart atrium;ra", AS, "Right atrium", None, None, None, None),
     # Myocardium is not in the master list; SCT 74281007 as in TotalSegmentator's mapping; colour of
     # the master list's "Left ventricle" family (heart muscle).
-    ("heart_myocardium", "myocardium;left ventricular myocardium;myo", AS, (X, "SCT", "74281007", "Myocardium"), None, None, None, (181, 85, 57)),
+    ("heart_myocardium", "myocardium;left ventricular myocardium;myo", AS, (X, "SCT", "74281007", "Myocardium"), None,
+     None, None, (181, 85, 57)),
     ("lung", "lungs;both lungs", AS, "Lung", None, None, None, (197, 165, 145)),
     ("lung_left", "left lung", AS, "Lung", "Left", None, None, None),
     ("lung_right", "right lung", AS, "Lung", "Right", None, None, None),
@@ -105,27 +110,35 @@ ROWS = [
     ("blood_clot", "clot;thrombus", MA, "Blood clot", None, None, None, None),
     ("embolus", "embolism;pulmonary embolism", MA, "Embolus", None, None, None, None),
     # Lesion (SCT 52988006) and Polyp (SCT 41329004) are not in the master list.
-    ("lesion", "lesions;skin lesion;pet lesion;whole-body lesion", MA, (X, "SCT", "52988006", "Lesion"), None, None, None, (144, 238, 144)),
-    ("polyp", "polyps;neoplastic polyp;non-neoplastic polyp;colon polyp", MA, (X, "SCT", "41329004", "Polyp"), None, None, None, (144, 238, 144)),
+    ("lesion", "lesions;skin lesion;pet lesion;whole-body lesion", MA, (X, "SCT", "52988006", "Lesion"), None, None,
+     None, (144, 238, 144)),
+    ("polyp", "polyps;neoplastic polyp;non-neoplastic polyp;colon polyp", MA, (X, "SCT", "41329004", "Polyp"), None,
+     None, None, (144, 238, 144)),
     # Brain tumour sub-regions (BraTS): the master list has no sub-region codes; they are neoplasms of
     # the brain and the segment name keeps the sub-region.
     ("tumor_core", "tumor core;tumour core", MA, "Neoplasm", None, "Brain", None, (144, 238, 144)),
-    ("enhancing_tumor", "enhancing tumor;enhancing tumour;enhancing tissue", MA, "Neoplasm", None, "Brain", None, (255, 182, 193)),
-    ("non_enhancing_tumor", "non-enhancing tumor;non enhancing tumor;non-enhancing tumour", MA, "Neoplasm", None, "Brain", None, (186, 85, 211)),
+    ("enhancing_tumor", "enhancing tumor;enhancing tumour;enhancing tissue", MA, "Neoplasm", None, "Brain", None,
+     (255, 182, 193)),
+    ("non_enhancing_tumor", "non-enhancing tumor;non enhancing tumor;non-enhancing tumour", MA, "Neoplasm", None,
+     "Brain", None, (186, 85, 211)),
     ("whole_tumor", "whole tumor;whole tumour", MA, "Neoplasm", None, "Brain", None, (144, 238, 144)),
     # COVID-19 infiltrate as in TotalSegmentator's mapping (SCT 47351003 + 840539006), region Lung.
-    ("lung_covid_infiltrate", "covid-19 infection;covid 19 infection;covid-19;covid infection;infection;viral pneumonia",
+    ("lung_covid_infiltrate",
+     "covid-19 infection;covid 19 infection;covid-19;covid infection;infection;viral pneumonia",
      MA, (X, "SCT", "47351003", "Infiltrate"), (X, "SCT", "840539006", "COVID-19"), "Lung", None, (255, 160, 122)),
     # Fundus: the master lists have no optic disc / optic cup codes; a generic anatomical structure
     # in the Eye region, named by the prompt.
-    ("optic_disc", "optic disc;optic disk", AS, (X, "SCT", "123037004", "Anatomical Structure"), None, "Eye", None, (255, 215, 0)),
+    ("optic_disc", "optic disc;optic disk", AS, (X, "SCT", "123037004", "Anatomical Structure"), None, "Eye", None,
+     (255, 215, 0)),
     ("optic_cup", "optic cup", AS, (X, "SCT", "123037004", "Anatomical Structure"), None, "Eye", None, (255, 140, 0)),
     # Pathology cell classes: Cell (SCT 4421005, DICOM CID 7150 via pydicom's codes).
-    ("cell", "cells;neoplastic cells;inflammatory cells;epithelial cells", TI, (X, "SCT", "4421005", "Cell"), None, None, None, (160, 120, 200)),
+    ("cell", "cells;neoplastic cells;inflammatory cells;epithelial cells", TI, (X, "SCT", "4421005", "Cell"), None,
+     None, None, (160, 120, 200)),
 ]
 
 HEADER_GROUPS = ["SegmentedPropertyCategoryCodeSequence", "SegmentedPropertyTypeCodeSequence",
-                 "SegmentedPropertyTypeModifierCodeSequence", "AnatomicRegionSequence", "AnatomicRegionModifierSequence"]
+                 "SegmentedPropertyTypeModifierCodeSequence", "AnatomicRegionSequence",
+                 "AnatomicRegionModifierSequence"]
 
 
 def header():
@@ -191,7 +204,8 @@ def build(term_dir: Path):
 def main(argv):
     if len(argv) < 2:
         raise SystemExit(__doc__)
-    out = Path(argv[2]) if len(argv) > 2 else Path(__file__).resolve().parents[1] / "BiomedParseSlicer/textseg/data/terminology.csv"
+    default = Path(__file__).resolve().parents[1] / "BiomedParseSlicer/textseg/data/terminology.csv"
+    out = Path(argv[2]) if len(argv) > 2 else default
     rows = build(Path(argv[1]))
     with open(out, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")

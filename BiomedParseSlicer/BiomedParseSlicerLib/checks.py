@@ -1,4 +1,4 @@
-"""Checks shared by the pytest suite (Testing/test_slicer_logic.py, slicer-core) and the module's
+"""Checks shared by the pytest suite (Testing/slicer/test_slicer_logic.py, slicer-core) and the module's
 self-test inside 3D Slicer (BiomedParseSlicerTest), so they are written once.
 
 Each check raises AssertionError with a message saying what differs. ``reference`` is an engine
@@ -8,12 +8,12 @@ Volume read independently of Slicer (SimpleITK from the file, or the array a pha
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
+from textseg.formats.segments import read_seg_nrrd
 from textseg.predictor import Predictor
-from textseg.writers import read_seg_nrrd
 
 from . import mrml, stats
 
@@ -23,7 +23,8 @@ def expect(condition: bool, message: str) -> None:
         raise AssertionError(message)
 
 
-def engine_masks(reference, prompts: Sequence[str], model: str = "synthetic-3d", modality: str = "CT") -> Dict[str, np.ndarray]:
+def engine_masks(reference, prompts: Sequence[str], model: str = "synthetic-3d",
+                 modality: str = "CT") -> dict[str, np.ndarray]:
     """What the engine alone answers on the reference volume (no Slicer involved)."""
     predictor = Predictor(model, device="cpu")
     predictor.set_image(reference, modality)
@@ -58,7 +59,8 @@ def segment_centres_ras(segmentation_node, segment_id: str) -> np.ndarray:
     return voxel_centres_ras(mask, mrml.matrix_to_numpy(m) @ shift)
 
 
-def check_geometry(segmentation_node, ids: Sequence[str], volume_node, expected: Dict[str, np.ndarray], reference) -> None:
+def check_geometry(segmentation_node, ids: Sequence[str], volume_node, expected: dict[str, np.ndarray],
+                   reference) -> None:
     """Segment voxels == engine masks in world RAS, and voxel for voxel on the volume grid when the
     reference is stored in the node's order (Slicer's reader may store a file flipped: e.g. the
     MNI152 NIfTI comes in with k reversed; the physical comparison holds either way)."""
@@ -76,7 +78,7 @@ def check_geometry(segmentation_node, ids: Sequence[str], volume_node, expected:
             expect(diff == 0, f"'{name}': {diff} voxels differ from the engine's mask on the volume grid")
 
 
-def segment_state(segmentation_node, volume_node) -> Dict[str, tuple]:
+def segment_state(segmentation_node, volume_node) -> dict[str, tuple]:
     """ID -> (name, colour, mask bytes) for comparing before/after a run."""
     seg = segmentation_node.GetSegmentation()
     return {sid: (seg.GetSegment(sid).GetName(), tuple(round(c, 6) for c in seg.GetSegment(sid).GetColor()),
@@ -84,7 +86,7 @@ def segment_state(segmentation_node, volume_node) -> Dict[str, tuple]:
             for sid in mrml.segment_ids(segmentation_node)}
 
 
-def check_preserved(before: Dict[str, tuple], after: Dict[str, tuple], changed: Sequence[str] = ()) -> None:
+def check_preserved(before: dict[str, tuple], after: dict[str, tuple], changed: Sequence[str] = ()) -> None:
     for sid, state in before.items():
         expect(sid in after, f"segment {sid} ('{state[0]}') disappeared")
         if sid not in changed:
@@ -100,7 +102,7 @@ def check_provenance(segmentation_node, segment_id: str, model: str, prompt: str
     expect(tag and json.loads(tag).get("text") == prompt, f"textseg.prompt tag is '{tag}'")
 
 
-def check_seg_nrrd(segmentation_node, path, reference, expected: Dict[str, np.ndarray]) -> List:
+def check_seg_nrrd(segmentation_node, path, reference, expected: dict[str, np.ndarray]) -> list:
     """Write with Slicer's storage node, read back without Slicer: same grid, masks and tags."""
     storage = segmentation_node.CreateDefaultStorageNode()
     storage.SetFileName(str(path))
@@ -117,7 +119,7 @@ def check_seg_nrrd(segmentation_node, path, reference, expected: Dict[str, np.nd
     return segments
 
 
-def slicer_numbers(segmentation_node, segment_id: str, volume_node) -> Dict[str, float]:
+def slicer_numbers(segmentation_node, segment_id: str, volume_node) -> dict[str, float]:
     """What SegmentStatistics' labelmap and scalar plugins compute: vtkImageAccumulate over the
     segment's stencil on the volume grid (independent of the engine's numpy code)."""
     from vtkmodules.vtkImagingCore import vtkImageThreshold
@@ -230,14 +232,17 @@ def check_segment_statistics_branch(logic, scene, segmentation_node, volume_node
                 expect(a == b, f"'{name}' {what}: module '{a}' != SegmentStatistics '{b}'")
             for r in range(theirs.GetNumberOfRows()):
                 a, b = mine.GetValue(r, c), theirs.GetValue(r, c)
-                same = a.ToString() == b.ToString() or (a.IsNumeric() and b.IsNumeric() and abs(a.ToDouble() - b.ToDouble()) <= 1e-9 * max(1.0, abs(b.ToDouble())))
+                close = a.IsNumeric() and b.IsNumeric() and \
+                    abs(a.ToDouble() - b.ToDouble()) <= 1e-9 * max(1.0, abs(b.ToDouble()))
+                same = a.ToString() == b.ToString() or close
                 expect(same, f"'{name}' row {r}: module {a.ToString()} != SegmentStatistics {b.ToString()}")
     finally:
         scene.RemoveNode(reference)
     engine_rows = {r["segment"]: r for r in stats.engine_statistics(segmentation_node, volume_node)}
     for row in slicer_rows:
         e = engine_rows[row["segment"]]
-        expect(e["voxel_count"] == row["voxel_count"], f"'{row['segment']}' voxel count: engine {e['voxel_count']} != Slicer {row['voxel_count']}")
+        expect(e["voxel_count"] == row["voxel_count"],
+               f"'{row['segment']}' voxel count: engine {e['voxel_count']} != Slicer {row['voxel_count']}")
         for key in ("volume_mm3", "volume_cm3", "min", "max", "mean", "stdev", "median"):
             a, b = e.get(key), row.get(key)
             tol = 1.0 if key == "median" else 1e-6 * max(1.0, abs(b or 0.0))  # Slicer's median: a histogram bin

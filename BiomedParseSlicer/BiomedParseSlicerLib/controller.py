@@ -17,8 +17,9 @@ benchmark in benchmarks/bench_panel_poll.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional
 
 from textseg.errors import Cancelled, TextsegError, UsageError
 
@@ -84,7 +85,7 @@ class View:
     elapsed_text: str = ""
     packages_text: str = ""
     model_info: str = ""
-    log: Tuple[str, ...] = ()
+    log: tuple[str, ...] = ()
     clear_log: bool = False
     remote_checked: Optional[bool] = None  # client-only mode: select "Remote server"
     error: Optional[str] = None  # for an error dialog
@@ -101,7 +102,7 @@ class View:
 class _Task:
     task: runner.BackgroundTask
     kind: str  # segment | recognize | connection | download
-    context: Dict[str, Any] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 def _import_client() -> None:
@@ -110,7 +111,7 @@ def _import_client() -> None:
     import requests  # noqa: F401
 
     if runner.has_client():
-        import textseg.client  # noqa: F401
+        import textseg.remote.client  # noqa: F401
 
 
 def _error_text(exc: BaseException) -> str:
@@ -138,14 +139,14 @@ class PanelController:
         self.server: Optional[runner.LocalServer] = None
         self._task: Optional[_Task] = None
         self._state = IDLE
-        self._log: List[str] = []
+        self._log: list[str] = []
         self._clear_log = False
         self._progress = (0.0, "", 0.0)
-        self._specs: Dict[str, Any] = {}
+        self._specs: dict[str, Any] = {}
         self._packages_text = ""
 
     # ---- models and setup ---------------------------------------------------------------------
-    def model_rows(self) -> List[Tuple[str, str]]:
+    def model_rows(self) -> list[tuple[str, str]]:
         """(model id, label) for the model selector; ready models are marked with a check mark."""
         rows = []
         self._specs = {}
@@ -160,12 +161,12 @@ class PanelController:
             self.model_rows()
         return self._specs.get(model_id)
 
-    def completion_words(self, inputs: Inputs) -> List[str]:
+    def completion_words(self, inputs: Inputs) -> list[str]:
         spec = self.spec(inputs.model)
         return self.logic.completionWords(spec.id, self._history(inputs)) if spec else []
 
     @staticmethod
-    def _history(inputs: Inputs) -> List[str]:
+    def _history(inputs: Inputs) -> list[str]:
         return [h for h in inputs.history.split("\n") if h]
 
     def refresh_setup(self, inputs: Inputs) -> View:
@@ -176,7 +177,7 @@ class PanelController:
         view.models_changed = True
         return view
 
-    def _missing_packages(self, inputs: Inputs) -> List[str]:
+    def _missing_packages(self, inputs: Inputs) -> list[str]:
         """Requirements this Slicer does not meet for the run the inputs ask for (client: the engine's own
         packages; local: also the model packages and torch), each missing or older than declared. Slicer bundles
         numpy, scipy, SimpleITK and requests, not the rest."""
@@ -184,7 +185,7 @@ class PanelController:
         unmet = environment.unmet_requirements(local)
         return unmet + ([environment.TORCH_REQUIREMENT] if environment.torch_needed(local) else [])
 
-    def install(self, inputs: Inputs, pip_install: Callable[[List[str]], None],
+    def install(self, inputs: Inputs, pip_install: Callable[[list[str]], None],
                 install_torch: Optional[Callable[[], bool]] = None) -> View:
         """Setup > Install missing packages (asks first, through ``confirm``)."""
         if self._state != IDLE:
@@ -293,9 +294,10 @@ class PanelController:
             raise UsageError("Select a model first.")
         missing = self._missing_packages(inputs)
         if missing:
-            where = "client-only mode" if inputs.client_only else ("remote inference" if inputs.remote else "local inference")
-            raise UsageError(f"{where.capitalize()} needs Python packages that are missing or too old: {', '.join(missing)}. "
-                             "Press Setup > Install missing packages, then try again.")
+            where = "client-only mode" if inputs.client_only else ("remote inference" if inputs.remote
+                                                                   else "local inference")
+            raise UsageError(f"{where.capitalize()} needs Python packages that are missing or too old: "
+                             f"{', '.join(missing)}. Press Setup > Install missing packages, then try again.")
         return spec
 
     def _start_segmentation(self, inputs: Inputs) -> View:
@@ -346,7 +348,7 @@ class PanelController:
                                                         "replace": None})
 
     @staticmethod
-    def _modality(inputs: Inputs) -> Tuple[str, Optional[str]]:
+    def _modality(inputs: Inputs) -> tuple[str, Optional[str]]:
         if not inputs.modality:
             raise UsageError("Choose the modality first.")
         return inputs.modality, (inputs.site or None) if inputs.modality == "CT" else None
@@ -358,7 +360,8 @@ class PanelController:
         if inputs.remote or inputs.client_only:
             url, key = inputs.server_url.strip(), inputs.api_key
             if not url:
-                raise UsageError("Enter the inference server's URL (e.g. https://gpu-server:8000) first, or run on this computer.")
+                raise UsageError("Enter the inference server's URL (e.g. https://gpu-server:8000) first, or run on "
+                                 "this computer.")
             return lambda progress, cancel: runner.make_predictor(spec.id, "remote", url=url, api_key=key)
         device = inputs.device or "auto"
         if not runner.has_client():  # engine without server: in-process predictor in the worker thread
@@ -393,7 +396,8 @@ class PanelController:
                 f"{spec.title} weights are licensed {spec.license} (non-commercial research use). Continue?"):
             return self.view(inputs)
         token = inputs.hf_token or None
-        return self._start(inputs, lambda progress, cancel: environment.download_model(spec.id, progress, cancel, token),
+        return self._start(inputs, lambda progress,
+                           cancel: environment.download_model(spec.id, progress, cancel, token),
                            "download")
 
     def import_file(self, inputs: Inputs, path: str) -> View:
@@ -411,10 +415,11 @@ class PanelController:
                 self._log.append("Import cancelled: nothing was imported.")
                 return self.view(inputs)
         # copying and checking a multi-GB file takes a while: in the background, with progress
-        return self._start(inputs, lambda progress, cancel: environment.import_model_file(spec.id, path, name, progress, cancel),
+        return self._start(inputs, lambda progress,
+                           cancel: environment.import_model_file(spec.id, path, name, progress, cancel),
                            "download")
 
-    def _start(self, inputs: Inputs, work, kind: str, context: Optional[Dict[str, Any]] = None) -> View:
+    def _start(self, inputs: Inputs, work, kind: str, context: Optional[dict[str, Any]] = None) -> View:
         self._task = _Task(runner.BackgroundTask(work).start(), kind, context or {})
         self._state = RUNNING
         self._progress = (0.0, "starting", 0.0)
@@ -437,7 +442,7 @@ class PanelController:
         if not snap.done:
             return self.view(inputs)
         self._state = APPLYING
-        fields: Dict[str, Any] = {}
+        fields: dict[str, Any] = {}
         try:
             fields = self._finish(current, inputs)
         except Exception as exc:  # noqa: BLE001 - results that cannot be applied: say so, back to idle
@@ -452,7 +457,7 @@ class PanelController:
             setattr(view, key, value)
         return view
 
-    def _finish(self, current: _Task, inputs: Inputs) -> Dict[str, Any]:
+    def _finish(self, current: _Task, inputs: Inputs) -> dict[str, Any]:
         task = current.task
         if isinstance(task.error, Cancelled):
             self._log.append(str(task.error) if "nothing added" in str(task.error) else "Cancelled.")
@@ -471,7 +476,7 @@ class PanelController:
         self._log.append("Model ready.")  # download / import
         return {"models_changed": True}
 
-    def _add_results(self, context: Dict[str, Any], results) -> Dict[str, Any]:
+    def _add_results(self, context: dict[str, Any], results) -> dict[str, Any]:
         volume, segmentation = context["volume"], context["segmentation"]
         if volume.GetScene() is None:
             self._log.append("The input volume was removed from the scene meanwhile: results discarded.")
@@ -484,7 +489,8 @@ class PanelController:
             segmentation = None
         replace = context["replace"]
         if replace is None:  # "Segment everything": the targets are known only now
-            earlier = segmentation is not None and self.logic.existingSegmentsFor(segmentation, [r.prompt for r in results])
+            earlier = segmentation is not None and self.logic.existingSegmentsFor(segmentation,
+                                                                                  [r.prompt for r in results])
             replace = bool(earlier) and self.confirm(
                 "Some of the targets found were segmented before in this segmentation. Replace those segments? "
                 "(No: add new segments beside them.)")

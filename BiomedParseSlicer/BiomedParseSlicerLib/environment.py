@@ -11,7 +11,7 @@ upgraded by the module; torch is installed or upgraded through the PyTorch exten
 from __future__ import annotations
 
 from importlib import metadata
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Optional
 
 # Bundled with 3D Slicer (>= 5.10): never installed or replaced from here.
 SLICER_BUNDLED = ("numpy", "scipy", "SimpleITK", "requests")
@@ -54,23 +54,23 @@ def satisfied(requirement: str) -> bool:
         return False
 
 
-def _requirements(local: bool) -> List[str]:
+def _requirements(local: bool) -> list[str]:
     return list(CLIENT_REQUIREMENTS) + (list(MODEL_REQUIREMENTS + SERVER_REQUIREMENTS) if local else [])
 
 
-def status(local: bool = True) -> Dict[str, Optional[str]]:
+def status(local: bool = True) -> dict[str, Optional[str]]:
     """Package -> installed version (None: missing), with what is needed after it when the installed
     version is not the declared one, e.g. ``'0.22.2 (needs >=0.23)'``, for client-only or local use."""
     reqs = list(CLIENT_REQUIREMENTS) + ([TORCH_REQUIREMENT] + list(MODEL_REQUIREMENTS + SERVER_REQUIREMENTS)
                                         if local else [])
-    out: Dict[str, Optional[str]] = {}
+    out: dict[str, Optional[str]] = {}
     for r in reqs:
         name, version = requirement_name(r), installed_version(requirement_name(r))
         out[name] = version if version is None or satisfied(r) else f"{version} (needs {r[len(name):]})"
     return out
 
 
-def unmet_requirements(local: bool = True) -> List[str]:
+def unmet_requirements(local: bool = True) -> list[str]:
     """Requirements (pip syntax) whose package is missing or installed at a version they do not accept;
     torch is not among them (see ``torch_needed``)."""
     return [r for r in _requirements(local) if not satisfied(r)]
@@ -85,8 +85,8 @@ def _describe(requirement: str) -> str:
     return requirement + (f" ({version} installed)" if version else "")
 
 
-def install(local: bool, confirm: Callable[[str], bool], pip_install: Callable[[List[str]], None],
-            install_torch: Optional[Callable[[], bool]] = None) -> List[str]:
+def install(local: bool, confirm: Callable[[str], bool], pip_install: Callable[[list[str]], None],
+            install_torch: Optional[Callable[[], bool]] = None) -> list[str]:
     """Install what is missing after ``confirm(message)`` says yes; returns what was installed.
     Inside Slicer, ``pip_install`` is slicer.util.pip_install and ``install_torch`` calls the
     PyTorch extension (see ``torch_installer``)."""
@@ -123,12 +123,13 @@ def torch_installer() -> Optional[Callable[[], bool]]:
         # the user already confirmed the whole list; PyTorchUtils picks the CUDA/CPU/macOS build and replaces
         # a torch older than the requirement (as SlicerNNUnet's installer relies on)
         version = TORCH_REQUIREMENT[len("torch"):]
-        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=version) is not None
+        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                             torchVersionRequirement=version) is not None
 
     return install_torch
 
 
-def model_rows() -> List[Dict[str, object]]:
+def model_rows() -> list[dict[str, object]]:
     """Catalog models with readiness, for the model selector and the setup table."""
     from textseg.catalog import list_models
     from textseg.weights import is_ready
@@ -143,7 +144,8 @@ def download_model(model_id: str, progress=None, cancel=None, token: Optional[st
 
     if not hasattr(weights, "download"):
         raise RuntimeError("This engine version cannot download weights yet: use 'Import from file'.")
-    return weights.download(model_id, progress=byte_progress(progress) if progress else None, cancel=cancel, token=token)
+    return weights.download(model_id, progress=byte_progress(progress) if progress else None, cancel=cancel,
+                            token=token)
 
 
 def byte_progress(progress):
@@ -158,7 +160,7 @@ def byte_progress(progress):
     return report
 
 
-def import_candidates(model_id: str, path: str) -> List[str]:
+def import_candidates(model_id: str, path: str) -> list[str]:
     """Names of the model's weight files to choose from when the file's name does not say which one it
     is (the GUI asks the user then); [] when it is clear (a matching name, or a one-file model)."""
     from pathlib import Path

@@ -5,7 +5,6 @@ logic relies on (Colors, Volumes, Segmentations, Tables, Markups). Nothing here 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
 
 import slicer
 from vtkmodules.vtkCommonCore import vtkCollection, vtkStringArray
@@ -15,7 +14,7 @@ from vtkmodules.vtkCommonCore import vtkCollection, vtkStringArray
 class HeadlessScene:
     scene: object
     app_logic: object
-    logics: Dict[str, object] = field(default_factory=dict)
+    logics: dict[str, object] = field(default_factory=dict)
 
     def load_volume(self, path, name: str = ""):
         """A vtkMRMLScalarVolumeNode read by Slicer's own archetype reader (LPS->RAS handled)."""

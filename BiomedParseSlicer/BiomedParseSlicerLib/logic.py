@@ -11,14 +11,15 @@ Usable from Slicer's Python console, scripts and tests (also with the PyPI ``sli
 from __future__ import annotations
 
 import json
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import slicer
 
 from textseg.errors import Cancelled, TextsegError, UsageError
+from textseg.formats.segments import segments_from_results
 from textseg.presets import guess_modality, normalize_modality
 from textseg.prompts import Prompt, parse_prompts
-from textseg.writers import segments_from_results
 
 from . import mrml, runner, stats
 
@@ -40,7 +41,7 @@ class BiomedParseSlicerLogic:
         self.scene = scene if scene is not None else getattr(slicer, "mrmlScene", None)
         self.terminologyLogic = terminologyLogic if terminologyLogic is not None else application_terminology_logic()
         self._predictors = {}
-        self.lastSegmentIDs: List[str] = []
+        self.lastSegmentIDs: list[str] = []
 
     def getParameterNode(self):
         """The module's parameter node (a vtkMRMLScriptedModuleNode, one per scene), found or added as Slicer's
@@ -72,11 +73,13 @@ class BiomedParseSlicerLogic:
             self._predictors[key] = runner.make_predictor(model, "local", device)
         return self._predictors[key]
 
-    def predict(self, volume, prompts, model: str, modality=None, site=None, predictor=None, progress=None, cancel=None):
+    def predict(self, volume, prompts, model: str, modality=None, site=None, predictor=None, progress=None,
+                cancel=None):
         """Engine results for an engine Volume (set_image, then predict). Cancel keeps finished prompts."""
         predictor = predictor or self.localPredictor(model)
         plist = parse_prompts(prompts)
-        predictor.set_image(volume, modality or None, site or None, progress=self._part(progress, 0.0, 0.5), cancel=cancel)
+        predictor.set_image(volume, modality or None, site or None, progress=self._part(progress, 0.0, 0.5),
+                            cancel=cancel)
         return predictor.predict(plist, progress=self._part(progress, 0.5, 1.0), cancel=cancel)
 
     def recognizeVolume(self, volume, model: str, modality=None, site=None, predictor=None, progress=None, cancel=None,
@@ -85,13 +88,15 @@ class BiomedParseSlicerLogic:
         named after it, with detection boxes (``result.objects``). Cancel keeps the slices done; with none
         found, Cancelled (cancelled before any) or UsageError (nothing recognized) is raised."""
         predictor = predictor or self.localPredictor(model)
-        predictor.set_image(volume, modality or None, site or None, progress=self._part(progress, 0.0, 0.3), cancel=cancel)
+        predictor.set_image(volume, modality or None, site or None, progress=self._part(progress, 0.0, 0.3),
+                            cancel=cancel)
         results = predictor.recognize(progress=self._part(progress, 0.3, 1.0), cancel=cancel, **options)
         if not results and cancel is not None and cancel.cancelled:
             raise Cancelled("Cancelled before any target was found: nothing added.")
         if not results:
             raise UsageError(f"Model '{model}' recognized none of its targets in this volume. Check the modality "
-                             f"({modality or 'unset'}) and CT site ({site or 'unset'}), or segment with prompts instead.")
+                             f"({modality or 'unset'}) and CT site ({site or 'unset'}), or segment with prompts "
+                             f"instead.")
         return results
 
     @staticmethod
@@ -123,7 +128,7 @@ class BiomedParseSlicerLogic:
         except TextsegError:  # a modality no model knows (e.g. SEG): fall back to intensities
             return None
 
-    def markupPrompts(self, texts, model: str, roiNode=None, pointsNode=None) -> List[Prompt]:
+    def markupPrompts(self, texts, model: str, roiNode=None, pointsNode=None) -> list[Prompt]:
         """One prompt per non-empty line of ``texts`` (a box-/point-only prompt when there is no text),
         each with the ROI's world bounding box and the point list's world positions, in LPS mm as the
         engine expects. Refused with a message when ``model`` does not take boxes or points."""
@@ -138,7 +143,7 @@ class BiomedParseSlicerLogic:
         return check_prompts(get_model(model), [Prompt(t, box, points) for t in lines])
 
     @staticmethod
-    def completionWords(model: str, history: Sequence[str] = ()) -> List[str]:
+    def completionWords(model: str, history: Sequence[str] = ()) -> list[str]:
         """What 'Add target' autocompletes: the model's vocabulary (its known targets), then earlier
         prompts, each once (case-insensitive)."""
         from textseg.catalog import get_model
@@ -162,7 +167,7 @@ class BiomedParseSlicerLogic:
                 out.append(p)
         return "\n".join(out[:limit])
 
-    def existingSegmentsFor(self, segmentationNode, prompts) -> List[str]:
+    def existingSegmentsFor(self, segmentationNode, prompts) -> list[str]:
         """Segments an earlier run made for these prompts (the GUI asks before replacing them)."""
         tags = [json.dumps(p.to_dict()) for p in parse_prompts(prompts)]
         return mrml.segments_for_prompts(segmentationNode, tags)
@@ -178,11 +183,12 @@ class BiomedParseSlicerLogic:
                 predictor=None, replace: bool = False, progress=None, cancel=None):
         """Segment ``prompts`` (list or one per line) in ``volumeNode`` with ``model``.
 
-        ``predictor``: textseg.predictor.Predictor or textseg.client.RemotePredictor (default: a
+        ``predictor``: textseg.predictor.Predictor or textseg.remote.client.RemotePredictor (default: a
         local one). ``replace``: overwrite segments an earlier run made for the same prompt;
         otherwise new segments are added. Other segments are never touched."""
         modality, site = self._modality(volumeNode, modality, site)
-        results = self.predict(self.volumeFromNode(volumeNode), prompts, model, modality, site, predictor, progress, cancel)
+        results = self.predict(self.volumeFromNode(volumeNode), prompts, model, modality, site, predictor, progress,
+                               cancel)
         return self.addResults(volumeNode, results, segmentationNode, replace)
 
     def recognize(self, volumeNode, model: str, modality=None, site=None, segmentationNode=None, predictor=None,

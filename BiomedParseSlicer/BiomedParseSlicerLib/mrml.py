@@ -10,25 +10,28 @@ segment voxels are exactly the volume's voxels.
 from __future__ import annotations
 
 import json
-from typing import Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 import numpy as np
 import slicer
 from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
-from vtkmodules.vtkCommonCore import VTK_UNSIGNED_CHAR, reference as vtk_reference
+from vtkmodules.vtkCommonCore import VTK_UNSIGNED_CHAR
+from vtkmodules.vtkCommonCore import reference as vtk_reference
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 from textseg.errors import InputError, UsageError
+from textseg.formats.segments import TAG_PREFIX, Segment
 from textseg.volume import LPS_TO_RAS, Volume
-from textseg.writers import TAG_PREFIX, Segment
 
 PROMPT_TAG = TAG_PREFIX + "prompt"
 MODEL_TAG = TAG_PREFIX + "model"
-# Every textseg.* tag a run may write (writers.segments_from_results: the predictor's provenance, some keys only
-# sometimes, then terminology_match, objects, complete): a replaced segment drops them all before the new run's
+# Every textseg.* tag a run may write (formats.segments.segments_from_results: the predictor's provenance, some keys
+# only sometimes, then terminology_match, objects, complete): a replaced segment drops them all before the new run's
 # tags are set, so no tag of the earlier run (a "partial" mark, detection boxes of another mask) survives.
 RUN_TAGS = tuple(TAG_PREFIX + k for k in (
-    "model", "model_version", "weights_revision", "weights", "engine", "prompt", "modality", "site", "threshold", "existence",
+    "model", "model_version", "weights_revision", "weights", "engine", "prompt", "modality", "site", "threshold",
+    "existence",
     "device", "seconds", "time", "seed", "recognition", "terminology_match", "objects", "complete"))
 
 # Distinct, readable colours for segments nobody gave a colour to (Slicer's GenericAnatomy-like).
@@ -131,7 +134,8 @@ def set_segment_mask(segmentation_node, segment_id: str, mask: np.ndarray, volum
     """Replace a segment's voxels by ``mask`` (k, j, i) on ``volume_node``'s grid."""
     image = oriented_image(mask, ijk_to_ras(volume_node))
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE, image.GetExtent()):
+    if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE,
+                                            image.GetExtent()):
         raise RuntimeError(f"Slicer could not store the mask of segment '{segment_id}'.")
 
 
@@ -151,7 +155,7 @@ def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     return (vtk_to_numpy(out.GetPointData().GetScalars()).reshape(shape) > 0).astype(np.uint8)
 
 
-def segment_ids(segmentation_node) -> List[str]:
+def segment_ids(segmentation_node) -> list[str]:
     seg = segmentation_node.GetSegmentation()
     return [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
 
@@ -194,7 +198,7 @@ def terminology_string(terminology) -> Optional[str]:
     return terminology_entry_to_string(terminology)
 
 
-def slicer_terminology(name: str, terminology_logic) -> Tuple[Optional[str], Optional[Tuple[float, float, float]]]:
+def slicer_terminology(name: str, terminology_logic) -> tuple[Optional[str], Optional[tuple[float, float, float]]]:
     """(terminology string, recommended colour) from Slicer's terminology module, when it has one
     for this label (inside Slicer; the slicer-core wheel ships no terminology files)."""
     if terminology_logic is None:
@@ -216,7 +220,7 @@ def slicer_terminology(name: str, terminology_logic) -> Tuple[Optional[str], Opt
 
 def appearance(segment: Segment, index: int, terminology_logic=None):
     """Colour (0..1) and terminology string of a new segment: the engine's (textseg.terminology
-    via writers.segments_from_results) first, then Slicer's terminology, then a palette colour."""
+    via formats.segments.segments_from_results) first, then Slicer's terminology, then a palette colour."""
     term = terminology_string(segment.terminology)
     color = segment.color
     if term is None or color is None:
@@ -255,7 +259,8 @@ def prepare_segmentation_node(scene, volume_node, segmentation_node=None, name: 
     if segmentation_node is not None and segmentation_node.GetScene() is None:
         segmentation_node = None  # removed from the scene meanwhile (a long run): results go to a new node
     if segmentation_node is None:
-        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{volume_node.GetName()} segmentation")
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                    name or f"{volume_node.GetName()} segmentation")
         segmentation_node.CreateDefaultDisplayNodes()
         segmentation_node.SetAndObserveTransformNodeID(parent.GetID() if parent else None)
     elif segmentation_node.GetParentTransformNode() is not parent:
@@ -272,18 +277,19 @@ def prepare_segmentation_node(scene, volume_node, segmentation_node=None, name: 
 
 
 def add_segments(segmentation_node, segments: Sequence[Segment], volume_node, replace: bool = False,
-                 terminology_logic=None) -> List[str]:
+                 terminology_logic=None) -> list[str]:
     """Add one segment per engine Segment. With ``replace`` a segment an earlier run made for the
     same prompt is overwritten in place; nothing else in the node is touched."""
     ids = []
     start = segmentation_node.GetSegmentation().GetNumberOfSegments()
     for n, segment in enumerate(segments):
-        old = find_segment_for_prompt(segmentation_node, segment.tags.get(PROMPT_TAG, segment.name)) if replace else None
+        old = find_segment_for_prompt(segmentation_node,
+                                      segment.tags.get(PROMPT_TAG, segment.name)) if replace else None
         ids.append(add_segment(segmentation_node, segment, volume_node, start + n, old, terminology_logic))
     return ids
 
 
-def segments_for_prompts(segmentation_node, tag_values: Iterable[str]) -> List[str]:
+def segments_for_prompts(segmentation_node, tag_values: Iterable[str]) -> list[str]:
     """IDs of segments an earlier run made for any of these prompts (the GUI asks before replacing)."""
     found = [find_segment_for_prompt(segmentation_node, v) for v in tag_values]
     return [f for f in found if f]
@@ -303,7 +309,7 @@ def _require_linear(node, what: str) -> None:
         )
 
 
-def roi_box_lps(roi_node) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
+def roi_box_lps(roi_node) -> Optional[tuple[tuple[float, ...], tuple[float, ...]]]:
     """Two opposite corners (LPS mm) of an ROI's axis-aligned bounding box in world coordinates
     (its parent transforms applied; a rotated ROI gives the box around it), or None without an ROI."""
     if roi_node is None:
@@ -317,7 +323,7 @@ def roi_box_lps(roi_node) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]
     return tuple(map(float, np.minimum(lo, hi))), tuple(map(float, np.maximum(lo, hi)))
 
 
-def fiducial_points_lps(fiducial_node) -> Tuple[Tuple[float, ...], ...]:
+def fiducial_points_lps(fiducial_node) -> tuple[tuple[float, ...], ...]:
     """World positions (LPS mm) of a point list's control points (parent transforms applied)."""
     if fiducial_node is None:
         return ()

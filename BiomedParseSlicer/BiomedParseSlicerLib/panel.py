@@ -2,14 +2,16 @@
 fill the combo boxes, and the dialogs. The only Qt code of the Lib; it imports no Qt module itself (the Widget
 passes ``qt`` where a class is needed) and calls only API that PythonQt (inside Slicer) and PyQt5 share:
 setters and slots as methods, Qt property getters through ``QObject.property`` (PythonQt makes them attributes,
-PyQt5 methods), other getters as methods (QInputDialog.textValue is no property), ``exec_()``. Testing/test_slicer_qt.py runs it on the real .ui with PyQt5.
+PyQt5 methods), other getters as methods (QInputDialog.textValue is no property), ``exec_()``.
+Testing/slicer/test_slicer_qt.py runs it on the real .ui with PyQt5.
 
 ``ui``: the panel's named widgets as attributes (slicer.util.childWidgetVariables of the loaded .ui).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Optional
 
 from .controller import Inputs, View
 
@@ -75,7 +77,7 @@ def show(ui, view: View, timer=None) -> None:
             timer.start()
 
 
-def fill_models(ui, rows: Sequence[Tuple[str, str]], keep: str) -> None:
+def fill_models(ui, rows: Sequence[tuple[str, str]], keep: str) -> None:
     """The model list (id as item data), keeping ``keep`` selected, without emitting change signals."""
     combo = ui.modelComboBox
     was_blocked = combo.blockSignals(True)
@@ -114,7 +116,8 @@ def choose_item(qt, parent, title: str, label: str, items: Sequence[str]) -> Opt
 
 def ask_yes_no_cancel(qt, parent, title: str, text: str) -> Optional[bool]:
     """Yes: True, No: False, Cancel (or Esc): None."""
-    answer = qt.QMessageBox.question(parent, title, text, qt.QMessageBox.Yes | qt.QMessageBox.No | qt.QMessageBox.Cancel,
+    answer = qt.QMessageBox.question(parent, title, text,
+                                     qt.QMessageBox.Yes | qt.QMessageBox.No | qt.QMessageBox.Cancel,
                                      qt.QMessageBox.Cancel)
     if answer == qt.QMessageBox.Yes:
         return True

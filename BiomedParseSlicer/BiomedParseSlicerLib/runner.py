@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Optional
 
 from textseg.errors import Cancelled, ModelError, UsageError
 from textseg.models.base import CancelToken
@@ -39,7 +39,7 @@ class Snapshot:
     stage: str
     elapsed: float
     done: bool
-    log: List[str]
+    log: list[str]
 
 
 class BackgroundTask:
@@ -56,7 +56,7 @@ class BackgroundTask:
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="textseg-run", daemon=True)
 
-    def start(self) -> "BackgroundTask":
+    def start(self) -> BackgroundTask:
         self._started = time.monotonic()
         self._thread.start()
         return self
@@ -145,7 +145,7 @@ def process_options(platform: str = sys.platform) -> dict:
     return {"start_new_session": True}
 
 
-def stop_tree_command(pid: int, platform: str = sys.platform) -> Optional[List[str]]:
+def stop_tree_command(pid: int, platform: str = sys.platform) -> Optional[list[str]]:
     """The command that ends process ``pid`` and all its descendants (Windows), or None where a signal
     to the process group does it (POSIX)."""
     if platform == "win32":
@@ -223,7 +223,7 @@ class LocalServer:
     ``start`` runs in the panel's worker thread and ``stop`` in the GUI thread; a stop during a start ends
     the start at once with Cancelled. Stopping ends the whole tree (PythonSlicer's launcher and python-real)."""
 
-    def __init__(self, command: Optional[List[str]] = None, port: Optional[int] = None,
+    def __init__(self, command: Optional[list[str]] = None, port: Optional[int] = None,
                  log_path: Optional[Path] = None, health_path: str = "/health", device: str = "auto") -> None:
         self.port = port or free_port()
         self.device = device
@@ -308,9 +308,11 @@ def check_server(url: str, api_key: Optional[str] = None, timeout: float = 10.0)
     try:
         r = requests.get(url + "/health", headers=headers, timeout=timeout)
     except requests.RequestException as exc:
-        raise UsageError(f"Cannot reach {url} ({type(exc).__name__}). Check the URL, the network/VPN and any proxy.") from None
+        raise UsageError(f"Cannot reach {url} ({type(exc).__name__}). Check the URL, the network/VPN and any "
+                         f"proxy.") from None
     if r.status_code in (401, 403):
-        raise UsageError(f"{url} refused the API key (HTTP {r.status_code}). Check the key with the server's administrator.")
+        raise UsageError(f"{url} refused the API key (HTTP {r.status_code}). Check the key with the server's "
+                         f"administrator.")
     if r.status_code != 200:
         raise UsageError(f"{url}/health answered HTTP {r.status_code}; is this a textseg server?")
     return f"Connected to {url}: {r.text[:200]}"
@@ -318,7 +320,7 @@ def check_server(url: str, api_key: Optional[str] = None, timeout: float = 10.0)
 
 def has_client() -> bool:
     try:
-        import textseg.client  # noqa: F401
+        import textseg.remote.client  # noqa: F401
     except ImportError:
         return False
     return True
@@ -329,8 +331,8 @@ def make_predictor(model: str, where: str = "local", device: str = "auto", url: 
     """The injected predictor: remote client, client of the local server, or in-process Predictor."""
     if where == "remote" or server is not None:
         if not has_client():
-            raise UsageError("This engine version has no remote client (textseg.client); use local inference.")
-        from textseg.client import RemotePredictor
+            raise UsageError("This engine version has no remote client (textseg.remote.client); use local inference.")
+        from textseg.remote.client import RemotePredictor
 
         target = server.url if server is not None else url
         if not target:

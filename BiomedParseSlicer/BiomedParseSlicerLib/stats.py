@@ -1,19 +1,21 @@
 """Segment statistics into a table node and CSV: Slicer's SegmentStatistics when present (inside
-Slicer), the engine's ``textseg.statistics`` otherwise. Same columns and units either way.
+Slicer), the engine's ``textseg.analysis.segment_stats`` otherwise. Same columns and units either way.
 
 Rows are dicts keyed by SegmentStatistics' short keys (``voxel_count``, ``volume_mm3``, ...);
-``textseg.statistics.compute_statistics(volume, segments)`` returns the same keys.
+``textseg.analysis.segment_stats.compute_statistics(volume, segments)`` returns the same keys.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 
-from textseg.writers import Segment, atomic_output
+from textseg.formats.atomic import atomic_output
+from textseg.formats.segments import Segment
 
 from . import mrml
 
@@ -43,18 +45,18 @@ def intensity_unit(volume_node) -> str:
     return (units.GetCodeMeaning() or "") if units is not None else ""
 
 
-def headers() -> List[str]:
+def headers() -> list[str]:
     """Column names (Slicer's, which already carry mm3/cm3), as in the table and the CSV header."""
     return [name for _k, _l, name, *_rest in COLUMNS]
 
 
-def units(unit: str) -> List[str]:
+def units(unit: str) -> list[str]:
     """Each column's unit label; ``unit`` is the volume's intensity unit."""
     return [unit if col_unit is None else col_unit for *_rest, col_unit, _kind in COLUMNS]
 
 
 # ---- the two back ends ---------------------------------------------------------------------------
-def slicer_statistics(segmentation_node, volume_node) -> Optional[List[Dict]]:
+def slicer_statistics(segmentation_node, volume_node) -> Optional[list[dict]]:
     """Rows from Slicer's SegmentStatistics module; None where it is not available (slicer-core)."""
     try:
         from SegmentStatistics import SegmentStatisticsLogic
@@ -84,9 +86,10 @@ def private_segment_statistics_logic(logic_class, scene):
     return logic
 
 
-def module_parameter_nodes(scene, module_name: str) -> List:
+def module_parameter_nodes(scene, module_name: str) -> list:
     """The scene's parameter nodes of a scripted module (vtkMRMLScriptedModuleNode with that ModuleName)."""
-    return [n for n in scene.GetNodesByClass("vtkMRMLScriptedModuleNode") if n.GetAttribute("ModuleName") == module_name]
+    return [n for n in scene.GetNodesByClass("vtkMRMLScriptedModuleNode")
+            if n.GetAttribute("ModuleName") == module_name]
 
 
 def configure_segment_statistics(logic, segmentation_node, volume_node) -> None:
@@ -103,8 +106,8 @@ def configure_segment_statistics(logic, segmentation_node, volume_node) -> None:
             params.SetParameter(k + ".enabled", str(k in wanted))
 
 
-def basic_statistics(volume, segments: Sequence[Segment]) -> List[Dict]:
-    """The SegmentStatistics labelmap + scalar numbers with numpy (until textseg.statistics lands)."""
+def basic_statistics(volume, segments: Sequence[Segment]) -> list[dict]:
+    """The SegmentStatistics labelmap + scalar numbers with numpy (until textseg.analysis.segment_stats lands)."""
     rows = []
     for s in segments:
         values = np.asarray(volume.array)[np.asarray(s.mask) > 0].astype(np.float64)
@@ -118,9 +121,9 @@ def basic_statistics(volume, segments: Sequence[Segment]) -> List[Dict]:
     return rows
 
 
-def engine_statistics(segmentation_node, volume_node) -> List[Dict]:
+def engine_statistics(segmentation_node, volume_node) -> list[dict]:
     try:
-        from textseg.statistics import compute_statistics
+        from textseg.analysis.segment_stats import compute_statistics
     except ImportError:
         compute_statistics = basic_statistics
     volume = mrml.volume_from_node(volume_node)
@@ -131,7 +134,7 @@ def engine_statistics(segmentation_node, volume_node) -> List[Dict]:
 
 
 # ---- outputs -------------------------------------------------------------------------------------
-def _value(row: Dict, key: str, kind: str):
+def _value(row: dict, key: str, kind: str):
     v = row.get(key)
     if kind == "string":
         return "" if v is None else str(v)
@@ -140,7 +143,7 @@ def _value(row: Dict, key: str, kind: str):
     return int(v) if kind == "int" else float(v)
 
 
-def fill_table(table_node, rows: Sequence[Dict], unit: str) -> None:
+def fill_table(table_node, rows: Sequence[dict], unit: str) -> None:
     """Columns named, titled and unit-labelled as SegmentStatistics' exportToTable does."""
     from vtkmodules.vtkCommonCore import vtkDoubleArray, vtkLongArray, vtkStringArray
 
@@ -159,7 +162,7 @@ def fill_table(table_node, rows: Sequence[Dict], unit: str) -> None:
     table_node.EndModify(was_modifying)
 
 
-def write_csv(path, rows: Sequence[Dict], overwrite: bool = False) -> None:
+def write_csv(path, rows: Sequence[dict], overwrite: bool = False) -> None:
     """CSV with the table's column names (what Slicer's Tables module writes for the table);
     atomic, never replaces a file unless ``overwrite``."""
     with atomic_output(path, overwrite) as tmp:

@@ -2,7 +2,7 @@
 
 Text-prompted segmentation of medical images: volumes with exact geometry, modality presets,
 a predictor that encodes an image once and decodes many prompts, model adapters, weights
-manager, writers, statistics, an HTTP server/client and a CLI. Imports nothing from Slicer/Qt;
+manager, segment files, statistics, an HTTP server/client and a CLI. Imports nothing from Slicer/Qt;
 torch is imported only where models run.
 """
 

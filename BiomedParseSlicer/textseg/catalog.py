@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Optional
 
 from .errors import UsageError
 
@@ -58,11 +58,11 @@ class ModelSpec:
     title: str
     version: str
     dims: int  # 2: slice-wise, 3: volumetric
-    modalities: Tuple[str, ...]
+    modalities: tuple[str, ...]
     adapter: str  # "module:Class", imported only when the model runs
-    prompt_kinds: Tuple[str, ...] = ("text",)
-    sites: Tuple[str, ...] = ()  # CT sites (presets) the model accepts; empty = any/none
-    files: Tuple[WeightFile, ...] = ()
+    prompt_kinds: tuple[str, ...] = ("text",)
+    sites: tuple[str, ...] = ()  # CT sites (presets) the model accepts; empty = any/none
+    files: tuple[WeightFile, ...] = ()
     license: str = ""
     citation: str = ""
     homepage: str = ""
@@ -70,12 +70,12 @@ class ModelSpec:
     threshold: float = 0.5  # probability threshold for the binary mask
     existence_threshold: Optional[float] = None  # None: the model has no existence test
     recognition: bool = False  # "segment everything" supported
-    vocabulary: Tuple[str, ...] = ()  # known targets (autocomplete/validation); empty = free text
+    vocabulary: tuple[str, ...] = ()  # known targets (autocomplete/validation); empty = free text
     free_text: bool = True  # False: prompts must come from the vocabulary
     hidden: bool = False  # never offered to users (test-only adapters)
-    benchmarks: Dict[str, Any] = field(default_factory=dict)
+    benchmarks: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
         d = asdict(self)
@@ -83,7 +83,7 @@ class ModelSpec:
         return d
 
 
-_REGISTRY: Dict[str, ModelSpec] = {}
+_REGISTRY: dict[str, ModelSpec] = {}
 _LOADED = False
 
 
@@ -102,7 +102,7 @@ def _load() -> None:
     _LOADED = True  # only now: a concurrent caller (server threads) must not see a half-filled registry
 
 
-def list_models(include_hidden: bool = False) -> List[ModelSpec]:
+def list_models(include_hidden: bool = False) -> list[ModelSpec]:
     _load()
     show_hidden = include_hidden or os.environ.get("TEXTSEG_SHOW_TEST_MODELS") == "1"
     return [s for s in _REGISTRY.values() if show_hidden or not s.hidden]

@@ -17,7 +17,7 @@ Work is done in slabs of slices, so memory stays small for large masks.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -27,7 +27,7 @@ SLAB = 8  # slices per pass
 
 
 def detect_objects(volume: Volume, mask: np.ndarray, label: str,
-                   instances: Optional[np.ndarray] = None) -> List[Dict[str, Any]]:
+                   instances: Optional[np.ndarray] = None) -> list[dict[str, Any]]:
     """One dict per object (see the module docstring); an empty mask gives []."""
     labels = np.asarray(instances if instances is not None else mask)
     if labels.shape != tuple(volume.shape[:3]):
@@ -64,8 +64,8 @@ def detect_objects(volume: Volume, mask: np.ndarray, label: str,
             for i in range(1, n + 1) if count[i]]
 
 
-def _object(label, instance, count, lo, hi, sums, ilo, ihi, a, origin) -> Dict[str, Any]:
-    obj: Dict[str, Any] = {"label": label}
+def _object(label, instance, count, lo, hi, sums, ilo, ihi, a, origin) -> dict[str, Any]:
+    obj: dict[str, Any] = {"label": label}
     if instance is not None:
         obj["instance"] = int(instance)
     obj.update({
@@ -79,7 +79,7 @@ def _object(label, instance, count, lo, hi, sums, ilo, ihi, a, origin) -> Dict[s
     return obj
 
 
-def _whole(mask: np.ndarray, a: np.ndarray, origin: np.ndarray, label: str) -> List[Dict[str, Any]]:
+def _whole(mask: np.ndarray, a: np.ndarray, origin: np.ndarray, label: str) -> list[dict[str, Any]]:
     """One object: counts and index sums from the three projections of the mask's index box (found first with
     cheap ``any`` passes: an organ's box is a small part of a CT); the physical box from the index box's
     corners when every LPS axis depends on one index axis (any flip/permutation), else from the voxels."""

@@ -4,7 +4,7 @@
     predictor.set_image(volume, modality="MRI")
     results = predictor.predict(["brain"])          # one PromptResult per prompt
 
-The same contract is implemented by ``textseg.client.RemotePredictor`` over HTTP.
+The same contract is implemented by ``textseg.remote.client.RemotePredictor`` over HTTP.
 
 Geometry: the adapter sees the canonical (closest-LPS) volume; every probability map and mask
 comes back on exactly the input grid. A result's ``mask`` is always computed; its ``probability`` may be
@@ -21,9 +21,10 @@ import datetime as _dt
 import importlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from .volume import Volume
 log = logging.getLogger("textseg")
 
 _RETRY = object()
-PromptLike = Union[str, Prompt, Dict[str, Any]]
+PromptLike = Union[str, Prompt, dict[str, Any]]
 
 
 @dataclass
@@ -51,13 +52,13 @@ class PromptResult:
     mask: np.ndarray  # uint8 (k, j, i), 0/1
     existence: Optional[float]  # 0..1, None when the model has no existence test
     present: bool  # False: the existence test says the target is not in the image
-    provenance: Dict[str, Any]
+    provenance: dict[str, Any]
     message: str = ""
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     complete: bool = True  # False: cancelled part-way (2D models: only some slices were processed)
     # Detection (textseg.detection): per object label, voxel_count, bbox_min/bbox_max/centroid (LPS mm, voxel
     # centres), index_min/index_max (i, j, k); one object per instance when ``instances`` is set.
-    objects: List[Dict[str, Any]] = field(default_factory=list)
+    objects: list[dict[str, Any]] = field(default_factory=list)
     instances: Optional[np.ndarray] = None  # int32 (k, j, i) instance labels (0 = none), from an instance split
 
     @property
@@ -119,7 +120,7 @@ class _OnInputGrid:
 
     deferred: Any  # DeferredMap
     orientation: Any  # Volume.orientation
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
 
     def __call__(self) -> np.ndarray:
         return self.orientation.onto_grid(np.asarray(self.deferred.array(), np.float32), self.shape)
@@ -179,7 +180,7 @@ def load_adapter(spec: ModelSpec, weights_dir: Optional[Path] = None, **options:
     return cls(spec, weights_dir, **options)
 
 
-def check_prompts(spec: ModelSpec, prompts: Union[str, Sequence[PromptLike]]) -> List[Prompt]:
+def check_prompts(spec: ModelSpec, prompts: Union[str, Sequence[PromptLike]]) -> list[Prompt]:
     """Parse and validate prompts against the model (kinds, vocabulary) without running it."""
     plist = parse_prompts(prompts)
     for p in plist:
@@ -223,7 +224,7 @@ class Predictor:
         self.batch_size = batch_size or (4 if self.spec.dims == 2 else 1)
         self.seed = seed
         self.cache_bytes = cache_bytes
-        self.messages: List[str] = []
+        self.messages: list[str] = []
         self._log_fn = log_fn
         self._loaded = False
         self._volume: Optional[Volume] = None
@@ -231,8 +232,8 @@ class Predictor:
         self._preset: Optional[Preset] = None
         self._state: Any = None
         self._encoded: Any = None
-        self._slice_cache: Dict[Tuple[int, ...], Any] = {}
-        self._slice_range: Optional[Tuple[int, int]] = None
+        self._slice_cache: dict[tuple[int, ...], Any] = {}
+        self._slice_range: Optional[tuple[int, int]] = None
 
     # ---- logging -----------------------------------------------------------------------------
     def _log(self, msg: str) -> None:
@@ -297,7 +298,7 @@ class Predictor:
         volume: Volume,
         modality: Optional[str] = None,
         site: Optional[str] = None,
-        slices: Optional[Tuple[int, int]] = None,
+        slices: Optional[tuple[int, int]] = None,
         progress: Optional[ProgressFn] = None,
         cancel: Optional[CancelToken] = None,
     ) -> None:
@@ -352,7 +353,7 @@ class Predictor:
         self._volume = self._canonical = self._state = self._encoded = None
         self._slice_cache.clear()
 
-    def check_prompts(self, prompts: Union[str, Sequence[PromptLike]]) -> List[Prompt]:
+    def check_prompts(self, prompts: Union[str, Sequence[PromptLike]]) -> list[Prompt]:
         """Parse and validate prompts against the model (kinds, vocabulary) without running it."""
         return check_prompts(self.spec, prompts)
 
@@ -363,14 +364,14 @@ class Predictor:
         keep_absent: bool = False,
         progress: Optional[ProgressFn] = None,
         cancel: Optional[CancelToken] = None,
-    ) -> List[PromptResult]:
+    ) -> list[PromptResult]:
         """One result per prompt. Cancel keeps the prompts completed so far."""
         if self._volume is None:
             raise UsageError("No image set: call set_image(volume, modality) before predict().")
         plist = self.check_prompts(prompts)
         thr = self.spec.threshold if threshold is None else float(threshold)
         ctx = self._context(progress, cancel)
-        results: List[PromptResult] = []
+        results: list[PromptResult] = []
         try:
             if self.spec.dims == 2:
                 self._predict_slices(plist, thr, keep_absent, ctx, results)
@@ -387,7 +388,7 @@ class Predictor:
         progress: Optional[ProgressFn] = None,
         cancel: Optional[CancelToken] = None,
         **options: Any,
-    ) -> List[PromptResult]:
+    ) -> list[PromptResult]:
         """Recognition ("segment everything"): run every target of the image's modality/site and keep, slice by
         slice, those the model's family rules keep (existence test, NMS across targets, one target per voxel).
         One result per target found, named after it (``result.name``), with ``objects`` (detection boxes) and,
@@ -398,7 +399,8 @@ class Predictor:
         if not self.spec.recognition:
             able = [m.id for m in list_models() if m.recognition]
             raise UsageError(f"Model '{self.spec.id}' has no recognition ('segment everything'): give prompts to "
-                             f"predict() instead, or use a model with recognition ({', '.join(able) or 'none installed'}).")
+                             f"predict() instead, or use a model with recognition "
+                             f"({', '.join(able) or 'none installed'}).")
         if self._volume is None or self._preset is None:
             raise UsageError("No image set: call set_image(volume, modality) before recognize().")
         if self.spec.dims != 2:
@@ -406,7 +408,7 @@ class Predictor:
         rec = self.adapter.recognizer(self._preset, **options)
         ctx = self._context(progress, cancel)
         ctx.options = {"edges": bool(rec.edges)}
-        results: List[PromptResult] = []
+        results: list[PromptResult] = []
         try:
             self._recognize_slices(rec, ctx, results)
         except Cancelled:
@@ -414,7 +416,7 @@ class Predictor:
         ctx.span(1.0, 1.0, "done")
         return results
 
-    def _recognize_slices(self, rec: Recognizer, ctx: RunContext, results: List[PromptResult]) -> None:
+    def _recognize_slices(self, rec: Recognizer, ctx: RunContext, results: list[PromptResult]) -> None:
         assert self._volume is not None and self._slice_range is not None
         first, stop = self._slice_range
         n_total, (h, w) = self.adapter.num_slices(self._state), self.adapter.slice_shape(self._state)
@@ -455,7 +457,7 @@ class Predictor:
                 continue
             sc = scores[t][on_slice]
             existence = float(np.nanmax(sc)) if np.isfinite(sc).any() else None
-            extra: Dict[str, Any] = {"name": rec.names[t], "recognition": dict(rec.info)}
+            extra: dict[str, Any] = {"name": rec.names[t], "recognition": dict(rec.info)}
             r = self._finish(rec.prompts[t], _Recognized(labels, win, t + 1), None, extra,
                              self.spec.threshold, True, seconds, detect=False)
             r.existence = existence
@@ -482,7 +484,7 @@ class Predictor:
             chunk = plist[start : start + group]
             ctx.span(start / len(plist), (start + len(chunk)) / len(plist), f"decoding '{chunk[0].label}'")
             t0 = time.perf_counter()
-            decoded = self._run(lambda c: self.adapter.decode(self._encoded, chunk, c), ctx)
+            decoded = self._run(lambda c: self.adapter.decode(self._encoded, chunk, c), ctx)  # noqa: B023 - runs in this iteration
             seconds = (time.perf_counter() - t0) / len(chunk)
             for p, d in zip(chunk, decoded):
                 results.append(self._finish(p, d.probability, d.existence, d.extra, thr, keep_absent, seconds))
@@ -510,7 +512,7 @@ class Predictor:
             prob = probs[j]
             prob[idx:] = 0.0  # a cancelled batch may be half decoded: keep whole slices only
             existence = float(e[first:idx].max()) if e is not None else None
-            extra: Dict[str, Any] = {}
+            extra: dict[str, Any] = {}
             if e is not None and self.spec.existence_threshold is not None and not keep_absent:
                 absent = e < self.spec.existence_threshold
                 absent[:first] = absent[idx:] = False
@@ -522,7 +524,8 @@ class Predictor:
             if cancelled is not None:
                 r.complete = False
                 r.extra["slices_done"] = [first, idx]
-                r.message = (r.message + " " if r.message else "") + f"Partial: cancelled after slices {first}:{idx} of {first}:{stop}."
+                r.message = (r.message + " " if r.message
+                             else "") + f"Partial: cancelled after slices {first}:{idx} of {first}:{stop}."
             results.append(r)
         if cancelled is not None:
             raise cancelled
@@ -546,10 +549,11 @@ class Predictor:
         while idx < stop:
             ctx.check_cancel()
             batch = tuple(range(idx, min(stop, idx + ctx.batch_size)))
-            ctx.span((idx - first) / (stop - first), (batch[-1] + 1 - first) / (stop - first), f"{stage} {idx}-{batch[-1]}")
+            ctx.span((idx - first) / (stop - first), (batch[-1] + 1 - first) / (stop - first),
+                     f"{stage} {idx}-{batch[-1]}")
             enc = self._slice_cache.get(batch)
             if enc is None:
-                enc = self._run(lambda c: self.adapter.encode_slices(self._state, batch, c), ctx, retry_same=False)
+                enc = self._run(lambda c: self.adapter.encode_slices(self._state, batch, c), ctx, retry_same=False)  # noqa: B023 - runs in this iteration
                 if enc is _RETRY:  # batch size or device lowered after out-of-memory: re-plan
                     continue
                 if nbytes(enc) * ((stop - first) / len(batch)) <= self.cache_bytes:
@@ -557,7 +561,8 @@ class Predictor:
             outs: list = []
             for s in range(0, len(plist), group):
                 ctx.check_cancel()
-                got = self._run(lambda c: self.adapter.decode_slices(enc, plist[s : s + group], c), ctx, retry_same=False)
+                got = self._run(lambda c: self.adapter.decode_slices(enc, plist[s : s + group], c), ctx,  # noqa: B023 - runs in this iteration
+                                retry_same=False)
                 if got is _RETRY:
                     break
                 outs.extend(got)
@@ -579,7 +584,8 @@ class Predictor:
         if existence is not None and et is not None and existence < et:
             present = False
             if keep_absent:
-                message = f"'{prompt.label}' is probably not in this image (existence {existence:.2f} < {et}); mask kept as asked."
+                message = (f"'{prompt.label}' is probably not in this image (existence {existence:.2f} < {et}); mask "
+                           f"kept as asked.")
             else:
                 mask[:] = 0
                 message = (

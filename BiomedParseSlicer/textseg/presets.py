@@ -9,13 +9,13 @@ pixels. Each model adapter declares the modalities and sites it accepts (ModelSp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import numpy as np
 
 from .errors import UsageError
 
-MODALITIES: Tuple[str, ...] = (
+MODALITIES: tuple[str, ...] = (
     "CT",
     "MRI",
     "X-Ray",
@@ -45,7 +45,7 @@ _ALIASES = {
 
 # HU windows (lower, upper). The first six are BiomedParse v1's CT_WINDOWS verbatim
 # (microsoft/BiomedParse inference_utils/processing_utils.py); the models were trained with them.
-CT_WINDOWS: Dict[str, Tuple[float, float]] = {
+CT_WINDOWS: dict[str, tuple[float, float]] = {
     "abdomen": (-150.0, 250.0),
     "lung": (-1000.0, 1000.0),
     "pelvis": (-55.0, 200.0),
@@ -58,7 +58,7 @@ CT_WINDOWS: Dict[str, Tuple[float, float]] = {
     "soft tissue": (-150.0, 250.0),  # W400 L50
     "mediastinum": (-125.0, 225.0),  # W350 L50
 }
-CT_WINDOW_SOURCES: Dict[str, str] = {
+CT_WINDOW_SOURCES: dict[str, str] = {
     **{k: "BiomedParse v1 CT_WINDOWS" for k in ("abdomen", "lung", "pelvis", "liver", "colon", "pancreas")},
     **{k: "standard radiology window/level" for k in ("brain", "bone", "soft tissue", "mediastinum")},
 }
@@ -75,8 +75,8 @@ _PHOTO = ("Pathology", "Fundus", "Endoscopy", "Dermoscopy")
 class Preset:
     modality: str
     site: Optional[str] = None
-    window: Optional[Tuple[float, float]] = None  # fixed intensity window (CT)
-    percentiles: Tuple[float, float] = (0.5, 99.5)  # used when window is None
+    window: Optional[tuple[float, float]] = None  # fixed intensity window (CT)
+    percentiles: tuple[float, float] = (0.5, 99.5)  # used when window is None
 
     @property
     def key(self) -> str:
@@ -106,7 +106,7 @@ def get_preset(modality: str, site: Optional[str] = None) -> Preset:
     return Preset(mod)
 
 
-def guess_modality(volume) -> Tuple[Optional[str], Optional[str], str]:
+def guess_modality(volume) -> tuple[Optional[str], Optional[str], str]:
     """(modality, CT site or None, reason) from DICOM tags when present, else from intensities.
 
     A guess for pre-filling the Slicer panel: the user confirms or changes it."""
@@ -122,7 +122,8 @@ def guess_modality(volume) -> Tuple[Optional[str], Optional[str], str]:
             if mod == "CT":
                 part = (tags.get("BodyPartExamined") or "").upper().replace(" ", "").replace("_", "")
                 site = _BODY_PARTS.get(part)
-            return mod, site, f"DICOM Modality {code}" + (f", BodyPartExamined {tags.get('BodyPartExamined')}" if site else "")
+            return mod, site, f"DICOM Modality {code}" + (f", BodyPartExamined {tags.get('BodyPartExamined')}" if site
+                                                          else "")
     arr = np.asarray(volume.array)
     if volume.is_rgb:
         return "Pathology", None, "RGB image: a photographic modality (pathology, fundus, endoscopy, dermoscopy); check"

@@ -7,22 +7,23 @@ region whatever the orientation of the image.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from .errors import UsageError
 
-Point3 = Tuple[float, float, float]
+Point3 = tuple[float, float, float]
 
 
 @dataclass(frozen=True)
 class Prompt:
     text: str = ""
-    box: Optional[Tuple[Point3, Point3]] = None  # two opposite corners, LPS mm
-    points: Tuple[Point3, ...] = ()  # LPS mm
-    point_labels: Tuple[int, ...] = ()  # 1 = inside the target, 0 = outside
+    box: Optional[tuple[Point3, Point3]] = None  # two opposite corners, LPS mm
+    points: tuple[Point3, ...] = ()  # LPS mm
+    point_labels: tuple[int, ...] = ()  # 1 = inside the target, 0 = outside
 
     def __post_init__(self) -> None:
         text = " ".join(str(self.text).split())
@@ -44,7 +45,7 @@ class Prompt:
             raise UsageError("An empty prompt: type a target (e.g. 'liver'), or give a box or points.")
 
     @property
-    def kinds(self) -> Tuple[str, ...]:
+    def kinds(self) -> tuple[str, ...]:
         k = []
         if self.text:
             k.append("text")
@@ -61,8 +62,8 @@ class Prompt:
             return self.text
         return "box prompt" if self.box is not None else "point prompt"
 
-    def to_dict(self) -> Dict[str, Any]:
-        d: Dict[str, Any] = {"text": self.text}
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"text": self.text}
         if self.box is not None:
             d["box"] = [list(c) for c in self.box]
         if self.points:
@@ -71,7 +72,7 @@ class Prompt:
         return d
 
     @staticmethod
-    def from_any(p: Union[str, "Prompt", Dict[str, Any]]) -> "Prompt":
+    def from_any(p: Union[str, Prompt, dict[str, Any]]) -> Prompt:
         if isinstance(p, Prompt):
             return p
         if isinstance(p, str):
@@ -89,7 +90,7 @@ class Prompt:
         raise UsageError(f"A prompt is text or a dict with text/box/points; got {type(p).__name__}.")
 
 
-def parse_prompts(prompts: Union[str, Sequence[Union[str, Prompt, Dict[str, Any]]]]) -> List[Prompt]:
+def parse_prompts(prompts: Union[str, Sequence[Union[str, Prompt, dict[str, Any]]]]) -> list[Prompt]:
     """Prompts from a list, or from text with one target per line (blank lines ignored)."""
     if isinstance(prompts, str):
         prompts = [line for line in prompts.splitlines() if line.strip()]

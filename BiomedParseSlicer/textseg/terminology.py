@@ -20,10 +20,11 @@ import csv
 import re
 import unicodedata
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Optional
 
 CATEGORY_CONTEXT = "Segmentation category and type - DICOM master list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
@@ -31,10 +32,10 @@ TABLE = Path(__file__).with_name("data") / "terminology.csv"
 GROUPS = ("SegmentedPropertyCategoryCodeSequence", "SegmentedPropertyTypeCodeSequence",
           "SegmentedPropertyTypeModifierCodeSequence", "AnatomicRegionSequence", "AnatomicRegionModifierSequence")
 
-Color = Tuple[float, float, float]
+Color = tuple[float, float, float]
 
 # Colours for prompts the table does not know: well separated hues, none equal to a table colour.
-UNKNOWN_PALETTE: Tuple[Tuple[int, int, int], ...] = (
+UNKNOWN_PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
 )
@@ -50,7 +51,7 @@ class Code:
     value: str
     meaning: str
 
-    def as_list(self) -> List[str]:
+    def as_list(self) -> list[str]:
         return [self.scheme, self.value, self.meaning]
 
 
@@ -91,7 +92,7 @@ class Terminology:
         return terminology_entry_to_string(self.to_slicerio())
 
     @staticmethod
-    def from_slicerio(d: dict, color: Optional[Color] = None) -> "Terminology":
+    def from_slicerio(d: dict, color: Optional[Color] = None) -> Terminology:
         def code(key):
             v = d.get(key)
             return Code(*v[:3]) if v and len(v) >= 3 and v[1] else None
@@ -109,9 +110,9 @@ def normalize(text: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def table() -> Dict[str, Terminology]:
+def table() -> dict[str, Terminology]:
     """Normalized structure names and synonyms -> Terminology, from data/terminology.csv."""
-    out: Dict[str, Terminology] = {}
+    out: dict[str, Terminology] = {}
     with open(TABLE, newline="") as f:
         for row in csv.DictReader(f):
             codes = [_code(row, g) for g in GROUPS]
@@ -211,7 +212,7 @@ def _lesion_in_organ(text: str) -> Optional[Terminology]:
     return None
 
 
-def _splits(text: str) -> Iterable[Tuple[str, str]]:
+def _splits(text: str) -> Iterable[tuple[str, str]]:
     m = re.match(r"^(.+?) (?:of|in|within|on) (?:the )?(.+)$", text)
     if m:
         yield m.group(1), m.group(2)
@@ -221,7 +222,7 @@ def _splits(text: str) -> Iterable[Tuple[str, str]]:
             yield " ".join(words[-n:]), " ".join(words[:-n])
 
 
-def distinct_colors(entries: Sequence[Terminology]) -> List[Color]:
+def distinct_colors(entries: Sequence[Terminology]) -> list[Color]:
     """The entries' colours, with unknown prompts moved along the palette so that no unknown
     segment shares a colour with another segment of the same file."""
     used = {e.color for e in entries if e.known}

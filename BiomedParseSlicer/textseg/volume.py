@@ -25,8 +25,9 @@ on exactly the input grid.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -43,15 +44,15 @@ class Orientation:
     whether that axis is reversed. Identity for an image already stored in LPS order.
     """
 
-    perm: Tuple[int, int, int] = (0, 1, 2)
-    flip: Tuple[bool, bool, bool] = (False, False, False)
+    perm: tuple[int, int, int] = (0, 1, 2)
+    flip: tuple[bool, bool, bool] = (False, False, False)
 
     @property
     def is_identity(self) -> bool:
         return self.perm == (0, 1, 2) and not any(self.flip)
 
     @staticmethod
-    def from_direction(direction: np.ndarray) -> "Orientation":
+    def from_direction(direction: np.ndarray) -> Orientation:
         """Closest axis-aligned orientation of a direction matrix (columns = i, j, k axes in LPS)."""
         d = np.asarray(direction, dtype=float)
         # Assign each physical axis (L, P, S) the index axis most aligned with it, greedily by
@@ -86,7 +87,7 @@ class Orientation:
         inverse = list(np.argsort(np_axes)) + list(range(3, array.ndim))
         return np.transpose(out, inverse)
 
-    def onto_grid(self, canonical_array: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+    def onto_grid(self, canonical_array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """``from_canonical`` as a contiguous array, checked against the target grid's (k, j, i) ``shape``."""
         out = self.from_canonical(canonical_array)
         if out.shape[:3] != tuple(shape):
@@ -99,10 +100,10 @@ class Volume:
     """An image with geometry. See the module docstring for the axis conventions."""
 
     array: np.ndarray
-    spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
-    origin: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
     direction: np.ndarray = field(default_factory=lambda: np.eye(3))
-    metadata: Dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
@@ -124,12 +125,12 @@ class Volume:
 
     # ---- shape -----------------------------------------------------------------------------
     @property
-    def shape(self) -> Tuple[int, int, int]:
+    def shape(self) -> tuple[int, int, int]:
         """Spatial shape in array order (k, j, i)."""
         return tuple(self.array.shape[:3])  # type: ignore[return-value]
 
     @property
-    def size(self) -> Tuple[int, int, int]:
+    def size(self) -> tuple[int, int, int]:
         """Spatial size in index order (i, j, k), as ITK reports it."""
         return tuple(self.array.shape[:3][::-1])  # type: ignore[return-value]
 
@@ -175,10 +176,10 @@ class Volume:
         inv = self.lps_to_ijk
         return pts @ inv[:3, :3].T + inv[:3, 3]
 
-    def same_grid(self, other: "Volume", tol: float = 1e-4) -> bool:
+    def same_grid(self, other: Volume, tol: float = 1e-4) -> bool:
         return self.shape == other.shape and np.allclose(self.ijk_to_lps, other.ijk_to_lps, atol=tol)
 
-    def with_array(self, array: np.ndarray, **metadata: Any) -> "Volume":
+    def with_array(self, array: np.ndarray, **metadata: Any) -> Volume:
         """A volume on the same grid holding another array (a mask, a probability map)."""
         if array.shape[:3] != self.shape:
             raise ValueError(f"array shape {array.shape[:3]} does not match the grid {self.shape}")
@@ -189,7 +190,7 @@ class Volume:
     def orientation(self) -> Orientation:
         return Orientation.from_direction(self.direction)
 
-    def canonical(self) -> "Volume":
+    def canonical(self) -> Volume:
         """The same image in canonical (closest-LPS) array order, with matching geometry."""
         o = self.orientation
         if o.is_identity:

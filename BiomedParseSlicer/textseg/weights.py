@@ -34,10 +34,11 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Union
 
 from .catalog import ModelSpec, WeightFile, get_model, list_models
 from .errors import Cancelled, UsageError, WeightsError
@@ -194,7 +195,7 @@ def locate(spec: ModelSpec, wf: WeightFile, weights_dir: Optional[Path] = None) 
     return p if p.is_file() else None
 
 
-def missing_files(spec: ModelSpec, weights_dir: Optional[Path] = None) -> List[WeightFile]:
+def missing_files(spec: ModelSpec, weights_dir: Optional[Path] = None) -> list[WeightFile]:
     return [wf for wf in spec.files if locate(spec, wf, weights_dir) is None]
 
 
@@ -216,7 +217,8 @@ def require_weights(spec: ModelSpec, weights_dir: Optional[Path] = None) -> Path
                 f"download them with `textseg models download {spec.id}`, or import a file you "
                 f"downloaded yourself with `textseg models import {spec.id} FILE`"
             )
-        raise WeightsError(f"Model '{spec.id}' is missing weight file(s) {names} in {weights_dir or model_dir(spec)}: {fix}.")
+        raise WeightsError(f"Model '{spec.id}' is missing weight file(s) {names} in {weights_dir or model_dir(spec)}: "
+                           f"{fix}.")
     for wf in spec.files:
         if not wf.package:
             _ensure_verified(spec, wf, _where(spec, wf, weights_dir))
@@ -245,7 +247,7 @@ def _git_blob_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_marker(w: _Where) -> Optional[Dict[str, Any]]:
+def _read_marker(w: _Where) -> Optional[dict[str, Any]]:
     try:
         return json.loads(w.marker.read_text())
     except (OSError, ValueError):
@@ -299,7 +301,7 @@ class _Expected:
     source: str = "catalog"
 
 
-def _catalog_expected(wf: WeightFile, rec: Optional[Dict[str, Any]] = None) -> _Expected:
+def _catalog_expected(wf: WeightFile, rec: Optional[dict[str, Any]] = None) -> _Expected:
     """What a file must be: the catalog's sha256 and size; without them, the sha256 and size in the record
     ``rec`` (given by verify), which was taken when the file was installed."""
     if wf.sha256:
@@ -369,9 +371,9 @@ class ModelStatus:
     model_id: str
     state: str  # ready | missing | partial | corrupt | unverified
     folder: str
-    files: Tuple[FileStatus, ...] = field(default_factory=tuple)
+    files: tuple[FileStatus, ...] = field(default_factory=tuple)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -379,7 +381,8 @@ def _file_status(spec: ModelSpec, wf: WeightFile, weights_dir: Optional[Path]) -
     if wf.package:
         p = locate(spec, wf, weights_dir)
         msg = "" if p else f"install the package that ships it: pip install {wf.package}"
-        return FileStatus(wf.name, READY if p else MISSING, str(p) if p else None, wf.size, p.stat().st_size if p else 0, msg,
+        return FileStatus(wf.name, READY if p else MISSING, str(p) if p else None, wf.size,
+                          p.stat().st_size if p else 0, msg,
                           revision=wf.revision, resolution=f"shipped in the Python package {wf.package}")
     w = _where(spec, wf, weights_dir)
     rec = _read_marker(w)
@@ -388,20 +391,23 @@ def _file_status(spec: ModelSpec, wf: WeightFile, weights_dir: Optional[Path]) -
     if w.final.is_file():
         have = w.final.stat().st_size
         if size is not None and have != size:
-            return FileStatus(wf.name, CORRUPT, str(w.final), size, have, f"size {have} bytes, expected {size}", **known)
+            return FileStatus(wf.name, CORRUPT, str(w.final), size, have, f"size {have} bytes, expected {size}",
+                              **known)
         if _marker_valid(w, wf):
             return FileStatus(wf.name, READY, str(w.final), size, have, commit=(rec or {}).get("commit"),
                               sha256=(rec or {}).get("sha256"), note=(rec or {}).get("note") or "", **known)
         return FileStatus(wf.name, UNVERIFIED, str(w.final), size, have, "present but not verified yet", **known)
     if w.part.is_file():
         have = w.part.stat().st_size
-        return FileStatus(wf.name, PARTIAL, str(w.part), size, have, "download interrupted; it resumes on the next download", **known)
+        return FileStatus(wf.name, PARTIAL, str(w.part), size, have,
+                          "download interrupted; it resumes on the next download", **known)
     if w.corrupt.is_file():
-        return FileStatus(wf.name, CORRUPT, str(w.corrupt), size, w.corrupt.stat().st_size, "failed verification (quarantined)", **known)
+        return FileStatus(wf.name, CORRUPT, str(w.corrupt), size, w.corrupt.stat().st_size,
+                          "failed verification (quarantined)", **known)
     return FileStatus(wf.name, MISSING, None, size, 0, **known)
 
 
-def _model_state(states: List[str]) -> str:
+def _model_state(states: list[str]) -> str:
     if not states or all(s == READY for s in states):
         return READY
     for s in (CORRUPT, PARTIAL, UNVERIFIED):
@@ -417,17 +423,17 @@ def status(model: Union[str, ModelSpec], weights_dir: Optional[Path] = None) -> 
     return ModelStatus(spec.id, _model_state([f.state for f in files]), str(weights_dir or model_dir(spec)), files)
 
 
-def status_all(include_hidden: bool = False) -> List[ModelStatus]:
+def status_all(include_hidden: bool = False) -> list[ModelStatus]:
     return [status(s) for s in list_models(include_hidden)]
 
 
-def provenance(model: Union[str, ModelSpec], weights_dir: Optional[Path] = None) -> List[Dict[str, Any]]:
+def provenance(model: Union[str, ModelSpec], weights_dir: Optional[Path] = None) -> list[dict[str, Any]]:
     """What each weight file of a model is, for a segment's provenance: for a downloaded or imported file
     its repo, the revision the catalog asks for, the commit it was downloaded from, its size and sha256 as
     recorded when it was verified (None where unknown: no record, or a file changed since); for a
     package-shipped file the package and its installed version. No hashing."""
     spec = _spec(model)
-    out: List[Dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for wf in spec.files:
         if wf.package:
             try:
@@ -443,7 +449,7 @@ def provenance(model: Union[str, ModelSpec], weights_dir: Optional[Path] = None)
     return out
 
 
-def revision_summary(files: List[Dict[str, Any]]) -> str:
+def revision_summary(files: list[dict[str, Any]]) -> str:
     """One revision per file (the commit where one was recorded, else what the catalog asks for), comma-joined."""
     return ",".join(str(r) for r in (f.get("commit") or f.get("revision") or f.get("version") for f in files) if r)
 
@@ -464,7 +470,7 @@ def _check_cancel(cancel: Any) -> None:
 class _Progress:
     """Maps per-file bytes onto one 0..1 fraction over all files of a model."""
 
-    def __init__(self, progress: Optional[ProgressFn], on_bytes: Optional[BytesFn], weights: List[float]) -> None:
+    def __init__(self, progress: Optional[ProgressFn], on_bytes: Optional[BytesFn], weights: list[float]) -> None:
         self.progress, self.on_bytes = progress, on_bytes
         total = sum(weights) or 1.0
         self.starts = [sum(weights[:i]) / total for i in range(len(weights))]
@@ -491,7 +497,7 @@ class _Lock:
         w.lock.parent.mkdir(parents=True, exist_ok=True)
         self.lock, self.w, self.prog, self.cancel = FileLock(str(w.lock)), w, prog, cancel
 
-    def __enter__(self) -> "_Lock":
+    def __enter__(self) -> _Lock:
         from filelock import Timeout
 
         while True:
@@ -515,10 +521,10 @@ class _Remote:
     note: str = ""  # what the user should know about how the revision was resolved
 
 
-Resolved = Dict[Tuple[str, str], str]  # (repo, revision asked for) -> commit, for one download of a model
+Resolved = dict[tuple[str, str], str]  # (repo, revision asked for) -> commit, for one download of a model
 
 
-def _resolve(spec: ModelSpec, wf: WeightFile, token: Optional[str], prog: "_Progress", resolved: Resolved) -> _Remote:
+def _resolve(spec: ModelSpec, wf: WeightFile, token: Optional[str], prog: _Progress, resolved: Resolved) -> _Remote:
     """The file's metadata at the commit this download uses for its repo and revision: the one already
     resolved for a sibling file (or recorded for an installed one), else what the hub says the revision is.
     A pinned commit the hub does not know falls back to ``wf.fallback`` (a branch), with a note."""
@@ -532,8 +538,8 @@ def _resolve(spec: ModelSpec, wf: WeightFile, token: Optional[str], prog: "_Prog
             return _resolve(spec, wf, token, prog, resolved)
         if not (is_commit(wf.revision) and wf.fallback):
             raise
-        note = (f"{wf.repo} has no commit {wf.revision} (the catalog's pin) on {endpoint()}: branch {wf.fallback} "
-                f"was resolved instead" + ("; the file must still match the catalog's sha256" if wf.sha256 else ""))
+        note = (f"{wf.repo} has no commit {wf.revision} (the catalog's pin) on {endpoint()}: branch {wf.fallback} was "
+                f"resolved instead" + ("; the file must still match the catalog's sha256" if wf.sha256 else ""))
         prog.stage(note)
         remote = _hub_metadata(spec, wf, token, wf.fallback)
         remote = _Remote(remote.url, remote.expected, remote.commit, note)
@@ -556,7 +562,7 @@ def _recorded_commits(spec: ModelSpec, weights_dir: Optional[Path]) -> Resolved:
     return out
 
 
-def _origin(wf: WeightFile, remote: _Remote, source: str = "download") -> Dict[str, Any]:
+def _origin(wf: WeightFile, remote: _Remote, source: str = "download") -> dict[str, Any]:
     """The record's account of a download: where the bytes came from, at which commit."""
     return dict(repo=wf.repo or None, filename=wf.filename or wf.name, revision=wf.revision if not wf.url else None,
                 commit=remote.commit, url=remote.url, note=remote.note or None, source=source)
@@ -574,15 +580,16 @@ def _manual_hint(spec: ModelSpec, wf: WeightFile) -> str:
             f"`textseg models import {spec.id} FILE`.")
 
 
-def _access_message(spec: ModelSpec, wf: WeightFile, status_code: Optional[int], token: Optional[str], detail: str) -> str:
+def _access_message(spec: ModelSpec, wf: WeightFile, status_code: Optional[int], token: Optional[str],
+                    detail: str) -> str:
     page = f"https://huggingface.co/{wf.repo}"
     if not token:
-        return (f"Model '{spec.id}' needs a HuggingFace token for {wf.repo} (HTTP {status_code}): accept the licence at "
-                f"{page}, create a read token at https://huggingface.co/settings/tokens and set HF_TOKEN (or the token "
-                f"setting). {detail}").strip()
-    return (f"Access to {wf.repo} was refused for your token (HTTP {status_code}): accept the licence at {page} with the "
-            f"account that owns the token (approval can take a while), and check that HF_TOKEN is a valid read token. "
-            f"{detail}").strip()
+        return (f"Model '{spec.id}' needs a HuggingFace token for {wf.repo} (HTTP {status_code}): accept the licence "
+                f"at {page}, create a read token at https://huggingface.co/settings/tokens and set HF_TOKEN (or the "
+                f"token setting). {detail}").strip()
+    return (f"Access to {wf.repo} was refused for your token (HTTP {status_code}): accept the licence at {page} with "
+            f"the account that owns the token (approval can take a while), and check that HF_TOKEN is a valid read "
+            f"token. {detail}").strip()
 
 
 def _transport_error(e: BaseException) -> bool:
@@ -603,7 +610,8 @@ def _network_message(spec: ModelSpec, wf: WeightFile, e: BaseException) -> str:
     proxy = _proxy_for(target)
     via = f" through the proxy {proxy}" if proxy else ""
     if proxy:
-        hint = "Check the proxy address in HTTPS_PROXY/HTTP_PROXY (or add the host to NO_PROXY); for a company CA set REQUESTS_CA_BUNDLE."
+        hint = ("Check the proxy address in HTTPS_PROXY/HTTP_PROXY (or add the host to NO_PROXY); for a company CA set "
+                "REQUESTS_CA_BUNDLE.")
     return f"Cannot reach {target}{via} to download '{spec.id}' ({text}). {hint} {_manual_hint(spec, wf)}"
 
 
@@ -630,21 +638,23 @@ def _hub_metadata(spec: ModelSpec, wf: WeightFile, token: Optional[str], revisio
     from huggingface_hub import get_hf_file_metadata
 
     errors = _hub_errors()
-    EntryNotFoundError, GatedRepoError, HfHubHTTPError = errors.EntryNotFoundError, errors.GatedRepoError, errors.HfHubHTTPError
+    EntryNotFoundError, GatedRepoError = errors.EntryNotFoundError, errors.GatedRepoError
+    HfHubHTTPError = errors.HfHubHTTPError
     RepositoryNotFoundError, RevisionNotFoundError = errors.RepositoryNotFoundError, errors.RevisionNotFoundError
 
     revision = revision or wf.revision
     url = _hub_url(wf, revision)
     try:
         meta = get_hf_file_metadata(url, token=token or False, timeout=_SETTINGS.timeout)
-    except (GatedRepoError,) as e:
+    except GatedRepoError as e:
         raise AccessDeniedError(_access_message(spec, wf, _code(e), token, "")) from None
     except (RevisionNotFoundError, EntryNotFoundError) as e:
         kind = _RevisionMissing if isinstance(e, RevisionNotFoundError) else RemoteNotFoundError
         raise kind(f"{wf.repo}@{revision}/{wf.filename or wf.name} is not on {endpoint()} ({type(e).__name__}): "
                    f"the mirror may be incomplete, or the catalog entry is wrong.") from None
     except RepositoryNotFoundError as e:
-        raise AccessDeniedError(_access_message(spec, wf, _code(e), token, f"(or {wf.repo} does not exist on {endpoint()})")) from None
+        raise AccessDeniedError(_access_message(spec, wf, _code(e), token,
+                                                f"(or {wf.repo} does not exist on {endpoint()})")) from None
     except HfHubHTTPError as e:
         code = _code(e)
         if code in (401, 403):
@@ -654,7 +664,8 @@ def _hub_metadata(spec: ModelSpec, wf: WeightFile, token: Optional[str], revisio
         if _transport_error(e):
             raise NetworkError(_network_message(spec, wf, e)) from None
         raise
-    return _Remote(url, _expected_from_hub(wf, meta.etag, meta.size), meta.commit_hash or (revision if is_commit(revision) else None))
+    return _Remote(url, _expected_from_hub(wf, meta.etag, meta.size),
+                   meta.commit_hash or (revision if is_commit(revision) else None))
 
 
 def _code(e: BaseException) -> Optional[int]:
@@ -668,7 +679,8 @@ def _expected_from_hub(wf: WeightFile, etag: Optional[str], size: Optional[int])
             raise ChecksumError(f"The server offers a different {wf.name} than the catalog expects (sha256 {etag}, "
                                 f"expected {wf.sha256}); nothing was downloaded. Check HF_ENDPOINT / the mirror.")
         if wf.size is not None and size is not None and size != wf.size:
-            raise ChecksumError(f"The server offers {wf.name} with {size} bytes, the catalog expects {wf.size}; nothing was downloaded.")
+            raise ChecksumError(f"The server offers {wf.name} with {size} bytes, the catalog expects {wf.size}; "
+                                f"nothing was downloaded.")
         return _Expected(wf.sha256.lower(), None, wf.size, "catalog")
     if _SHA256.match(etag):
         return _Expected(etag, None, size, "hub-lfs-sha256")
@@ -691,14 +703,16 @@ def _check_disk(w: _Where, exp: _Expected) -> None:
     free = free_bytes(w.folder)
     if free < need + _DISK_MARGIN:
         raise DiskFullError(f"Not enough free disk space in {w.folder} for {w.name}: needs {_gb(need + _DISK_MARGIN)}, "
-                            f"{_gb(free)} free. Free some space or point TEXTSEG_HOME (or the cache folder setting) at a larger disk.")
+                            f"{_gb(free)} free. Free some space or point TEXTSEG_HOME (or the cache folder setting) at "
+                            f"a larger disk.")
 
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _write_chunks(resp: Any, w: _Where, mode: str, start: int, total: Optional[int], prog: _Progress, cancel: Any) -> int:
+def _write_chunks(resp: Any, w: _Where, mode: str, start: int, total: Optional[int], prog: _Progress,
+                  cancel: Any) -> int:
     done = start
     try:
         with open(w.part, mode) as f:
@@ -728,7 +742,7 @@ def _chunks(resp: Any) -> Iterable[bytes]:
         yield chunk
 
 
-def _get_once(session: Any, remote: _Remote, headers: Dict[str, str], w: _Where, prog: _Progress,
+def _get_once(session: Any, remote: _Remote, headers: dict[str, str], w: _Where, prog: _Progress,
               cancel: Any, spec: ModelSpec, wf: WeightFile, token: Optional[str]) -> int:
     have = w.part.stat().st_size if w.part.is_file() else 0
     total = remote.expected.size
@@ -745,7 +759,8 @@ def _get_once(session: Any, remote: _Remote, headers: Dict[str, str], w: _Where,
             w.part.unlink()
             return 0
         if r.status_code >= 400:
-            raise NetworkError(f"Download of {w.name} failed: HTTP {r.status_code} from {r.url}. {_manual_hint(spec, wf)}")
+            raise NetworkError(f"Download of {w.name} failed: HTTP {r.status_code} from {r.url}. "
+                               f"{_manual_hint(spec, wf)}")
         resumed = r.status_code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
         if total is None:
             total = _total_from(r, have if resumed else 0)
@@ -760,7 +775,7 @@ def _total_from(r: Any, offset: int) -> Optional[int]:
     return offset + int(cl) if cl and cl.isdigit() else None
 
 
-def _transient() -> Tuple[type, ...]:
+def _transient() -> tuple[type, ...]:
     import requests
     import urllib3
 
@@ -793,13 +808,14 @@ def _fetch(remote: _Remote, w: _Where, prog: _Progress, cancel: Any, spec: Model
     if have == 0 and last is not None:
         raise NetworkError(_network_message(spec, wf, last))
     raise IncompleteDownloadError(
-        f"Download of {w.name} stopped at {_gb(have)}" + (f" of {_gb(remote.expected.size)}" if remote.expected.size else "")
+        f"Download of {w.name} stopped at {_gb(have)}"
+        + (f" of {_gb(remote.expected.size)}" if remote.expected.size else "")
         + f" ({type(last).__name__ if last else 'connection closed early'}). Run `textseg models download {spec.id}` "
         f"again to resume. {_manual_hint(spec, wf)}")
 
 
 def _install(w: _Where, remote: _Remote, prog: _Progress, cancel: Any, label: str, on_fail: str,
-             origin: Dict[str, Any]) -> None:
+             origin: dict[str, Any]) -> None:
     """Verify ``<name>.part`` and move it into place atomically (recording ``origin``); delete it if it fails."""
     exp = remote.expected
     size = w.part.stat().st_size
@@ -838,10 +854,12 @@ def _download_file(spec: ModelSpec, wf: WeightFile, w: _Where, token: Optional[s
 def _still_good(w: _Where, wf: WeightFile, remote: _Remote, prog: _Progress, cancel: Any) -> bool:
     """An installed file without a valid record (copied in by hand, touched): keep it if it verifies."""
     try:
-        digest = _check_file(w.final, remote.expected, w.name, lambda n: prog.bytes("Verifying", w.name, n, remote.expected.size), cancel)
+        digest = _check_file(w.final, remote.expected, w.name,
+                             lambda n: prog.bytes("Verifying", w.name, n, remote.expected.size), cancel)
     except ChecksumError:
         return False
-    _write_marker(w, digest, remote.expected.source, **_origin(wf, remote, "found in the cache; matched the server's file"))
+    _write_marker(w, digest, remote.expected.source,
+                  **_origin(wf, remote, "found in the cache; matched the server's file"))
     return True
 
 
@@ -858,7 +876,8 @@ def download(model: Union[str, ModelSpec], token: Optional[str] = None, progress
     todo = [wf for wf in spec.files if not wf.package]
     for wf in spec.files:
         if wf.package and locate(spec, wf, weights_dir) is None:
-            raise WeightsError(f"Model '{spec.id}' ships {wf.name} inside the Python package '{wf.package}': pip install {wf.package}.")
+            raise WeightsError(f"Model '{spec.id}' ships {wf.name} inside the Python package '{wf.package}': pip "
+                               f"install {wf.package}.")
     prog = _Progress(progress, on_bytes, [float(wf.size or 1) for wf in todo] or [1.0])
     resolved = {} if force else _recorded_commits(spec, weights_dir)
     for i, wf in enumerate(todo):
@@ -918,7 +937,8 @@ def import_file(model: Union[str, ModelSpec], file: Union[str, Path], name: Opti
     exp = _catalog_expected(wf)
     with _Lock(w, prog, cancel):
         _copy_part(source, w, prog, cancel)
-        origin = dict(repo=wf.repo or None, filename=wf.filename or wf.name, revision=wf.revision if not wf.url else None,
+        origin = dict(repo=wf.repo or None, filename=wf.filename or wf.name,
+                      revision=wf.revision if not wf.url else None,
                       commit=wf.revision if exp.sha256 and is_commit(wf.revision) else None, url=None,
                       note=None, source=f"imported from {source}")
         _install(w, _Remote(str(source), exp), prog, cancel, f"{source} (as '{wf.name}' of '{spec.id}')",
@@ -934,7 +954,7 @@ def verify(model: Union[str, ModelSpec], weights_dir: Optional[Path] = None, pro
     quarantine those that fail. Returns the status afterwards, with a message per file."""
     spec = _spec(model)
     prog = _Progress(progress, None, [float(wf.size or 1) for wf in spec.files] or [1.0])
-    notes: Dict[str, str] = {}
+    notes: dict[str, str] = {}
     for i, wf in enumerate(spec.files):
         prog.index = i
         notes[wf.name] = _verify_one(spec, wf, weights_dir, prog, cancel)
@@ -966,10 +986,10 @@ def _verify_one(spec: ModelSpec, wf: WeightFile, weights_dir: Optional[Path], pr
     return "no reference checksum known; sha256 recorded"
 
 
-def remove(model: Union[str, ModelSpec], weights_dir: Optional[Path] = None) -> List[Path]:
+def remove(model: Union[str, ModelSpec], weights_dir: Optional[Path] = None) -> list[Path]:
     """Delete a model's downloaded, partial and quarantined files; package-shipped files stay."""
     spec = _spec(model)
-    removed: List[Path] = []
+    removed: list[Path] = []
     for wf in spec.files:
         if wf.package:
             continue

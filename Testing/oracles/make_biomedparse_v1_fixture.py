@@ -18,8 +18,9 @@ Writes:
   with seeded random weights, a 128x128 uint8 RGB input, and upstream's outputs for three calls of
   ``evaluate_demo`` + the query selection of ``interactive_infer_image``: ``["liver"]``,
   ``["left kidney"]`` and ``["liver", "left kidney"]`` (one call: upstream concatenates the tokens).
-  Saved per call: pred_masks (not for the second call, to stay small), pred_captions, grounding class embeddings, selected query and the final
-  probability map; plus the image features (mask features and the three decoder scales) of the image.
+  Saved per call: pred_masks (not for the second call, to stay small), pred_captions, grounding class embeddings,
+  selected query and the final probability map; plus the image features (mask features and the three decoder scales)
+  of the image.
   The state dict is stored flat as ``sd/<key>``; the 49408-row token embedding is stored sparsely
   (``sd_rows/...``: only the rows of the prompts' tokens; the others are never read and are zero).
 * ``biomedparse_v1_preprocess.npz`` (with ``--shared``, the shared test data folder): upstream
@@ -160,7 +161,8 @@ def image_features(model, image: np.ndarray):
 
 def preprocess_oracle(shared: Path, out: Path) -> None:
     from inference_utils.processing_utils import process_intensity_image  # upstream
-    from textseg.io import read_volume
+
+    from textseg.formats.images import read_volume
 
     data = {}
     for name, (rel, k, is_ct, site) in PREPROCESS_CASES.items():
@@ -269,7 +271,8 @@ def main() -> None:
 
     # ---- full-size key contract -----------------------------------------------------------------------
     full = build(upstream, load_config(upstream, tok_dir, reduced=False))  # CPU: upstream calls .item() at init
-    keys = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in full.state_dict().items()}
+    keys = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+            for k, v in full.state_dict().items()}
     (args.out / "biomedparse_v1_keys.json").write_text(json.dumps(keys, indent=0, sort_keys=True) + "\n")
     if args.shared:
         preprocess_oracle(args.shared.resolve(), args.out)

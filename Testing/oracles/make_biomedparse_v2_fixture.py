@@ -70,7 +70,8 @@ def build(upstream: Path, do_boltzmann: bool):
     dec = BoltzFormerTextDecoder(None, boltzmann_sampling=dict(SAMPLING, do_boltzmann=do_boltzmann), **CFG).eval()
     with torch.no_grad():  # every tensor random (LayerNorm weights around 1) so nothing is trivially zero
         for k, p in dec.state_dict().items():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in k and k.endswith("weight") else 0.12 * torch.randn_like(p))
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in k and k.endswith("weight")
+                    else 0.12 * torch.randn_like(p))
     return dec
 
 
@@ -102,7 +103,8 @@ def run(dec, feats, mask_features, tokens, out: dict, name: str) -> None:
     dec.forward_prediction_heads = spy
     p = tokens.shape[1]
     with torch.no_grad():
-        res = dec([tile(f, p) for f in feats], tile(mask_features, p), extra={"grounding_tokens": tokens.repeat(1, SLICES, 1)})
+        res = dec([tile(f, p) for f in feats], tile(mask_features, p),
+                  extra={"grounding_tokens": tokens.repeat(1, SLICES, 1)})
     dec.forward_prediction_heads = orig
     for i, (m, a) in enumerate(heads):
         out[f"{name}/head{i}"] = m.numpy()
@@ -155,13 +157,14 @@ def run_recording_draws(dec, feats, mask_features, tokens, seed: int) -> dict:
     finally:
         dec.forward_prediction_heads, torch.rand_like = orig_heads, orig_rand
     assert len(heads) == len(draws)
-    return {"heads": heads, "draws": draws, "pred_gmasks": res["pred_gmasks"], "object_existence": res["object_existence"]}
+    return {"heads": heads, "draws": draws, "pred_gmasks": res["pred_gmasks"],
+            "object_existence": res["object_existence"]}
 
 
 def find_flip_seed(upstream: Path, seeds=range(0, 400)) -> int:
     """The first seed whose run has a sampled attention position where our decoder (``textseg``, on PYTHONPATH)
     and upstream's disagree: how FLIP_SEED was chosen."""
-    from textseg.models.biomedparse.v2_decoder import BoltzFormerDecoder, Sampling
+    from textseg.models.biomedparse.v2.decoder import BoltzFormerDecoder, Sampling
 
     up = build(upstream, True)
     ours = BoltzFormerDecoder(**{k: v for k, v in CFG.items() if k not in ("in_channels", "pre_self_attention")}).eval()
@@ -171,7 +174,7 @@ def find_flip_seed(upstream: Path, seeds=range(0, 400)) -> int:
     for seed in seeds:
         rec = run_recording_draws(up, feats, mask_features, tokens, seed)
         got, head = [], ours.head
-        ours.head = lambda *a, **k: (got.append(head(*a, **k)), got[-1])[1]
+        ours.head = lambda *a, **k: (got.append(head(*a, **k)), got[-1])[1]  # noqa: B023 - runs in this iteration
         with torch.no_grad():
             ours([tile(f, p) for f in feats], tile(mask_features, p), tokens.repeat(1, SLICES, 1), None,
                  Sampling(generator=torch.Generator().manual_seed(seed)))
@@ -211,6 +214,7 @@ def label_pattern(d: int, size: int = 512) -> np.ndarray:
 
 def ct_uint8(shared: Path) -> np.ndarray:
     import SimpleITK as sitk
+
     from textseg.presets import get_preset, window_to_uint8
 
     arr = sitk.GetArrayFromImage(sitk.ReadImage(str(shared / "totalsegmentator-examples/example_ct_sm.nii.gz")))
@@ -264,13 +268,13 @@ BACKBONE = dict(pretrain_img_size=224, patch_size=4, in_chans=3, drop_rate=0.0, 
 def build_model(upstream: Path, reduced: bool, tokenizer_dir: Path):
     """Upstream BiomedParseModel as configs/model/biomedparse_3D.yaml builds it (hydra done by hand)."""
     sys.path.insert(0, str(upstream))
-    from transformers import CLIPTokenizer
     from src.model.backbone.focal import D2FocalNet
     from src.model.biomedparse_3D import BiomedParseModel, MaskFormerHead
     from src.model.pixel_decoder.transformer_encoder_fpn import TransformerEncoderPixelDecoder
     from src.model.transformer_decoder.boltzformer_cls_decoder import BoltzFormerTextDecoder
     from src.model.transformer_decoder.language_encoders.language_transformer import get_transformer_encoder
     from src.model.transformer_decoder.language_encoders.seem_language_encoder import SEEMLanguageEncoder
+    from transformers import CLIPTokenizer
 
     r = reduced
     emb, conv, text = (8, 32, 32) if r else (192, 512, 512)
@@ -297,7 +301,8 @@ def reduced_model(upstream: Path, tokenizer_dir: Path):
         for k, p in model.state_dict().items():
             if k in ("pixel_mean", "pixel_std"):
                 continue
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in k and k.endswith("weight") else 0.12 * torch.randn_like(p))
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in k and k.endswith("weight")
+                    else 0.12 * torch.randn_like(p))
     return model
 
 
@@ -315,7 +320,8 @@ def model_oracle(upstream: Path, tokenizer_dir: Path, out_dir: Path) -> None:
     model.backbone.register_forward_hook(hook)
     with torch.no_grad():
         torch.manual_seed(MODEL_SEED)
-        res = model({"image": vol.unsqueeze(0), "text": [MODEL_PROMPTS]}, mode="eval", slice_batch_size=2)["predictions"]
+        res = model({"image": vol.unsqueeze(0), "text": [MODEL_PROMPTS]}, mode="eval",
+                    slice_batch_size=2)["predictions"]
     for k in captured[0]:
         out[f"backbone/{k}"] = torch.cat([c[k] for c in captured]).numpy()
     for k in ("pred_gmasks", "edge_masks", "object_existence"):
@@ -325,7 +331,8 @@ def model_oracle(upstream: Path, tokenizer_dir: Path, out_dir: Path) -> None:
     used = sorted({int(i) for row in ids for i in row})
     for k, v in model.state_dict().items():
         if k.endswith("token_embedding.weight"):  # store only the rows the prompts read (the rest is never used)
-            out["sd_rows/" + k], out["sd_rows_values/" + k], out["sd_shape/" + k] = np.array(used), v[used].numpy(), np.array(v.shape)
+            out["sd_rows/" + k], out["sd_rows_values/" + k] = np.array(used), v[used].numpy()
+            out["sd_shape/" + k] = np.array(v.shape)
         else:
             out["sd/" + k] = v.numpy()
     path = out_dir / "biomedparse_v2_model_oracle.npz"
@@ -353,6 +360,7 @@ def geometry_input(shared: Path, scan: str, case: str):
 
     import SimpleITK as sitk
     from real_scans import save_nifti, turned_copy
+
     from textseg.presets import get_preset, window_to_uint8
 
     name, modality, site = GEOMETRY_SCANS[scan]

@@ -121,7 +121,8 @@ def main() -> None:
     ids = [1, 2, 3, 5]
     kept = inference.postprocess(torch.from_numpy(logits), torch.from_numpy(exist))
     out.update(multi_logits=logits, multi_exist=exist, multi_ids=np.array(ids),
-               multi_prob=torch.from_numpy(logits).sigmoid().numpy(), multi_exist_prob=torch.from_numpy(exist).sigmoid().numpy(),
+               multi_prob=torch.from_numpy(logits).sigmoid().numpy(),
+               multi_exist_prob=torch.from_numpy(exist).sigmoid().numpy(),
                multi_kept=kept.numpy(), multi_labels=inference.merge_multiclass_masks(kept, ids).numpy())
 
     single = logits[2:3, :3]
@@ -133,15 +134,18 @@ def main() -> None:
     mask, edge, iexist = inst_inputs(rng)
     iids = [1, 2]
     ns = {"np": np}
-    mask_preds = inference.merge_multiclass_masks(inference.postprocess(torch.from_numpy(mask), torch.from_numpy(iexist)), iids)
-    edge_preds = inference.merge_multiclass_masks(inference.postprocess(torch.from_numpy(edge), torch.from_numpy(iexist)), iids)
+    mask_preds = inference.merge_multiclass_masks(inference.postprocess(torch.from_numpy(mask),
+                                                                        torch.from_numpy(iexist)), iids)
+    edge_preds = inference.merge_multiclass_masks(inference.postprocess(torch.from_numpy(edge),
+                                                                        torch.from_numpy(iexist)), iids)
     pad = [[0, 0], [0, 0], [0, 0]]
     ns["mask_preds"] = utils.process_output(mask_preds, pad, mask.shape[-1], 0)
     ns["edge_preds"] = utils.process_output(edge_preds, pad, mask.shape[-1], 0)
     cell = notebook_cell(args.upstream, "# mask interior")
     exec("from skimage import segmentation\nfrom skimage.measure import label\n" + cell, ns)
     out.update(inst_mask_logits=mask, inst_edge_logits=edge, inst_exist=iexist,
-               inst_mask_prob=torch.from_numpy(mask).sigmoid().numpy(), inst_edge_prob=torch.from_numpy(edge).sigmoid().numpy(),
+               inst_mask_prob=torch.from_numpy(mask).sigmoid().numpy(),
+               inst_edge_prob=torch.from_numpy(edge).sigmoid().numpy(),
                inst_exist_prob=torch.from_numpy(iexist).sigmoid().numpy(),
                inst_labels=np.asarray(mask_preds.numpy()), inst_edge_labels=np.asarray(edge_preds.numpy()),
                inst_instances=np.asarray(ns["mask_int"]), inst_components=np.asarray(ns["mask_preds"]))

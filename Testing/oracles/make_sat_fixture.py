@@ -72,7 +72,7 @@ MODALITY = {"ct": 0, "mri": 1, "us": 2, "pet": 3}
 
 
 def recipe_tensor(key: str, shape, index: int, seed: int = SEED) -> np.ndarray:
-    """The weight recipe (Testing/test_sat_network.py imports it from here)."""
+    """The weight recipe (Testing/models/test_sat_network.py imports it from here)."""
     rng = np.random.default_rng([seed, index])
     x = rng.standard_normal(tuple(shape)).astype(np.float32)
     if key.endswith("bias"):
@@ -132,8 +132,8 @@ def import_upstream(up: Path):
 
     sys.path[:0] = [str(up), str(up / "model" / "dynamic-network-architectures-main")]
     torch.cuda.current_device = lambda: "cpu"  # Text_Tower.forward moves tokens to the current CUDA device
-    import model.maskformer as mf
     import model.knowledge_encoder as ke
+    import model.maskformer as mf
     import model.text_tower as tt
     import model.tokenizer as tk
     import model.transformer_decoder as td
@@ -149,7 +149,8 @@ def reduced_maskformer(mods):
     m = mf.Maskformer("UNET", image_size=list(PATCH), patch_size=list(r["token_patch"]), deep_supervision=False)
     m.backbone = PlainConvUNet(
         input_channels=3, n_stages=6, features_per_stage=tuple(r["features"]), conv_op=nn.Conv3d, kernel_sizes=3,
-        strides=tuple(r["strides"]), n_conv_per_stage=tuple(r["n_conv"]), n_conv_per_stage_decoder=tuple(r["n_conv_decoder"]),
+        strides=tuple(r["strides"]), n_conv_per_stage=tuple(r["n_conv"]),
+        n_conv_per_stage_decoder=tuple(r["n_conv_decoder"]),
         conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None,
         dropout_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs=None, deep_supervision=False, nonlin_first=False)
     m.projection_layer = nn.Sequential(nn.Linear(sum(r["features"]), r["projection_hidden"]), nn.GELU(),
@@ -222,7 +223,8 @@ def pro_and_precision(mods, out: Path, commit: str) -> None:
     nano = reduced_maskformer(mods)
     fill(nano, SEED)
     assert digest(nano.state_dict()) == str(nano_fx["net_sha256"])
-    res = dict(upstream_commit=commit, seed=np.int64(SEED + 2), config=json.dumps(REDUCED_PRO), net_keys=np.array(pro_keys),
+    res = dict(upstream_commit=commit, seed=np.int64(SEED + 2), config=json.dumps(REDUCED_PRO),
+               net_keys=np.array(pro_keys),
                net_sha256=digest(pro.state_dict()), queries=q.numpy(), autocast=np.array(AUTOCAST))
     with torch.no_grad():
         emb, pos, per_pixel_ls = pro.vision_backbone_forward(image)
@@ -254,7 +256,8 @@ def tiny_text_encoder(mods, tmp: Path):
 
     _, ke, _, _, _, _ = mods
     (tmp / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    MPNetTokenizerFast(vocab={t: i for i, t in enumerate(VOCAB)}, do_lower_case=True).save_pretrained(str(tmp / "biolord"))
+    MPNetTokenizerFast(vocab={t: i for i, t in enumerate(VOCAB)},
+                       do_lower_case=True).save_pretrained(str(tmp / "biolord"))
     MPNetModel(MPNetConfig(**TEXT_CONFIG)).save_pretrained(str(tmp / "biolord"))
     return ke.Knowledge_Encoder(biolord_checkpoint=str(tmp / "biolord")).eval()
 
@@ -268,7 +271,8 @@ def key_contracts(mods, out: Path, commit: str) -> None:
     import transformers
 
     mf, ke, tt, tk, _, _ = mods
-    orig_auto, orig_tok, orig_pe = tt.AutoModel.from_pretrained, tk.AutoTokenizer.from_pretrained, mf.PositionalEncoding3D
+    orig_auto, orig_tok = tt.AutoModel.from_pretrained, tk.AutoTokenizer.from_pretrained
+    orig_pe = mf.PositionalEncoding3D
     mf.PositionalEncoding3D = lambda ch: (lambda t: torch.zeros(t.shape))  # not in the state dict; fails on meta
     tt.AutoModel.from_pretrained = lambda name, **kw: transformers.AutoModel.from_config(
         transformers.MPNetConfig(**BIOLORD))
@@ -280,10 +284,11 @@ def key_contracts(mods, out: Path, commit: str) -> None:
                 net = mf.Maskformer(backbone, image_size=[288, 288, 96], patch_size=[32, 32, 32])
                 sd, tsd = net.state_dict(), text.state_dict()
                 contract = dict(
-                    source=f"zhaoziheng/SAT@{commit} model/maskformer.py Maskformer('{backbone}', [288, 288, 96], "
-                           f"[32, 32, 32]) and model/knowledge_encoder.py Knowledge_Encoder with BioLORD-2023-C's MPNet "
-                           f"config (transformers {transformers.__version__}; checkpoints add the DDP 'module.' prefix, "
-                           "the text file from transformers 4.21 also text_tower.biolord.embeddings.position_ids)",
+                    source=f"zhaoziheng/SAT@{commit} model/maskformer.py Maskformer('{backbone}', [288, 288, 96], [32, "
+                           f"32, 32]) and model/knowledge_encoder.py Knowledge_Encoder with BioLORD-2023-C's MPNet "
+                           f"config (transformers {transformers.__version__}; checkpoints add the DDP 'module.' "
+                           f"prefix, the text file from transformers 4.21 also "
+                           f"text_tower.biolord.embeddings.position_ids)",
                     n_parameters=sum(p.numel() for p in net.parameters()),
                     n_text_parameters=sum(p.numel() for p in text.parameters()),
                     keys=shapes(sd), text_keys=shapes(tsd))
@@ -348,7 +353,8 @@ def main() -> None:
 
         lg = logits.numpy()
         np.savez_compressed(
-            a.out / "sat_oracle.npz", upstream_commit=a.upstream_commit, seed=np.int64(SEED), config=json.dumps(REDUCED),
+            a.out / "sat_oracle.npz", upstream_commit=a.upstream_commit, seed=np.int64(SEED),
+            config=json.dumps(REDUCED),
             text_config=json.dumps(TEXT_CONFIG), vocab=np.array(VOCAB), net_keys=np.array(net_keys),
             text_keys=np.array(text_keys), net_sha256=digest(net.state_dict()), text_sha256=digest(text.state_dict()),
             image_sha256=hashlib.sha256(recipe_image().tobytes()).hexdigest(),
@@ -359,7 +365,8 @@ def main() -> None:
             tokens_in=tokens_in.numpy(), image_tokens=emb.numpy(), pos=pos.numpy(),
             per_pixel_sub=per_pixel_ls[0][..., ::4, ::4, ::4].numpy(),
             decoder_out=decoder_out.numpy(), mask_embedding=mask_embedding.numpy(),
-            logits_sub=lg[..., ::2, ::2, ::2], logits_full_b1q2=lg[1, 2], logits_sum=lg.astype(np.float64).sum((2, 3, 4)),
+            logits_sub=lg[..., ::2, ::2, ::2], logits_full_b1q2=lg[1, 2],
+            logits_sum=lg.astype(np.float64).sum((2, 3, 4)),
             logits_abs_sum=np.abs(lg.astype(np.float64)).sum((2, 3, 4)), logits_shape=np.array(lg.shape),
             queries_batched=q_batched.numpy(), logits_batched_sub=logits_batched.numpy()[..., ::2, ::2, ::2],
             pe768=pe768.numpy(), pe100=pe100.numpy(),

@@ -56,7 +56,7 @@ BATCH = 2
 
 def stand_in_logits(image_input, coeffs):
     """logits[b, n] = a_n * (c0 + c1 - c2) + b_n (u - .5) + c_n (v - .5) + e_n (t - .5); u, v, t the
-    patch-local coordinates / size (float32). Shared with Testing/test_sat_pipeline.py."""
+    patch-local coordinates / size (float32). Shared with Testing/models/test_sat_pipeline.py."""
     import torch
 
     x = image_input.float()
@@ -90,9 +90,9 @@ def main() -> int:
     a = ap.parse_args()
     os.environ.setdefault("RANK", "0")
     sys.path.insert(0, str(a.upstream))
-    import torch
     import data.inference_dataset as ds
     import evaluate.inference_engine as eng
+    import torch
 
     torch.set_num_threads(1)
     out = {"upstream_commit": np.array(a.upstream_commit)}
@@ -163,7 +163,8 @@ def main() -> int:
         for key, patch in PATCHES.items():
             ds.split_3d = lambda img, crop_size=None, p=patch: real_split(img, crop_size=list(p))
             eng.compute_gaussian = lambda size, p=patch, **kw: real_gauss(tuple(p), **kw)
-            testset = ds.Inference_Dataset(str(jsonl), max_queries=MAX_QUERIES, batch_size=BATCH, patch_size=list(patch))
+            testset = ds.Inference_Dataset(str(jsonl), max_queries=MAX_QUERIES, batch_size=BATCH,
+                                           patch_size=list(patch))
             batch = testset[0]
             soft.clear()
             nib_dir = Path(tmp) / f"out_{key}"

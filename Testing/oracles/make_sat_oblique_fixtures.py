@@ -24,7 +24,8 @@ copied into this repository: this script imports a checkout given on the command
    SimpleITK (as ITK / Slicer write it), then run through upstream end to end: ``load_image`` (the
    preprocessed image and its affine) and ``Inference_Dataset`` + ``evaluate/inference_engine.inference``
    with upstream's reduced ``Maskformer`` (``make_sat_fixture.REDUCED``; weights from
-   that script's recipe, seed ``SEED``, at a 64x64x32 patch) and its ``Knowledge_Encoder`` over the same tiny MPNet (seed + 1),
+   that script's recipe, seed ``SEED``, at a 64x64x32 patch) and its ``Knowledge_Encoder`` over the same tiny MPNet
+   (seed + 1),
    called through upstream's ``Text_Encoder.forward``; ``PROMPTS`` on modality CT. Upstream hard-codes the
    288x288x96 patch in ``__getitem__`` and ``inference``: ``split_3d`` and ``compute_gaussian`` are wrapped
    to use ``PATCH``; the soft prediction (``prediction / accumulation``) is captured by a tensor subclass
@@ -164,10 +165,10 @@ def recipe_volume_array(arr_kji: np.ndarray) -> np.ndarray:
 def upstream_grid_run(shape, affine):
     """Upstream's Orientationd + Spacingd grid of a (shape, affine) file: (RAS affine after Orientation,
     output shape, output affine)."""
+    import monai.transforms.spatial.array as sa
     import torch
     from monai.data import MetaTensor
     from monai.transforms import Orientation, Spacing
-    import monai.transforms.spatial.array as sa
 
     rec = {}
     real = sa.SpatialResample.__call__
@@ -190,8 +191,9 @@ def upstream_grid_run(shape, affine):
 
 def check_load_image_transforms() -> None:
     """load_image's transforms are the ones the grid recorder runs (same arguments)."""
-    import data.inference_dataset as ds
     import inspect
+
+    import data.inference_dataset as ds
 
     src = inspect.getsource(ds.load_image)
     assert 'Orientationd(axcodes=orientation_code' in src and "pixdim=(1, 1, 3)" in src and 'mode=("bilinear")' in src
@@ -324,12 +326,15 @@ def make_oblique_fixture(up: Path, out_path: Path, commit: str) -> None:
             image = image.numpy()[0]
             out[f"{case}_output_shape"], out[f"{case}_output_sha256"] = np.array(image.shape), digest(image)
             out[f"{case}_output_sub"] = image[::2, ::2, ::2]
-            out[f"{case}_output_sums"] = np.array([image.astype(np.float64).sum(), (image.astype(np.float64) ** 2).sum()])
+            out[f"{case}_output_sums"] = np.array([image.astype(np.float64).sum(),
+                                                   (image.astype(np.float64) ** 2).sum()])
             out[f"{case}_output_affine"] = captured["affine"]
             out[f"{case}_prenorm_sha256"] = digest(captured["prenorm"])  # resampled + cropped, before normalisation
             jsonl = tmp / f"{case}.jsonl"
-            jsonl.write_text(json.dumps({"image": str(path), "label": PROMPTS, "modality": "CT", "dataset": "oracle"}) + "\n")
-            testset = ds.Inference_Dataset(str(jsonl), max_queries=MAX_QUERIES, batch_size=BATCH, patch_size=list(PATCH))
+            jsonl.write_text(json.dumps({"image": str(path), "label": PROMPTS, "modality": "CT",
+                                         "dataset": "oracle"}) + "\n")
+            testset = ds.Inference_Dataset(str(jsonl), max_queries=MAX_QUERIES, batch_size=BATCH,
+                                           patch_size=list(PATCH))
             batch = testset[0]
             assert np.array_equal(batch["image"].numpy()[0], image)
             soft.clear()

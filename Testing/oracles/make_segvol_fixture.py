@@ -53,7 +53,6 @@ import types
 from pathlib import Path
 
 import numpy as np
-
 from real_scans import ROTATIONS, save_nifti, turned_copy  # noqa: F401  (shared recipes; re-exported)
 
 SEED = 20240607
@@ -72,7 +71,7 @@ LN_LIKE = ("mask_decoder.output_upscaling.1.weight",)  # multi-dimensional Layer
 
 
 def recipe_tensor(key: str, shape, index: int, seed: int = SEED) -> np.ndarray:
-    """The weight recipe (Testing/test_segvol.py imports it from here)."""
+    """The weight recipe (Testing/models/test_segvol.py imports it from here)."""
     rng = np.random.default_rng([seed, index])
     x = rng.standard_normal(tuple(shape)).astype(np.float32)
     if key.endswith(".bias"):
@@ -99,7 +98,6 @@ GELU1 = 0.8413447460685429  # GELU(1), exact erf form
 
 def apply_overrides(sd: dict, o: dict) -> dict:
     """``SUBREGION_OVERRIDES`` applied to a (recipe) state dict of torch tensors under the official names."""
-    import torch
 
     sd = dict(sd)
     pe_key = "image_encoder.patch_embedding.position_embeddings"
@@ -120,7 +118,8 @@ def apply_overrides(sd: dict, o: dict) -> dict:
         wt[c], bt[c] = w, b
         sd[key + ".weight"], sd[key + ".bias"] = wt, bt
 
-    up_w, up_b = sd["mask_decoder.output_upscaling.3.weight"].clone(), sd["mask_decoder.output_upscaling.3.bias"].clone()
+    up_w = sd["mask_decoder.output_upscaling.3.weight"].clone()
+    up_b = sd["mask_decoder.output_upscaling.3.bias"].clone()
     up_w[:, o["const_channel"]], up_b[o["const_channel"]] = 0.0, 1.0
     sd["mask_decoder.output_upscaling.3.weight"], sd["mask_decoder.output_upscaling.3.bias"] = up_w, up_b
     hyper, text = "mask_decoder.output_hypernetworks_mlps.0.layers.2", "mask_decoder.txt_align_upscaled_embedding"
@@ -163,7 +162,7 @@ def synthetic_ct(shape_xyz=(84, 76, 22), seed=SEED):
     return ct.astype(np.float32), organ.astype(np.uint8)
 
 
-# ---- real-CT cases (recipes shared with Testing/test_segvol.py) ---------------------------------------
+# ---- real-CT cases (recipes shared with Testing/models/test_segvol.py) ---------------------------------------
 REAL_DIR = "totalsegmentator-examples"
 # (x, y, z) index ranges of the stored (RAS-ordered) NIfTI arrays: around the liver of example_ct_sm
 REAL_CROP = ((36, 108), (22, 86), (0, 30))
@@ -218,10 +217,9 @@ def setup_upstream(up: Path):
 def build_upstream(up: Path, c: dict = REDUCED):
     import torch
     from monai.networks.nets import ViT
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from network.model import SegVol
     from segment_anything_volumetric.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     img, patch = np.array(c["img_size"]), np.array(c["patch_size"])
     vit = ViT(in_channels=1, img_size=c["img_size"], patch_size=c["patch_size"], hidden_size=c["hidden_size"],
@@ -248,8 +246,8 @@ def build_upstream(up: Path, c: dict = REDUCED):
 
 def run_demo(model, ct_path, gt_path, use_box: bool):
     """Upstream's demo path on a CT/label NIfTI pair (process_ct_gt + zoom_in_zoom_out), with records."""
-    import torch
     import inference_demo as demo
+    import torch
     from data_process.demo_data_process import process_ct_gt
 
     rec = {"windows": [], "calls": 0}
@@ -276,7 +274,8 @@ def run_demo(model, ct_path, gt_path, use_box: bool):
                               use_point_prompt=False)
     item = process_ct_gt(str(ct_path), str(gt_path), ["liver"], args.spatial_size)
     item = {k: torch.as_tensor(np.ascontiguousarray(np.asarray(v))) for k, v in item.items()}  # plain tensors
-    out = demo.zoom_in_zoom_out(args, model, item["image"].float().unsqueeze(0), item["zoom_out_image"].float().unsqueeze(0),
+    out = demo.zoom_in_zoom_out(args, model, item["image"].float().unsqueeze(0),
+                                item["zoom_out_image"].float().unsqueeze(0),
                                 item["label"].unsqueeze(0), item["zoom_out_label"].unsqueeze(0), categories=["liver"])
     model.forward, demo.logits2roi_coor = orig_forward, orig_roi
     rec["logits"] = out["liver"][4].numpy().astype(np.float32)
@@ -373,14 +372,14 @@ def key_contract(up: Path, commit: str) -> dict:
     """Every key and shape of the released SegVol (full size), built on the meta device."""
     import torch
     import transformers
-
     from network.model import SegVol
     from segment_anything_volumetric.build_sam import sam_model_registry
 
     args = argparse.Namespace(spatial_size=(32, 256, 256), patch_size=(4, 16, 16))
     with torch.device("meta"):
         sam = sam_model_registry["vit"](args=args)
-        model = SegVol(image_encoder=sam.image_encoder, mask_decoder=sam.mask_decoder, prompt_encoder=sam.prompt_encoder,
+        model = SegVol(image_encoder=sam.image_encoder, mask_decoder=sam.mask_decoder,
+                       prompt_encoder=sam.prompt_encoder,
                        clip_ckpt=str(up / "config" / "clip"), roi_size=args.spatial_size, patch_size=args.patch_size,
                        test_mode=True)
     keys = {k: list(v.shape) for k, v in model.state_dict().items()}

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -65,7 +66,7 @@ class RunContext:
     cancel: Optional[CancelToken] = None
     log: Callable[[str], None] = lambda msg: None
     seed: Optional[int] = None
-    options: Dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
     _stage: str = ""
     _span: tuple = (0.0, 1.0)
 
@@ -112,7 +113,7 @@ class Decoded:
 
     probability: Any  # np.ndarray float32 in [0, 1], canonical (k, j, i) shape, or a DeferredMap
     existence: Optional[float] = None  # probability (0..1) the target is present
-    extra: Dict[str, Any] = field(default_factory=dict)  # model-specific (p-values, boxes, ...)
+    extra: dict[str, Any] = field(default_factory=dict)  # model-specific (p-values, boxes, ...)
 
 
 @dataclass
@@ -141,16 +142,16 @@ class Recognizer:
     probabilities (N, b, H, W), existence scores (N, b) (NaN where a prompt has none) and, if ``edges``,
     edge probabilities; at the end ``instances`` may split targets into instances (canonical grid)."""
 
-    prompts: List[Prompt]
-    names: List[str]  # result names, one per prompt
+    prompts: list[Prompt]
+    names: list[str]  # result names, one per prompt
     edges: bool = False
-    info: Dict[str, Any]
+    info: dict[str, Any]
 
     def slices(self, probs: np.ndarray, existence: Optional[np.ndarray],
                edges: Optional[np.ndarray] = None) -> SliceLabels:
         raise NotImplementedError
 
-    def instances(self, labels: np.ndarray, edges: Optional[np.ndarray]) -> Dict[int, np.ndarray]:
+    def instances(self, labels: np.ndarray, edges: Optional[np.ndarray]) -> dict[int, np.ndarray]:
         """Target index (0-based) -> instance labels (int, 0 = none) on the canonical grid."""
         return {}
 
@@ -166,7 +167,7 @@ class ModelAdapter:
         from ..weights import provenance, revision_summary
 
         # what the weight files are (commit, size, sha256 recorded at download): every result's provenance
-        self.weights_files: List[Dict[str, Any]] = provenance(spec, self.weights_dir) if spec.files else []
+        self.weights_files: list[dict[str, Any]] = provenance(spec, self.weights_dir) if spec.files else []
         self.weights_revision: str = revision_summary(self.weights_files) or spec.version
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -184,7 +185,7 @@ class ModelAdapter:
     def encode(self, state: Any, ctx: RunContext) -> Any:
         return state
 
-    def decode(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> List[Decoded]:
+    def decode(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> list[Decoded]:
         raise NotImplementedError
 
     # ---- 2D ---------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ class ModelAdapter:
     def encode_slices(self, state: Any, indices: Sequence[int], ctx: RunContext) -> Any:
         raise NotImplementedError
 
-    def decode_slices(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> List[SliceDecoded]:
+    def decode_slices(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> list[SliceDecoded]:
         raise NotImplementedError
 
     def slice_shape(self, state: Any) -> tuple:
@@ -207,7 +208,7 @@ class ModelAdapter:
     def free_memory(self, encoded: Any) -> None:
         """Drop what can be recomputed (feature caches) of an encoded image; called after out-of-memory."""
 
-    def recognizer(self, preset: Preset, **options: Any) -> "Recognizer":
+    def recognizer(self, preset: Preset, **options: Any) -> Recognizer:
         """The family's recognition rules for an image of ``preset`` (spec.recognition models only)."""
         from ..errors import UsageError
 
@@ -240,6 +241,7 @@ def weight_file(adapter: ModelAdapter, name: str) -> Path:
         if wf.name == name:
             path = locate(adapter.spec, wf, adapter.weights_dir)
             if path is None:
-                raise WeightsError(f"Weight file '{name}' of model '{adapter.spec.id}' is missing: run `textseg models download {adapter.spec.id}`.")
+                raise WeightsError(f"Weight file '{name}' of model '{adapter.spec.id}' is missing: run `textseg models "
+                                   f"download {adapter.spec.id}`.")
             return path
     raise KeyError(f"model '{adapter.spec.id}' has no catalog file '{name}'")

@@ -27,8 +27,9 @@ import pickle
 import re
 import threading
 import zipfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
+from typing import Any, Optional, Union
 
 from ..errors import WeightsError
 
@@ -36,14 +37,14 @@ TORCH_FOR_NUMPY = (2, 6)  # torch.serialization.safe_globals with (object, name)
 _ALLOW_LOCK = threading.Lock()
 
 
-def numpy_globals() -> Dict[str, Any]:
+def numpy_globals() -> dict[str, Any]:
     """Names a checkpoint may use for numpy's scalar and dtypes -> the objects to build them with."""
     import importlib
 
     import numpy as np
 
     scalar = np.float64(0.0).__reduce__()[0]  # numpy.core.multiarray.scalar (numpy 1) / numpy._core... (numpy 2)
-    allowed: Dict[str, Any] = {"numpy.core.multiarray.scalar": scalar, "numpy._core.multiarray.scalar": scalar,
+    allowed: dict[str, Any] = {"numpy.core.multiarray.scalar": scalar, "numpy._core.multiarray.scalar": scalar,
                                "numpy.dtype": np.dtype}
     try:
         dtypes = importlib.import_module("numpy.dtypes")  # numpy >= 1.25: one class per dtype
@@ -74,7 +75,7 @@ def numpy_allowlist_missing() -> Optional[str]:
     return f"this is torch {_torch_version()}"
 
 
-def _listed_globals(path: Path) -> Optional[Set[str]]:
+def _listed_globals(path: Path) -> Optional[set[str]]:
     """torch's list of the globals in ``path`` its weights-only unpickler does not allow; None if unknown."""
     import torch
 
@@ -116,7 +117,7 @@ def read_checkpoint(path: Union[str, Path], label: str, fix: str) -> Any:
     mapped = zipfile.is_zipfile(path)
     listed = _listed_globals(path) if mapped else None
     allowed = numpy_globals()
-    numpy_used: List[str] = []
+    numpy_used: list[str] = []
     if listed is not None:
         unexpected = listed - set(allowed)
         if unexpected:

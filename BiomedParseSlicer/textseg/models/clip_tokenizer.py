@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 from ..errors import WeightsError
 
@@ -28,7 +28,7 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 N_MERGES = 49152 - 256 - 2  # open_clip / OpenAI CLIP use the first 48 894 merges
 
 
-def bytes_to_unicode() -> Dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP reversible byte -> printable unicode map."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -46,7 +46,7 @@ def bpe_source() -> Path:
     return Path(__file__).resolve().parents[1] / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def build_vocab_files(out_dir: Path, bpe_gz: Optional[Path] = None) -> Tuple[Path, Path]:
+def build_vocab_files(out_dir: Path, bpe_gz: Optional[Path] = None) -> tuple[Path, Path]:
     """Write vocab.json and merges.txt (official layout) from CLIP's BPE table."""
     src = bpe_gz or bpe_source()
     if not src.is_file():
@@ -56,7 +56,7 @@ def build_vocab_files(out_dir: Path, bpe_gz: Optional[Path] = None) -> Tuple[Pat
         )
     lines = gzip.open(src).read().decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1 : N_MERGES + 1]]
-    vocab: List[str] = list(bytes_to_unicode().values())
+    vocab: list[str] = list(bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab]
     vocab += ["".join(m) for m in merges]
     vocab += [BOS, EOS]
@@ -99,7 +99,7 @@ def get_clip_tokenizer(directory: Optional[str] = None):
     return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), pad_token=EOS)
 
 
-def tokenize(texts: List[str], context_length: int = 77, directory: Optional[str] = None):
+def tokenize(texts: list[str], context_length: int = 77, directory: Optional[str] = None):
     """Token ids (N, context_length) padded with EOS, like upstream BiomedParse/SegVol (int64 numpy)."""
     import numpy as np
 

@@ -9,7 +9,7 @@ blocks with layer scale, modulation divided by (focal_level + 1).
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,8 @@ class FocalModulation(nn.Module):
         self.focal_layers = nn.ModuleList()
         for k in range(focal_level):
             ks = focal_factor * k + focal_window
-            self.focal_layers.append(nn.Sequential(nn.Conv2d(dim, dim, ks, groups=dim, padding=ks // 2, bias=False), nn.GELU()))
+            self.focal_layers.append(nn.Sequential(nn.Conv2d(dim, dim, ks, groups=dim, padding=ks // 2, bias=False),
+                                                   nn.GELU()))
 
     def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C)
         c = x.shape[-1]
@@ -105,7 +106,7 @@ class FocalNet(nn.Module):
         for i in range(n):
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
 
-    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
         x = self.patch_embed(x)
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)

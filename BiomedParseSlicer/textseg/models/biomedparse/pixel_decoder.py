@@ -9,12 +9,12 @@ are the first three FPN outputs (strides 32, 16, 8). Convolutions followed by Gr
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .v1_decoder import sine_position_embedding
+from .v1.decoder import sine_position_embedding
 
 
 class ConvNorm(nn.Conv2d):
@@ -79,7 +79,7 @@ class TransformerEncoderPixelDecoder(nn.Module):
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1)
         self.n, self.conv_dim = n, conv_dim
 
-    def forward_features(self, features: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    def forward_features(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
         """(mask_features, transformer output, [stride 32, 16, 8 maps]) as upstream."""
         names = [f"res{i + 2}" for i in range(self.n)]
         x = features[names[-1]]

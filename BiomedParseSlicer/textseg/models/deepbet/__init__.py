@@ -32,7 +32,8 @@ SPECS = [
             ),
         ),
         license="MIT",
-        citation="Fisch L. et al. deepbet: Fast brain extraction of T1-weighted MRI using Convolutional Neural Networks. Computers in Biology and Medicine 2024.",
+        citation="Fisch L. et al. deepbet: Fast brain extraction of T1-weighted MRI using Convolutional Neural "
+                 "Networks. Computers in Biology and Medicine 2024.",
         homepage="https://github.com/wwu-mmll/deepbet",
         description="Embedded default: answers the prompt 'brain' on T1-weighted MRI of the head.",
         vocabulary=("brain",),

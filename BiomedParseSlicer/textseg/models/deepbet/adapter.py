@@ -8,7 +8,8 @@ deepbet does itself, built from our canonical (closest-LPS) array by two flips a
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,5 +59,5 @@ class DeepBetAdapter(ModelAdapter):
         out = np.where(mask, np.maximum(prob, 0.5), np.minimum(prob, np.float32(0.4999))).astype(np.float32)
         return _canonical_from_ras(out)
 
-    def decode(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> List[Decoded]:
+    def decode(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> list[Decoded]:
         return [Decoded(encoded) for _ in prompts]

@@ -6,7 +6,8 @@ crop to image > 0, CT window / MR-PET percentiles, z-score), keeping the geometr
 ``decode``, once per prompt group: the predictor hands up to ``max_prompts_per_call`` prompts at
 once). Option ``feature_cache_bytes`` (default: half the free GPU memory on CUDA, 0 elsewhere) keeps
 the windows' features of the image that many bytes deep, so later prompts on the same image (the
-annotator's next target) only decode: no window is encoded twice while the cache holds it. ``decode``: prompts lower-cased -> text tower with the modality code -> query embeddings;
+annotator's next target) only decode: no window is encoded twice while the cache holds it. ``decode``: prompts
+lower-cased -> text tower with the modality code -> query embeddings;
 sliding window over 288x288x96 patches (window.py) with Gaussian blending; each probability map
 mapped back from the SAT grid onto the canonical grid (un-crop, linear resampling, orientation) when it
 is read (``SATMap``): the predictor's mask needs only the part where the map reaches the threshold.
@@ -22,8 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +38,8 @@ from .preprocess import SATGeometry, preprocess
 from .vocab import check_target, normalize, sat_modality
 from .window import MAX_QUERIES, PATCH, sliding_window
 
-CHECKPOINTS = {"sat-nano": ("nano.pth", "nano_text_encoder.pth", "nano"), "sat-pro": ("SAT_Pro.pth", "text_encoder.pth", "pro")}
+CHECKPOINTS = {"sat-nano": ("nano.pth", "nano_text_encoder.pth", "nano"),
+               "sat-pro": ("SAT_Pro.pth", "text_encoder.pth", "pro")}
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,7 +62,8 @@ class SATState:
     image: np.ndarray  # (x, y, z) float32 on the SAT grid
     geo: SATGeometry
     modality: str  # upstream's code: "ct", "mri" or "pet"
-    features: Dict[Tuple[str, int, int], Any] = field(default_factory=dict)  # (device, batch size, index): window features
+    features: dict[tuple[str, int, int],
+                   Any] = field(default_factory=dict)  # (device, batch size, index): window features
     cache_bytes: int = 0
 
 
@@ -88,7 +92,7 @@ class SATAdapter(ModelAdapter):
                     weight_file(self, BIOLORD_PREFIX + name)  # WeightsError naming the file when missing
                 folder = biolord_dir(weight_file(self, BIOLORD_PREFIX + BIOLORD_FILES[0]).parent)
                 self.text_tower = load_text_tower(weight_file(self, text_ckpt), config_path=folder, tokenizer=folder)
-        self.patch: Tuple[int, int, int] = tuple(self.options.get("patch", PATCH))  # type: ignore[assignment]
+        self.patch: tuple[int, int, int] = tuple(self.options.get("patch", PATCH))  # type: ignore[assignment]
         self.max_queries = int(self.options.get("max_queries", MAX_QUERIES))
         self.to(device)
 
@@ -99,7 +103,7 @@ class SATAdapter(ModelAdapter):
                 m.to(self.device)
             if hasattr(m, "eval"):
                 m.eval()
-        self.text_cache: Dict[Tuple[str, str], torch.Tensor] = {}
+        self.text_cache: dict[tuple[str, str], torch.Tensor] = {}
 
     # ---- image ------------------------------------------------------------------------------
     def prepare(self, volume, preset, ctx: RunContext) -> SATState:
@@ -138,7 +142,7 @@ class SATAdapter(ModelAdapter):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def decode(self, encoded: SATState, prompts: Sequence[Prompt], ctx: RunContext) -> List[Decoded]:
+    def decode(self, encoded: SATState, prompts: Sequence[Prompt], ctx: RunContext) -> list[Decoded]:
         texts = [normalize(p.text) for p in prompts]
         warnings = [check_target(p.text, encoded.modality) for p in prompts]
         for w in dict.fromkeys(w for w in warnings if w):
@@ -169,7 +173,7 @@ class SATAdapter(ModelAdapter):
                                progress=lambda f: ctx.report(f, "SAT: patches"), check_cancel=ctx.check_cancel)
         out = []
         for n, w in enumerate(warnings):
-            extra: Dict[str, Any] = {"sat_grid": list(encoded.geo.shape), "sat_text": texts[n]}
+            extra: dict[str, Any] = {"sat_grid": list(encoded.geo.shape), "sat_text": texts[n]}
             if w:
                 extra["vocabulary_warning"] = w
             out.append(Decoded(SATMap(encoded.geo, probs[n].numpy()), None, extra))

@@ -13,8 +13,9 @@ the other. The text file may also hold the knowledge-pretraining ``atlas_tower.*
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -28,7 +29,7 @@ _OTHER = {"conv": "all_modules.0", "norm": "all_modules.1", "all_modules.0": "co
 STALE_TEXT_KEYS = ("text_tower.biolord.embeddings.position_ids",)
 
 
-def read_state_dict(path: Union[str, Path], what: str) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: Union[str, Path], what: str) -> dict[str, torch.Tensor]:
     """The ``model_state_dict`` of an official SAT file, ``module.`` stripped; WeightsError if unusable."""
     path = Path(path)
     if not path.is_file():
@@ -42,8 +43,9 @@ def read_state_dict(path: Union[str, Path], what: str) -> Dict[str, torch.Tensor
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
 
 
-def fill_aliases(sd: Mapping[str, torch.Tensor], own: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """Add the missing twin name of every conv/norm tensor (``conv`` <-> ``all_modules.0``, ``norm`` <-> ``all_modules.1``)."""
+def fill_aliases(sd: Mapping[str, torch.Tensor], own: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Add the missing twin name of every conv/norm tensor (``conv`` <-> ``all_modules.0``,
+    ``norm`` <-> ``all_modules.1``)."""
     out = dict(sd)
     for k, v in sd.items():
         m = _ALIAS.search(k)
@@ -108,7 +110,7 @@ def load_text_tower(path: Union[str, Path], config_path: Optional[Union[str, Pat
             tokenizer = load_tokenizer(tokenizer)
     except Exception as exc:  # missing / unreadable BioLORD files
         raise WeightsError(
-            f"SAT's text tower needs FremyCompany/BioLORD-2023-C's config.json and tokenizer files ({type(exc).__name__}: "
-            f"{str(exc)[:160]}); download them again.") from None
+            f"SAT's text tower needs FremyCompany/BioLORD-2023-C's config.json and tokenizer files "
+            f"({type(exc).__name__}: {str(exc)[:160]}); download them again.") from None
     model = SATTextEncoder(config, tokenizer)
     return load_text_weights(model, path).to(device).eval()

@@ -22,8 +22,9 @@ patch batch) and :meth:`SATNetwork.decode` (any number of query chunks), ``forwa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,15 +36,15 @@ from torch import nn
 class SATConfig:
     """Architecture numbers; the defaults are SAT-Nano (upstream ``vision_backbone='UNET'``)."""
 
-    features: Tuple[int, ...] = (64, 64, 128, 256, 512, 768)
-    n_conv: Tuple[int, ...] = (2, 2, 2, 2, 2, 2)            # encoder, per stage
-    n_conv_decoder: Tuple[int, ...] = (2, 2, 2, 2, 2)       # decoder, bottleneck side first
-    strides: Tuple[int, ...] = (1, 2, 2, 2, 2, 2)
+    features: tuple[int, ...] = (64, 64, 128, 256, 512, 768)
+    n_conv: tuple[int, ...] = (2, 2, 2, 2, 2, 2)            # encoder, per stage
+    n_conv_decoder: tuple[int, ...] = (2, 2, 2, 2, 2)       # decoder, bottleneck side first
+    strides: tuple[int, ...] = (1, 2, 2, 2, 2, 2)
     in_channels: int = 3
     kernel_size: int = 3
-    pool_sizes: Tuple[int, ...] = (32, 16, 8, 4, 2)         # avg-pool of encoder stages 0..4
-    patch_size: Tuple[int, int, int] = (288, 288, 96)       # upstream crop_size (H, W, D)
-    token_patch: Tuple[int, int, int] = (32, 32, 32)        # upstream patch_size: H,W and D downsampling
+    pool_sizes: tuple[int, ...] = (32, 16, 8, 4, 2)         # avg-pool of encoder stages 0..4
+    patch_size: tuple[int, int, int] = (288, 288, 96)       # upstream crop_size (H, W, D)
+    token_patch: tuple[int, int, int] = (32, 32, 32)        # upstream patch_size: H,W and D downsampling
     projection_hidden: int = 768                            # projection_layer: sum(features) -> hidden -> d_model
     d_model: int = 768
     decoder_layers: int = 6
@@ -53,7 +54,7 @@ class SATConfig:
     per_pixel_dim: int = 64
 
     @property
-    def token_grid(self) -> Tuple[int, int, int]:
+    def token_grid(self) -> tuple[int, int, int]:
         """Image tokens per patch (h, w, d): 9x9x3 for 288x288x96."""
         p = self.token_patch
         return (self.patch_size[0] // p[0], self.patch_size[1] // p[0], self.patch_size[2] // p[-1])
@@ -123,7 +124,7 @@ class PlainConvEncoder(nn.Module):
             cin = f
         self.stages = nn.Sequential(*stages)
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         skips = []
         for stage in self.stages:
             x = stage(x)
@@ -136,7 +137,8 @@ class UNetDecoder(nn.Module):
         super().__init__()
         f, n_stages = cfg.features, len(cfg.features)
         self.transpconvs = nn.ModuleList(
-            nn.ConvTranspose3d(f[-s], f[-(s + 1)], cfg.strides[-s], cfg.strides[-s], bias=True) for s in range(1, n_stages))
+            nn.ConvTranspose3d(f[-s], f[-(s + 1)], cfg.strides[-s], cfg.strides[-s],
+                               bias=True) for s in range(1, n_stages))
         self.stages = nn.ModuleList(
             StackedConvBlocks(cfg.n_conv_decoder[s - 1], 2 * f[-(s + 1)], f[-(s + 1)], cfg.kernel_size, 1)
             for s in range(1, n_stages))
@@ -155,7 +157,7 @@ class PlainConvUNet(nn.Module):
         self.encoder = PlainConvEncoder(cfg)
         self.decoder = UNetDecoder(cfg)
 
-    def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         skips = self.encoder(x)
         return skips, self.decoder(skips)
 

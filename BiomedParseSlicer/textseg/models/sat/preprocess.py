@@ -33,7 +33,7 @@ input grid, orientation back. Upstream stops at the SAT grid (issue #26).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import numpy as np
 
@@ -55,10 +55,10 @@ class SATGrid:
     """Upstream's SAT grid of an image: what MONAI 1.1's ``Orientationd("RAS")`` + ``Spacingd((1, 1, 3))``
     compute from the affine and shape alone. Indices are of upstream's RAS-ordered array (x, y, z)."""
 
-    ras_shape: Tuple[int, int, int]  # the RAS-ordered input's shape
+    ras_shape: tuple[int, int, int]  # the RAS-ordered input's shape
     ras_affine: np.ndarray  # 4x4: its affine after the orientation step (float32 values)
-    spacing: Tuple[float, float, float]  # the output spacing (target, or the input's within 1e-3 mm)
-    shape: Tuple[int, int, int]  # the resampled shape (before the foreground crop)
+    spacing: tuple[float, float, float]  # the output spacing (target, or the input's within 1e-3 mm)
+    shape: tuple[int, int, int]  # the resampled shape (before the foreground crop)
     affine: np.ndarray  # 4x4: resampled voxel -> RAS mm (upstream's output affine)
     matrix: np.ndarray  # 3x4: resampled voxel -> RAS-ordered input index (upstream's sampling transform)
     centred: bool  # no input corner passed upstream's corner test: the output is centred on the input
@@ -67,12 +67,12 @@ class SATGrid:
     source: str = ""  # where the affine came from: "NIfTI header" or "volume geometry"
 
     @property
-    def scale(self) -> Tuple[float, float, float]:
+    def scale(self) -> tuple[float, float, float]:
         """Input (RAS-ordered) index per resampled index along each axis (the sampling matrix's diagonal)."""
         return tuple(float(self.matrix[a, a]) for a in range(3)) if self.resampled else (1.0, 1.0, 1.0)  # type: ignore
 
     @property
-    def offset(self) -> Tuple[float, float, float]:
+    def offset(self) -> tuple[float, float, float]:
         """Input (RAS-ordered) index of resampled voxel 0 along each axis: 0 when upstream anchors a corner."""
         return tuple(float(x) for x in self.matrix[:, 3]) if self.resampled else (0.0, 0.0, 0.0)  # type: ignore
 
@@ -93,7 +93,7 @@ def upstream_grid(affine, shape, target=TARGET_SPACING) -> SATGrid:
     return _spacing_grid(a1, tuple(ras_shape), target, ornt)  # type: ignore[arg-type]
 
 
-def _spacing_grid(a1: np.ndarray, ras_shape: Tuple[int, int, int], target, ornt, source: str = "") -> SATGrid:
+def _spacing_grid(a1: np.ndarray, ras_shape: tuple[int, int, int], target, ornt, source: str = "") -> SATGrid:
     """MONAI 1.1 ``Spacing`` on an already RAS-ordered image with affine ``a1``."""
     orig = np.sqrt(np.sum(a1[:3, :3] * a1[:3, :3], axis=0))
     orig[orig == 0] = 1.0
@@ -104,8 +104,8 @@ def _spacing_grid(a1: np.ndarray, ras_shape: Tuple[int, int, int], target, ornt,
         zs = np.linalg.cholesky(rzs.T @ rzs).T
         rotation = rzs @ np.linalg.inv(zs)
     except np.linalg.LinAlgError:
-        raise InputError("The image's direction matrix is degenerate (its axes are not independent): "
-                         "fix the image header.") from None
+        raise InputError("The image's direction matrix is degenerate (its axes are not independent): fix the image "
+                         "header.") from None
     out = np.eye(4)
     out[:3, :3] = rotation @ np.diag(np.sign(np.diag(zs)) * np.abs(out_d))
     # compute_shape_offset(shape, a1, out, scale_extent=False)
@@ -133,7 +133,8 @@ def _spacing_grid(a1: np.ndarray, ras_shape: Tuple[int, int, int], target, ornt,
                                                     or np.allclose(matrix, np.eye(4), atol=AFFINE_TOL)))
     if not resampled:
         out, matrix = a1.copy(), np.eye(4)
-    return SATGrid(tuple(ras_shape), a1, tuple(float(x) for x in out_d), shape, out, matrix[:3], centred,  # type: ignore
+    return SATGrid(tuple(ras_shape), a1, tuple(float(x) for x in out_d), shape, out, matrix[:3],
+                   centred,  # type: ignore
                    resampled, np.asarray(ornt), source)
 
 
@@ -166,7 +167,8 @@ def _index_map(affine: np.ndarray, canonical: np.ndarray, shape_ijk) -> Optional
 
 def sat_grid(volume: Any, target=TARGET_SPACING) -> SATGrid:
     """Upstream's grid of a canonical Volume (what ``Predictor`` hands adapters): from the NIfTI header the
-    image was read from (``metadata['nifti_affine']``, kept by ``textseg.io``) when it describes this volume,
+    image was read from (``metadata['nifti_affine']``, kept by ``textseg.formats.images``) when it describes this
+    volume,
     else from the float32 rounding of the geometry of the volume the canonical one was made from (the header
     nibabel would write for it; ``metadata['input_ijk_to_ras']``, kept by ``Volume.canonical``; the volume
     itself when absent). The input's axis order matters: upstream reorients, then rounds to float32."""
@@ -241,7 +243,7 @@ def resample_axis(a: np.ndarray, axis: int, n_out: int, scale: float, offset: fl
     return lerp_axis(a, axis, *axis_weights(n_in, n_out, scale, offset))
 
 
-def support(i0: np.ndarray, i1: np.ndarray, lo: int, hi: int) -> Tuple[int, int]:
+def support(i0: np.ndarray, i1: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
     """Output range ``[a, b)`` outside which both source indices fall outside ``[lo, hi)`` (a map that is
     zero outside [lo, hi) interpolates to exactly zero there); (0, 0) when empty."""
     inside = np.nonzero(((i0 >= lo) & (i0 < hi)) | ((i1 >= lo) & (i1 < hi)))[0]
@@ -252,23 +254,23 @@ def support(i0: np.ndarray, i1: np.ndarray, lo: int, hi: int) -> Tuple[int, int]
 class SATGeometry:
     """Where the SAT grid lies relative to the canonical grid."""
 
-    ras_shape: Tuple[int, int, int]  # RAS-ordered input (x, y, z) = canonical (i, j, k) sizes
-    spacing: Tuple[float, float, float]  # the SAT grid's spacing (target, or original when within 1e-3)
-    resampled_shape: Tuple[int, int, int]
-    start: Tuple[int, int, int]  # crop box in the resampled grid
-    stop: Tuple[int, int, int]
-    scale: Tuple[float, float, float]  # input (RAS-ordered) index per resampled index, per axis
-    offset: Tuple[float, float, float] = (0.0, 0.0, 0.0)  # input index of resampled voxel 0, per axis
+    ras_shape: tuple[int, int, int]  # RAS-ordered input (x, y, z) = canonical (i, j, k) sizes
+    spacing: tuple[float, float, float]  # the SAT grid's spacing (target, or original when within 1e-3)
+    resampled_shape: tuple[int, int, int]
+    start: tuple[int, int, int]  # crop box in the resampled grid
+    stop: tuple[int, int, int]
+    scale: tuple[float, float, float]  # input (RAS-ordered) index per resampled index, per axis
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)  # input index of resampled voxel 0, per axis
 
     @classmethod
-    def from_grid(cls, grid: SATGrid, canonical_shape, start=(0, 0, 0), stop=None) -> "SATGeometry":
+    def from_grid(cls, grid: SATGrid, canonical_shape, start=(0, 0, 0), stop=None) -> SATGeometry:
         """The geometry of ``grid`` on a canonical array of ``canonical_shape`` ([k, j, i]); crop box
         ``[start, stop)`` (default: none)."""
         return cls(tuple(int(n) for n in canonical_shape[::-1]), grid.spacing, grid.shape, tuple(start),  # type: ignore
                    tuple(grid.shape if stop is None else stop), grid.scale, grid.offset)  # type: ignore[arg-type]
 
     @property
-    def shape(self) -> Tuple[int, int, int]:
+    def shape(self) -> tuple[int, int, int]:
         """Shape of the SAT grid (the cropped, resampled RAS array), (x, y, z)."""
         return tuple(b - a for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
 
@@ -372,7 +374,8 @@ def normalize(arr: np.ndarray, modality: str) -> np.ndarray:
     return (arr - np.mean(arr)) / std
 
 
-def preprocess(volume: Any, modality: str, compat: bool = False, target=TARGET_SPACING) -> Tuple[np.ndarray, SATGeometry]:
+def preprocess(volume: Any, modality: str, compat: bool = False, target=TARGET_SPACING) -> tuple[np.ndarray,
+                                                                                                 SATGeometry]:
     """Canonical Volume -> (SAT image (x, y, z) float32, geometry) on upstream's grid (``sat_grid``).
 
     Default: each axis resampled on its own, and only the part of the resampled grid that can be > 0 is
@@ -392,7 +395,8 @@ def preprocess(volume: Any, modality: str, compat: bool = False, target=TARGET_S
     if compat and grid.resampled:
         from scipy.ndimage import affine_transform
 
-        part = affine_transform(ras.astype(np.float32), grid.matrix[:, :3], offset=grid.matrix[:, 3], output_shape=shape,
+        part = affine_transform(ras.astype(np.float32), grid.matrix[:, :3], offset=grid.matrix[:, 3],
+                                output_shape=shape,
                                 output=np.float64, order=1, mode="nearest", prefilter=False).astype(np.float32)
         out0 = [0, 0, 0]
     else:
@@ -440,7 +444,7 @@ def _resample_separable(ras: np.ndarray, grid: SATGrid, lo, hi):
     return mem.transpose(2, 1, 0).astype(np.float32), out0  # upstream's resampled MetaTensor is float32
 
 
-def _box(mask: np.ndarray) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+def _box(mask: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Bounding box ``[start, stop)`` per axis of a non-empty boolean array."""
     start, stop = [], []
     for ax in range(mask.ndim):

@@ -18,8 +18,9 @@ tokenizer are not in SAT's checkpoint: they come from the user's copy of
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from torch import nn
 MODALITY_CODES = {"ct": 0, "mri": 1, "us": 2, "pet": 3}
 MAX_LENGTH = 256
 # config.json of FremyCompany/BioLORD-2023-C (MPNet base); used when no config file is given.
-BIOLORD_CONFIG: Dict[str, Any] = dict(
+BIOLORD_CONFIG: dict[str, Any] = dict(
     vocab_size=30527, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
     hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=514,
     initializer_range=0.02, layer_norm_eps=1e-5, relative_attention_num_buckets=32, pad_token_id=1,
@@ -78,7 +79,7 @@ class SATTokenizer:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def __call__(self, texts: Union[str, Sequence[str]]) -> Dict[str, torch.Tensor]:
+    def __call__(self, texts: Union[str, Sequence[str]]) -> dict[str, torch.Tensor]:
         if isinstance(texts, str):
             texts = [texts]
         ids = [self.tokenizer.convert_tokens_to_ids(["[CLS]"] + self.tokenizer.tokenize(t) + ["[SEP]"]) for t in texts]
@@ -142,7 +143,8 @@ class SATTextEncoder(nn.Module):
         """Class names (lower-cased by the caller, as upstream) and 'ct'/'mri'/'us'/'pet' -> (N, 768)."""
         if self.tokenizer is None:
             raise RuntimeError("SATTextEncoder.embed needs a tokenizer (see load_tokenizer)")
-        texts: List[str] = [texts] if isinstance(texts, str) else list(texts)
+        texts: list[str] = [texts] if isinstance(texts, str) else list(texts)
         tok = self.tokenizer(texts)
         dev = self.modality_embed.weight.device
-        return self(tok["input_ids"].to(dev), tok["attention_mask"].to(dev), modality_codes(modality, len(texts)).to(dev))
+        return self(tok["input_ids"].to(dev), tok["attention_mask"].to(dev),
+                    modality_codes(modality, len(texts)).to(dev))

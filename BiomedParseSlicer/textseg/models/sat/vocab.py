@@ -12,9 +12,9 @@ from __future__ import annotations
 import csv
 import difflib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 TABLE = Path(__file__).resolve().parents[2] / "data" / "sat_classes.csv"
 MODALITIES = ("CT", "MRI", "PET")
@@ -29,7 +29,7 @@ class SATClass:
 
 
 @lru_cache(maxsize=1)
-def classes() -> Tuple[SATClass, ...]:
+def classes() -> tuple[SATClass, ...]:
     with open(TABLE, newline="", encoding="utf-8") as f:
         return tuple(SATClass(r["modality"], r["name"], r["region"], r["abnormal"] == "1") for r in csv.DictReader(f))
 
@@ -47,15 +47,15 @@ def sat_modality(modality: str) -> str:
     raise ValueError(f"SAT segments CT, MRI and PET images, not '{modality}'.")
 
 
-@lru_cache(maxsize=None)
-def names(modality: Optional[str] = None) -> Tuple[str, ...]:
+@cache
+def names(modality: Optional[str] = None) -> tuple[str, ...]:
     """Sorted distinct class names, of one modality or of all."""
     mod = sat_modality(modality) if modality else None
     return tuple(sorted({c.name for c in classes() if mod is None or c.modality == mod}))
 
 
-def regions() -> Dict[str, Tuple[str, ...]]:
-    out: Dict[str, List[str]] = {}
+def regions() -> dict[str, tuple[str, ...]]:
+    out: dict[str, list[str]] = {}
     for c in classes():
         out.setdefault(c.region, []).append(f"{c.modality}:{c.name}")
     return {k: tuple(v) for k, v in out.items()}

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -23,11 +24,11 @@ PATCH = (288, 288, 96)
 MAX_QUERIES = 256
 
 
-def split_3d(shape: Sequence[int], patch: Sequence[int] = PATCH) -> List[Tuple[int, int, int, int, int, int]]:
+def split_3d(shape: Sequence[int], patch: Sequence[int] = PATCH) -> list[tuple[int, int, int, int, int, int]]:
     """Upstream ``split_3d`` patch boxes ``(h_s, h_e, w_s, w_e, d_s, d_e)`` for a (h, w, d) volume,
     in upstream's order (h outermost, d innermost)."""
 
-    def starts(n: int, p: int) -> List[Tuple[int, int]]:
+    def starts(n: int, p: int) -> list[tuple[int, int]]:
         step = p // 2
         out = []
         for i in range(max(math.ceil(n / step) - 1, 1)):
@@ -48,7 +49,7 @@ def compute_gaussian(tile_size: Sequence[int], sigma_scale: float = 1.0 / 8, val
     Upstream filters a 3D delta with ``scipy.ndimage.gaussian_filter`` (three 1D passes over the whole tile,
     about 2 s at 288x288x96). Filtering a delta axis by axis only ever multiplies the one non-zero value by a
     kernel tap and adds zeros, so the result is the outer product of the three 1D kernels, multiplied in
-    the order of the passes: bit-equal (Testing/test_sat_pipeline.py), 7x faster."""
+    the order of the passes: bit-equal (Testing/models/test_sat_pipeline.py), 7x faster."""
     from scipy.ndimage import gaussian_filter1d
 
     kernels = []
@@ -64,14 +65,14 @@ def compute_gaussian(tile_size: Sequence[int], sigma_scale: float = 1.0 / 8, val
 
 
 @functools.lru_cache(maxsize=4)
-def gaussian_weights(patch: Tuple[int, int, int]) -> torch.Tensor:
+def gaussian_weights(patch: tuple[int, int, int]) -> torch.Tensor:
     """``compute_gaussian(patch)`` as float32, computed once per patch size (callers must not modify it)."""
     return torch.from_numpy(compute_gaussian(patch).astype(np.float32))
 
 
 def pad_patch(patch: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Zero-pad a (..., h, w, d) patch at the far end to ``size`` (upstream ``_pad_if_necessary``)."""
-    pad: List[int] = []
+    pad: list[int] = []
     for n, t in zip(reversed(patch.shape[-3:]), reversed(list(size))):
         pad += [0, max(t - n, 0)]
     return torch.nn.functional.pad(patch, pad) if any(pad) else patch

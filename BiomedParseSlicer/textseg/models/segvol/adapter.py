@@ -21,8 +21,9 @@ Boxes and points come in LPS mm (textseg.prompts) and are mapped onto the crop g
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -63,13 +64,13 @@ def model_array(canonical: np.ndarray) -> np.ndarray:
 class Geometry:
     """Where the model's crop lies: model array = canonical flipped; padded; cropped."""
 
-    shape: Tuple[int, int, int]  # model array (= canonical) shape
-    pad: Tuple[Tuple[int, int], ...]  # symmetric padding per axis
-    start: Tuple[int, int, int]  # crop start in the padded array
-    stop: Tuple[int, int, int]
+    shape: tuple[int, int, int]  # model array (= canonical) shape
+    pad: tuple[tuple[int, int], ...]  # symmetric padding per axis
+    start: tuple[int, int, int]  # crop start in the padded array
+    stop: tuple[int, int, int]
 
     @property
-    def crop_shape(self) -> Tuple[int, int, int]:
+    def crop_shape(self) -> tuple[int, int, int]:
         return tuple(b - a for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
 
     def canonical_to_crop(self, kji: np.ndarray) -> np.ndarray:
@@ -87,7 +88,7 @@ class Geometry:
         return np.ascontiguousarray(out[:, ::-1, ::-1])
 
 
-def preprocess(canonical: np.ndarray, window: Sequence[int]) -> Tuple[np.ndarray, Geometry]:
+def preprocess(canonical: np.ndarray, window: Sequence[int]) -> tuple[np.ndarray, Geometry]:
     """Upstream's CT preprocessing on a canonical array; returns the cropped image and its geometry."""
     zyx = model_array(np.asarray(canonical, dtype=np.float32))
     # Flatten in upstream's (x, y, z) memory order so the float32 statistics match bit for bit.
@@ -99,7 +100,8 @@ def preprocess(canonical: np.ndarray, window: Sequence[int]) -> Tuple[np.ndarray
     start, stop = generate_spatial_bounding_box(arr[None], lambda x: x > 0)
     if any(b <= a for a, b in zip(start, stop)):
         raise InputError("The CT has no foreground after normalisation (constant image?): nothing to segment.")
-    geo = Geometry(tuple(zyx.shape), pad, tuple(int(v) for v in start), tuple(int(v) for v in stop))  # type: ignore[arg-type]
+    geo = Geometry(tuple(zyx.shape), pad, tuple(int(v) for v in start),
+                   tuple(int(v) for v in stop))  # type: ignore[arg-type]
     crop = np.ascontiguousarray(arr[tuple(slice(a, b) for a, b in zip(geo.start, geo.stop))])
     return crop, geo
 
@@ -126,7 +128,8 @@ def box_map(box_zo: torch.Tensor, zoom_out_shape, crop_shape) -> torch.Tensor:
     return F.interpolate(binary_cube(box_zo, zoom_out_shape)[None, None], size=tuple(crop_shape), mode="nearest")[0, 0]
 
 
-def select_points(prob_map: torch.Tensor, generator: torch.Generator, n_extra: int = 4) -> Tuple[torch.Tensor, torch.Tensor]:
+def select_points(prob_map: torch.Tensor, generator: torch.Generator, n_extra: int = 4) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
     """Upstream select_points(map) with its defaults (1 + 4 positive points, -1 padding), seeded."""
     pos = torch.nonzero(prob_map > 0.9)
     if pos.shape[0] == 0:
@@ -142,7 +145,7 @@ def select_points(prob_map: torch.Tensor, generator: torch.Generator, n_extra: i
     return pts, labels
 
 
-def roi_from_logits(logits: torch.Tensor, window: Sequence[int]) -> Optional[Tuple[int, ...]]:
+def roi_from_logits(logits: torch.Tensor, window: Sequence[int]) -> Optional[tuple[int, ...]]:
     """Upstream logits2roi_coor: (min_d, min_h, min_w, max_d, max_h, max_w), inclusive, or None."""
     idx = torch.nonzero(torch.sigmoid(logits) > 0.5)
     if idx.shape[0] == 0:
@@ -156,9 +159,9 @@ def roi_from_logits(logits: torch.Tensor, window: Sequence[int]) -> Optional[Tup
     return tuple(out_lo + out_hi)
 
 
-def sw_pad(shape: Sequence[int], window: Sequence[int]) -> List[int]:
+def sw_pad(shape: Sequence[int], window: Sequence[int]) -> list[int]:
     """MONAI sliding_window_inference's F.pad list (last axis first)."""
-    pad: List[int] = []
+    pad: list[int] = []
     for s, w in zip(reversed(list(shape)), reversed(list(window))):
         diff = max(w - s, 0)
         pad += [diff // 2, diff - diff // 2]
@@ -170,7 +173,7 @@ class PromptGrid:
     """One prompt on the model grids: zoom-out box/points and their crop-space maps."""
 
     box_zo: Optional[torch.Tensor] = None  # (6,)
-    points_zo: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (N, 3), (N,)
+    points_zo: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (N, 3), (N,)
     box_map: Optional[torch.Tensor] = None  # crop-space binary cube
     point_map: Optional[torch.Tensor] = None  # crop-space binary points
 
@@ -182,7 +185,7 @@ class SegVolState:
     geo: Geometry
     zoom_out: torch.Tensor  # (1, 1, *window)
     zo_embedding: Optional[torch.Tensor] = None
-    window_cache: "OrderedDict[Any, torch.Tensor]" = field(default_factory=OrderedDict)
+    window_cache: OrderedDict[Any, torch.Tensor] = field(default_factory=OrderedDict)
     cache_bytes: int = 0
 
 
@@ -210,7 +213,7 @@ class SegVolAdapter(ModelAdapter):
         self.text_cache = {}
 
     @property
-    def window(self) -> Tuple[int, int, int]:
+    def window(self) -> tuple[int, int, int]:
         return tuple(self.cfg.img_size)  # type: ignore[return-value]
 
     # ---- image ------------------------------------------------------------------------------
@@ -259,12 +262,14 @@ class SegVolAdapter(ModelAdapter):
     @torch.no_grad()
     def text_embedding(self, text: str) -> torch.Tensor:
         if text not in self.text_cache:
-            enc = self.tokenizer([TEMPLATE.format(text)], padding=True, truncation=True, max_length=77, return_tensors="pt")
-            self.text_cache[text] = self.net.encode_text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
+            enc = self.tokenizer([TEMPLATE.format(text)], padding=True, truncation=True, max_length=77,
+                                 return_tensors="pt")
+            self.text_cache[text] = self.net.encode_text(enc["input_ids"].to(self.device),
+                                                         enc["attention_mask"].to(self.device))
         return self.text_cache[text]
 
     @staticmethod
-    def crop_box(state: SegVolState, box) -> Tuple[np.ndarray, np.ndarray]:
+    def crop_box(state: SegVolState, box) -> tuple[np.ndarray, np.ndarray]:
         """Inclusive crop-grid (z, y, x) index box around an axis-aligned LPS box given by two opposite corners.
 
         All 8 corners are mapped: on an oblique image the box spanned by two of them misses part of the region
@@ -311,11 +316,11 @@ class SegVolAdapter(ModelAdapter):
 
     @torch.no_grad()
     def run(self, state: SegVolState, text_emb, grid: PromptGrid, ctx: RunContext, zoom_in: bool = True,
-            generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
+            generator: Optional[torch.Generator] = None) -> dict[str, Any]:
         """Upstream's zoom_in_zoom_out for one prompt; crop-space logits plus what was decided."""
         zo = self.zoom_out_logits(state, text_emb, grid).float().cpu()
         logits = F.interpolate(zo, size=state.geo.crop_shape, mode="nearest")[0, 0]
-        out: Dict[str, Any] = {"zoom_out_logits": zo[0, 0], "roi": None, "window_boxes": []}
+        out: dict[str, Any] = {"zoom_out_logits": zo[0, 0], "roi": None, "window_boxes": []}
         roi = roi_from_logits(logits, self.window) if zoom_in else None
         if roi is None:
             out["logits"] = logits
@@ -345,8 +350,8 @@ class SegVolAdapter(ModelAdapter):
             # matters where the ROI is smaller than the window); kept for equality with it.
             if grid.points_zo is not None:
                 wmap = prompt_map[(0, 0) + wsl]
-                p, l = select_points(wmap, gen)
-                points = (p[None].to(self.device), l[None].to(self.device))
+                p, labels = select_points(wmap, gen)
+                points = (p[None].to(self.device), labels[None].to(self.device))
                 boxes = generate_box(preds[(0, 0) + wsl])[None].to(self.device)
             elif grid.box_zo is not None:
                 src = prompt_map if n_win == 1 else preds
@@ -365,7 +370,7 @@ class SegVolAdapter(ModelAdapter):
         return out
 
     @staticmethod
-    def _window_key(roi, wsl, pad_before, roi_shape) -> Tuple:
+    def _window_key(roi, wsl, pad_before, roi_shape) -> tuple:
         """Window content = crop[start:stop] clipped to the ROI, zeros elsewhere: key by both."""
         key = []
         for d in range(3):
@@ -374,7 +379,7 @@ class SegVolAdapter(ModelAdapter):
             key.append((a, b, max(a, roi[d]), min(b, roi[d] + roi_shape[d])))
         return tuple(key)
 
-    def decode(self, encoded: SegVolState, prompts: Sequence[Prompt], ctx: RunContext) -> List[Decoded]:
+    def decode(self, encoded: SegVolState, prompts: Sequence[Prompt], ctx: RunContext) -> list[Decoded]:
         results = []
         seed = ctx.seed if ctx.seed is not None else int(self.options.get("seed", 0))
         for p in prompts:

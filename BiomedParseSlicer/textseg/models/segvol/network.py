@@ -17,9 +17,10 @@ Parts (names as in the official state dict):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +38,8 @@ PREFIXES = ("module.", "model.")
 class SegVolConfig:
     """Architecture knobs; the defaults are the released SegVol (ViT-B, 32x256x256 input)."""
 
-    img_size: Tuple[int, int, int] = (32, 256, 256)
-    patch_size: Tuple[int, int, int] = (4, 16, 16)
+    img_size: tuple[int, int, int] = (32, 256, 256)
+    patch_size: tuple[int, int, int] = (4, 16, 16)
     hidden_size: int = 768
     mlp_dim: int = 3072
     num_layers: int = 12
@@ -48,10 +49,10 @@ class SegVolConfig:
     decoder_heads: int = 8
     iou_head_hidden: int = 256
     mask_in_chans: int = 16
-    text_config: Dict[str, Any] = field(default_factory=dict)  # CLIPTextConfig overrides
+    text_config: dict[str, Any] = field(default_factory=dict)  # CLIPTextConfig overrides
 
     @property
-    def feat_shape(self) -> Tuple[int, int, int]:
+    def feat_shape(self) -> tuple[int, int, int]:
         return tuple(int(s // p) for s, p in zip(self.img_size, self.patch_size))  # type: ignore[return-value]
 
 
@@ -95,7 +96,8 @@ class PositionEmbeddingRandom(nn.Module):
 
 
 class PromptEncoder(nn.Module):
-    def __init__(self, embed_dim: int, image_embedding_size: Sequence[int], input_image_size: Sequence[int], mask_in_chans: int) -> None:
+    def __init__(self, embed_dim: int, image_embedding_size: Sequence[int], input_image_size: Sequence[int],
+                 mask_in_chans: int) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.input_image_size = tuple(input_image_size)
@@ -133,7 +135,7 @@ class PromptEncoder(nn.Module):
         corners = self.pe_layer.forward_with_coords((boxes + 0.5).reshape(-1, 2, 3), self.input_image_size)
         return corners + torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])[None]
 
-    def forward(self, points, boxes, text_embedding) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, points, boxes, text_embedding) -> tuple[torch.Tensor, torch.Tensor]:
         parts = []
         if points is not None:
             parts.append(self._embed_points(points[0], points[1], pad=boxes is None))
@@ -172,7 +174,8 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v)))
+        out = F.scaled_dot_product_attention(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)),
+                                             self._heads(self.v_proj(v)))
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
 
@@ -249,7 +252,8 @@ class MaskDecoder(nn.Module):
             nn.ConvTranspose3d(dim // 4, dim // 8, kernel_size=2, stride=2),
             nn.GELU(),
         )
-        self.output_hypernetworks_mlps = nn.ModuleList([MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens)])
+        self.output_hypernetworks_mlps = nn.ModuleList([MLP(dim, dim, dim // 8,
+                                                            3) for _ in range(self.num_mask_tokens)])
         self.iou_prediction_head = MLP(dim, cfg.iou_head_hidden, self.num_mask_tokens, 3)
         self.txt_align_upscaled_embedding = nn.Linear(text_dim, dim // 8)
 
@@ -276,7 +280,7 @@ class MaskDecoder(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # text tower and the whole model
 class TextEncoder(nn.Module):
-    def __init__(self, text_config: Dict[str, Any], out_dim: int = 768) -> None:
+    def __init__(self, text_config: dict[str, Any], out_dim: int = 768) -> None:
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -341,7 +345,7 @@ class SegVolNet(nn.Module):
 
 # ------------------------------------------------------------------------------------------------
 # checkpoint
-def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"SegVol weights not found at {path}: run `textseg models download segvol`.")
@@ -368,7 +372,7 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
 CLIP_OFFICIAL, CLIP_FLAT = "text_encoder.clip_text_model.text_model.", "text_encoder.clip_text_model."
 
 
-def remap_state_dict(sd: Dict[str, torch.Tensor], own_keys=None) -> Dict[str, torch.Tensor]:
+def remap_state_dict(sd: dict[str, torch.Tensor], own_keys=None) -> dict[str, torch.Tensor]:
     """Strip ``module.`` (GitHub, DataParallel) / ``model.`` (HF SegVolModel) prefixes, drop stale keys.
 
     With ``own_keys`` given, CLIP keys follow the installed transformers: 5.x's CLIPTextModel has
@@ -388,7 +392,7 @@ def remap_state_dict(sd: Dict[str, torch.Tensor], own_keys=None) -> Dict[str, to
     return out
 
 
-def check_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], name: str) -> None:
+def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
     """Raise a WeightsError naming missing, unexpected and mis-shaped keys."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))

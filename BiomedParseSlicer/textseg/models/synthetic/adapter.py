@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +17,7 @@ RANGES = {"bone": (200.0, 3000.0), "air": (-2000.0, -500.0), "fat": (-150.0, -50
 SIDES = ("left", "right", "superior", "inferior", "anterior", "posterior")
 
 
-def parse(text: str) -> Tuple[float, float, str]:
+def parse(text: str) -> tuple[float, float, str]:
     t = text.lower().strip()
     side = ""
     for s in SIDES:
@@ -32,7 +33,7 @@ def parse(text: str) -> Tuple[float, float, str]:
     raise UsageError(f"synthetic model: unknown prompt '{text}'")
 
 
-def side_mask(shape_kji: Tuple[int, int, int], side: str) -> np.ndarray:
+def side_mask(shape_kji: tuple[int, int, int], side: str) -> np.ndarray:
     """Half of a canonical (closest-LPS) grid: i runs to the left, j posterior, k superior."""
     m = np.zeros(shape_kji, bool)
     k, j, i = shape_kji
@@ -110,7 +111,7 @@ class Synthetic3D(_Base):
         self.calls["encode"] += 1
         return state
 
-    def decode(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> List[Decoded]:
+    def decode(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> list[Decoded]:
         out = []
         for p in prompts:
             self.calls["decode"] += 1
@@ -139,7 +140,7 @@ class Synthetic2D(_Base):
             time.sleep(self.delay)
         return (state, list(indices))
 
-    def decode_slices(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> List[SliceDecoded]:
+    def decode_slices(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> list[SliceDecoded]:
         state, idx = encoded
         out = []
         for p in prompts:

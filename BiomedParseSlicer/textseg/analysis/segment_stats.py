@@ -1,0 +1,204 @@
+"""Segment statistics with the definitions and units of 3D Slicer's Segment Statistics module.
+
+Shape measures use SimpleITK's LabelShapeStatisticsImageFilter, the same ITK filter behind Slicer's
+``vtkITKLabelShapeStatistics``; intensity measures are exact numpy reductions over the segment's
+voxels. Column names are Slicer's statistic keys where Slicer has the measure (``voxel_count``,
+``volume_mm3``, ``volume_cm3``, ``min``, ``max``, ``mean``, ``stdev``, ``median``,
+``percentile_05``, ``percentile_95``, ``surface_area_mm2``, ``roundness``, ``centroid_ras``);
+vectors are split into one column per component. ``COLUMNS`` lists every column with its unit
+and definition (docs/outputs-and-statistics.md explains them and the differences from Slicer).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+
+from ..errors import InputError
+from ..formats.atomic import atomic_output
+from ..formats.segments import Segment, resample_segments
+from ..volume import Volume
+
+PathLike = Union[str, Path]
+
+# column -> (unit, definition)
+COLUMNS: dict[str, tuple[str, str]] = {
+    "segment": ("", "Segment name (the prompt)."),
+    "voxel_count": ("voxels", "Number of voxels of the segment on the image grid."),
+    "volume_mm3": ("mm3", "voxel_count x voxel volume (product of the image spacing)."),
+    "volume_cm3": ("cm3", "volume_mm3 / 1000."),
+    "min": ("image units", "Minimum image value inside the segment."),
+    "max": ("image units", "Maximum image value inside the segment."),
+    "mean": ("image units", "Mean image value inside the segment."),
+    "stdev": ("image units", "Sample standard deviation (divisor N-1) of the image values inside the segment."),
+    "median": ("image units", "Median image value (exact, numpy.median)."),
+    "percentile_05": ("image units", "5th percentile of the image values (exact, linear interpolation)."),
+    "percentile_95": ("image units", "95th percentile of the image values (exact, linear interpolation)."),
+    "surface_area_mm2": ("mm2", "Surface area of the binary segment: ITK LabelShapeStatistics perimeter."),
+    "roundness": ("", "ITK roundness: area of the sphere with the segment's volume / surface area."),
+    "sphericity": ("", "pi^(1/3) (6 V)^(2/3) / A (Wadell) from volume_mm3 and surface_area_mm2; equals roundness."),
+    "centroid_ras_r": ("mm", "Centroid (mean voxel-centre position), RAS R coordinate."),
+    "centroid_ras_a": ("mm", "Centroid, RAS A coordinate."),
+    "centroid_ras_s": ("mm", "Centroid, RAS S coordinate."),
+    "centroid_lps_l": ("mm", "Centroid, LPS L coordinate (= -R)."),
+    "centroid_lps_p": ("mm", "Centroid, LPS P coordinate (= -A)."),
+    "centroid_lps_s": ("mm", "Centroid, LPS S coordinate."),
+    "bbox_index_min_i": ("voxel index", "Smallest i (column) index of the segment, 0-based."),
+    "bbox_index_min_j": ("voxel index", "Smallest j (row) index."),
+    "bbox_index_min_k": ("voxel index", "Smallest k (slice) index."),
+    "bbox_index_max_i": ("voxel index", "Largest i index (inclusive)."),
+    "bbox_index_max_j": ("voxel index", "Largest j index (inclusive)."),
+    "bbox_index_max_k": ("voxel index", "Largest k index (inclusive)."),
+    "bbox_ras_min_r": ("mm", "Axis-aligned RAS box around the index box's voxel corners: minimum R."),
+    "bbox_ras_min_a": ("mm", "Minimum A of that box."),
+    "bbox_ras_min_s": ("mm", "Minimum S of that box."),
+    "bbox_ras_max_r": ("mm", "Maximum R of that box."),
+    "bbox_ras_max_a": ("mm", "Maximum A of that box."),
+    "bbox_ras_max_s": ("mm", "Maximum S of that box."),
+}
+ProgressFn = Callable[[float, str], None]
+
+
+def compute_statistics(volume: Volume, segments: Sequence[Segment], reference: Optional[Volume] = None,
+                       progress: Optional[ProgressFn] = None, cancel: Any = None) -> list[dict[str, Any]]:
+    """One row (dict keyed by ``COLUMNS``) per segment.
+
+    ``reference`` is the grid of the segments' masks when it differs from ``volume``'s (a
+    .seg.nrrd or DICOM SEG of another extent): the masks are then resampled onto the image grid
+    (nearest neighbour), as Slicer does. Empty segments get voxel_count 0 and None elsewhere.
+    Intensity columns are None for RGB images."""
+    rows = []
+    for n in range(len(segments)):
+        if cancel is not None:
+            cancel.check()
+        s = segments[n]
+        if reference is not None:
+            s = resample_segments(reference, [s], volume)[0]
+        if s.mask.shape != volume.shape:
+            raise InputError(f"segment '{s.name}' has shape {s.mask.shape} but the image has {volume.shape}; "
+                             "give the image the segmentation was made on.")
+        rows.append(_segment_row(volume, s))
+        if progress is not None:
+            progress((n + 1) / len(segments), f"statistics: {s.name}")
+    return rows
+
+
+def _segment_row(volume: Volume, s: Segment) -> dict[str, Any]:
+    row: dict[str, Any] = {k: None for k in COLUMNS}
+    row["segment"] = s.name
+    mask = np.asarray(s.mask) > 0
+    count = int(np.count_nonzero(mask))
+    row.update(voxel_count=count, volume_mm3=count * volume.voxel_volume_mm3,
+               volume_cm3=count * volume.voxel_volume_mm3 * 0.001)
+    if count == 0:
+        return row
+    lo, hi = _bbox(mask)
+    if not volume.is_rgb:
+        row.update(_intensity(volume.array[mask]))
+    row.update(_shape(volume, mask, lo, hi))
+    return row
+
+
+def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive (k, j, i) index bounds of the nonzero voxels."""
+    lo, hi = [], []
+    for axis in range(3):
+        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo.append(nz[0])
+        hi.append(nz[-1])
+    return np.array(lo), np.array(hi)
+
+
+def _intensity(values: np.ndarray) -> dict[str, float]:
+    v = values.astype(np.float64)
+    p05, p50, p95 = np.percentile(v, [5, 50, 95])
+    return {"min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()),
+            "stdev": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+            "median": float(p50), "percentile_05": float(p05), "percentile_95": float(p95)}
+
+
+def _shape(volume: Volume, mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict[str, float]:
+    """ITK label shape statistics on the segment's bounding box (plus a one-voxel margin so the
+    surface is closed at the crop; ITK's perimeter is unaffected by background padding)."""
+    import SimpleITK as sitk
+
+    a = np.maximum(lo - 1, 0)
+    b = np.minimum(hi + 2, mask.shape)
+    crop = np.ascontiguousarray(mask[a[0]:b[0], a[1]:b[1], a[2]:b[2]], dtype=np.uint8)
+    img = sitk.GetImageFromArray(crop)
+    img.SetSpacing(volume.spacing)
+    img.SetDirection(tuple(volume.direction.ravel()))
+    img.SetOrigin(tuple(volume.index_to_physical([a[::-1]])[0]))  # LPS of the crop's first voxel
+    f = sitk.LabelShapeStatisticsImageFilter()
+    f.SetComputePerimeter(True)
+    f.SetComputeFeretDiameter(False)
+    f.Execute(img)
+    lps = np.array(f.GetCentroid(1))
+    area = f.GetPerimeter(1)
+    vol_mm3 = int(mask[a[0]:b[0], a[1]:b[1], a[2]:b[2]].sum()) * volume.voxel_volume_mm3
+    out = {"surface_area_mm2": area, "roundness": f.GetRoundness(1),
+           "sphericity": math.pi ** (1 / 3) * (6 * vol_mm3) ** (2 / 3) / area if area > 0 else None,
+           "centroid_lps_l": lps[0], "centroid_lps_p": lps[1], "centroid_lps_s": lps[2],
+           "centroid_ras_r": -lps[0], "centroid_ras_a": -lps[1], "centroid_ras_s": lps[2]}
+    for axis, name in zip((2, 1, 0), "ijk"):
+        out[f"bbox_index_min_{name}"] = int(lo[axis])
+        out[f"bbox_index_max_{name}"] = int(hi[axis])
+    corners = np.array([[x, y, z] for x in (lo[2] - 0.5, hi[2] + 0.5) for y in (lo[1] - 0.5, hi[1] + 0.5)
+                        for z in (lo[0] - 0.5, hi[0] + 0.5)])
+    ras = volume.index_to_physical(corners, "RAS")
+    for d, name in enumerate("ras"):
+        out[f"bbox_ras_min_{name}"] = float(ras[:, d].min())
+        out[f"bbox_ras_max_{name}"] = float(ras[:, d].max())
+    return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in out.items()}
+
+
+def write_statistics(rows: Sequence[dict[str, Any]], path: PathLike, overwrite: bool = False) -> Path:
+    """CSV (``.csv``, one row per segment, columns in ``COLUMNS`` order) or JSON (``.json``:
+    {"columns": {name: {"unit", "definition"}}, "segments": rows}); atomic, never overwrites unless
+    asked."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in (".csv", ".json"):
+        raise InputError(f"{path}: statistics are written as .csv or .json; choose one of those extensions.")
+    columns = list(COLUMNS) + sorted({k for r in rows for k in r if k not in COLUMNS})
+    if ext == ".csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k)) for k in columns})
+        text = buf.getvalue()
+    else:
+        meta = {k: {"unit": COLUMNS[k][0], "definition": COLUMNS[k][1]} for k in COLUMNS}
+        text = json.dumps({"columns": meta, "segments": [{k: r.get(k) for k in columns} for r in rows]}, indent=1)
+    with atomic_output(path, overwrite) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def _fmt(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    return v
+
+
+def statistics_for_files(image: PathLike, segmentation: PathLike, labels: Optional[PathLike] = None,
+                         progress: Optional[ProgressFn] = None, cancel: Any = None) -> list[dict[str, Any]]:
+    """``textseg stats IMAGE SEGMENTATION``: read both (a .seg.nrrd, DICOM SEG or label map + labels
+    JSON), bring the segments onto the image grid and compute one row per segment. Label maps are
+    read lazily (one mask in memory at a time)."""
+    from ..formats.images import read_volume
+    from ..formats.segment_files import read_segments
+
+    volume = read_volume(image)
+    ref, segments = read_segments(segmentation, labels, lazy=True)
+    return compute_statistics(volume, segments, reference=ref, progress=progress, cancel=cancel)

@@ -1,0 +1,35 @@
+"""`textseg stats`: segment statistics (volume, intensity, shape) of a segmentation to CSV or JSON."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import Bar
+
+
+def cmd_stats(args) -> int:
+    from ..formats.read_isolated import prestart
+
+    prestart()
+    from ..analysis.segment_stats import statistics_for_files, write_statistics
+
+    bar = Bar("statistics", args.quiet)
+    try:
+        rows = statistics_for_files(args.image, args.segmentation, args.labels, progress=bar)
+    finally:
+        bar.close()
+    write_statistics(rows, args.out, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"wrote statistics of {len(rows)} segment(s) to {args.out}")
+    return 0
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("stats", help="segment statistics (volume, intensity, shape) to CSV/JSON")
+    p.add_argument("image")
+    p.add_argument("segmentation", help=".seg.nrrd, or a labelmap with --labels")
+    p.add_argument("--labels", help="JSON mapping label values to names (for labelmaps)")
+    p.add_argument("--out", "-o", required=True, help="stats.csv or stats.json")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_stats)
+    return p

@@ -1,0 +1,43 @@
+"""Outputs written atomically: a temp file beside the target, renamed over it only once it is complete,
+so a failure or a cancel never leaves a half-written file, and nothing is overwritten unless asked."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Union
+
+from ..errors import OutputExistsError
+
+PathLike = Union[str, Path]
+
+
+@contextmanager
+def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success rename it over ``path``.
+
+    OutputExistsError if ``path`` exists and overwrite is False. On failure the temp file is
+    removed and an existing output stays untouched."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; choose another name or pass --overwrite to replace it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,1 @@
+"""BiomedParse v1 (2D, slice-wise): spec, preprocessing, network, existence test and adapter."""
