@@ -18,6 +18,7 @@ from textseg.analysis.corrections import (
     compare_segmentations,
     onto_grid,
     pair_segments,
+    surface_distances,
     surface_voxels,
     write_rows,
 )
@@ -88,6 +89,27 @@ def test_lung_lesion_slab_removed_and_shifted_copy(lung1):
     assert r.dice == pytest.approx(overlap / 837, rel=1e-12)
     assert r.hd_mm == pytest.approx(2 * v.spacing[0], rel=1e-6)  # no surface voxel moves further than the shift
     assert (r.dice, r.hd95_mm, r.asd_mm) == pytest.approx(_monai(a, shifted, v.spacing), rel=1e-6)
+
+
+def test_surfaces_and_distances_agree_with_simpleitk_filters(lung1):
+    """The same sets and distances from another implementation: SimpleITK's BinaryErode (cross kernel) and its
+    Maurer distance map (float32), on the lesion and a copy shifted by (1, 2, 3) voxels."""
+    import SimpleITK as sitk
+
+    v, a = lung1
+    box = (slice(30, 38), slice(340, 380), slice(200, 236))
+    a = a[box]
+    b = np.roll(a, (1, 2, 3), axis=(0, 1, 2))
+    for m in (a, b):
+        eroded = sitk.BinaryErode(sitk.GetImageFromArray(m.astype(np.uint8)), [1, 1, 1], sitk.sitkCross, 0, 1, False)
+        assert np.array_equal(surface_voxels(m), m & ~sitk.GetArrayFromImage(eroded).astype(bool))
+    edges_b = sitk.GetImageFromArray(surface_voxels(b).astype(np.uint8))
+    edges_b.SetSpacing(v.spacing)
+    maurer = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(edges_b, insideIsPositive=False,
+                                                                 squaredDistance=False, useImageSpacing=True))
+    d_ab, _ = surface_distances(a, b, v.spacing)
+    expected = np.where(surface_voxels(b), 0.0, maurer)[surface_voxels(a)]
+    assert d_ab.shape == expected.shape and np.allclose(d_ab, expected, rtol=1e-6, atol=1e-5)
 
 
 def test_117_class_labelmap_against_monai_segment_by_segment():

@@ -1,16 +1,16 @@
 """Corrections measured: how far a corrected segment is from the model's output (or any two segmentations).
 
-Two binary masks on one voxel grid are compared with the definitions of MONAI's metrics, computed with
-SimpleITK (a core dependency; MONAI is only in the ``models`` extra):
+Two binary masks on one voxel grid are compared with the definitions of MONAI's metrics, computed with numpy
+and scipy (core dependencies; MONAI is only in the ``models`` extra):
 
 - **Dice**: 2 |A and B| / (|A| + |B|), from voxel counts (exact).
 - **Surface voxels** (MONAI's ``get_mask_edges``): the voxels of a mask that have at least one of their 6 face
   neighbours outside the mask or outside the image (``mask XOR erode(mask)``, cross-shaped structuring element,
   the image border counted as background). Images with one slice (2D) use the 4 in-plane neighbours.
 - **Surface distances**: for every surface voxel of A, the Euclidean distance in millimetres (voxel spacing
-  applied) from its centre to the nearest surface-voxel centre of B, and the same from B to A (SimpleITK's
-  Maurer distance map, an exact Euclidean distance transform, in float32: values agree with MONAI's float64
-  within 1e-5 mm relative).
+  applied) from its centre to the nearest surface-voxel centre of B, and the same from B to A (exact, float64,
+  by scipy's KD-tree as MONAI computes them on the CPU; checked against MONAI and SimpleITK's Maurer maps in
+  the tests).
 - **HD95** (``hd95_mm``): max(P95(A->B), P95(B->A)), percentiles with linear interpolation (numpy's default,
   ``torch.quantile``), = MONAI ``compute_hausdorff_distance(percentile=95)``. ``hd_mm``: the same with the maximum.
 - **ASD** (``asd_mm``): the mean of all distances of both directions together (not the mean of the two means),
@@ -136,31 +136,42 @@ def compare_masks(a: np.ndarray, b: np.ndarray, spacing: Sequence[float], slice_
 
 
 def surface_voxels(mask: np.ndarray) -> np.ndarray:
-    """MONAI's edges of a binary mask (see the module docstring), same shape, bool."""
-    import SimpleITK as sitk
-
+    """MONAI's edges of a binary mask (see the module docstring), same shape, bool: ``mask`` minus its erosion
+    by the 6-neighbour cross with the image border as background (scipy's ``binary_erosion`` defaults, which
+    MONAI uses; SimpleITK's ``BinaryErode`` with a cross kernel gives the same set, 5-10x slower)."""
     mask = np.asarray(mask) > 0
     flat = mask.shape[0] == 1  # one slice: in-plane neighbours only, as MONAI on a 2D array
     arr = mask[0] if flat else mask
-    img = sitk.GetImageFromArray(arr.astype(np.uint8))
-    eroded = sitk.BinaryErode(img, [1] * arr.ndim, sitk.sitkCross, 0, 1, False)
-    edges = arr & ~sitk.GetArrayViewFromImage(eroded).astype(bool)
+    padded = np.pad(arr, 1)
+    inner = padded[(slice(1, -1),) * arr.ndim].copy()
+    for axis in range(arr.ndim):
+        for shift in (0, 2):
+            index = [slice(1, -1)] * arr.ndim
+            index[axis] = slice(shift, shift + arr.shape[axis])
+            inner &= padded[tuple(index)]
+    edges = arr & ~inner
     return edges[None] if flat else edges
 
 
 def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Distances (mm) from each surface voxel of A to the nearest of B, and from B to A (both non-empty).
+    """Distances (mm) from each surface voxel centre of A to the nearest surface voxel centre of B, and from B
+    to A (both masks non-empty).
 
-    Both masks are cropped to the bounding box of A or B plus one voxel first (as MONAI does): every target
-    surface voxel lies inside that box, so the distances are the same as on the whole grid, and the pad of
-    background reproduces the image border's rule."""
+    Nearest neighbours by scipy's ``cKDTree`` over the surface voxels' physical offsets (exact Euclidean, float64;
+    what MONAI does on the CPU). SimpleITK's Maurer distance map gives the same values to float32 precision but
+    needs a dense transform of the whole bounding box: 4x slower on a liver-sized mask (benchmarks/
+    bench_corrections.py)."""
+    from scipy.spatial import cKDTree
+
     a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    box = _bounding_box(a | b)
-    a_c, b_c = (np.pad(m[box], 1) for m in (a, b))
-    if a.shape[0] == 1:  # 2D: no padding across the single slice
-        a_c, b_c = a_c[1:-1], b_c[1:-1]
-    ea, eb = surface_voxels(a_c), surface_voxels(b_c)
-    return _distance_to(eb, spacing)[ea], _distance_to(ea, spacing)[eb]
+    box = _bounding_box(a | b)  # surfaces lie inside the union's box; the cut-off voxels are background
+    a, b = a[box], b[box]  # a voxel on the box's side has background beyond it, as the cut array's border
+    ea, eb = surface_voxels(a), surface_voxels(b)
+    scale = np.asarray(tuple(spacing)[::-1], np.float64)  # (k, j, i) mm
+    pa, pb = np.argwhere(ea) * scale, np.argwhere(eb) * scale
+    d_ab = cKDTree(pb).query(pa)[0]
+    d_ba = cKDTree(pa).query(pb)[0]
+    return d_ab, d_ba
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
@@ -169,22 +180,6 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
         nz = np.flatnonzero(mask.any(axis=tuple(x for x in range(mask.ndim) if x != axis)))
         out.append(slice(int(nz[0]), int(nz[-1]) + 1))
     return tuple(out)
-
-
-def _distance_to(edges: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """Euclidean distance (mm) of every voxel centre to the nearest voxel of ``edges`` (0 on them)."""
-    import SimpleITK as sitk
-
-    flat = edges.shape[0] == 1
-    arr = edges[0] if flat else edges
-    img = sitk.GetImageFromArray(arr.astype(np.uint8))
-    img.SetSpacing(tuple(spacing[: arr.ndim]))
-    # Outside the edge set Maurer's map is the exact distance to the nearest edge voxel centre (the nearest one
-    # always lies on the set's own border); on the set it is 0 by definition.
-    dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False,
-                                                               useImageSpacing=True)).astype(np.float64)
-    dist[arr] = 0.0
-    return dist[None] if flat else dist
 
 
 # ---- grids ---------------------------------------------------------------------------------------------------
