@@ -220,3 +220,22 @@ def test_case_ids_and_grids_checked(tmp_path, cohort):
                       "MRI")
     assert not (tmp_path / "Dataset012_Ids" / "labelsTr" / "mixed.nii.gz").exists()
     assert re.fullmatch(r"[0-9a-f]{64}", next(iter(res.records["breast1_image"]["files"].values())))
+
+
+def test_label_map_input_with_its_labels_json(tmp_path):
+    """A real CT and TotalSegmentator's 117-class label map as the 'corrected' segmentation: three labels kept."""
+    ts = ("totalsegmentator-examples",)
+    ct, seg = shared_file(*ts, "example_ct_sm.nii.gz"), shared_file(*ts, "example_seg.nii.gz")
+    names = shared_file(*ts, "example_seg_labels.json")
+    res = export_nnunet([TrainingCase(ct, seg, "ts01", labels_file=names)], tmp_path, 13, "Abdomen",
+                        ["liver", "spleen", "kidney_left"], "CT")
+    source = sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))
+    expected = np.select([source == 5, source == 1, source == 3], [1, 2, 3], 0).astype(np.uint8)
+    out = sitk.ReadImage(str(res.dataset_dir / "labelsTr" / "ts01.nii.gz"))
+    assert np.array_equal(sitk.GetArrayFromImage(out), expected) and expected.max() == 3
+    image = sitk.ReadImage(str(res.dataset_dir / "imagesTr" / "ts01_0000.nii.gz"))
+    assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(sitk.ReadImage(str(ct))))
+    assert image.GetOrigin() == out.GetOrigin() and image.GetDirection() == out.GetDirection()
+    record = res.records["ts01"]
+    assert record["labels_present"] == ["liver", "spleen", "kidney_left"]
+    assert len(record["ignored_segments"]) == len(np.unique(source)) - 1 - 3 and record["overlaps"] == {}

@@ -290,7 +290,8 @@ def _export_case(root: Path, case: TrainingCase, cid: str, labels: list[str], fi
         raise InputError(f"{where}: an RGB image; nnU-Net takes RGB only as PNG natural images, which this export "
                          "does not write. Export grey images.")
     grid, segments = load_segmentation(case.segmentation, case.labels_file)
-    segments = onto_grid(image, grid, list(segments), f"the segmentation of case {cid}")
+    if not grid.same_grid(image):  # (on the same grid a label map's segments stay lazy: one mask at a time)
+        segments = onto_grid(image, grid, list(segments), f"the segmentation of case {cid}")
     label_array, record = label_map(segments, labels, overlap, f"case {cid}")
     record["image_source"] = where
     record["segmentation_source"] = (str(case.segmentation) if isinstance(case.segmentation, (str, Path))
@@ -306,38 +307,38 @@ def _export_case(root: Path, case: TrainingCase, cid: str, labels: list[str], fi
 def label_map(segments: Sequence[Segment], labels: Sequence[str], overlap: str = "refuse",
               where: str = "the segmentation") -> tuple[np.ndarray, dict[str, Any]]:
     """The integer label array (value n = ``labels[n-1]``) of ``segments`` and a record: ``labels_present``,
-    ``ignored_segments`` (names not among ``labels``), ``overlaps`` (voxels given to the later label, per pair)."""
-    labels = list(labels)
+    ``ignored_segments`` (names not among ``labels``), ``overlaps`` (voxels given to the later label, per pair).
+
+    One pass, one mask in memory at a time (``segments`` may build its masks on access, as label maps do);
+    several segments with one name are that label's union."""
+    value_of = {name: v for v, name in enumerate(labels, start=1)}
     dtype = np.uint8 if len(labels) < 256 else np.uint16
-    by_name: dict[str, np.ndarray] = {}
-    ignored = []
+    out: np.ndarray | None = None
+    ignored: list[str] = []
+    overlaps: dict[str, int] = {}
     for s in segments:
-        if s.name not in labels:
+        mask = np.asarray(s.mask) > 0
+        if out is None:
+            out = np.zeros(mask.shape, dtype)
+        value = value_of.get(s.name)
+        if value is None:
             ignored.append(s.name)
             continue
-        mask = np.asarray(s.mask) > 0
-        by_name[s.name] = by_name[s.name] | mask if s.name in by_name else mask  # one name, several segments
-    shape = next(iter(by_name.values())).shape if by_name else (np.asarray(segments[0].mask).shape if segments
-                                                                  else None)
-    if shape is None:
-        raise InputError(f"{where} has no segments to export.")
-    out = np.zeros(shape, dtype)
-    overlaps: dict[str, int] = {}
-    for value, name in enumerate(labels, start=1):
-        if name not in by_name:
-            continue
-        mask = by_name[name]
         taken = out[mask]
-        if taken.any():
-            for earlier, count in zip(*np.unique(taken[taken > 0], return_counts=True)):
-                pair = f"{labels[int(earlier) - 1]} / {name}"
-                if overlap == "refuse":
-                    raise InputError(f"{where}: segments '{labels[int(earlier) - 1]}' and '{name}' overlap in "
-                                     f"{int(count)} voxels; a label map holds one label per voxel: fix the overlap, "
-                                     "or export with overlap='later-wins' (the later label takes the voxels).")
-                overlaps[pair] = int(count)
-        out[mask] = value
-    return out, {"labels_present": [n for n in labels if n in by_name and by_name[n].any()],
+        others = taken[(taken > 0) & (taken != value)]
+        for other, count in zip(*np.unique(others, return_counts=True)):
+            first, second = sorted((int(other), value))
+            if overlap == "refuse":
+                raise InputError(f"{where}: segments '{labels[first - 1]}' and '{labels[second - 1]}' overlap in "
+                                 f"{int(count)} voxels; a label map holds one label per voxel: fix the overlap, "
+                                 "or export with overlap='later-wins' (the later label takes the voxels).")
+            pair = f"{labels[first - 1]} / {labels[second - 1]}"
+            overlaps[pair] = overlaps.get(pair, 0) + int(count)
+        out[mask] = np.maximum(taken, value)  # the later label (higher value) keeps shared voxels
+    if out is None:
+        raise InputError(f"{where} has no segments to export.")
+    present = set(np.unique(out).tolist())
+    return out, {"labels_present": [n for n in labels if value_of[n] in present],
                  "ignored_segments": ignored, "overlaps": overlaps}
 
 
