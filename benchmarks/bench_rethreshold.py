@@ -70,8 +70,7 @@ def main() -> None:
     edited.flat[np.flatnonzero(mask.flat[: mask.size // 2])[-1]] = False
     edited.flat[np.flatnonzero(~mask.flat[mask.size // 2 :])[0] + mask.size // 2] = True  # same count: hash decides
     assert timed("edited_since (one voxel moved)", lambda: edited_since(fp, edited), args.repeat, rows)
-    answer = timed("ModelAnswer.from_arrays (uint8 map)", lambda: ModelAnswer.from_arrays(q, mask, 0.5), args.repeat,
-                   rows)
+    answer = timed("ModelAnswer.from_uint8", lambda: ModelAnswer.from_uint8(q, mask, 0.5), args.repeat, rows)
     timed("ModelAnswer.original_mask", answer.original_mask, args.repeat, rows)
     n = q.size
     print(f"map {i}x{j}x{k} = {n / 1e6:.1f} M voxels; uint8 map {q.nbytes / 2**20:.1f} MiB "

@@ -244,6 +244,22 @@ def test_model_answer_packs_to_plain_arrays_and_back(tmp_path):
         ModelAnswer.unpack({"probability": a.probability})
 
 
+def test_a_0_1_uint8_map_means_probabilities_0_and_1():
+    """A remote result fetched without probabilities carries its mask (uint8 0/1) as the map: kept as 0 and 255,
+    never misread as quantized values 0 and 1."""
+    mask = np.zeros((4, 5, 6), np.uint8)
+    mask[1:3, 2:4, 1:5] = 1
+    a = ModelAnswer.from_arrays(mask, mask, 0.5)
+    assert set(np.unique(a.probability).tolist()) == {0, 255} and a.exceptions.size == 0
+    np.testing.assert_array_equal(a.mask_at(0.9), mask.astype(bool))
+    q = to_uint8(np.where(mask, np.float32(0.7), np.float32(0.2)))
+    b = ModelAnswer.from_uint8(q, mask, 0.5)
+    np.testing.assert_array_equal(b.probability, q)
+    assert not b.mask_at(0.8).any() and b.mask_at(0.1).all()
+    with pytest.raises(UsageError, match="uint8"):
+        ModelAnswer.from_uint8(q.astype(np.float32), mask, 0.5)
+
+
 def test_existence_dropped_target_stays_dropped_unless_kept_absent():
     """The real Predictor drops a target whose existence is below the model's test (synthetic: 0.5); the kept
     answer re-thresholds it to an empty mask, as the engine would, unless keep_absent."""

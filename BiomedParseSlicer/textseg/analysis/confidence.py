@@ -58,7 +58,6 @@ from ..errors import UsageError
 
 TAG_PREFIX = "textseg."  # textseg.writers.TAG_PREFIX (not imported: that module is moving)
 DEFAULT_BAND = 0.1
-QUANTUM = 1.0 / 255.0
 MAX_QUANTIZATION_ERROR = 1.0 / 510.0
 BAND_EDGE_TOLERANCE = 1e-6  # in quantization steps: decimal edges (0.4 = 102/255) count as on the edge
 _LEVELS = np.arange(256, dtype=np.uint8)
@@ -264,8 +263,15 @@ class ModelAnswer:
     @classmethod
     def from_arrays(cls, probability: np.ndarray, mask: np.ndarray, threshold: float,
                     existence: float | None = None, dropped: bool = False) -> ModelAnswer:
-        """From the model's map (float 0..1, or already uint8) and the mask the engine made from it."""
-        q = probability if np.asarray(probability).dtype == np.uint8 else to_uint8(probability)
+        """From the model's map (probabilities 0..1 of any real dtype: a 0/1 uint8 array, as a remote result
+        without probabilities carries, means 0 and 1) and the mask the engine made from it."""
+        return cls.from_uint8(to_uint8(probability), mask, threshold, existence, dropped)
+
+    @classmethod
+    def from_uint8(cls, prob_u8: np.ndarray, mask: np.ndarray, threshold: float,
+                   existence: float | None = None, dropped: bool = False) -> ModelAnswer:
+        """From a map already quantized (``to_uint8``, a kept file) and the mask the engine made from it."""
+        q = _checked_u8(prob_u8)
         m = np.asarray(mask) != 0
         if m.shape != q.shape:
             raise UsageError(f"The mask has shape {m.shape} but the probability map {q.shape}; both must be on the "
