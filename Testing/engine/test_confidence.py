@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from textseg import wire
 from textseg.analysis.confidence import (
     DEFAULT_BAND,
     MAX_QUANTIZATION_ERROR,
@@ -31,6 +30,7 @@ from textseg.errors import UsageError
 from textseg.models.base import Decoded
 from textseg.models.synthetic.adapter import Synthetic3D
 from textseg.predictor import Predictor
+from textseg.remote import wire
 from textseg.volume import Volume
 
 LEVELS = np.arange(256, dtype=np.uint8)
@@ -297,7 +297,7 @@ def test_bad_inputs_say_what_to_do():
 def test_real_ct_synthetic_model_masks_are_reproduced_from_the_kept_maps():
     from conftest import shared_file
 
-    from textseg.io import read_volume
+    from textseg.formats.images import read_volume
 
     ct = read_volume(shared_file("totalsegmentator-examples", "example_ct.nii.gz"))
     p = Predictor("synthetic-3d", device="cpu")
@@ -318,7 +318,7 @@ def test_real_ct_smooth_map_rethreshold_differs_only_in_the_band(t):
     mask is reproduced from the uint8 map except voxels within 1/510 of the threshold, counted."""
     from conftest import shared_file
 
-    from textseg.io import read_volume
+    from textseg.formats.images import read_volume
 
     ct = read_volume(shared_file("totalsegmentator-examples", "example_ct.nii.gz"))
     r = _predictor(ct, sigmoid=(300.0, 400.0)).predict(["map0"], threshold=t)[0]

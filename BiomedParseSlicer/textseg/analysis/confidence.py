@@ -2,7 +2,7 @@
 
 The rules below are the engine's; they are stated once, here (docs/confidence.md explains them).
 
-Quantization (the rule ``textseg.wire.quantize`` already uses on the wire, plus NaN -> 0)
+Quantization (the rule ``textseg.remote.wire.quantize`` already uses on the wire, plus NaN -> 0)
     ``q = floor(min(max(float32(p) * 255, 0), 255) + 0.5)`` in float32 arithmetic: round half up, values
     below 0 give 0, above 1 give 255, NaN gives 0. Back: ``float32(q) / 255``. For p in [0, 1] the round
     trip is off by at most 1/510 (plus float32 rounding, < 1e-7).
@@ -55,8 +55,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
+from ..formats.segments import TAG_PREFIX
 
-TAG_PREFIX = "textseg."  # textseg.writers.TAG_PREFIX (not imported: that module is moving)
 DEFAULT_BAND = 0.1
 MAX_QUANTIZATION_ERROR = 1.0 / 510.0
 BAND_EDGE_TOLERANCE = 1e-6  # in quantization steps: decimal edges (0.4 = 102/255) count as on the edge
@@ -73,7 +73,7 @@ TAGS: dict[str, str] = {
     "confidence.band": "half-width of the band around the threshold",
 }
 
-# Statistics columns (name -> (unit, definition)), in the style of textseg.statistics.COLUMNS.
+# Statistics columns (name -> (unit, definition)), in the style of textseg.analysis.segment_stats.COLUMNS.
 COLUMNS: dict[str, tuple[str, str]] = {
     "existence": ("", "The model's existence score for the target (0..1); empty when the model has none."),
     "threshold": ("", "Probability threshold of the segment's current mask."),
