@@ -3,7 +3,7 @@
 ``prepare``: upstream's preprocessing of the canonical volume (preprocess.py: RAS order, 1x1x3 mm,
 crop to image > 0, CT window / MR-PET percentiles, z-score), keeping the geometry to map back.
 ``encode``: nothing (a patch's features are ~2 GB at full size, so patches are encoded inside
-``decode``, once per prompt group: the predictor hands up to ``max_prompts_per_call`` prompts at
+``decode``, once per prompt group: the predictor hands up to ``prompts_per_call(state)`` prompts at
 once). Option ``feature_cache_bytes`` (default: half the free GPU memory on CUDA, 0 elsewhere) keeps
 the windows' features of the image that many bytes deep, so later prompts on the same image (the
 annotator's next target) only decode: no window is encoded twice while the cache holds it. ``decode``: prompts
