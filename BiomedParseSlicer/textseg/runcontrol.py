@@ -48,13 +48,16 @@ class CancelToken:
     @classmethod
     def of(cls, cancel: Any) -> CancelToken:
         """A token for what a public function accepts as ``cancel``: None (never cancelled), a CancelToken
-        (itself), a ``threading.Event``-like flag (``is_set()``) or a callable returning True when cancelled."""
+        (itself), a ``threading.Event``-like flag (``is_set()``), an object with a ``cancelled`` attribute or a
+        callable returning True when cancelled."""
         if isinstance(cancel, CancelToken):
             return cancel
         if cancel is None:
             return cls()
         if hasattr(cancel, "is_set"):
             return cls(cancel)
+        if hasattr(cancel, "cancelled"):  # a token-like object (e.g. a CancelToken of a reloaded module)
+            return cls(_Polled(lambda: cancel.cancelled))
         if callable(cancel):
             return cls(_Polled(cancel))
         raise TypeError(f"cancel must be a CancelToken, a threading.Event or a callable, not {type(cancel).__name__}")

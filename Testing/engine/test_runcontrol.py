@@ -30,6 +30,14 @@ def test_cancel_token_of_every_accepted_form():
     assert polled.cancelled
     with pytest.raises(Cancelled, match="stopped here"):
         polled.check("stopped here")
+    class TokenLike:
+        cancelled = False
+
+    like = TokenLike()
+    from_like = CancelToken.of(like)
+    assert not from_like.cancelled
+    like.cancelled = True
+    assert from_like.cancelled
     shared = threading.Event()  # a flag another party sets (the server's shared-memory flag in a worker)
     CancelToken(shared).cancel()
     assert shared.is_set()
