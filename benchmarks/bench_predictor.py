@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="checkout to time")
     args = ap.parse_args()
     sys.path.insert(0, str(args.root / "BiomedParseSlicer"))
+    import textseg
     from textseg.predictor import Predictor
     from textseg.volume import Volume
 
@@ -41,7 +42,8 @@ def main() -> None:
     vol = Volume(arr, (0.8, 0.8, 2.5), (10.0, -20.0, 30.0), direction)
     texts = ["bone", "air", "fat", "soft tissue", "bone left", "air right", "fat superior", "soft tissue inferior"]
     prompts = (texts * (args.prompts // len(texts) + 1))[: args.prompts]
-    print(f"engine: {args.root}  volume {i}x{j}x{k} int16  {len(prompts)} prompts  best of {args.repeats}")
+    print(f"engine: {Path(textseg.__file__).parent}  volume {i}x{j}x{k} int16  {len(prompts)} prompts  "
+          f"best of {args.repeats}")
     for model in ("synthetic-2d", "synthetic-3d"):
         best: dict[str, float] = {}
         for _ in range(args.repeats):
