@@ -70,7 +70,8 @@ def spec_from_dict(d: dict[str, Any]) -> ModelSpec:
 
 
 class RemotePredictor:
-    """Same contract as textseg.predictor.Predictor, running on a textseg server."""
+    """Same contract as textseg.predictor.Predictor (``textseg.predictor.PredictorProtocol``: shapes, frames and
+    signatures there), running on a textseg server."""
 
     def __init__(
         self,
