@@ -20,6 +20,7 @@ from textseg.errors import Cancelled, TextsegError, UsageError
 from textseg.formats.segments import segments_from_results
 from textseg.presets import guess_modality, normalize_modality
 from textseg.prompts import Prompt, parse_prompts
+from textseg.runcontrol import sub_progress
 
 from . import mrml, runner, stats
 
@@ -101,7 +102,7 @@ class BiomedParseSlicerLogic:
 
     @staticmethod
     def _part(progress, lo, hi):
-        return (lambda f, stage="": progress(lo + (hi - lo) * f, stage)) if progress else None
+        return sub_progress(progress, lo, hi)
 
     # ---- MRML side (GUI thread) ---------------------------------------------------------------
     def volumeFromNode(self, volumeNode):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from textseg.errors import Cancelled, ModelError, UsageError
-from textseg.models.base import CancelToken
+from textseg.runcontrol import CancelToken
 
 
 @dataclass

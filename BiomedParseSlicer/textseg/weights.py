@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from .catalog import ModelSpec, WeightFile, get_model, list_models
-from .errors import Cancelled, UsageError, WeightsError
+from .errors import UsageError, WeightsError
+from .runcontrol import CancelToken, ProgressFn, sub_progress
 
-ProgressFn = Callable[[float, str], None]
 BytesFn = Callable[[str, int, Optional[int]], None]  # (file name, bytes done, bytes total)
 
 _CHUNK = 1 << 20
@@ -231,7 +231,7 @@ def sha256_file(path: Path, progress: Optional[Callable[[int], None]] = None, ca
     done = 0
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
-            _check_cancel(cancel)
+            CancelToken.of(cancel).check()
             h.update(chunk)
             done += len(chunk)
             if progress:
@@ -459,14 +459,6 @@ def _spec(model: Union[str, ModelSpec]) -> ModelSpec:
 
 
 # ---- cancel, progress, locking ------------------------------------------------------------------
-def _check_cancel(cancel: Any) -> None:
-    if cancel is not None:
-        if hasattr(cancel, "check"):
-            cancel.check()
-        elif getattr(cancel, "cancelled", False) or getattr(cancel, "is_set", lambda: False)():
-            raise Cancelled("Cancelled by the user.")
-
-
 class _Progress:
     """Maps per-file bytes onto one 0..1 fraction over all files of a model."""
 
@@ -478,8 +470,9 @@ class _Progress:
         self.index = 0
 
     def stage(self, text: str, fraction: float = 0.0) -> None:
-        if self.progress:
-            self.progress(self.starts[self.index] + self.spans[self.index] * min(max(fraction, 0.0), 1.0), text)
+        step = sub_progress(self.progress, self.starts[self.index], self.starts[self.index] + self.spans[self.index])
+        if step:
+            step(fraction, text)
 
     def bytes(self, verb: str, name: str, done: int, total: Optional[int]) -> None:
         if self.on_bytes:
@@ -505,7 +498,7 @@ class _Lock:
                 self.lock.acquire(timeout=0.5)
                 return self
             except Timeout:
-                _check_cancel(self.cancel)
+                CancelToken.of(self.cancel).check()
                 self.prog.stage(f"Waiting for another process downloading {self.w.name}")
 
     def __exit__(self, *exc: Any) -> None:
@@ -717,7 +710,7 @@ def _write_chunks(resp: Any, w: _Where, mode: str, start: int, total: Optional[i
     try:
         with open(w.part, mode) as f:
             for chunk in _chunks(resp):
-                _check_cancel(cancel)
+                CancelToken.of(cancel).check()
                 f.write(chunk)
                 done += len(chunk)
                 prog.bytes("Downloading", w.name, done, total)
@@ -910,7 +903,7 @@ def _copy_part(source: Path, w: _Where, prog: _Progress, cancel: Any) -> None:
     try:
         with open(source, "rb") as src, open(w.part, "wb") as dst:
             for chunk in iter(lambda: src.read(_CHUNK), b""):
-                _check_cancel(cancel)
+                CancelToken.of(cancel).check()
                 dst.write(chunk)
                 done += len(chunk)
                 prog.bytes("Copying", w.name, done, total)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from textseg.errors import UsageError
-from textseg.models.base import CancelToken
 from textseg.predictor import Predictor
+from textseg.runcontrol import CancelToken
 from textseg.volume import Volume
 
 

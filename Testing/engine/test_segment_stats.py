@@ -12,7 +12,7 @@ from textseg.analysis.segment_stats import COLUMNS, compute_statistics, write_st
 from textseg.errors import Cancelled, InputError, OutputExistsError
 from textseg.formats.segment_files import read_segments
 from textseg.formats.segments import Segment
-from textseg.models.base import CancelToken
+from textseg.runcontrol import CancelToken
 from textseg.volume import Volume
 
 

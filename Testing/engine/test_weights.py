@@ -19,7 +19,7 @@ from textseg import catalog, weights
 from textseg.catalog import ModelSpec, WeightFile
 from textseg.cli.models import main as models_main
 from textseg.errors import Cancelled, UsageError, WeightsError
-from textseg.models.base import CancelToken
+from textseg.runcontrol import CancelToken
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO = "test-org/tiny-model"

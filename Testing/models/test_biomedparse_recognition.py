@@ -321,7 +321,7 @@ def test_recognize_errors(v2_weights, monkeypatch):
 
 
 def test_recognize_cancel_keeps_completed_slices(v2_weights):
-    from textseg.models.base import CancelToken
+    from textseg.runcontrol import CancelToken
 
     p = v2_predictor(v2_weights)
     p.set_image(ct_volume(), "CT", "abdomen")
@@ -402,7 +402,7 @@ def test_cli_segment_one_recognize_writes_named_segments_and_objects(v2_weights,
     from textseg.cli.segment import segment_one
     from textseg.formats.images import write_image
     from textseg.formats.segments import read_seg_nrrd
-    from textseg.models.base import CancelToken
+    from textseg.runcontrol import CancelToken
 
     img = tmp_path / "ct.nii.gz"
     write_image(ct_volume(), img)
@@ -469,8 +469,8 @@ def worker_job(weights, folder):
 def test_server_worker_recognize_cancelled_before_any_slice_is_a_cancelled_job(v2_weights, tmp_path):
     """A recognize job cancelled before its first slice batch finished has no results: the job must end
     'cancelled' (meta['cancelled']), not 'done' with nothing found."""
-    from textseg.models.base import CancelToken
     from textseg.remote.workers import was_cancelled
+    from textseg.runcontrol import CancelToken
 
     state, job = worker_job(v2_weights, tmp_path)
     token = CancelToken()

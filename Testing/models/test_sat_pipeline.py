@@ -299,10 +299,10 @@ def tiny(tmp_path):
 def test_adapter_through_predictor(tiny):
     import torch
 
-    from textseg.models.base import CancelToken
     from textseg.models.sat.adapter import SATAdapter
     from textseg.models.sat.window import sliding_window
     from textseg.predictor import Predictor
+    from textseg.runcontrol import CancelToken
 
     net, text = tiny
     spec = get_model("sat-nano")
@@ -418,8 +418,8 @@ def test_prompt_groups_follow_memory_budget(tiny):
     vol = Volume(arr, (1.0, 1.0, 3.0))  # SAT grid 50 x 40 x 10 = 20000 voxels
     a = SATAdapter(get_model("sat-nano"), None, network=net, text_tower=text, patch=PATCH, memory_budget=4 * 20000 * 5)
     a.load("cpu")
-    a.prepare(vol, get_preset("CT"), RunContext("cpu"))
-    assert a.max_prompts_per_call == 5
+    state = a.prepare(vol, get_preset("CT"), RunContext("cpu"))
+    assert a.prompts_per_call(state) == 5
 
 
 def test_feature_cache_encodes_each_window_once_across_calls(tiny):

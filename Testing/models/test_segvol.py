@@ -287,7 +287,7 @@ def test_predictions_follow_the_image_on_reoriented_ct(oracle_adapter, real_ct):
 
 def test_point_prompts_are_seeded_and_runs_can_be_cancelled(oracle_adapter):
     from textseg.errors import Cancelled
-    from textseg.models.base import CancelToken
+    from textseg.runcontrol import CancelToken
 
     fx = np.load(FIX / "segvol_oracle_zoom.npz")
     vol = fixture_volume(fx)

@@ -23,9 +23,9 @@ from conftest import shared_file
 
 from textseg.errors import AuthError, InputError, OutputExistsError, ServerError, UsageError
 from textseg.formats.segments import read_seg_nrrd
-from textseg.models.base import CancelToken
 from textseg.predictor import Predictor
 from textseg.remote.wire import API_HEADER, sha256, volume_to_nrrd
+from textseg.runcontrol import CancelToken
 from textseg.volume import Volume
 
 pytest.importorskip("fastapi")

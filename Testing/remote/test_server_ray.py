@@ -10,10 +10,10 @@ pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 pytest.importorskip("fastapi")
 
-from textseg.models.base import CancelToken  # noqa: E402
 from textseg.predictor import Predictor  # noqa: E402
 from textseg.remote.client import RemotePredictor  # noqa: E402
 from textseg.remote.server import Settings, running_server  # noqa: E402
+from textseg.runcontrol import CancelToken  # noqa: E402
 from textseg.volume import Volume  # noqa: E402
 
 SLOW_2D = {"synthetic-2d": {"delay": 0.5, "batch_size": 2}}  # as test_server.SLOW_2D

@@ -329,7 +329,7 @@ def test_segment_everything_cancelled_or_empty_is_said_so_and_adds_no_node(app, 
     import test_biomedparse_recognition as tr
 
     from textseg.errors import Cancelled
-    from textseg.models.base import CancelToken
+    from textseg.runcontrol import CancelToken
 
     weights = tr.make_v2_weights(tmp_path)
     node = mrml.volume_node_from_volume(app.scene, tr.ct_volume(), "ct")

@@ -21,7 +21,7 @@ UI = MODULE / "Resources" / "UI" / "BiomedParseSlicer.ui"
 def test_cmake_lists_every_shipped_file():
     text = (MODULE / "CMakeLists.txt").read_text()
     scripts, resources = update_cmake_scripts.expected_lists()
-    assert "textseg/predictor.py" in scripts and "BiomedParseSlicerLib/mrml.py" in scripts
+    assert "textseg/predictor/local.py" in scripts and "BiomedParseSlicerLib/mrml.py" in scripts
     fix = "run `python Utilities/update_cmake_scripts.py`"
     assert update_cmake_scripts.cmake_list("MODULE_PYTHON_SCRIPTS", text) == scripts, fix
     assert update_cmake_scripts.cmake_list("MODULE_PYTHON_RESOURCES", text) == resources, fix

@@ -41,7 +41,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -49,11 +49,11 @@ from ..errors import Cancelled, InputError
 from ..formats.atomic import atomic_output
 from ..formats.segment_files import read_segments
 from ..formats.segments import TAG_PREFIX, Segment, segment_terminology
+from ..runcontrol import CancelToken, ProgressFn
 from ..volume import Volume
 
 PathLike = Union[str, Path]
 SegmentationLike = Union[PathLike, tuple[Volume, Sequence[Segment]]]
-ProgressFn = Callable[[float, str], None]
 
 SLICE_AXES = {"i": 2, "j": 1, "k": 0}  # index axis -> numpy axis of array[k, j, i]
 
@@ -324,7 +324,7 @@ def compare_segmentations(a: SegmentationLike, b: SegmentationLike, *, labels_a:
     rows = []
     ml = grid_a.voxel_volume_mm3 / 1000.0
     for n, (ia, ib, how) in enumerate(pairs):
-        if is_cancelled(cancel):
+        if CancelToken.of(cancel).cancelled:
             raise Cancelled(f"comparison cancelled after {n} of {len(pairs)} segment pairs.")
         sa = segs_a[ia] if ia is not None else None
         sb = segs_b[ib] if ib is not None else None
@@ -343,17 +343,6 @@ def compare_segmentations(a: SegmentationLike, b: SegmentationLike, *, labels_a:
         if progress:
             progress((n + 1) / len(pairs), f"compared {row['segment_a'] or row['segment_b']}")
     return rows
-
-
-def is_cancelled(cancel: Any) -> bool:
-    """A CancelToken (``.cancelled``), a threading.Event (``.is_set()``) or a callable returning True."""
-    if cancel is None:
-        return False
-    if hasattr(cancel, "cancelled"):
-        return bool(cancel.cancelled)
-    if hasattr(cancel, "is_set"):
-        return bool(cancel.is_set())
-    return bool(cancel())
 
 
 def write_rows(path: PathLike, rows: Sequence[dict[str, Any]], overwrite: bool = False) -> Path:

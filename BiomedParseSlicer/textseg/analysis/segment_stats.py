@@ -17,13 +17,14 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from ..errors import InputError
 from ..formats.atomic import atomic_output
 from ..formats.segments import Segment, resample_segments
+from ..runcontrol import ProgressFn
 from ..volume import Volume
 
 PathLike = Union[str, Path]
@@ -63,7 +64,6 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "bbox_ras_max_a": ("mm", "Maximum A of that box."),
     "bbox_ras_max_s": ("mm", "Maximum S of that box."),
 }
-ProgressFn = Callable[[float, str], None]
 
 
 def compute_statistics(volume: Volume, segments: Sequence[Segment], reference: Optional[Volume] = None,

@@ -206,8 +206,8 @@ def cmd_segment(args) -> int:
     from ..formats.read_isolated import prestart
 
     prestart()  # the image reader child starts while the model is set up
-    from ..models.base import CancelToken
     from ..predictor import Predictor
+    from ..runcontrol import CancelToken
 
     image = Path(args.image)
     out = Path(args.out)

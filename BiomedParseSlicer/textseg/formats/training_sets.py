@@ -43,17 +43,17 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import numpy as np
 
-from ..analysis.corrections import is_cancelled, load_segmentation, onto_grid
+from ..analysis.corrections import load_segmentation, onto_grid
 from ..errors import InputError, OutputExistsError
+from ..runcontrol import CancelToken, ProgressFn
 from ..volume import Volume
 from .segments import Segment
 
 PathLike = Union[str, Path]
-ProgressFn = Callable[[float, str], None]
 
 FILE_ENDINGS = (".nii.gz", ".nrrd", ".mha")
 OVERLAP_RULES = ("refuse", "later-wins")
@@ -125,7 +125,7 @@ def export_nnunet(cases: Sequence[TrainingCase], out_dir: PathLike, dataset_id: 
         (root / sub).mkdir(parents=True, exist_ok=True)
     try:
         for n, (case, cid) in enumerate(zip(cases, ids)):
-            if is_cancelled(cancel):
+            if CancelToken.of(cancel).cancelled:
                 result.cancelled = True
                 break
             options = {"labels": labels, "channel_name": channel_name, "file_ending": file_ending,

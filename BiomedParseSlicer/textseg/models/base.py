@@ -7,59 +7,44 @@ fallback, thresholds and provenance. An adapter owns only its model:
   the catalog files); ``to(device)`` moves it.
 * ``prepare(volume, preset, ctx)``: intensity/geometry preprocessing of a *canonical* volume
   (closest-LPS array order, see textseg.volume); returns an opaque image state.
-* 3D models (``spec.dims == 3``): ``encode(state, ctx)`` once per image, then
+* 3D models (``spec.dims == 3``, class ``VolumeAdapter``): ``encode(state, ctx)`` once per image, then
   ``decode(encoded, prompts, ctx)`` per prompt group; return one ``Decoded`` per prompt with a
   probability map on the canonical grid (``state``'s volume shape).
-* 2D models (``spec.dims == 2``): ``num_slices(state)``, ``encode_slices(state, indices, ctx)``
+* 2D models (``spec.dims == 2``, class ``SliceAdapter``): ``num_slices(state)``, ``encode_slices(state, indices, ctx)``
   for a batch of slices and ``decode_slices(encoded, prompts, ctx)`` returning, per prompt, the
   probabilities of those slices (``(len(indices), H, W)`` on the canonical grid) and an existence
   score per slice. The predictor batches slices, honours a slice range, and caches encoded
   batches, so an image is encoded once and decoded for many prompts.
+* ``prompts_per_call(state)``: how many prompts one ``decode``/``decode_slices`` call takes (the class's
+  ``max_prompts_per_call`` unless options or a memory budget lower it for that image).
 
-``ctx`` (RunContext) gives ``device``, ``batch_size`` (lowered on out-of-memory), ``progress``,
-``check_cancel()`` and ``log``; adapters call ``ctx.check_cancel()`` between expensive steps.
+``ctx`` (RunContext) gives ``device``, ``batch_size`` (lowered on out-of-memory), ``report(fraction)``
+(progress within the predictor's current step), ``check_cancel()`` (the run's textseg.runcontrol.CancelToken)
+and ``log``; adapters call ``ctx.check_cancel()`` between expensive steps.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
 
 from ..catalog import ModelSpec
-from ..errors import Cancelled
 from ..presets import Preset
 from ..prompts import Prompt
+from ..runcontrol import CancelToken, Progress, ProgressFn
 from ..volume import Volume
-
-ProgressFn = Callable[[float, str], None]
-
-
-class CancelToken:
-    """Cooperative cancel flag shared between a caller (GUI thread, HTTP handler) and a run."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
-    def check(self) -> None:
-        if self._event.is_set():
-            raise Cancelled("Cancelled by the user; completed results are kept.")
 
 
 @dataclass
 class RunContext:
+    """What a run hands an adapter: the device, the batch size (lowered on out-of-memory), progress within the
+    predictor's current step (``report``), the cancel token (``check_cancel``), the log and the seed."""
+
     device: Any  # torch.device
     batch_size: int = 4
     progress: Optional[ProgressFn] = None
@@ -67,8 +52,10 @@ class RunContext:
     log: Callable[[str], None] = lambda msg: None
     seed: Optional[int] = None
     options: dict[str, Any] = field(default_factory=dict)
-    _stage: str = ""
-    _span: tuple = (0.0, 1.0)
+    _steps: Progress = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._steps = Progress(self.progress)
 
     def check_cancel(self) -> None:
         if self.cancel is not None:
@@ -76,16 +63,11 @@ class RunContext:
 
     def report(self, fraction: float, stage: Optional[str] = None) -> None:
         """Progress within the current span (set by the predictor) as overall fraction 0..1."""
-        if stage:
-            self._stage = stage
-        lo, hi = self._span
-        if self.progress is not None:
-            self.progress(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), self._stage)
+        self._steps.report(fraction, stage)
 
     def span(self, lo: float, hi: float, stage: str) -> None:
-        self._span = (lo, hi)
-        self._stage = stage
-        self.report(0.0)
+        """Start the step covering ``lo..hi`` of the run (the predictor's part; adapters only ``report``)."""
+        self._steps.span(lo, hi, stage)
 
 
 class DeferredMap:
@@ -157,7 +139,13 @@ class Recognizer:
 
 
 class ModelAdapter:
-    """Base class. Subclasses set nothing else than what they override."""
+    """What every adapter has: its spec, weights and options, ``load``/``to`` and ``prepare``. An adapter derives
+    from ``VolumeAdapter`` (``spec.dims == 3``) or ``SliceAdapter`` (``spec.dims == 2``), never from this class
+    directly; the predictor checks the pairing once, when it takes the adapter."""
+
+    dims: ClassVar[int] = 0  # 3: VolumeAdapter, 2: SliceAdapter
+    # The most prompts decoded in one call (a class constant); ``prompts_per_call`` may lower it per image.
+    max_prompts_per_call: ClassVar[int] = 16
 
     def __init__(self, spec: ModelSpec, weights_dir: Optional[Path] = None, **options: Any) -> None:
         self.spec = spec
@@ -181,30 +169,12 @@ class ModelAdapter:
     def prepare(self, volume: Volume, preset: Preset, ctx: RunContext) -> Any:
         raise NotImplementedError
 
-    # ---- 3D ---------------------------------------------------------------------------------
-    def encode(self, state: Any, ctx: RunContext) -> Any:
-        return state
-
-    def decode(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> list[Decoded]:
-        raise NotImplementedError
-
-    # ---- 2D ---------------------------------------------------------------------------------
-    def num_slices(self, state: Any) -> int:
-        raise NotImplementedError
-
-    def encode_slices(self, state: Any, indices: Sequence[int], ctx: RunContext) -> Any:
-        raise NotImplementedError
-
-    def decode_slices(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> list[SliceDecoded]:
-        raise NotImplementedError
-
-    def slice_shape(self, state: Any) -> tuple:
-        """(H, W) of the canonical in-plane grid the slice probabilities are returned on."""
-        raise NotImplementedError
+    def prompts_per_call(self, state: Any) -> int:
+        """Prompts decoded per call on the image ``state`` (what ``prepare`` returned): the class's
+        ``max_prompts_per_call`` unless an adapter's options or memory budget say otherwise."""
+        return self.max_prompts_per_call
 
     # ---- optional -----------------------------------------------------------------------------
-    max_prompts_per_call: int = 16
-
     def free_memory(self, encoded: Any) -> None:
         """Drop what can be recomputed (feature caches) of an encoded image; called after out-of-memory."""
 
@@ -213,6 +183,55 @@ class ModelAdapter:
         from ..errors import UsageError
 
         raise UsageError(f"Model '{self.spec.id}' has no recognition ('segment everything').")
+
+
+class VolumeAdapter(ModelAdapter):
+    """A volumetric model (``spec.dims == 3``): the whole canonical volume is encoded once, then decoded per
+    prompt group."""
+
+    dims: ClassVar[int] = 3
+
+    def encode(self, state: Any, ctx: RunContext) -> Any:
+        """Encode the prepared image once; the default keeps ``state`` as it is (models that encode per prompt)."""
+        return state
+
+    def decode(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> list[Decoded]:
+        """One ``Decoded`` per prompt: a float32 probability map (or DeferredMap) of the canonical volume's
+        shape (k, j, i)."""
+        raise NotImplementedError
+
+
+class SliceAdapter(ModelAdapter):
+    """A slice-wise (2D) model (``spec.dims == 2``) run over a volume: the predictor batches the canonical
+    slices (axis k), encodes each batch once (slice cache) and decodes it for every prompt group."""
+
+    dims: ClassVar[int] = 2
+
+    def num_slices(self, state: Any) -> int:
+        """Number of canonical slices (k) of the prepared image."""
+        raise NotImplementedError
+
+    def slice_shape(self, state: Any) -> tuple:
+        """(H, W) of the canonical in-plane grid the slice probabilities are returned on."""
+        raise NotImplementedError
+
+    def encode_slices(self, state: Any, indices: Sequence[int], ctx: RunContext) -> Any:
+        """Encode the canonical slices ``indices`` (consecutive, at most ``ctx.batch_size``)."""
+        raise NotImplementedError
+
+    def decode_slices(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> list[SliceDecoded]:
+        """One ``SliceDecoded`` per prompt: (len(indices), H, W) probabilities and per-slice existence."""
+        raise NotImplementedError
+
+
+def check_adapter(adapter: ModelAdapter) -> None:
+    """The adapter's class matches its spec: a VolumeAdapter for ``dims == 3``, a SliceAdapter for ``dims == 2``."""
+    expected = {3: VolumeAdapter, 2: SliceAdapter}.get(adapter.spec.dims)
+    if expected is None or not isinstance(adapter, expected):
+        from ..errors import ModelError
+
+        raise ModelError(f"Model '{adapter.spec.id}' is {adapter.spec.dims}D but its adapter "
+                         f"{type(adapter).__name__} is not a {expected.__name__ if expected else 'known'} adapter.")
 
 
 def nbytes(obj: Any) -> int:

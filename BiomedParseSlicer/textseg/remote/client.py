@@ -36,9 +36,9 @@ import numpy as np
 from .. import errors
 from ..catalog import ModelSpec, WeightFile
 from ..errors import AuthError, Cancelled, InputError, ServerError, UsageError
-from ..models.base import CancelToken, ProgressFn
-from ..predictor import PromptLike, PromptResult, check_prompts, kept_summary
+from ..predictor import PromptLike, PromptResult, check_prompts
 from ..prompts import Prompt, parse_prompts
+from ..runcontrol import CancelToken, ProgressFn, kept_summary, sub_progress
 from ..volume import Volume
 from .wire import (
     API_VERSION,
@@ -70,7 +70,8 @@ def spec_from_dict(d: dict[str, Any]) -> ModelSpec:
 
 
 class RemotePredictor:
-    """Same contract as textseg.predictor.Predictor, running on a textseg server."""
+    """Same contract as textseg.predictor.Predictor (``textseg.predictor.PredictorProtocol``: shapes, frames and
+    signatures there), running on a textseg server."""
 
     def __init__(
         self,
@@ -301,7 +302,7 @@ class RemotePredictor:
         except Cancelled:  # cancelled while a busy server made us wait: no job exists, nothing was run
             return {"id": None, "state": "cancelled", "stage": "cancelled", "progress": 0.0, "results": 0,
                     "messages": []}
-        lo, hi = scale
+        scaled = sub_progress(progress, *scale)
         deadline = time.monotonic() + self.timeout
         cancelled = False
         while job["state"] not in ("done", "failed", "cancelled"):
@@ -314,8 +315,8 @@ class RemotePredictor:
                 raise ServerError(f"The job did not finish within {self.timeout:g} s (it was {job['stage']}); it was "
                                   f"cancelled. Raise the client's timeout for large images or busy servers.")
             job = self._request("GET", f"/v1/jobs/{job['id']}", params={"wait": 1.0, "version": job["version"]}).json()
-            if progress is not None:
-                progress(lo + (hi - lo) * job["progress"], job["stage"])
+            if scaled is not None:
+                scaled(job["progress"], job["stage"])
         self.messages.extend(job.get("messages") or [])
         if job["state"] == "failed":
             err = job.get("error") or {}

@@ -100,7 +100,7 @@ def make_deployment(num_gpus: float, health_timeout: float = 30.0):
                 self.state.predictor(model)
 
         def run(self, job: dict[str, Any]):
-            from ..models.base import CancelToken
+            from ..runcontrol import CancelToken
 
             token = self.tokens[job["id"]] = CancelToken()
             try:

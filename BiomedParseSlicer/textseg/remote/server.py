@@ -272,7 +272,7 @@ class Job:
         n, total = len(meta["results"]), len(self.request.get("prompts") or [])
         done = sum(bool(r.get("complete", True)) for r in meta["results"])
         if meta.get("cancelled"):
-            from ..predictor import kept_summary
+            from ..runcontrol import kept_summary
 
             self.stage = (f"cancelled: kept {n} target(s) found so far" if self.request.get("recognize")
                           else f"cancelled: {kept_summary(done, total, n - done)}")

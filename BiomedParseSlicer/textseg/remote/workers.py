@@ -30,6 +30,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..runcontrol import sub_progress
+
 log = logging.getLogger("textseg.server")
 DISK_FULL = ("The server's disk is full: {what} could not be stored. Try again later, and tell the server's "
              "administrator (the server's work folder needs space).")
@@ -104,24 +106,23 @@ class WorkerState:
         split = 0.3 if (need_image and work) else (1.0 if need_image else 0.0)
         if need_image:
             self.images.pop(job["model"], None)
-            pred.set_image(self.volume, job.get("modality"), job.get("site"), key[3], _scaled(progress, 0.0, split),
-                           cancel)
+            pred.set_image(self.volume, job.get("modality"), job.get("site"), key[3],
+                           sub_progress(progress, 0.0, split), cancel)
             self.images[job["model"]] = key
         if job.get("recognize"):
             options = job["recognize"] if isinstance(job["recognize"], dict) else {}
-            results = pred.recognize(_scaled(progress, split, 1.0), cancel, **options)
+            results = pred.recognize(sub_progress(progress, split, 1.0), cancel, **options)
             if on_results and results:
                 on_results(results)
             return results
         results: list = []
-        group = max(1, pred.adapter.max_prompts_per_call) if (on_results
-                                                              and pred.spec.dims == 3) else max(1, len(prompts))
+        streamed = on_results and pred.spec.dims == 3
+        group = max(1, pred.adapter.prompts_per_call(pred._state) if streamed else len(prompts))
+        prompting = sub_progress(progress, split, 1.0)
         for start in range(0, len(prompts), group):
             chunk = prompts[start : start + group]
-            lo = split + (1.0 - split) * start / len(prompts)
-            hi = split + (1.0 - split) * (start + len(chunk)) / len(prompts)
-            done = pred.predict(chunk, job.get("threshold"), bool(job.get("keep_absent")), _scaled(progress, lo, hi),
-                                cancel)
+            part = sub_progress(prompting, start / len(prompts), (start + len(chunk)) / len(prompts))
+            done = pred.predict(chunk, job.get("threshold"), bool(job.get("keep_absent")), part, cancel)
             results.extend(done)
             if on_results and done:
                 on_results(done)
@@ -146,10 +147,6 @@ def was_cancelled(job: dict[str, Any], results: list, cancel_requested: bool) ->
     if job.get("recognize"):  # no results after a cancel: stopped before the first slice batch was done
         return not results or any(not r.complete for r in results)
     return len(results) < len(job.get("prompts") or []) or any(not r.complete for r in results)
-
-
-def _scaled(progress, lo: float, hi: float):
-    return lambda f, stage: progress(lo + (hi - lo) * f, stage)
 
 
 def write_outputs(out_dir: Path, shape, results, prob_mode: str) -> dict[str, Any]:
@@ -200,11 +197,9 @@ class SharedFlag:
 
 def _flag_token(flag):
     """A CancelToken backed by the SharedFlag that the server process sets."""
-    from ..models.base import CancelToken
+    from ..runcontrol import CancelToken
 
-    token = CancelToken()
-    token._event = flag  # same set()/is_set() interface, shared across processes
-    return token
+    return CancelToken(flag)  # set()/is_set() shared across processes
 
 
 def worker_main(conn, cancel_flag, device: str, options: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ...prompts import Prompt
-from ..base import Decoded, ModelAdapter, RunContext, weight_file
+from ..base import Decoded, RunContext, VolumeAdapter, weight_file
 
 
 def _ras_from_canonical(arr_kji: np.ndarray) -> np.ndarray:
@@ -26,7 +26,7 @@ def _canonical_from_ras(arr_xyz: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr_xyz[::-1, ::-1, :].transpose(2, 1, 0))
 
 
-class DeepBetAdapter(ModelAdapter):
+class DeepBetAdapter(VolumeAdapter):
     max_prompts_per_call = 1
 
     def load(self, device: Any) -> None:

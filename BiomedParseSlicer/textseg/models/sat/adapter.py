@@ -3,7 +3,7 @@
 ``prepare``: upstream's preprocessing of the canonical volume (preprocess.py: RAS order, 1x1x3 mm,
 crop to image > 0, CT window / MR-PET percentiles, z-score), keeping the geometry to map back.
 ``encode``: nothing (a patch's features are ~2 GB at full size, so patches are encoded inside
-``decode``, once per prompt group: the predictor hands up to ``max_prompts_per_call`` prompts at
+``decode``, once per prompt group: the predictor hands up to ``prompts_per_call(state)`` prompts at
 once). Option ``feature_cache_bytes`` (default: half the free GPU memory on CUDA, 0 elsewhere) keeps
 the windows' features of the image that many bytes deep, so later prompts on the same image (the
 annotator's next target) only decode: no window is encoded twice while the cache holds it. ``decode``: prompts
@@ -32,7 +32,7 @@ import torch
 
 from ...errors import UsageError
 from ...prompts import Prompt
-from ..base import Decoded, DeferredMap, ModelAdapter, RunContext, nbytes, weight_file
+from ..base import Decoded, DeferredMap, RunContext, VolumeAdapter, nbytes, weight_file
 from . import BIOLORD_FILES, BIOLORD_PREFIX
 from .preprocess import SATGeometry, preprocess
 from .vocab import check_target, normalize, sat_modality
@@ -67,9 +67,9 @@ class SATState:
     cache_bytes: int = 0
 
 
-class SATAdapter(ModelAdapter):
-    # Prompts decoded per pass over the patches (each pass encodes every patch once). ``prepare`` lowers it
-    # so that the accumulated probabilities stay within ``memory_budget`` bytes (option, default 2 GiB).
+class SATAdapter(VolumeAdapter):
+    # Prompts decoded per pass over the patches (each pass encodes every patch once); ``prompts_per_call``
+    # lowers it so that the accumulated probabilities stay within ``memory_budget`` bytes (option, default 2 GiB).
     max_prompts_per_call = 64
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -110,13 +110,15 @@ class SATAdapter(ModelAdapter):
         ctx.report(0.0, "SAT: preprocessing")
         modality = sat_modality(preset.modality)
         image, geo = preprocess(volume, modality, compat=bool(self.options.get("compat_upstream", False)))
-        budget = int(self.options.get("memory_budget", 2 << 30))
-        self.max_prompts_per_call = int(min(64, max(1, budget // (4 * image.size))))
         shift = "" if max(abs(o) for o in geo.offset) < 1e-6 else \
             f"; voxel 0 at input index {', '.join(f'{o:.3g}' for o in geo.offset)} (upstream centres this grid)"
         ctx.log(f"SAT grid {'x'.join(map(str, geo.shape))} at {', '.join(f'{s:g}' for s in geo.spacing)} mm "
                 f"(cropped to the foreground from {'x'.join(map(str, geo.resampled_shape))}{shift})")
         return SATState(image.astype(np.float32), geo, modality.lower())
+
+    def prompts_per_call(self, state: SATState) -> int:
+        budget = int(self.options.get("memory_budget", 2 << 30))
+        return int(min(self.max_prompts_per_call, max(1, budget // (4 * state.image.size))))
 
     # ---- prompts ----------------------------------------------------------------------------
     @torch.no_grad()

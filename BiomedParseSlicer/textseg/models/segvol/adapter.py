@@ -35,7 +35,7 @@ from monai.transforms.utils import generate_spatial_bounding_box
 
 from ...errors import InputError
 from ...prompts import Prompt
-from ..base import Decoded, ModelAdapter, RunContext, nbytes, weight_file
+from ..base import Decoded, RunContext, VolumeAdapter, nbytes, weight_file
 from .network import SegVolConfig, SegVolNet, load_checkpoint
 
 TEMPLATE = "A computerized tomography of a {}."
@@ -189,7 +189,7 @@ class SegVolState:
     cache_bytes: int = 0
 
 
-class SegVolAdapter(ModelAdapter):
+class SegVolAdapter(VolumeAdapter):
     """Options: ``config`` (SegVolConfig), ``zoom_in`` (default True), ``seed``, ``tokenizer_dir`` and
     ``window_cache_bytes``: window embeddings kept per image, least recently used dropped first (default
     2 GiB, at most half the free GPU memory on CUDA; ~6 MB a window at full size, so the ~100 windows of a

@@ -11,7 +11,7 @@ import numpy as np
 
 from ...errors import UsageError
 from ...prompts import Prompt
-from ..base import Decoded, ModelAdapter, RunContext, SliceDecoded
+from ..base import Decoded, ModelAdapter, RunContext, SliceAdapter, SliceDecoded, VolumeAdapter
 
 RANGES = {"bone": (200.0, 3000.0), "air": (-2000.0, -500.0), "fat": (-150.0, -50.0), "soft tissue": (-50.0, 150.0)}
 SIDES = ("left", "right", "superior", "inferior", "anterior", "posterior")
@@ -103,7 +103,7 @@ class _Base(ModelAdapter):
         return m.astype(np.float32)
 
 
-class Synthetic3D(_Base):
+class Synthetic3D(_Base, VolumeAdapter):
     max_prompts_per_call = 1
 
     def encode(self, state: Any, ctx: RunContext) -> Any:
@@ -126,7 +126,7 @@ class Synthetic3D(_Base):
         return out
 
 
-class Synthetic2D(_Base):
+class Synthetic2D(_Base, SliceAdapter):
     def num_slices(self, state: Any) -> int:
         return state["array"].shape[0]
 

@@ -24,21 +24,19 @@ import torch.nn.functional as F
 
 from ....errors import UsageError
 from ....prompts import Prompt
-from ...base import ModelAdapter, Recognizer, RunContext, SliceDecoded, SliceLabels, weight_file
+from ...base import Recognizer, RunContext, SliceAdapter, SliceDecoded, SliceLabels, weight_file
 from .existence import adjusted_p_value, find_params, load_target_dist, mask_stats
 from .model import V1Config, build_v1, load_v1_weights
 from .preprocess import preprocess_slice
 from .spec import BIOMED_OBJECTS, image_types_for
 
 
-class BiomedParseV1Adapter(ModelAdapter):
+class BiomedParseV1Adapter(SliceAdapter):
     max_prompts_per_call = 4  # B slices x 4 prompts decoded as one batch
 
     def load(self, device: Any) -> None:
         cfg = self.options.get("config") or V1Config()
         self.concat = bool(self.options.get("concat_prompts", False))
-        if self.concat:
-            self.max_prompts_per_call = 10_000  # upstream: one call for all prompts
         self.model = build_v1(cfg)
         load_v1_weights(self.model, weight_file(self, "biomedparse_v1.pt"))
         self.target_dist = load_target_dist(weight_file(self, "target_dist.json"))
@@ -55,6 +53,9 @@ class BiomedParseV1Adapter(ModelAdapter):
         forced = self.options.get("image_type")
         types = [forced] if forced else image_types_for(preset.modality, preset.site)
         return {"array": volume.array, "preset": preset, "image_types": types}
+
+    def prompts_per_call(self, state: Any) -> int:
+        return 10_000 if self.concat else self.max_prompts_per_call  # upstream concatenates all prompts
 
     def num_slices(self, state: Any) -> int:
         return int(state["array"].shape[0])

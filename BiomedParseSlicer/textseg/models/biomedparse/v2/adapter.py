@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ....errors import UsageError
 from ....presets import window_to_uint8
 from ....prompts import Prompt
-from ...base import ModelAdapter, RunContext, SliceDecoded, weight_file
+from ...base import RunContext, SliceAdapter, SliceDecoded, weight_file
 from . import preprocess as pre
 from .decoder import Sampling
 from .loader import load_v2_weights
@@ -45,15 +45,13 @@ def row_seed(seed: int, text: str, k: int) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(text.encode()) * 7919 + int(k)) % (2 ** 62)
 
 
-class BiomedParseV2Adapter(ModelAdapter):
+class BiomedParseV2Adapter(SliceAdapter):
     max_prompts_per_call = 8
 
     def load(self, device: Any) -> None:
         self.compat = bool(self.options.get("compat_upstream", False))
         self.deterministic = bool(self.options.get("deterministic", False))
         self.resize_path = self.options.get("resize_path", "uint8")
-        if self.compat:
-            self.max_prompts_per_call = 10_000  # upstream: all prompts in one call
         self.model = build_v2(self.options.get("config") or V2Config())
         load_v2_weights(self.model, weight_file(self, "biomedparse_v2.ckpt"))
         self.to(device)
@@ -73,6 +71,9 @@ class BiomedParseV2Adapter(ModelAdapter):
                              f"{pre.upstream_axis(arr.shape)} (shape rule), not along k; turn compat_upstream off.")
         self._generator = torch.Generator().manual_seed(int(ctx.seed or 0))
         return {"array": arr, "preset": preset, "u8": {}, "seed": int(ctx.seed or 0)}
+
+    def prompts_per_call(self, state: Any) -> int:
+        return 10_000 if self.compat else self.max_prompts_per_call  # upstream: all prompts in one call
 
     def num_slices(self, state: Any) -> int:
         return int(state["array"].shape[0])
