@@ -32,7 +32,9 @@ from . import __version__
 from .catalog import ModelSpec, get_model, list_models
 from .detection import detect_objects
 from .errors import Cancelled, ModelError, UsageError
-from .models.base import CancelToken, DeferredMap, ModelAdapter, ProgressFn, Recognizer, RunContext, nbytes
+from .models.base import CancelToken, DeferredMap, ModelAdapter, ProgressFn, Recognizer, RunContext
+from .models.feature_cache import FeatureCache, cache_budget
+from .models.options import AdapterOptions
 from .presets import Preset, get_preset
 from .prompts import Prompt, parse_prompts
 from .volume import Volume
@@ -210,7 +212,6 @@ class Predictor:
         weights_dir: Optional[Union[str, Path]] = None,
         batch_size: Optional[int] = None,
         seed: Optional[int] = None,
-        cache_bytes: int = 2 << 30,
         log_fn: Optional[Callable[[str], None]] = None,
         **adapter_options: Any,
     ) -> None:
@@ -220,10 +221,10 @@ class Predictor:
             spec = get_model(model) if isinstance(model, str) else model
             self.adapter = load_adapter(spec, Path(weights_dir) if weights_dir else None, **adapter_options)
         self.spec: ModelSpec = self.adapter.spec
+        AdapterOptions.from_mapping(self.adapter.options)  # a bad or renamed setting fails here, in one line
         self.device = select_device(device)
         self.batch_size = batch_size or (4 if self.spec.dims == 2 else 1)
         self.seed = seed
-        self.cache_bytes = cache_bytes
         self.messages: list[str] = []
         self._log_fn = log_fn
         self._loaded = False
@@ -232,7 +233,7 @@ class Predictor:
         self._preset: Optional[Preset] = None
         self._state: Any = None
         self._encoded: Any = None
-        self._slice_cache: dict[tuple[int, ...], Any] = {}
+        self._slice_cache = FeatureCache()  # batch of slice indices -> encoded batch (option feature_cache_bytes)
         self._slice_range: Optional[tuple[int, int]] = None
 
     # ---- logging -----------------------------------------------------------------------------
@@ -540,11 +541,13 @@ class Predictor:
                     has_exist[j] = True
 
     def _decoded_batches(self, plist, first, stop, ctx, stage: str):
-        """Slices ``first:stop`` batch by batch: each batch encoded once (kept in the slice cache when the
-        whole range fits) and decoded for every prompt, in groups. Yields ``(batch, outs)``, one
+        """Slices ``first:stop`` batch by batch: each batch encoded once (kept in the slice cache, a FeatureCache
+        of ``feature_cache_bytes``) and decoded for every prompt, in groups. Yields ``(batch, outs)``, one
         SliceDecoded per prompt; re-plans after out-of-memory. ``self._slices_done`` is the first slice
         not yet yielded (what a cancel keeps)."""
         group = max(1, self.adapter.max_prompts_per_call)
+        self._slice_cache.budget = cache_budget(AdapterOptions.from_mapping(self.adapter.options).feature_cache_bytes,
+                                                self.device)
         idx = self._slices_done = first
         while idx < stop:
             ctx.check_cancel()
@@ -556,8 +559,7 @@ class Predictor:
                 enc = self._run(lambda c: self.adapter.encode_slices(self._state, batch, c), ctx, retry_same=False)  # noqa: B023 - runs in this iteration
                 if enc is _RETRY:  # batch size or device lowered after out-of-memory: re-plan
                     continue
-                if nbytes(enc) * ((stop - first) / len(batch)) <= self.cache_bytes:
-                    self._slice_cache[batch] = enc
+                self._slice_cache.put(batch, enc)
             outs: list = []
             for s in range(0, len(plist), group):
                 ctx.check_cancel()
