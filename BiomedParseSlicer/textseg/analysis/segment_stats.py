@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import InputError
 from ..formats.atomic import atomic_output
 from ..formats.segments import Segment, resample_segments
-from ..volume import Volume, mask_bounds
+from ..volume import Volume, lps_to_ras, mask_bounds
 
 PathLike = Union[str, Path]
 
@@ -136,12 +136,13 @@ def _shape(volume: Volume, mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> 
     f.SetComputeFeretDiameter(False)
     f.Execute(img)
     lps = np.array(f.GetCentroid(1))
+    ras = lps_to_ras(lps)
     area = f.GetPerimeter(1)
     vol_mm3 = int(mask[a[0]:b[0], a[1]:b[1], a[2]:b[2]].sum()) * volume.voxel_volume_mm3
     out = {"surface_area_mm2": area, "roundness": f.GetRoundness(1),
            "sphericity": math.pi ** (1 / 3) * (6 * vol_mm3) ** (2 / 3) / area if area > 0 else None,
            "centroid_lps_l": lps[0], "centroid_lps_p": lps[1], "centroid_lps_s": lps[2],
-           "centroid_ras_r": -lps[0], "centroid_ras_a": -lps[1], "centroid_ras_s": lps[2]}
+           "centroid_ras_r": ras[0], "centroid_ras_a": ras[1], "centroid_ras_s": ras[2]}
     for axis, name in zip((2, 1, 0), "ijk"):
         out[f"bbox_index_min_{name}"] = int(lo[axis])
         out[f"bbox_index_max_{name}"] = int(hi[axis])
