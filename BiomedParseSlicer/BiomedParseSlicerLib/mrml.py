@@ -22,7 +22,8 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 from textseg.errors import InputError, UsageError
 from textseg.formats.segments import TAG_PREFIX, Segment
-from textseg.volume import LPS_TO_RAS, Volume
+from textseg.volume import Volume
+from textseg.volume import ras_to_lps as _ras_to_lps
 
 PROMPT_TAG = TAG_PREFIX + "prompt"
 MODEL_TAG = TAG_PREFIX + "model"
@@ -97,11 +98,8 @@ def volume_from_node(node) -> Volume:
     if node.IsA("vtkMRMLLabelMapVolumeNode"):
         raise UsageError(f"'{node.GetName()}' is a label map; select the grey-level image to segment.")
     arr = array_from_node(node)
-    ijk_to_lps = LPS_TO_RAS @ world_ijk_to_ras(node)
-    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
-    direction = ijk_to_lps[:3, :3] / spacing
     meta = {"source": node.GetName(), "node_id": node.GetID() or ""}
-    return Volume(arr, tuple(spacing), tuple(ijk_to_lps[:3, 3]), direction, meta)
+    return Volume.from_matrix(arr, world_ijk_to_ras(node), meta, space="RAS")
 
 
 def volume_node_from_volume(scene, volume: Volume, name: str = "volume"):
@@ -297,7 +295,7 @@ def segments_for_prompts(segmentation_node, tag_values: Iterable[str]) -> list[s
 
 # ---- markups -> prompt geometry (LPS mm, what textseg.prompts expects) --------------------------------
 def ras_to_lps(points) -> np.ndarray:
-    return np.atleast_2d(np.asarray(points, dtype=float)) * np.array([-1.0, -1.0, 1.0])
+    return _ras_to_lps(np.atleast_2d(np.asarray(points, dtype=float)))
 
 
 def _require_linear(node, what: str) -> None:

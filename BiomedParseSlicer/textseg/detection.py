@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .volume import Volume
+from .volume import Volume, mask_bounds
 
 SLAB = 8  # slices per pass
 
@@ -35,7 +35,7 @@ def detect_objects(volume: Volume, mask: np.ndarray, label: str,
     m = volume.ijk_to_lps
     a, origin = m[:3, :3], m[:3, 3]
     if instances is None:
-        return _whole(labels != 0, a, origin, label)
+        return _whole(volume, labels != 0, label)
     n = int(labels.max()) if labels.size else 0
     if n <= 0:
         return []
@@ -60,18 +60,19 @@ def detect_objects(volume: Volume, mask: np.ndarray, label: str,
         hi[uniq] = np.maximum(hi[uniq], np.maximum.reduceat(pts, start, axis=0))
         ilo[uniq] = np.minimum(ilo[uniq], np.minimum.reduceat(ijk, start, axis=0))
         ihi[uniq] = np.maximum(ihi[uniq], np.maximum.reduceat(ijk, start, axis=0))
-    return [_object(f"{label} {i}", i, count[i], lo[i], hi[i], sums[i], ilo[i], ihi[i], a, origin)
+    return [_object(f"{label} {i}", i, count[i], lo[i] + origin, hi[i] + origin, sums[i], ilo[i], ihi[i], a, origin)
             for i in range(1, n + 1) if count[i]]
 
 
 def _object(label, instance, count, lo, hi, sums, ilo, ihi, a, origin) -> dict[str, Any]:
+    """``lo``/``hi``: the LPS box (mm); ``sums``: index sums (mean position = a @ sums / count + origin)."""
     obj: dict[str, Any] = {"label": label}
     if instance is not None:
         obj["instance"] = int(instance)
     obj.update({
         "voxel_count": int(count),
-        "bbox_min": [float(v) for v in lo + origin],
-        "bbox_max": [float(v) for v in hi + origin],
+        "bbox_min": [float(v) for v in lo],
+        "bbox_max": [float(v) for v in hi],
         "centroid": [float(v) for v in a @ (sums / count) + origin],
         "index_min": [int(v) for v in ilo],
         "index_max": [int(v) for v in ihi],
@@ -79,27 +80,23 @@ def _object(label, instance, count, lo, hi, sums, ilo, ihi, a, origin) -> dict[s
     return obj
 
 
-def _whole(mask: np.ndarray, a: np.ndarray, origin: np.ndarray, label: str) -> list[dict[str, Any]]:
-    """One object: counts and index sums from the three projections of the mask's index box (found first with
-    cheap ``any`` passes: an organ's box is a small part of a CT); the physical box from the index box's
-    corners when every LPS axis depends on one index axis (any flip/permutation), else from the voxels."""
-    on_k = np.flatnonzero(mask.any(axis=(1, 2)))
-    if not len(on_k):
+def _whole(volume: Volume, mask: np.ndarray, label: str) -> list[dict[str, Any]]:
+    """One object: counts and index sums from the three projections of the mask's index box
+    (``volume.mask_bounds``); the physical box from the index box's corners when every LPS axis depends on one
+    index axis (any flip/permutation), else from the voxels."""
+    bounds = mask_bounds(mask)
+    if bounds is None:
         return []
-    slab = mask[on_k[0]:on_k[-1] + 1]
-    on_j, on_i = np.flatnonzero(slab.any(axis=(0, 2))), np.flatnonzero(slab.any(axis=(0, 1)))
-    offset = np.array([on_i[0], on_j[0], on_k[0]])
-    box = slab[:, on_j[0]:on_j[-1] + 1, on_i[0]:on_i[-1] + 1]
+    m = volume.ijk_to_lps
+    a, origin = m[:3, :3], m[:3, 3]
+    ilo, ihi = bounds[0][::-1], bounds[1][::-1]  # (i, j, k)
+    box = mask[ilo[2]:ihi[2] + 1, ilo[1]:ihi[1] + 1, ilo[0]:ihi[0] + 1]
     proj = [box.sum(axis=(0, 1), dtype=np.int64), box.sum(axis=(0, 2), dtype=np.int64),
             box.sum(axis=(1, 2), dtype=np.int64)]  # along i, j, k
     count = int(proj[0].sum())
-    sums = np.array([float(np.dot(np.arange(o, o + len(p), dtype=np.int64), p)) for o, p in zip(offset, proj)])
-    ilo = np.array([int(np.flatnonzero(p)[0]) for p in proj]) + offset
-    ihi = np.array([int(np.flatnonzero(p)[-1]) for p in proj]) + offset
+    sums = np.array([float(np.dot(np.arange(o, o + len(p), dtype=np.int64), p)) for o, p in zip(ilo, proj)])
     if (np.count_nonzero(a, axis=1) <= 1).all():
-        corners = np.array([[(ilo, ihi)[b >> c & 1][c] for c in range(3)] for b in range(8)])
-        pts = corners @ a.T
-        lo, hi = pts.min(0), pts.max(0)
+        lo, hi = volume.box_to_physical(ilo, ihi)
     else:
         lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
         for k0 in range(ilo[2], ihi[2] + 1, SLAB):
@@ -107,4 +104,5 @@ def _whole(mask: np.ndarray, a: np.ndarray, origin: np.ndarray, label: str) -> l
             if len(kk):
                 pts = np.stack([ii, jj, kk + k0], 1) @ a.T
                 lo, hi = np.minimum(lo, pts.min(0)), np.maximum(hi, pts.max(0))
+        lo, hi = lo + origin, hi + origin  # added once: exact extremes, fewer rounding steps
     return [_object(label, None, count, lo, hi, sums, ilo, ihi, a, origin)]

@@ -21,19 +21,106 @@ direction matrix: an image rotated by less than 45 degrees gives the model the s
 the unrotated one, so the masks agree voxel for voxel. ``Orientation.to_canonical`` and
 ``Orientation.from_canonical`` move arrays between the two; every mask the predictor returns is
 on exactly the input grid.
+
+Geometry conversions, each written once here
+--------------------------------------------
+* LPS <-> RAS: ``lps_to_ras`` / ``ras_to_lps`` (points), ``LPS_TO_RAS`` (4x4, its own inverse).
+* 4x4 matrix <-> Volume: ``Volume.ijk_to_lps`` / ``Volume.ijk_to_ras`` one way, ``Volume.from_matrix``
+  (``split_matrix``: spacing, origin, unit direction) the other, from LPS or RAS.
+* geometry dict (JSON: ``spacing``, ``origin``, ``direction`` as a nested 3x3 list) <-> Volume:
+  ``Volume.geometry`` / ``Volume.from_geometry``.
+* canonical <-> RAS index order, what upstream models built on nibabel/MONAI's ``Orientation("RAS")``
+  see: ``canonical_to_ras`` / ``ras_to_canonical`` (arrays), ``canonical_ras_index`` (indices).
+* mask bounding boxes: ``mask_bounds`` (index space, inclusive) and ``Volume.box_to_physical``
+  (the axis-aligned LPS/RAS box around an index box).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from .errors import InputError
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse: also RAS -> LPS
+_LPS_RAS_SIGNS = LPS_TO_RAS.diagonal()[:3]
+SPACES = ("LPS", "RAS")
+
+
+def lps_to_ras(points: Any) -> np.ndarray:
+    """LPS points (mm; shape (3,) or (N, 3)) as RAS: the first two coordinates change sign."""
+    return np.asarray(points, dtype=float) * _LPS_RAS_SIGNS
+
+
+def ras_to_lps(points: Any) -> np.ndarray:
+    """RAS points (mm; shape (3,) or (N, 3)) as LPS: the same sign flip as ``lps_to_ras``."""
+    return np.asarray(points, dtype=float) * _LPS_RAS_SIGNS
+
+
+def _space(space: str) -> str:
+    s = str(space).upper()
+    if s not in SPACES:
+        raise ValueError(f"space must be 'LPS' or 'RAS', not {space!r}")
+    return s
+
+
+def split_matrix(ijk_to_physical: Any, space: str = "LPS") -> tuple[tuple[float, ...], tuple[float, ...], np.ndarray]:
+    """``(spacing, origin, direction)`` in LPS of a 4x4 (or 3x4) index-to-physical matrix in ``space``
+    (LPS or RAS): spacing = the lengths of the i, j, k columns, direction = those columns made unit (a zero
+    column stays zero; ``Volume`` refuses its spacing), origin = the translation."""
+    m = np.asarray(ijk_to_physical, dtype=float)
+    if m.shape not in ((4, 4), (3, 4)):
+        raise ValueError(f"an index-to-physical matrix is 4x4 (or 3x4); got shape {m.shape}")
+    if _space(space) == "RAS":
+        m = LPS_TO_RAS[:3, :3] @ m[:3]
+    axes = m[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    with np.errstate(invalid="ignore"):  # a non-finite column: callers check the spacing
+        direction = axes / np.where(spacing > 0, spacing, 1.0)
+    return tuple(float(s) for s in spacing), tuple(float(o) for o in m[:3, 3]), direction
+
+
+def canonical_to_ras(canonical: np.ndarray) -> np.ndarray:
+    """A canonical array ``[k(S), j(P), i(L)]`` in RAS index order ``(x(R), y(A), z(S))``: transposed, x and y
+    reversed (a view; upstream models that reorient with nibabel/MONAI to RAS see this array)."""
+    return canonical.transpose(2, 1, 0)[::-1, ::-1, :]
+
+
+def ras_to_canonical(ras: np.ndarray) -> np.ndarray:
+    """The inverse of ``canonical_to_ras``: an ``(x, y, z)`` RAS-ordered array as canonical ``[k, j, i]``
+    (contiguous)."""
+    return np.ascontiguousarray(ras[::-1, ::-1, :].transpose(2, 1, 0))
+
+
+def canonical_ras_index(size_ijk: Sequence[int]) -> np.ndarray:
+    """4x4 integer map of continuous indices between a canonical grid of ``size_ijk`` (i, j, k) and its
+    RAS-ordered array (``canonical_to_ras``): ``x = n_i - 1 - i, y = n_j - 1 - j, z = k``. Its own inverse."""
+    m = np.diag([-1.0, -1.0, 1.0, 1.0])
+    m[0, 3], m[1, 3] = size_ijk[0] - 1, size_ijk[1] - 1
+    return m
+
+
+def mask_bounds(mask: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Inclusive index bounds ``(lo, hi)`` of a mask's nonzero voxels, one entry per array axis (``(k, j, i)``
+    for a volume's mask), or None for an empty mask. The first axis is found over the whole mask, the others
+    only in its slab (an organ's box is a small part of a CT)."""
+    mask = np.asarray(mask)
+    if mask.ndim == 0 or mask.size == 0:
+        return None
+    rest = tuple(range(1, mask.ndim))
+    on0 = np.flatnonzero(mask.any(axis=rest) if rest else mask)
+    if not len(on0):
+        return None
+    slab = mask[on0[0]:on0[-1] + 1]
+    lo, hi = [int(on0[0])], [int(on0[-1])]
+    for axis in rest:
+        on = np.flatnonzero(slab.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        lo.append(int(on[0]))
+        hi.append(int(on[-1]))
+    return np.array(lo), np.array(hi)
 
 
 @dataclass(frozen=True)
@@ -165,16 +252,49 @@ class Volume:
     def index_to_physical(self, ijk: Sequence[Sequence[float]], space: str = "LPS") -> np.ndarray:
         """Continuous (i, j, k) indices, shape (N, 3), to physical points (N, 3) in LPS or RAS."""
         pts = np.atleast_2d(np.asarray(ijk, dtype=float))
-        m = self.ijk_to_lps if space.upper() == "LPS" else self.ijk_to_ras
+        m = self.ijk_to_lps if _space(space) == "LPS" else self.ijk_to_ras
         return pts @ m[:3, :3].T + m[:3, 3]
 
     def physical_to_index(self, points: Sequence[Sequence[float]], space: str = "LPS") -> np.ndarray:
         """Physical points (N, 3) in LPS or RAS to continuous (i, j, k) indices (N, 3)."""
         pts = np.atleast_2d(np.asarray(points, dtype=float))
-        if space.upper() == "RAS":
-            pts = pts * np.array([-1.0, -1.0, 1.0])
+        if _space(space) == "RAS":
+            pts = ras_to_lps(pts)
         inv = self.lps_to_ijk
         return pts @ inv[:3, :3].T + inv[:3, 3]
+
+    def box_to_physical(self, lo_ijk: Sequence[float], hi_ijk: Sequence[float], space: str = "LPS",
+                        margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """The axis-aligned physical box (min corner, max corner; mm in LPS or RAS) around the index box
+        ``lo_ijk``..``hi_ijk`` (inclusive, (i, j, k)) grown by ``margin`` voxels on every side: 0 = the box of
+        the voxel centres, 0.5 = of the voxels' outer corners. Exact for any direction matrix: the extremes of
+        a box's image lie at its corners."""
+        lo, hi = np.asarray(lo_ijk, dtype=float) - margin, np.asarray(hi_ijk, dtype=float) + margin
+        corners = np.array([[(lo, hi)[b >> c & 1][c] for c in range(3)] for b in range(8)])
+        pts = self.index_to_physical(corners, space)
+        return pts.min(0), pts.max(0)
+
+    # ---- conversions (see the module docstring) ---------------------------------------------
+    @classmethod
+    def from_matrix(cls, array: Any, ijk_to_physical: Any, metadata: Optional[dict[str, Any]] = None,
+                    space: str = "LPS") -> Volume:
+        """A Volume of ``array`` (k, j, i) whose index-to-physical 4x4 matrix in ``space`` (LPS or RAS) is
+        ``ijk_to_physical`` (``split_matrix``); ``ijk_to_lps``/``ijk_to_ras`` give it back."""
+        spacing, origin, direction = split_matrix(ijk_to_physical, space)
+        return cls(array, spacing, origin, direction, dict(metadata or {}))
+
+    def geometry(self) -> dict[str, list]:
+        """The grid as JSON-able lists: ``spacing`` (i, j, k mm), ``origin`` (LPS mm), ``direction`` (3x3, rows
+        L, P, S; columns the i, j, k axes). ``Volume.from_geometry`` reads it back exactly."""
+        return {"spacing": [float(s) for s in self.spacing], "origin": [float(o) for o in self.origin],
+                "direction": self.direction.tolist()}
+
+    @classmethod
+    def from_geometry(cls, array: Any, geometry: dict[str, Any], metadata: Optional[dict[str, Any]] = None) -> Volume:
+        """A Volume of ``array`` on the grid ``geometry`` (``Volume.geometry``; a flat 9-list direction is read
+        row by row)."""
+        return cls(array, tuple(geometry["spacing"]), tuple(geometry["origin"]),
+                   np.asarray(geometry["direction"], dtype=float).reshape(3, 3), dict(metadata or {}))
 
     def same_grid(self, other: Volume, tol: float = 1e-4) -> bool:
         return self.shape == other.shape and np.allclose(self.ijk_to_lps, other.ijk_to_lps, atol=tol)

@@ -343,6 +343,7 @@ def test_adapter_through_predictor(tiny):
     # cancel between patches (2 windows on the SAT grid): after the first one
     assert results[0].extra["sat_grid"] == [75, 25, 10]
     small = pred
+    small.adapter.options["feature_cache_bytes"] = 0  # no feature cache: every pass encodes its windows
     encoded = []
     real_encode = net.encode
     net.encode = lambda x: encoded.append(x.shape) or real_encode(x)
@@ -463,5 +464,42 @@ def test_feature_cache_encodes_each_window_once_across_calls(tiny):
         calls.clear()
         pred.predict(["liver"])
         assert len(calls) == 2 and pred._encoded.cache_bytes == 0  # budget 1000: nothing kept
+    finally:
+        del net.encode
+
+
+def test_feature_cache_budget_is_an_lru_of_windows(tiny):
+    """The window features live in the one FeatureCache: a budget of one window keeps exactly the most recently
+    encoded window (the windows are visited in a cycle, so the next pass encodes both again); the default
+    budget (2 GiB) keeps both."""
+    from textseg.models.feature_cache import DEFAULT_BYTES
+    from textseg.models.sat.adapter import SATAdapter
+    from textseg.predictor import Predictor
+
+    net, text = tiny
+    arr = np.full((12, 30, 60), -900.0, np.float32)
+    arr[2:10, 5:25, 6:54] = 60.0
+    arr[4:8, 10:20, 12:24] = 400.0
+    vol = Volume(arr, (1.6, 1.3, 4.0), (5.0, -3.0, 12.0), np.diag([-1.0, 1.0, -1.0]))
+    calls = []
+    real_encode = net.encode
+    net.encode = lambda x: calls.append(x.shape[0]) or real_encode(x)
+    try:
+        pred = Predictor(SATAdapter(get_model("sat-nano"), None, network=net, text_tower=text, patch=PATCH),
+                         device="cpu")
+        pred.set_image(vol, modality="CT")
+        pred.predict(["liver"])
+        cache = pred._encoded.features
+        assert cache.budget == DEFAULT_BYTES and len(cache) == 2 and len(calls) == 2
+        one = cache.nbytes // 2
+        assert one > 0 and cache.nbytes == 2 * one  # both windows' features are the same size
+        pred.adapter.options["feature_cache_bytes"] = one
+        calls.clear()
+        pred.predict(["liver"])
+        assert len(calls) == 2 and len(cache) == 1 and cache.nbytes == one
+        assert cache.keys() == [("cpu", 1, 1)]  # (device, batch size, window): the last window encoded
+        calls.clear()
+        pred.predict(["spleen"])
+        assert len(calls) == 2 and cache.nbytes == one
     finally:
         del net.encode

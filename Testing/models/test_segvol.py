@@ -138,7 +138,7 @@ def test_window_embeddings_are_cached_across_prompts(oracle_adapter):
     # on the next prompt (the windows are visited in a cycle), same probabilities
     one = state.cache_bytes // 4
     assert len(state.window_cache) == 4 and one == 4 * int(np.prod(state.zo_embedding.shape))
-    ad.options["window_cache_bytes"] = 2 * one
+    ad.options["feature_cache_bytes"] = 2 * one
     try:
         ad.free_memory(state)
         assert state.cache_bytes == 0 and not state.window_cache
@@ -150,7 +150,7 @@ def test_window_embeddings_are_cached_across_prompts(oracle_adapter):
         assert len(calls) == 8
     finally:
         ad.net.encode_image = orig
-        del ad.options["window_cache_bytes"]
+        del ad.options["feature_cache_bytes"]
     np.testing.assert_array_equal(a.probability, c.probability)
 
 

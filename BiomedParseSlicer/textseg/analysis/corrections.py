@@ -50,7 +50,7 @@ from ..formats.atomic import atomic_output
 from ..formats.segment_files import read_segments
 from ..formats.segments import TAG_PREFIX, Segment, segment_terminology
 from ..runcontrol import CancelToken, ProgressFn
-from ..volume import Volume
+from ..volume import Volume, mask_bounds
 
 PathLike = Union[str, Path]
 SegmentationLike = Union[PathLike, tuple[Volume, Sequence[Segment]]]
@@ -177,11 +177,8 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) ->
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    out = []
-    for axis in range(mask.ndim):
-        nz = np.flatnonzero(mask.any(axis=tuple(x for x in range(mask.ndim) if x != axis)))
-        out.append(slice(int(nz[0]), int(nz[-1]) + 1))
-    return tuple(out)
+    lo, hi = mask_bounds(mask)
+    return tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
 
 
 # ---- grids ---------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..formats.atomic import atomic_output
 from ..formats.segments import Segment, resample_segments
 from ..runcontrol import ProgressFn
-from ..volume import Volume
+from ..volume import Volume, lps_to_ras, mask_bounds
 
 PathLike = Union[str, Path]
 
@@ -107,13 +107,8 @@ def _segment_row(volume: Volume, s: Segment) -> dict[str, Any]:
 
 
 def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inclusive (k, j, i) index bounds of the nonzero voxels."""
-    lo, hi = [], []
-    for axis in range(3):
-        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo.append(nz[0])
-        hi.append(nz[-1])
-    return np.array(lo), np.array(hi)
+    """Inclusive (k, j, i) index bounds of the nonzero voxels (a non-empty mask)."""
+    return mask_bounds(mask)
 
 
 def _intensity(values: np.ndarray) -> dict[str, float]:
@@ -141,21 +136,20 @@ def _shape(volume: Volume, mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> 
     f.SetComputeFeretDiameter(False)
     f.Execute(img)
     lps = np.array(f.GetCentroid(1))
+    ras = lps_to_ras(lps)
     area = f.GetPerimeter(1)
     vol_mm3 = int(mask[a[0]:b[0], a[1]:b[1], a[2]:b[2]].sum()) * volume.voxel_volume_mm3
     out = {"surface_area_mm2": area, "roundness": f.GetRoundness(1),
            "sphericity": math.pi ** (1 / 3) * (6 * vol_mm3) ** (2 / 3) / area if area > 0 else None,
            "centroid_lps_l": lps[0], "centroid_lps_p": lps[1], "centroid_lps_s": lps[2],
-           "centroid_ras_r": -lps[0], "centroid_ras_a": -lps[1], "centroid_ras_s": lps[2]}
+           "centroid_ras_r": ras[0], "centroid_ras_a": ras[1], "centroid_ras_s": ras[2]}
     for axis, name in zip((2, 1, 0), "ijk"):
         out[f"bbox_index_min_{name}"] = int(lo[axis])
         out[f"bbox_index_max_{name}"] = int(hi[axis])
-    corners = np.array([[x, y, z] for x in (lo[2] - 0.5, hi[2] + 0.5) for y in (lo[1] - 0.5, hi[1] + 0.5)
-                        for z in (lo[0] - 0.5, hi[0] + 0.5)])
-    ras = volume.index_to_physical(corners, "RAS")
+    ras_lo, ras_hi = volume.box_to_physical(lo[::-1], hi[::-1], "RAS", margin=0.5)  # around the voxels' corners
     for d, name in enumerate("ras"):
-        out[f"bbox_ras_min_{name}"] = float(ras[:, d].min())
-        out[f"bbox_ras_max_{name}"] = float(ras[:, d].max())
+        out[f"bbox_ras_min_{name}"] = float(ras_lo[d])
+        out[f"bbox_ras_max_{name}"] = float(ras_hi[d])
     return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in out.items()}
 
 

@@ -56,11 +56,7 @@ def build_dicom_seg(reference: Volume, segments: Sequence[Segment], series_descr
     sources = check_dicom_seg_reference(reference)
     masks = np.stack([_mask(s, reference) for s in segments], axis=-1).astype(np.uint8)  # (k, j, i, segments)
     descriptions = [_description(n, s) for n, s in enumerate(segments, start=1)]
-    m = reference.ijk_to_lps
-    affine = np.eye(4)
-    affine[:3, :3] = m[:3, :3][:, ::-1]  # highdicom's volume axes are (frame, row, column) = (k, j, i)
-    affine[:3, 3] = m[:3, 3]
-    volume = hd.Volume(masks, affine, coordinate_system="PATIENT",
+    volume = hd.Volume(masks, _swap_ik(reference.ijk_to_lps), coordinate_system="PATIENT",
                        frame_of_reference_uid=str(sources[0].FrameOfReferenceUID),
                        channels={"SegmentNumber": list(range(1, len(segments) + 1))})
     try:
@@ -237,10 +233,7 @@ def read_dicom_seg(path: PathLike, reference: Optional[Volume] = None) -> tuple[
     if vol is None:
         raise InputError(f"{path}: the DICOM SEG has no frames on a volume grid; textseg reads SEGs of volumes.")
     arr = np.asarray(vol.array)  # (k, j, i, segments)
-    affine = np.asarray(vol.affine, dtype=float)  # ijk (frame, row, col) -> LPS
-    m = affine[:3, :3][:, ::-1]  # columns for (i=col, j=row, k=frame)
-    spacing = np.linalg.norm(m, axis=0)
-    ref = Volume(np.zeros(arr.shape[:3], np.uint8), tuple(spacing), tuple(affine[:3, 3]), m / spacing)
+    ref = Volume.from_matrix(np.zeros(arr.shape[:3], np.uint8), _swap_ik(vol.affine))
     segments = []
     for n, number in enumerate(seg.segment_numbers):
         d = seg.get_segment_description(number)
@@ -254,6 +247,14 @@ def read_dicom_seg(path: PathLike, reference: Optional[Volume] = None) -> tuple[
 
         return reference.with_array(np.zeros(reference.shape, np.uint8)), resample_segments(ref, segments, reference)
     return ref, segments
+
+
+def _swap_ik(affine: Any) -> np.ndarray:
+    """A 4x4 index-to-LPS matrix with its i and k columns swapped: ours takes (i, j, k) = (column, row, frame),
+    highdicom's volume (frame, row, column). The same swap goes both ways."""
+    m = np.array(affine, dtype=float)
+    m[:3, :3] = m[:3, :3][:, ::-1]
+    return m
 
 
 def _terminology_from_description(d: Any) -> dict:

@@ -179,8 +179,7 @@ class ReaderProcess:
                 self._debug_log()
                 raise InputError(header.get("error") or f"{path}: cannot be read as an image.")
             meta = header["metadata"]
-            return Volume(box["array"], tuple(header["spacing"]), tuple(header["origin"]),
-                          np.array(header["direction"], dtype=float).reshape(3, 3), meta)
+            return Volume.from_geometry(box["array"], header, meta)
 
     def _clear_log(self) -> None:
         """Keep only the current read's ITK/GDCM output (the child writes at the file's shared offset)."""
@@ -349,8 +348,8 @@ def serve(read_here: Callable[..., Volume]) -> None:
             _set_limit(VALIDATION_ALLOWANCE)
             vol = read_here(path, budget=lambda n: _set_limit(3 * int(n) + GiB))
             array = np.ascontiguousarray(vol.array)
-            reply = {"ok": True, "shape": list(array.shape), "dtype": array.dtype.str, "spacing": list(vol.spacing),
-                     "origin": list(vol.origin), "direction": vol.direction.ravel().tolist(), "metadata": vol.metadata}
+            reply = {"ok": True, "shape": list(array.shape), "dtype": array.dtype.str, **vol.geometry(),
+                     "metadata": vol.metadata}
             del vol
         except InputError as exc:
             reply = {"ok": False, "error": str(exc)}

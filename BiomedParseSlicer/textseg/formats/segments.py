@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import InputError, OutputExistsError
-from ..volume import Volume
+from ..volume import Volume, mask_bounds
 from .atomic import atomic_output
 
 PathLike = Union[str, Path]
@@ -138,11 +138,10 @@ def _place(layers: list[np.ndarray], mask: np.ndarray, used: list[int]) -> tuple
 
 def _extent_ijk(mask: np.ndarray) -> list[int]:
     """Slicer's segment extent: [i0, i1, j0, j1, k0, k1] (inclusive), empty = [0, -1, 0, -1, 0, -1]."""
-    out = []
-    for axis in (2, 1, 0):
-        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        out += [int(nz[0]), int(nz[-1])] if nz.size else [0, -1]
-    return out
+    bounds = mask_bounds(mask)
+    if bounds is None:
+        return [0, -1, 0, -1, 0, -1]
+    return [int(v) for axis in (2, 1, 0) for v in (bounds[0][axis], bounds[1][axis])]
 
 
 def _unique_id(name: str, used: set) -> str:
@@ -167,9 +166,7 @@ def read_seg_nrrd(path: PathLike) -> tuple[Volume, list[Segment]]:
         raise InputError(f"{path}: not a readable .seg.nrrd segmentation ({exc}).") from None
     voxels = seg["voxels"]
     spatial = voxels.shape[-3:]
-    m = np.asarray(seg["ijkToLPS"], dtype=float)
-    spacing = np.linalg.norm(m[:3, :3], axis=0)
-    ref = Volume(np.zeros(spatial[::-1], np.uint8), tuple(spacing), tuple(m[:3, 3]), m[:3, :3] / spacing)
+    ref = Volume.from_matrix(np.zeros(spatial[::-1], np.uint8), seg["ijkToLPS"])
     segments = []
     for s in seg["segments"]:
         mask = slicerio.segment_mask(seg, s).transpose(2, 1, 0).astype(np.uint8)

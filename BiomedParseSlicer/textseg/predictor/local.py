@@ -31,6 +31,7 @@ import numpy as np
 from ..catalog import ModelSpec, get_model, list_models
 from ..errors import Cancelled, ModelError, UsageError
 from ..models.base import ModelAdapter, RunContext, VolumeAdapter, check_adapter
+from ..models.options import AdapterOptions
 from ..presets import Preset, get_preset
 from ..prompts import Prompt
 from ..runcontrol import CancelToken, ProgressFn, kept_summary
@@ -71,7 +72,6 @@ class Predictor:
         weights_dir: Optional[Union[str, Path]] = None,
         batch_size: Optional[int] = None,
         seed: Optional[int] = None,
-        cache_bytes: int = 2 << 30,
         log_fn: Optional[Callable[[str], None]] = None,
         **adapter_options: Any,
     ) -> None:
@@ -82,6 +82,7 @@ class Predictor:
             self.adapter = load_adapter(spec, Path(weights_dir) if weights_dir else None, **adapter_options)
         check_adapter(self.adapter)  # a VolumeAdapter for a 3D spec, a SliceAdapter for a 2D one
         self.spec: ModelSpec = self.adapter.spec
+        AdapterOptions.from_mapping(self.adapter.options)  # a bad or renamed setting fails here, in one line
         self.device = select_device(device)
         self.batch_size = batch_size or (4 if self.spec.dims == 2 else 1)
         self.seed = seed
@@ -93,16 +94,7 @@ class Predictor:
         self._preset: Optional[Preset] = None
         self._state: Any = None
         self._encoded: Any = None
-        self.slices = SliceBatches(cache_bytes)  # slice-wise models: range, cache of encoded slice batches
-
-    @property
-    def cache_bytes(self) -> int:
-        """The slice cache's budget: encoded slice batches are kept when the whole range fits in it."""
-        return self.slices.cache_bytes
-
-    @cache_bytes.setter
-    def cache_bytes(self, value: int) -> None:
-        self.slices.cache_bytes = int(value)
+        self.slices = SliceBatches()  # slice-wise models: range, cache of encoded slice batches
 
     # ---- logging -----------------------------------------------------------------------------
     def _log(self, msg: str) -> None:

@@ -2,9 +2,9 @@
 
 A ``SliceAdapter`` sees the canonical (closest-LPS) volume as slices k = 0..n-1 of (H, W) each. The predictor
 runs ``first:stop`` (the image's slice range) in batches of ``ctx.batch_size`` consecutive slices; each batch is
-encoded once and kept in the slice cache when the whole range fits in ``cache_bytes``, so the next prompts on
-the same image only decode. Out-of-memory lowers the batch size and re-plans from the first slice not done.
-A cancel keeps the whole slices done so far (``done``) as partial results.
+encoded once and kept in the slice cache (a ``FeatureCache`` of adapter option ``feature_cache_bytes``), so the
+next prompts on the same image only decode. Out-of-memory lowers the batch size and re-plans from the first
+slice not done. A cancel keeps the whole slices done so far (``done``) as partial results.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import Cancelled
-from ..models.base import RunContext, SliceAdapter, SliceDecoded, nbytes
+from ..models.base import RunContext, SliceAdapter, SliceDecoded
+from ..models.feature_cache import FeatureCache, cache_budget
+from ..models.options import AdapterOptions
 from ..prompts import Prompt
 from .devices import RETRY, run_with_fallback
 from .results import PromptResult, mark_partial
@@ -27,9 +29,8 @@ from .results import PromptResult, mark_partial
 class SliceBatches:
     """The slice range of the current image, its cache of encoded batches and how far a run got."""
 
-    def __init__(self, cache_bytes: int) -> None:
-        self.cache_bytes = cache_bytes
-        self.cache: dict[tuple[int, ...], Any] = {}  # batch of canonical slice indices -> encoded
+    def __init__(self) -> None:
+        self.cache = FeatureCache()  # batch of canonical slice indices -> encoded (option feature_cache_bytes)
         self.range: Optional[tuple[int, int]] = None  # (first, stop) canonical slices
         self.done = 0  # the first slice not yet yielded by ``decoded`` (what a cancel keeps)
 
@@ -43,6 +44,7 @@ class SliceBatches:
         assert self.range is not None
         first, stop = self.range
         group = max(1, adapter.prompts_per_call(state))
+        self.cache.budget = cache_budget(AdapterOptions.from_mapping(adapter.options).feature_cache_bytes, pred.device)
         idx = self.done = first
         while idx < stop:
             ctx.check_cancel()
@@ -55,8 +57,7 @@ class SliceBatches:
                                         retry_same=False)
                 if enc is RETRY:  # batch size or device lowered after out-of-memory: re-plan
                     continue
-                if nbytes(enc) * ((stop - first) / len(batch)) <= self.cache_bytes:
-                    self.cache[batch] = enc
+                self.cache.put(batch, enc)
             outs: list[SliceDecoded] = []
             for s in range(0, len(plist), group):
                 ctx.check_cancel()

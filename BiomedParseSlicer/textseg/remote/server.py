@@ -434,8 +434,7 @@ class JobManager:
             if disk_full(exc):
                 raise _disk_full_error("the uploaded image") from None
             raise
-        geometry = {"spacing": list(volume.spacing), "origin": list(volume.origin),
-                    "direction": volume.direction.tolist()}
+        geometry = volume.geometry()
         sv = StoredVolume(sha, path, geometry, tuple(volume.array.shape), str(volume.array.dtype))
         with self.lock:
             sv = self.volumes.setdefault(sha, sv)
@@ -1031,8 +1030,7 @@ def seg_nrrd_path(job: Job) -> Path:
                                     r["existence"], r["present"], r["provenance"], r["message"], r["extra"],
                                     complete=r.get("complete", True), objects=r.get("objects") or [])
                        for r in meta["results"]]
-            g = job.volume.geometry
-            reference = Volume(np.zeros(shape, np.uint8), g["spacing"], g["origin"], g["direction"])
+            reference = Volume.from_geometry(np.zeros(shape, np.uint8), job.volume.geometry)
             try:
                 write_seg_nrrd(path, reference, segments_from_results(results))  # atomic: no partial file stays
             except OSError as exc:

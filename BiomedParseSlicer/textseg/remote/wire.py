@@ -36,8 +36,7 @@ CLIENT_TOKEN = re.compile(r"[A-Za-z0-9_.~-]{16,128}")
 MAX_PROMPTS = 1000
 MAX_PROMPT_CHARS = 1000
 MAX_PROMPT_POINTS = 1000
-_SPACES = {"left-posterior-superior": (1, 1, 1), "LPS": (1, 1, 1), "right-anterior-superior": (-1, -1, 1),
-           "RAS": (-1, -1, 1)}
+_SPACES = {"left-posterior-superior": "LPS", "LPS": "LPS", "right-anterior-superior": "RAS", "RAS": "RAS"}
 
 
 def volume_to_nrrd(volume) -> bytes:
@@ -99,7 +98,7 @@ def nrrd_to_volume(fh, source: str = "upload", max_bytes: Optional[int] = None):
     (UploadTooLarge) before anything is decoded, and decompression stops at the declared size."""
     import nrrd
 
-    from ..volume import Volume
+    from ..volume import Volume, ras_to_lps, split_matrix
 
     try:
         header = nrrd.read_header(fh)
@@ -143,6 +142,7 @@ def nrrd_to_volume(fh, source: str = "upload", max_bytes: Optional[int] = None):
     space = header.get("space", "left-posterior-superior")
     if space not in _SPACES:
         raise InputError(f"{source} is in space '{str(space)[:40]}'; LPS or RAS is expected.")
+    to_lps = ras_to_lps if _SPACES[space] == "RAS" else (lambda p: np.asarray(p, dtype=float))
     dirs = header.get("space directions")
     if dirs is None:
         axes = np.diag([float(s) for s in header.get("spacings", (1.0, 1.0, 1.0))[-3:]])
@@ -150,12 +150,12 @@ def nrrd_to_volume(fh, source: str = "upload", max_bytes: Optional[int] = None):
         rows = [r for r in np.asarray(dirs, dtype=float) if np.isfinite(r).all()]
         if len(rows) != 3:
             raise InputError(f"{source}: 'space directions' must give three spatial axes.")
-        axes = np.array(rows).T * np.array(_SPACES[space])[:, None]
-    origin = np.asarray(header.get("space origin", (0.0, 0.0, 0.0)), dtype=float) * np.array(_SPACES[space])
-    spacing = np.linalg.norm(axes, axis=0)
-    if not (np.isfinite(spacing).all() and (spacing > 0).all() and np.isfinite(origin).all()):
+        axes = to_lps(np.array(rows)).T  # rows: the i, j, k axis vectors
+    origin = to_lps(header.get("space origin", (0.0, 0.0, 0.0)))
+    spacing, origin, direction = split_matrix(np.column_stack([axes, origin]))
+    if not (np.isfinite(spacing).all() and (np.array(spacing) > 0).all() and np.isfinite(origin).all()):
         raise InputError(f"{source}: voxel spacing/origin are not finite positive numbers.")
-    return Volume(data, tuple(spacing), tuple(origin), axes / spacing)
+    return Volume(data, spacing, origin, direction)
 
 
 def _read_voxels(fh, encoding: str, nbytes: int, source: str):

@@ -54,8 +54,7 @@ def heartbeat_interval(settings: Any) -> float:
 def load_volume(npy_path: str, geometry: dict[str, Any]):
     from ..volume import Volume
 
-    return Volume(np.load(npy_path, allow_pickle=False), geometry["spacing"], geometry["origin"],
-                  np.array(geometry["direction"]))
+    return Volume.from_geometry(np.load(npy_path, allow_pickle=False), geometry)
 
 
 class WorkerState:
@@ -93,8 +92,7 @@ class WorkerState:
             if "array" in job:  # shipped with the job (Ray: possibly another machine)
                 from ..volume import Volume
 
-                g = job["geometry"]
-                self.volume = Volume(job["array"], g["spacing"], g["origin"], np.array(g["direction"]))
+                self.volume = Volume.from_geometry(job["array"], job["geometry"])
             else:
                 self.volume = load_volume(job["volume_path"], job["geometry"])
             self.volume_key = job["volume"]

@@ -14,16 +14,8 @@ from typing import Any
 import numpy as np
 
 from ...prompts import Prompt
+from ...volume import canonical_to_ras, ras_to_canonical
 from ..base import Decoded, RunContext, VolumeAdapter, weight_file
-
-
-def _ras_from_canonical(arr_kji: np.ndarray) -> np.ndarray:
-    # canonical [k(S), j(P), i(L)] -> RAS [x(R), y(A), z(S)]
-    return np.ascontiguousarray(arr_kji.transpose(2, 1, 0)[::-1, ::-1, :])
-
-
-def _canonical_from_ras(arr_xyz: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(arr_xyz[::-1, ::-1, :].transpose(2, 1, 0))
 
 
 class DeepBetAdapter(VolumeAdapter):
@@ -42,7 +34,7 @@ class DeepBetAdapter(VolumeAdapter):
         self.bbox_model.to(device)
 
     def prepare(self, volume, preset, ctx: RunContext) -> Any:
-        return _ras_from_canonical(np.asarray(volume.array, dtype=np.float32))
+        return np.ascontiguousarray(canonical_to_ras(np.asarray(volume.array, dtype=np.float32)))
 
     def encode(self, state: Any, ctx: RunContext) -> Any:
         """deepbet has no prompt-independent stage to reuse; the whole network runs here once."""
@@ -57,7 +49,7 @@ class DeepBetAdapter(VolumeAdapter):
         mask = runner.postprocess(prob > 0.5)
         # Keep the probabilities but make the 0.5 threshold reproduce deepbet's postprocessed mask.
         out = np.where(mask, np.maximum(prob, 0.5), np.minimum(prob, np.float32(0.4999))).astype(np.float32)
-        return _canonical_from_ras(out)
+        return ras_to_canonical(out)
 
     def decode(self, encoded: Any, prompts: Sequence[Prompt], ctx: RunContext) -> list[Decoded]:
         return [Decoded(encoded) for _ in prompts]

@@ -4,19 +4,19 @@
 crop to image > 0, CT window / MR-PET percentiles, z-score), keeping the geometry to map back.
 ``encode``: nothing (a patch's features are ~2 GB at full size, so patches are encoded inside
 ``decode``, once per prompt group: the predictor hands up to ``prompts_per_call(state)`` prompts at
-once). Option ``feature_cache_bytes`` (default: half the free GPU memory on CUDA, 0 elsewhere) keeps
-the windows' features of the image that many bytes deep, so later prompts on the same image (the
-annotator's next target) only decode: no window is encoded twice while the cache holds it. ``decode``: prompts
+once). The windows' features of the image are kept in the feature cache (``models.feature_cache``, option
+``feature_cache_bytes``), so later prompts on the same image (the annotator's next target) only decode: no
+window is encoded twice while the cache holds it. ``decode``: prompts
 lower-cased -> text tower with the modality code -> query embeddings;
 sliding window over 288x288x96 patches (window.py) with Gaussian blending; each probability map
 mapped back from the SAT grid onto the canonical grid (un-crop, linear resampling, orientation) when it
 is read (``SATMap``): the predictor's mask needs only the part where the map reaches the threshold.
 Prompts outside SAT's 497 trained classes run anyway, with a warning naming the closest classes.
 
-Options: ``compat_upstream`` (False: upstream's grid, sampled along the input's axes, exact way back; True:
-also upstream's exact sample positions, see preprocess.py), ``autocast`` (True: float16 on CUDA as upstream,
-float32 on a CPU; False; "bfloat16"; "float16" on CUDA only), ``memory_budget``, ``feature_cache_bytes``;
-tests inject ``network``, ``text_tower``, ``config``, ``patch``, ``max_queries``.
+Options (``models.options.AdapterOptions``, units and defaults there): ``compat_upstream`` (False: upstream's
+grid, sampled along the input's axes, exact way back; True: also upstream's exact sample positions, see
+preprocess.py), ``autocast``, ``memory_budget``, ``max_queries``, ``feature_cache_bytes``; tests inject
+``network``, ``text_tower``, ``config``, ``patch``.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ import torch
 
 from ...errors import UsageError
 from ...prompts import Prompt
-from ..base import Decoded, DeferredMap, RunContext, VolumeAdapter, nbytes, weight_file
+from ..base import Decoded, DeferredMap, RunContext, VolumeAdapter, weight_file
+from ..feature_cache import FeatureCache, cache_budget
+from ..options import AdapterOptions
 from . import BIOLORD_FILES, BIOLORD_PREFIX
 from .preprocess import SATGeometry, preprocess
 from .vocab import check_target, normalize, sat_modality
-from .window import MAX_QUERIES, PATCH, sliding_window
+from .window import PATCH, sliding_window
 
 CHECKPOINTS = {"sat-nano": ("nano.pth", "nano_text_encoder.pth", "nano"),
                "sat-pro": ("SAT_Pro.pth", "text_encoder.pth", "pro")}
@@ -62,9 +64,11 @@ class SATState:
     image: np.ndarray  # (x, y, z) float32 on the SAT grid
     geo: SATGeometry
     modality: str  # upstream's code: "ct", "mri" or "pet"
-    features: dict[tuple[str, int, int],
-                   Any] = field(default_factory=dict)  # (device, batch size, index): window features
-    cache_bytes: int = 0
+    features: FeatureCache = field(default_factory=FeatureCache)  # (device, batch size, index): window features
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.features.nbytes
 
 
 class SATAdapter(VolumeAdapter):
@@ -76,7 +80,8 @@ class SATAdapter(VolumeAdapter):
     def load(self, device: Any) -> None:
         """Network and text tower from the catalog files; tests inject ``network``/``text_tower``
         (anything with ``encode``/``decode`` and ``embed(texts, modality)``)."""
-        autocast_dtype(self.options.get("autocast", True), torch.device(device).type)  # a bad value fails here
+        opts = AdapterOptions.from_mapping(self.options)  # a bad setting fails here
+        autocast_dtype(opts.autocast, torch.device(device).type)
         self.network = self.options.get("network")
         self.text_tower = self.options.get("text_tower")
         if self.network is None or self.text_tower is None:
@@ -93,7 +98,7 @@ class SATAdapter(VolumeAdapter):
                 folder = biolord_dir(weight_file(self, BIOLORD_PREFIX + BIOLORD_FILES[0]).parent)
                 self.text_tower = load_text_tower(weight_file(self, text_ckpt), config_path=folder, tokenizer=folder)
         self.patch: tuple[int, int, int] = tuple(self.options.get("patch", PATCH))  # type: ignore[assignment]
-        self.max_queries = int(self.options.get("max_queries", MAX_QUERIES))
+        self.max_queries = opts.max_queries
         self.to(device)
 
     def to(self, device: Any) -> None:
@@ -109,7 +114,8 @@ class SATAdapter(VolumeAdapter):
     def prepare(self, volume, preset, ctx: RunContext) -> SATState:
         ctx.report(0.0, "SAT: preprocessing")
         modality = sat_modality(preset.modality)
-        image, geo = preprocess(volume, modality, compat=bool(self.options.get("compat_upstream", False)))
+        opts = AdapterOptions.from_mapping(self.options)
+        image, geo = preprocess(volume, modality, compat=bool(opts.compat_upstream))
         shift = "" if max(abs(o) for o in geo.offset) < 1e-6 else \
             f"; voxel 0 at input index {', '.join(f'{o:.3g}' for o in geo.offset)} (upstream centres this grid)"
         ctx.log(f"SAT grid {'x'.join(map(str, geo.shape))} at {', '.join(f'{s:g}' for s in geo.spacing)} mm "
@@ -117,7 +123,7 @@ class SATAdapter(VolumeAdapter):
         return SATState(image.astype(np.float32), geo, modality.lower())
 
     def prompts_per_call(self, state: SATState) -> int:
-        budget = int(self.options.get("memory_budget", 2 << 30))
+        budget = int(AdapterOptions.from_mapping(self.options).memory_budget)
         return int(min(self.max_prompts_per_call, max(1, budget // (4 * state.image.size))))
 
     # ---- prompts ----------------------------------------------------------------------------
@@ -137,7 +143,7 @@ class SATAdapter(VolumeAdapter):
         float32 elsewhere; False = float32 everywhere; "bfloat16" on CUDA or a CPU; "float16" on CUDA only
         (``autocast_dtype``). Measured differences from float32: docs/sat.md, "Precision"."""
         try:
-            dtype = autocast_dtype(self.options.get("autocast", True), self.device.type)
+            dtype = autocast_dtype(AdapterOptions.from_mapping(self.options).autocast, self.device.type)
         except UsageError:  # float16 asked for on CUDA, now on the CPU after running out of GPU memory: float32
             dtype = None
         if dtype is None:
@@ -152,18 +158,17 @@ class SATAdapter(VolumeAdapter):
         ctx.check_cancel()
         q = self.queries(texts, encoded.modality)
 
-        budget, order, batch = self._cache_budget(), itertools.count(), max(1, ctx.batch_size)
+        encoded.features.budget = cache_budget(AdapterOptions.from_mapping(self.options).feature_cache_bytes,
+                                               self.device)
+        order, batch = itertools.count(), max(1, ctx.batch_size)
 
         def encode(patches):  # sliding_window encodes the batches in a fixed order for a given batch size
             key = (str(self.device), batch, next(order))
-            if key in encoded.features:
-                return encoded.features[key]
-            with self._autocast():
-                feats = self.network.encode(patches)
-            size = nbytes(feats)
-            if encoded.cache_bytes + size <= budget:
-                encoded.features[key] = feats
-                encoded.cache_bytes += size
+            feats = encoded.features.get(key)
+            if feats is None:
+                with self._autocast():
+                    feats = self.network.encode(patches)
+                encoded.features.put(key, feats)
             return feats
 
         def decode(features, qq):
@@ -185,14 +190,6 @@ class SATAdapter(VolumeAdapter):
     def free_memory(self, encoded: Any) -> None:
         if isinstance(encoded, SATState):
             encoded.features.clear()
-            encoded.cache_bytes = 0
-
-    def _cache_budget(self) -> int:
-        if "feature_cache_bytes" in self.options:
-            return int(self.options["feature_cache_bytes"])
-        if self.device.type == "cuda":
-            return int(torch.cuda.mem_get_info(self.device)[0] // 2)
-        return 0
 
 
 AUTOCAST_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,

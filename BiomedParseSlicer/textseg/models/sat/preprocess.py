@@ -38,6 +38,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ...errors import InputError
+from ...volume import canonical_ras_index, canonical_to_ras, mask_bounds
+from ...volume import ras_to_canonical as ras_to_canonical  # this module's API: the way back from RAS order
 
 TARGET_SPACING = (1.0, 1.0, 3.0)  # (x, y, z) mm, upstream Spacingd pixdim
 CT_WINDOW = (-500.0, 1000.0)
@@ -138,13 +140,6 @@ def _spacing_grid(a1: np.ndarray, ras_shape: tuple[int, int, int], target, ornt,
                    resampled, np.asarray(ornt), source)
 
 
-def _ras_to_canonical_index(shape_ijk) -> np.ndarray:
-    """4x4: RAS-ordered index (x, y, z) -> canonical index (i, j, k) (``canonical_to_ras``: i and j reversed)."""
-    m = np.diag([-1.0, -1.0, 1.0, 1.0])
-    m[0, 3], m[1, 3] = shape_ijk[0] - 1, shape_ijk[1] - 1
-    return m
-
-
 def _index_map(affine: np.ndarray, canonical: np.ndarray, shape_ijk) -> Optional[np.ndarray]:
     """4x4 integer map canonical index -> index of the grid ``affine`` describes, when that grid is the canonical
     one with its axes permuted / reversed (within 1e-4 in direction and 1e-3 voxel in position); else None."""
@@ -175,7 +170,7 @@ def sat_grid(volume: Any, target=TARGET_SPACING) -> SATGrid:
     from nibabel.orientations import inv_ornt_aff
 
     c, size = volume.ijk_to_ras, tuple(int(n) for n in volume.size)
-    standard = _ras_to_canonical_index(size)
+    standard = canonical_ras_index(size)  # RAS-ordered index -> canonical index
     candidates = [(volume.metadata.get("nifti_affine"), "NIfTI header", False),
                   (volume.metadata.get("input_ijk_to_ras"), "volume geometry", True), (c, "volume geometry", True)]
     for aff, source, rounded in candidates:
@@ -195,15 +190,6 @@ def sat_grid(volume: Any, target=TARGET_SPACING) -> SATGrid:
     ras_shape = (size[0], size[1], size[2])
     return _spacing_grid(as_stored(c @ standard), ras_shape, target, np.array([[0, 1], [1, 1], [2, 1]]),
                          "volume geometry (closest-LPS axis order)")
-
-
-def canonical_to_ras(canonical: np.ndarray) -> np.ndarray:
-    """Canonical ``[k(S), j(P), i(L)]`` -> RAS index order ``(x(R), y(A), z(S))`` (a view)."""
-    return canonical.transpose(2, 1, 0)[::-1, ::-1, :]
-
-
-def ras_to_canonical(ras: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(ras[::-1, ::-1, :].transpose(2, 1, 0))
 
 
 def axis_weights(n_in: int, n_out: int, scale: float, offset: float = 0.0):
@@ -446,9 +432,5 @@ def _resample_separable(ras: np.ndarray, grid: SATGrid, lo, hi):
 
 def _box(mask: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Bounding box ``[start, stop)`` per axis of a non-empty boolean array."""
-    start, stop = [], []
-    for ax in range(mask.ndim):
-        idx = np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))[0]
-        start.append(int(idx[0]))
-        stop.append(int(idx[-1]) + 1)
-    return tuple(start), tuple(stop)
+    lo, hi = mask_bounds(mask)
+    return tuple(int(v) for v in lo), tuple(int(v) + 1 for v in hi)

@@ -20,7 +20,6 @@ Boxes and points come in LPS mm (textseg.prompts) and are mapped onto the crop g
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -35,7 +34,10 @@ from monai.transforms.utils import generate_spatial_bounding_box
 
 from ...errors import InputError
 from ...prompts import Prompt
-from ..base import Decoded, RunContext, VolumeAdapter, nbytes, weight_file
+from ...volume import canonical_ras_index, canonical_to_ras, ras_to_canonical
+from ..base import Decoded, RunContext, VolumeAdapter, weight_file
+from ..feature_cache import FeatureCache, cache_budget
+from ..options import AdapterOptions
 from .network import SegVolConfig, SegVolNet, load_checkpoint
 
 TEMPLATE = "A computerized tomography of a {}."
@@ -56,8 +58,8 @@ def foreground_normalize(arr_xyz: np.ndarray) -> np.ndarray:
 
 
 def model_array(canonical: np.ndarray) -> np.ndarray:
-    """Canonical [k(S), j(P), i(L)] -> upstream's (z, y, x) of a RAS array: flip j and i."""
-    return canonical[:, ::-1, ::-1]
+    """Canonical [k(S), j(P), i(L)] -> upstream's (z, y, x) of a RAS array (a view: j and i reversed)."""
+    return canonical_to_ras(canonical).transpose(2, 1, 0)
 
 
 @dataclass
@@ -75,9 +77,8 @@ class Geometry:
 
     def canonical_to_crop(self, kji: np.ndarray) -> np.ndarray:
         """Continuous canonical indices (N, 3) in (k, j, i) order -> crop indices (z, y, x)."""
-        zyx = np.asarray(kji, float).copy()
-        zyx[:, 1] = self.shape[1] - 1 - zyx[:, 1]
-        zyx[:, 2] = self.shape[2] - 1 - zyx[:, 2]
+        m = canonical_ras_index(self.shape[::-1])
+        zyx = (np.asarray(kji, float)[:, ::-1] @ m[:3, :3].T + m[:3, 3])[:, ::-1]
         return zyx + np.array([p[0] for p in self.pad]) - np.array(self.start)
 
     def to_canonical(self, crop_values: np.ndarray, fill: float = 0.0) -> np.ndarray:
@@ -85,7 +86,7 @@ class Geometry:
         out = np.full(padded_shape, fill, np.float32)
         out[tuple(slice(a, b) for a, b in zip(self.start, self.stop))] = crop_values
         out = out[tuple(slice(a, a + s) for s, (a, _) in zip(self.shape, self.pad))]
-        return np.ascontiguousarray(out[:, ::-1, ::-1])
+        return ras_to_canonical(out.transpose(2, 1, 0))
 
 
 def preprocess(canonical: np.ndarray, window: Sequence[int]) -> tuple[np.ndarray, Geometry]:
@@ -185,20 +186,25 @@ class SegVolState:
     geo: Geometry
     zoom_out: torch.Tensor  # (1, 1, *window)
     zo_embedding: Optional[torch.Tensor] = None
-    window_cache: OrderedDict[Any, torch.Tensor] = field(default_factory=OrderedDict)
-    cache_bytes: int = 0
+    window_cache: FeatureCache = field(default_factory=FeatureCache)  # window key -> embedding
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.window_cache.nbytes
 
 
 class SegVolAdapter(VolumeAdapter):
-    """Options: ``config`` (SegVolConfig), ``zoom_in`` (default True), ``seed``, ``tokenizer_dir`` and
-    ``window_cache_bytes``: window embeddings kept per image, least recently used dropped first (default
-    2 GiB, at most half the free GPU memory on CUDA; ~6 MB a window at full size, so the ~100 windows of a
-    512x512x200 CT are each encoded once for all prompts whose windows coincide)."""
+    """Options (``models.options.AdapterOptions``): ``zoom_in``, ``seed`` and ``feature_cache_bytes``: the
+    window embeddings an image keeps in the feature cache (``models.feature_cache``: least recently used
+    dropped first; ~6 MB a window at full size, so with the default 2 GiB the ~100 windows of a 512x512x200
+    CT are each encoded once for all prompts whose windows coincide); tests inject ``config`` (SegVolConfig)
+    and ``tokenizer_dir``."""
 
     max_prompts_per_call = 16
 
     # ---- lifecycle --------------------------------------------------------------------------
     def load(self, device: Any) -> None:
+        AdapterOptions.from_mapping(self.options)  # a bad setting fails here
         self.cfg: SegVolConfig = self.options.get("config") or SegVolConfig()
         self.net = SegVolNet(self.cfg).eval()
         load_checkpoint(self.net, weight_file(self, "pytorch_model.bin"))
@@ -233,30 +239,14 @@ class SegVolAdapter(VolumeAdapter):
 
     def _window_embedding(self, state: SegVolState, window: torch.Tensor, key: Any) -> torch.Tensor:
         emb = state.window_cache.get(key)
-        if emb is not None:
-            state.window_cache.move_to_end(key)
-            return emb
-        emb = self.net.encode_image(window.to(self.device))
-        budget, size = self._cache_budget(), nbytes(emb)
-        if size <= budget:
-            state.window_cache[key] = emb
-            state.cache_bytes += size
-            while state.cache_bytes > budget:
-                state.cache_bytes -= nbytes(state.window_cache.popitem(last=False)[1])
+        if emb is None:
+            emb = self.net.encode_image(window.to(self.device))
+            state.window_cache.put(key, emb)
         return emb
-
-    def _cache_budget(self) -> int:
-        if "window_cache_bytes" in self.options:
-            return int(self.options["window_cache_bytes"])
-        budget = 2 << 30
-        if self.device.type == "cuda":
-            budget = min(budget, int(torch.cuda.mem_get_info(self.device)[0] // 2))
-        return budget
 
     def free_memory(self, encoded: Any) -> None:
         if isinstance(encoded, SegVolState):
             encoded.window_cache.clear()
-            encoded.cache_bytes = 0
 
     # ---- prompts ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -381,12 +371,14 @@ class SegVolAdapter(VolumeAdapter):
 
     def decode(self, encoded: SegVolState, prompts: Sequence[Prompt], ctx: RunContext) -> list[Decoded]:
         results = []
-        seed = ctx.seed if ctx.seed is not None else int(self.options.get("seed", 0))
+        opts = AdapterOptions.from_mapping(self.options)
+        encoded.window_cache.budget = cache_budget(opts.feature_cache_bytes, self.device)
+        seed = ctx.seed if ctx.seed is not None else int(opts.seed)
         for p in prompts:
             ctx.check_cancel()
             text_emb = self.text_embedding(p.text) if p.text else None
             grid = self.map_prompt(encoded, p)
-            r = self.run(encoded, text_emb, grid, ctx, zoom_in=bool(self.options.get("zoom_in", True)),
+            r = self.run(encoded, text_emb, grid, ctx, zoom_in=bool(opts.zoom_in),
                          generator=torch.Generator().manual_seed(seed))
             prob = encoded.geo.to_canonical(torch.sigmoid(r["logits"]).numpy())
             extra = {"roi": None if r["roi"] is None else list(r["roi"]), "windows": len(r["window_boxes"]),

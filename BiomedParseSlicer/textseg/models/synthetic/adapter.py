@@ -12,6 +12,7 @@ import numpy as np
 from ...errors import UsageError
 from ...prompts import Prompt
 from ..base import Decoded, ModelAdapter, RunContext, SliceAdapter, SliceDecoded, VolumeAdapter
+from ..options import AdapterOptions
 
 RANGES = {"bone": (200.0, 3000.0), "air": (-2000.0, -500.0), "fat": (-150.0, -50.0), "soft tissue": (-50.0, 150.0)}
 SIDES = ("left", "right", "superior", "inferior", "anterior", "posterior")
@@ -73,8 +74,9 @@ class _Base(ModelAdapter):
 
     def load(self, device: Any) -> None:
         self.device = device
-        self.delay = float(self.options.get("delay", 0.0))
-        self.fits = self.options.get("fits")
+        opts = AdapterOptions.from_mapping(self.options)
+        self.delay = float(opts.delay)
+        self.fits = opts.fits
         self.calls = {"encode": 0, "decode": 0, "oom": 0, "to": []}
 
     def to(self, device: Any) -> None:

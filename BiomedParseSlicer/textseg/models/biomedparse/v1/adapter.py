@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ....errors import UsageError
 from ....prompts import Prompt
 from ...base import Recognizer, RunContext, SliceAdapter, SliceDecoded, SliceLabels, weight_file
+from ...options import AdapterOptions
 from .existence import adjusted_p_value, find_params, load_target_dist, mask_stats
 from .model import V1Config, build_v1, load_v1_weights
 from .preprocess import preprocess_slice
@@ -36,7 +37,7 @@ class BiomedParseV1Adapter(SliceAdapter):
 
     def load(self, device: Any) -> None:
         cfg = self.options.get("config") or V1Config()
-        self.concat = bool(self.options.get("concat_prompts", False))
+        self.concat = bool(AdapterOptions.from_mapping(self.options).concat_prompts)
         self.model = build_v1(cfg)
         load_v1_weights(self.model, weight_file(self, "biomedparse_v1.pt"))
         self.target_dist = load_target_dist(weight_file(self, "target_dist.json"))
@@ -50,7 +51,7 @@ class BiomedParseV1Adapter(SliceAdapter):
 
     # ---- image ----------------------------------------------------------------------------------
     def prepare(self, volume, preset, ctx: RunContext) -> Any:
-        forced = self.options.get("image_type")
+        forced = AdapterOptions.from_mapping(self.options).image_type
         types = [forced] if forced else image_types_for(preset.modality, preset.site)
         return {"array": volume.array, "preset": preset, "image_types": types}
 
@@ -106,7 +107,7 @@ class BiomedParseV1Adapter(SliceAdapter):
         return [self._finish(encoded, logits[:, j], t) for j, t in enumerate(texts)]
 
     def recognizer(self, preset, **options: Any) -> V1Recognizer:
-        forced = self.options.get("image_type")
+        forced = AdapterOptions.from_mapping(self.options).image_type
         return V1Recognizer([forced] if forced else image_types_for(preset.modality, preset.site), **options)
 
     def _finish(self, encoded: dict[str, Any], logits: torch.Tensor, text: str) -> SliceDecoded:

@@ -18,7 +18,8 @@
 * Edges: with ``ctx.options["edges"]`` (recognition with an instance split) the edge queries' mean logits
   take the same path as the probabilities (``SliceDecoded.edges``).
 * Recognition: ``recognizer`` gives ``v2.recognition.V2Recognizer`` (NMS, merge, instance split).
-* Options: ``compat_upstream``, ``deterministic``, ``resize_path`` ('uint8'/'float'), ``config`` (a V2Config).
+* Options (``models.options.AdapterOptions``): ``compat_upstream``, ``deterministic``, ``resize_path``
+  ('uint8'/'float'); tests inject ``config`` (a V2Config).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ....errors import UsageError
 from ....presets import window_to_uint8
 from ....prompts import Prompt
 from ...base import RunContext, SliceAdapter, SliceDecoded, weight_file
+from ...options import AdapterOptions
 from . import preprocess as pre
 from .decoder import Sampling
 from .loader import load_v2_weights
@@ -49,9 +51,10 @@ class BiomedParseV2Adapter(SliceAdapter):
     max_prompts_per_call = 8
 
     def load(self, device: Any) -> None:
-        self.compat = bool(self.options.get("compat_upstream", False))
-        self.deterministic = bool(self.options.get("deterministic", False))
-        self.resize_path = self.options.get("resize_path", "uint8")
+        opts = AdapterOptions.from_mapping(self.options)
+        self.compat = bool(opts.compat_upstream)
+        self.deterministic = bool(opts.deterministic)
+        self.resize_path = opts.resize_path
         self.model = build_v2(self.options.get("config") or V2Config())
         load_v2_weights(self.model, weight_file(self, "biomedparse_v2.ckpt"))
         self.to(device)
@@ -144,7 +147,7 @@ class BiomedParseV2Adapter(SliceAdapter):
         from .recognition import V2Recognizer
 
         return V2Recognizer(preset.modality, preset.site, self.spec.existence_threshold or 0.5,
-                            bool(self.options.get("compat_upstream", False)), **options)
+                            bool(AdapterOptions.from_mapping(self.options).compat_upstream), **options)
 
     def _probability(self, logits: torch.Tensor, encoded: dict[str, Any]) -> np.ndarray:
         """(B, h, w) logits -> (B, H, W) probabilities on the canonical slice grid."""
