@@ -72,7 +72,7 @@ def test_ray_cancel_keeps_partial_2d_results(ray_server):
 @pytest.fixture(scope="module")
 def ray_v2_server(tmp_path_factory):
     pytest.importorskip("torch")
-    import test_biomedparse_recognition as tr
+    import v2_helpers as tr
 
     from textseg.models.biomedparse.v2.model import REDUCED
 
@@ -88,7 +88,7 @@ V2_OPTIONS = {"targets": ["liver", "spleen", "left kidney", "aorta"], "existence
 
 
 def _local_v2(weights):
-    import test_biomedparse_recognition as tr
+    import v2_helpers as tr
 
     local = tr.v2_predictor(weights)
     local.set_image(tr.ct_volume(), "CT", "abdomen")
@@ -99,7 +99,7 @@ def _local_v2(weights):
 
 def test_ray_recognize_equals_local(ray_v2_server):
     """A 'recognize' job on the Ray backend: same targets, masks, scores and objects as the local Predictor."""
-    import test_biomedparse_recognition as tr
+    import v2_helpers as tr
 
     url, weights = ray_v2_server
     want = _local_v2(weights)
@@ -118,7 +118,7 @@ def test_ray_recognize_cancel_keeps_completed_slices(ray_v2_server, monkeypatch)
     results the recognition returns after the cancel."""
     import time
 
-    import test_biomedparse_recognition as tr
+    import v2_helpers as tr
 
     from textseg.models.biomedparse.v2.adapter import BiomedParseV2Adapter
 

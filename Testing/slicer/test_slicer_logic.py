@@ -285,7 +285,7 @@ def test_segment_everything_adds_one_named_segment_per_target_and_keeps_the_othe
     """Logic.recognize ("Segment everything") with BiomedParse v2 (tiny random weights): one segment per target
     found, named after it, mask equal to the engine's, detection objects in a tag; the user's segment stays;
     a re-run with replace=True replaces only those segments."""
-    import test_biomedparse_recognition as tr
+    import v2_helpers as tr
 
     weights = tr.make_v2_weights(tmp_path)
     volume = tr.ct_volume()
@@ -326,7 +326,7 @@ def test_segment_everything_cancelled_or_empty_is_said_so_and_adds_no_node(app, 
     """A "Segment everything" cancelled before any slice was recognized raises Cancelled (the panel logs
     "Cancelled."), not "recognized none of its targets"; one that finds nothing says so. Neither leaves an empty
     segmentation node behind (recognizeVolume, which the panel's worker thread runs, raises as Logic.recognize)."""
-    import test_biomedparse_recognition as tr
+    import v2_helpers as tr
 
     from textseg.errors import Cancelled
     from textseg.runcontrol import CancelToken
