@@ -21,9 +21,11 @@ import pytest
 import requests
 from conftest import shared_file
 
+from textseg.analysis.confidence import ModelAnswer, confidence, rethreshold, to_uint8
 from textseg.errors import AuthError, InputError, OutputExistsError, ServerError, UsageError
 from textseg.formats.segments import read_seg_nrrd
 from textseg.predictor import Predictor
+from textseg.remote import wire
 from textseg.remote.wire import API_HEADER, sha256, volume_to_nrrd
 from textseg.runcontrol import CancelToken
 from textseg.volume import Volume
@@ -149,17 +151,23 @@ def test_round_trip_on_real_ct_equals_local_predictor(fast, tmp_path):
     assert rp.predict("bone\nair")[0].voxel_count == local[0].voxel_count
 
 
-@pytest.mark.slow
-def test_deepbet_round_trip_on_mni152_equals_local(fast):
+@pytest.fixture(scope="module")
+def mni_brain():
+    """deepbet (the real model, graded probability maps) on the MNI152 T1 head, run locally once."""
     from textseg.formats.images import read_volume
 
     mri = read_volume(shared_file("mni152", "MNI152_T1.nii.gz"))
+    lp = Predictor("deepbet", device="cpu")
+    lp.set_image(mri, "MRI")
+    return mri, lp.predict(["brain"])
+
+
+@pytest.mark.slow
+def test_deepbet_round_trip_on_mni152_equals_local(fast, mni_brain):
+    mri, local = mni_brain
     rp = RemotePredictor(fast, "deepbet", api_key=KEY, probabilities="float32")
     rp.set_image(mri, "MRI")
     remote = rp.predict(["brain"])
-    lp = Predictor("deepbet", device="cpu")
-    lp.set_image(mri, "MRI")
-    local = lp.predict(["brain"])
     _assert_same(remote, local, prob_atol=1e-5)
     assert remote[0].voxel_count > 1_000_000  # an adult brain at 1 mm: well over a litre
     # default transfer: uint8-quantized probabilities, same mask; the image is not encoded again
@@ -169,6 +177,115 @@ def test_deepbet_round_trip_on_mni152_equals_local(fast):
     assert rq.http.get(f"{fast}/v1/jobs/{rq.last_job}", timeout=10).json()["image_reused"] is True
     np.testing.assert_array_equal(q.mask, local[0].mask)
     assert np.abs(q.probability - local[0].probability).max() <= 1 / 510 + 1e-6
+
+
+# ---- the model's answer: uint8 maps as they travel, re-threshold on the server (issue 17) ----------------------
+THRESHOLDS = (0.05, 0.3, 0.5, 0.7, 0.9, 0.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def brain(fast, mni_brain):
+    """deepbet on the MNI152 head on the server (probabilities uint8, the default), beside the local run."""
+    mri, (local,) = mni_brain
+    rp = RemotePredictor(fast, "deepbet", api_key=KEY)
+    rp.set_image(mri, "MRI")
+    (remote,) = rp.predict(["brain"])
+    return mri, local, rp, remote
+
+
+@pytest.mark.slow
+def test_remote_rethreshold_equals_local_rethreshold(brain):
+    _, local, rp, remote = brain
+    q = to_uint8(local.probability)  # what the engine keeps locally
+    answer = ModelAnswer.from_result(local)
+    counts = {}
+    for t in THRESHOLDS:
+        (r,) = rp.rethreshold(t)
+        expected = rethreshold(q, t)
+        assert r.mask.dtype == bool and r.mask.shape == local.mask.shape
+        np.testing.assert_array_equal(r.mask, expected, err_msg=f"threshold {t}")
+        np.testing.assert_array_equal(r.mask, answer.mask_at(t))
+        assert r.confidence == confidence(q, expected, t, local.existence)  # exact: integer histogram
+        assert (r.index, r.name, r.threshold) == (0, "brain", t)
+        counts[t] = int(expected.sum())
+    # graded maps: each threshold its own mask; the run's threshold gives the run's mask
+    assert counts[0.0] > counts[0.05] > counts[0.3] > counts[0.5] > counts[0.7] > counts[0.9] > counts[1.0]
+    assert counts[0.5] == local.voxel_count == remote.voxel_count
+    # nothing was run again: the job is the same, still done, and no new job appeared
+    jobs = rp.http.get(f"{rp.url}/v1/jobs", timeout=10).json()["jobs"]
+    assert jobs[-1]["id"] == rp.last_job and jobs[-1]["state"] == wire.DONE
+
+
+@pytest.mark.slow
+def test_uint8_maps_come_back_as_they_travelled(brain):
+    """The decode path that keeps uint8: the server's map is the local map's to_uint8, bit for bit, and the
+    float32 map a predict returns is exactly its dequantization."""
+    _, local, rp, remote = brain
+    q = to_uint8(local.probability)
+    (answer,) = rp.model_answers()
+    assert answer.probability.dtype == np.uint8
+    np.testing.assert_array_equal(answer.probability, q)
+    np.testing.assert_array_equal(to_uint8(remote.probability), q)
+    np.testing.assert_array_equal(answer.original_mask(), local.mask.astype(bool))
+    assert answer.threshold == local.provenance["threshold"] and answer.existence == local.existence
+    assert answer.tags() == ModelAnswer.from_result(local).tags()
+
+
+@pytest.mark.slow
+def test_rethreshold_over_plain_http(brain):
+    """The endpoint as curl sees it: JSON in, JSON out (masks base64 of their packed bits), segments by name."""
+    _, local, rp, _ = brain
+    url = f"{rp.url}/v1/jobs/{rp.last_job}/rethreshold"
+    headers = {"Authorization": f"Bearer {KEY}", wire.CLIENT_HEADER: rp.http.headers[wire.CLIENT_HEADER]}
+    r = requests.post(url, json={"threshold": 0.7, "segments": ["brain"], "band": 0.2}, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["shape"] == list(local.mask.shape) and body["threshold"] == 0.7 and body["band"] == 0.2
+    (seg,) = body["results"]
+    q = to_uint8(local.probability)
+    mask = wire.mask_from_text(seg["mask"], body["shape"])
+    np.testing.assert_array_equal(mask, rethreshold(q, 0.7))
+    assert seg["voxel_count"] == int(mask.sum()) and seg["confidence"] == confidence(q, mask, 0.7, local.existence,
+                                                                                      band=0.2)
+    bad = [({"threshold": 1.5}, 400, "outside 0..1"), ({"segments": [0]}, 400, "needs 'threshold'"),
+           ({"threshold": 0.5, "segments": ["liver"]}, 400, "no segment 'liver'"),
+           ({"threshold": 0.5, "segments": [3]}, 400, "indices 0..0"),
+           ({"threshold": 0.5, "path": "/etc/passwd"}, 400, "Unknown re-threshold field"),
+           ({"threshold": 0.5, "band": "wide"}, 400, "Band 'wide' is not a number")]
+    for payload, status, text in bad:
+        r = requests.post(url, json=payload, headers=headers, timeout=60)
+        assert r.status_code == status and text in r.json()["message"], (payload, r.text)
+        assert "Traceback" not in r.text
+
+
+def test_rethreshold_of_a_job_that_kept_no_maps_is_409(fast):
+    rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY, probabilities="none")
+    rp.set_image(_phantom(), "CT")
+    rp.predict(["bone"])
+    r = rp.http.post(f"{fast}/v1/jobs/{rp.last_job}/rethreshold", json={"threshold": 0.5}, timeout=10)
+    assert r.status_code == 409 and r.json()["error"] == "no_probabilities"
+    assert "kept no probability maps" in r.json()["message"] and "'uint8'" in r.json()["message"]
+    with pytest.raises(UsageError, match="kept no probability maps"):
+        rp.rethreshold(0.5)
+    with pytest.raises(UsageError, match="kept no probability maps"):
+        rp.model_answers()
+
+
+def test_rethreshold_of_another_clients_job_is_404(fast):
+    """A job belongs to the client that made it (key + client token): any other gets 404, as for no job at all."""
+    mine = RemotePredictor(fast, "synthetic-3d", api_key=KEY, client_token="alice-token-0123456789")
+    mine.set_image(_phantom(), "CT")
+    (bone,) = mine.predict(["bone"])
+    (own,) = mine.rethreshold(0.5)
+    np.testing.assert_array_equal(own.mask, bone.mask.astype(bool))
+    other = RemotePredictor(fast, "synthetic-3d", api_key=KEY, client_token="mallory-token-987654321")
+    for jid in (mine.last_job, "0" * 32):
+        r = other.http.post(f"{fast}/v1/jobs/{jid}/rethreshold", json={"threshold": 0.5}, timeout=10)
+        assert r.status_code == 404 and r.json()["error"] == "job_not_found", r.text
+    with pytest.raises(UsageError, match="No job"):
+        other.rethreshold(0.5, job_id=mine.last_job)
+    with pytest.raises(UsageError, match="No job yet"):
+        RemotePredictor(fast, "synthetic-3d", api_key=KEY).rethreshold(0.5)
 
 
 def test_without_probabilities_the_mask_stands_for_them(fast):

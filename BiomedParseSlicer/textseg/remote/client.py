@@ -29,11 +29,13 @@ import os
 import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
 from .. import errors
+from ..analysis.confidence import DEFAULT_BAND, ModelAnswer
 from ..catalog import ModelSpec, WeightFile
 from ..errors import AuthError, Cancelled, InputError, ServerError, UsageError
 from ..predictor import PromptLike, PromptResult, check_prompts
@@ -42,15 +44,25 @@ from ..runcontrol import CancelToken, ProgressFn, kept_summary, sub_progress
 from ..volume import Volume
 from .wire import (
     API_VERSION,
+    CANCELLED,
     CLIENT_HEADER,
     CLIENT_TOKEN,
+    FAILED,
+    FINAL_STATES,
+    NO_PROBABILITIES,
+    PROBABILITY_MODES,
+    UINT8,
+    VOLUME_NOT_FOUND,
+    WEIGHTS_MISSING,
     client_headers,
+    decode_mask,
     decode_probability,
     is_loopback,
     load_npz,
+    mask_from_text,
     prompt_limits_error,
+    result_from_record,
     sha256,
-    unpack_mask,
     volume_to_nrrd,
 )
 
@@ -82,7 +94,7 @@ class RemotePredictor:
         request_timeout: tuple[float, float] = (5.0, 120.0),
         retries: int = 5,
         backoff: float = 0.5,
-        probabilities: str = "uint8",
+        probabilities: str = UINT8,
         compress: Optional[bool] = None,
         verify: Union[bool, str] = True,
         session: Any = None,
@@ -111,8 +123,8 @@ class RemotePredictor:
         if not CLIENT_TOKEN.fullmatch(token):
             raise UsageError("The client token (client_token / TEXTSEG_CLIENT_TOKEN) must be 16-128 letters, digits or "
                              "_.~-.")
-        if probabilities not in ("uint8", "float32", "none"):
-            raise UsageError("probabilities must be 'uint8', 'float32' or 'none'.")
+        if probabilities not in PROBABILITY_MODES:
+            raise UsageError(f"probabilities must be one of {', '.join(repr(m) for m in PROBABILITY_MODES)}.")
         self.probabilities = probabilities
         self.compress = compress if compress is not None else not _is_loopback_url(self.url)
         self.http = session or requests.Session()
@@ -217,7 +229,7 @@ class RemotePredictor:
         self._image = {"modality": modality, "site": site, "slices": list(slices) if slices is not None else None}
         self._upload(progress)
         job = self._run_job([], progress, cancel, scale=(0.1, 1.0))
-        if job["state"] == "cancelled":
+        if job["state"] == CANCELLED:
             raise Cancelled("Cancelled by the user while the image was being prepared.")
 
     def check_prompts(self, prompts: Union[str, Sequence[PromptLike]]) -> list[Prompt]:
@@ -246,7 +258,7 @@ class RemotePredictor:
         job = self._run_job(plist, progress, cancel, threshold=threshold, keep_absent=keep_absent)
         self.last_job = job["id"]
         results = self._results(job) if job.get("results") else []
-        if job["state"] == "cancelled":  # as Predictor.predict says it (a 2D model's results may be partial)
+        if job["state"] == CANCELLED:  # as Predictor.predict says it (a 2D model's results may be partial)
             done = sum(r.complete for r in results)
             self.messages.append(f"Cancelled: {kept_summary(done, len(plist), len(results) - done)}.")
         return results
@@ -263,7 +275,7 @@ class RemotePredictor:
                              f"predict().")
         job = self._run_job([], progress, cancel, recognize=options or True)
         self.last_job = job["id"]
-        if job["state"] == "cancelled":
+        if job["state"] == CANCELLED:
             self.messages.append(f"Cancelled: kept the {job['results'] or 0} target(s) found in the slices completed.")
         return self._results(job) if job.get("results") else []
 
@@ -287,7 +299,7 @@ class RemotePredictor:
     def _submit(self, body: dict[str, Any], progress, cancel=None) -> dict[str, Any]:
         waiting = (lambda stage: progress(0.0, stage)) if progress is not None else None
         r = self._request("POST", "/v1/jobs", expect=(202, 404), json=body, cancel=cancel, waiting=waiting)
-        if r.status_code == 404 and r.json().get("error") == "volume_not_found":
+        if r.status_code == 404 and r.json().get("error") == VOLUME_NOT_FOUND:
             self._upload(progress)  # the server expired our session: send the image again
             r = self._request("POST", "/v1/jobs", expect=(202,), json=body, cancel=cancel, waiting=waiting)
         elif r.status_code == 404:
@@ -300,12 +312,12 @@ class RemotePredictor:
         try:
             job = self._submit(body, progress, cancel)
         except Cancelled:  # cancelled while a busy server made us wait: no job exists, nothing was run
-            return {"id": None, "state": "cancelled", "stage": "cancelled", "progress": 0.0, "results": 0,
+            return {"id": None, "state": CANCELLED, "stage": CANCELLED, "progress": 0.0, "results": 0,
                     "messages": []}
         scaled = sub_progress(progress, *scale)
         deadline = time.monotonic() + self.timeout
         cancelled = False
-        while job["state"] not in ("done", "failed", "cancelled"):
+        while job["state"] not in FINAL_STATES:
             if cancel is not None and cancel.cancelled and not cancelled:
                 cancelled = True
                 job = self._request("DELETE", f"/v1/jobs/{job['id']}").json()
@@ -318,15 +330,15 @@ class RemotePredictor:
             if scaled is not None:
                 scaled(job["progress"], job["stage"])
         self.messages.extend(job.get("messages") or [])
-        if job["state"] == "failed":
+        if job["state"] == FAILED:
             err = job.get("error") or {}
             cls = getattr(errors, err.get("type", ""), None)
             cls = cls if isinstance(cls, type) and issubclass(cls, errors.TextsegError) else ServerError
             raise cls(err.get("message") or "The job failed on the server.")
         return job
 
-    def _results(self, job: dict[str, Any]) -> list[PromptResult]:
-        jid = job["id"]
+    def _fetch(self, jid: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """A finished job's result.json and arrays."""
         meta = self._request("GET", f"/v1/jobs/{jid}/result.json").json()
         accept = {} if self.compress else {"Accept-Encoding": "identity"}  # loopback: skip gzip both ways
         r = self._request("GET", f"/v1/jobs/{jid}/arrays", headers=accept, stream=True)
@@ -334,21 +346,70 @@ class RemotePredictor:
             data = r.raw.read(decode_content=True)  # one read: requests' 10 kB .content chunks are slow for 100 MB
         finally:
             r.close()
-        arrays = load_npz(data)
+        return meta, load_npz(data)
+
+    def _mask(self, arrays: dict[str, np.ndarray], record: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+        mask = decode_mask(arrays, record["index"], shape)
+        wrong_shape = self._volume is not None and shape != self._volume.shape
+        if wrong_shape or int(np.count_nonzero(mask)) != record["voxel_count"]:
+            raise ServerError("The server's result does not match the image (shape or voxel count); try again.")
+        return mask
+
+    def _results(self, job: dict[str, Any]) -> list[PromptResult]:
+        meta, arrays = self._fetch(job["id"])
         assert self._volume is not None
         shape = tuple(meta["shape"])
         out = []
         for rec in meta["results"]:
-            n = rec["index"]
-            mask = unpack_mask(arrays[f"mask_{n}"], shape)
-            if shape != self._volume.shape or int(np.count_nonzero(mask)) != rec["voxel_count"]:
-                raise ServerError("The server's result does not match the image (shape or voxel count); try again.")
+            mask = self._mask(arrays, rec, shape)
             # probabilities="none": the mask stands for them (values 0/1, uint8, no second full-size copy)
-            prob = decode_probability(arrays, n, shape) if rec["probability"] else mask
-            out.append(PromptResult(Prompt.from_any(rec["prompt"]), prob, mask, rec["existence"], rec["present"],
-                                    rec["provenance"], rec["message"], rec["extra"],
-                                    complete=rec.get("complete", True), objects=rec.get("objects") or []))
+            prob = decode_probability(arrays, rec["index"], shape) if rec["probability"] else mask
+            out.append(result_from_record(rec, mask, prob))
         return out
+
+    # ---- the model's answer, kept (textseg.analysis.confidence) ----------------------------------------------
+    def model_answers(self, job_id: Optional[str] = None) -> list[ModelAnswer]:
+        """The model's answers of a finished job (default: the last predict or recognize), one per result, with
+        the uint8 probability maps as they travelled (no float32 copy; a float32 job's maps are quantized by the
+        same rule): what textseg.analysis.confidence keeps for re-thresholding and review. UsageError when the
+        job ran with probabilities="none"."""
+        jid = self._job_id(job_id)
+        meta, arrays = self._fetch(jid)
+        shape = tuple(meta["shape"])
+        out = []
+        for rec in meta["results"]:
+            if not rec["probability"]:
+                raise UsageError(f"Job {jid} kept no probability maps (this client asked for probabilities="
+                                 f"{NO_PROBABILITIES!r}); use probabilities='uint8' to keep the model's answers.")
+            mask = self._mask(arrays, rec, shape)
+            out.append(ModelAnswer.from_uint8(decode_probability(arrays, rec["index"], shape, keep_uint8=True), mask,
+                                              rec["provenance"]["threshold"], rec["existence"],
+                                              dropped=not rec["present"] and not mask.any()))
+        return out
+
+    def rethreshold(self, threshold: float, segments: Optional[Sequence[Union[int, str]]] = None,
+                    job_id: Optional[str] = None, keep_absent: Optional[bool] = None,
+                    band: float = DEFAULT_BAND) -> list[Rethresholded]:
+        """New masks of a finished job's results (default: the last predict or recognize) at ``threshold``,
+        computed on the server from the maps it kept, without running the model again: the same rule as
+        ``ModelAnswer.mask_at`` locally (textseg.analysis.confidence). ``segments``: result indices or names
+        (default all); ``keep_absent``: default the job's. UsageError when the job kept no maps."""
+        jid = self._job_id(job_id)
+        body: dict[str, Any] = {"threshold": threshold, "band": band}
+        if segments is not None:
+            body["segments"] = list(segments)
+        if keep_absent is not None:
+            body["keep_absent"] = bool(keep_absent)
+        out = self._request("POST", f"/v1/jobs/{jid}/rethreshold", json=body).json()
+        shape = tuple(out["shape"])
+        return [Rethresholded(r["index"], r["name"], Prompt.from_any(r["prompt"]), r["threshold"],
+                              mask_from_text(r["mask"], shape), r["confidence"]) for r in out["results"]]
+
+    def _job_id(self, job_id: Optional[str]) -> str:
+        jid = job_id or self.last_job
+        if not jid:
+            raise UsageError("No job yet: run predict() or recognize() first, or give a job_id.")
+        return jid
 
     def download_seg_nrrd(self, job_id: str, path: Union[str, os.PathLike], overwrite: bool = False) -> str:
         """Save a finished job's .seg.nrrd (written on the server with textseg.formats.segments) to ``path``."""
@@ -358,6 +419,19 @@ class RemotePredictor:
         with atomic_output(path, overwrite) as tmp:
             tmp.write_bytes(data)
         return str(path)
+
+
+@dataclass
+class Rethresholded:
+    """One result of a job re-thresholded on the server: its index and name in the job, its new mask (bool,
+    (k, j, i) on the image's grid) and the model's confidence in it (textseg.analysis.confidence.confidence)."""
+
+    index: int
+    name: str
+    prompt: Prompt
+    threshold: float
+    mask: np.ndarray
+    confidence: dict[str, Any]
 
 
 def _is_loopback_url(url: str) -> bool:
@@ -414,7 +488,7 @@ def _http_error(r, url: str) -> errors.TextsegError:
     if s == 404:
         return UsageError(f"{msg}" if code else f"{url} has no such resource ({r.request.method} "
                                                 f"{r.request.path_url}); is it a textseg server of API {API_VERSION}?")
-    if s == 409 and code == "weights_missing":
+    if s == 409 and code == WEIGHTS_MISSING:
         return errors.WeightsError(msg)
     if 400 <= s < 500:
         cls = getattr(errors, code, None)

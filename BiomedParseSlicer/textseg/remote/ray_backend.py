@@ -38,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from .workers import DISK_FULL, WorkerState, disk_full, was_cancelled, write_outputs
+from .backend import BEAT, CANCELLED, DONE, ERROR, FINAL_EVENTS, PROGRESS, RESULTS, Worker, error_event
+from .wire import UINT8
+from .workers import WorkerState, was_cancelled, write_outputs
 
 log = logging.getLogger("textseg.server")
 FIRST_MESSAGE_GRACE = 30.0  # seconds a job's stream may take to say anything at all
@@ -48,23 +50,16 @@ def _iter_job(state: WorkerState, job: dict[str, Any], token, lock: threading.Lo
     """Run a job in a thread (one at a time: ``lock``); yield ("progress", f, stage), ("results", [...]),
     ("beat",) after ``beat`` seconds without another message, then a final message. ``token`` is set by a
     cooperative cancel; the run then returns what it has."""
-    from ..errors import Cancelled, TextsegError
-
     q: queue.Queue = queue.Queue()
 
     def work() -> None:
         try:
             with lock:  # a job whose request was cancelled may still be stopping
-                state.execute(job, lambda f, s: q.put(("progress", float(f), s)), token,
-                              lambda rs: q.put(("results", rs)))
-                q.put(("done", list(state.predictor(job["model"]).messages), token.cancelled))
-        except Cancelled as exc:
-            q.put(("cancelled", str(exc)))
-        except TextsegError as exc:
-            q.put(("error", type(exc).__name__, str(exc)))
-        except Exception as exc:  # noqa: BLE001 - reported without a traceback
-            log.exception("job %s failed", job.get("id"))
-            q.put(("error", "ModelError", f"The model failed on the server ({type(exc).__name__}: {str(exc)[:300]})."))
+                state.execute(job, lambda f, s: q.put((PROGRESS, float(f), s)), token,
+                              lambda rs: q.put((RESULTS, rs)))
+                q.put((DONE, list(state.predictor(job["model"]).messages), token.cancelled))
+        except Exception as exc:  # noqa: BLE001 - an event for the front end, never a traceback for the client
+            q.put(error_event(exc, job.get("id")))
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
@@ -73,10 +68,10 @@ def _iter_job(state: WorkerState, job: dict[str, Any], token, lock: threading.Lo
             try:
                 msg = q.get(timeout=beat)
             except queue.Empty:
-                yield ("beat",)
+                yield (BEAT,)
                 continue
             yield msg
-            if msg[0] in ("done", "cancelled", "error"):
+            if msg[0] in FINAL_EVENTS:
                 return
     finally:  # also when the request is cancelled (fallback): stop the model, keep nothing running
         token.cancel()
@@ -125,15 +120,16 @@ def _cancel(tokens: dict[str, Any], job_id: str) -> bool:
     return token is not None
 
 
-class RayDispatcher:
-    """Feeds the deployment from the server's queue (one per replica); mirrors ProcessWorker."""
+class RayDispatcher(Worker):
+    """Feeds one replica of the deployment from the server's queue (one dispatcher per replica)."""
+
+    dispatch_failed = "The Ray worker running this job failed ({kind}); submit the job again."
 
     def __init__(self, index: int, handle, manager, cancel_timeout: float = 60.0) -> None:
-        self.index, self.handle, self.manager, self.cancel_timeout = index, handle, manager, cancel_timeout
-        self.job = None
+        super().__init__(index, "ray", manager)
+        self.handle, self.cancel_timeout = handle, cancel_timeout
         self.ready = True
-        self.responsive = True  # False from a silent stream until the replica answers a ping
-        self.restarts = 0
+        self.answering = True  # False from a silent stream until the replica answers a ping
         self.last_seen = time.monotonic()
         self.heard = False  # any message of the running job's stream yet?
         self.thread = threading.Thread(target=self._loop, name=f"textseg-ray-dispatch-{index}", daemon=True)
@@ -144,41 +140,21 @@ class RayDispatcher:
     def stop(self) -> None:
         self.thread.join(5)
 
-    def info(self) -> dict[str, Any]:
-        return {"index": self.index, "device": "ray", "pid": None, "alive": True, "ready": True,
-                "responsive": self.responsive, "job": self.job.id if self.job is not None else None,
-                "restarts": self.restarts}
+    @property
+    def responsive(self) -> bool:
+        return self.answering
 
-    def _loop(self) -> None:
-        while not self.manager.stopping.is_set():
-            if not self.responsive:
-                self._ping()
-                continue
-            job = self.manager.next_job(timeout=0.2)
-            if job is None:
-                continue
-            self.job = job
-            try:
-                self._run(job)
-            except Exception as exc:  # noqa: BLE001 - a dead replica, a lost node...
-                if disk_full(exc):
-                    log.error("job %s: the disk is full (%s)", job.id, exc)
-                    job.fail("ServerError", DISK_FULL.format(what="the job's results"))
-                else:
-                    log.exception("ray job %s failed", job.id)
-                    job.fail("ServerError",
-                             f"The Ray worker running this job failed ({type(exc).__name__}); submit the job again.")
-            finally:
-                self.job = None
-
-    def _ping(self) -> None:
-        """After a silent stream: wait until the replica (or Ray Serve's replacement of it) answers again."""
+    def _available(self) -> bool:
+        """After a silent stream: wait until the replica (or Ray Serve's replacement of it) answers a ping."""
+        if self.answering:
+            return True
         try:
             if self.handle.ping.remote().result(timeout_s=5.0):
-                self.responsive = True
+                self.answering = True
                 log.info("Ray replica %d answers again", self.index)
         except Exception:  # noqa: BLE001 - still down: try again
             self.manager.stopping.wait(1.0)
+        return False
 
     def _run(self, job) -> None:
         payload = job.payload()
@@ -194,11 +170,11 @@ class RayDispatcher:
         try:
             for msg in stream:
                 self.last_seen, self.heard = time.monotonic(), True
-                if msg[0] == "progress":
-                    job.set_progress(msg[1], msg[2])
-                elif msg[0] == "results":
+                if msg[0] == PROGRESS:
+                    self.apply(job, msg)
+                elif msg[0] == RESULTS:
                     results.extend(msg[1])
-                elif msg[0] == "beat":
+                elif msg[0] == BEAT:
                     continue
                 else:
                     final = msg
@@ -212,20 +188,17 @@ class RayDispatcher:
             stop.set()
         if hung and final is None:
             if hung["silent"]:  # Ray Serve's health check replaces the replica: unresponsive until one answers
-                self.responsive = False
+                self.answering = False
                 self.restarts += 1
             job.fail("ServerError", hung["reason"])
             return
-        if final is not None and final[0] == "error":
-            job.fail(final[1], final[2])
-            return
-        if final is not None and final[0] == "cancelled" and not results:
-            job.cancelled_before_results()
+        if final is not None and (final[0] == ERROR or (final[0] == CANCELLED and not results)):
+            self.apply(job, final)
             return
         if final is None and not job.cancel_requested:
             raise RuntimeError("the Ray stream ended without a result")
-        meta = write_outputs(job.dir, job.volume.shape[:3], results, job.request.get("probabilities", "uint8"))
-        meta["messages"] = final[1] if final is not None and final[0] == "done" else []
+        meta = write_outputs(job.dir, job.volume.shape[:3], results, job.request.get("probabilities", UINT8))
+        meta["messages"] = final[1] if final is not None and final[0] == DONE else []
         if final is None:  # the stream ended without the replica's last word: say why
             why = (f"did not stop within {self.cancel_timeout:g} s of the cancel; its request was cancelled"
                    if forced.is_set() else f"stopped answering after the cancel ({broke or 'stream ended'})")
@@ -295,7 +268,7 @@ class RayBackend:
         if gpus is None:
             gpus = 1 if (not self.local_testing and ray.is_initialized() and ray.cluster_resources().get("GPU")) else 0
         replicas = int(opts.get("replicas") or (int(ray.cluster_resources().get("GPU", 0)) if gpus else 0) or 1)
-        from .workers import heartbeat_interval
+        from .backend import heartbeat_interval
 
         options = {"adapter_options": s.adapter_options, "weights_dir": s.weights_dir, "preload": tuple(s.preload),
                    "device": s.devices[0] if s.devices and s.devices[0] != "auto" else "cpu",

@@ -27,7 +27,25 @@ from ..errors import InputError
 API_VERSION = 1  # bump when the HTTP API changes incompatibly
 API_HEADER = "X-Textseg-API"
 VERSION_HEADER = "X-Textseg-Version"
-PROBABILITY_MODES = ("uint8", "float32", "none")
+
+# ---- strings both ends share ---------------------------------------------------------------------
+# A job's states (``state`` of GET /v1/jobs/{id}); a client waits until one of FINAL_STATES.
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINAL_STATES = (DONE, FAILED, CANCELLED)
+# How a job's probability maps come back (``probabilities`` of a job, ``probability`` of a result record):
+# quantized to uint8 (textseg.analysis.confidence's rule), exact float32, or not at all (the mask stands for them).
+UINT8, FLOAT32, NO_PROBABILITIES = "uint8", "float32", "none"
+PROBABILITY_MODES = (UINT8, FLOAT32, NO_PROBABILITIES)
+# The fields of a job request (POST /v1/jobs); the server refuses any other.
+JOB_FIELDS = ("volume", "model", "modality", "site", "slices", "prompts", "threshold", "keep_absent", "probabilities",
+              "recognize")
+# Error codes a client acts on (every error answer is {"error": code, "message", "status"}).
+VOLUME_NOT_FOUND = "volume_not_found"  # upload the image (again) and retry
+WEIGHTS_MISSING = "weights_missing"  # the server lacks the model's weights: textseg.errors.WeightsError
+NO_MAPS = "no_probabilities"  # a re-threshold of a job that kept no probability maps
+# The keys of one result record (result.json's ``results``): see result_record / result_from_record.
+RECORD_KEYS = ("index", "prompt", "existence", "present", "provenance", "message", "extra", "voxel_count", "objects",
+               "complete", "probability")
 # A client's own random token: on a server without per-client keys (and under one shared key) it is what
 # separates one client's jobs and images from another's. RemotePredictor sends one per process.
 CLIENT_HEADER = "X-Textseg-Client"
@@ -254,8 +272,9 @@ def sha256(data: bytes) -> str:
 
 # ---- results ----------------------------------------------------------------------------------
 def result_record(index: int, r, probability: Optional[str]) -> dict[str, Any]:
-    """JSON-able description of one PromptResult (the arrays travel separately)."""
-    return {
+    """JSON-able description of one PromptResult (the arrays travel separately); keys: RECORD_KEYS.
+    ``probability``: the mode its map travels in (None: no map)."""
+    record = {
         "index": index,
         "prompt": r.prompt.to_dict(),
         "existence": None if r.existence is None else float(r.existence),
@@ -268,15 +287,41 @@ def result_record(index: int, r, probability: Optional[str]) -> dict[str, Any]:
         "complete": bool(r.complete),
         "probability": probability,
     }
+    return record
+
+
+def result_from_record(record: dict[str, Any], mask: np.ndarray, probability: Optional[np.ndarray]):
+    """The PromptResult a record describes, with its ``mask`` and ``probability`` (None: not kept)."""
+    from ..predictor import PromptResult
+    from ..prompts import Prompt
+
+    return PromptResult(Prompt.from_any(record["prompt"]), probability, mask, record["existence"], record["present"],
+                        record["provenance"], record["message"], record["extra"],
+                        complete=record.get("complete", True), objects=record.get("objects") or [])
+
+
+def mask_key(n: int) -> str:
+    return f"mask_{n}"
+
+
+def encode_mask(mask: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Result ``n``'s mask, bit-packed (exact; C order of the (k, j, i) array)."""
+    return {mask_key(n): np.packbits(np.asarray(mask, dtype=bool).ravel())}
+
+
+def decode_mask(arrays: dict[str, np.ndarray], n: int, shape) -> np.ndarray:
+    """Result ``n``'s mask as uint8 0/1 of ``shape``."""
+    return unpack_mask(arrays[mask_key(n)], shape)
 
 
 def quantize(prob: np.ndarray, mode: str) -> np.ndarray:
-    if mode == "float32":
+    """A probability map as it travels: ``float32`` as is, else uint8 by textseg.analysis.confidence.to_uint8
+    (the engine's one quantization rule: round half up, |error| <= 1/510, NaN -> 0)."""
+    if mode == FLOAT32:
         return np.asarray(prob, dtype=np.float32)
-    tmp = np.multiply(prob, np.float32(255.0), dtype=np.float32)  # in place from here: few passes, no temporaries
-    np.clip(tmp, 0.0, 255.0, out=tmp)
-    tmp += np.float32(0.5)
-    return tmp.astype(np.uint8)  # round half up: |error| <= 1/510 after dequantize
+    from ..analysis.confidence import to_uint8
+
+    return to_uint8(prob)
 
 
 def encode_probability(prob: np.ndarray, mode: str, n: int) -> dict[str, np.ndarray]:
@@ -287,17 +332,30 @@ def encode_probability(prob: np.ndarray, mode: str, n: int) -> dict[str, np.ndar
     return {f"probnz_{n}": np.packbits(nz), f"probv_{n}": q[nz]}
 
 
-def decode_probability(arrays: dict[str, np.ndarray], n: int, shape) -> np.ndarray:
+def has_probability(arrays: dict[str, np.ndarray], n: int) -> bool:
+    return f"probnz_{n}" in arrays and f"probv_{n}" in arrays
+
+
+def decode_probability(arrays: dict[str, np.ndarray], n: int, shape, keep_uint8: bool = False) -> np.ndarray:
+    """Result ``n``'s probability map: float32 0..1, or with ``keep_uint8`` the uint8 map (0..255 = 0..1, what
+    textseg.analysis.confidence keeps) without a float32 copy; a float32 map is then quantized by its rule."""
     nz = unpack_mask(arrays[f"probnz_{n}"], (int(np.prod(shape)),)).view(bool)
     values = arrays[f"probv_{n}"]
-    out = np.zeros(nz.shape, np.float32)
-    out[nz] = dequantize(values)
+    if keep_uint8:
+        out = np.zeros(nz.shape, np.uint8)
+        out[nz] = values if values.dtype == np.uint8 else quantize(values, UINT8)
+    else:
+        out = np.zeros(nz.shape, np.float32)
+        out[nz] = dequantize(values)
     return out.reshape(tuple(shape))
 
 
 def dequantize(arr: np.ndarray) -> np.ndarray:
+    """A map as it travelled, back as float32 0..1 (uint8: textseg.analysis.confidence.to_float, q / 255)."""
     if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / np.float32(255.0)
+        from ..analysis.confidence import to_float
+
+        return to_float(arr)
     return np.asarray(arr, dtype=np.float32)
 
 
@@ -337,3 +395,33 @@ def version_mismatch_message(client_api: str, client_version: str) -> str:
 
 def summarize(results: list[Any]) -> str:
     return ", ".join(f"{r.name}: {r.voxel_count} voxels" for r in results)
+
+
+# ---- re-threshold of a finished job (POST /v1/jobs/{id}/rethreshold) ----------------------------------
+RETHRESHOLD_FIELDS = ("threshold", "segments", "keep_absent", "band")  # the request's fields
+
+
+def mask_to_text(mask: np.ndarray) -> str:
+    """A mask in JSON: base64 of its bit-packed voxels (C order of the (k, j, i) array, numpy's bit order)."""
+    import base64
+
+    return base64.b64encode(np.packbits(np.asarray(mask, dtype=bool).ravel())).decode("ascii")
+
+
+def mask_from_text(text: str, shape) -> np.ndarray:
+    """The inverse of mask_to_text: a bool array of ``shape``."""
+    import base64
+
+    n = int(np.prod(shape))
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8), count=n).reshape(tuple(shape)).astype(bool)
+
+
+def rethreshold_record(record: dict[str, Any], mask: np.ndarray, threshold: float,
+                       confidence: dict[str, Any]) -> dict[str, Any]:
+    """One segment of a re-threshold: which result it is, its new mask and the model's confidence in it."""
+    from ..prompts import Prompt
+
+    name = (record.get("extra") or {}).get("name") or Prompt.from_any(record["prompt"]).label
+    return {"index": record["index"], "name": name, "prompt": record["prompt"], "threshold": threshold,
+            "voxel_count": int(np.count_nonzero(mask)), "confidence": _jsonable(confidence),
+            "mask": mask_to_text(mask)}

@@ -17,7 +17,6 @@ past ``job_timeout``, also costs its worker: the worker is killed and replaced.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import multiprocessing as mp
@@ -31,23 +30,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..runcontrol import sub_progress
+from .backend import BEAT, DONE, PROGRESS, Worker, error_event
+from .wire import NO_PROBABILITIES, UINT8, encode_mask, encode_probability, result_record
 
 log = logging.getLogger("textseg.server")
-DISK_FULL = ("The server's disk is full: {what} could not be stored. Try again later, and tell the server's "
-             "administrator (the server's work folder needs space).")
 START_GRACE = 120.0  # seconds a new worker may take before its first sign of life (interpreter start, imports)
-
-
-def disk_full(exc: BaseException) -> bool:
-    """A write failed for want of space (full disk or quota)."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def heartbeat_interval(settings: Any) -> float:
-    """How often a worker says it is alive: a fifth of the timeout (a few lost beats are no alarm).
-    ``settings``: the server's ``Settings`` (its ``heartbeat_timeout``)."""
-    hb = settings.heartbeat_timeout
-    return min(5.0, max(0.05, hb / 5)) if hb > 0 else 5.0
 
 
 # ---- job execution (inside a worker process, or a Ray replica) --------------------------------
@@ -131,7 +118,7 @@ class WorkerState:
     def run(self, job: dict[str, Any], progress: Callable[[float, str], None], cancel, out_dir: Path) -> dict[str, Any]:
         """execute() and write the outputs for the server (worker-process backend)."""
         results = self.execute(job, progress, cancel)
-        meta = write_outputs(out_dir, self.volume.shape, results, job.get("probabilities", "uint8"))
+        meta = write_outputs(out_dir, self.volume.shape, results, job.get("probabilities", UINT8))
         meta["messages"] = list(self.predictor(job["model"]).messages)
         meta["image_reused"] = self.image_reused
         meta["cancelled"] = was_cancelled(job, results, cancel is not None and cancel.cancelled)
@@ -153,15 +140,13 @@ def write_outputs(out_dir: Path, shape, results, prob_mode: str) -> dict[str, An
     The .seg.nrrd is written from these on the first GET of /result (see server.seg_nrrd_path):
     slicerio's segment packing costs seconds on large images, which a RemotePredictor (which
     needs only the arrays) should not wait for."""
-    from .wire import encode_probability, result_record
-
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays, records = {}, []
     for n, r in enumerate(results):
-        arrays[f"mask_{n}"] = np.packbits(np.asarray(r.mask, dtype=bool).ravel())
-        if prob_mode != "none":
+        arrays.update(encode_mask(r.mask, n))
+        if prob_mode != NO_PROBABILITIES:
             arrays.update(encode_probability(r.probability, prob_mode, n))
-        records.append(result_record(n, r, None if prob_mode == "none" else prob_mode))
+        records.append(result_record(n, r, None if prob_mode == NO_PROBABILITIES else prob_mode))
     tmp = out_dir / "arrays.tmp.npz"
     meta = {"results": records, "shape": list(shape)}
     try:
@@ -202,8 +187,6 @@ def _flag_token(flag):
 
 def worker_main(conn, cancel_flag, device: str, options: dict[str, Any]) -> None:
     """Entry point of a worker process: start the heartbeat, load models, then run jobs sent over ``conn``."""
-    from ..errors import Cancelled, TextsegError
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's business
     logging.basicConfig(level=options.get("log_level", "INFO"), format="%(asctime)s worker[%(process)d] %(message)s")
     lock = threading.Lock()  # the heartbeat thread and the job share the pipe
@@ -216,7 +199,7 @@ def worker_main(conn, cancel_flag, device: str, options: dict[str, Any]) -> None
         while True:
             time.sleep(interval)
             try:
-                send(("beat",))
+                send((BEAT,))
             except (OSError, ValueError):
                 return
 
@@ -242,23 +225,13 @@ def worker_main(conn, cancel_flag, device: str, options: dict[str, Any]) -> None
             now = time.monotonic()
             if now - last[0] >= 0.05 or frac >= 1.0:  # noqa: B023 - runs in this iteration
                 last[0] = now  # noqa: B023 - runs in this iteration
-                send(("progress", float(frac), stage))
+                send((PROGRESS, float(frac), stage))
 
         try:
             meta = state.run(job, progress, _flag_token(cancel_flag), Path(job["out_dir"]))
-            send(("done", meta))
-        except Cancelled as exc:
-            send(("cancelled", str(exc)))
-        except TextsegError as exc:
-            send(("error", type(exc).__name__, str(exc)))
-        except Exception as exc:  # noqa: BLE001 - reported to the client without a traceback
-            if disk_full(exc):
-                log.error("job %s: the disk is full (%s)", job.get("id"), exc)
-                send(("error", "ServerError", DISK_FULL.format(what="the job's results")))
-                continue
-            log.exception("job %s failed", job.get("id"))
-            send(("error", "ModelError", f"The model failed on the server ({type(exc).__name__}: {str(exc)[:300]}). "
-                  "The server log has the details."))
+            send((DONE, meta))
+        except Exception as exc:  # noqa: BLE001 - an event for the server, never a traceback for the client
+            send(error_event(exc, job.get("id")))
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -274,19 +247,17 @@ def describe_exit(code: Optional[int]) -> str:
     return f"it exited with code {code}"
 
 
-class ProcessWorker:
+class ProcessWorker(Worker):
     """One worker process on one device, fed by a dispatcher thread from the server's job queue; the thread also
     watches the worker's heartbeat and the running job's cancel and time limits."""
 
     def __init__(self, index: int, device: str, options: dict[str, Any], manager) -> None:
-        self.index, self.device, self.options, self.manager = index, device, options, manager
+        super().__init__(index, device, manager)
+        self.options = options
         self.ctx = mp.get_context("spawn")  # no fork: CUDA and uvicorn's threads do not survive it
         self.proc = None
         self.conn = None
         self.cancel_flag = SharedFlag(self.ctx)
-        self.job = None
-        self.ready = False
-        self.restarts = 0
         self.last_seen = time.monotonic()  # the worker's last message (a beat, progress, a result)
         self.heard = False  # any message from the current process yet?
         self.thread = threading.Thread(target=self._loop, name=f"textseg-dispatch-{index}", daemon=True)
@@ -357,37 +328,28 @@ class ProcessWorker:
         if self.conn is not None:
             self.conn.close()
 
-    def info(self) -> dict[str, Any]:
-        alive = bool(self.proc is not None and self.proc.is_alive())
-        return {
-            "index": self.index,
-            "device": self.device,
-            "pid": self.proc.pid if self.proc is not None else None,
-            "alive": alive,
-            "ready": self.ready,
-            "responsive": alive and not self.silent(),
-            "job": self.job.id if self.job is not None else None,
-            "restarts": self.restarts,
-        }
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.proc is not None and self.proc.is_alive())
+
+    @property
+    def responsive(self) -> bool:
+        return not self.silent()
 
     # ---- dispatch ----------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self.manager.stopping.is_set():
-            if self.proc is None or not self.proc.is_alive() or not self.ready:
-                if self.proc is not None:
-                    self.restarts += 1
-                self.ready = False
-                self._spawn()
-                continue
-            job = self.manager.next_job(timeout=0.2)
-            if job is None:
-                self._idle()
-                continue
-            self.job = job
-            try:
-                self._run(job)
-            finally:
-                self.job = None
+    def _available(self) -> bool:
+        """A live, ready process; else (re)start one (this is the dispatcher thread's only job until it is)."""
+        if self.proc is not None and self.proc.is_alive() and self.ready:
+            return True
+        if self.proc is not None:
+            self.restarts += 1
+        self.ready = False
+        self._spawn()
+        return False
 
     def _idle(self) -> None:
         """Between jobs: read the beats; replace a worker that stopped sending them."""
@@ -451,17 +413,7 @@ class ProcessWorker:
             except (EOFError, OSError):
                 self._crashed(job)
                 return
-            kind = msg[0]
-            if kind == "progress":
-                job.set_progress(msg[1], msg[2])
-            elif kind == "done":
-                job.finish(msg[1])
-                return
-            elif kind == "cancelled":
-                job.cancelled_before_results()
-                return
-            elif kind == "error":
-                job.fail(msg[1], msg[2])
+            if self.apply(job, msg):
                 return
 
     def _crashed(self, job) -> None:
