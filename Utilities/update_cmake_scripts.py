@@ -27,7 +27,7 @@ def module_files() -> list[str]:
         files = [f for f in out if f and (MODULE / f).is_file()]
     except (OSError, subprocess.CalledProcessError):
         files = [str(p.relative_to(MODULE)) for p in MODULE.rglob("*") if p.is_file()]
-    files = [f.replace("\\", "/") for f in files]
+    files = {f.replace("\\", "/") for f in files}  # a set: git lists a file under conflict once per stage
     return sorted(f for f in files if not (set(f.split("/")) & SKIP_PARTS) and Path(f).suffix not in SKIP_SUFFIXES
                   and f != "CMakeLists.txt" and not f.endswith(".egg-info") and ".egg-info/" not in f)
 
