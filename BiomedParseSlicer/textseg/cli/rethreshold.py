@@ -20,6 +20,7 @@ def cmd_rethreshold(args) -> int:
     from ..analysis.confidence import (
         DEFAULT_BAND,
         MaskFingerprint,
+        band_levels,
         check_threshold,
         confidence,
         confidence_tags,
@@ -33,6 +34,7 @@ def cmd_rethreshold(args) -> int:
     src = Path(args.segmentation)
     threshold = check_threshold(args.threshold)
     band = DEFAULT_BAND if args.band is None else args.band
+    band_levels(threshold, band)  # refuses a band outside 0..1 before any file is read
     if not src.name.lower().endswith(SEG_SUFFIX):
         raise UsageError(f"{src}: give the .seg.nrrd that `textseg segment --probabilities` wrote (its segments "
                          "carry the tags a re-threshold needs).")

@@ -12,7 +12,10 @@ def cmd_stats(args) -> int:
     from ..formats.read_isolated import prestart
 
     prestart()
+    from ..analysis.confidence import band_levels
     from ..analysis.segment_stats import statistics_for_files, write_statistics
+
+    band_levels(0.5, args.band)  # a bad --band is refused before the files are read
 
     bar = Bar("statistics", args.quiet)
     try:
