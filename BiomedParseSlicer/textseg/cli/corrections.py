@@ -66,7 +66,10 @@ def cmd_export(args) -> int:
     from ..formats.training_sets import FILE_ENDINGS, dataset_folder_name, export_nnunet
     from ..models.base import CancelToken
 
-    dataset_folder_name(args.dataset_id, args.name)  # a bad id or name is refused before any case is read
+    try:  # a bad id or name is bad usage, refused before any case is read
+        dataset_folder_name(args.dataset_id, args.name)
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
 
     if args.file_ending not in FILE_ENDINGS:
         raise UsageError(f"--file-ending {args.file_ending}: choose one of {', '.join(FILE_ENDINGS)}.")
