@@ -186,7 +186,8 @@ def test_cohort_gets_one_map_folder_per_case(tmp_path, test_models, capsys):
         shutil.copy(shared_file("pyradiomics-examples", f"{name}_image.nrrd"), cohort / f"{name}.nrrd")
     out, maps = tmp_path / "out", tmp_path / "maps"
     args = ["-q", "segment", str(cohort), "-m", "synthetic-3d", "--modality", "MRI", "-p", "100..400",
-            "-p", "100..400 left", "--out", str(out), "--probabilities", str(maps), "--probability-format", ".nii.gz"]
+            "-p", "100..400 left", "--out", str(out), "--probabilities", str(maps), "--probability-format", ".nii.gz",
+            "--labelmap", str(tmp_path / "derived" / "labels")]
     assert main(args) == 0
     for name in ("brain1", "breast1"):
         img, arr = _read(cohort / f"{name}.nrrd")
@@ -197,6 +198,13 @@ def test_cohort_gets_one_map_folder_per_case(tmp_path, test_models, capsys):
             seg = next(s for s in segs if s.name == prompt)
             assert np.array_equal(q == 255, seg.mask > 0) and set(np.unique(q)) <= {0, 255}
             assert seg.tags["textseg.probability_file"] == f"../maps/{name}/{stem}.nii.gz"
+    # the label map in its own folder refers to the same maps: `textseg stats` on it finds them
+    stats = tmp_path / "brain1.csv"
+    assert main(["-q", "stats", str(cohort / "brain1.nrrd"), str(tmp_path / "derived" / "labels" / "brain1.nii.gz"),
+                 "--out", str(stats)]) == 0
+    rows = list(csv.DictReader(stats.open()))
+    assert [(r["segment"], r["confidence_mean"], r["confidence_near_threshold"]) for r in rows] == [
+        ("100..400", "1.0", "0.0"), ("100..400 left", "1.0", "0.0")]  # a 0/1 map: sure everywhere
     # maps are never overwritten: a single run into the same folder is refused before inference
     single = cohort / "brain1.nrrd"
     assert main(["-q", "segment", str(single), "-m", "synthetic-3d", "--modality", "MRI", "-p", "100..400",

@@ -116,9 +116,6 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
     segments = segments_from_results(results)
     for seg in segments:  # lets a later re-threshold or review tell a hand edit from the model's mask
         seg.tags.update(MaskFingerprint.of(seg.mask).tags())
-    confidences = None
-    if getattr(args, "probabilities", None) and segments:
-        confidences = _keep_maps(results, segments, volume, _probability_folder(args, image), out, args)
     if not segments and getattr(args, "recognize", False) and not token.cancelled:
         from ..errors import ModelError
 
@@ -131,6 +128,9 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
         from ..formats.dicomseg import build_dicom_seg
 
         seg_dataset = build_dicom_seg(volume, segments)
+    confidences, maps = None, []
+    if getattr(args, "probabilities", None):  # after the last step that can refuse: the maps are written here
+        confidences, maps = _keep_maps(results, segments, volume, _probability_folder(args, image), out, args)
     rows = None
     if args.stats:
         from ..analysis.segment_stats import compute_statistics
@@ -140,7 +140,8 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
     if args.labelmap:
         from ..formats.segments import write_labelmap
 
-        write_labelmap(_derived(args.labelmap, out, image, ".nii.gz"), volume, segments, overwrite=args.overwrite)
+        labelmap = _derived(args.labelmap, out, image, ".nii.gz")
+        write_labelmap(labelmap, volume, _maps_relative_to(segments, maps, labelmap), overwrite=args.overwrite)
     if seg_dataset is not None:
         from ..formats.dicomseg import save_dicom_seg
 
@@ -156,6 +157,7 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
         "image": str(image),
         "output": str(out),
         "segments": {r.name: r.voxel_count for r in results},
+        "probabilities": [str(m) for m in maps],
         "objects": {r.name: getattr(r, "objects", []) for r in results},
         "complete": len(results) == expected and all(r.complete for r in results),
     }
@@ -168,16 +170,17 @@ def _probability_folder(args, image: Path) -> Path:
     return folder / _stem(image) if getattr(args, "cohort", False) else folder
 
 
-def _keep_maps(results, segments, volume, folder: Path, out: Path, args) -> list:
+def _keep_maps(results, segments, volume, folder: Path, out: Path, args) -> tuple[list, list]:
     """Write each result's uint8 map (one prompt's float map in memory at a time where the adapter defers them)
     and tag its segment with the kept answer: threshold, existence, fingerprint, confidence, map file.
-    Returns the confidence of each segment (for the statistics)."""
+    Returns the confidence of each segment (for the statistics) and the map files."""
     from ..analysis.confidence import ModelAnswer
     from ..formats.probability_maps import map_paths, reference_tag, write_probability_map
     from ..formats.segments import TAG_PREFIX
 
     confidences = []
-    for r, seg, path in zip(results, segments, map_paths([r.name for r in results], folder, args.probability_format)):
+    paths = map_paths([r.name for r in results], folder, args.probability_format)
+    for r, seg, path in zip(results, segments, paths):
         deferred = None if r.probability_ready else r.__dict__.get("_probability")
         answer = ModelAnswer.from_result(r)
         write_probability_map(path, volume, answer.probability, overwrite=args.overwrite)
@@ -189,7 +192,16 @@ def _keep_maps(results, segments, volume, folder: Path, out: Path, args) -> list
         del answer
         if deferred is not None:  # give the float map back: the adapter computes it again if anyone asks
             r.__dict__["_probability"] = deferred
-    return confidences
+    return confidences, paths
+
+
+def _maps_relative_to(segments, maps: list, path: Path) -> list:
+    """The segments with their map references relative to ``path`` (a label map written to another folder)."""
+    from dataclasses import replace
+
+    from ..formats.probability_maps import reference_tag
+
+    return [replace(s, tags={**s.tags, **reference_tag(m, path)}) for s, m in zip(segments, maps)] if maps else segments
 
 
 def _write_objects(path: Path, image: Path, predictor, results, overwrite: bool) -> None:
@@ -317,6 +329,8 @@ def _print_summary(summary: dict, args) -> None:
     if args.quiet:
         return
     print(f"wrote {summary['output']}")
+    if summary.get("probabilities"):
+        print(f"  probability maps: {Path(summary['probabilities'][0]).parent}")
     for name, n in summary["segments"].items():
         print(f"  {name}: {n} voxels")
 
