@@ -163,6 +163,21 @@ def test_rethreshold_refuses_bad_input_with_one_line(brain_run, tmp_path, capsys
     assert not (tmp_path / "x.seg.nrrd").exists()
 
 
+def test_segment_without_fingerprint_needs_replace(brain_run, tmp_path, capsys):
+    """A segment the engine did not fingerprint (made elsewhere, or renamed tags) could hide a hand edit."""
+    seg = _copy(brain_run, tmp_path)
+    ref, segs = read_seg_nrrd(seg)
+    for key in ("textseg.mask_sha256", "textseg.mask_voxels"):
+        del segs[0].tags[key]
+    write_seg_nrrd(seg, ref, segs, overwrite=True)
+    out = tmp_path / "new.seg.nrrd"
+    assert main(["-q", "rethreshold", str(seg), "-s", "brain", "-t", "0.3", "--out", str(out)]) == 2
+    assert "no fingerprint" in capsys.readouterr().err and not out.exists()
+    assert main(["-q", "rethreshold", str(seg), "-s", "brain", "-t", "0.3", "--out", str(out), "--replace"]) == 0
+    _, new = read_seg_nrrd(out)
+    assert MaskFingerprint.from_tags(new[0].tags) == MaskFingerprint.of(new[0].mask > 0)
+
+
 def test_stats_command_adds_confidence_from_the_kept_map(brain_run, tmp_path):
     out = tmp_path / "stats.json"
     assert main(["-q", "stats", str(brain_run["t1"]), str(brain_run["seg"]), "--out", str(out)]) == 0
