@@ -5,7 +5,11 @@ share of the voxels lies around any threshold, the costly case for masks); each 
 times and the best and median are printed, with the peak resident memory of the process. One sanity check
 only: the moved voxel of the edit check must be found.
 
-Usage: python benchmarks/bench_rethreshold.py [--size 512 512 200] [--repeat 5]
+``--cli`` also times ``textseg rethreshold`` end to end (in process: read the .seg.nrrd and the kept .nrrd map,
+check the edit, re-threshold, write the .seg.nrrd atomically), the files written once by the engine's writers
+into a temporary folder.
+
+Usage: python benchmarks/bench_rethreshold.py [--size 512 512 200] [--repeat 5] [--cli]
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, nargs=3, default=[512, 512, 200], help="map size i j k")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--cli", action="store_true", help="also time `textseg rethreshold` end to end")
     args = ap.parse_args()
     i, j, k = args.size
     rows: list = []
@@ -72,6 +78,9 @@ def main() -> None:
     assert timed("edited_since (one voxel moved)", lambda: edited_since(fp, edited), args.repeat, rows)
     answer = timed("ModelAnswer.from_uint8", lambda: ModelAnswer.from_uint8(q, mask, 0.5), args.repeat, rows)
     timed("ModelAnswer.original_mask", answer.original_mask, args.repeat, rows)
+    if args.cli:
+        with tempfile.TemporaryDirectory() as tmp:
+            cli_rows(Path(tmp), q, mask, args.repeat, rows)
     n = q.size
     print(f"map {i}x{j}x{k} = {n / 1e6:.1f} M voxels; uint8 map {q.nbytes / 2**20:.1f} MiB "
           f"(float32 {4 * n / 2**20:.1f} MiB); kept answer {answer.nbytes / 2**20:.1f} MiB; "
@@ -79,6 +88,26 @@ def main() -> None:
     print(f"{'step':40s} {'best s':>8s} {'median s':>9s} {'peak RSS MiB':>13s}")
     for label, best, median, rss in rows:
         print(f"{label:40s} {best:8.3f} {median:9.3f} {rss:13.0f}")
+
+
+def cli_rows(folder: Path, q: np.ndarray, mask: np.ndarray, repeat: int, rows: list) -> None:
+    """Files as `textseg segment --probabilities` writes them, then the command itself, timed."""
+    from textseg.cli import main as cli
+    from textseg.formats.probability_maps import reference_tag, write_probability_map
+    from textseg.formats.segments import Segment, write_seg_nrrd
+    from textseg.volume import Volume
+
+    grid = Volume(np.zeros(q.shape, np.uint8), (0.7, 0.7, 1.5))
+    seg, prob = folder / "ct.seg.nrrd", folder / "maps" / "liver.nrrd"
+    t = time.perf_counter()
+    write_probability_map(prob, grid, q)
+    answer = ModelAnswer.from_uint8(q, mask, 0.5)
+    write_seg_nrrd(seg, grid, [Segment("liver", mask.astype(np.uint8), tags={**answer.tags(),
+                                                                              **reference_tag(prob, seg)})])
+    print(f"(files written in {time.perf_counter() - t:.1f} s)")
+    argv = ["-q", "rethreshold", str(seg), "--segment", "liver", "--threshold", "0.5", "--out",
+            str(folder / "out.seg.nrrd"), "--overwrite"]
+    timed("textseg rethreshold (CLI, files)", lambda: cli(argv), repeat, rows)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ voxels. Column names are Slicer's statistic keys where Slicer has the measure (`
 ``percentile_05``, ``percentile_95``, ``surface_area_mm2``, ``roundness``, ``centroid_ras``);
 vectors are split into one column per component. ``COLUMNS`` lists every column with its unit
 and definition (docs/outputs-and-statistics.md explains them and the differences from Slicer).
+
+When the model's probability map of a segment is available (kept with ``--probabilities``), the row also has
+the confidence columns ``CONFIDENCE_COLUMNS`` (``textseg.analysis.confidence.COLUMNS``: existence, threshold,
+mean probability inside the segment, fraction near the threshold, band); they are written only when some row
+has them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -26,6 +31,8 @@ from ..formats.atomic import atomic_output
 from ..formats.segments import Segment, resample_segments
 from ..runcontrol import ProgressFn
 from ..volume import Volume, lps_to_ras, mask_bounds
+from .confidence import COLUMNS as CONFIDENCE_COLUMNS
+from .confidence import DEFAULT_BAND, confidence, confidence_row
 
 PathLike = Union[str, Path]
 
@@ -67,27 +74,53 @@ COLUMNS: dict[str, tuple[str, str]] = {
 
 
 def compute_statistics(volume: Volume, segments: Sequence[Segment], reference: Optional[Volume] = None,
-                       progress: Optional[ProgressFn] = None, cancel: Any = None) -> list[dict[str, Any]]:
+                       progress: Optional[ProgressFn] = None, cancel: Any = None,
+                       confidences: Optional[Sequence[Optional[dict[str, Any]]]] = None,
+                       maps: Optional[Callable[[int, Segment], Optional[np.ndarray]]] = None,
+                       band: float = DEFAULT_BAND) -> list[dict[str, Any]]:
     """One row (dict keyed by ``COLUMNS``) per segment.
 
     ``reference`` is the grid of the segments' masks when it differs from ``volume``'s (a
     .seg.nrrd or DICOM SEG of another extent): the masks are then resampled onto the image grid
     (nearest neighbour), as Slicer does. Empty segments get voxel_count 0 and None elsewhere.
-    Intensity columns are None for RGB images."""
+    Intensity columns are None for RGB images.
+
+    Confidence columns: ``confidences[n]`` (a ``confidence.confidence`` dict) for segment n, or ``maps(n,
+    segment)`` returning its uint8 probability map on the segment's own grid (None: no map), from which the
+    confidence of the segment's current mask is computed at its ``textseg.threshold`` tag with ``band``."""
     rows = []
     for n in range(len(segments)):
         if cancel is not None:
             cancel.check()
         s = segments[n]
+        conf = confidences[n] if confidences is not None else None
+        if conf is None and maps is not None:
+            q = maps(n, s)
+            if q is not None:
+                conf = confidence(q, np.asarray(s.mask) > 0, _tag_number(s, "threshold", 0.5),
+                                  _tag_number(s, "existence", None), band)
         if reference is not None:
             s = resample_segments(reference, [s], volume)[0]
         if s.mask.shape != volume.shape:
             raise InputError(f"segment '{s.name}' has shape {s.mask.shape} but the image has {volume.shape}; "
                              "give the image the segmentation was made on.")
-        rows.append(_segment_row(volume, s))
+        row = _segment_row(volume, s)
+        if conf is not None:
+            row.update(confidence_row(conf))
+        rows.append(row)
         if progress is not None:
             progress((n + 1) / len(segments), f"statistics: {s.name}")
     return rows
+
+
+def _tag_number(s: Segment, key: str, default: Optional[float]) -> Optional[float]:
+    """A number kept as a ``textseg.<key>`` tag (JSON), or ``default``."""
+    text = s.tags.get("textseg." + key)
+    try:
+        value = json.loads(text) if text is not None else None
+    except ValueError:
+        value = None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
 def _segment_row(volume: Volume, s: Segment) -> dict[str, Any]:
@@ -161,7 +194,8 @@ def write_statistics(rows: Sequence[dict[str, Any]], path: PathLike, overwrite: 
     ext = path.suffix.lower()
     if ext not in (".csv", ".json"):
         raise InputError(f"{path}: statistics are written as .csv or .json; choose one of those extensions.")
-    columns = list(COLUMNS) + sorted({k for r in rows for k in r if k not in COLUMNS})
+    known = {**COLUMNS, **CONFIDENCE_COLUMNS} if any("confidence_mean" in r for r in rows) else COLUMNS
+    columns = list(known) + sorted({k for r in rows for k in r if k not in known})
     if ext == ".csv":
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
@@ -170,7 +204,7 @@ def write_statistics(rows: Sequence[dict[str, Any]], path: PathLike, overwrite: 
             w.writerow({k: _fmt(r.get(k)) for k in columns})
         text = buf.getvalue()
     else:
-        meta = {k: {"unit": COLUMNS[k][0], "definition": COLUMNS[k][1]} for k in COLUMNS}
+        meta = {k: {"unit": known[k][0], "definition": known[k][1]} for k in known}
         text = json.dumps({"columns": meta, "segments": [{k: r.get(k) for k in columns} for r in rows]}, indent=1)
     with atomic_output(path, overwrite) as tmp:
         tmp.write_text(text)
@@ -186,13 +220,32 @@ def _fmt(v: Any) -> Any:
 
 
 def statistics_for_files(image: PathLike, segmentation: PathLike, labels: Optional[PathLike] = None,
-                         progress: Optional[ProgressFn] = None, cancel: Any = None) -> list[dict[str, Any]]:
+                         progress: Optional[ProgressFn] = None, cancel: Any = None,
+                         probabilities: Optional[PathLike] = None, band: float = DEFAULT_BAND
+                         ) -> list[dict[str, Any]]:
     """``textseg stats IMAGE SEGMENTATION``: read both (a .seg.nrrd, DICOM SEG or label map + labels
     JSON), bring the segments onto the image grid and compute one row per segment. Label maps are
-    read lazily (one mask in memory at a time)."""
+    read lazily (one mask in memory at a time).
+
+    A segment whose probability map is found (its ``textseg.probability_file`` tag, relative to the
+    segmentation's folder, or the file of that name in ``probabilities``) gets the confidence columns; the map
+    must be on the segmentation's grid. One map is read at a time."""
     from ..formats.images import read_volume
+    from ..formats.probability_maps import find_map, read_probability_map
     from ..formats.segment_files import read_segments
 
     volume = read_volume(image)
     ref, segments = read_segments(segmentation, labels, lazy=True)
-    return compute_statistics(volume, segments, reference=ref, progress=progress, cancel=cancel)
+
+    def maps(n: int, s: Segment) -> Optional[np.ndarray]:
+        path = find_map(s, segmentation, probabilities)
+        if path is None:
+            return None
+        prob = read_probability_map(path)
+        if not prob.same_grid(ref):
+            raise InputError(f"{path}: the probability map of '{s.name}' is on another grid ({prob.describe()}) "
+                             f"than {segmentation}; give the map written with this segmentation.")
+        return prob.array
+
+    return compute_statistics(volume, segments, reference=ref, progress=progress, cancel=cancel, maps=maps,
+                              band=band)

@@ -1,8 +1,9 @@
 """`textseg` command line: segment images (or a cohort folder) from text prompts, statistics, models, the
-server. One module per command (``segment``, ``stats``, ``models``, ``serve``), each with its ``add_parser``.
+server, re-thresholding kept maps, corrections. One module per command (``segment``, ``stats``,
+``rethreshold``, ``corrections``, ``models``, ``serve``), each with its ``add_parser``.
 
-Exit codes: 0 ok, 1 failed, 2 bad usage. Errors are one line that says what to do; no tracebacks
-(set TEXTSEG_DEBUG=1 to see them).
+Exit codes: 0 ok, 1 failed, 2 bad usage, 130 cancelled or aborted (Ctrl-C). Errors are one line that says
+what to do; no tracebacks (set TEXTSEG_DEBUG=1 to see them).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Optional
 
 from .. import __version__
 from ..errors import TextsegError
-from . import models, segment, serve, stats
+from . import corrections, models, rethreshold, segment, serve, stats
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     segment.add_parser(sub)
     stats.add_parser(sub)
+    rethreshold.add_parser(sub)
+    corrections.add_parser(sub)
     models.add_parser(sub)
     serve.add_parser(sub)
     return parser

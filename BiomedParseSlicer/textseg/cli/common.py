@@ -1,6 +1,11 @@
-"""What more than one command uses: the tqdm progress bar of a case."""
+"""What more than one command uses: the tqdm progress bar of a case, Ctrl-C as a cancel request."""
 
 from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class Bar:
@@ -20,3 +25,28 @@ class Bar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+@contextmanager
+def cancel_on_ctrl_c(token, kept: str = "completed work will be kept") -> Iterator[None]:
+    """First Ctrl-C asks the run to stop (``token.cancel()``) and keep what is complete; a second one aborts."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if token.cancelled:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        token.cancel()
+        print(f"\nCancelling: {kept} (Ctrl-C again to abort).", file=sys.stderr)
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        try:
+            signal.signal(signal.SIGINT, previous)
+        except ValueError:
+            pass

@@ -6,15 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 from ..errors import Cancelled, TextsegError, UsageError
-from .common import Bar
+from .common import Bar, cancel_on_ctrl_c
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SEG_SUFFIX = ".seg.nrrd"
@@ -65,31 +62,6 @@ def _parse_slices(text: Optional[str]):
         raise UsageError(f"--slices takes FIRST:STOP (e.g. 10:40), got '{text}'.") from None
 
 
-@contextmanager
-def _cancel_on_ctrl_c(token) -> Iterator[None]:
-    """First Ctrl-C asks the run to stop and keep completed prompts; a second one aborts."""
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):
-        if token.cancelled:
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-        token.cancel()
-        print("\nCancelling: completed prompts will be saved (Ctrl-C again to abort).", file=sys.stderr)
-
-    try:
-        signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread
-        pass
-    try:
-        yield
-    finally:
-        try:
-            signal.signal(signal.SIGINT, previous)
-        except ValueError:
-            pass
-
-
 def _prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -104,6 +76,7 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
 
     Every output is checked (exists? can a DICOM SEG be made for this image?) before inference, and
     built in memory before the first file is written, so a failure leaves no partial set of outputs."""
+    from ..analysis.confidence import MaskFingerprint
     from ..errors import OutputExistsError
     from ..formats.images import read_volume
     from ..formats.segments import segments_from_results, write_seg_nrrd
@@ -114,6 +87,10 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
         from ..formats.segments import labels_path
 
         outputs.append(labels_path(_derived(args.labelmap, out, image, ".nii.gz")))
+    if getattr(args, "probabilities", None) and not getattr(args, "recognize", False):
+        from ..formats.probability_maps import map_paths
+
+        outputs += map_paths(_prompts(args), _probability_folder(args, image), args.probability_format)
     for path in outputs:  # before spending minutes on inference
         if path.exists() and not args.overwrite:
             raise OutputExistsError(f"{path} already exists; choose another name or pass --overwrite to replace it.")
@@ -137,6 +114,8 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
         if r.message:
             print(f"  {r.message}", file=sys.stderr)
     segments = segments_from_results(results)
+    for seg in segments:  # lets a later re-threshold or review tell a hand edit from the model's mask
+        seg.tags.update(MaskFingerprint.of(seg.mask).tags())
     if not segments and getattr(args, "recognize", False) and not token.cancelled:
         from ..errors import ModelError
 
@@ -149,16 +128,20 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
         from ..formats.dicomseg import build_dicom_seg
 
         seg_dataset = build_dicom_seg(volume, segments)
+    confidences, maps = None, []
+    if getattr(args, "probabilities", None):  # after the last step that can refuse: the maps are written here
+        confidences, maps = _keep_maps(results, segments, volume, _probability_folder(args, image), out, args)
     rows = None
     if args.stats:
         from ..analysis.segment_stats import compute_statistics
 
-        rows = compute_statistics(volume, segments)
+        rows = compute_statistics(volume, segments, confidences=confidences)
     write_seg_nrrd(out, volume, segments, overwrite=args.overwrite)
     if args.labelmap:
         from ..formats.segments import write_labelmap
 
-        write_labelmap(_derived(args.labelmap, out, image, ".nii.gz"), volume, segments, overwrite=args.overwrite)
+        labelmap = _derived(args.labelmap, out, image, ".nii.gz")
+        write_labelmap(labelmap, volume, _maps_relative_to(segments, maps, labelmap), overwrite=args.overwrite)
     if seg_dataset is not None:
         from ..formats.dicomseg import save_dicom_seg
 
@@ -174,10 +157,51 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
         "image": str(image),
         "output": str(out),
         "segments": {r.name: r.voxel_count for r in results},
+        "probabilities": [str(m) for m in maps],
         "objects": {r.name: getattr(r, "objects", []) for r in results},
         "complete": len(results) == expected and all(r.complete for r in results),
     }
     return summary
+
+
+def _probability_folder(args, image: Path) -> Path:
+    """Where a case's probability maps go: the --probabilities folder, one subfolder per case in cohort mode."""
+    folder = Path(args.probabilities)
+    return folder / _stem(image) if getattr(args, "cohort", False) else folder
+
+
+def _keep_maps(results, segments, volume, folder: Path, out: Path, args) -> tuple[list, list]:
+    """Write each result's uint8 map (one prompt's float map in memory at a time where the adapter defers them)
+    and tag its segment with the kept answer: threshold, existence, fingerprint, confidence, map file.
+    Returns the confidence of each segment (for the statistics) and the map files."""
+    from ..analysis.confidence import ModelAnswer
+    from ..formats.probability_maps import map_paths, reference_tag, write_probability_map
+    from ..formats.segments import TAG_PREFIX
+
+    confidences = []
+    paths = map_paths([r.name for r in results], folder, args.probability_format)
+    for r, seg, path in zip(results, segments, paths):
+        deferred = None if r.probability_ready else r.__dict__.get("_probability")
+        answer = ModelAnswer.from_result(r)
+        write_probability_map(path, volume, answer.probability, overwrite=args.overwrite)
+        seg.tags.update(answer.tags())
+        seg.tags.update(reference_tag(path, out))
+        if answer.dropped:
+            seg.tags[TAG_PREFIX + "dropped"] = "true"
+        confidences.append(answer.confidence())
+        del answer
+        if deferred is not None:  # give the float map back: the adapter computes it again if anyone asks
+            r.__dict__["_probability"] = deferred
+    return confidences, paths
+
+
+def _maps_relative_to(segments, maps: list, path: Path) -> list:
+    """The segments with their map references relative to ``path`` (a label map written to another folder)."""
+    from dataclasses import replace
+
+    from ..formats.probability_maps import reference_tag
+
+    return [replace(s, tags={**s.tags, **reference_tag(m, path)}) for s, m in zip(segments, maps)] if maps else segments
 
 
 def _write_objects(path: Path, image: Path, predictor, results, overwrite: bool) -> None:
@@ -212,9 +236,16 @@ def cmd_segment(args) -> int:
     image = Path(args.image)
     out = Path(args.out)
     token = CancelToken()
+    if args.probabilities:
+        from ..formats.probability_maps import check_suffix
+
+        args.probability_format = check_suffix(args.probability_format)
+        if Path(args.probabilities).exists() and not Path(args.probabilities).is_dir():
+            raise UsageError(f"--probabilities names a folder (one map per prompt), but {args.probabilities} is a "
+                             "file. Give a folder.")
     if not image.exists():
         raise UsageError(f"{image}: no such file or folder.")
-    cohort = image.is_dir() and not _is_dicom_dir(image)
+    cohort = args.cohort = image.is_dir() and not _is_dicom_dir(image)
     if cohort and out.name.lower().endswith(SEG_SUFFIX):
         raise UsageError(f"{image} is a cohort folder: --out must be a folder, not a file ({out}).")
     if not cohort and not out.name.lower().endswith(SEG_SUFFIX):
@@ -236,7 +267,8 @@ def cmd_segment(args) -> int:
         if args.device != "auto" or args.batch_size or args.seed is not None:
             raise UsageError("--device, --batch-size and --seed are the server's settings; leave them out with "
                              "--server.")
-        predictor = RemotePredictor(args.server, args.model, api_key=args.api_key or os.environ.get("TEXTSEG_API_KEY"))
+        predictor = RemotePredictor(args.server, args.model, api_key=args.api_key or os.environ.get("TEXTSEG_API_KEY"),
+                                    probabilities="uint8" if args.probabilities else "none")
     else:
         predictor = Predictor(args.model, device=args.device, batch_size=args.batch_size, seed=args.seed)
     if not getattr(args, "recognize", False):
@@ -251,7 +283,7 @@ def cmd_segment(args) -> int:
                 raise UsageError(f"{image} is a cohort folder: {flag} names a folder (one file per case), but "
                                  f"{folder} is a file. Give a folder.")
             Path(folder).mkdir(parents=True, exist_ok=True)
-    with _cancel_on_ctrl_c(token):
+    with cancel_on_ctrl_c(token, "completed prompts will be saved"):
         if not cohort:
             summary = segment_one(predictor, image, out, args, token)
             _print_summary(summary, args)
@@ -297,6 +329,8 @@ def _print_summary(summary: dict, args) -> None:
     if args.quiet:
         return
     print(f"wrote {summary['output']}")
+    if summary.get("probabilities"):
+        print(f"  probability maps: {Path(summary['probabilities'][0]).parent}")
     for name, n in summary["segments"].items():
         print(f"  {name}: {n} voxels")
 
@@ -321,6 +355,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--labelmap", help="also write a NIfTI labelmap (+ .labels.json)")
     p.add_argument("--dicom-seg", help="also write DICOM SEG (DICOM series input)")
     p.add_argument("--stats", help="also write segment statistics (.csv or .json)")
+    p.add_argument("--probabilities", metavar="DIR",
+                   help="also keep the model's probability maps: one uint8 file per prompt (0-255 = 0-1, the input "
+                        "grid) in DIR (a subfolder per case in cohort mode), for `textseg rethreshold` and "
+                        "confidence statistics")
+    p.add_argument("--probability-format", default=".nrrd", metavar="SUFFIX",
+                   help="file type of the maps: .nrrd (default), .nii.gz or .nii")
     p.add_argument("--objects", help="also write detection JSON: per object its LPS bounding box and centroid (mm)")
     p.add_argument("--recognize", action="store_true",
                    help="segment everything the model recognizes (models with recognition) instead of --prompt")
