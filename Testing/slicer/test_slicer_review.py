@@ -301,3 +301,49 @@ def test_export_for_training_writes_the_corrected_segments(app, logic, run, ct_p
     stop.set()
     again = logic.exportForTraining(node, seg, tmp_path, 502, "Cancelled", cancel=stop)
     assert again.cancelled and again.written == []
+
+
+# ---- the panel's Review policy (Qt-free controller) on the same real scene ---------------------------------
+def test_review_controller_slider_refusal_compare_and_export(app, logic, run, tmp_path):
+    import time
+
+    from BiomedParseSlicerLib.controller import Inputs, PanelController
+
+    node, seg, results, ids = run
+    asked, answers_given = [], [False, True]
+    ctl = PanelController(logic, replace_edits=lambda text: asked.append(text) or answers_given.pop(0))
+    inputs = Inputs(volume=node, segmentation=seg, modality="CT", review_segment="", review_threshold=0.5)
+    view = ctl.review_refresh(inputs)
+    assert view.review_rows == [(ids[0], "bone"), (ids[1], "soft tissue")] and view.review_segment == ids[0]
+    assert view.review_threshold == 0.35 and view.review_confidence.startswith("existence 0.97, mean probability")
+    inputs.review_segment, inputs.review_threshold = ids[0], 0.6
+    assert ctl.view(inputs).review_enabled
+    view = ctl.review_threshold_changed(inputs)
+    q = q_of(np.asarray(results[0].probability))
+    assert view.error is None and np.array_equal(mrml.segment_mask(seg, ids[0], node), q >= 153)  # 0.6 -> 153
+    assert any("re-thresholded at 0.6" in line for line in view.log) and not asked
+    # a hand edit: the user is asked; "Keep my edits" leaves it and moves the slider back to 0.6
+    edited = mrml.segment_mask(seg, ids[0], node)
+    edited[:, :, :30] = 0
+    mrml.set_segment_mask(seg, ids[0], edited, node)
+    inputs.review_threshold = 0.4
+    view = ctl.review_threshold_changed(inputs)
+    assert len(asked) == 1 and "edited by hand" in asked[0] and view.review_threshold == 0.6
+    assert np.array_equal(mrml.segment_mask(seg, ids[0], node), edited) and view.error is None
+    view = ctl.review_threshold_changed(inputs)  # "Replace my edits"
+    assert len(asked) == 2 and np.array_equal(mrml.segment_mask(seg, ids[0], node), q >= 102)  # 0.4 -> 102
+    view = ctl.compare_with_ai(inputs)
+    assert view.table is not None and view.table.GetNumberOfRows() == 2
+    view = ctl.review_uncertain(inputs)
+    assert len(mrml.segment_ids(seg)) == 3 and ctl.review_refresh(inputs).review_rows[-1][1] == "soft tissue"
+    inputs.dataset_id, inputs.dataset_name = 7, "Reviewed"
+    view = ctl.export_training(inputs, str(tmp_path))
+    assert view.polling and not view.export_training_enabled
+    for _ in range(600):
+        view = ctl.poll(inputs)
+        if not view.polling:
+            break
+        time.sleep(0.05)
+    assert view.error is None and any("Exported for training" in line for line in view.log), view.log
+    assert (tmp_path / "Dataset007_Reviewed" / "labelsTr" / "example_ct_sm.nii.gz").exists()
+    ctl.shutdown()
