@@ -373,12 +373,14 @@ class PanelController:
         """A function (progress, cancel) -> predictor, run in the worker thread: the remote server's client, the
         local server's (started on first use; restarted when the device changes), or the in-process engine."""
         _import_client()
+        probabilities = "uint8" if inputs.keep_model_output else "none"  # the maps Review keeps, quantized
         if inputs.remote or inputs.client_only:
             url, key = inputs.server_url.strip(), inputs.api_key
             if not url:
                 raise UsageError("Enter the inference server's URL (e.g. https://gpu-server:8000) first, or run on "
                                  "this computer.")
-            return lambda progress, cancel: runner.make_predictor(spec.id, "remote", url=url, api_key=key)
+            return lambda progress, cancel: runner.make_predictor(spec.id, "remote", url=url, api_key=key,
+                                                                  probabilities=probabilities)
         device = inputs.device or "auto"
         if not runner.has_client():  # engine without server: in-process predictor in the worker thread
             return lambda progress, cancel: self.logic.localPredictor(spec.id, device)
@@ -393,7 +395,7 @@ class PanelController:
             if not server.running:
                 progress(0.0, "starting the local inference server")
             server.start(cancel=cancel)
-            return runner.make_predictor(spec.id, server=server)
+            return runner.make_predictor(spec.id, server=server, probabilities=probabilities)
 
         return start
 

@@ -347,3 +347,21 @@ def test_review_controller_slider_refusal_compare_and_export(app, logic, run, tm
     assert view.error is None and any("Exported for training" in line for line in view.log), view.log
     assert (tmp_path / "Dataset007_Reviewed" / "labelsTr" / "example_ct_sm.nii.gz").exists()
     ctl.shutdown()
+
+
+@pytest.mark.parametrize("keep, expected", [(True, "uint8"), (False, "none")])
+def test_servers_send_uint8_maps_when_the_output_is_kept(app, logic, monkeypatch, keep, expected):
+    """Through a server (the panel's usual path) the maps must travel for Review to keep them: uint8 when 'Keep
+    model output for review' is on (a mask standing for the map would make re-thresholding meaningless),
+    nothing otherwise. The client is recorded instead of connecting."""
+    pytest.importorskip("requests", reason="the remote client needs requests")
+    import textseg.remote.client as client
+    from BiomedParseSlicerLib.controller import Inputs, PanelController
+    from textseg.catalog import get_model
+
+    made = []
+    monkeypatch.setattr(client, "RemotePredictor", lambda *args, **kw: made.append(kw) or kw)
+    ctl = PanelController(logic)
+    inputs = Inputs(remote=True, server_url="http://gpu:8000", keep_model_output=keep)
+    ctl._predictor_factory(inputs, get_model("synthetic-3d"))(None, None)
+    assert [kw["probabilities"] for kw in made] == [expected]
