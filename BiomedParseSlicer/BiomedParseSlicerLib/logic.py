@@ -520,7 +520,10 @@ class BiomedParseSlicerLogic:
             columns = stats.COLUMNS + stats.CONFIDENCE_COLUMNS
             for sid, row in zip(mrml.segment_ids(segmentationNode), rows):
                 if sid in kept:
-                    row.update(confidence_row(self.segmentConfidence(segmentationNode, sid)))
+                    try:
+                        row.update(confidence_row(self.segmentConfidence(segmentationNode, sid)))
+                    except UsageError:  # its map was not saved with the scene: empty cells, as for a drawn one
+                        continue
         if tableNode is None:
             tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{segmentationNode.GetName()} statistics")
         unit = stats.intensity_unit(volumeNode)
