@@ -559,10 +559,12 @@ class PanelController:
         edited = self.logic.editedSinceModel(segmentation, sid)
         return {"review_confidence": confidence_text(conf, edited), "review_threshold": conf["threshold"]}
 
-    def _review(self, inputs: Inputs, action: Callable[[], dict[str, Any]]) -> View:
-        """Run a Review action on the GUI thread: refused while a task runs; errors become one message."""
+    def _review(self, inputs: Inputs, action: Callable[[], dict[str, Any]], quiet: bool = False) -> View:
+        """Run a Review action on the GUI thread: refused while a task runs (``quiet``: without a message, for
+        refreshes that follow a selection); errors become one message."""
         if self._state != IDLE:
-            return self._refuse(inputs, "Wait for the current run to finish (or cancel it) first.")
+            return self.view(inputs) if quiet else self._refuse(
+                inputs, "Wait for the current run to finish (or cancel it) first.")
         try:
             fields = action()
         except Exception as exc:  # noqa: BLE001 - one message, never a traceback in the user's face
@@ -576,7 +578,8 @@ class PanelController:
 
     def review_refresh(self, inputs: Inputs) -> View:
         """The output segmentation or Review's segment changed: its list, confidence and threshold."""
-        return self._review(inputs, lambda: self._review_fields(inputs.segmentation, inputs.review_segment))
+        return self._review(inputs, lambda: self._review_fields(inputs.segmentation, inputs.review_segment),
+                            quiet=True)
 
     def review_threshold_changed(self, inputs: Inputs) -> View:
         """The threshold slider settled (the Widget debounces it): re-threshold the segment from its kept map.

@@ -63,7 +63,9 @@ class BiomedParseSlicerLogic:
         self.keepModelOutput = True
         self.keepModelOutputBudgetMB = KEEP_MODEL_OUTPUT_BUDGET_MB
         self.lastMessages: list[str] = []  # what the last addResults has to tell the user (maps not kept)
-        self._observed: dict[str, int] = {}  # segmentation node ID -> observer tag (SegmentRemoved)
+        # segmentation node -> observer tag (SegmentRemoved); weak, so a node removed or closed with its scene goes
+        # away, and node IDs reused by a later scene are never taken for an observed node
+        self._observed = weakref.WeakKeyDictionary()
         self._sceneObservers: list[int] = []
 
     def getParameterNode(self):
@@ -257,8 +259,7 @@ class BiomedParseSlicerLogic:
 
     def watchSegmentation(self, segmentationNode) -> None:
         self.watchScene()
-        nid = segmentationNode.GetID()
-        if nid in self._observed:
+        if segmentationNode in self._observed:
             return
         from slicer import vtkSegmentation
 
@@ -269,7 +270,8 @@ class BiomedParseSlicerLogic:
             if logic is not None and logic._sceneIdle():
                 answers.prune(logic.scene, [caller])
 
-        self._observed[nid] = segmentationNode.AddObserver(vtkSegmentation.SegmentRemoved, onSegmentRemoved)
+        self._observed[segmentationNode] = segmentationNode.AddObserver(vtkSegmentation.SegmentRemoved,
+                                                                        onSegmentRemoved)
 
     def _sceneIdle(self) -> bool:
         return self.scene is not None and not (self.scene.IsClosing() or self.scene.IsImporting()
@@ -277,7 +279,6 @@ class BiomedParseSlicerLogic:
 
     def _onNodeRemoved(self) -> None:
         if self._sceneIdle():
-            self._observed = {k: v for k, v in self._observed.items() if self.scene.GetNodeByID(k) is not None}
             answers.prune(self.scene)
 
     def _onSceneImported(self) -> None:

@@ -123,8 +123,9 @@ def test_answers_survive_a_saved_and_reloaded_scene(app, logic, run, tmp_path):
     io_manager.SetCacheManager(cache)
     app2.scene.SetCacheManager(cache)
     app2.scene.SetDataIOManager(io_manager)
-    assert app2.scene.ReadFromMRB(str(mrb))
     logic2 = BiomedParseSlicerLogic(scene=app2.scene)
+    logic2.watchScene()  # as the panel does at setup: a scene opened later is watched too
+    assert app2.scene.ReadFromMRB(str(mrb))
     seg2 = app2.scene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
     node2 = next(n for n in app2.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
                  if n.GetAttribute(answers.ANSWER_ATTRIBUTE) is None)
@@ -140,6 +141,10 @@ def test_answers_survive_a_saved_and_reloaded_scene(app, logic, run, tmp_path):
         assert np.array_equal(mrml.segment_mask(seg2, sid, node2), mask)
         assert answers.answer_node(seg2, sid).GetHideFromEditors()
     assert not logic2.editedSinceModel(seg2, ids[0])
+    seg2.GetSegmentation().RemoveSegment(ids[1])  # deleted in the Segment Editor: its map goes with it
+    maps = [n for n in app2.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+            if n.GetAttribute(answers.ANSWER_ATTRIBUTE) is not None]
+    assert [n.GetAttribute(answers.SEGMENT_ATTRIBUTE) for n in maps] == [ids[0]]
 
 
 def test_answers_survive_a_scene_saved_as_files(app, logic, run, tmp_path):
