@@ -347,6 +347,8 @@ class BiomedParseSlicerTest(ScriptedLoadableModuleTest):
         self.test_panel_keeps_its_choices_across_exit_and_enter()
         self.test_segment_geometry_and_statistics()
         self.test_statistics_use_segment_statistics()
+        self.setUp()
+        self.test_review_keeps_the_model_output_with_the_scene()
 
     def _engineMissing(self):
         if environment.installed_version("torch") is None:  # the engine's Predictor needs torch
@@ -398,4 +400,18 @@ class BiomedParseSlicerTest(ScriptedLoadableModuleTest):
         node.SetVoxelValueUnits(units)
         seg = logic.segment(node, ["bone", "soft tissue"], "synthetic-3d", modality="CT")
         checks.check_segment_statistics_branch(logic, slicer.mrmlScene, seg, node)
+        self.delayDisplay("Test passed")
+
+    def test_review_keeps_the_model_output_with_the_scene(self):
+        """Review: the model output kept hidden with the segmentation, a hand edit never overwritten by a
+        re-threshold, compare with AI output, and everything identical after saving and reopening a scene bundle."""
+        import tempfile
+
+        from BiomedParseSlicerLib import checks
+
+        if self._engineMissing():
+            return
+        self.delayDisplay("Review on the phantom: kept output, hand edit, compare, .mrb round trip")
+        with tempfile.TemporaryDirectory() as folder:
+            checks.run_review_checks(BiomedParseSlicerLogic(), slicer.mrmlScene, folder)
         self.delayDisplay("Test passed")

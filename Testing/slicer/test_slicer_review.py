@@ -21,7 +21,7 @@ slicer_core = pytest.importorskip("slicer_core",
                                   reason="needs the real Slicer core: pip install slicer-core (test extra)")
 import slicer  # noqa: E402
 
-from BiomedParseSlicerLib import answers, headless, mrml, stats  # noqa: E402
+from BiomedParseSlicerLib import answers, checks, headless, mrml, stats  # noqa: E402
 from BiomedParseSlicerLib.logic import BiomedParseSlicerLogic  # noqa: E402
 from textseg.errors import UsageError  # noqa: E402
 from textseg.formats.images import read_volume  # noqa: E402
@@ -117,12 +117,6 @@ def test_answers_survive_a_saved_and_reloaded_scene(app, logic, run, tmp_path):
     assert len(saved) == 4 and sum("example_ct_sm segmentation - " in n for n in saved) == 2, saved
 
     app2 = headless.create()
-    cache = slicer.vtkCacheManager()  # ReadFromMRB unpacks into the remote cache directory, as Slicer's does
-    cache.SetRemoteCacheDirectory(str(tmp_path / "cache"))
-    io_manager = slicer.vtkDataIOManager()
-    io_manager.SetCacheManager(cache)
-    app2.scene.SetCacheManager(cache)
-    app2.scene.SetDataIOManager(io_manager)
     logic2 = BiomedParseSlicerLogic(scene=app2.scene)
     logic2.watchScene()  # as the panel does at setup: a scene opened later is watched too
     assert app2.scene.ReadFromMRB(str(mrb))
@@ -405,3 +399,8 @@ def test_servers_send_uint8_maps_when_the_output_is_kept(app, logic, monkeypatch
     inputs = Inputs(remote=True, server_url="http://gpu:8000", keep_model_output=keep)
     ctl._predictor_factory(inputs, get_model("synthetic-3d"))(None, None)
     assert [kw["probabilities"] for kw in made] == [expected]
+
+
+def test_module_self_test_review_checks(app, logic, tmp_path):
+    """The Review checks BiomedParseSlicerTest runs inside Slicer, here on slicer-core."""
+    checks.run_review_checks(logic, app.scene, tmp_path)
