@@ -221,7 +221,11 @@ class BiomedParseSlicerLogic:
             if size > budget:
                 skipped.append(result.name)
                 continue
-            answer = ModelAnswer.from_result(result)
+            try:
+                answer = ModelAnswer.from_result(result)
+            except (KeyError, TypeError, ValueError, TextsegError) as exc:  # a result without a usable map
+                self.lastMessages.append(f"Model output of '{result.name}' not kept for review ({exc}).")
+                continue
             budget -= answer.nbytes
             answers.add_answer_node(segNode, sid, answer, volumeNode)
             segment = segNode.GetSegmentation().GetSegment(sid)

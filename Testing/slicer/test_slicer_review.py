@@ -404,3 +404,12 @@ def test_servers_send_uint8_maps_when_the_output_is_kept(app, logic, monkeypatch
 def test_module_self_test_review_checks(app, logic, tmp_path):
     """The Review checks BiomedParseSlicerTest runs inside Slicer, here on slicer-core."""
     checks.run_review_checks(logic, app.scene, tmp_path)
+
+
+def test_a_result_without_a_usable_map_is_kept_out_with_a_message(app, logic, ct_path):
+    node = app.load_volume(ct_path)
+    results = results_for(mrml.array_from_node(node))
+    results[1].probability = np.zeros((2, 2, 2), np.float32)  # not on the volume's grid
+    seg = logic.addResults(node, results)
+    assert logic.reviewSegmentIds(seg) == logic.lastSegmentIDs[:1] and len(mrml.segment_ids(seg)) == 2
+    assert logic.lastMessages and "'soft tissue' not kept for review" in logic.lastMessages[0]
