@@ -103,14 +103,23 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.logic,
             confirm=slicer.util.confirmYesNoDisplay,
             ask=lambda text: panel.ask_yes_no_cancel(qt, window, _("Replace segments?"), text),
-            choose=lambda title, label, items: panel.choose_item(qt, window, title, label, items))
+            choose=lambda title, label, items: panel.choose_item(qt, window, title, label, items),
+            replace_edits=lambda text: panel.ask_replace_edits(qt, window, text))
+        self.logic.watchScene()  # kept model output goes with its segment
         self._timer = qt.QTimer()
         self._timer.timeout.connect(self.onPoll)
+        # The Review slider re-thresholds once it rests: 300 ms after the last move.
+        self._reviewTimer = qt.QTimer()
+        self._reviewTimer.setSingleShot(True)
+        self._reviewTimer.setInterval(300)
+        self._reviewTimer.timeout.connect(lambda: self._show(self.controller.review_threshold_changed(self._inputs())))
         settings = qt.QSettings()
         self.ui.apiKeyLineEdit.setText(settings.value("BiomedParseSlicer/apiKey", ""))
         self.ui.hfTokenLineEdit.setText(settings.value("BiomedParseSlicer/hfToken", ""))
         self.ui.clientOnlyCheckBox.setChecked(str(settings.value("BiomedParseSlicer/clientOnly",
                                                                  "false")).lower() == "true")
+        self.ui.keepModelOutputCheckBox.setChecked(str(settings.value("BiomedParseSlicer/keepModelOutput",
+                                                                      "true")).lower() == "true")
         self._connect()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -127,8 +136,15 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         for button, name in ((ui.segmentEverythingButton, "segment_everything"),
                              (ui.testConnectionButton, "test_connection"),
                              (ui.downloadButton, "download"), (ui.stopServerButton, "stop_server"),
-                             (ui.statisticsButton, "statistics")):
+                             (ui.statisticsButton, "statistics"), (ui.uncertainButton, "review_uncertain"),
+                             (ui.compareButton, "compare_with_ai")):
             button.clicked.connect(call(name))
+        ui.outputSegmentationSelector.currentNodeChanged.connect(call("review_refresh"))
+        ui.reviewSegmentComboBox.currentIndexChanged.connect(call("review_refresh"))
+        ui.reviewThresholdSlider.valueChanged.connect(self.onReviewThresholdMoved)
+        ui.exportTrainingButton.clicked.connect(self.onExportTraining)
+        ui.keepModelOutputCheckBox.toggled.connect(
+            lambda checked: qt.QSettings().setValue("BiomedParseSlicer/keepModelOutput", bool(checked)))
         for widget in (ui.roiSelector, ui.pointsSelector, ui.outputSegmentationSelector):
             widget.currentNodeChanged.connect(self.updateView)
         ui.modalityComboBox.currentTextChanged.connect(self.updateView)
@@ -156,6 +172,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def cleanup(self):
         self.removeObservers()
+        self._reviewTimer.stop()
         self._show(self.controller.shutdown())
 
     def onReload(self):
@@ -288,6 +305,15 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if path:  # the dialog already asked before replacing a file
             self._show(self.controller.statistics(self._inputs(), csv_path=path))
 
+    def onReviewThresholdMoved(self, _value):
+        panel.show_threshold(self.ui)
+        self._reviewTimer.start()  # restarts: re-threshold once the slider rests
+
+    def onExportTraining(self):
+        path = qt.QFileDialog.getExistingDirectory(None, _("Export for training: nnU-Net raw data folder"))
+        if path:
+            self._show(self.controller.export_training(self._inputs(), path))
+
     def onOpenSegmentEditor(self):
         inputs = self._inputs()
         slicer.util.selectModule("SegmentEditor")
@@ -321,6 +347,8 @@ class BiomedParseSlicerTest(ScriptedLoadableModuleTest):
         self.test_panel_keeps_its_choices_across_exit_and_enter()
         self.test_segment_geometry_and_statistics()
         self.test_statistics_use_segment_statistics()
+        self.setUp()
+        self.test_review_keeps_the_model_output_with_the_scene()
 
     def _engineMissing(self):
         if environment.installed_version("torch") is None:  # the engine's Predictor needs torch
@@ -372,4 +400,18 @@ class BiomedParseSlicerTest(ScriptedLoadableModuleTest):
         node.SetVoxelValueUnits(units)
         seg = logic.segment(node, ["bone", "soft tissue"], "synthetic-3d", modality="CT")
         checks.check_segment_statistics_branch(logic, slicer.mrmlScene, seg, node)
+        self.delayDisplay("Test passed")
+
+    def test_review_keeps_the_model_output_with_the_scene(self):
+        """Review: the model output kept hidden with the segmentation, a hand edit never overwritten by a
+        re-threshold, compare with AI output, and everything identical after saving and reopening a scene bundle."""
+        import tempfile
+
+        from BiomedParseSlicerLib import checks
+
+        if self._engineMissing():
+            return
+        self.delayDisplay("Review on the phantom: kept output, hand edit, compare, .mrb round trip")
+        with tempfile.TemporaryDirectory() as folder:
+            checks.run_review_checks(BiomedParseSlicerLogic(), slicer.mrmlScene, folder)
         self.delayDisplay("Test passed")

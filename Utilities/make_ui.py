@@ -108,6 +108,34 @@ outputs = [
                   widget("QPushButton", "statisticsButton", prop("text", "string", "Statistics")),
                   widget("QPushButton", "exportCsvButton", prop("text", "string", "Export CSV...")))),
 ]
+review = [
+    ("", "", widget("QCheckBox", "keepModelOutputCheckBox",
+                    prop("text", "string", "Keep model output for review"), prop("checked", "bool", "true"),
+                    prop("toolTip", "string", "Keeps each AI segment's probability map (1 byte per voxel) with the "
+                                              "scene, to re-threshold, show confidence and compare with edits."))),
+    ("reviewSegment", "AI segment:", widget("QComboBox", "reviewSegmentComboBox")),
+    ("reviewConfidence", "Confidence:", widget("QLabel", "reviewConfidenceText", prop("wordWrap", "bool", "true"))),
+    ("reviewThreshold", "Threshold:",
+     hbox("reviewThresholdLayout",
+          widget("QSlider", "reviewThresholdSlider", prop("orientation", "enum", "Qt::Horizontal"),
+                 prop("minimum", "number", "0"), prop("maximum", "number", "100"), prop("value", "number", "50"),
+                 prop("toolTip", "string", "Re-thresholds the segment from the kept map (no new run).")),
+          widget("QLabel", "reviewThresholdValue", prop("text", "string", "0.50")))),
+    ("", "", hbox("reviewButtonsLayout",
+                  widget("QPushButton", "uncertainButton", prop("text", "string", "Show uncertain voxels"),
+                         prop("toolTip", "string", "A segment of the voxels within 0.1 of the threshold.")),
+                  widget("QPushButton", "compareButton", prop("text", "string", "Compare with AI output"),
+                         prop("toolTip", "string", "Dice, HD95, ASD, volume added/removed, slices touched.")))),
+    ("trainingDataset", "Training dataset:",
+     hbox("trainingDatasetLayout",
+          widget("QSpinBox", "trainingDatasetIdSpinBox", prop("minimum", "number", "1"),
+                 prop("maximum", "number", "999"), prop("value", "number", "501"),
+                 prop("toolTip", "string", "nnU-Net dataset id: the folder is DatasetNNN_Name.")),
+          widget("QLineEdit", "trainingDatasetNameLineEdit", prop("placeholderText", "string", "Corrected")))),
+    ("", "", widget("QPushButton", "exportTrainingButton", prop("text", "string", "Export for training..."),
+                    prop("toolTip", "string", "The volume and its corrected segments as an nnU-Net v2 case "
+                                              "(+ MONAI datalist); resumable, never overwrites."))),
+]
 setup = [
     ("", "", widget("QCheckBox", "clientOnlyCheckBox",
                     prop("text", "string", "Client only (remote server; no torch needed)"))),
@@ -128,6 +156,7 @@ body = (collapsible("inputsCollapsibleButton", "Inputs", inputs) + collapsible("
                                                                                prompts)
         + collapsible("whereCollapsibleButton", "Where it runs", where) + collapsible("outputsCollapsibleButton",
                                                                                       "Run and results", outputs)
+        + collapsible("reviewCollapsibleButton", "Review", review, collapsed=True)
         + collapsible("setupCollapsibleButton", "Setup", setup, collapsed=True)
         + '<item><spacer name="verticalSpacer"><property '
           'name="orientation"><enum>Qt::Vertical</enum></property></spacer></item>')

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from textseg.errors import UsageError
 from textseg.formats.segments import read_seg_nrrd
 from textseg.predictor import Predictor
 
-from . import mrml, stats
+from . import answers, mrml, stats
 
 
 def expect(condition: bool, message: str) -> None:
@@ -198,6 +199,48 @@ def run_phantom_checks(logic, scene, folder) -> None:
     check_preserved(before, segment_state(seg, node), changed=logic.lastSegmentIDs)
     check_seg_nrrd(seg, os.path.join(str(folder), "phantom.seg.nrrd"), reference, expected)
     check_statistics(logic.statistics(seg, node), seg, node)
+
+
+def run_review_checks(logic, scene, folder) -> None:
+    """Review on the phantom, as the module's self-test runs it inside Slicer (and pytest headless): the model output
+    kept hidden and referenced, a hand edit refused by a re-threshold, compare with AI output, and the answers and
+    the edit identical after the scene is written to a bundle (.mrb) and read back into the same scene."""
+    import os
+
+    node = mrml.volume_node_from_volume(scene, phantom(), "phantom")
+    seg = logic.segment(node, ["bone", "soft tissue"], "synthetic-3d", modality="CT")
+    ids = list(logic.lastSegmentIDs)
+    kept = answers.answer_nodes(seg)
+    expect(sorted(kept) == sorted(ids), f"model output kept for {sorted(kept)}, not for every AI segment {ids}")
+    expect(all(n.GetHideFromEditors() for n in kept.values()), "a kept map shows in node selectors or the data tree")
+    before = {sid: logic.modelAnswer(seg, sid) for sid in ids}
+    edited = mrml.segment_mask(seg, ids[0], node)
+    edited[:, :, :14] = 0  # an eraser stroke through 'bone' (i 8..29)
+    mrml.set_segment_mask(seg, ids[0], edited, node)
+    try:
+        logic.rethreshold(seg, ids[0], 0.5)
+        refused = False
+    except UsageError:
+        refused = True
+    expect(refused and np.array_equal(mrml.segment_mask(seg, ids[0], node), edited),
+           "a re-threshold overwrote a hand edit without replace")
+    rows = logic.modelOutputComparison(seg)
+    removed = int(before[ids[0]].original_mask().sum() - edited.sum())
+    expect(removed > 0 and rows[0]["voxels_removed"] == removed and rows[1]["dice"] == 1.0,
+           f"compare with AI output: {rows}")
+    path = os.path.join(str(folder), "review.mrb")
+    expect(scene.WriteToMRB(path), f"could not write {path}")
+    scene.Clear(0)
+    expect(scene.ReadFromMRB(path), f"could not read {path}")
+    seg = scene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+    node = next(n for n in scene.GetNodesByClass("vtkMRMLScalarVolumeNode") if not n.GetHideFromEditors())
+    for sid in ids:
+        again = logic.modelAnswer(seg, sid)
+        expect(np.array_equal(again.probability, before[sid].probability)
+               and np.array_equal(again.original_mask(), before[sid].original_mask()),
+               f"segment {sid}: the kept model output changed through the saved scene")
+    expect(np.array_equal(mrml.segment_mask(seg, ids[0], node), edited) and logic.editedSinceModel(seg, ids[0]),
+           "the hand edit did not survive the saved scene, or is no longer recognised as one")
 
 
 def check_segment_statistics_branch(logic, scene, segmentation_node, volume_node) -> None:

@@ -56,6 +56,11 @@ class Inputs:
     client_only: bool = False
     hf_token: str = ""
     statistics_table: Any = None
+    keep_model_output: bool = True  # keep each AI segment's probability map for review (Logic.keepModelOutput)
+    review_segment: str = ""  # segment ID chosen in Review
+    review_threshold: float = 0.5  # the Review slider
+    dataset_id: int = 501  # Export for training: nnU-Net dataset id and name
+    dataset_name: str = ""
 
 
 @dataclass
@@ -96,6 +101,12 @@ class View:
     background_volume: Any = None  # show it in the slice views
     table: Any = None  # show it in the layout, keep it in the parameter node
     models_changed: bool = False  # refill the model list (a model became ready)
+    review_enabled: bool = False  # threshold slider, uncertain voxels, compare
+    export_training_enabled: bool = False
+    review_rows: Optional[list[tuple[str, str]]] = None  # refill Review's segment list: (segment ID, label)
+    review_segment: Optional[str] = None  # select this segment in Review
+    review_confidence: Optional[str] = None  # Review's confidence line
+    review_threshold: Optional[float] = None  # move the slider here (without re-thresholding)
 
 
 @dataclass
@@ -127,14 +138,17 @@ class PanelController:
     ``logic``: BiomedParseSlicerLogic. ``confirm(text) -> bool`` asks Yes/No (OK/Cancel);
     ``ask(text) -> True | False | None`` asks Yes/No/Cancel; ``choose(title, label, items) -> item | None``
     offers a list (None: cancelled). ``server_factory(device=...)`` makes the local server (runner.LocalServer).
+    ``replace_edits(text) -> bool`` asks whether a re-threshold may replace a segment's hand edits.
     """
 
     def __init__(self, logic, confirm: Callable[[str], bool] = lambda text: False,
                  ask: Callable[[str], Optional[bool]] = lambda text: None,
                  choose: Callable[[str, str, Sequence[str]], Optional[str]] = lambda title, label, items: None,
-                 server_factory: Callable[..., runner.LocalServer] = runner.LocalServer) -> None:
+                 server_factory: Callable[..., runner.LocalServer] = runner.LocalServer,
+                 replace_edits: Callable[[str], bool] = lambda text: False) -> None:
         self.logic = logic
         self.confirm, self.ask, self.choose = confirm, ask, choose
+        self.replace_edits = replace_edits  # "Replace my edits" (True) or "Keep my edits" (False)
         self.server_factory = server_factory
         self.server: Optional[runner.LocalServer] = None
         self._task: Optional[_Task] = None
@@ -238,6 +252,8 @@ class PanelController:
             log=log,
             clear_log=clear,
             remote_checked=True if inputs.client_only and not inputs.remote else None,
+            review_enabled=idle and inputs.segmentation is not None and bool(inputs.review_segment),
+            export_training_enabled=idle and inputs.volume is not None and inputs.segmentation is not None,
         )
 
     def _refuse(self, inputs: Inputs, message: str) -> View:
@@ -322,7 +338,7 @@ class PanelController:
 
         history = self.logic.updatedHistory(inputs.history, [p.text for p in prompts if p.text])
         view = self._start(inputs, work, "segment", {"volume": inputs.volume, "segmentation": inputs.segmentation,
-                                                       "replace": replace})
+                                                       "replace": replace, "keep": inputs.keep_model_output})
         view.history = history
         return view
 
@@ -345,7 +361,7 @@ class PanelController:
             return self.logic.recognizeVolume(volume, spec.id, modality, site, predictor, progress, cancel)
 
         return self._start(inputs, work, "recognize", {"volume": inputs.volume, "segmentation": inputs.segmentation,
-                                                        "replace": None})
+                                                        "replace": None, "keep": inputs.keep_model_output})
 
     @staticmethod
     def _modality(inputs: Inputs) -> tuple[str, Optional[str]]:
@@ -357,12 +373,14 @@ class PanelController:
         """A function (progress, cancel) -> predictor, run in the worker thread: the remote server's client, the
         local server's (started on first use; restarted when the device changes), or the in-process engine."""
         _import_client()
+        probabilities = "uint8" if inputs.keep_model_output else "none"  # the maps Review keeps, quantized
         if inputs.remote or inputs.client_only:
             url, key = inputs.server_url.strip(), inputs.api_key
             if not url:
                 raise UsageError("Enter the inference server's URL (e.g. https://gpu-server:8000) first, or run on "
                                  "this computer.")
-            return lambda progress, cancel: runner.make_predictor(spec.id, "remote", url=url, api_key=key)
+            return lambda progress, cancel: runner.make_predictor(spec.id, "remote", url=url, api_key=key,
+                                                                  probabilities=probabilities)
         device = inputs.device or "auto"
         if not runner.has_client():  # engine without server: in-process predictor in the worker thread
             return lambda progress, cancel: self.logic.localPredictor(spec.id, device)
@@ -377,7 +395,7 @@ class PanelController:
             if not server.running:
                 progress(0.0, "starting the local inference server")
             server.start(cancel=cancel)
-            return runner.make_predictor(spec.id, server=server)
+            return runner.make_predictor(spec.id, server=server, probabilities=probabilities)
 
         return start
 
@@ -473,6 +491,8 @@ class PanelController:
         if current.kind == "connection":
             self._log.append(str(task.result))
             return {}
+        if current.kind == "export":
+            return self._export_done(task.result)
         self._log.append("Model ready.")  # download / import
         return {"models_changed": True}
 
@@ -494,10 +514,13 @@ class PanelController:
             replace = bool(earlier) and self.confirm(
                 "Some of the targets found were segmented before in this segmentation. Replace those segments? "
                 "(No: add new segments beside them.)")
-        seg = self.logic.addResults(volume, results, segmentation, replace)
+        seg = self.logic.addResults(volume, results, segmentation, replace, context.get("keep", True))
         seg.CreateClosedSurfaceRepresentation()
+        self._log.extend(self.logic.lastMessages)
         self._log.append(f"Done: {len(results)} segment(s).")
-        return {"output_segmentation": seg, "background_volume": volume}
+        ids = self.logic.lastSegmentIDs
+        return {"output_segmentation": seg, "background_volume": volume,
+                **self._review_fields(seg, ids[0] if ids else "")}
 
     # ---- results ------------------------------------------------------------------------------
     def statistics(self, inputs: Inputs, csv_path: Optional[str] = None) -> View:
@@ -517,6 +540,114 @@ class PanelController:
         view = self.view(inputs)
         view.table = table
         return view
+
+    # ---- Review: the kept model output --------------------------------------------------------
+    def _review_fields(self, segmentation, select: str = "") -> dict[str, Any]:
+        """Review's segment list, the selected segment, its confidence line and current threshold."""
+        ids = self.logic.reviewSegmentIds(segmentation)
+        seg = segmentation.GetSegmentation() if segmentation is not None else None
+        rows = [(sid, seg.GetSegment(sid).GetName()) for sid in ids]
+        sid = select if select in ids else (ids[0] if ids else "")
+        if not sid:
+            text = ("No AI segment with kept model output in this segmentation." if segmentation is not None
+                    else "Select the output segmentation.")
+            return {"review_rows": rows, "review_segment": "", "review_confidence": text}
+        return {"review_rows": rows, "review_segment": sid, **self._confidence_fields(segmentation, sid)}
+
+    def _confidence_fields(self, segmentation, sid: str) -> dict[str, Any]:
+        conf = self.logic.segmentConfidence(segmentation, sid)
+        edited = self.logic.editedSinceModel(segmentation, sid)
+        return {"review_confidence": confidence_text(conf, edited), "review_threshold": conf["threshold"]}
+
+    def _review(self, inputs: Inputs, action: Callable[[], dict[str, Any]], quiet: bool = False) -> View:
+        """Run a Review action on the GUI thread: refused while a task runs (``quiet``: without a message, for
+        refreshes that follow a selection); errors become one message."""
+        if self._state != IDLE:
+            return self.view(inputs) if quiet else self._refuse(
+                inputs, "Wait for the current run to finish (or cancel it) first.")
+        try:
+            fields = action()
+        except Exception as exc:  # noqa: BLE001 - one message, never a traceback in the user's face
+            if not isinstance(exc, TextsegError):
+                logging.exception("BiomedParse: review failed")
+            return self._refuse(inputs, _error_text(exc))
+        view = self.view(inputs)
+        for key, value in fields.items():
+            setattr(view, key, value)
+        return view
+
+    def review_refresh(self, inputs: Inputs) -> View:
+        """The output segmentation or Review's segment changed: its list, confidence and threshold."""
+        return self._review(inputs, lambda: self._review_fields(inputs.segmentation, inputs.review_segment),
+                            quiet=True)
+
+    def review_threshold_changed(self, inputs: Inputs) -> View:
+        """The threshold slider settled (the Widget debounces it): re-threshold the segment from its kept map.
+        A segment edited by hand is re-thresholded only when the user chooses 'Replace my edits'."""
+
+        def action():
+            seg, sid, t = inputs.segmentation, inputs.review_segment, inputs.review_threshold
+            if seg is None or not sid:
+                return {}
+            name = seg.GetSegmentation().GetSegment(sid).GetName()
+            replace = False
+            if self.logic.editedSinceModel(seg, sid):
+                if not self.replace_edits(f"Segment '{name}' was edited by hand since the model made it. "
+                                          f"Re-thresholding it at {t:g} replaces those edits with the model's mask."):
+                    self._log.append(f"Kept your edits of '{name}': not re-thresholded.")
+                    return self._confidence_fields(seg, sid)  # the slider goes back to the segment's threshold
+                replace = True
+            conf = self.logic.rethreshold(seg, sid, t, replace=replace)
+            self._log.append(f"'{name}' re-thresholded at {t:g}: {conf['voxel_count']} voxels.")
+            return {"review_confidence": confidence_text(conf, False)}
+
+        return self._review(inputs, action)
+
+    def review_uncertain(self, inputs: Inputs) -> View:
+        """'Show uncertain voxels': a review segment with the voxels near the threshold."""
+
+        def action():
+            self.logic.addUncertainSegment(inputs.segmentation, inputs.review_segment)
+            self._log.append("Added the uncertain voxels (probability within 0.1 of the threshold) as a segment.")
+            return {}
+
+        return self._review(inputs, action)
+
+    def compare_with_ai(self, inputs: Inputs) -> View:
+        """'Compare with AI output': the table of Dice, distances and volume changes per AI segment."""
+
+        def action():
+            table = self.logic.compareWithModelOutput(inputs.segmentation)
+            table.SetUseColumnTitleAsColumnHeader(True)
+            return {"table": table}
+
+        return self._review(inputs, action)
+
+    def export_training(self, inputs: Inputs, out_dir: str) -> View:
+        """'Export for training' into ``out_dir`` (chosen in a dialog): the case is read from the scene here, the
+        files are written in the background with progress and cancel."""
+        if self._state != IDLE or not out_dir:
+            return self.view(inputs)
+        try:
+            case = self.logic.trainingCase(inputs.volume, inputs.segmentation)
+            name = inputs.dataset_name.strip() or "Corrected"
+            channel = self.logic.trainingChannelName(case) if not inputs.modality else inputs.modality
+        except TextsegError as exc:
+            return self._refuse(inputs, str(exc))
+
+        def work(progress, cancel):
+            return self.logic.exportTrainingCase(case, out_dir, inputs.dataset_id, name, channelName=channel,
+                                                 progress=progress, cancel=cancel)
+
+        return self._start(inputs, work, "export")
+
+    def _export_done(self, result) -> dict[str, Any]:
+        if result.cancelled:
+            self._log.append(f"Export cancelled: the complete cases stay in {result.dataset_dir}.")
+        else:
+            done = "written" if result.written else "already there, verified"
+            self._log.append(f"Exported for training ({done}): {result.dataset_dir}")
+        return {}
 
     # ---- the local server and the panel's life --------------------------------------------------
     def stop_server(self, inputs: Inputs) -> View:
@@ -544,3 +675,15 @@ class PanelController:
             self.server.stop()  # also ends a request the worker thread is waiting on
         self._state = IDLE
         return self.view(Inputs())
+
+
+def confidence_text(conf: dict[str, Any], edited: bool) -> str:
+    """Review's confidence line for a ``textseg.analysis.confidence.confidence`` dict."""
+    if not conf.get("voxel_count"):
+        return f"Empty at threshold {conf['threshold']:g}."
+    existence = conf.get("existence")
+    parts = [f"existence {existence:.2f}" if existence is not None else "no existence score",
+             f"mean probability {conf['mean']:.2f}",
+             f"{conf['near_threshold']:.0%} of {conf['voxel_count']} voxels within {conf['band']:g} of the "
+             f"threshold {conf['threshold']:g}"]
+    return ", ".join(parts) + (" (edited by hand)" if edited else "") + "."

@@ -30,7 +30,16 @@ class HeadlessScene:
 def create(terminologies_dir=None) -> HeadlessScene:
     """The scene and logics. ``terminologies_dir``: a folder with Slicer's ``*.term.json`` files
     (not in the slicer-core wheel) to enable the terminology logic (``result.logics["Terminologies"]``)."""
+    import tempfile
+
     scene = slicer.vtkMRMLScene()
+    # Reading a scene bundle (.mrb) unpacks it into the cache manager's folder, as in Slicer's own scene.
+    cache = slicer.vtkCacheManager()
+    cache.SetRemoteCacheDirectory(tempfile.mkdtemp(prefix="textseg-mrml-cache-"))
+    io_manager = slicer.vtkDataIOManager()
+    io_manager.SetCacheManager(cache)
+    scene.SetCacheManager(cache)
+    scene.SetDataIOManager(io_manager)
     app = slicer.vtkSlicerApplicationLogic()
     app.SetMRMLScene(scene)
     colors = app.GetColorLogic()

@@ -35,6 +35,11 @@ def read_inputs(ui, history: str = "", statistics_table=None) -> Inputs:
         client_only=bool(ui.clientOnlyCheckBox.property("checked")),
         hf_token=ui.hfTokenLineEdit.property("text") or "",
         statistics_table=statistics_table,
+        keep_model_output=bool(ui.keepModelOutputCheckBox.property("checked")),
+        review_segment=ui.reviewSegmentComboBox.property("currentData") or "",
+        review_threshold=int(ui.reviewThresholdSlider.property("value")) / 100.0,
+        dataset_id=int(ui.trainingDatasetIdSpinBox.property("value")),
+        dataset_name=ui.trainingDatasetNameLineEdit.property("text") or "",
     )
 
 
@@ -49,6 +54,8 @@ def show(ui, view: View, timer=None) -> None:
         ("apiKeyLineEdit", view.remote_enabled), ("testConnectionButton", view.test_connection_enabled),
         ("stopServerButton", view.stop_server_enabled), ("downloadButton", view.download_enabled),
         ("importButton", view.import_enabled), ("installButton", view.install_enabled),
+        ("reviewThresholdSlider", view.review_enabled), ("uncertainButton", view.review_enabled),
+        ("compareButton", view.review_enabled), ("exportTrainingButton", view.export_training_enabled),
     ):
         getattr(ui, name).setEnabled(enabled)
     ui.progressBar.setValue(view.progress)
@@ -69,12 +76,58 @@ def show(ui, view: View, timer=None) -> None:
         ui.siteComboBox.setCurrentText(view.site)
     if view.output_segmentation is not None:
         ui.outputSegmentationSelector.setCurrentNode(view.output_segmentation)
+    show_review(ui, view)
     if timer is not None:
         timer.setInterval(view.poll_interval_ms)
         if not view.polling:
             timer.stop()
         elif not timer.isActive():
             timer.start()
+
+
+def show_review(ui, view: View) -> None:
+    """Review's segment list, confidence line and slider, changed without emitting signals (a refill or a slider
+    moved back must not re-threshold)."""
+    combo = ui.reviewSegmentComboBox
+    if view.review_rows is not None:
+        was_blocked = combo.blockSignals(True)
+        combo.clear()
+        for segment_id, name in view.review_rows:
+            combo.addItem(name, segment_id)
+        combo.blockSignals(was_blocked)
+    if view.review_segment is not None:
+        was_blocked = combo.blockSignals(True)
+        combo.setCurrentIndex(max(0, combo.findData(view.review_segment)) if view.review_segment else -1)
+        combo.blockSignals(was_blocked)
+    if view.review_confidence is not None:
+        ui.reviewConfidenceText.setText(view.review_confidence)
+    if view.review_threshold is not None:
+        slider = ui.reviewThresholdSlider
+        was_blocked = slider.blockSignals(True)
+        slider.setValue(int(round(view.review_threshold * 100)))
+        slider.blockSignals(was_blocked)
+        show_threshold(ui)
+
+
+def show_threshold(ui) -> None:
+    """The slider's value as a threshold beside it."""
+    ui.reviewThresholdValue.setText(f"{int(ui.reviewThresholdSlider.property('value')) / 100:.2f}")
+
+
+def ask_replace_edits(qt, parent, text: str) -> bool:
+    """'Replace my edits' (True) or 'Keep my edits' (False, also Esc)."""
+    box = qt.QMessageBox(parent)
+    box.setIcon(qt.QMessageBox.Warning)
+    box.setWindowTitle("Segment edited by hand")
+    box.setText(text)
+    replace = box.addButton("Replace my edits", qt.QMessageBox.DestructiveRole)
+    keep = box.addButton("Keep my edits", qt.QMessageBox.RejectRole)
+    box.setDefaultButton(keep)
+    box.setEscapeButton(keep)
+    box.exec_()
+    chosen = box.clickedButton() == replace
+    box.deleteLater()
+    return chosen
 
 
 def fill_models(ui, rows: Sequence[tuple[str, str]], keep: str) -> None:

@@ -327,8 +327,9 @@ def has_client() -> bool:
 
 
 def make_predictor(model: str, where: str = "local", device: str = "auto", url: str = "",
-                   api_key: Optional[str] = None, server: Optional[LocalServer] = None):
-    """The injected predictor: remote client, client of the local server, or in-process Predictor."""
+                   api_key: Optional[str] = None, server: Optional[LocalServer] = None, probabilities: str = "none"):
+    """The injected predictor: remote client, client of the local server, or in-process Predictor.
+    ``probabilities``: what a server sends besides the masks, "uint8" when the model output is kept for review."""
     if where == "remote" or server is not None:
         if not has_client():
             raise UsageError("This engine version has no remote client (textseg.remote.client); use local inference.")
@@ -337,8 +338,8 @@ def make_predictor(model: str, where: str = "local", device: str = "auto", url: 
         target = server.url if server is not None else url
         if not target:
             raise UsageError("Enter the inference server's URL (e.g. https://gpu-server:8000) first.")
-        # The module uses the masks only: no probability maps (4 bytes a voxel per segment) travel or stay in memory.
-        return RemotePredictor(target, model, api_key=api_key or None, probabilities="none")
+        # Probability maps travel only when kept for review, and then as uint8 (1 byte a voxel per segment).
+        return RemotePredictor(target, model, api_key=api_key or None, probabilities=probabilities)
     from textseg.predictor import Predictor
 
     return Predictor(model, device=device)

@@ -1,5 +1,6 @@
 """Segment statistics into a table node and CSV: Slicer's SegmentStatistics when present (inside
-Slicer), the engine's ``textseg.analysis.segment_stats`` otherwise. Same columns and units either way.
+Slicer), the engine's ``textseg.analysis.segment_stats`` otherwise. Same columns and units either way;
+segments with a kept model output add the confidence columns (``CONFIDENCE_COLUMNS``).
 
 Rows are dicts keyed by SegmentStatistics' short keys (``voxel_count``, ``volume_mm3``, ...);
 ``textseg.analysis.segment_stats.compute_statistics(volume, segments)`` returns the same keys.
@@ -11,8 +12,6 @@ import csv
 import math
 from collections.abc import Sequence
 from typing import Optional
-
-import numpy as np
 
 from textseg.formats.atomic import atomic_output
 from textseg.formats.segments import Segment
@@ -37,6 +36,30 @@ COLUMNS = (
     ("median", "ScalarVolumeSegmentStatisticsPlugin.median", "Median", "Median", None, "float"),
 )
 _SLICER_KEYS = {key: long_key for key, long_key, *_rest in COLUMNS[1:]}
+# The model's confidence (textseg.analysis.confidence.COLUMNS / confidence_row), for segments whose model output
+# is kept; empty cells for the others. (key, -, column name, column title, unit, column type)
+CONFIDENCE_COLUMNS = (
+    ("existence", "", "Existence", "Existence score", "", "float"),
+    ("threshold", "", "Threshold", "Threshold", "", "float"),
+    ("confidence_mean", "", "Mean probability", "Mean probability", "", "float"),
+    ("confidence_near_threshold", "", "Near-threshold fraction", "Near-threshold fraction", "", "float"),
+    ("confidence_band", "", "Band", "Band", "", "float"),
+)
+# "Compare with AI output" (textseg.analysis.corrections.MaskComparison.as_row): the AI's mask A, the segment now B.
+COMPARISON_COLUMNS = (
+    ("segment", "", "Segment", "Segment", "", "string"),
+    ("dice", "", "Dice", "Dice", "", "float"),
+    ("hd95_mm", "", "HD95 mm", "95% Hausdorff distance", "mm", "float"),
+    ("hd_mm", "", "HD mm", "Hausdorff distance", "mm", "float"),
+    ("asd_mm", "", "ASD mm", "Average surface distance", "mm", "float"),
+    ("volume_a_ml", "", "AI volume mL", "AI volume", "mL", "float"),
+    ("volume_b_ml", "", "Volume now mL", "Volume now", "mL", "float"),
+    ("added_ml", "", "Added mL", "Added", "mL", "float"),
+    ("removed_ml", "", "Removed mL", "Removed", "mL", "float"),
+    ("voxels_added", "", "Voxels added", "Voxels added", "", "int"),
+    ("voxels_removed", "", "Voxels removed", "Voxels removed", "", "int"),
+    ("slices_touched", "", "Slices touched", "Slices touched", "", "int"),
+)
 
 
 def intensity_unit(volume_node) -> str:
@@ -45,14 +68,14 @@ def intensity_unit(volume_node) -> str:
     return (units.GetCodeMeaning() or "") if units is not None else ""
 
 
-def headers() -> list[str]:
+def headers(columns=COLUMNS) -> list[str]:
     """Column names (Slicer's, which already carry mm3/cm3), as in the table and the CSV header."""
-    return [name for _k, _l, name, *_rest in COLUMNS]
+    return [name for _k, _l, name, *_rest in columns]
 
 
-def units(unit: str) -> list[str]:
+def units(unit: str, columns=COLUMNS) -> list[str]:
     """Each column's unit label; ``unit`` is the volume's intensity unit."""
-    return [unit if col_unit is None else col_unit for *_rest, col_unit, _kind in COLUMNS]
+    return [unit if col_unit is None else col_unit for *_rest, col_unit, _kind in columns]
 
 
 # ---- the two back ends ---------------------------------------------------------------------------
@@ -106,26 +129,10 @@ def configure_segment_statistics(logic, segmentation_node, volume_node) -> None:
             params.SetParameter(k + ".enabled", str(k in wanted))
 
 
-def basic_statistics(volume, segments: Sequence[Segment]) -> list[dict]:
-    """The SegmentStatistics labelmap + scalar numbers with numpy (until textseg.analysis.segment_stats lands)."""
-    rows = []
-    for s in segments:
-        values = np.asarray(volume.array)[np.asarray(s.mask) > 0].astype(np.float64)
-        n = int(values.size)
-        row = {"segment": s.name, "voxel_count": n, "volume_mm3": n * volume.voxel_volume_mm3,
-               "volume_cm3": n * volume.voxel_volume_mm3 / 1000.0}
-        if n:
-            row.update(min=values.min(), max=values.max(), mean=values.mean(), median=float(np.median(values)),
-                       stdev=values.std(ddof=1) if n > 1 else 0.0)  # vtkImageAccumulate: sample std
-        rows.append(row)
-    return rows
-
-
 def engine_statistics(segmentation_node, volume_node) -> list[dict]:
-    try:
-        from textseg.analysis.segment_stats import compute_statistics
-    except ImportError:
-        compute_statistics = basic_statistics
+    """Rows from the engine (textseg.analysis.segment_stats) where Slicer's SegmentStatistics is not available."""
+    from textseg.analysis.segment_stats import compute_statistics
+
     volume = mrml.volume_from_node(volume_node)
     seg = segmentation_node.GetSegmentation()
     segments = [Segment(seg.GetSegment(sid).GetName(), mrml.segment_mask(segmentation_node, sid, volume_node))
@@ -143,13 +150,13 @@ def _value(row: dict, key: str, kind: str):
     return int(v) if kind == "int" else float(v)
 
 
-def fill_table(table_node, rows: Sequence[dict], unit: str) -> None:
+def fill_table(table_node, rows: Sequence[dict], unit: str, columns=COLUMNS) -> None:
     """Columns named, titled and unit-labelled as SegmentStatistics' exportToTable does."""
     from vtkmodules.vtkCommonCore import vtkDoubleArray, vtkLongArray, vtkStringArray
 
     was_modifying = table_node.StartModify()
     table_node.RemoveAllColumns()
-    for (key, _long, name, title, _u, kind), col_unit in zip(COLUMNS, units(unit)):
+    for (key, _long, name, title, _u, kind), col_unit in zip(columns, units(unit, columns)):
         array = {"string": vtkStringArray, "int": vtkLongArray, "float": vtkDoubleArray}[kind]()
         array.SetName(name)
         for row in rows:
@@ -162,15 +169,15 @@ def fill_table(table_node, rows: Sequence[dict], unit: str) -> None:
     table_node.EndModify(was_modifying)
 
 
-def write_csv(path, rows: Sequence[dict], overwrite: bool = False) -> None:
+def write_csv(path, rows: Sequence[dict], overwrite: bool = False, columns=COLUMNS) -> None:
     """CSV with the table's column names (what Slicer's Tables module writes for the table);
     atomic, never replaces a file unless ``overwrite``."""
     with atomic_output(path, overwrite) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(headers())
+            w.writerow(headers(columns))
             for row in rows:
-                w.writerow([_csv_value(row.get(key)) for key, *_rest in COLUMNS])
+                w.writerow([_csv_value(row.get(key)) for key, *_rest in columns])
 
 
 def _csv_value(v):

@@ -385,6 +385,7 @@ def test_terminology_colour_and_provenance(app, logic, predictor, ct_path, tmp_p
 
 def test_statistics_table_and_csv_equal_segment_statistics(app, logic, predictor, ct_path, tmp_path):
     node = app.load_volume(ct_path)
+    logic.keepModelOutput = False  # SegmentStatistics' columns alone (confidence columns: test_slicer_review.py)
     seg = logic.segment(node, ["bone", "air", "nothing"], "synthetic-3d", modality="CT", predictor=predictor)
     # a user edit after the run is included: erase a block from 'bone'
     bone = mrml.segment_mask(seg, logic.lastSegmentIDs[0], node)
@@ -434,6 +435,7 @@ def test_engine_statistics_table_has_segment_statistics_columns_and_units(app, l
     units = slicer.vtkCodedEntry()
     units.SetValueSchemeMeaning("[hnsf'U]", "UCUM", "Hounsfield unit")  # what Slicer's DICOM reader sets for CT
     node.SetVoxelValueUnits(units)
+    logic.keepModelOutput = False  # SegmentStatistics' columns alone (confidence columns: test_slicer_review.py)
     seg = logic.segment(node, ["bone", "air"], "synthetic-3d", modality="CT", predictor=predictor)
     table = logic.statistics(seg, node, csvPath=tmp_path / "s.csv")
     t = table.GetTable()

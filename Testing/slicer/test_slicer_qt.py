@@ -146,3 +146,34 @@ def test_completer_offers_the_vocabulary_case_insensitively():
     completer = ui.addTargetLineEdit.completer()
     completer.setCompletionPrefix("LE")
     assert completer.currentCompletion() == "left kidney"
+
+
+def test_review_section_shows_without_signals_and_reads_back():
+    """Review on the real widgets: the segment list and the slider change without emitting signals (a refill or
+    the slider moved back must not re-threshold), the threshold label follows, the inputs read back, and the
+    section starts collapsed with 'Keep model output for review' on."""
+    widget, ui = slicer_qt.load_panel()
+    assert ui.reviewCollapsibleButton.collapsed and ui.keepModelOutputCheckBox.isChecked()
+    emitted = []
+    ui.reviewSegmentComboBox.currentIndexChanged.connect(lambda i: emitted.append(("segment", i)))
+    ui.reviewThresholdSlider.valueChanged.connect(lambda v: emitted.append(("slider", v)))
+    panel.show(ui, View(review_enabled=True, export_training_enabled=True,
+                        review_rows=[("S_1", "liver"), ("S_2", "spleen")], review_segment="S_2",
+                        review_confidence="existence 0.97, mean probability 0.88.", review_threshold=0.35))
+    assert emitted == []
+    assert ui.reviewSegmentComboBox.currentText() == "spleen" and ui.reviewThresholdSlider.value() == 35
+    assert ui.reviewThresholdValue.text() == "0.35" and ui.reviewConfidenceText.text().startswith("existence 0.97")
+    assert ui.compareButton.isEnabled() and ui.exportTrainingButton.isEnabled()
+    ui.trainingDatasetNameLineEdit.setText("Reviewed")
+    inputs = panel.read_inputs(ui)
+    assert (inputs.review_segment, inputs.review_threshold, inputs.keep_model_output) == ("S_2", 0.35, True)
+    assert (inputs.dataset_id, inputs.dataset_name) == (501, "Reviewed")
+    panel.show(ui, View())  # a view without review fields leaves them as they are
+    assert ui.reviewConfidenceText.text().startswith("existence") and not ui.compareButton.isEnabled()
+
+
+@pytest.mark.parametrize("button, answer", [("Replace my edits", True), ("Keep my edits", False)])
+def test_replace_my_edits_question(button, answer):
+    slicer_qt.application()
+    click_in_next_dialog(button)
+    assert panel.ask_replace_edits(qt, None, "Segment 'liver' was edited by hand.") is answer
