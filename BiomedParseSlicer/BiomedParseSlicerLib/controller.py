@@ -110,8 +110,7 @@ def _import_client() -> None:
     worker thread could only do during polls (hundreds of milliseconds become seconds), and it is quick here."""
     import requests  # noqa: F401
 
-    if runner.has_client():
-        import textseg.remote.client  # noqa: F401
+    import textseg.remote.client  # noqa: F401
 
 
 def _error_text(exc: BaseException) -> str:
@@ -355,7 +354,7 @@ class PanelController:
 
     def _predictor_factory(self, inputs: Inputs, spec) -> Callable:
         """A function (progress, cancel) -> predictor, run in the worker thread: the remote server's client, the
-        local server's (started on first use; restarted when the device changes), or the in-process engine."""
+        local server's (started on first use; restarted when the device changes)."""
         _import_client()
         if inputs.remote or inputs.client_only:
             url, key = inputs.server_url.strip(), inputs.api_key
@@ -364,8 +363,6 @@ class PanelController:
                                  "this computer.")
             return lambda progress, cancel: runner.make_predictor(spec.id, "remote", url=url, api_key=key)
         device = inputs.device or "auto"
-        if not runner.has_client():  # engine without server: in-process predictor in the worker thread
-            return lambda progress, cancel: self.logic.localPredictor(spec.id, device)
         if self.server is not None and self.server.device != device:
             self.server.stop()  # restarted below with the new device
             self.server = None
