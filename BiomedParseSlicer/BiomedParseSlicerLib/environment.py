@@ -139,25 +139,10 @@ def model_rows() -> list[dict[str, object]]:
 
 
 def download_model(model_id: str, progress=None, cancel=None, token: Optional[str] = None):
-    """textseg.weights.download when this engine has it (issue #3), else a clear message."""
+    """Download, verify and install a model's weights; ``progress(fraction, stage)`` as the engine reports it."""
     from textseg import weights
 
-    if not hasattr(weights, "download"):
-        raise RuntimeError("This engine version cannot download weights yet: use 'Import from file'.")
-    return weights.download(model_id, progress=byte_progress(progress) if progress else None, cancel=cancel,
-                            token=token)
-
-
-def byte_progress(progress):
-    """Adapt a downloader's (bytes done, bytes total) or (fraction, stage) callback to (fraction, stage)."""
-
-    def report(done, total=None):
-        if isinstance(total, (int, float)) and not isinstance(total, bool) and total > 0:
-            progress(done / total, f"downloading {done / 1e6:.0f} of {total / 1e6:.0f} MB")
-        else:
-            progress(float(done), str(total or "downloading"))
-
-    return report
+    return weights.download(model_id, progress=progress, cancel=cancel, token=token)
 
 
 def import_candidates(model_id: str, path: str) -> list[str]:
@@ -178,6 +163,4 @@ def import_model_file(model_id: str, path: str, name: Optional[str] = None, prog
     """Verify (size, SHA-256) and install a weight file downloaded elsewhere (proxy, air-gapped site)."""
     from textseg import weights
 
-    if not hasattr(weights, "import_file"):
-        raise RuntimeError("This engine version cannot import weight files yet; update the extension.")
     return weights.import_file(model_id, path, name=name, progress=progress, cancel=cancel)

@@ -244,14 +244,27 @@ def test_install_asks_first_and_never_touches_bundled_packages(monkeypatch):
         environment.install(False, lambda msg: True, installed.extend)
 
 
-def test_download_progress_adapter():
-    from BiomedParseSlicerLib import environment
+def test_setup_download_reports_the_engines_fraction_and_stage(hub_env, hub):
+    """Setup > Download: the progress bar gets the engine's (fraction, stage) over all files, unchanged."""
+    import hashlib
 
+    from BiomedParseSlicerLib import environment
+    from textseg import catalog
+    from textseg.catalog import ModelSpec, WeightFile
+
+    data = {"a.bin": b"a" * 300_000, "b.bin": b"b" * 100_000}
+    files = tuple(WeightFile(name=n, repo="test-org/setup", revision=hub.add("test-org/setup", f"w/{n}", d, lfs=True),
+                             filename=f"w/{n}", size=len(d), sha256=hashlib.sha256(d).hexdigest())
+                  for n, d in data.items())
+    catalog.register(ModelSpec(id="t-slicer-download", family="test", title="t", version="1", dims=3,
+                               modalities=("CT",), adapter="x:y", files=files, hidden=True))
     seen = []
-    report = environment.byte_progress(lambda f, stage: seen.append((round(f, 3), stage)))
-    report(50_000_000, 200_000_000)
-    report(0.5, "verifying")
-    assert seen == [(0.25, "downloading 50 of 200 MB"), (0.5, "verifying")]
+    folder = environment.download_model("t-slicer-download", lambda f, stage: seen.append((f, stage)))
+    assert (folder / "a.bin").read_bytes() == data["a.bin"] and (folder / "b.bin").read_bytes() == data["b.bin"]
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and seen[-1] == (1.0, "t-slicer-download is ready")
+    assert [f for f, s in seen if s == "Checking b.bin"] == [pytest.approx(0.75)]  # weighted by size
+    assert all(isinstance(s, str) and s for _, s in seen)
 
 
 def test_import_weight_file_asks_only_when_ambiguous_and_verifies(textseg_home, tmp_path):
