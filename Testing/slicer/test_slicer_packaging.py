@@ -180,8 +180,9 @@ def test_cmake_states_the_slicer_and_python_versions():
 
 def test_test_extra_brings_a_real_qt():
     """The README's test command runs the panel's Qt tests: the test extra installs PyQt5 (Qt 5.15, as Slicer 5.10)."""
-    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
-    test = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    from BiomedParseSlicerLib import environment
+
+    test = environment.read_requirements("test")  # the test extra (pyproject reads the same file)
     assert any(r.startswith("PyQt5") for r in test)
 
 
@@ -205,16 +206,70 @@ def test_screenshot_and_icon_urls_point_at_files_in_this_repository():
         assert min(im.size) >= 600
 
 
-def test_requirement_lists_match_pyproject():
+def _canonical(requirements) -> set:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    return {(canonicalize_name(r.name), tuple(sorted(r.extras)), str(r.specifier))
+            for r in map(Requirement, requirements)}
+
+
+def test_requirements_have_one_source_read_by_pyproject_and_the_installer():
+    """BiomedParseSlicer/requirements/*.txt is the only list: pyproject declares its dependencies dynamic from those
+    files, the installed package's metadata (what pip built from pyproject) holds exactly them, and the Slicer
+    installer's lists are read from the same files, which CMake ships with the module."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
     from BiomedParseSlicerLib import environment
 
     tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    extras = pyproject["optional-dependencies"]
-    assert list(environment.CLIENT_REQUIREMENTS) == pyproject["dependencies"]
-    assert list(environment.MODEL_REQUIREMENTS) == [r for r in extras["models"] if not r.startswith("torch")]
-    assert [environment.TORCH_REQUIREMENT] == [r for r in extras["models"] if r.startswith("torch")]
-    assert list(environment.SERVER_REQUIREMENTS) == extras["server"]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project, dynamic = pyproject["project"], pyproject["tool"]["setuptools"]["dynamic"]
+    assert "dependencies" not in project and "optional-dependencies" not in project
+    folder = "BiomedParseSlicer/requirements"
+    assert dynamic["dependencies"] == {"file": [f"{folder}/core.txt"]}
+    extras = sorted(dynamic["optional-dependencies"])
+    assert {e: v["file"] for e, v in dynamic["optional-dependencies"].items()} == {e: [f"{folder}/{e}.txt"]
+                                                                                  for e in extras}
+    assert environment.REQUIREMENTS_DIR == ROOT / folder
+    # the installed metadata, extra by extra, is the files' content
+    declared = [Requirement(r) for r in metadata.requires("textseg")]
+    assert _canonical(str(r) for r in declared if r.marker is None) == _canonical(environment.read_requirements("core"))
+    for extra in extras:
+        in_metadata = [str(Requirement(str(r).split(";")[0])) for r in declared
+                       if r.marker is not None and r.marker.evaluate({"extra": extra})]
+        assert _canonical(in_metadata) == _canonical(environment.read_requirements(extra)), extra
+    # the installer's lists are those files (torch apart: it comes from the PyTorch extension)
+    assert environment.CLIENT_REQUIREMENTS == environment.read_requirements("core")
+    models = environment.read_requirements("models")
+    assert environment.TORCH_REQUIREMENT == "torch>=2.1" and environment.TORCH_REQUIREMENT in models
+    assert environment.MODEL_REQUIREMENTS == tuple(r for r in models if not r.startswith("torch"))
+    assert environment.SERVER_REQUIREMENTS == environment.read_requirements("server")
+    cmake = (ROOT / "BiomedParseSlicer" / "CMakeLists.txt").read_text()
+    assert all(f"requirements/{e}.txt" in cmake for e in ("core", "models", "server"))
+
+
+def test_the_installer_checks_every_minimum_version(monkeypatch):
+    """Every requirement of the Setup lists is checked against the installed version: one just below its
+    minimum (or beside its pin) is unmet, the declared version itself is met."""
+    from BiomedParseSlicerLib import environment
+
+    reqs = environment.CLIENT_REQUIREMENTS + environment.MODEL_REQUIREMENTS + environment.SERVER_REQUIREMENTS
+    minimum = {environment.requirement_name(r): re.findall(r"(?:>=|==)([0-9.]+)", r) for r in reqs}
+    assert [n for n, v in minimum.items() if not v] == ["regex"]  # the one requirement without a version
+    versioned = [r for r in reqs if minimum[environment.requirement_name(r)]]
+
+    def below(version: str) -> str:
+        parts = [int(p) for p in version.split(".")]
+        return ".".join(map(str, parts[:-1] + [parts[-1] - 1])) if parts[-1] else version + "rc0"
+
+    monkeypatch.setattr(environment, "installed_version", lambda name: below(minimum[name][0]) if minimum.get(name)
+                        else "1.0")
+    assert environment.unmet_requirements(local=True) == versioned
+    monkeypatch.setattr(environment, "installed_version", lambda name: (minimum.get(name) or ["1.0"])[0])
+    assert environment.unmet_requirements(local=True) == []
 
 
 def test_install_asks_first_and_never_touches_bundled_packages(monkeypatch):
