@@ -127,6 +127,14 @@ def test_icon_is_128_png():
         assert im.format == "PNG" and im.size == (128, 128)
         assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3),
                              axis=0)) > 20  # a picture, not a flat placeholder
+    # one icon: the module's, which the catalog's ICONURL names too
+    import subprocess
+
+    pngs = subprocess.run(["git", "ls-files", "*.png"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if pngs:  # a git checkout
+        assert [f for f in pngs if "Icons/" in f] == ["BiomedParseSlicer/Resources/Icons/BiomedParseSlicer.png"]
+    url = re.search(r'set\(EXTENSION_ICONURL "([^"]*)"\)', (ROOT / "CMakeLists.txt").read_text()).group(1)
+    assert url.endswith("/main/BiomedParseSlicer/Resources/Icons/BiomedParseSlicer.png")
 
 
 # Slicer/Slicer Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json (additionalProperties: false):
