@@ -29,7 +29,7 @@ IDLE, RUNNING, CANCELLING, APPLYING = "idle", "running", "cancelling", "applying
 
 # The panel's timer interval, and how long each poll lets the worker thread have the GIL: with the GIL held between
 # polls, 50 ms / 10 ms runs as fast as a GIL-free main thread, 100 ms / none took 4x as long
-# (benchmarks/bench_panel_poll.py, docs/slicer-module-status.md). The GUI thread is busy at most the slice.
+# (benchmarks/bench_panel_poll.py, dev-notes/slicer-module-audit.md). The GUI thread is busy at most the slice.
 POLL_INTERVAL_MS = 50
 GIL_SLICE_S = 0.01
 

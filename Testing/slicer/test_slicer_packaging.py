@@ -167,7 +167,7 @@ def test_extensions_index_checks():
     """What Slicer's Extensions Index checks (Slicer/ExtensionsIndex scripts/check_description_files.py):
     the git repository's name starts with "Slicer", the extension's (the .json's) does not, CMake's project()
     is the extension's name, the category is an accepted one. (The GitHub topic "3d-slicer-extension" is a
-    repository setting: docs/slicer-module-status.md, release checklist.)"""
+    repository setting: dev-notes/slicer-module-audit.md, release checklist.)"""
     cmake = (ROOT / "CMakeLists.txt").read_text()
     index = json.loads((ROOT / "BiomedParseSlicer.json").read_text())
     extension = "BiomedParseSlicer"
