@@ -1,5 +1,12 @@
-"""Draw the extension icon (128x128): an axial slice with a coloured segment and a text-prompt bubble."""
+"""Draw the icon (128x128): an axial slice with a coloured segment and a text-prompt bubble.
+
+One icon serves both: Slicer shows the module's ``Resources/Icons/BiomedParseSlicer.png`` and the Extensions
+catalog's ICONURL (CMakeLists.txt, .s4ext) points at the same file.
+
+    python Utilities/make_icon.py [OUT.png]   (default: BiomedParseSlicer/Resources/Icons/BiomedParseSlicer.png)
+"""
 import sys
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -26,4 +33,6 @@ for x0, x1 in ((67, 84), (88, 102)):
     d.rounded_rectangle([x0 * S, 20 * S, x1 * S, 26 * S], radius=3 * S, fill=(28, 38, 58, 255))
 d.rectangle([107 * S, 14 * S, 109 * S, 32 * S], fill=(221, 130, 101, 255))
 img = img.resize((128, 128), Image.LANCZOS)
-img.save(sys.argv[1], optimize=True)
+out = sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "BiomedParseSlicer" / "Resources" \
+    / "Icons" / "BiomedParseSlicer.png"
+img.save(out, optimize=True)

@@ -29,7 +29,7 @@ IDLE, RUNNING, CANCELLING, APPLYING = "idle", "running", "cancelling", "applying
 
 # The panel's timer interval, and how long each poll lets the worker thread have the GIL: with the GIL held between
 # polls, 50 ms / 10 ms runs as fast as a GIL-free main thread, 100 ms / none took 4x as long
-# (benchmarks/bench_panel_poll.py, docs/slicer-module-status.md). The GUI thread is busy at most the slice.
+# (benchmarks/bench_panel_poll.py, dev-notes/slicer-module-audit.md). The GUI thread is busy at most the slice.
 POLL_INTERVAL_MS = 50
 GIL_SLICE_S = 0.01
 
@@ -121,8 +121,7 @@ def _import_client() -> None:
     worker thread could only do during polls (hundreds of milliseconds become seconds), and it is quick here."""
     import requests  # noqa: F401
 
-    if runner.has_client():
-        import textseg.remote.client  # noqa: F401
+    import textseg.remote.client  # noqa: F401
 
 
 def _error_text(exc: BaseException) -> str:
@@ -371,7 +370,7 @@ class PanelController:
 
     def _predictor_factory(self, inputs: Inputs, spec) -> Callable:
         """A function (progress, cancel) -> predictor, run in the worker thread: the remote server's client, the
-        local server's (started on first use; restarted when the device changes), or the in-process engine."""
+        local server's (started on first use; restarted when the device changes)."""
         _import_client()
         probabilities = "uint8" if inputs.keep_model_output else "none"  # the maps Review keeps, quantized
         if inputs.remote or inputs.client_only:
@@ -382,8 +381,6 @@ class PanelController:
             return lambda progress, cancel: runner.make_predictor(spec.id, "remote", url=url, api_key=key,
                                                                   probabilities=probabilities)
         device = inputs.device or "auto"
-        if not runner.has_client():  # engine without server: in-process predictor in the worker thread
-            return lambda progress, cancel: self.logic.localPredictor(spec.id, device)
         if self.server is not None and self.server.device != device:
             self.server.stop()  # restarted below with the new device
             self.server = None

@@ -1,6 +1,7 @@
 """What the engine needs, what is installed, and installing it (after the user confirms).
 
-Lists here mirror pyproject.toml's extras (a test keeps them equal). A requirement is met when the
+The requirements are read from ``BiomedParseSlicer/requirements/*.txt``, the files pyproject.toml reads too
+(shipped with the module; one file an extra). A requirement is met when the
 package is installed at a version it accepts (``packaging``, bundled with 3D Slicer, compares them):
 a package another extension installed at an older version than declared is offered the upgrade.
 Packages that 3D Slicer bundles (numpy, scipy, SimpleITK, requests, ...) are never installed or
@@ -11,25 +12,33 @@ upgraded by the module; torch is installed or upgraded through the PyTorch exten
 from __future__ import annotations
 
 from importlib import metadata
+from pathlib import Path
 from typing import Callable, Optional
 
 # Bundled with 3D Slicer (>= 5.10): never installed or replaced from here.
 SLICER_BUNDLED = ("numpy", "scipy", "SimpleITK", "requests")
-# The engine's own dependencies (pyproject [project.dependencies]): enough for client-only mode.
-CLIENT_REQUIREMENTS = ("numpy>=1.24", "scipy>=1.10", "SimpleITK>=2.3", "slicerio>=1.1", "pynrrd>=1.0", "tqdm>=4.60",
-                       "requests>=2.28", "filelock>=3.12", "huggingface_hub>=0.23", "nibabel>=5", "pydicom>=2.4")
-# Needed to run models in this computer (torch comes from the PyTorch extension).
-MODEL_REQUIREMENTS = ("deepbet==1.0.2", "monai>=1.3", "safetensors>=0.4", "einops>=0.6", "transformers>=4.40",
-                      "ftfy>=6", "regex", "scikit-image>=0.21")
-# torch itself comes from the PyTorch extension, with this version requirement (pyproject [models]).
-TORCH_REQUIREMENT = "torch>=2.1"
-SERVER_REQUIREMENTS = ("fastapi>=0.110", "uvicorn>=0.27", "python-multipart>=0.0.9")
+REQUIREMENTS_DIR = Path(__file__).resolve().parents[1] / "requirements"
 
 
 def requirement_name(requirement: str) -> str:
     for sep in ("==", ">=", "<=", "~=", ">", "<", "["):
         requirement = requirement.split(sep)[0]
     return requirement.strip()
+
+
+def read_requirements(extra: str, folder: Path = REQUIREMENTS_DIR) -> tuple[str, ...]:
+    """The requirements of one extra ('core': the engine's own), as pip and setuptools read the file: one a
+    line, blank lines and whole-line comments skipped."""
+    lines = (folder / f"{extra}.txt").read_text(encoding="utf-8").splitlines()
+    return tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+
+
+# The engine's own dependencies: enough for client-only mode.
+CLIENT_REQUIREMENTS = read_requirements("core")
+# Needed to run models in this computer; torch itself comes from the PyTorch extension, with its requirement.
+TORCH_REQUIREMENT = next(r for r in read_requirements("models") if requirement_name(r) == "torch")
+MODEL_REQUIREMENTS = tuple(r for r in read_requirements("models") if r != TORCH_REQUIREMENT)
+SERVER_REQUIREMENTS = read_requirements("server")
 
 
 def installed_version(name: str) -> Optional[str]:
@@ -139,25 +148,10 @@ def model_rows() -> list[dict[str, object]]:
 
 
 def download_model(model_id: str, progress=None, cancel=None, token: Optional[str] = None):
-    """textseg.weights.download when this engine has it (issue #3), else a clear message."""
+    """Download, verify and install a model's weights; ``progress(fraction, stage)`` as the engine reports it."""
     from textseg import weights
 
-    if not hasattr(weights, "download"):
-        raise RuntimeError("This engine version cannot download weights yet: use 'Import from file'.")
-    return weights.download(model_id, progress=byte_progress(progress) if progress else None, cancel=cancel,
-                            token=token)
-
-
-def byte_progress(progress):
-    """Adapt a downloader's (bytes done, bytes total) or (fraction, stage) callback to (fraction, stage)."""
-
-    def report(done, total=None):
-        if isinstance(total, (int, float)) and not isinstance(total, bool) and total > 0:
-            progress(done / total, f"downloading {done / 1e6:.0f} of {total / 1e6:.0f} MB")
-        else:
-            progress(float(done), str(total or "downloading"))
-
-    return report
+    return weights.download(model_id, progress=progress, cancel=cancel, token=token)
 
 
 def import_candidates(model_id: str, path: str) -> list[str]:
@@ -178,6 +172,4 @@ def import_model_file(model_id: str, path: str, name: Optional[str] = None, prog
     """Verify (size, SHA-256) and install a weight file downloaded elsewhere (proxy, air-gapped site)."""
     from textseg import weights
 
-    if not hasattr(weights, "import_file"):
-        raise RuntimeError("This engine version cannot import weight files yet; update the extension.")
     return weights.import_file(model_id, path, name=name, progress=progress, cancel=cancel)

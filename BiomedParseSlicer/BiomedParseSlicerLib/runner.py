@@ -9,8 +9,8 @@ Local inference runs in the engine's own server process (``python -m textseg ser
 
 The client's blocking HTTP calls run in a worker thread (``BackgroundTask``); the GUI polls its
 progress with a QTimer and applies results to the scene on the GUI thread (MRML is not
-thread-safe). Where the engine has no server/client yet, local inference falls back to the
-in-process ``Predictor`` in the same worker thread (torch releases the GIL in its kernels).
+thread-safe). Scripts that call the Logic without a predictor get the in-process ``Predictor``
+(``make_predictor(model, "local")``).
 """
 
 from __future__ import annotations
@@ -318,21 +318,11 @@ def check_server(url: str, api_key: Optional[str] = None, timeout: float = 10.0)
     return f"Connected to {url}: {r.text[:200]}"
 
 
-def has_client() -> bool:
-    try:
-        import textseg.remote.client  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def make_predictor(model: str, where: str = "local", device: str = "auto", url: str = "",
                    api_key: Optional[str] = None, server: Optional[LocalServer] = None, probabilities: str = "none"):
     """The injected predictor: remote client, client of the local server, or in-process Predictor.
     ``probabilities``: what a server sends besides the masks, "uint8" when the model output is kept for review."""
     if where == "remote" or server is not None:
-        if not has_client():
-            raise UsageError("This engine version has no remote client (textseg.remote.client); use local inference.")
         from textseg.remote.client import RemotePredictor
 
         target = server.url if server is not None else url

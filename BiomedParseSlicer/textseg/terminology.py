@@ -4,7 +4,7 @@ The table ``data/terminology.csv`` has the layout of TotalSegmentator's
 ``totalsegmentator_snomed_mapping.csv`` (one row per structure: segmented property category, type,
 type modifier, anatomic region and its modifier, each as CodingSchemeDesignator/CodeValue/
 CodeMeaning) plus ``RecommendedDisplayRGBValue`` and ``Synonyms``. Codes and colours come from
-3D Slicer's DICOM master lists (``tools/build_terminology_csv.py`` rebuilds it).
+3D Slicer's DICOM master lists (``Utilities/build_terminology_csv.py`` rebuilds it).
 
 ``lookup(prompt)`` is forgiving: case, punctuation, British spelling, plurals, synonyms
 ("postcava" = "inferior vena cava"), BiomedParse-style suffixes ("liver in abdomen CT"),

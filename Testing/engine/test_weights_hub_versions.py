@@ -1,4 +1,4 @@
-"""Downloads work with the lowest huggingface_hub the project declares (pyproject.toml).
+"""Downloads work with the lowest huggingface_hub the project declares (BiomedParseSlicer/requirements/core.txt).
 
 That release is installed from PyPI, once, into a cached folder (``$TEXTSEG_TEST_CACHE``, default
 ``~/.cache/textseg-tests``) and put first on ``PYTHONPATH`` of a child process, which downloads from
@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def declared_minimum(name: str = "huggingface_hub") -> str:
-    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    found = re.findall(rf'"{name}>=([0-9][0-9.]*)', text)
-    assert found, f"pyproject.toml declares no minimum for {name}"
+    text = (ROOT / "BiomedParseSlicer" / "requirements" / "core.txt").read_text(encoding="utf-8")
+    found = re.findall(rf"^{name}>=([0-9][0-9.]*)", text, re.M)
+    assert found, f"requirements/core.txt declares no minimum for {name}"
     return found[0]
 
 

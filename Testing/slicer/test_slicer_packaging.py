@@ -127,6 +127,14 @@ def test_icon_is_128_png():
         assert im.format == "PNG" and im.size == (128, 128)
         assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3),
                              axis=0)) > 20  # a picture, not a flat placeholder
+    # one icon: the module's, which the catalog's ICONURL names too
+    import subprocess
+
+    pngs = subprocess.run(["git", "ls-files", "*.png"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if pngs:  # a git checkout
+        assert [f for f in pngs if "Icons/" in f] == ["BiomedParseSlicer/Resources/Icons/BiomedParseSlicer.png"]
+    url = re.search(r'set\(EXTENSION_ICONURL "([^"]*)"\)', (ROOT / "CMakeLists.txt").read_text()).group(1)
+    assert url.endswith("/main/BiomedParseSlicer/Resources/Icons/BiomedParseSlicer.png")
 
 
 # Slicer/Slicer Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json (additionalProperties: false):
@@ -159,7 +167,7 @@ def test_extensions_index_checks():
     """What Slicer's Extensions Index checks (Slicer/ExtensionsIndex scripts/check_description_files.py):
     the git repository's name starts with "Slicer", the extension's (the .json's) does not, CMake's project()
     is the extension's name, the category is an accepted one. (The GitHub topic "3d-slicer-extension" is a
-    repository setting: docs/slicer-module-status.md, release checklist.)"""
+    repository setting: dev-notes/slicer-module-audit.md, release checklist.)"""
     cmake = (ROOT / "CMakeLists.txt").read_text()
     index = json.loads((ROOT / "BiomedParseSlicer.json").read_text())
     extension = "BiomedParseSlicer"
@@ -180,8 +188,9 @@ def test_cmake_states_the_slicer_and_python_versions():
 
 def test_test_extra_brings_a_real_qt():
     """The README's test command runs the panel's Qt tests: the test extra installs PyQt5 (Qt 5.15, as Slicer 5.10)."""
-    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
-    test = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    from BiomedParseSlicerLib import environment
+
+    test = environment.read_requirements("test")  # the test extra (pyproject reads the same file)
     assert any(r.startswith("PyQt5") for r in test)
 
 
@@ -205,16 +214,70 @@ def test_screenshot_and_icon_urls_point_at_files_in_this_repository():
         assert min(im.size) >= 600
 
 
-def test_requirement_lists_match_pyproject():
+def _canonical(requirements) -> set:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    return {(canonicalize_name(r.name), tuple(sorted(r.extras)), str(r.specifier))
+            for r in map(Requirement, requirements)}
+
+
+def test_requirements_have_one_source_read_by_pyproject_and_the_installer():
+    """BiomedParseSlicer/requirements/*.txt is the only list: pyproject declares its dependencies dynamic from those
+    files, the installed package's metadata (what pip built from pyproject) holds exactly them, and the Slicer
+    installer's lists are read from the same files, which CMake ships with the module."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
     from BiomedParseSlicerLib import environment
 
     tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    extras = pyproject["optional-dependencies"]
-    assert list(environment.CLIENT_REQUIREMENTS) == pyproject["dependencies"]
-    assert list(environment.MODEL_REQUIREMENTS) == [r for r in extras["models"] if not r.startswith("torch")]
-    assert [environment.TORCH_REQUIREMENT] == [r for r in extras["models"] if r.startswith("torch")]
-    assert list(environment.SERVER_REQUIREMENTS) == extras["server"]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project, dynamic = pyproject["project"], pyproject["tool"]["setuptools"]["dynamic"]
+    assert "dependencies" not in project and "optional-dependencies" not in project
+    folder = "BiomedParseSlicer/requirements"
+    assert dynamic["dependencies"] == {"file": [f"{folder}/core.txt"]}
+    extras = sorted(dynamic["optional-dependencies"])
+    assert {e: v["file"] for e, v in dynamic["optional-dependencies"].items()} == {e: [f"{folder}/{e}.txt"]
+                                                                                  for e in extras}
+    assert environment.REQUIREMENTS_DIR == ROOT / folder
+    # the installed metadata, extra by extra, is the files' content
+    declared = [Requirement(r) for r in metadata.requires("textseg")]
+    assert _canonical(str(r) for r in declared if r.marker is None) == _canonical(environment.read_requirements("core"))
+    for extra in extras:
+        in_metadata = [str(Requirement(str(r).split(";")[0])) for r in declared
+                       if r.marker is not None and r.marker.evaluate({"extra": extra})]
+        assert _canonical(in_metadata) == _canonical(environment.read_requirements(extra)), extra
+    # the installer's lists are those files (torch apart: it comes from the PyTorch extension)
+    assert environment.CLIENT_REQUIREMENTS == environment.read_requirements("core")
+    models = environment.read_requirements("models")
+    assert environment.TORCH_REQUIREMENT == "torch>=2.1" and environment.TORCH_REQUIREMENT in models
+    assert environment.MODEL_REQUIREMENTS == tuple(r for r in models if not r.startswith("torch"))
+    assert environment.SERVER_REQUIREMENTS == environment.read_requirements("server")
+    cmake = (ROOT / "BiomedParseSlicer" / "CMakeLists.txt").read_text()
+    assert all(f"requirements/{e}.txt" in cmake for e in ("core", "models", "server"))
+
+
+def test_the_installer_checks_every_minimum_version(monkeypatch):
+    """Every requirement of the Setup lists is checked against the installed version: one just below its
+    minimum (or beside its pin) is unmet, the declared version itself is met."""
+    from BiomedParseSlicerLib import environment
+
+    reqs = environment.CLIENT_REQUIREMENTS + environment.MODEL_REQUIREMENTS + environment.SERVER_REQUIREMENTS
+    minimum = {environment.requirement_name(r): re.findall(r"(?:>=|==)([0-9.]+)", r) for r in reqs}
+    assert [n for n, v in minimum.items() if not v] == ["regex"]  # the one requirement without a version
+    versioned = [r for r in reqs if minimum[environment.requirement_name(r)]]
+
+    def below(version: str) -> str:
+        parts = [int(p) for p in version.split(".")]
+        return ".".join(map(str, parts[:-1] + [parts[-1] - 1])) if parts[-1] else version + "rc0"
+
+    monkeypatch.setattr(environment, "installed_version", lambda name: below(minimum[name][0]) if minimum.get(name)
+                        else "1.0")
+    assert environment.unmet_requirements(local=True) == versioned
+    monkeypatch.setattr(environment, "installed_version", lambda name: (minimum.get(name) or ["1.0"])[0])
+    assert environment.unmet_requirements(local=True) == []
 
 
 def test_install_asks_first_and_never_touches_bundled_packages(monkeypatch):
@@ -244,14 +307,27 @@ def test_install_asks_first_and_never_touches_bundled_packages(monkeypatch):
         environment.install(False, lambda msg: True, installed.extend)
 
 
-def test_download_progress_adapter():
-    from BiomedParseSlicerLib import environment
+def test_setup_download_reports_the_engines_fraction_and_stage(hub_env, hub):
+    """Setup > Download: the progress bar gets the engine's (fraction, stage) over all files, unchanged."""
+    import hashlib
 
+    from BiomedParseSlicerLib import environment
+    from textseg import catalog
+    from textseg.catalog import ModelSpec, WeightFile
+
+    data = {"a.bin": b"a" * 300_000, "b.bin": b"b" * 100_000}
+    files = tuple(WeightFile(name=n, repo="test-org/setup", revision=hub.add("test-org/setup", f"w/{n}", d, lfs=True),
+                             filename=f"w/{n}", size=len(d), sha256=hashlib.sha256(d).hexdigest())
+                  for n, d in data.items())
+    catalog.register(ModelSpec(id="t-slicer-download", family="test", title="t", version="1", dims=3,
+                               modalities=("CT",), adapter="x:y", files=files, hidden=True))
     seen = []
-    report = environment.byte_progress(lambda f, stage: seen.append((round(f, 3), stage)))
-    report(50_000_000, 200_000_000)
-    report(0.5, "verifying")
-    assert seen == [(0.25, "downloading 50 of 200 MB"), (0.5, "verifying")]
+    folder = environment.download_model("t-slicer-download", lambda f, stage: seen.append((f, stage)))
+    assert (folder / "a.bin").read_bytes() == data["a.bin"] and (folder / "b.bin").read_bytes() == data["b.bin"]
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and seen[-1] == (1.0, "t-slicer-download is ready")
+    assert [f for f, s in seen if s == "Checking b.bin"] == [pytest.approx(0.75)]  # weighted by size
+    assert all(isinstance(s, str) and s for _, s in seen)
 
 
 def test_import_weight_file_asks_only_when_ambiguous_and_verifies(textseg_home, tmp_path):

@@ -1,7 +1,7 @@
 """SAT's class vocabulary (SAT-DS): 498 (modality, name) pairs, 451 distinct names.
 
 The table ``textseg/data/sat_classes.csv`` (columns modality, name, region, abnormal) is built
-from SAT-DS ``data/terminology_list.json`` by ``tools/build_sat_vocabulary.py``, which also checks
+from SAT-DS ``data/terminology_list.json`` by ``Utilities/build_sat_vocabulary.py``, which also checks
 it against every label of SAT-DS's ``data/jsonl`` files. SAT takes any text (its text tower is a
 language model) but was trained on these names only: they feed autocomplete, and a prompt
 outside them gets a warning with the closest names (``check_target``). Torch-free.

@@ -12,7 +12,7 @@ Cross-check (the script fails if it does not hold): the union of the ``label`` n
 ``loader.py`` adds by merging labels (kidney, eyeball, head of femur, lumbar vertebrae, left rib, ...)
 were checked by hand to be in the list.
 
-Usage: python tools/build_sat_vocabulary.py <SAT-DS checkout> [--check]
+Usage: python Utilities/build_sat_vocabulary.py <SAT-DS checkout> [--check]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Rebuild BiomedParseSlicer/textseg/data/terminology.csv from 3D Slicer's terminology tables.
 
-Usage: python tools/build_terminology_csv.py TERMINOLOGY_DIR [OUT.csv]
+Usage: python Utilities/build_terminology_csv.py TERMINOLOGY_DIR [OUT.csv]
 
 TERMINOLOGY_DIR holds Slicer's ``SegmentationCategoryTypeModifier-DICOM-Master.term.json``,
 ``SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.term.json`` and
