@@ -710,10 +710,10 @@ def _write_chunks(resp: Any, w: _Where, mode: str, start: int, total: Optional[i
     try:
         with open(w.part, mode) as f:
             for chunk in _chunks(resp):
-                CancelToken.of(cancel).check()
-                f.write(chunk)
+                f.write(chunk)  # every byte received is kept (a cancel resumes from here)
                 done += len(chunk)
                 prog.bytes("Downloading", w.name, done, total)
+                CancelToken.of(cancel).check()
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(f"The disk holding {w.folder} is full while writing {w.name} ({done} bytes kept in "
