@@ -433,11 +433,15 @@ def test_serve_options(tmp_path):
     keys.write_text("# clients\nws1  Ab3dEf6hIj9kLm2n  \nops  Zy8xWv5uTs2rQp0o admin # operators\n")
     s = settings_from_args(parser.parse_args(["serve", "--keys-file", str(keys), "--heartbeat-timeout", "30",
                                               "--cancel-timeout", "5", "--job-timeout", "0", "--body-timeout", "10",
-                                              "--max-results", "7", "--max-results-mb", "2"]))
+                                              "--max-results", "7", "--max-results-mb", "2",
+                                              "--max-upload-mb", "1", "--max-images-mb", "3"]))
     assert [(k.name, k.admin) for k in s.keys] == [("ws1", False), ("ops", True)] and s.api_key is None
     assert "Ab3d" not in repr(s.keys)  # keys never reach a log through a repr
     assert (s.heartbeat_timeout, s.cancel_timeout, s.job_timeout, s.body_timeout) == (30, 5, 0, 10)
     assert s.max_results_per_client == 7 and s.max_result_bytes_per_client == 2 << 20
+    assert s.max_upload_bytes == 1 << 20 and s.max_volume_bytes_per_client == 3 << 20
+    with pytest.raises(UsageError, match=r"--max-images-mb \(1\) must be at least --max-upload-mb \(2\)"):
+        settings_from_args(parser.parse_args(["serve", "--max-upload-mb", "2", "--max-images-mb", "1"]))
     for text, words in [("ws1 short\n", "too weak"), ("ws1 Ab3dEf6hIj9kLm2n\nws1 Zy8xWv5uTs2rQp0o\n", "unique"),
                         ("ws1 Ab3dEf6hIj9kLm2n root\n", "NAME KEY"), ("# nothing\n", "no keys")]:
         keys.write_text(text)

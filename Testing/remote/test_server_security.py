@@ -52,11 +52,16 @@ def _phantom(fill=None):
     return Volume(arr, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
 
 
+def _keys(folder: Path) -> Path:
+    keys = folder / "keys.txt"
+    keys.write_text(f"# name key role\nalice {ALICE}\nbob   {BOB}   user\nops   {OPS}   admin\n")
+    return keys
+
+
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
     work = tmp_path_factory.mktemp("guarded-work")
-    keys = work.parent / "keys.txt"
-    keys.write_text(f"# name key role\nalice {ALICE}\nbob   {BOB}   user\nops   {OPS}   admin\n")
+    keys = _keys(work.parent)
     s = Settings(port=0, keys=read_keys_file(keys), devices=("cpu",), show_test_models=True, work_dir=str(work),
                  heartbeat_timeout=3.0, cancel_timeout=0.5, max_results_per_client=2, adapter_options=SLOW_2D)
     with running_server(s) as url:
@@ -161,6 +166,41 @@ def test_results_are_capped_per_client(guarded):
     for jid in jobs[1:]:
         assert requests.get(f"{url}/v1/jobs/{jid}/result.json", headers=_h(ALICE), timeout=5).status_code == 200
     assert requests.get(f"{url}/v1/jobs/{kept_b}/result.json", headers=_h(BOB), timeout=5).status_code == 200
+
+
+def test_stored_images_are_capped_per_client(tmp_path):
+    """max_volume_bytes_per_client = two phantoms (960 bytes each): a client's third image drops its least
+    recently used one (file removed, HEAD 404 for it), never another client's; an image two clients hold stays
+    for the other; and the client library uploads a dropped image again by itself when a job needs it."""
+    s = Settings(port=0, keys=read_keys_file(_keys(tmp_path)), devices=("cpu",), show_test_models=True,
+                 work_dir=str(tmp_path / "work"), max_volume_bytes_per_client=2 * 960)
+    vols = [_phantom(fill=31 + i) for i in range(4)]
+    with running_server(s) as url:
+        shared = _upload(url, BOB, vols[0])
+        assert _upload(url, ALICE, vols[0]) == shared  # held by both
+        own_b = _upload(url, BOB, vols[1])
+        first, second = _upload(url, ALICE, vols[2]), _upload(url, ALICE, vols[3])  # alice's 3rd image
+
+        def held(key, sha):
+            return requests.head(f"{url}/v1/volumes/{sha}", headers=_h(key), timeout=5).status_code == 200
+
+        assert not held(ALICE, shared) and held(ALICE, first) and held(ALICE, second)
+        assert held(BOB, shared) and held(BOB, own_b)  # bob's images are not alice's to drop
+        stored = {p.stem for p in (tmp_path / "work" / "volumes").glob("*.npy")}
+        assert stored == {shared, own_b, first, second}  # the shared file stays while bob holds it
+        assert _upload(url, ALICE, vols[1]) == own_b  # alice takes bob's other image too: her `first` goes
+        assert not held(ALICE, first) and not (tmp_path / "work" / "volumes" / f"{first}.npy").exists()
+
+        # the client library: its image dropped between set_image and predict is uploaded again
+        token = "cap-" + "c" * 20 + "Z9"
+        rp = RemotePredictor(url, "synthetic-3d", api_key=ALICE, client_token=token)
+        rp.set_image(vols[2], "CT")
+        _upload(url, ALICE, vols[0], token)
+        _upload(url, ALICE, vols[1], token)  # the third image of this client: vols[2] is dropped
+        assert requests.head(f"{url}/v1/volumes/{first}", headers=_h(ALICE, token), timeout=5).status_code == 404
+        (r,) = rp.predict(["bone"])
+        assert int(r.mask.sum()) == int((vols[2].array >= 200).sum()) == 128
+        assert requests.head(f"{url}/v1/volumes/{first}", headers=_h(ALICE, token), timeout=5).status_code == 200
 
 
 # ---- hung workers (item 7) --------------------------------------------------------------------------------

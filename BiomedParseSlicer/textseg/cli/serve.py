@@ -43,6 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-results", type=int, default=100, help="finished jobs kept per client; the oldest go first")
     p.add_argument("--max-results-mb", type=float, default=4096.0,
                    help="result files kept per client (MiB); the oldest go first")
+    p.add_argument("--max-images-mb", type=float, default=8192.0,
+                   help="uploaded images kept per client (MiB, decoded); its least recently used go first")
     p.add_argument("--heartbeat-timeout", type=float, default=120.0,
                    help="seconds a worker may be silent before it counts as hung: its job fails, it is replaced (0: "
                         "off)")
@@ -101,12 +103,16 @@ def settings_from_args(args: argparse.Namespace):
     if min(args.session_ttl, args.result_ttl, args.max_upload_mb, args.max_results, args.max_results_mb) <= 0:
         raise UsageError("--session-ttl, --result-ttl, --max-upload-mb, --max-results and --max-results-mb must be "
                          "positive.")
+    if args.max_images_mb < args.max_upload_mb:
+        raise UsageError(f"--max-images-mb ({args.max_images_mb:g}) must be at least --max-upload-mb "
+                         f"({args.max_upload_mb:g}): a client must be able to keep the largest image it may upload.")
     ray_options = {"address": args.ray_address, "replicas": args.ray_replicas}
     return Settings(
         host=args.host, port=args.port, api_key=key, keys=keys, devices=_devices(args.devices, args.workers),
         preload=tuple(m.strip() for m in args.preload.split(",") if m.strip()), queue_size=args.queue_size,
         session_ttl=args.session_ttl, result_ttl=args.result_ttl, max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_results_per_client=args.max_results, max_result_bytes_per_client=int(args.max_results_mb * 2**20),
+        max_volume_bytes_per_client=int(args.max_images_mb * 2**20),
         heartbeat_timeout=args.heartbeat_timeout, cancel_timeout=args.cancel_timeout, job_timeout=args.job_timeout,
         body_timeout=args.body_timeout,
         work_dir=args.work_dir, weights_dir=args.weights_dir, ray=args.ray, ray_options=ray_options,

@@ -36,6 +36,12 @@ class StoredVolume:
     last_used: float = field(default_factory=time.monotonic)
     owners: set = field(default_factory=set)  # the clients that uploaded it (proved they have it)
 
+    @property
+    def nbytes(self) -> int:
+        import numpy as np
+
+        return int(math.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
 
 class _Writer:
     """A file seen by numpy as a plain stream: it writes through Python's io (errno kept on failure)."""
@@ -250,6 +256,7 @@ class JobManager:
             if known is not None:
                 known.owners.add(owner)
                 known.last_used = time.monotonic()
+                self._cap_volumes(owner, known)
                 return known
         with open(upload, "rb") as fh:
             volume = nrrd_to_volume(fh, "The uploaded image", self.settings.max_upload_bytes)
@@ -270,7 +277,32 @@ class JobManager:
         with self.lock:
             sv = self.volumes.setdefault(sha, sv)
             sv.owners.add(owner)
+            self._cap_volumes(owner, sv)
         return sv
+
+    def _cap_volumes(self, owner: str, new: StoredVolume) -> None:
+        """Keep ``owner``'s stored images within max_volume_bytes_per_client: its least recently used ones stop
+        being its (the file goes once no client holds it); ``new`` and images a queued or running job uses stay.
+        A client that uses a dropped image again is told volume_not_found and uploads it again (the client
+        does that by itself). Called with the lock held."""
+        cap = self.settings.max_volume_bytes_per_client
+        mine = sorted((v for v in self.volumes.values() if owner in v.owners), key=lambda v: v.last_used)
+        total = sum(v.nbytes for v in mine)
+        if total <= cap:
+            return
+        busy = {j.volume.sha for j in self.jobs.values() if j.state not in FINAL_STATES}
+        for v in mine:
+            if total <= cap:
+                break
+            if v is new or v.sha in busy:
+                continue
+            v.owners.discard(owner)
+            total -= v.nbytes
+            log.info("volume %s dropped for %s: over its %d MiB of stored images", v.sha[:12], Caller.label(owner),
+                     cap >> 20)
+            if not v.owners:
+                del self.volumes[v.sha]
+                v.path.unlink(missing_ok=True)
 
     # ---- jobs ----------------------------------------------------------------------------------
     def submit(self, volume: StoredVolume, request: dict[str, Any], owner: str = "local") -> Job:

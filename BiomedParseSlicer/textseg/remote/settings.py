@@ -36,6 +36,7 @@ class Settings:
     max_upload_bytes: int = 2 << 30  # decoded NRRD size, and decoded voxels of any NRRD-internal compression
     max_results_per_client: int = 100  # finished jobs kept per client; beyond it the oldest is dropped
     max_result_bytes_per_client: int = 4 << 30  # result files kept per client; beyond it the oldest are dropped
+    max_volume_bytes_per_client: int = 8 << 30  # stored images per client; beyond it its least recently used go
     max_json_bytes: int = 1 << 20  # a job request
     body_timeout: float = 30.0  # seconds without request body data before 408 (0: no limit)
     min_body_rate: int = 16 << 10  # bytes/s a request body must average once body_timeout has passed
