@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ SLOW_2D = {"synthetic-2d": {"delay": 0.5, "batch_size": 2}}  # 0.5 s per batch o
 def slow():
     # session_ttl is long here: on a loaded machine a 1 s TTL expired images between a test's upload and its jobs
     s = Settings(port=0, devices=("cpu", "cpu"), show_test_models=True, queue_size=1, session_ttl=60.0,
-                 max_upload_bytes=1 << 20, body_timeout=1.0, min_body_rate=2048,
+                 max_upload_bytes=1 << 20, header_timeout=1.0, body_timeout=1.0, min_body_rate=2048,
                  adapter_options={"synthetic-3d": {"delay": 2.0}, **SLOW_2D})
     with running_server(s) as url:
         yield url
@@ -433,11 +434,13 @@ def test_serve_options(tmp_path):
     keys.write_text("# clients\nws1  Ab3dEf6hIj9kLm2n  \nops  Zy8xWv5uTs2rQp0o admin # operators\n")
     s = settings_from_args(parser.parse_args(["serve", "--keys-file", str(keys), "--heartbeat-timeout", "30",
                                               "--cancel-timeout", "5", "--job-timeout", "0", "--body-timeout", "10",
+                                              "--header-timeout", "7",
                                               "--max-results", "7", "--max-results-mb", "2",
                                               "--max-upload-mb", "1", "--max-images-mb", "3"]))
     assert [(k.name, k.admin) for k in s.keys] == [("ws1", False), ("ops", True)] and s.api_key is None
     assert "Ab3d" not in repr(s.keys)  # keys never reach a log through a repr
     assert (s.heartbeat_timeout, s.cancel_timeout, s.job_timeout, s.body_timeout) == (30, 5, 0, 10)
+    assert s.header_timeout == 7
     assert s.max_results_per_client == 7 and s.max_result_bytes_per_client == 2 << 20
     assert s.max_upload_bytes == 1 << 20 and s.max_volume_bytes_per_client == 3 << 20
     with pytest.raises(UsageError, match=r"--max-images-mb \(1\) must be at least --max-upload-mb \(2\)"):
@@ -878,6 +881,63 @@ def _raw(url, data: bytes, wait: float):
         except socket.timeout:
             return None, b""
     return time.monotonic() - t0, got
+
+
+def _closed_within(url, first: bytes, dribble: bytes, wait: float) -> Optional[float]:
+    """Connect, send ``first``, then ``dribble`` every 0.3 s; seconds until the server closed the connection
+    (None: still open after ``wait``)."""
+    import socket
+
+    host, port = url.split("//")[1].split(":")
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=wait) as s:
+        s.settimeout(0.3)
+        try:
+            if first:
+                s.sendall(first)
+            while time.monotonic() - t0 < wait:
+                try:
+                    if s.recv(65536) == b"":
+                        return time.monotonic() - t0
+                except socket.timeout:
+                    if dribble:
+                        s.sendall(dribble)
+        except OSError:  # reset by the server while sending
+            return time.monotonic() - t0
+    return None
+
+
+def _check_header_deadline(url):
+    host = url.split("//")[1]
+    took = _closed_within(url, b"", b"", wait=8)  # connects and sends nothing
+    assert took is not None and took < 5, took
+    took = _closed_within(url, f"GET /v1/health HTTP/1.1\r\nHost: {host}\r\n".encode(), b"X-a: b\r\n", wait=8)
+    assert took is not None and took < 5, took  # slow loris on headers: a header line every 0.3 s
+    # what real clients do still works: headers in two parts within the deadline, a keep-alive pause after a response
+    t, got = _raw(url, f"GET /v1/health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode(), wait=5)
+    assert got.startswith(b"HTTP/1.1 200"), got[:80]
+    with requests.Session() as session:
+        assert session.get(f"{url}/v1/health", timeout=5).status_code == 200
+        time.sleep(1.5)  # longer than the header deadline, shorter than uvicorn's keep-alive
+        assert session.get(f"{url}/v1/health", timeout=5).status_code == 200
+
+
+def test_request_headers_have_a_deadline(slow):
+    """header_timeout=1 s (uvicorn has none): a connection that sends nothing, or dribbles its headers, is
+    closed; keep-alive clients are not affected. Both of uvicorn's HTTP implementations: the one installed
+    ("auto", here httptools) through the fixture, and h11 below."""
+    _check_header_deadline(slow)
+
+
+def test_request_headers_have_a_deadline_on_h11(monkeypatch):
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from textseg.remote import server
+
+    monkeypatch.setattr(server, "_http_base", lambda: H11Protocol)
+    s = Settings(port=0, devices=("cpu",), show_test_models=True, header_timeout=1.0)
+    with running_server(s) as url:
+        _check_header_deadline(url)
 
 
 def test_request_bodies_are_bounded_in_time_size_and_depth(slow):

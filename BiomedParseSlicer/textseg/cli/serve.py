@@ -51,6 +51,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cancel-timeout", type=float, default=60.0,
                    help="seconds a cancelled job may take to stop before its worker is replaced")
     p.add_argument("--job-timeout", type=float, default=10800.0, help="longest a job may run, in seconds (0: no limit)")
+    p.add_argument("--header-timeout", type=float, default=30.0,
+                   help="seconds a connection may take to send a request's headers, from its first byte or from "
+                        "connecting (0: no limit); then it is closed")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may pause (and, past that, must average 16 KiB/s) before 408")
     p.add_argument("--work-dir", default=None, help="folder for uploads and results (default: a private temp folder)")
@@ -97,7 +100,8 @@ def settings_from_args(args: argparse.Namespace):
         raise UsageError("Give either --api-key/--api-key-file or --keys-file, not both.")
     if keys:
         key = None  # TEXTSEG_API_KEY in the environment does not add a shared key to a keys file
-    for name in ("queue_size", "port", "heartbeat_timeout", "cancel_timeout", "job_timeout", "body_timeout"):
+    for name in ("queue_size", "port", "heartbeat_timeout", "cancel_timeout", "job_timeout", "header_timeout",
+                 "body_timeout"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative.")
     if min(args.session_ttl, args.result_ttl, args.max_upload_mb, args.max_results, args.max_results_mb) <= 0:
@@ -114,7 +118,7 @@ def settings_from_args(args: argparse.Namespace):
         max_results_per_client=args.max_results, max_result_bytes_per_client=int(args.max_results_mb * 2**20),
         max_volume_bytes_per_client=int(args.max_images_mb * 2**20),
         heartbeat_timeout=args.heartbeat_timeout, cancel_timeout=args.cancel_timeout, job_timeout=args.job_timeout,
-        body_timeout=args.body_timeout,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
         work_dir=args.work_dir, weights_dir=args.weights_dir, ray=args.ray, ray_options=ray_options,
         log_level=args.log_level,
     )

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import Optional
 
 from .. import __version__
 from ..errors import TextsegError, UsageError
@@ -98,6 +99,64 @@ def create_app(settings: Settings):
 
 
 # ---- running ---------------------------------------------------------------------------------------
+def _http_base() -> type:
+    """The HTTP protocol uvicorn's "auto" picks: httptools when installed, else h11."""
+    try:
+        import httptools  # noqa: F401
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        return HttpToolsProtocol
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+        return H11Protocol
+
+
+def header_deadline_protocol(seconds: float, base: Optional[type] = None) -> type:
+    """uvicorn's HTTP protocol (``base``: default as uvicorn's "auto") with a deadline for request headers,
+    which uvicorn does not have: a connection that sends nothing, or dribbles its headers, would otherwise hold
+    a socket for ever (slowloris). The deadline runs from the connection or from the first byte of a request
+    until its headers are complete (the request cycle starts); a connection over it is closed. Bodies have
+    their own limits (``body_timeout``, ``min_body_rate``), idle keep-alive connections uvicorn's."""
+    base = base or _http_base()
+
+    class HeaderDeadline(base):  # type: ignore[misc, valid-type]
+        _deadline = None
+
+        def _waiting(self) -> bool:  # no request cycle whose headers are complete and whose answer is pending
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            if self._deadline is None and seconds > 0:
+                self._deadline = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self) -> None:
+            self._deadline = None
+            if self._waiting() and not self.transport.is_closing():
+                log.info("closed a connection from %s: no complete request headers in %g s", self.client, seconds)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._waiting():
+                self._arm()
+            else:
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
+
+
 def run(settings: Settings) -> None:
     """Serve until interrupted (uvicorn, one process; inference runs in the worker processes)."""
     import uvicorn
@@ -105,7 +164,7 @@ def run(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_keep_alive=30)
+                timeout_keep_alive=30, http=header_deadline_protocol(settings.header_timeout))
 
 
 @contextmanager
@@ -123,7 +182,7 @@ def running_server(settings: Settings, ready_timeout: float = 120.0) -> Iterator
             settings.port = s.getsockname()[1]
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                           lifespan="on"))
+                                           lifespan="on", http=header_deadline_protocol(settings.header_timeout)))
     thread = threading.Thread(target=server.run, name="textseg-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + ready_timeout

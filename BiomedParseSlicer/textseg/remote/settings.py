@@ -38,6 +38,7 @@ class Settings:
     max_result_bytes_per_client: int = 4 << 30  # result files kept per client; beyond it the oldest are dropped
     max_volume_bytes_per_client: int = 8 << 30  # stored images per client; beyond it its least recently used go
     max_json_bytes: int = 1 << 20  # a job request
+    header_timeout: float = 30.0  # seconds a connection may take to send a request's headers (0: no limit)
     body_timeout: float = 30.0  # seconds without request body data before 408 (0: no limit)
     min_body_rate: int = 16 << 10  # bytes/s a request body must average once body_timeout has passed
     heartbeat_timeout: float = 120.0  # a worker silent this long is hung: its job fails, it is replaced (0: off)
