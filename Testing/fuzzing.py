@@ -91,6 +91,9 @@ def _real_header(shared: Optional[Path]):
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
     ds.SOPClassUID = CTImageStorage
     ds.Modality = "CT"
+    # the patient and study module's type 2 attributes (present, may be empty): a DICOM SEG copies them
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "FUZZ-1", "Fuzz^Seed", "", "O"
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "", "", "", ""
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.FrameOfReferenceUID = generate_uid()
