@@ -289,6 +289,34 @@ def test_rethreshold_of_another_clients_job_is_404(fast):
         RemotePredictor(fast, "synthetic-3d", api_key=KEY).rethreshold(0.5)
 
 
+def test_rethreshold_takes_only_json_numbers_and_each_segment_once(fast):
+    """What a hostile or buggy client sends gets one JSON 400 (never a 500, never a value taken as it comes):
+    a threshold or band that is a string, true or an integer too large for a float, a band the reply would
+    echo unchecked when no segment is asked for, and one segment asked for many times (a full mask each)."""
+    rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY, client_token="rethreshold-fuzz-0123456789")
+    rp.set_image(_phantom(), "CT")
+    rp.predict(["bone", "air"])
+    url = f"{fast}/v1/jobs/{rp.last_job}/rethreshold"
+    huge = "1" + "0" * 400  # a JSON number Python reads as an int that no float holds
+    many = ", ".join(["0"] * 5000)
+    bad = [(f'{{"threshold": {huge}}}', "outside 0..1"), (f'{{"threshold": 0.5, "band": {huge}}}', "outside 0..1"),
+           ('{"threshold": "0.5"}', "Threshold '0.5' is not a number"), ('{"threshold": true}', "is not a number"),
+           ('{"threshold": NaN}', "outside 0..1"), ('{"threshold": 0.5, "band": "0.1"}', "Band '0.1' is not a number"),
+           ('{"threshold": 0.5, "band": "wide", "segments": []}', "Band 'wide' is not a number"),
+           ('{"threshold": 0.5, "band": -Infinity, "segments": []}', "Band -inf is outside 0..1"),
+           (f'{{"threshold": 0.5, "segments": [{many}]}}', "Segment 0 is asked for twice"),
+           ('{"threshold": 0.5, "segments": ["bone", 0]}', "Segment 0 is asked for twice")]
+    for body, text in bad:
+        r = rp.http.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_request", (body[:60], r.text)
+        assert text in r.json()["message"] and len(r.json()["message"]) < 200, (body[:60], r.text)
+    r = rp.http.post(url, json={"threshold": 0, "band": 1, "segments": ["air", 0]}, timeout=30)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["threshold"], out["band"]) == (0.0, 1.0) and type(out["band"]) is float
+    assert [(s["index"], s["name"]) for s in out["results"]] == [(1, "air"), (0, "bone")]
+
+
 def test_without_probabilities_the_mask_stands_for_them(fast):
     """probabilities="none" (what the Slicer module asks for): exact masks, no float copy per result."""
     v = _phantom()
