@@ -418,6 +418,28 @@ def test_malformed_uploads_are_rejected_and_server_keeps_serving(fast):
     assert rp.predict(["bone"])[0].voxel_count == 4 * 4 * 8
 
 
+def test_job_options_are_checked_before_anything_runs(fast):
+    """A job's threshold is a JSON number in 0..1 and keep_absent a boolean: NaN (which Python's JSON reads)
+    would make every voxel above 0 a mask voxel, 5 an empty result, an integer too large for a float a failed
+    job, and the string "false" would keep absent targets. Each is a 400 before the job is made."""
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    job = '{"volume": "%s", "model": "synthetic-3d", "prompts": ["bone"], ' % ("0" * 64)
+    cases = [('"threshold": NaN', "'threshold' must be a number between 0 and 1"),
+             ('"threshold": Infinity', "'threshold' must be"), ('"threshold": 5', "'threshold' must be"),
+             ('"threshold": -0.5', "'threshold' must be"), ('"threshold": true', "'threshold' must be"),
+             ('"threshold": 1' + "0" * 400, "'threshold' must be"), ('"threshold": "0.5"', "'threshold' must be"),
+             ('"keep_absent": "false"', "'keep_absent' must be true or false"), ('"keep_absent": 0', "'keep_absent'"),
+             ('"slices": [true, 3]', "'slices' must be [first, stop]"),
+             ('"probabilities": "float16"', "'probabilities' must be one of uint8, float32, none")]
+    for field, words in cases:
+        r = requests.post(f"{fast}/v1/jobs", data=job + field + "}", headers=h, timeout=10)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_request", (field[:40], r.text)
+        assert words in r.json()["message"], (field[:40], r.text)
+    for field in ('"threshold": 0', '"threshold": 1', '"threshold": null', '"keep_absent": null'):  # all valid
+        r = requests.post(f"{fast}/v1/jobs", data=job + field + "}", headers=h, timeout=10)
+        assert r.status_code == 404 and r.json()["error"] == "volume_not_found", (field, r.text)
+
+
 def test_hidden_models_are_not_offered_by_default(monkeypatch):
     from fastapi.testclient import TestClient
 
