@@ -317,6 +317,25 @@ def test_rethreshold_takes_only_json_numbers_and_each_segment_once(fast):
     assert [(s["index"], s["name"]) for s in out["results"]] == [(1, "air"), (0, "bone")]
 
 
+def test_client_checks_what_it_sends_and_names_what_was_refused(fast):
+    """RemotePredictor turns a NaN or infinite threshold or band into a UsageError (requests refuses NaN in
+    JSON with its own exception), sends numpy scalars as the numbers they are, and a 413 of a re-threshold is
+    not called an image that is too large."""
+    rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY, client_token="client-checks-0123456789")
+    rp.set_image(_phantom(), "CT")
+    bone, air = rp.predict(["bone", "air"])
+    for kw in ({"threshold": float("nan")}, {"threshold": float("inf")}, {"threshold": 0.5, "band": float("nan")}):
+        with pytest.raises(UsageError, match="outside 0..1"):
+            rp.rethreshold(**kw)
+    with pytest.raises(UsageError, match="outside 0..1"):
+        rp.predict(["bone"], threshold=float("nan"))
+    (got,) = rp.rethreshold(np.float32(0.5), segments=[np.int64(1)], band=np.float64(0.2))
+    assert (got.index, got.name, got.threshold, got.confidence["band"]) == (1, "air", 0.5, 0.2)
+    np.testing.assert_array_equal(got.mask, air.mask.astype(bool))
+    with pytest.raises(InputError, match="^The request is too large .*re-threshold request's JSON is larger"):
+        rp.rethreshold(0.5, segments=["bone"] * 10000)
+
+
 def test_without_probabilities_the_mask_stands_for_them(fast):
     """probabilities="none" (what the Slicer module asks for): exact masks, no float copy per result."""
     v = _phantom()
