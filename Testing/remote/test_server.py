@@ -635,6 +635,11 @@ def check_cancel_keeps_partial_2d_results(url):
     assert job["state"] == "cancelled" and job["results"] == 2
     assert job["stage"] == "cancelled: kept 0 of 2 completed prompt(s) and 2 partial result(s)"
     assert rp.messages[-1] == "Cancelled: kept 0 of 2 completed prompt(s) and 2 partial result(s)."
+    # the maps a cancelled job kept re-threshold as a finished job's (the run's threshold: the run's masks)
+    again = rp.rethreshold(part[0].provenance["threshold"])
+    assert [a.name for a in again] == ["bone", "air"]
+    for r, a in zip(part, again):
+        np.testing.assert_array_equal(a.mask, r.mask.astype(bool))
 
 
 def test_cancel_mid_job_keeps_partial_2d_results(slow):
