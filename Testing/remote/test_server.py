@@ -289,6 +289,53 @@ def test_rethreshold_of_another_clients_job_is_404(fast):
         RemotePredictor(fast, "synthetic-3d", api_key=KEY).rethreshold(0.5)
 
 
+def test_rethreshold_takes_only_json_numbers_and_each_segment_once(fast):
+    """What a hostile or buggy client sends gets one JSON 400 (never a 500, never a value taken as it comes):
+    a threshold or band that is a string, true or an integer too large for a float, a band the reply would
+    echo unchecked when no segment is asked for, and one segment asked for many times (a full mask each)."""
+    rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY, client_token="rethreshold-fuzz-0123456789")
+    rp.set_image(_phantom(), "CT")
+    rp.predict(["bone", "air"])
+    url = f"{fast}/v1/jobs/{rp.last_job}/rethreshold"
+    huge = "1" + "0" * 400  # a JSON number Python reads as an int that no float holds
+    many = ", ".join(["0"] * 5000)
+    bad = [(f'{{"threshold": {huge}}}', "outside 0..1"), (f'{{"threshold": 0.5, "band": {huge}}}', "outside 0..1"),
+           ('{"threshold": "0.5"}', "Threshold '0.5' is not a number"), ('{"threshold": true}', "is not a number"),
+           ('{"threshold": NaN}', "outside 0..1"), ('{"threshold": 0.5, "band": "0.1"}', "Band '0.1' is not a number"),
+           ('{"threshold": 0.5, "band": "wide", "segments": []}', "Band 'wide' is not a number"),
+           ('{"threshold": 0.5, "band": -Infinity, "segments": []}', "Band -inf is outside 0..1"),
+           (f'{{"threshold": 0.5, "segments": [{many}]}}', "Segment 0 is asked for twice"),
+           ('{"threshold": 0.5, "segments": ["bone", 0]}', "Segment 0 is asked for twice")]
+    for body, text in bad:
+        r = rp.http.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_request", (body[:60], r.text)
+        assert text in r.json()["message"] and len(r.json()["message"]) < 200, (body[:60], r.text)
+    r = rp.http.post(url, json={"threshold": 0, "band": 1, "segments": ["air", 0]}, timeout=30)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["threshold"], out["band"]) == (0.0, 1.0) and type(out["band"]) is float
+    assert [(s["index"], s["name"]) for s in out["results"]] == [(1, "air"), (0, "bone")]
+
+
+def test_client_checks_what_it_sends_and_names_what_was_refused(fast):
+    """RemotePredictor turns a NaN or infinite threshold or band into a UsageError (requests refuses NaN in
+    JSON with its own exception), sends numpy scalars as the numbers they are, and a 413 of a re-threshold is
+    not called an image that is too large."""
+    rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY, client_token="client-checks-0123456789")
+    rp.set_image(_phantom(), "CT")
+    bone, air = rp.predict(["bone", "air"])
+    for kw in ({"threshold": float("nan")}, {"threshold": float("inf")}, {"threshold": 0.5, "band": float("nan")}):
+        with pytest.raises(UsageError, match="outside 0..1"):
+            rp.rethreshold(**kw)
+    with pytest.raises(UsageError, match="outside 0..1"):
+        rp.predict(["bone"], threshold=float("nan"))
+    (got,) = rp.rethreshold(np.float32(0.5), segments=[np.int64(1)], band=np.float64(0.2))
+    assert (got.index, got.name, got.threshold, got.confidence["band"]) == (1, "air", 0.5, 0.2)
+    np.testing.assert_array_equal(got.mask, air.mask.astype(bool))
+    with pytest.raises(InputError, match="^The request is too large .*re-threshold request's JSON is larger"):
+        rp.rethreshold(0.5, segments=["bone"] * 10000)
+
+
 def test_without_probabilities_the_mask_stands_for_them(fast):
     """probabilities="none" (what the Slicer module asks for): exact masks, no float copy per result."""
     v = _phantom()
@@ -388,6 +435,28 @@ def test_malformed_uploads_are_rejected_and_server_keeps_serving(fast):
     rp = RemotePredictor(fast, "synthetic-3d", api_key=KEY)  # still serving
     rp.set_image(_phantom(), "CT")
     assert rp.predict(["bone"])[0].voxel_count == 4 * 4 * 8
+
+
+def test_job_options_are_checked_before_anything_runs(fast):
+    """A job's threshold is a JSON number in 0..1 and keep_absent a boolean: NaN (which Python's JSON reads)
+    would make every voxel above 0 a mask voxel, 5 an empty result, an integer too large for a float a failed
+    job, and the string "false" would keep absent targets. Each is a 400 before the job is made."""
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    job = '{"volume": "%s", "model": "synthetic-3d", "prompts": ["bone"], ' % ("0" * 64)
+    cases = [('"threshold": NaN', "'threshold' must be a number between 0 and 1"),
+             ('"threshold": Infinity', "'threshold' must be"), ('"threshold": 5', "'threshold' must be"),
+             ('"threshold": -0.5', "'threshold' must be"), ('"threshold": true', "'threshold' must be"),
+             ('"threshold": 1' + "0" * 400, "'threshold' must be"), ('"threshold": "0.5"', "'threshold' must be"),
+             ('"keep_absent": "false"', "'keep_absent' must be true or false"), ('"keep_absent": 0', "'keep_absent'"),
+             ('"slices": [true, 3]', "'slices' must be [first, stop]"),
+             ('"probabilities": "float16"', "'probabilities' must be one of uint8, float32, none")]
+    for field, words in cases:
+        r = requests.post(f"{fast}/v1/jobs", data=job + field + "}", headers=h, timeout=10)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_request", (field[:40], r.text)
+        assert words in r.json()["message"], (field[:40], r.text)
+    for field in ('"threshold": 0', '"threshold": 1', '"threshold": null', '"keep_absent": null'):  # all valid
+        r = requests.post(f"{fast}/v1/jobs", data=job + field + "}", headers=h, timeout=10)
+        assert r.status_code == 404 and r.json()["error"] == "volume_not_found", (field, r.text)
 
 
 def test_hidden_models_are_not_offered_by_default(monkeypatch):
@@ -566,6 +635,11 @@ def check_cancel_keeps_partial_2d_results(url):
     assert job["state"] == "cancelled" and job["results"] == 2
     assert job["stage"] == "cancelled: kept 0 of 2 completed prompt(s) and 2 partial result(s)"
     assert rp.messages[-1] == "Cancelled: kept 0 of 2 completed prompt(s) and 2 partial result(s)."
+    # the maps a cancelled job kept re-threshold as a finished job's (the run's threshold: the run's masks)
+    again = rp.rethreshold(part[0].provenance["threshold"])
+    assert [a.name for a in again] == ["bone", "air"]
+    for r, a in zip(part, again):
+        np.testing.assert_array_equal(a.mask, r.mask.astype(bool))
 
 
 def test_cancel_mid_job_keeps_partial_2d_results(slow):

@@ -89,10 +89,13 @@ def check_threshold(threshold: Any) -> float:
     """The threshold as a float in [0, 1], or UsageError saying so."""
     try:
         t = float(threshold)
+    except OverflowError:  # an integer too large for a float (JSON allows any): far outside 0..1
+        t = math.inf
     except (TypeError, ValueError):
-        raise UsageError(f"Threshold '{threshold}' is not a number; give a probability between 0 and 1.") from None
+        raise UsageError(f"Threshold '{str(threshold)[:40]}' is not a number; give a probability between 0 and "
+                         "1.") from None
     if not (0.0 <= t <= 1.0):
-        raise UsageError(f"Threshold {threshold} is outside 0..1; give a probability between 0 and 1.")
+        raise UsageError(f"Threshold {_short(threshold)} is outside 0..1; give a probability between 0 and 1.")
     return t
 
 
@@ -138,7 +141,7 @@ def rethreshold(prob_u8: np.ndarray, threshold: float, out: np.ndarray | None = 
 def band_levels(threshold: float, band: float = DEFAULT_BAND) -> tuple[int, int]:
     """Inclusive uint8 range (lo, hi) of the voxels near ``threshold``: ``|q - 255 t| <= 255 band`` (+1e-6
     step for decimal edges); (1, 0) when no value qualifies."""
-    t, b = check_threshold(threshold), _check_band(band)
+    t, b = check_threshold(threshold), check_band(band)
     inside = np.flatnonzero(np.abs(np.arange(256) - 255.0 * t) <= 255.0 * b + BAND_EDGE_TOLERANCE)
     return (int(inside[0]), int(inside[-1])) if inside.size else (1, 0)
 
@@ -376,11 +379,20 @@ def _checked_u8(prob_u8: np.ndarray) -> np.ndarray:
     return q
 
 
-def _check_band(band: Any) -> float:
+def check_band(band: Any) -> float:
+    """The band's half-width as a float in [0, 1], or UsageError saying so."""
     try:
         b = float(band)
+    except OverflowError:
+        b = math.inf
     except (TypeError, ValueError):
-        raise UsageError(f"Band '{band}' is not a number; give a half-width between 0 and 1.") from None
+        raise UsageError(f"Band '{str(band)[:40]}' is not a number; give a half-width between 0 and 1.") from None
     if not (0.0 <= b <= 1.0):
-        raise UsageError(f"Band {band} is outside 0..1; give a half-width between 0 and 1 (default 0.1).")
+        raise UsageError(f"Band {_short(band)} is outside 0..1; give a half-width between 0 and 1 (default 0.1).")
     return b
+
+
+def _short(value: Any) -> str:
+    """A number as a message shows it: a 400-digit integer someone sent is not repeated in full."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"

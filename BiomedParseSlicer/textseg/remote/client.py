@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from .. import errors
-from ..analysis.confidence import DEFAULT_BAND, ModelAnswer
+from ..analysis.confidence import DEFAULT_BAND, ModelAnswer, check_band, check_threshold
 from ..catalog import ModelSpec, WeightFile
 from ..errors import AuthError, Cancelled, InputError, ServerError, UsageError
 from ..predictor import PromptLike, PromptResult, check_prompts
@@ -255,7 +255,9 @@ class RemotePredictor:
         too_many = prompt_limits_error(plist)
         if too_many:
             raise UsageError(too_many)
-        job = self._run_job(plist, progress, cancel, threshold=threshold, keep_absent=keep_absent)
+        if threshold is not None:  # a plain float: JSON has no NaN or numpy scalars
+            threshold = check_threshold(threshold)
+        job = self._run_job(plist, progress, cancel, threshold=threshold, keep_absent=bool(keep_absent))
         self.last_job = job["id"]
         results = self._results(job) if job.get("results") else []
         if job["state"] == CANCELLED:  # as Predictor.predict says it (a 2D model's results may be partial)
@@ -395,9 +397,11 @@ class RemotePredictor:
         ``ModelAnswer.mask_at`` locally (textseg.analysis.confidence). ``segments``: result indices or names
         (default all); ``keep_absent``: default the job's. UsageError when the job kept no maps."""
         jid = self._job_id(job_id)
-        body: dict[str, Any] = {"threshold": threshold, "band": band}
+        # checked here as plain floats and ints: JSON has no NaN, and numpy scalars (a slider's value, an index
+        # from np.flatnonzero) are not JSON at all
+        body: dict[str, Any] = {"threshold": check_threshold(threshold), "band": check_band(band)}
         if segments is not None:
-            body["segments"] = list(segments)
+            body["segments"] = [int(s) if isinstance(s, np.integer) else s for s in segments]
         if keep_absent is not None:
             body["keep_absent"] = bool(keep_absent)
         out = self._request("POST", f"/v1/jobs/{jid}/rethreshold", json=body).json()
@@ -477,8 +481,9 @@ def _http_error(r, url: str) -> errors.TextsegError:
                          f"({msg})")
     if s == 403:
         return AuthError(f"The server at {url} refused the API key; check it with the administrator. ({msg})")
-    if s == 413:
-        return InputError(f"The image is too large for the server at {url}: {msg}")
+    if s == 413:  # an upload, or a job or re-threshold request over the server's JSON limit
+        what = "The image is" if r.request.path_url.startswith("/v1/volumes/") else "The request is"
+        return InputError(f"{what} too large for the server at {url}: {msg}")
     if s == 426:
         return ServerError(msg)
     if s == 507:  # the server's disk is full: its message says so and what to do

@@ -112,7 +112,7 @@ def _chosen(records: list[dict[str, Any]], segments: Optional[list]) -> list[dic
     names = {}
     for r in records:
         names.setdefault((r.get("extra") or {}).get("name") or Prompt.from_any(r["prompt"]).label, r)
-    chosen = []
+    chosen, seen = [], set()
     for s in segments:
         r = records[s] if isinstance(s, int) and not isinstance(s, bool) and 0 <= s < len(records) else (
             names.get(s) if isinstance(s, str) else None)
@@ -121,5 +121,11 @@ def _chosen(records: list[dict[str, Any]], segments: Optional[list]) -> list[dic
             raise ApiError(400, "unknown_segment",
                            f"This job has no segment {str(s)[:80]!r}: give result indices 0..{len(records) - 1} "
                            f"or names ({shown}).")
+        # each segment once: a list naming one segment thousands of times would cost a full mask each
+        if r["index"] in seen:
+            shown = s if isinstance(s, int) else repr(s[:80])
+            raise ApiError(400, "invalid_request",
+                           f"Segment {shown} is asked for twice (by index or name): ask for each segment once.")
+        seen.add(r["index"])
         chosen.append(r)
     return chosen

@@ -111,14 +111,19 @@ def check_request(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
         raise ApiError(400, "invalid_request", f"'probabilities' must be one of {', '.join(PROBABILITY_MODES)}.")
     slices = body.get("slices")
     if slices is not None and not (isinstance(slices, list) and len(slices) == 2
-                                   and all(isinstance(s, int) for s in slices)):
+                                   and all(isinstance(s, int) and not isinstance(s, bool) for s in slices)):
         raise ApiError(400, "invalid_request", "'slices' must be [first, stop] (two integers).")
     for key in ("modality", "site"):
         if body.get(key) is not None and not isinstance(body[key], str):
             raise ApiError(400, "invalid_request", f"'{key}' must be a string.")
     thr = body.get("threshold")
-    if thr is not None and not isinstance(thr, (int, float)):
-        raise ApiError(400, "invalid_request", "'threshold' must be a number.")
+    # a JSON number in 0..1: NaN (which Python's JSON reads) would mask every voxel above 0, true would be 1.0
+    if thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr <= 1):
+        raise ApiError(400, "invalid_request",
+                       "'threshold' must be a number between 0 and 1 (or null: the model's own threshold).")
+    keep_absent = body.get("keep_absent", False)
+    if not isinstance(keep_absent, bool) and keep_absent is not None:  # "false" would read as true
+        raise ApiError(400, "invalid_request", "'keep_absent' must be true or false.")
     return {"volume": body.get("volume"), "model": model, "modality": body.get("modality"), "site": body.get("site"),
-            "slices": slices, "prompts": prompts, "threshold": thr, "keep_absent": bool(body.get("keep_absent", False)),
+            "slices": slices, "prompts": prompts, "threshold": thr, "keep_absent": bool(keep_absent),
             "probabilities": probs, "recognize": recognize}

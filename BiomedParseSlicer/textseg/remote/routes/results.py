@@ -10,6 +10,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from ...analysis.confidence import DEFAULT_BAND, check_band, check_threshold
+from ...errors import UsageError
 from ..api_errors import ApiError
 from ..results import gzipped, rethreshold, seg_nrrd_path
 from ..wire import RETHRESHOLD_FIELDS
@@ -63,6 +65,8 @@ async def rethreshold_job(job_id: str, request: Request):
                        f"Unknown re-threshold field(s) {sorted(unknown)[:10]}; allowed: {list(RETHRESHOLD_FIELDS)}.")
     if "threshold" not in body:
         raise ApiError(400, "invalid_request", "A re-threshold needs 'threshold' (a probability between 0 and 1).")
+    threshold = _fraction(body["threshold"], "Threshold", check_threshold)
+    band = DEFAULT_BAND if body.get("band") is None else _fraction(body["band"], "Band", check_band)
     segments = body.get("segments")
     if segments is not None and not (isinstance(segments, list) and len(segments) <= 10000):
         raise ApiError(400, "invalid_request", "'segments' must be a list of result indices or names.")
@@ -70,10 +74,21 @@ async def rethreshold_job(job_id: str, request: Request):
     if keep_absent is not None and not isinstance(keep_absent, bool):
         raise ApiError(400, "invalid_request", "'keep_absent' must be true or false.")
     finished(job)
-    kw = {} if body.get("band") is None else {"band": body["band"]}
-    out = await run_in_threadpool(rethreshold, job, body["threshold"], segments, keep_absent, **kw)
+    out = await run_in_threadpool(rethreshold, job, threshold, segments, keep_absent, band)
     data = json.dumps(out).encode()
     if "gzip" in request.headers.get("accept-encoding", "") and len(data) > 1024:  # masks compress well
         data = await run_in_threadpool(gzip.compress, data, 1)
         return Response(data, media_type="application/json", headers={"Content-Encoding": "gzip"})
     return Response(data, media_type="application/json")
+
+
+def _fraction(value, what: str, check) -> float:
+    """A JSON number in 0..1 (``check``: its rule and message), checked here whatever the job holds: a string,
+    true or an integer too large for a float is a 400, never a value taken as it comes."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, "invalid_request",
+                       f"{what} '{str(value)[:40]}' is not a number; give a JSON number between 0 and 1.")
+    try:
+        return check(value)
+    except UsageError as exc:
+        raise ApiError(400, "invalid_request", str(exc)) from None
