@@ -47,9 +47,29 @@ def manager(tmp_path):
     m.stopping.set()
 
 
+def _stored(manager, sha="0" * 64, owner="local"):
+    volume = StoredVolume(sha, Path("unused.npy"), {}, (2, 3, 4), "int16", owners={owner})
+    manager.volumes[sha] = volume
+    return volume
+
+
 def _job(manager, prompts=("bone",)):
-    volume = StoredVolume("0" * 64, Path("unused.npy"), {}, (2, 3, 4), "int16")
-    return manager.submit(volume, {"model": "synthetic-3d", "prompts": list(prompts), "probabilities": wire.UINT8})
+    return manager.submit(_stored(manager), {"model": "synthetic-3d", "prompts": list(prompts),
+                                             "probabilities": wire.UINT8})
+
+
+def test_no_job_on_an_image_dropped_after_it_was_looked_up(manager):
+    """The route looks the image up, then submits: the per-client cap (another upload of the same client, in a
+    thread of its own) may drop it in between. submit checks again under the lock: no job whose image is gone
+    (the client is told volume_not_found and uploads it again)."""
+    manager.settings.max_volume_bytes_per_client = 48  # one 2x3x4 int16 image
+    looked_up = manager.get_volume(_stored(manager, "1" * 64).sha, "local")
+    newer = _stored(manager, "2" * 64)
+    manager._cap_volumes("local", newer)  # what add_volume does after the newer upload
+    assert "1" * 64 not in manager.volumes
+    request = {"model": "synthetic-3d", "prompts": ["bone"], "probabilities": wire.UINT8}
+    assert manager.submit(looked_up, request) is None and not manager.jobs and len(manager.queue) == 0
+    assert manager.submit(newer, request) is not None  # an image still held
 
 
 def test_events_drive_a_job_to_its_final_state(manager):

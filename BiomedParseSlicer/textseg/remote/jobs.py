@@ -305,9 +305,14 @@ class JobManager:
                 v.path.unlink(missing_ok=True)
 
     # ---- jobs ----------------------------------------------------------------------------------
-    def submit(self, volume: StoredVolume, request: dict[str, Any], owner: str = "local") -> Job:
+    def submit(self, volume: StoredVolume, request: dict[str, Any], owner: str = "local") -> Optional[Job]:
+        """Queue a job on ``volume``; None when ``owner`` no longer holds it (the per-client cap or the session
+        TTL dropped it since the caller looked it up: the client is told to upload it again)."""
         job = Job(self, volume, request, owner)
         with self.lock:
+            if self.volumes.get(volume.sha) is not volume or owner not in volume.owners:
+                return None
+            volume.last_used = time.monotonic()
             if not self.queue.put(job):
                 raise ApiError(429, "queue_full",
                                f"The server's queue is full ({self.settings.queue_size} jobs waiting); "

@@ -36,9 +36,10 @@ async def create_job(request: Request):
         raise ApiError(400, "invalid_request", "The job must be a JSON object.")
     req = check_request(body, m.settings)
     volume = m.get_volume(check_sha(str(req["volume"] or "")), who.owner)
-    if volume is None:
+    job = None if volume is None else m.submit(volume, req, who.owner)  # submit checks again, under the lock
+    if job is None:
         raise ApiError(404, VOLUME_NOT_FOUND, NOT_HELD)
-    return m.submit(volume, req, who.owner).to_dict(who.admin)
+    return job.to_dict(who.admin)
 
 
 @router.get("/v1/jobs")
