@@ -90,8 +90,13 @@ def add_answer_node(segmentation_node, segment_id: str, answer: ModelAnswer, vol
                                                  array_type=VTK_UNSIGNED_CHAR))
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     name = f"{segmentation_node.GetName()} - {segment.GetName() if segment else segment_id} - model output"
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    node = scene.CreateNodeByClass("vtkMRMLScalarVolumeNode")
+    node.UnRegister(None)  # owned by the Python variable, as Slicer's ScriptedLoadableModule does it
+    node.SetName(scene.GenerateUniqueName(name))
+    # Hidden before the scene announces it: Subject Hierarchy adds every node that is not hidden at NodeAddedEvent
+    # to the Data module's tree and does not look at the flag again.
     node.SetHideFromEditors(True)
+    node = scene.AddNode(node)
     node.SetAndObserveImageData(image)
     node.SetIJKToRASMatrix(mrml.numpy_to_matrix(mrml.ijk_to_ras(volume_node)))
     parent = volume_node.GetParentTransformNode()

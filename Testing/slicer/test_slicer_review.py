@@ -413,3 +413,32 @@ def test_a_result_without_a_usable_map_is_kept_out_with_a_message(app, logic, ct
     seg = logic.addResults(node, results)
     assert logic.reviewSegmentIds(seg) == logic.lastSegmentIDs[:1] and len(mrml.segment_ids(seg)) == 2
     assert logic.lastMessages and "'soft tissue' not kept for review" in logic.lastMessages[0]
+
+
+# ---- audit against the Slicer sources (5.10 / 5.12) ------------------------------------------------------
+def _node_event_log(scene, event):
+    """(class name, ID, HideFromEditors) of every node ``event`` (NodeAddedEvent / NodeRemovedEvent) reports."""
+    from vtkmodules.util.misc import calldata_type
+    from vtkmodules.vtkCommonCore import VTK_OBJECT
+
+    seen = []
+
+    @calldata_type(VTK_OBJECT)
+    def on_event(_caller, _event, node):
+        seen.append((node.GetClassName(), node.GetID(), bool(node.GetHideFromEditors())))
+
+    scene.AddObserver(event, on_event)
+    return seen
+
+
+def test_map_nodes_are_hidden_when_the_scene_adds_them(app, logic, ct_path):
+    """Slicer's Subject Hierarchy adds a node to the Data module's tree when the scene announces it unless it is
+    hidden *then* (qSlicerSubjectHierarchyPluginLogic: 'The HideFromEditors flag is not considered to work
+    dynamically'): a map must be hidden before AddNode, not after."""
+    node = app.load_volume(ct_path)
+    added = _node_event_log(app.scene, app.scene.NodeAddedEvent)
+    seg = logic.addResults(node, results_for(mrml.array_from_node(node)))
+    maps = [a for a in added if a[0] == "vtkMRMLScalarVolumeNode"]
+    assert len(maps) == 2 and all(hidden for _c, _i, hidden in maps), added
+    assert sorted(i for _c, i, _h in maps) == sorted(n.GetID() for n in answers.answer_nodes(seg).values())
+
