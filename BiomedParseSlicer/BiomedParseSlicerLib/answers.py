@@ -148,16 +148,23 @@ def remove_answer(segmentation_node, segment_id: str) -> None:
         _remove(segmentation_node, node)
 
 
-def _remove(segmentation_node, node) -> None:
+def _remove(segmentation_node, node) -> bool:
     for n in reversed(range(segmentation_node.GetNumberOfNodeReferences(ROLE))):
         if segmentation_node.GetNthNodeReferenceID(ROLE, n) == node.GetID():
             segmentation_node.RemoveNthNodeReferenceID(ROLE, n)
-    scene = node.GetScene()
-    if scene is not None:
-        storage = node.GetStorageNode()
-        scene.RemoveNode(node)
-        if storage is not None and storage.GetScene() is not None:
-            scene.RemoveNode(storage)
+    return _remove_node(node.GetScene(), node)
+
+
+def _remove_node(scene, node) -> bool:
+    """Remove a map node and its storage node, each only while it is still in ``scene``: removing a node raises
+    NodeRemovedEvent, on which the Logic prunes again, and MRML would remove (and announce) a removed node twice."""
+    if scene is None or node.GetScene() is not scene:
+        return False
+    storage = node.GetStorageNode()
+    scene.RemoveNode(node)
+    if storage is not None and storage.GetScene() is scene:
+        scene.RemoveNode(storage)
+    return True
 
 
 def prune(scene, segmentation_nodes: Optional[Iterable] = None) -> int:
@@ -173,16 +180,12 @@ def prune(scene, segmentation_nodes: Optional[Iterable] = None) -> int:
             if sid in ids:
                 referenced.add(node.GetID())
             else:
-                _remove(seg, node)
-                removed += 1
+                removed += _remove(seg, node)
     if segmentation_nodes is None:  # a full sweep: maps of segmentations that are gone
         all_refs = {seg.GetNthNodeReferenceID(ROLE, n) for seg in segs
                     for n in range(seg.GetNumberOfNodeReferences(ROLE))}
         for node in list(scene.GetNodesByClass("vtkMRMLScalarVolumeNode")):
-            if node.GetAttribute(ANSWER_ATTRIBUTE) is not None and node.GetID() not in all_refs:
-                storage = node.GetStorageNode()
-                scene.RemoveNode(node)
-                if storage is not None and storage.GetScene() is not None:
-                    scene.RemoveNode(storage)
-                removed += 1
+            if node.GetScene() is scene and node.GetAttribute(ANSWER_ATTRIBUTE) is not None \
+                    and node.GetID() not in all_refs:
+                removed += _remove_node(scene, node)
     return removed

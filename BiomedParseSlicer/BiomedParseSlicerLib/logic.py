@@ -68,6 +68,7 @@ class BiomedParseSlicerLogic:
         # away, and node IDs reused by a later scene are never taken for an observed node
         self._observed = weakref.WeakKeyDictionary()
         self._sceneObservers: list[int] = []
+        self._pruning = False
 
     def getParameterNode(self):
         """The module's parameter node (a vtkMRMLScriptedModuleNode, one per scene), found or added as Slicer's
@@ -272,8 +273,8 @@ class BiomedParseSlicerLogic:
 
         def onSegmentRemoved(caller, _event):
             logic = ref()
-            if logic is not None and logic._sceneIdle():
-                answers.prune(logic.scene, [caller])
+            if logic is not None:
+                logic._prune([caller])
 
         self._observed[segmentationNode] = segmentationNode.AddObserver(vtkSegmentation.SegmentRemoved,
                                                                         onSegmentRemoved)
@@ -283,8 +284,18 @@ class BiomedParseSlicerLogic:
                                                or self.scene.IsBatchProcessing())
 
     def _onNodeRemoved(self) -> None:
-        if self._sceneIdle():
-            answers.prune(self.scene)
+        self._prune()
+
+    def _prune(self, segmentationNodes=None) -> None:
+        """answers.prune while the scene is idle, once: the maps it removes raise NodeRemovedEvent again, and a
+        nested sweep would only repeat the one running."""
+        if self._pruning or not self._sceneIdle():
+            return
+        self._pruning = True
+        try:
+            answers.prune(self.scene, segmentationNodes)
+        finally:
+            self._pruning = False
 
     def _onSceneImported(self) -> None:
         for seg in self.scene.GetNodesByClass("vtkMRMLSegmentationNode"):

@@ -442,3 +442,17 @@ def test_map_nodes_are_hidden_when_the_scene_adds_them(app, logic, ct_path):
     assert len(maps) == 2 and all(hidden for _c, _i, hidden in maps), added
     assert sorted(i for _c, i, _h in maps) == sorted(n.GetID() for n in answers.answer_nodes(seg).values())
 
+
+def test_removing_a_segmentation_removes_each_map_once(app, logic, run):
+    """Removing a map node raises NodeRemovedEvent, which prunes again: a node must never be removed twice (MRML
+    removes it again and announces it to every observer; vtkMRMLScene::RemoveNode: 'The caller should make sure
+    the node isn't already removed')."""
+    node, seg, results, ids = run
+    logic.watchScene()
+    maps = {n.GetID() for n in answers.answer_nodes(seg).values()}
+    removed = _node_event_log(app.scene, app.scene.NodeRemovedEvent)
+    app.scene.RemoveNode(seg)
+    removed_ids = [i for _c, i, _h in removed]
+    assert sorted(removed_ids) == sorted(set(removed_ids)), removed_ids
+    assert maps <= set(removed_ids) and len(removed_ids) == 5  # the segmentation, 2 maps, their 2 storage nodes
+
