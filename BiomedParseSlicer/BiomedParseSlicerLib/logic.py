@@ -86,9 +86,12 @@ class BiomedParseSlicerLogic:
         return node
 
     def defaultInputVolume(self):
-        """The first volume the panel's input selector offers (a scalar or vector volume; not a label map)."""
+        """The first volume the panel's input selector offers (a scalar or vector volume; not a label map, not
+        hidden)."""
         for node in self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode"):
-            if node.GetClassName() in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"):
+            # not a hidden node (a kept model output), which the selector does not show either
+            if node.GetClassName() in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode") \
+                    and not node.GetHideFromEditors():
                 return node
         return None
 

@@ -456,3 +456,12 @@ def test_removing_a_segmentation_removes_each_map_once(app, logic, run):
     assert sorted(removed_ids) == sorted(set(removed_ids)), removed_ids
     assert maps <= set(removed_ids) and len(removed_ids) == 5  # the segmentation, 2 maps, their 2 storage nodes
 
+
+def test_the_default_input_volume_is_never_a_hidden_map(app, logic, run, ct_path):
+    """The input selector never shows hidden nodes; the default input (a scene whose volume was removed, the
+    segmentation kept) must not be a map either, but the next visible volume."""
+    node, seg, results, ids = run
+    app.scene.RemoveNode(node)
+    assert logic.defaultInputVolume() is None
+    other = app.load_volume(ct_path, "second")
+    assert logic.defaultInputVolume() is other
