@@ -307,6 +307,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onReviewThresholdMoved(self, _value):
         panel.show_threshold(self.ui)
+        self.controller.review_threshold_moved(self._inputs())
         self._reviewTimer.start()  # restarts: re-threshold once the slider rests
 
     def onExportTraining(self):

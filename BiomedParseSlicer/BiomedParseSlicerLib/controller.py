@@ -157,6 +157,7 @@ class PanelController:
         self._progress = (0.0, "", 0.0)
         self._specs: dict[str, Any] = {}
         self._packages_text = ""
+        self._review_moved: Optional[tuple[Any, str]] = None  # (segmentation, segment ID) the slider was moved for
 
     # ---- models and setup ---------------------------------------------------------------------
     def model_rows(self) -> list[tuple[str, str]]:
@@ -574,19 +575,33 @@ class PanelController:
         return view
 
     def review_refresh(self, inputs: Inputs) -> View:
-        """The output segmentation or Review's segment changed: its list, confidence and threshold."""
+        """The output segmentation or Review's segment changed: its list, confidence and threshold. A slider move
+        not yet applied was made for the segment shown before: it is dropped (the slider now shows this one's)."""
+        self._review_moved = None
         return self._review(inputs, lambda: self._review_fields(inputs.segmentation, inputs.review_segment),
                             quiet=True)
 
+    def review_threshold_moved(self, inputs: Inputs) -> None:
+        """The threshold slider moved (the Widget calls ``review_threshold_changed`` once it rests): remember the
+        segment it was moved for."""
+        seg, sid = inputs.segmentation, inputs.review_segment
+        self._review_moved = (seg, sid) if seg is not None and sid else None
+
     def review_threshold_changed(self, inputs: Inputs) -> View:
-        """The threshold slider settled (the Widget debounces it): re-threshold the segment from its kept map.
-        A segment edited by hand is re-thresholded only when the user chooses 'Replace my edits'."""
+        """The threshold slider rested (the Widget debounces it): re-threshold the segment it was moved for from
+        its kept map, once; nothing when another segment was chosen meanwhile. A segment edited by hand is
+        re-thresholded only when the user chooses 'Replace my edits'."""
+        moved, self._review_moved = self._review_moved, None
 
         def action():
             seg, sid, t = inputs.segmentation, inputs.review_segment, inputs.review_threshold
-            if seg is None or not sid:
+            if seg is None or not sid or moved is None or moved[0] is not seg or moved[1] != sid:
                 return {}
-            name = seg.GetSegmentation().GetSegment(sid).GetName()
+            segment = seg.GetSegmentation().GetSegment(sid)
+            if segment is None:  # deleted (Segment Editor) while Review still listed it
+                self._log.append("The segment chosen in Review no longer exists: nothing re-thresholded.")
+                return self._review_fields(seg)
+            name = segment.GetName()
             replace = False
             if self.logic.editedSinceModel(seg, sid):
                 if not self.replace_edits(f"Segment '{name}' was edited by hand since the model made it. "

@@ -352,6 +352,7 @@ def test_review_controller_slider_refusal_compare_and_export(app, logic, run, tm
     assert view.review_threshold == 0.35 and view.review_confidence.startswith("existence 0.97, mean probability")
     inputs.review_segment, inputs.review_threshold = ids[0], 0.6
     assert ctl.view(inputs).review_enabled
+    ctl.review_threshold_moved(inputs)
     view = ctl.review_threshold_changed(inputs)
     q = q_of(np.asarray(results[0].probability))
     assert view.error is None and np.array_equal(mrml.segment_mask(seg, ids[0], node), q >= 153)  # 0.6 -> 153
@@ -361,9 +362,11 @@ def test_review_controller_slider_refusal_compare_and_export(app, logic, run, tm
     edited[:, :, :30] = 0
     mrml.set_segment_mask(seg, ids[0], edited, node)
     inputs.review_threshold = 0.4
+    ctl.review_threshold_moved(inputs)
     view = ctl.review_threshold_changed(inputs)
     assert len(asked) == 1 and "edited by hand" in asked[0] and view.review_threshold == 0.6
     assert np.array_equal(mrml.segment_mask(seg, ids[0], node), edited) and view.error is None
+    ctl.review_threshold_moved(inputs)  # moved to 0.4 again
     view = ctl.review_threshold_changed(inputs)  # "Replace my edits"
     assert len(asked) == 2 and np.array_equal(mrml.segment_mask(seg, ids[0], node), q >= 102)  # 0.4 -> 102
     view = ctl.compare_with_ai(inputs)
@@ -465,3 +468,57 @@ def test_the_default_input_volume_is_never_a_hidden_map(app, logic, run, ct_path
     assert logic.defaultInputVolume() is None
     other = app.load_volume(ct_path, "second")
     assert logic.defaultInputVolume() is other
+
+
+def test_a_slider_move_re_thresholds_only_the_segment_it_was_made_for(app, logic, run):
+    """The Widget re-thresholds 300 ms after the slider's last move. Choosing another segment meanwhile shows that
+    segment's threshold on the slider (signals blocked); when the timer then fires, the segment now shown was not
+    moved: no 'Replace my edits' question about it (answered 'Replace' here, as a user who thinks it is about the
+    move would), its hand edit kept."""
+    from BiomedParseSlicerLib.controller import Inputs, PanelController
+
+    node, seg, results, ids = run
+    asked = []
+    ctl = PanelController(logic, replace_edits=lambda text: asked.append(text) or True)
+    soft = mrml.segment_mask(seg, ids[1], node)
+    soft[:, :, :40] = 0  # edited by hand in the Segment Editor
+    mrml.set_segment_mask(seg, ids[1], soft, node)
+    bone = mrml.segment_mask(seg, ids[0], node)
+    moved = ctl.review_threshold_moved  # the Widget's slider handler
+    inputs = Inputs(volume=node, segmentation=seg, review_segment=ids[0], review_threshold=0.6)
+    moved(inputs)  # 'bone' at 0.6 ...
+    inputs.review_segment = ids[1]  # ... then 'soft tissue' chosen before the slider rests
+    inputs.review_threshold = ctl.review_refresh(inputs).review_threshold
+    assert inputs.review_threshold == 0.5
+    view = ctl.review_threshold_changed(inputs)  # the timer fires
+    assert view.error is None and not asked
+    assert np.array_equal(mrml.segment_mask(seg, ids[1], node), soft)
+    assert np.array_equal(mrml.segment_mask(seg, ids[0], node), bone)
+    assert not any("re-thresholded" in line for line in view.log)
+    # a move of the segment shown is applied, once (after 'Replace my edits')
+    inputs.review_threshold = 0.6
+    moved(inputs)
+    view = ctl.review_threshold_changed(inputs)
+    q = q_of(np.asarray(results[1].probability))
+    assert np.array_equal(mrml.segment_mask(seg, ids[1], node), q >= 153) and view.error is None
+    assert len(asked) == 1 and "'soft tissue' was edited by hand" in asked[0]
+    assert any("'soft tissue' re-thresholded at 0.6" in line for line in view.log)
+    view = ctl.review_threshold_changed(inputs)
+    assert not any("re-thresholded" in line for line in view.log)
+
+
+def test_a_slider_move_on_a_segment_deleted_meanwhile_is_one_line(app, logic, run):
+    """The segment is deleted (Segment Editor) while Review still lists it, then the slider rests: one line saying
+    so and a refreshed list, never an AttributeError in the user's face."""
+    from BiomedParseSlicerLib.controller import Inputs, PanelController
+
+    node, seg, results, ids = run
+    ctl = PanelController(logic)
+    inputs = Inputs(volume=node, segmentation=seg, review_segment=ids[0], review_threshold=0.6)
+    ctl.review_threshold_moved(inputs)
+    seg.GetSegmentation().RemoveSegment(ids[0])
+    view = ctl.review_threshold_changed(inputs)
+    text = " ".join([view.error or "", *view.log])
+    assert "Error" not in text and "NoneType" not in text, text
+    assert "no longer exists" in text
+    assert view.review_rows == [(ids[1], "soft tissue")] and view.review_segment == ids[1]
