@@ -172,6 +172,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def cleanup(self):
         self.removeObservers()
+        self.logic.cleanup()  # the Logic's scene and segmentation observers (a reloaded module makes a new Logic)
         self._reviewTimer.stop()
         self._show(self.controller.shutdown())
 

@@ -64,9 +64,11 @@ class BiomedParseSlicerLogic:
         self.keepModelOutput = True
         self.keepModelOutputBudgetMB = KEEP_MODEL_OUTPUT_BUDGET_MB
         self.lastMessages: list[str] = []  # what the last addResults has to tell the user (maps not kept)
-        # segmentation node -> observer tag (SegmentRemoved); weak, so a node removed or closed with its scene goes
-        # away, and node IDs reused by a later scene are never taken for an observed node
-        self._observed = weakref.WeakKeyDictionary()
+        # segmentation node -> observer tag (SegmentRemoved). The node's Python wrapper is held here, not weakly: VTK
+        # drops a wrapper nobody holds while the node lives on (inside Slicer nodes reach Python as wrappers made on
+        # demand), and a weak entry went with it, so the next run observed the node again. An entry goes when its
+        # node leaves the scene (NodeRemovedEvent, also while the scene closes) and with cleanup().
+        self._observed: dict = {}
         self._sceneObservers: list[int] = []
         self._pruning = False
 
@@ -287,7 +289,22 @@ class BiomedParseSlicerLogic:
                                                or self.scene.IsBatchProcessing())
 
     def _onNodeRemoved(self) -> None:
+        for node, tag in list(self._observed.items()):
+            if node.GetScene() is None:  # removed, or closed with the scene
+                node.RemoveObserver(tag)
+                del self._observed[node]
         self._prune()
+
+    def cleanup(self) -> None:
+        """Remove every observer watchScene and watchSegmentation added (the Widget's cleanup: module reload,
+        application exit). Watching starts again with the next watchScene."""
+        for node, tag in self._observed.items():
+            node.RemoveObserver(tag)
+        self._observed.clear()
+        if self.scene is not None:
+            for tag in self._sceneObservers:
+                self.scene.RemoveObserver(tag)
+        self._sceneObservers = []
 
     def _prune(self, segmentationNodes=None) -> None:
         """answers.prune while the scene is idle, once: the maps it removes raise NodeRemovedEvent again, and a

@@ -522,3 +522,35 @@ def test_a_slider_move_on_a_segment_deleted_meanwhile_is_one_line(app, logic, ru
     assert "Error" not in text and "NoneType" not in text, text
     assert "no longer exists" in text
     assert view.review_rows == [(ids[1], "soft tissue")] and view.review_segment == ids[1]
+
+
+def test_observers_added_once_per_segmentation_and_removed_by_cleanup(app, logic, ct_path):
+    """A second run into the same segmentation, after VTK dropped the node's Python wrapper (inside Slicer every
+    node comes to Python as a wrapper made on demand), must not observe the node twice; the Widget's cleanup (module
+    reload, application exit: slicer.util.reloadScriptedModule calls it) removes every observer the Logic added, so
+    no stale Logic keeps pruning with the old code."""
+    import gc
+
+    from slicer import vtkSegmentation
+
+    node = app.load_volume(ct_path)
+    results = results_for(mrml.array_from_node(node))
+    seg_id = logic.addResults(node, results).GetID()
+    gc.collect()
+    seg = app.scene.GetNodeByID(seg_id)
+    logic.addResults(node, results, seg)
+    scene_tags = list(logic._sceneObservers)
+    logic.cleanup()
+    assert not seg.HasObserver(vtkSegmentation.SegmentRemoved)
+    assert scene_tags and all(app.scene.GetCommand(tag) is None for tag in scene_tags)
+    seg.GetSegmentation().RemoveSegment(logic.lastSegmentIDs[0])  # nothing observes it any more: the map stays
+    assert len(answers.answer_nodes(seg)) == 4
+
+
+def test_a_segmentation_leaving_the_scene_is_no_longer_observed(app, logic, run):
+    """The Logic lets go of a segmentation removed from the scene or closed with it (its observer goes too)."""
+    from slicer import vtkSegmentation
+
+    node, seg, results, ids = run
+    app.scene.Clear(0)
+    assert seg.GetScene() is None and not seg.HasObserver(vtkSegmentation.SegmentRemoved)
