@@ -4,9 +4,10 @@ Per AI segment (``textseg.analysis.confidence.ModelAnswer``):
 
 - its uint8 probability map (0..255 = 0..1) is a ``vtkMRMLScalarVolumeNode`` on the input volume's grid (its
   IJK-to-RAS and parent transform), hidden from editors (no node selector and no Data-module item shows it; the
-  user never manages it) and saved with the scene as a compressed ``.nrrd``: Slicer writes hidden storable nodes
-  into a scene bundle (.mrb) since 5.8 and, since 5.12, also beside a scene saved as files
-  (``<scene>_Private/``); a scene saved as files by an older Slicer lacks the maps, and Review says so;
+  user never manages it) and saved with the scene as a compressed ``.nrrd``. Slicer writes hidden storable nodes
+  itself: into a scene bundle (.mrb); beside a scene saved as files, 5.12+ on every scene write
+  (vtkMRMLScene::Commit, ``<scene>_Private/``) and 5.10 only from the Save Data dialog (``Private/``). A
+  scene 5.10 writes as a bare ``.mrml`` (``slicer.util.saveScene``) lacks the maps, and Review says so;
 - the segmentation node references it with the role ``ROLE`` (one reference per kept segment; MRML remaps the
   IDs when a scene is imported), and the map node names its segment in the attribute ``SEGMENT_ATTRIBUTE``;
 - the rest of the answer (run threshold, existence score, dropped flag, the original mask's fingerprint and the
@@ -135,9 +136,9 @@ def load_answer(segmentation_node, segment_id: str) -> Optional[ModelAnswer]:
     if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
         name = segment.GetName() if segment is not None else segment_id
-        raise UsageError(f"The model output of segment '{name}' is missing from this scene (Slicer before 5.12 saves "
-                         "it only in scene bundles, .mrb, not in scene + files). Run the model again for this segment "
-                         "to review it.")
+        raise UsageError(f"The model output of segment '{name}' is missing from this scene (Slicer 5.10 leaves it "
+                         "out of a scene written as .mrml by a script; scene bundles, .mrb, and the Save Data dialog "
+                         "keep it). Run the model again for this segment to review it.")
     return answer_from_text(node.GetAttribute(ANSWER_ATTRIBUTE) or "", mrml.array_from_node(node).astype(np.uint8,
                                                                                                          copy=False))
 

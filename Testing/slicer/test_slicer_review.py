@@ -143,7 +143,8 @@ def test_answers_survive_a_saved_and_reloaded_scene(app, logic, run, tmp_path):
 
 def test_answers_survive_a_scene_saved_as_files(app, logic, run, tmp_path):
     """Scene + files: the Save dialog writes the nodes it lists (not the hidden maps), then the scene is committed;
-    Slicer (5.12+, the slicer-core wheel) writes hidden storable nodes into '<scene>_Private/' itself."""
+    Slicer (5.12+, the slicer-core wheel) writes hidden storable nodes into '<scene>_Private/' itself (5.10: only
+    its Save Data dialog does, into 'Private/')."""
     node, seg, results, ids = run
     for n in list(app.scene.GetNodesByClass("vtkMRMLStorableNode")):
         if n.GetHideFromEditors():
