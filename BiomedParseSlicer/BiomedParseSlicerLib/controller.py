@@ -99,7 +99,10 @@ class View:
     site: Optional[str] = None
     output_segmentation: Any = None  # select it as the output
     background_volume: Any = None  # show it in the slice views
-    table: Any = None  # show it in the layout, keep it in the parameter node
+    table: Any = None  # show it in the layout
+    # keep it as the statistics table (the parameter node's statisticsTable, which the next Statistics refills): only
+    # Statistics' own table, never another one shown (a comparison would be overwritten by the next Statistics)
+    statistics_table: Any = None
     models_changed: bool = False  # refill the model list (a model became ready)
     review_enabled: bool = False  # threshold slider, uncertain voxels, compare
     export_training_enabled: bool = False
@@ -536,7 +539,7 @@ class PanelController:
         if csv_path:
             self._log.append(f"Statistics written to {csv_path}")
         view = self.view(inputs)
-        view.table = table
+        view.table = view.statistics_table = table
         return view
 
     # ---- Review: the kept model output --------------------------------------------------------

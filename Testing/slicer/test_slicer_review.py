@@ -555,3 +555,32 @@ def test_a_segmentation_leaving_the_scene_is_no_longer_observed(app, logic, run)
     node, seg, results, ids = run
     app.scene.Clear(0)
     assert seg.GetScene() is None and not seg.HasObserver(vtkSegmentation.SegmentRemoved)
+
+
+def test_statistics_after_compare_leave_the_comparison_table_alone(app, logic, run):
+    """Both buttons show a table; only Statistics' table is kept as the statistics table (the parameter node's
+    statisticsTable, which the next Statistics refills). The Widget keeps ``view.statistics_table``: a Statistics
+    click after 'Compare with AI output' must not overwrite the comparison."""
+    from BiomedParseSlicerLib.controller import Inputs, PanelController
+
+    node, seg, results, ids = run
+    ctl = PanelController(logic)
+    inputs = Inputs(volume=node, segmentation=seg, review_segment=ids[0])
+
+    def widget_shows(view):  # BiomedParseSlicerWidget._show: the table it keeps in the parameter node
+        if view.statistics_table is not None:
+            inputs.statistics_table = view.statistics_table
+
+    view = ctl.statistics(inputs)
+    widget_shows(view)
+    first = view.table
+    assert view.statistics_table is first and first.GetTable().GetColumnByName("Voxel count") is not None
+    view = ctl.compare_with_ai(inputs)
+    widget_shows(view)
+    comparison = view.table
+    assert comparison is not first and view.statistics_table is None
+    view = ctl.statistics(inputs)
+    widget_shows(view)
+    assert view.table is first and inputs.statistics_table is first
+    assert comparison.GetTable().GetColumnByName("Dice") is not None
+    assert comparison.GetTable().GetColumnByName("Voxel count") is None
