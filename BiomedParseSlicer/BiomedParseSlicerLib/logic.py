@@ -543,19 +543,25 @@ class BiomedParseSlicerLogic:
         return modality, site
 
     def statistics(self, segmentationNode, volumeNode, tableNode=None, csvPath=None, overwrite=False):
-        """Statistics of every segment (after any edits) into a table node, optionally a CSV file."""
+        """Statistics of every segment (after any edits) into a table node, optionally a CSV file; review segments
+        ("Show uncertain voxels") are left out."""
         if segmentationNode is None or volumeNode is None:
             raise UsageError("Statistics need a segmentation and the volume it was made from.")
         rows = stats.slicer_statistics(segmentationNode, volumeNode)
         if rows is None:
             rows = stats.engine_statistics(segmentationNode, volumeNode)
+        # both back ends give one row per segment, in the segmentation's order (SegmentStatistics: all segments with
+        # visibleSegmentsOnly False)
+        ids_rows = [(sid, row) for sid, row in zip(mrml.segment_ids(segmentationNode), rows)
+                    if not self.isReviewSegment(segmentationNode, sid)]
+        rows = [row for _sid, row in ids_rows]
         columns = stats.COLUMNS
         kept = set(self.reviewSegmentIds(segmentationNode))
         if kept:  # the model's confidence, from the kept maps, for the segments as they are now
             from textseg.analysis.confidence import confidence_row
 
             columns = stats.COLUMNS + stats.CONFIDENCE_COLUMNS
-            for sid, row in zip(mrml.segment_ids(segmentationNode), rows):
+            for sid, row in ids_rows:
                 if sid in kept:
                     try:
                         row.update(confidence_row(self.segmentConfidence(segmentationNode, sid)))

@@ -584,3 +584,18 @@ def test_statistics_after_compare_leave_the_comparison_table_alone(app, logic, r
     assert view.table is first and inputs.statistics_table is first
     assert comparison.GetTable().GetColumnByName("Dice") is not None
     assert comparison.GetTable().GetColumnByName("Voxel count") is None
+
+
+def test_statistics_leave_review_segments_out(app, logic, run, tmp_path):
+    """addUncertainSegment's contract: statistics (table and CSV), like training exports, leave review segments
+    out; a segment drawn by hand stays in."""
+    node, seg, results, ids = run
+    logic.addUncertainSegment(seg, ids[0])
+    drawn = seg.GetSegmentation().AddEmptySegment("", "drawn by hand")
+    assert len(mrml.segment_ids(seg)) == 4
+    t = logic.statistics(seg, node, csvPath=tmp_path / "s.csv").GetTable()
+    names = [t.GetColumnByName("Segment").GetValue(r) for r in range(t.GetNumberOfRows())]
+    assert names == ["bone", "soft tissue", "drawn by hand"] and drawn in mrml.segment_ids(seg)
+    assert [r[0] for r in csv.reader(open(tmp_path / "s.csv"))][1:] == names
+    assert t.GetColumnByName("Threshold").GetValue(0) == pytest.approx(0.35)
+    assert np.isnan(t.GetColumnByName("Threshold").GetValue(2))
