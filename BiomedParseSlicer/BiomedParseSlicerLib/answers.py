@@ -172,8 +172,8 @@ def prune(scene, segmentation_nodes: Optional[Iterable] = None) -> int:
     """Remove the maps whose segment no longer exists, and maps no segmentation references (their segmentation
     was removed). Returns how many were removed."""
     removed = 0
-    segs = list(segmentation_nodes) if segmentation_nodes is not None else list(
-        scene.GetNodesByClass("vtkMRMLSegmentationNode"))
+    segs = list(segmentation_nodes) if segmentation_nodes is not None else mrml.nodes_by_class(
+        scene, "vtkMRMLSegmentationNode")
     referenced = set()
     for seg in segs:
         ids = set(mrml.segment_ids(seg))
@@ -185,7 +185,7 @@ def prune(scene, segmentation_nodes: Optional[Iterable] = None) -> int:
     if segmentation_nodes is None:  # a full sweep: maps of segmentations that are gone
         all_refs = {seg.GetNthNodeReferenceID(ROLE, n) for seg in segs
                     for n in range(seg.GetNumberOfNodeReferences(ROLE))}
-        for node in list(scene.GetNodesByClass("vtkMRMLScalarVolumeNode")):
+        for node in mrml.nodes_by_class(scene, "vtkMRMLScalarVolumeNode"):
             if node.GetScene() is scene and node.GetAttribute(ANSWER_ATTRIBUTE) is not None \
                     and node.GetID() not in all_refs:
                 removed += _remove_node(scene, node)

@@ -90,7 +90,7 @@ class BiomedParseSlicerLogic:
     def defaultInputVolume(self):
         """The first volume the panel's input selector offers (a scalar or vector volume; not a label map, not
         hidden)."""
-        for node in self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode"):
+        for node in mrml.nodes_by_class(self.scene, "vtkMRMLScalarVolumeNode"):
             # not a hidden node (a kept model output), which the selector does not show either
             if node.GetClassName() in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode") \
                     and not node.GetHideFromEditors():
@@ -318,7 +318,7 @@ class BiomedParseSlicerLogic:
             self._pruning = False
 
     def _onSceneImported(self) -> None:
-        for seg in self.scene.GetNodesByClass("vtkMRMLSegmentationNode"):
+        for seg in mrml.nodes_by_class(self.scene, "vtkMRMLSegmentationNode"):
             if seg.GetNumberOfNodeReferences(answers.ROLE):
                 self.watchSegmentation(seg)
 

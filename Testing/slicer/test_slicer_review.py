@@ -599,3 +599,31 @@ def test_statistics_leave_review_segments_out(app, logic, run, tmp_path):
     assert [r[0] for r in csv.reader(open(tmp_path / "s.csv"))][1:] == names
     assert t.GetColumnByName("Threshold").GetValue(0) == pytest.approx(0.35)
     assert np.isnan(t.GetColumnByName("Threshold").GetValue(2))
+
+
+def test_maps_removed_with_their_segments_are_freed(app, logic, run):
+    """vtkMRMLScene::GetNodesByClass returns a collection the caller must delete ('You are responsible for deleting
+    the returned collection'; Python's wrapper keeps that reference, which slicer.util.getNodesByClass drops with
+    UnRegister). A collection left over holds every node in it: the maps (1 byte per voxel) of deleted segments
+    stayed in memory for the whole session."""
+    import gc
+
+    from vtkmodules.vtkCommonCore import vtkWeakReference
+
+    node, seg, results, ids = run
+    logic.watchScene()
+    weak = []
+    for map_node in answers.answer_nodes(seg).values():
+        weak.append(vtkWeakReference())
+        weak[-1].Set(map_node)
+    del map_node
+    # what happens meanwhile in a session: the panel's default input, another node removed (a prune sweep),
+    # statistics (the Segment Statistics parameter nodes are looked up), a scene import
+    assert logic.defaultInputVolume() is node
+    app.scene.RemoveNode(app.scene.AddNewNodeByClass("vtkMRMLTableNode"))
+    logic.statistics(seg, node)
+    logic._onSceneImported()
+    seg.GetSegmentation().RemoveSegment(ids[0])
+    app.scene.RemoveNode(seg)
+    gc.collect()
+    assert [w.Get() is None for w in weak] == [True, True]
