@@ -172,6 +172,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def cleanup(self):
         self.removeObservers()
+        self.logic.cleanup()  # the Logic's scene and segmentation observers (a reloaded module makes a new Logic)
         self._reviewTimer.stop()
         self._show(self.controller.shutdown())
 
@@ -191,6 +192,8 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             panel.fill_history(self.ui, view.history)
         if view.models_changed:
             self._fillModels()
+        if view.statistics_table is not None and self._parameterNode:
+            self._parameterNode.statisticsTable = view.statistics_table
         if view.table is not None:
             self._showTable(view.table)
         if view.background_volume is not None:
@@ -307,6 +310,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onReviewThresholdMoved(self, _value):
         panel.show_threshold(self.ui)
+        self.controller.review_threshold_moved(self._inputs())
         self._reviewTimer.start()  # restarts: re-threshold once the slider rests
 
     def onExportTraining(self):
@@ -322,9 +326,7 @@ class BiomedParseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         editor.setSourceVolumeNode(inputs.volume)
 
     def _showTable(self, table):
-        """The statistics table in a layout with a table view, as Segment Statistics shows its own."""
-        if self._parameterNode:
-            self._parameterNode.statisticsTable = table
+        """A table (statistics, comparison) in a layout with a table view, as Segment Statistics shows its own."""
         layoutManager = slicer.app.layoutManager()
         layoutManager.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layoutManager.layout))
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())

@@ -4,9 +4,10 @@ Per AI segment (``textseg.analysis.confidence.ModelAnswer``):
 
 - its uint8 probability map (0..255 = 0..1) is a ``vtkMRMLScalarVolumeNode`` on the input volume's grid (its
   IJK-to-RAS and parent transform), hidden from editors (no node selector and no Data-module item shows it; the
-  user never manages it) and saved with the scene as a compressed ``.nrrd``: Slicer writes hidden storable nodes
-  into a scene bundle (.mrb) since 5.8 and, since 5.12, also beside a scene saved as files
-  (``<scene>_Private/``); a scene saved as files by an older Slicer lacks the maps, and Review says so;
+  user never manages it) and saved with the scene as a compressed ``.nrrd``. Slicer writes hidden storable nodes
+  itself: into a scene bundle (.mrb); beside a scene saved as files, 5.12+ on every scene write
+  (vtkMRMLScene::Commit, ``<scene>_Private/``) and 5.10 only from the Save Data dialog (``Private/``). A
+  scene 5.10 writes as a bare ``.mrml`` (``slicer.util.saveScene``) lacks the maps, and Review says so;
 - the segmentation node references it with the role ``ROLE`` (one reference per kept segment; MRML remaps the
   IDs when a scene is imported), and the map node names its segment in the attribute ``SEGMENT_ATTRIBUTE``;
 - the rest of the answer (run threshold, existence score, dropped flag, the original mask's fingerprint and the
@@ -90,8 +91,13 @@ def add_answer_node(segmentation_node, segment_id: str, answer: ModelAnswer, vol
                                                  array_type=VTK_UNSIGNED_CHAR))
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     name = f"{segmentation_node.GetName()} - {segment.GetName() if segment else segment_id} - model output"
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    node = scene.CreateNodeByClass("vtkMRMLScalarVolumeNode")
+    node.UnRegister(None)  # owned by the Python variable, as Slicer's ScriptedLoadableModule does it
+    node.SetName(scene.GenerateUniqueName(name))
+    # Hidden before the scene announces it: Subject Hierarchy adds every node that is not hidden at NodeAddedEvent
+    # to the Data module's tree and does not look at the flag again.
     node.SetHideFromEditors(True)
+    node = scene.AddNode(node)
     node.SetAndObserveImageData(image)
     node.SetIJKToRASMatrix(mrml.numpy_to_matrix(mrml.ijk_to_ras(volume_node)))
     parent = volume_node.GetParentTransformNode()
@@ -130,9 +136,9 @@ def load_answer(segmentation_node, segment_id: str) -> Optional[ModelAnswer]:
     if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
         name = segment.GetName() if segment is not None else segment_id
-        raise UsageError(f"The model output of segment '{name}' is missing from this scene (Slicer before 5.12 saves "
-                         "it only in scene bundles, .mrb, not in scene + files). Run the model again for this segment "
-                         "to review it.")
+        raise UsageError(f"The model output of segment '{name}' is missing from this scene (Slicer 5.10 leaves it "
+                         "out of a scene written as .mrml by a script; scene bundles, .mrb, and the Save Data dialog "
+                         "keep it). Run the model again for this segment to review it.")
     return answer_from_text(node.GetAttribute(ANSWER_ATTRIBUTE) or "", mrml.array_from_node(node).astype(np.uint8,
                                                                                                          copy=False))
 
@@ -143,24 +149,31 @@ def remove_answer(segmentation_node, segment_id: str) -> None:
         _remove(segmentation_node, node)
 
 
-def _remove(segmentation_node, node) -> None:
+def _remove(segmentation_node, node) -> bool:
     for n in reversed(range(segmentation_node.GetNumberOfNodeReferences(ROLE))):
         if segmentation_node.GetNthNodeReferenceID(ROLE, n) == node.GetID():
             segmentation_node.RemoveNthNodeReferenceID(ROLE, n)
-    scene = node.GetScene()
-    if scene is not None:
-        storage = node.GetStorageNode()
-        scene.RemoveNode(node)
-        if storage is not None and storage.GetScene() is not None:
-            scene.RemoveNode(storage)
+    return _remove_node(node.GetScene(), node)
+
+
+def _remove_node(scene, node) -> bool:
+    """Remove a map node and its storage node, each only while it is still in ``scene``: removing a node raises
+    NodeRemovedEvent, on which the Logic prunes again, and MRML would remove (and announce) a removed node twice."""
+    if scene is None or node.GetScene() is not scene:
+        return False
+    storage = node.GetStorageNode()
+    scene.RemoveNode(node)
+    if storage is not None and storage.GetScene() is scene:
+        scene.RemoveNode(storage)
+    return True
 
 
 def prune(scene, segmentation_nodes: Optional[Iterable] = None) -> int:
     """Remove the maps whose segment no longer exists, and maps no segmentation references (their segmentation
     was removed). Returns how many were removed."""
     removed = 0
-    segs = list(segmentation_nodes) if segmentation_nodes is not None else list(
-        scene.GetNodesByClass("vtkMRMLSegmentationNode"))
+    segs = list(segmentation_nodes) if segmentation_nodes is not None else mrml.nodes_by_class(
+        scene, "vtkMRMLSegmentationNode")
     referenced = set()
     for seg in segs:
         ids = set(mrml.segment_ids(seg))
@@ -168,16 +181,12 @@ def prune(scene, segmentation_nodes: Optional[Iterable] = None) -> int:
             if sid in ids:
                 referenced.add(node.GetID())
             else:
-                _remove(seg, node)
-                removed += 1
+                removed += _remove(seg, node)
     if segmentation_nodes is None:  # a full sweep: maps of segmentations that are gone
         all_refs = {seg.GetNthNodeReferenceID(ROLE, n) for seg in segs
                     for n in range(seg.GetNumberOfNodeReferences(ROLE))}
-        for node in list(scene.GetNodesByClass("vtkMRMLScalarVolumeNode")):
-            if node.GetAttribute(ANSWER_ATTRIBUTE) is not None and node.GetID() not in all_refs:
-                storage = node.GetStorageNode()
-                scene.RemoveNode(node)
-                if storage is not None and storage.GetScene() is not None:
-                    scene.RemoveNode(storage)
-                removed += 1
+        for node in mrml.nodes_by_class(scene, "vtkMRMLScalarVolumeNode"):
+            if node.GetScene() is scene and node.GetAttribute(ANSWER_ATTRIBUTE) is not None \
+                    and node.GetID() not in all_refs:
+                removed += _remove_node(scene, node)
     return removed

@@ -233,7 +233,7 @@ def run_review_checks(logic, scene, folder) -> None:
     scene.Clear(0)
     expect(scene.ReadFromMRB(path), f"could not read {path}")
     seg = scene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
-    node = next(n for n in scene.GetNodesByClass("vtkMRMLScalarVolumeNode") if not n.GetHideFromEditors())
+    node = next(n for n in mrml.nodes_by_class(scene, "vtkMRMLScalarVolumeNode") if not n.GetHideFromEditors())
     for sid in ids:
         again = logic.modelAnswer(seg, sid)
         expect(np.array_equal(again.probability, before[sid].probability)

@@ -99,7 +99,10 @@ class View:
     site: Optional[str] = None
     output_segmentation: Any = None  # select it as the output
     background_volume: Any = None  # show it in the slice views
-    table: Any = None  # show it in the layout, keep it in the parameter node
+    table: Any = None  # show it in the layout
+    # keep it as the statistics table (the parameter node's statisticsTable, which the next Statistics refills): only
+    # Statistics' own table, never another one shown (a comparison would be overwritten by the next Statistics)
+    statistics_table: Any = None
     models_changed: bool = False  # refill the model list (a model became ready)
     review_enabled: bool = False  # threshold slider, uncertain voxels, compare
     export_training_enabled: bool = False
@@ -157,6 +160,7 @@ class PanelController:
         self._progress = (0.0, "", 0.0)
         self._specs: dict[str, Any] = {}
         self._packages_text = ""
+        self._review_moved: Optional[tuple[Any, str]] = None  # (segmentation, segment ID) the slider was moved for
 
     # ---- models and setup ---------------------------------------------------------------------
     def model_rows(self) -> list[tuple[str, str]]:
@@ -535,7 +539,7 @@ class PanelController:
         if csv_path:
             self._log.append(f"Statistics written to {csv_path}")
         view = self.view(inputs)
-        view.table = table
+        view.table = view.statistics_table = table
         return view
 
     # ---- Review: the kept model output --------------------------------------------------------
@@ -574,19 +578,33 @@ class PanelController:
         return view
 
     def review_refresh(self, inputs: Inputs) -> View:
-        """The output segmentation or Review's segment changed: its list, confidence and threshold."""
+        """The output segmentation or Review's segment changed: its list, confidence and threshold. A slider move
+        not yet applied was made for the segment shown before: it is dropped (the slider now shows this one's)."""
+        self._review_moved = None
         return self._review(inputs, lambda: self._review_fields(inputs.segmentation, inputs.review_segment),
                             quiet=True)
 
+    def review_threshold_moved(self, inputs: Inputs) -> None:
+        """The threshold slider moved (the Widget calls ``review_threshold_changed`` once it rests): remember the
+        segment it was moved for."""
+        seg, sid = inputs.segmentation, inputs.review_segment
+        self._review_moved = (seg, sid) if seg is not None and sid else None
+
     def review_threshold_changed(self, inputs: Inputs) -> View:
-        """The threshold slider settled (the Widget debounces it): re-threshold the segment from its kept map.
-        A segment edited by hand is re-thresholded only when the user chooses 'Replace my edits'."""
+        """The threshold slider rested (the Widget debounces it): re-threshold the segment it was moved for from
+        its kept map, once; nothing when another segment was chosen meanwhile. A segment edited by hand is
+        re-thresholded only when the user chooses 'Replace my edits'."""
+        moved, self._review_moved = self._review_moved, None
 
         def action():
             seg, sid, t = inputs.segmentation, inputs.review_segment, inputs.review_threshold
-            if seg is None or not sid:
+            if seg is None or not sid or moved is None or moved[0] is not seg or moved[1] != sid:
                 return {}
-            name = seg.GetSegmentation().GetSegment(sid).GetName()
+            segment = seg.GetSegmentation().GetSegment(sid)
+            if segment is None:  # deleted (Segment Editor) while Review still listed it
+                self._log.append("The segment chosen in Review no longer exists: nothing re-thresholded.")
+                return self._review_fields(seg)
+            name = segment.GetName()
             replace = False
             if self.logic.editedSinceModel(seg, sid):
                 if not self.replace_edits(f"Segment '{name}' was edited by hand since the model made it. "

@@ -64,10 +64,13 @@ class BiomedParseSlicerLogic:
         self.keepModelOutput = True
         self.keepModelOutputBudgetMB = KEEP_MODEL_OUTPUT_BUDGET_MB
         self.lastMessages: list[str] = []  # what the last addResults has to tell the user (maps not kept)
-        # segmentation node -> observer tag (SegmentRemoved); weak, so a node removed or closed with its scene goes
-        # away, and node IDs reused by a later scene are never taken for an observed node
-        self._observed = weakref.WeakKeyDictionary()
+        # segmentation node -> observer tag (SegmentRemoved). The node's Python wrapper is held here, not weakly: VTK
+        # drops a wrapper nobody holds while the node lives on (inside Slicer nodes reach Python as wrappers made on
+        # demand), and a weak entry went with it, so the next run observed the node again. An entry goes when its
+        # node leaves the scene (NodeRemovedEvent, also while the scene closes) and with cleanup().
+        self._observed: dict = {}
         self._sceneObservers: list[int] = []
+        self._pruning = False
 
     def getParameterNode(self):
         """The module's parameter node (a vtkMRMLScriptedModuleNode, one per scene), found or added as Slicer's
@@ -85,9 +88,12 @@ class BiomedParseSlicerLogic:
         return node
 
     def defaultInputVolume(self):
-        """The first volume the panel's input selector offers (a scalar or vector volume; not a label map)."""
-        for node in self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode"):
-            if node.GetClassName() in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"):
+        """The first volume the panel's input selector offers (a scalar or vector volume; not a label map, not
+        hidden)."""
+        for node in mrml.nodes_by_class(self.scene, "vtkMRMLScalarVolumeNode"):
+            # not a hidden node (a kept model output), which the selector does not show either
+            if node.GetClassName() in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode") \
+                    and not node.GetHideFromEditors():
                 return node
         return None
 
@@ -272,8 +278,8 @@ class BiomedParseSlicerLogic:
 
         def onSegmentRemoved(caller, _event):
             logic = ref()
-            if logic is not None and logic._sceneIdle():
-                answers.prune(logic.scene, [caller])
+            if logic is not None:
+                logic._prune([caller])
 
         self._observed[segmentationNode] = segmentationNode.AddObserver(vtkSegmentation.SegmentRemoved,
                                                                         onSegmentRemoved)
@@ -283,11 +289,36 @@ class BiomedParseSlicerLogic:
                                                or self.scene.IsBatchProcessing())
 
     def _onNodeRemoved(self) -> None:
-        if self._sceneIdle():
-            answers.prune(self.scene)
+        for node, tag in list(self._observed.items()):
+            if node.GetScene() is None:  # removed, or closed with the scene
+                node.RemoveObserver(tag)
+                del self._observed[node]
+        self._prune()
+
+    def cleanup(self) -> None:
+        """Remove every observer watchScene and watchSegmentation added (the Widget's cleanup: module reload,
+        application exit). Watching starts again with the next watchScene."""
+        for node, tag in self._observed.items():
+            node.RemoveObserver(tag)
+        self._observed.clear()
+        if self.scene is not None:
+            for tag in self._sceneObservers:
+                self.scene.RemoveObserver(tag)
+        self._sceneObservers = []
+
+    def _prune(self, segmentationNodes=None) -> None:
+        """answers.prune while the scene is idle, once: the maps it removes raise NodeRemovedEvent again, and a
+        nested sweep would only repeat the one running."""
+        if self._pruning or not self._sceneIdle():
+            return
+        self._pruning = True
+        try:
+            answers.prune(self.scene, segmentationNodes)
+        finally:
+            self._pruning = False
 
     def _onSceneImported(self) -> None:
-        for seg in self.scene.GetNodesByClass("vtkMRMLSegmentationNode"):
+        for seg in mrml.nodes_by_class(self.scene, "vtkMRMLSegmentationNode"):
             if seg.GetNumberOfNodeReferences(answers.ROLE):
                 self.watchSegmentation(seg)
 
@@ -512,19 +543,25 @@ class BiomedParseSlicerLogic:
         return modality, site
 
     def statistics(self, segmentationNode, volumeNode, tableNode=None, csvPath=None, overwrite=False):
-        """Statistics of every segment (after any edits) into a table node, optionally a CSV file."""
+        """Statistics of every segment (after any edits) into a table node, optionally a CSV file; review segments
+        ("Show uncertain voxels") are left out."""
         if segmentationNode is None or volumeNode is None:
             raise UsageError("Statistics need a segmentation and the volume it was made from.")
         rows = stats.slicer_statistics(segmentationNode, volumeNode)
         if rows is None:
             rows = stats.engine_statistics(segmentationNode, volumeNode)
+        # both back ends give one row per segment, in the segmentation's order (SegmentStatistics: all segments with
+        # visibleSegmentsOnly False)
+        ids_rows = [(sid, row) for sid, row in zip(mrml.segment_ids(segmentationNode), rows)
+                    if not self.isReviewSegment(segmentationNode, sid)]
+        rows = [row for _sid, row in ids_rows]
         columns = stats.COLUMNS
         kept = set(self.reviewSegmentIds(segmentationNode))
         if kept:  # the model's confidence, from the kept maps, for the segments as they are now
             from textseg.analysis.confidence import confidence_row
 
             columns = stats.COLUMNS + stats.CONFIDENCE_COLUMNS
-            for sid, row in zip(mrml.segment_ids(segmentationNode), rows):
+            for sid, row in ids_rows:
                 if sid in kept:
                     try:
                         row.update(confidence_row(self.segmentConfidence(segmentationNode, sid)))

@@ -78,6 +78,17 @@ def world_ijk_to_ras(node) -> np.ndarray:
     return matrix_to_numpy(to_world) @ m
 
 
+# ---- scene ---------------------------------------------------------------------------------------
+def nodes_by_class(scene, class_name: str) -> list:
+    """The scene's nodes of a class (subclasses too), as a list. vtkMRMLScene::GetNodesByClass returns a new
+    collection the caller must delete ('You are responsible for deleting the returned collection'), and its Python
+    wrapper keeps that reference: a collection left over keeps every node in it alive, removed or not. Dropped here
+    as slicer.util.getNodesByClass drops it."""
+    collection = scene.GetNodesByClass(class_name)
+    collection.UnRegister(None)
+    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+
 # ---- volume node -> engine Volume -------------------------------------------------------------------
 def array_from_node(node) -> np.ndarray:
     """Voxels as array[k, j, i] (or [k, j, i, c] for RGB), a copy."""

@@ -111,7 +111,7 @@ def private_segment_statistics_logic(logic_class, scene):
 
 def module_parameter_nodes(scene, module_name: str) -> list:
     """The scene's parameter nodes of a scripted module (vtkMRMLScriptedModuleNode with that ModuleName)."""
-    return [n for n in scene.GetNodesByClass("vtkMRMLScriptedModuleNode")
+    return [n for n in mrml.nodes_by_class(scene, "vtkMRMLScriptedModuleNode")
             if n.GetAttribute("ModuleName") == module_name]
 
 

@@ -143,7 +143,8 @@ def test_answers_survive_a_saved_and_reloaded_scene(app, logic, run, tmp_path):
 
 def test_answers_survive_a_scene_saved_as_files(app, logic, run, tmp_path):
     """Scene + files: the Save dialog writes the nodes it lists (not the hidden maps), then the scene is committed;
-    Slicer (5.12+, the slicer-core wheel) writes hidden storable nodes into '<scene>_Private/' itself."""
+    Slicer (5.12+, the slicer-core wheel) writes hidden storable nodes into '<scene>_Private/' itself (5.10: only
+    its Save Data dialog does, into 'Private/')."""
     node, seg, results, ids = run
     for n in list(app.scene.GetNodesByClass("vtkMRMLStorableNode")):
         if n.GetHideFromEditors():
@@ -352,6 +353,7 @@ def test_review_controller_slider_refusal_compare_and_export(app, logic, run, tm
     assert view.review_threshold == 0.35 and view.review_confidence.startswith("existence 0.97, mean probability")
     inputs.review_segment, inputs.review_threshold = ids[0], 0.6
     assert ctl.view(inputs).review_enabled
+    ctl.review_threshold_moved(inputs)
     view = ctl.review_threshold_changed(inputs)
     q = q_of(np.asarray(results[0].probability))
     assert view.error is None and np.array_equal(mrml.segment_mask(seg, ids[0], node), q >= 153)  # 0.6 -> 153
@@ -361,9 +363,11 @@ def test_review_controller_slider_refusal_compare_and_export(app, logic, run, tm
     edited[:, :, :30] = 0
     mrml.set_segment_mask(seg, ids[0], edited, node)
     inputs.review_threshold = 0.4
+    ctl.review_threshold_moved(inputs)
     view = ctl.review_threshold_changed(inputs)
     assert len(asked) == 1 and "edited by hand" in asked[0] and view.review_threshold == 0.6
     assert np.array_equal(mrml.segment_mask(seg, ids[0], node), edited) and view.error is None
+    ctl.review_threshold_moved(inputs)  # moved to 0.4 again
     view = ctl.review_threshold_changed(inputs)  # "Replace my edits"
     assert len(asked) == 2 and np.array_equal(mrml.segment_mask(seg, ids[0], node), q >= 102)  # 0.4 -> 102
     view = ctl.compare_with_ai(inputs)
@@ -413,3 +417,213 @@ def test_a_result_without_a_usable_map_is_kept_out_with_a_message(app, logic, ct
     seg = logic.addResults(node, results)
     assert logic.reviewSegmentIds(seg) == logic.lastSegmentIDs[:1] and len(mrml.segment_ids(seg)) == 2
     assert logic.lastMessages and "'soft tissue' not kept for review" in logic.lastMessages[0]
+
+
+# ---- audit against the Slicer sources (5.10 / 5.12) ------------------------------------------------------
+def _node_event_log(scene, event):
+    """(class name, ID, HideFromEditors) of every node ``event`` (NodeAddedEvent / NodeRemovedEvent) reports."""
+    from vtkmodules.util.misc import calldata_type
+    from vtkmodules.vtkCommonCore import VTK_OBJECT
+
+    seen = []
+
+    @calldata_type(VTK_OBJECT)
+    def on_event(_caller, _event, node):
+        seen.append((node.GetClassName(), node.GetID(), bool(node.GetHideFromEditors())))
+
+    scene.AddObserver(event, on_event)
+    return seen
+
+
+def test_map_nodes_are_hidden_when_the_scene_adds_them(app, logic, ct_path):
+    """Slicer's Subject Hierarchy adds a node to the Data module's tree when the scene announces it unless it is
+    hidden *then* (qSlicerSubjectHierarchyPluginLogic: 'The HideFromEditors flag is not considered to work
+    dynamically'): a map must be hidden before AddNode, not after."""
+    node = app.load_volume(ct_path)
+    added = _node_event_log(app.scene, app.scene.NodeAddedEvent)
+    seg = logic.addResults(node, results_for(mrml.array_from_node(node)))
+    maps = [a for a in added if a[0] == "vtkMRMLScalarVolumeNode"]
+    assert len(maps) == 2 and all(hidden for _c, _i, hidden in maps), added
+    assert sorted(i for _c, i, _h in maps) == sorted(n.GetID() for n in answers.answer_nodes(seg).values())
+
+
+def test_removing_a_segmentation_removes_each_map_once(app, logic, run):
+    """Removing a map node raises NodeRemovedEvent, which prunes again: a node must never be removed twice (MRML
+    removes it again and announces it to every observer; vtkMRMLScene::RemoveNode: 'The caller should make sure
+    the node isn't already removed')."""
+    node, seg, results, ids = run
+    logic.watchScene()
+    maps = {n.GetID() for n in answers.answer_nodes(seg).values()}
+    removed = _node_event_log(app.scene, app.scene.NodeRemovedEvent)
+    app.scene.RemoveNode(seg)
+    removed_ids = [i for _c, i, _h in removed]
+    assert sorted(removed_ids) == sorted(set(removed_ids)), removed_ids
+    assert maps <= set(removed_ids) and len(removed_ids) == 5  # the segmentation, 2 maps, their 2 storage nodes
+
+
+def test_the_default_input_volume_is_never_a_hidden_map(app, logic, run, ct_path):
+    """The input selector never shows hidden nodes; the default input (a scene whose volume was removed, the
+    segmentation kept) must not be a map either, but the next visible volume."""
+    node, seg, results, ids = run
+    app.scene.RemoveNode(node)
+    assert logic.defaultInputVolume() is None
+    other = app.load_volume(ct_path, "second")
+    assert logic.defaultInputVolume() is other
+
+
+def test_a_slider_move_re_thresholds_only_the_segment_it_was_made_for(app, logic, run):
+    """The Widget re-thresholds 300 ms after the slider's last move. Choosing another segment meanwhile shows that
+    segment's threshold on the slider (signals blocked); when the timer then fires, the segment now shown was not
+    moved: no 'Replace my edits' question about it (answered 'Replace' here, as a user who thinks it is about the
+    move would), its hand edit kept."""
+    from BiomedParseSlicerLib.controller import Inputs, PanelController
+
+    node, seg, results, ids = run
+    asked = []
+    ctl = PanelController(logic, replace_edits=lambda text: asked.append(text) or True)
+    soft = mrml.segment_mask(seg, ids[1], node)
+    soft[:, :, :40] = 0  # edited by hand in the Segment Editor
+    mrml.set_segment_mask(seg, ids[1], soft, node)
+    bone = mrml.segment_mask(seg, ids[0], node)
+    moved = ctl.review_threshold_moved  # the Widget's slider handler
+    inputs = Inputs(volume=node, segmentation=seg, review_segment=ids[0], review_threshold=0.6)
+    moved(inputs)  # 'bone' at 0.6 ...
+    inputs.review_segment = ids[1]  # ... then 'soft tissue' chosen before the slider rests
+    inputs.review_threshold = ctl.review_refresh(inputs).review_threshold
+    assert inputs.review_threshold == 0.5
+    view = ctl.review_threshold_changed(inputs)  # the timer fires
+    assert view.error is None and not asked
+    assert np.array_equal(mrml.segment_mask(seg, ids[1], node), soft)
+    assert np.array_equal(mrml.segment_mask(seg, ids[0], node), bone)
+    assert not any("re-thresholded" in line for line in view.log)
+    # a move of the segment shown is applied, once (after 'Replace my edits')
+    inputs.review_threshold = 0.6
+    moved(inputs)
+    view = ctl.review_threshold_changed(inputs)
+    q = q_of(np.asarray(results[1].probability))
+    assert np.array_equal(mrml.segment_mask(seg, ids[1], node), q >= 153) and view.error is None
+    assert len(asked) == 1 and "'soft tissue' was edited by hand" in asked[0]
+    assert any("'soft tissue' re-thresholded at 0.6" in line for line in view.log)
+    view = ctl.review_threshold_changed(inputs)
+    assert not any("re-thresholded" in line for line in view.log)
+
+
+def test_a_slider_move_on_a_segment_deleted_meanwhile_is_one_line(app, logic, run):
+    """The segment is deleted (Segment Editor) while Review still lists it, then the slider rests: one line saying
+    so and a refreshed list, never an AttributeError in the user's face."""
+    from BiomedParseSlicerLib.controller import Inputs, PanelController
+
+    node, seg, results, ids = run
+    ctl = PanelController(logic)
+    inputs = Inputs(volume=node, segmentation=seg, review_segment=ids[0], review_threshold=0.6)
+    ctl.review_threshold_moved(inputs)
+    seg.GetSegmentation().RemoveSegment(ids[0])
+    view = ctl.review_threshold_changed(inputs)
+    text = " ".join([view.error or "", *view.log])
+    assert "Error" not in text and "NoneType" not in text, text
+    assert "no longer exists" in text
+    assert view.review_rows == [(ids[1], "soft tissue")] and view.review_segment == ids[1]
+
+
+def test_observers_added_once_per_segmentation_and_removed_by_cleanup(app, logic, ct_path):
+    """A second run into the same segmentation, after VTK dropped the node's Python wrapper (inside Slicer every
+    node comes to Python as a wrapper made on demand), must not observe the node twice; the Widget's cleanup (module
+    reload, application exit: slicer.util.reloadScriptedModule calls it) removes every observer the Logic added, so
+    no stale Logic keeps pruning with the old code."""
+    import gc
+
+    from slicer import vtkSegmentation
+
+    node = app.load_volume(ct_path)
+    results = results_for(mrml.array_from_node(node))
+    seg_id = logic.addResults(node, results).GetID()
+    gc.collect()
+    seg = app.scene.GetNodeByID(seg_id)
+    logic.addResults(node, results, seg)
+    scene_tags = list(logic._sceneObservers)
+    logic.cleanup()
+    assert not seg.HasObserver(vtkSegmentation.SegmentRemoved)
+    assert scene_tags and all(app.scene.GetCommand(tag) is None for tag in scene_tags)
+    seg.GetSegmentation().RemoveSegment(logic.lastSegmentIDs[0])  # nothing observes it any more: the map stays
+    assert len(answers.answer_nodes(seg)) == 4
+
+
+def test_a_segmentation_leaving_the_scene_is_no_longer_observed(app, logic, run):
+    """The Logic lets go of a segmentation removed from the scene or closed with it (its observer goes too)."""
+    from slicer import vtkSegmentation
+
+    node, seg, results, ids = run
+    app.scene.Clear(0)
+    assert seg.GetScene() is None and not seg.HasObserver(vtkSegmentation.SegmentRemoved)
+
+
+def test_statistics_after_compare_leave_the_comparison_table_alone(app, logic, run):
+    """Both buttons show a table; only Statistics' table is kept as the statistics table (the parameter node's
+    statisticsTable, which the next Statistics refills). The Widget keeps ``view.statistics_table``: a Statistics
+    click after 'Compare with AI output' must not overwrite the comparison."""
+    from BiomedParseSlicerLib.controller import Inputs, PanelController
+
+    node, seg, results, ids = run
+    ctl = PanelController(logic)
+    inputs = Inputs(volume=node, segmentation=seg, review_segment=ids[0])
+
+    def widget_shows(view):  # BiomedParseSlicerWidget._show: the table it keeps in the parameter node
+        if view.statistics_table is not None:
+            inputs.statistics_table = view.statistics_table
+
+    view = ctl.statistics(inputs)
+    widget_shows(view)
+    first = view.table
+    assert view.statistics_table is first and first.GetTable().GetColumnByName("Voxel count") is not None
+    view = ctl.compare_with_ai(inputs)
+    widget_shows(view)
+    comparison = view.table
+    assert comparison is not first and view.statistics_table is None
+    view = ctl.statistics(inputs)
+    widget_shows(view)
+    assert view.table is first and inputs.statistics_table is first
+    assert comparison.GetTable().GetColumnByName("Dice") is not None
+    assert comparison.GetTable().GetColumnByName("Voxel count") is None
+
+
+def test_statistics_leave_review_segments_out(app, logic, run, tmp_path):
+    """addUncertainSegment's contract: statistics (table and CSV), like training exports, leave review segments
+    out; a segment drawn by hand stays in."""
+    node, seg, results, ids = run
+    logic.addUncertainSegment(seg, ids[0])
+    drawn = seg.GetSegmentation().AddEmptySegment("", "drawn by hand")
+    assert len(mrml.segment_ids(seg)) == 4
+    t = logic.statistics(seg, node, csvPath=tmp_path / "s.csv").GetTable()
+    names = [t.GetColumnByName("Segment").GetValue(r) for r in range(t.GetNumberOfRows())]
+    assert names == ["bone", "soft tissue", "drawn by hand"] and drawn in mrml.segment_ids(seg)
+    assert [r[0] for r in csv.reader(open(tmp_path / "s.csv"))][1:] == names
+    assert t.GetColumnByName("Threshold").GetValue(0) == pytest.approx(0.35)
+    assert np.isnan(t.GetColumnByName("Threshold").GetValue(2))
+
+
+def test_maps_removed_with_their_segments_are_freed(app, logic, run):
+    """vtkMRMLScene::GetNodesByClass returns a collection the caller must delete ('You are responsible for deleting
+    the returned collection'; Python's wrapper keeps that reference, which slicer.util.getNodesByClass drops with
+    UnRegister). A collection left over holds every node in it: the maps (1 byte per voxel) of deleted segments
+    stayed in memory for the whole session."""
+    import gc
+
+    from vtkmodules.vtkCommonCore import vtkWeakReference
+
+    node, seg, results, ids = run
+    logic.watchScene()
+    weak = []
+    for map_node in answers.answer_nodes(seg).values():
+        weak.append(vtkWeakReference())
+        weak[-1].Set(map_node)
+    del map_node
+    # what happens meanwhile in a session: the panel's default input, another node removed (a prune sweep),
+    # statistics (the Segment Statistics parameter nodes are looked up), a scene import
+    assert logic.defaultInputVolume() is node
+    app.scene.RemoveNode(app.scene.AddNewNodeByClass("vtkMRMLTableNode"))
+    logic.statistics(seg, node)
+    logic._onSceneImported()
+    seg.GetSegmentation().RemoveSegment(ids[0])
+    app.scene.RemoveNode(seg)
+    gc.collect()
+    assert [w.Get() is None for w in weak] == [True, True]
