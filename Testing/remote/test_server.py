@@ -1103,7 +1103,9 @@ def test_a_busy_server_is_a_server_error_after_its_retry_after_budget():
         with pytest.raises(ServerError, match="busy") as err:
             RemotePredictor(f"http://127.0.0.1:{httpd.server_port}", "synthetic-3d", busy_timeout=2.5)
         assert err.value.exit_code == 1 and "queue is full" in str(err.value)
-        assert 2.0 <= time.monotonic() - t0 < 5 and len(hits) == 3
+        # busy_timeout 2.5 s with Retry-After 1 s: exactly three tries, then it gives up (the count bounds the
+        # wait; a wall-clock upper bound only measured how loaded the test machine was)
+        assert time.monotonic() - t0 >= 2.0 and len(hits) == 3
         assert all(b - a >= 0.95 for a, b in zip(hits, hits[1:]))  # Retry-After: 1 honoured
     finally:
         httpd.shutdown()
