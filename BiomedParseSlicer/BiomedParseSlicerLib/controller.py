@@ -605,14 +605,14 @@ class PanelController:
                 self._log.append("The segment chosen in Review no longer exists: nothing re-thresholded.")
                 return self._review_fields(seg)
             name = segment.GetName()
-            replace = False
             if self.logic.editedSinceModel(seg, sid):
                 if not self.replace_edits(f"Segment '{name}' was edited by hand since the model made it. "
                                           f"Re-thresholding it at {t:g} replaces those edits with the model's mask."):
                     self._log.append(f"Kept your edits of '{name}': not re-thresholded.")
                     return self._confidence_fields(seg, sid)  # the slider goes back to the segment's threshold
-                replace = True
-            conf = self.logic.rethreshold(seg, sid, t, replace=replace)
+            # checked just above on this (the GUI) thread, nothing edits in between: the Logic need not check again
+            # (the check reads the whole mask: ~0.3 s for a 512x512x200 CT)
+            conf = self.logic.rethreshold(seg, sid, t, replace=True)
             self._log.append(f"'{name}' re-thresholded at {t:g}: {conf['voxel_count']} voxels.")
             return {"review_confidence": confidence_text(conf, False)}
 
