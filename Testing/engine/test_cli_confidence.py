@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -229,3 +230,41 @@ def test_cohort_gets_one_map_folder_per_case(tmp_path, test_models, capsys):
     assert main(["-q", "segment", str(single), "-m", "synthetic-3d", "-p", "100..400", "--out",
                  str(tmp_path / "c.seg.nrrd"), "--probabilities", str(maps), "--probability-format", ".png"]) == 1
     assert "probability maps are written as" in capsys.readouterr().err
+
+
+def test_rethreshold_to_another_folder_keeps_the_map_reachable(brain_run, tmp_path, capsys):
+    """The map tag is relative to the segmentation: a result written elsewhere must point at the same map, so
+    that it can be re-thresholded again and its statistics get the confidence columns."""
+    seg = _copy(brain_run, tmp_path)
+    out = tmp_path / "review" / "round 1" / "brain.seg.nrrd"
+    assert main(["-q", "rethreshold", str(seg), "-s", "brain", "-t", "0.3", "--out", str(out)]) == 0
+    _, segs = read_seg_nrrd(out)
+    assert segs[0].tags["textseg.probability_file"] == "../../maps/brain.nrrd"
+    again = tmp_path / "review" / "round 2.seg.nrrd"
+    assert main(["-q", "rethreshold", str(out), "-s", "brain", "-t", "0.6", "--out", str(again)]) == 0
+    q = brain_run["maps"]["brain"].astype(np.float64) / 255
+    assert np.array_equal(read_seg_nrrd(again)[1][0].mask > 0, q >= 0.6)
+    assert read_seg_nrrd(again)[1][0].tags["textseg.probability_file"] == "../maps/brain.nrrd"
+    # a map moved and found with --probabilities: the result points at where it is now
+    moved = tmp_path / "moved maps"
+    shutil.move(str(tmp_path / "maps"), moved)
+    third = tmp_path / "third.seg.nrrd"
+    assert main(["-q", "rethreshold", str(again), "-s", "brain", "-t", "0.5", "--probabilities", str(moved),
+                 "--out", str(third)]) == 0
+    assert read_seg_nrrd(third)[1][0].tags["textseg.probability_file"] == "moved maps/brain.nrrd"
+    stats = tmp_path / "third.csv"
+    assert main(["-q", "stats", str(brain_run["t1"]), str(third), "--out", str(stats)]) == 0
+    row = next(csv.DictReader(open(stats)))
+    assert float(row["confidence_mean"]) == pytest.approx(q[q >= 0.5].mean(), abs=1e-9)
+
+
+def test_rethreshold_refuses_a_segment_name_that_appears_twice(brain_run, tmp_path, capsys):
+    seg = _copy(brain_run, tmp_path)
+    ref, segs = read_seg_nrrd(seg)
+    write_seg_nrrd(seg, ref, [segs[0], replace(segs[0], mask=np.zeros_like(segs[0].mask), tags={})], overwrite=True)
+    out = tmp_path / "new.seg.nrrd"
+    capsys.readouterr()
+    assert main(["-q", "rethreshold", str(seg), "-s", "brain", "-t", "0.3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "2 segments named 'brain'" in err and err.count("\n") == 1
+    assert not out.exists()

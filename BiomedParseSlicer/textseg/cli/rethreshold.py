@@ -28,7 +28,7 @@ def cmd_rethreshold(args) -> int:
         rethreshold,
         uncertain_mask,
     )
-    from ..formats.probability_maps import FILE_TAG, find_map, read_probability_map
+    from ..formats.probability_maps import FILE_TAG, find_map, moved_references, read_probability_map
     from ..formats.segments import TAG_PREFIX, Segment, read_seg_nrrd, write_seg_nrrd
 
     src = Path(args.segmentation)
@@ -51,6 +51,9 @@ def cmd_rethreshold(args) -> int:
     names = [s.name for s in segments]
     if args.segment not in names:
         raise UsageError(f"{src} has no segment '{args.segment}'; its segments: {', '.join(map(repr, names))}.")
+    if names.count(args.segment) > 1:
+        raise UsageError(f"{src} has {names.count(args.segment)} segments named '{args.segment}'; rename all but one "
+                         "(in Slicer: Segment Editor, double-click the name) so the one to rebuild is unambiguous.")
     index = names.index(args.segment)
     seg = segments[index]
 
@@ -100,7 +103,7 @@ def cmd_rethreshold(args) -> int:
             segments[old[0]] = review
         else:
             segments.insert(index + 1, review)
-    write_seg_nrrd(out, ref, segments, overwrite=bool(args.overwrite))
+    write_seg_nrrd(out, ref, moved_references(segments, src, out, args.probabilities), overwrite=bool(args.overwrite))
     if not args.quiet:
         mean = "-" if conf["mean"] is None else f"{conf['mean']:.3f}"
         near = "-" if conf["near_threshold"] is None else f"{conf['near_threshold']:.3f}"

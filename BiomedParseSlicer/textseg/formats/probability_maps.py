@@ -88,6 +88,24 @@ def reference_tag(map_path: PathLike, segmentation_path: PathLike) -> dict[str, 
     return {FILE_TAG: rel.replace(os.sep, "/")}
 
 
+def moved_references(segments: Iterable[Segment], old_path: PathLike, new_path: PathLike,
+                     folder: Optional[PathLike] = None) -> list[Segment]:
+    """The segments of ``old_path`` as written to ``new_path``: each ``textseg.probability_file`` tag made relative to
+    the new file's folder (the tag is relative to the segmentation, so a copy elsewhere would lose its maps), pointing
+    at the map ``find_map`` finds (``folder`` first), or where the old tag pointed when none is found."""
+    from dataclasses import replace
+
+    out = []
+    for s in segments:
+        ref = s.tags.get(FILE_TAG)
+        if not ref:
+            out.append(s)
+            continue
+        target = find_map(s, old_path, folder) or find_map(s, old_path) or Path(old_path).parent / ref
+        out.append(replace(s, tags={**s.tags, **reference_tag(target, new_path)}))
+    return out
+
+
 def find_map(segment: Segment, segmentation_path: PathLike, folder: Optional[PathLike] = None) -> Optional[Path]:
     """The map file of ``segment``: its ``textseg.probability_file`` tag relative to the segmentation's folder,
     or, with ``folder``, the file of that name in ``folder`` (then also ``<segment name><suffix>``).
