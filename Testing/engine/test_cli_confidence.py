@@ -268,3 +268,22 @@ def test_rethreshold_refuses_a_segment_name_that_appears_twice(brain_run, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "2 segments named 'brain'" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_stats_refuses_a_probabilities_folder_without_the_maps(brain_run, tmp_path, capsys):
+    """--probabilities asks for the confidence columns: a folder that is not there, or holds none of the maps, is
+    an error, not a table silently without them."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, words in ((tmp_path / "nowhere", "no such folder"), (empty, "holds no probability map")):
+        out = tmp_path / "stats.csv"
+        capsys.readouterr()
+        assert main(["-q", "stats", str(brain_run["t1"]), str(brain_run["seg"]), "--probabilities", str(folder),
+                     "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
+        assert not out.exists()
+    shutil.copy(brain_run["map"], empty / "brain.nrrd")
+    assert main(["-q", "stats", str(brain_run["t1"]), str(brain_run["seg"]), "--probabilities", str(empty),
+                 "--out", str(tmp_path / "stats.csv")]) == 0
+    assert "confidence_mean" in next(csv.DictReader(open(tmp_path / "stats.csv")))

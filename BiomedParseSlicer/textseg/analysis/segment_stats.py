@@ -234,8 +234,15 @@ def statistics_for_files(image: PathLike, segmentation: PathLike, labels: Option
     from ..formats.probability_maps import find_map, read_probability_map
     from ..formats.segment_files import read_segments
 
+    if probabilities is not None and not Path(probabilities).is_dir():
+        raise InputError(f"--probabilities {probabilities}: no such folder; give the folder the maps were kept in "
+                         "(`textseg segment --probabilities DIR`), or leave it out to use the segments' map tags.")
     volume = read_volume(image)
     ref, segments = read_segments(segmentation, labels, lazy=True)
+    if probabilities is not None and segments and not any(find_map(s, segmentation, probabilities)
+                                                          for s in segments):  # asked for, so never left out silently
+        raise InputError(f"{probabilities} holds no probability map of any segment of {segmentation} (<segment "
+                         "name>.nrrd, .nii.gz or .nii); give the folder of this segmentation's maps.")
 
     def maps(n: int, s: Segment) -> Optional[np.ndarray]:
         path = find_map(s, segmentation, probabilities)
