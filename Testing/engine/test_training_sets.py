@@ -239,3 +239,27 @@ def test_label_map_input_with_its_labels_json(tmp_path):
     record = res.records["ts01"]
     assert record["labels_present"] == ["liver", "spleen", "kidney_left"]
     assert len(record["ignored_segments"]) == len(np.unique(source)) - 1 - 3 and record["overlaps"] == {}
+
+
+def test_a_case_whose_segments_are_none_of_the_labels_is_refused(tmp_path, capsys):
+    """TotalSegmentator's label map without its labels JSON has segments 'label_1'...: exporting 'liver' from it
+    wrote an all-background label file and exit 0. Refused; an empty segment named as a label is still a case."""
+    from textseg.cli import main
+
+    ts = ("totalsegmentator-examples",)
+    ct, seg = shared_file(*ts, "example_ct_sm.nii.gz"), shared_file(*ts, "example_seg.nii.gz")
+    with pytest.raises(InputError, match=r"none of its segments \('label_1', .* and \d+ more\) is among") as e:
+        export_nnunet([TrainingCase(ct, seg, "ts01")], tmp_path, 14, "NoJson", ["liver"], "CT")
+    assert "\n" not in str(e.value) and "labels JSON" in str(e.value)
+    assert not (tmp_path / "Dataset014_NoJson" / "labelsTr" / "ts01.nii.gz").exists()
+    capsys.readouterr()
+    assert main(["-q", "corrections", "export", "--nnunet", str(tmp_path), "--dataset-id", "14", "--name", "NoJson",
+                 "--labels", "liver", "--channel", "CT", "--case", str(ct), str(seg)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    # a segment named as a label but empty: a case without the structure, exported as background
+    grid = read_volume(ct, isolate=False)
+    empty = (Volume(np.zeros(grid.shape, np.uint8), grid.spacing, grid.origin, grid.direction),
+             [Segment("liver", np.zeros(grid.shape, np.uint8))])
+    res = export_nnunet([TrainingCase(ct, empty, "neg01")], tmp_path, 14, "NoJson", ["liver"], "CT")
+    assert res.written == ["neg01"] and res.records["neg01"]["labels_present"] == []

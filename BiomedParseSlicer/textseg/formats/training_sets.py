@@ -13,7 +13,9 @@ Layout (nnU-Net's ``documentation/dataset_format.md``)::
 Rules:
 - Labels are given once for the dataset, in order: value n is the n-th name (1-based), background 0. A segment
   whose name is not among them is left out and listed in the case's record (``ignored_segments``); a label no
-  segment of a case has is simply absent from that case (nnU-Net allows it).
+  segment of a case has is simply absent from that case (nnU-Net allows it). A case none of whose segments is
+  among the labels is refused (its label file would be all background: a wrong name or a label map read
+  without its labels JSON, not a finding).
 - Overlapping segments (a voxel in two labelled segments): ``overlap="refuse"`` (default) stops with one line
   naming the two segments and the voxel count; ``overlap="later-wins"`` gives the voxel the label that comes
   later in ``labels`` and records the count per pair in the case's record. Never silent.
@@ -337,6 +339,10 @@ def label_map(segments: Sequence[Segment], labels: Sequence[str], overlap: str =
         out[mask] = np.maximum(taken, value)  # the later label (higher value) keeps shared voxels
     if out is None:
         raise InputError(f"{where} has no segments to export.")
+    if len(ignored) == len(segments):  # an all-background label file would teach the model that nothing is there
+        shown = ", ".join(repr(n) for n in ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        raise InputError(f"{where}: none of its segments ({shown}) is among the labels ({', '.join(labels)}); check "
+                         "the names, and give a label map its labels JSON so its segments carry their names.")
     present = set(np.unique(out).tolist())
     return out, {"labels_present": [n for n in labels if value_of[n] in present],
                  "ignored_segments": ignored, "overlaps": overlaps}
