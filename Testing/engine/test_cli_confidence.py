@@ -287,3 +287,25 @@ def test_stats_refuses_a_probabilities_folder_without_the_maps(brain_run, tmp_pa
     assert main(["-q", "stats", str(brain_run["t1"]), str(brain_run["seg"]), "--probabilities", str(empty),
                  "--out", str(tmp_path / "stats.csv")]) == 0
     assert "confidence_mean" in next(csv.DictReader(open(tmp_path / "stats.csv")))
+
+
+def test_maps_in_a_folder_with_non_ascii_letters(tmp_path, test_models, capsys):
+    """The map tag holds the folder's name: 'ö' in it crashed the .seg.nrrd writer (an ASCII NRRD header) after
+    inference, with the maps written and no segmentation. Non-ASCII tag characters now go as UTF-8 %XX."""
+    image = shared_file("pyradiomics-examples", "breast1_image.nrrd")
+    work = tmp_path / "Prüfung 1"
+    seg, maps = work / "Fall ü.seg.nrrd", work / "Karten ö"
+    assert main(["-q", "segment", str(image), "-m", "synthetic-3d", "--modality", "MRI", "-p", "100..400",
+                 "--out", str(seg), "--probabilities", str(maps)]) == 0, capsys.readouterr().err
+    _, segs = read_seg_nrrd(seg)
+    assert segs[0].tags["textseg.probability_file"] == "Karten ö/100..400.nrrd"
+    header = seg.read_bytes().split(b"\n\n", 1)[0]
+    assert b"Karten %C3%B6/100..400.nrrd" in header and header.isascii()
+    out = work / "neu.seg.nrrd"
+    assert main(["-q", "rethreshold", str(seg), "-s", "100..400", "-t", "0.3", "--out", str(out)]) == 0
+    assert read_seg_nrrd(out)[1][0].tags["textseg.probability_file"] == "Karten ö/100..400.nrrd"
+    # the other escapes still round-trip (and '%' itself)
+    ref, segs = read_seg_nrrd(seg)
+    segs[0].tags["textseg.note"] = "50% | a\nb ü"
+    write_seg_nrrd(seg, ref, segs, overwrite=True)
+    assert read_seg_nrrd(seg)[1][0].tags["textseg.note"] == "50% | a\nb ü"

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
+from urllib.parse import quote, unquote
 
 import numpy as np
 
@@ -83,12 +84,14 @@ def _terminology_dict(t: Any) -> Optional[dict]:
 
 
 def _escape_tag(value: str) -> str:
-    """slicerio stores tags as ``key:value|key:value``: keep ``|`` and newlines out of values."""
-    return str(value).replace("%", "%25").replace("|", "%7C").replace("\n", "%0A")
+    """slicerio stores tags as ``key:value|key:value``: keep ``|`` and newlines out of values; and the NRRD
+    header is written as ASCII (pynrrd), so other characters (a prompt or a map path with 'ö') go as UTF-8 %XX."""
+    text = str(value).replace("%", "%25").replace("|", "%7C").replace("\n", "%0A")
+    return text if text.isascii() else "".join(c if c.isascii() else quote(c, safe="") for c in text)
 
 
 def _unescape_tag(value: str) -> str:
-    return value.replace("%0A", "\n").replace("%7C", "|").replace("%25", "%")
+    return unquote(value)  # every '%' was written as %25, so each %XX is one of ours
 
 
 def write_seg_nrrd(path: PathLike, reference: Volume, segments: Sequence[Segment], overwrite: bool = False) -> Path:
