@@ -309,3 +309,18 @@ def test_maps_in_a_folder_with_non_ascii_letters(tmp_path, test_models, capsys):
     segs[0].tags["textseg.note"] = "50% | a\nb ü"
     write_seg_nrrd(seg, ref, segs, overwrite=True)
     assert read_seg_nrrd(seg)[1][0].tags["textseg.note"] == "50% | a\nb ü"
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_error_line(brain_run, tmp_path, capsys):
+    """OSError (here: the output's folder is a file; a read-only folder or a full disk alike) gave a traceback."""
+    seg = _copy(brain_run, tmp_path)
+    (tmp_path / "results").write_text("a file where a folder should be")
+    res = tmp_path / "results"
+    for argv in (["rethreshold", str(seg), "-s", "brain", "-t", "0.3", "--out", str(res / "x.seg.nrrd")],
+                 ["stats", str(brain_run["t1"]), str(seg), "--out", str(res / "x.csv")],
+                 ["corrections", "compare", str(seg), str(seg), "--out", str(res / "x.csv")]):
+        capsys.readouterr()
+        assert main(["-q", *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        assert str(tmp_path / "results") in err
