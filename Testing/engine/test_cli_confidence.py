@@ -324,3 +324,26 @@ def test_an_output_folder_that_cannot_be_made_is_one_error_line(brain_run, tmp_p
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
         assert str(tmp_path / "results") in err
+
+
+def test_segment_renamed_with_non_ascii_letters_in_slicer(brain_run, tmp_path, capsys):
+    """Slicer writes segment names (and tags) into the .seg.nrrd header as UTF-8. pynrrd read them dropping the
+    bytes ('Hirn geprüft' -> 'Hirn geprft') and could not write them at all (a traceback)."""
+    seg = _copy(brain_run, tmp_path)
+    ref, segs = read_seg_nrrd(seg)
+    write_seg_nrrd(seg, ref, [replace(segs[0], name="Hirn-PLACEHOLDER", tags={**segs[0].tags, "Note": "PLACEHOLDER"})],
+                   overwrite=True)
+    data = seg.read_bytes()
+    end = data.index(b"\n\n")  # as Slicer saves it: the header's values in UTF-8
+    seg.write_bytes(data[:end].replace(b"PLACEHOLDER", "geprüft 脑".encode()) + data[end:])
+    _, segs = read_seg_nrrd(seg)
+    assert segs[0].name == "Hirn-geprüft 脑" and segs[0].tags["Note"] == "geprüft 脑"
+    out = tmp_path / "neu.seg.nrrd"
+    assert main(["-q", "rethreshold", str(seg), "-s", "Hirn-geprüft 脑", "-t", "0.3", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    img = sitk.ReadImage(str(out))  # another reader of the written header: ITK keeps the bytes, Slicer reads UTF-8
+    assert img.GetMetaData("Segment0_Name") == "Hirn-geprüft 脑"
+    _, new = read_seg_nrrd(out)
+    q = brain_run["maps"]["brain"].astype(np.float64) / 255
+    assert new[0].name == "Hirn-geprüft 脑" and new[0].tags["Note"] == "geprüft 脑"
+    assert np.array_equal(new[0].mask > 0, q >= 0.3)
