@@ -263,3 +263,35 @@ def test_a_case_whose_segments_are_none_of_the_labels_is_refused(tmp_path, capsy
              [Segment("liver", np.zeros(grid.shape, np.uint8))])
     res = export_nnunet([TrainingCase(ct, empty, "neg01")], tmp_path, 14, "NoJson", ["liver"], "CT")
     assert res.written == ["neg01"] and res.records["neg01"]["labels_present"] == []
+
+
+def test_case_ids_a_user_can_act_on(tmp_path, cohort, capsys):
+    """An image named only with non-Latin letters gave "case id '': use letters, digits..." without saying which
+    image or how to give an id; an id Windows cannot use as a file name (CON, nul, COM1) made labelsTr/CON.nii.gz,
+    which cannot be copied to a Windows machine."""
+    from textseg.cli import main
+
+    cases, _ = cohort
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    seg = cases[0].segmentation
+    for name in ("肝臓.nrrd", "CON.nrrd"):
+        (folder / name).write_bytes(open(cases[0].image, "rb").read())
+        with pytest.raises(InputError, match=r"case_id column") as e:
+            export_nnunet([TrainingCase(folder / name, seg)], tmp_path, 15, "Ids", LABELS, "MRI")
+        assert name in str(e.value) and "\n" not in str(e.value)
+    for cid in ("nul", "COM1", "lpt9", "Aux"):
+        with pytest.raises(InputError, match="Windows"):
+            export_nnunet([TrainingCase(cases[0].image, seg, cid)], tmp_path, 15, "Ids", LABELS, "MRI")
+    assert not (tmp_path / "Dataset015_Ids").exists()
+    capsys.readouterr()
+    assert main(["-q", "corrections", "export", "--nnunet", str(tmp_path), "--dataset-id", "15", "--name", "Ids",
+                 "--labels", "lesion", "--channel", "MRI", "--case", str(folder / "肝臓.nrrd"), str(seg)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "肝臓.nrrd" in err and err.count("\n") == 1
+    # a CSV gives the ids
+    (tmp_path / "cases.csv").write_text(f"image,segmentation,case_id\n{folder / '肝臓.nrrd'},{seg},liver01\n"
+                                        f"{folder / 'CON.nrrd'},{seg},con01\n", encoding="utf-8")
+    assert main(["-q", "corrections", "export", "--nnunet", str(tmp_path), "--dataset-id", "15", "--name", "Ids",
+                 "--labels", "lesion", "rim", "--channel", "MRI", "--cohort", str(tmp_path / "cases.csv")]) == 0
+    assert sorted(os.listdir(tmp_path / "Dataset015_Ids" / "labelsTr")) == ["con01.nii.gz", "liver01.nii.gz"]

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..volume import Volume
-from .atomic import atomic_output
+from .atomic import atomic_output, windows_reserved
 from .segments import TAG_PREFIX, Segment
 
 PathLike = Union[str, Path]
@@ -34,9 +34,13 @@ def check_suffix(suffix: str) -> str:
 
 
 def file_stem(name: str) -> str:
-    """A file name stem for a segment name: letters, digits, '-', '_' and '.' kept, the rest '_'."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()).strip("._") or "segment"
-    return stem[:120]
+    """A file name stem for a segment name: letters, digits, '-', '_' and '.' kept, the rest '_'; a Windows device
+    name ('con', 'aux', ...) gets '_' appended."""
+    stem = (re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()).strip("._") or "segment")[:120]
+    if windows_reserved(stem):  # 'con' -> 'con_': Windows cannot hold a file named con.nrrd
+        head, dot, rest = stem.partition(".")
+        stem = head + "_" + dot + rest
+    return stem
 
 
 def map_paths(names: Iterable[str], folder: PathLike, suffix: str = DEFAULT_SUFFIX) -> list[Path]:

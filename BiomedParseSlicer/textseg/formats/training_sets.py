@@ -53,6 +53,7 @@ from ..analysis.corrections import load_segmentation, onto_grid
 from ..errors import InputError, OutputExistsError
 from ..runcontrol import CancelToken, ProgressFn
 from ..volume import Volume
+from .atomic import windows_reserved
 from .segments import Segment
 
 PathLike = Union[str, Path]
@@ -183,16 +184,22 @@ def _case_ids(cases: Sequence[TrainingCase]) -> list[str]:
     ids = []
     for case in cases:
         cid = case.case_id
+        # a derived id is the image's name: say which image, and how to give an id instead (the CLI's CSV)
+        where = "" if cid is not None else (f" (from the image {Path(case.image).name}; give an id in a case_id "
+                                            "column of a --cohort CSV)")
         if cid is None:
             if not isinstance(case.image, (str, Path)):
                 raise InputError("a case given as an in-memory image needs a case_id.")
             cid = re.sub(r"[^A-Za-z0-9_-]+", "_", _stem(Path(case.image))).strip("_")
         if not _CASE_ID.fullmatch(cid or ""):
-            raise InputError(f"case id {cid!r}: use letters, digits, '_' and '-' (nnU-Net case identifiers).")
+            raise InputError(f"case id {cid!r}{where}: use letters, digits, '_' and '-' (nnU-Net case identifiers).")
         if re.search(r"_\d{4}$", cid):
-            raise InputError(f"case id {cid!r} ends like nnU-Net's channel suffix (_0000); rename the case.")
+            raise InputError(f"case id {cid!r}{where} ends like nnU-Net's channel suffix (_0000); rename the case.")
+        if windows_reserved(cid):
+            raise InputError(f"case id {cid!r}{where} is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, "
+                             "LPT1-9): its files could not be copied there; choose another id.")
         if cid in ids:
-            raise InputError(f"two cases have the id {cid!r}; give each case its own case_id.")
+            raise InputError(f"two cases have the id {cid!r}{where}; give each case its own case_id.")
         ids.append(cid)
     return ids
 
