@@ -347,3 +347,34 @@ def test_segment_renamed_with_non_ascii_letters_in_slicer(brain_run, tmp_path, c
     q = brain_run["maps"]["brain"].astype(np.float64) / 255
     assert new[0].name == "Hirn-geprüft 脑" and new[0].tags["Note"] == "geprüft 脑"
     assert np.array_equal(new[0].mask > 0, q >= 0.3)
+
+
+def test_segmentation_saved_cropped_to_its_segments(brain_run, tmp_path, capsys):
+    """Slicer can save a .seg.nrrd cropped to its segments' extent: the same lattice as the map, another extent.
+    rethreshold and stats refused it ("the map is on another grid ... give the map written with this
+    segmentation", which it is); now the segments are placed onto the map's grid exactly."""
+    from textseg.volume import Volume, mask_bounds
+
+    seg = _copy(brain_run, tmp_path)
+    ref, segs = read_seg_nrrd(seg)
+    full = segs[0].mask > 0
+    lo, hi = mask_bounds(full)
+    box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
+    ijk = np.array([lo[2], lo[1], lo[0]], float)
+    origin = tuple(np.asarray(ref.origin) + np.asarray(ref.direction) @ (ijk * np.asarray(ref.spacing)))
+    cropped = Volume(np.zeros(full[box].shape, np.uint8), ref.spacing, origin, ref.direction)
+    write_seg_nrrd(seg, cropped, [replace(segs[0], mask=segs[0].mask[box].copy())], overwrite=True)
+    assert read_seg_nrrd(seg)[0].shape != ref.shape
+    q = brain_run["maps"]["brain"].astype(np.float64) / 255
+    out = tmp_path / "t0.2.seg.nrrd"
+    capsys.readouterr()
+    assert main(["-q", "rethreshold", str(seg), "-s", "brain", "-t", "0.2", "--out", str(out)]) == 0, \
+        capsys.readouterr().err  # unedited: its fingerprint (of the full grid) still matches
+    grid, new = read_seg_nrrd(out)
+    assert grid.same_grid(ref) and np.array_equal(new[0].mask > 0, q >= 0.2)
+    assert (q >= 0.2).sum() > (q[box] >= 0.2).sum()  # the new mask needed room outside the cropped extent
+    stats = tmp_path / "cropped.json"
+    assert main(["-q", "stats", str(brain_run["t1"]), str(seg), "--out", str(stats)]) == 0, capsys.readouterr().err
+    row = json.loads(stats.read_text())["segments"][0]
+    conf = confidence(brain_run["maps"]["brain"], full, 0.5, brain_run["existence"]["brain"])
+    assert row["confidence_mean"] == conf["mean"] and row["voxel_count"] == int(full.sum())

@@ -199,20 +199,38 @@ def onto_grid(reference: Volume, source: Volume, segments: Sequence[Segment], wh
     out = []
     for s in segments:
         mask = np.asarray(s.mask) > 0
-        placed = np.zeros(reference.shape, bool)
-        # source voxel (k, j, i) sits at reference voxel (k, j, i) + offset (offset in array order)
-        src, dst = [], []
-        for n, off in enumerate(offset):
-            lo, hi = max(0, -off), min(mask.shape[n], reference.shape[n] - off)
-            src.append(slice(lo, max(lo, hi)))
-            dst.append(slice(lo + off, max(lo, hi) + off))
-        placed[tuple(dst)] = mask[tuple(src)]
+        placed = _placed(reference.shape, offset, mask)
         lost = int(np.count_nonzero(mask)) - int(np.count_nonzero(placed))
         if lost:
             raise InputError(f"{what}: {lost} voxels of segment '{s.name}' lie outside the reference grid "
                              f"({reference.describe()}); compare segmentations of the same image.")
         out.append(replace(s, mask=placed.astype(np.uint8)))
     return out
+
+
+def same_lattice(reference: Volume, source: Volume) -> bool:
+    """Whether ``source``'s voxels are voxels of ``reference``'s lattice (another extent at most)."""
+    return _lattice_offset(reference, source) is not None
+
+
+def place_array(reference: Volume, source: Volume, array: np.ndarray) -> np.ndarray | None:
+    """``array`` (on ``source``'s grid) on ``reference``'s grid when both share one lattice (``onto_grid``'s
+    rule), exactly: voxels outside the reference grid are cut off, the rest of it is 0. None for another
+    lattice."""
+    offset = _lattice_offset(reference, source)
+    return None if offset is None else _placed(reference.shape, offset, np.asarray(array))
+
+
+def _placed(shape: Sequence[int], offset: Sequence[int], array: np.ndarray) -> np.ndarray:
+    placed = np.zeros(tuple(shape), array.dtype)
+    # source voxel (k, j, i) sits at reference voxel (k, j, i) + offset (offset in array order)
+    src, dst = [], []
+    for n, off in enumerate(offset):
+        lo, hi = max(0, -off), min(array.shape[n], shape[n] - off)
+        src.append(slice(lo, max(lo, hi)))
+        dst.append(slice(lo + off, max(lo, hi) + off))
+    placed[tuple(dst)] = array[tuple(src)]
+    return placed
 
 
 def _lattice_offset(reference: Volume, source: Volume, tol: float = 1e-3) -> tuple[int, int, int] | None:

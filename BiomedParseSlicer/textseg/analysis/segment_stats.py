@@ -233,6 +233,7 @@ def statistics_for_files(image: PathLike, segmentation: PathLike, labels: Option
     from ..formats.images import read_volume
     from ..formats.probability_maps import find_map, read_probability_map
     from ..formats.segment_files import read_segments
+    from .corrections import place_array
 
     if probabilities is not None and not Path(probabilities).is_dir():
         raise InputError(f"--probabilities {probabilities}: no such folder; give the folder the maps were kept in "
@@ -249,7 +250,10 @@ def statistics_for_files(image: PathLike, segmentation: PathLike, labels: Option
         if path is None:
             return None
         prob = read_probability_map(path)
-        if not prob.same_grid(ref):
+        if not prob.same_grid(ref):  # a .seg.nrrd cropped to its segments (Slicer can save one): the same lattice
+            placed = place_array(ref, prob, prob.array)  # the mask is empty outside its extent: the cut is exact
+            if placed is not None:
+                return placed
             raise InputError(f"{path}: the probability map of '{s.name}' is on another grid ({prob.describe()}) "
                              f"than {segmentation}; give the map written with this segmentation.")
         return prob.array

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, OutputExistsError, UsageError
+from ..volume import Volume
 
 SEG_SUFFIX = ".seg.nrrd"
 
@@ -28,6 +29,7 @@ def cmd_rethreshold(args) -> int:
         rethreshold,
         uncertain_mask,
     )
+    from ..analysis.corrections import onto_grid, same_lattice
     from ..formats.probability_maps import FILE_TAG, find_map, moved_references, read_probability_map
     from ..formats.segments import TAG_PREFIX, Segment, read_seg_nrrd, write_seg_nrrd
 
@@ -67,6 +69,12 @@ def cmd_rethreshold(args) -> int:
         raise InputError(f"The probability map of '{seg.name}' is not in {where}; give the folder holding it with "
                          "--probabilities DIR.")
     prob = read_probability_map(path)
+    if not prob.same_grid(ref) and same_lattice(prob, ref):
+        # the same lattice, another extent (Slicer can save a .seg.nrrd cropped to its segments): the segments go
+        # onto the map's grid, where the model made them and where the new mask may need room
+        segments = onto_grid(prob, ref, segments, str(src))
+        ref = Volume(np.zeros(prob.shape, np.uint8), prob.spacing, prob.origin, prob.direction)
+        seg = segments[index]
     if not prob.same_grid(ref):
         raise InputError(f"{path}: the map is on another grid ({prob.describe()}, origin {prob.origin}) than {src} "
                          f"({ref.describe()}, origin {ref.origin}); give the map written with this segmentation.")
