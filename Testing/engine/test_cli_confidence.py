@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -229,3 +230,151 @@ def test_cohort_gets_one_map_folder_per_case(tmp_path, test_models, capsys):
     assert main(["-q", "segment", str(single), "-m", "synthetic-3d", "-p", "100..400", "--out",
                  str(tmp_path / "c.seg.nrrd"), "--probabilities", str(maps), "--probability-format", ".png"]) == 1
     assert "probability maps are written as" in capsys.readouterr().err
+
+
+def test_rethreshold_to_another_folder_keeps_the_map_reachable(brain_run, tmp_path, capsys):
+    """The map tag is relative to the segmentation: a result written elsewhere must point at the same map, so
+    that it can be re-thresholded again and its statistics get the confidence columns."""
+    seg = _copy(brain_run, tmp_path)
+    out = tmp_path / "review" / "round 1" / "brain.seg.nrrd"
+    assert main(["-q", "rethreshold", str(seg), "-s", "brain", "-t", "0.3", "--out", str(out)]) == 0
+    _, segs = read_seg_nrrd(out)
+    assert segs[0].tags["textseg.probability_file"] == "../../maps/brain.nrrd"
+    again = tmp_path / "review" / "round 2.seg.nrrd"
+    assert main(["-q", "rethreshold", str(out), "-s", "brain", "-t", "0.6", "--out", str(again)]) == 0
+    q = brain_run["maps"]["brain"].astype(np.float64) / 255
+    assert np.array_equal(read_seg_nrrd(again)[1][0].mask > 0, q >= 0.6)
+    assert read_seg_nrrd(again)[1][0].tags["textseg.probability_file"] == "../maps/brain.nrrd"
+    # a map moved and found with --probabilities: the result points at where it is now
+    moved = tmp_path / "moved maps"
+    shutil.move(str(tmp_path / "maps"), moved)
+    third = tmp_path / "third.seg.nrrd"
+    assert main(["-q", "rethreshold", str(again), "-s", "brain", "-t", "0.5", "--probabilities", str(moved),
+                 "--out", str(third)]) == 0
+    assert read_seg_nrrd(third)[1][0].tags["textseg.probability_file"] == "moved maps/brain.nrrd"
+    stats = tmp_path / "third.csv"
+    assert main(["-q", "stats", str(brain_run["t1"]), str(third), "--out", str(stats)]) == 0
+    row = next(csv.DictReader(open(stats)))
+    assert float(row["confidence_mean"]) == pytest.approx(q[q >= 0.5].mean(), abs=1e-9)
+
+
+def test_rethreshold_refuses_a_segment_name_that_appears_twice(brain_run, tmp_path, capsys):
+    seg = _copy(brain_run, tmp_path)
+    ref, segs = read_seg_nrrd(seg)
+    write_seg_nrrd(seg, ref, [segs[0], replace(segs[0], mask=np.zeros_like(segs[0].mask), tags={})], overwrite=True)
+    out = tmp_path / "new.seg.nrrd"
+    capsys.readouterr()
+    assert main(["-q", "rethreshold", str(seg), "-s", "brain", "-t", "0.3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "2 segments named 'brain'" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_stats_refuses_a_probabilities_folder_without_the_maps(brain_run, tmp_path, capsys):
+    """--probabilities asks for the confidence columns: a folder that is not there, or holds none of the maps, is
+    an error, not a table silently without them."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, words in ((tmp_path / "nowhere", "no such folder"), (empty, "holds no probability map")):
+        out = tmp_path / "stats.csv"
+        capsys.readouterr()
+        assert main(["-q", "stats", str(brain_run["t1"]), str(brain_run["seg"]), "--probabilities", str(folder),
+                     "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
+        assert not out.exists()
+    shutil.copy(brain_run["map"], empty / "brain.nrrd")
+    assert main(["-q", "stats", str(brain_run["t1"]), str(brain_run["seg"]), "--probabilities", str(empty),
+                 "--out", str(tmp_path / "stats.csv")]) == 0
+    assert "confidence_mean" in next(csv.DictReader(open(tmp_path / "stats.csv")))
+
+
+def test_maps_in_a_folder_with_non_ascii_letters(tmp_path, test_models, capsys):
+    """The map tag holds the folder's name: 'ö' in it crashed the .seg.nrrd writer (an ASCII NRRD header) after
+    inference, with the maps written and no segmentation. Non-ASCII tag characters now go as UTF-8 %XX."""
+    image = shared_file("pyradiomics-examples", "breast1_image.nrrd")
+    work = tmp_path / "Prüfung 1"
+    seg, maps = work / "Fall ü.seg.nrrd", work / "Karten ö"
+    assert main(["-q", "segment", str(image), "-m", "synthetic-3d", "--modality", "MRI", "-p", "100..400",
+                 "--out", str(seg), "--probabilities", str(maps)]) == 0, capsys.readouterr().err
+    _, segs = read_seg_nrrd(seg)
+    assert segs[0].tags["textseg.probability_file"] == "Karten ö/100..400.nrrd"
+    header = seg.read_bytes().split(b"\n\n", 1)[0]
+    assert b"Karten %C3%B6/100..400.nrrd" in header and header.isascii()
+    out = work / "neu.seg.nrrd"
+    assert main(["-q", "rethreshold", str(seg), "-s", "100..400", "-t", "0.3", "--out", str(out)]) == 0
+    assert read_seg_nrrd(out)[1][0].tags["textseg.probability_file"] == "Karten ö/100..400.nrrd"
+    # the other escapes still round-trip (and '%' itself)
+    ref, segs = read_seg_nrrd(seg)
+    segs[0].tags["textseg.note"] = "50% | a\nb ü"
+    write_seg_nrrd(seg, ref, segs, overwrite=True)
+    assert read_seg_nrrd(seg)[1][0].tags["textseg.note"] == "50% | a\nb ü"
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_error_line(brain_run, tmp_path, capsys):
+    """OSError (here: the output's folder is a file; a read-only folder or a full disk alike) gave a traceback."""
+    seg = _copy(brain_run, tmp_path)
+    (tmp_path / "results").write_text("a file where a folder should be")
+    res = tmp_path / "results"
+    for argv in (["rethreshold", str(seg), "-s", "brain", "-t", "0.3", "--out", str(res / "x.seg.nrrd")],
+                 ["stats", str(brain_run["t1"]), str(seg), "--out", str(res / "x.csv")],
+                 ["corrections", "compare", str(seg), str(seg), "--out", str(res / "x.csv")]):
+        capsys.readouterr()
+        assert main(["-q", *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        assert str(tmp_path / "results") in err
+
+
+def test_segment_renamed_with_non_ascii_letters_in_slicer(brain_run, tmp_path, capsys):
+    """Slicer writes segment names (and tags) into the .seg.nrrd header as UTF-8. pynrrd read them dropping the
+    bytes ('Hirn geprüft' -> 'Hirn geprft') and could not write them at all (a traceback)."""
+    seg = _copy(brain_run, tmp_path)
+    ref, segs = read_seg_nrrd(seg)
+    write_seg_nrrd(seg, ref, [replace(segs[0], name="Hirn-PLACEHOLDER", tags={**segs[0].tags, "Note": "PLACEHOLDER"})],
+                   overwrite=True)
+    data = seg.read_bytes()
+    end = data.index(b"\n\n")  # as Slicer saves it: the header's values in UTF-8
+    seg.write_bytes(data[:end].replace(b"PLACEHOLDER", "geprüft 脑".encode()) + data[end:])
+    _, segs = read_seg_nrrd(seg)
+    assert segs[0].name == "Hirn-geprüft 脑" and segs[0].tags["Note"] == "geprüft 脑"
+    out = tmp_path / "neu.seg.nrrd"
+    assert main(["-q", "rethreshold", str(seg), "-s", "Hirn-geprüft 脑", "-t", "0.3", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    img = sitk.ReadImage(str(out))  # another reader of the written header: ITK keeps the bytes, Slicer reads UTF-8
+    assert img.GetMetaData("Segment0_Name") == "Hirn-geprüft 脑"
+    _, new = read_seg_nrrd(out)
+    q = brain_run["maps"]["brain"].astype(np.float64) / 255
+    assert new[0].name == "Hirn-geprüft 脑" and new[0].tags["Note"] == "geprüft 脑"
+    assert np.array_equal(new[0].mask > 0, q >= 0.3)
+
+
+def test_segmentation_saved_cropped_to_its_segments(brain_run, tmp_path, capsys):
+    """Slicer can save a .seg.nrrd cropped to its segments' extent: the same lattice as the map, another extent.
+    rethreshold and stats refused it ("the map is on another grid ... give the map written with this
+    segmentation", which it is); now the segments are placed onto the map's grid exactly."""
+    from textseg.volume import Volume, mask_bounds
+
+    seg = _copy(brain_run, tmp_path)
+    ref, segs = read_seg_nrrd(seg)
+    full = segs[0].mask > 0
+    lo, hi = mask_bounds(full)
+    box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
+    ijk = np.array([lo[2], lo[1], lo[0]], float)
+    origin = tuple(np.asarray(ref.origin) + np.asarray(ref.direction) @ (ijk * np.asarray(ref.spacing)))
+    cropped = Volume(np.zeros(full[box].shape, np.uint8), ref.spacing, origin, ref.direction)
+    write_seg_nrrd(seg, cropped, [replace(segs[0], mask=segs[0].mask[box].copy())], overwrite=True)
+    assert read_seg_nrrd(seg)[0].shape != ref.shape
+    q = brain_run["maps"]["brain"].astype(np.float64) / 255
+    out = tmp_path / "t0.2.seg.nrrd"
+    capsys.readouterr()
+    assert main(["-q", "rethreshold", str(seg), "-s", "brain", "-t", "0.2", "--out", str(out)]) == 0, \
+        capsys.readouterr().err  # unedited: its fingerprint (of the full grid) still matches
+    grid, new = read_seg_nrrd(out)
+    assert grid.same_grid(ref) and np.array_equal(new[0].mask > 0, q >= 0.2)
+    assert (q >= 0.2).sum() > (q[box] >= 0.2).sum()  # the new mask needed room outside the cropped extent
+    stats = tmp_path / "cropped.json"
+    assert main(["-q", "stats", str(brain_run["t1"]), str(seg), "--out", str(stats)]) == 0, capsys.readouterr().err
+    row = json.loads(stats.read_text())["segments"][0]
+    conf = confidence(brain_run["maps"]["brain"], full, 0.5, brain_run["existence"]["brain"])
+    assert row["confidence_mean"] == conf["mean"] and row["voxel_count"] == int(full.sum())

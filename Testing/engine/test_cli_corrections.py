@@ -198,3 +198,44 @@ def test_second_ctrl_c_aborts():
         os.kill(os.getpid(), signal.SIGINT)
         assert token.cancelled
         os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_dicom_seg_read_back_in_the_other_slice_order(tmp_path, capsys, monkeypatch):
+    """The DICOM SEG of a run on a real CT series reads back with its slice axis reversed (the same voxels,
+    direction k = -z, origin at the other end). compare, export and stats refused it as "another voxel grid"
+    against the run's own .seg.nrrd; it is now re-indexed exactly (axes flipped/reordered, no resampling)."""
+    pytest.importorskip("highdicom")
+    monkeypatch.setenv("TEXTSEG_SHOW_TEST_MODELS", "1")
+    from textseg.formats.segment_files import read_segments
+
+    series = shared_file("totalsegmentator-examples", "example_ct_dicom")
+    seg, dcm = tmp_path / "ct.seg.nrrd", tmp_path / "ct_seg.dcm"
+    assert main(["-q", "segment", str(series), "-m", "synthetic-3d", "--modality", "CT", "-p", "bone",
+                 "--out", str(seg), "--dicom-seg", str(dcm), "--probabilities", str(tmp_path / "maps")]) == 0
+    grid_d, segs_d = read_segments(dcm)
+    grid_s, segs_s = read_segments(seg)
+    assert not grid_d.same_grid(grid_s)  # the case under test: the same voxels in the opposite slice order
+    ref, s = read_segments(seg)
+    bone = np.asarray(s[0].mask) > 0
+    edited = bone.copy()
+    edited[5] = False  # a slice erased by hand
+    write_seg_nrrd(tmp_path / "fixed.seg.nrrd", ref, [Segment("bone", edited.astype(np.uint8))])
+    out = tmp_path / "cmp.json"
+    capsys.readouterr()
+    assert main(["-q", "corrections", "compare", str(dcm), str(tmp_path / "fixed.seg.nrrd"), "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    row = json.loads(out.read_text())[0]
+    removed = int(bone[5].sum())
+    assert row["voxels_removed"] == removed > 0 and row["voxels_added"] == 0 and row["slices_touched"] == 1
+    assert row["dice"] == pytest.approx(2 * edited.sum() / (bone.sum() + edited.sum()), rel=1e-12)
+    # export: the DICOM SEG as the corrected segmentation of the series: the label is the .seg.nrrd's mask
+    assert main(["-q", "corrections", "export", "--nnunet", str(tmp_path / "nn"), "--dataset-id", "21", "--name",
+                 "Dcm", "--labels", "bone", "--channel", "CT", "--case", str(series), str(dcm)]) == 0
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nn" / "Dataset021_Dcm" / "labelsTr" /
+                                                       "example_ct_dicom.nii.gz")))
+    assert np.array_equal(label == 1, bone)
+    # stats of the DICOM SEG with the kept maps: the confidence columns
+    stats = tmp_path / "s.csv"
+    assert main(["-q", "stats", str(series), str(dcm), "--probabilities", str(tmp_path / "maps"),
+                 "--out", str(stats)]) == 0
+    assert next(csv.DictReader(open(stats)))["confidence_mean"] == "1.0"

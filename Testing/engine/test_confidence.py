@@ -339,3 +339,12 @@ def test_real_ct_smooth_map_rethreshold_differs_only_in_the_band(t):
     lo, hi = band_levels(t, DEFAULT_BAND)
     near = (a.probability >= lo) & (a.probability <= hi) & r.mask.astype(bool)
     assert c["near_threshold_voxels"] == int(near.sum())
+
+
+def test_map_file_names_are_usable_on_windows():
+    """A prompt such as 'con' or 'aux' gave the map file con.nrrd, a name Windows reserves for a device."""
+    from textseg.formats.probability_maps import file_stem, map_paths
+
+    assert [file_stem(n) for n in ("con", "AUX", "nul.x", "com1", "Lpt9 ", "console", "liver")] == [
+        "con_", "AUX_", "nul_.x", "com1_", "Lpt9_", "console", "liver"]
+    assert [p.name for p in map_paths(["con", "con_", "CON"], "maps")] == ["con_.nrrd", "con__2.nrrd", "CON__3.nrrd"]

@@ -292,3 +292,22 @@ def test_grids_same_lattice_other_extent_placed_exactly_else_refused(tmp_path, l
     small = Volume(np.zeros((5, 5, 5), np.uint8), v.spacing, v.origin, v.direction)
     with pytest.raises(InputError, match="837 voxels of segment 'l' lie outside"):
         onto_grid(small, ref, [Segment("l", lesion)])
+
+
+def test_onto_grid_reindexes_flipped_and_permuted_axes_exactly():
+    """The same voxels stored with the axes in another order or direction (a DICOM SEG's reversed frames, an
+    image stored i/j swapped) are placed exactly: each voxel keeps its physical centre."""
+    from textseg.analysis.corrections import onto_grid, same_lattice
+
+    rng = np.random.default_rng(3)
+    ref = Volume(np.zeros((4, 5, 6), np.uint8), (0.5, 0.7, 2.0), (10.0, -3.0, 7.0))
+    mask = (rng.random(ref.shape) > 0.6).astype(np.uint8)
+    # source index axes: i runs along the reference's j, j along -k, k along i; origin at the reference's last k
+    d = np.column_stack([ref.direction[:, 1], -ref.direction[:, 2], ref.direction[:, 0]])
+    origin = tuple(np.asarray(ref.origin) + ref.direction[:, 2] * 2.0 * (ref.shape[0] - 1))
+    src_mask = np.transpose(mask[::-1], (2, 0, 1))  # source [k_s, j_s, i_s] = reference [k, j, i] re-indexed
+    source = Volume(np.zeros(src_mask.shape, np.uint8), (0.7, 2.0, 0.5), origin, d)
+    points = lambda vol, m: np.round(sorted(map(tuple, vol.index_to_physical(np.argwhere(m)[:, ::-1]))), 6)  # noqa: E731
+    assert np.array_equal(points(source, src_mask), points(ref, mask))  # the test's source is right: same voxels
+    assert same_lattice(ref, source)
+    assert np.array_equal(onto_grid(ref, source, [Segment("x", src_mask)])[0].mask, mask)

@@ -239,3 +239,59 @@ def test_label_map_input_with_its_labels_json(tmp_path):
     record = res.records["ts01"]
     assert record["labels_present"] == ["liver", "spleen", "kidney_left"]
     assert len(record["ignored_segments"]) == len(np.unique(source)) - 1 - 3 and record["overlaps"] == {}
+
+
+def test_a_case_whose_segments_are_none_of_the_labels_is_refused(tmp_path, capsys):
+    """TotalSegmentator's label map without its labels JSON has segments 'label_1'...: exporting 'liver' from it
+    wrote an all-background label file and exit 0. Refused; an empty segment named as a label is still a case."""
+    from textseg.cli import main
+
+    ts = ("totalsegmentator-examples",)
+    ct, seg = shared_file(*ts, "example_ct_sm.nii.gz"), shared_file(*ts, "example_seg.nii.gz")
+    with pytest.raises(InputError, match=r"none of its segments \('label_1', .* and \d+ more\) is among") as e:
+        export_nnunet([TrainingCase(ct, seg, "ts01")], tmp_path, 14, "NoJson", ["liver"], "CT")
+    assert "\n" not in str(e.value) and "labels JSON" in str(e.value)
+    assert not (tmp_path / "Dataset014_NoJson" / "labelsTr" / "ts01.nii.gz").exists()
+    capsys.readouterr()
+    assert main(["-q", "corrections", "export", "--nnunet", str(tmp_path), "--dataset-id", "14", "--name", "NoJson",
+                 "--labels", "liver", "--channel", "CT", "--case", str(ct), str(seg)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    # a segment named as a label but empty: a case without the structure, exported as background
+    grid = read_volume(ct, isolate=False)
+    empty = (Volume(np.zeros(grid.shape, np.uint8), grid.spacing, grid.origin, grid.direction),
+             [Segment("liver", np.zeros(grid.shape, np.uint8))])
+    res = export_nnunet([TrainingCase(ct, empty, "neg01")], tmp_path, 14, "NoJson", ["liver"], "CT")
+    assert res.written == ["neg01"] and res.records["neg01"]["labels_present"] == []
+
+
+def test_case_ids_a_user_can_act_on(tmp_path, cohort, capsys):
+    """An image named only with non-Latin letters gave "case id '': use letters, digits..." without saying which
+    image or how to give an id; an id Windows cannot use as a file name (CON, nul, COM1) made labelsTr/CON.nii.gz,
+    which cannot be copied to a Windows machine."""
+    from textseg.cli import main
+
+    cases, _ = cohort
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    seg = cases[0].segmentation
+    for name in ("肝臓.nrrd", "CON.nrrd"):
+        (folder / name).write_bytes(open(cases[0].image, "rb").read())
+        with pytest.raises(InputError, match=r"case_id column") as e:
+            export_nnunet([TrainingCase(folder / name, seg)], tmp_path, 15, "Ids", LABELS, "MRI")
+        assert name in str(e.value) and "\n" not in str(e.value)
+    for cid in ("nul", "COM1", "lpt9", "Aux"):
+        with pytest.raises(InputError, match="Windows"):
+            export_nnunet([TrainingCase(cases[0].image, seg, cid)], tmp_path, 15, "Ids", LABELS, "MRI")
+    assert not (tmp_path / "Dataset015_Ids").exists()
+    capsys.readouterr()
+    assert main(["-q", "corrections", "export", "--nnunet", str(tmp_path), "--dataset-id", "15", "--name", "Ids",
+                 "--labels", "lesion", "--channel", "MRI", "--case", str(folder / "肝臓.nrrd"), str(seg)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "肝臓.nrrd" in err and err.count("\n") == 1
+    # a CSV gives the ids
+    (tmp_path / "cases.csv").write_text(f"image,segmentation,case_id\n{folder / '肝臓.nrrd'},{seg},liver01\n"
+                                        f"{folder / 'CON.nrrd'},{seg},con01\n", encoding="utf-8")
+    assert main(["-q", "corrections", "export", "--nnunet", str(tmp_path), "--dataset-id", "15", "--name", "Ids",
+                 "--labels", "lesion", "rim", "--channel", "MRI", "--cohort", str(tmp_path / "cases.csv")]) == 0
+    assert sorted(os.listdir(tmp_path / "Dataset015_Ids" / "labelsTr")) == ["con01.nii.gz", "liver01.nii.gz"]

@@ -28,7 +28,8 @@ In rows for CSV/JSON, non-finite values become ``None`` (an empty CSV cell, JSON
 
 Grids: the two masks must be on the same voxel grid. Segmentations read from files may store a different
 *extent* of the same lattice (Slicer can save a .seg.nrrd cropped to its segments): those are placed onto the
-first one's grid exactly (no interpolation). Different lattices (spacing, direction, or a sub-voxel shift) are
+first one's grid exactly (no interpolation), as are the same voxels stored with the index axes in another order or
+direction (re-indexed). Different lattices (spacing, direction, or a sub-voxel shift) are
 refused with one line; nothing is resampled, because resampling would change the very voxels being measured.
 """
 
@@ -188,6 +189,7 @@ def onto_grid(reference: Volume, source: Volume, segments: Sequence[Segment], wh
     the lattices differ, or when a segment has voxels outside the reference grid."""
     if source.same_grid(reference):
         return list(segments)
+    source, turn = _reference_axes(reference, source)
     offset = _lattice_offset(reference, source)
     if offset is None:
         raise InputError(
@@ -198,21 +200,68 @@ def onto_grid(reference: Volume, source: Volume, segments: Sequence[Segment], wh
         )
     out = []
     for s in segments:
-        mask = np.asarray(s.mask) > 0
-        placed = np.zeros(reference.shape, bool)
-        # source voxel (k, j, i) sits at reference voxel (k, j, i) + offset (offset in array order)
-        src, dst = [], []
-        for n, off in enumerate(offset):
-            lo, hi = max(0, -off), min(mask.shape[n], reference.shape[n] - off)
-            src.append(slice(lo, max(lo, hi)))
-            dst.append(slice(lo + off, max(lo, hi) + off))
-        placed[tuple(dst)] = mask[tuple(src)]
+        mask = turn(np.asarray(s.mask) > 0)
+        placed = _placed(reference.shape, offset, mask)
         lost = int(np.count_nonzero(mask)) - int(np.count_nonzero(placed))
         if lost:
             raise InputError(f"{what}: {lost} voxels of segment '{s.name}' lie outside the reference grid "
                              f"({reference.describe()}); compare segmentations of the same image.")
         out.append(replace(s, mask=placed.astype(np.uint8)))
     return out
+
+
+def same_lattice(reference: Volume, source: Volume) -> bool:
+    """Whether ``source``'s voxels are voxels of ``reference``'s lattice (another extent or axis order at most)."""
+    return _lattice_offset(reference, _reference_axes(reference, source)[0]) is not None
+
+
+def place_array(reference: Volume, source: Volume, array: np.ndarray) -> np.ndarray | None:
+    """``array`` (on ``source``'s grid) on ``reference``'s grid when both share one lattice (``onto_grid``'s
+    rule), exactly: voxels outside the reference grid are cut off, the rest of it is 0. None for another
+    lattice."""
+    source, turn = _reference_axes(reference, source)
+    offset = _lattice_offset(reference, source)
+    return None if offset is None else _placed(reference.shape, offset, turn(np.asarray(array)))
+
+
+def _reference_axes(reference: Volume, source: Volume):
+    """``source``'s grid with its index axes reordered and flipped to run as ``reference``'s do (the same voxels:
+    a DICOM SEG read back can list its frames in the opposite slice order), and the function that does the same
+    to an array ``[k, j, i]`` on it. Unchanged when the axes already agree or are not a signed permutation."""
+    turn = np.asarray(reference.direction, float).T @ np.asarray(source.direction, float)  # [ref axis, src axis]
+    perm = [int(np.argmax(np.abs(turn[:, a]))) for a in range(3)]  # source index axis a runs along perm[a]
+    if sorted(perm) != [0, 1, 2] or not np.allclose(np.abs(turn[perm, [0, 1, 2]]), 1, atol=1e-5) \
+            or np.allclose(turn, np.eye(3), atol=1e-5):
+        return source, lambda array: array
+    flips = [a for a in range(3) if turn[perm[a], a] < 0]
+    order = [0, 0, 0]
+    for a in range(3):
+        order[2 - perm[a]] = 2 - a  # numpy axis 2 - a holds index axis a
+
+    def apply(array: np.ndarray) -> np.ndarray:
+        return np.transpose(np.flip(array, axis=tuple(2 - a for a in flips)), order)
+
+    spacing, direction = np.asarray(source.spacing, float), np.asarray(source.direction, float)
+    origin = np.asarray(source.origin, float) + sum(direction[:, a] * spacing[a] * (source.size[a] - 1)
+                                                    for a in flips)
+    new_spacing = [0.0, 0.0, 0.0]
+    for a in range(3):
+        new_spacing[perm[a]] = spacing[a]
+    shape = apply(np.empty(source.array.shape[:3], bool)).shape
+    new_direction = np.stack([direction[:, a] * (-1 if a in flips else 1) for a in np.argsort(perm)], axis=1)
+    return Volume(np.zeros(shape, np.uint8), tuple(new_spacing), tuple(origin), new_direction), apply
+
+
+def _placed(shape: Sequence[int], offset: Sequence[int], array: np.ndarray) -> np.ndarray:
+    placed = np.zeros(tuple(shape), array.dtype)
+    # source voxel (k, j, i) sits at reference voxel (k, j, i) + offset (offset in array order)
+    src, dst = [], []
+    for n, off in enumerate(offset):
+        lo, hi = max(0, -off), min(array.shape[n], shape[n] - off)
+        src.append(slice(lo, max(lo, hi)))
+        dst.append(slice(lo + off, max(lo, hi) + off))
+    placed[tuple(dst)] = array[tuple(src)]
+    return placed
 
 
 def _lattice_offset(reference: Volume, source: Volume, tol: float = 1e-3) -> tuple[int, int, int] | None:

@@ -233,16 +233,27 @@ def statistics_for_files(image: PathLike, segmentation: PathLike, labels: Option
     from ..formats.images import read_volume
     from ..formats.probability_maps import find_map, read_probability_map
     from ..formats.segment_files import read_segments
+    from .corrections import place_array
 
+    if probabilities is not None and not Path(probabilities).is_dir():
+        raise InputError(f"--probabilities {probabilities}: no such folder; give the folder the maps were kept in "
+                         "(`textseg segment --probabilities DIR`), or leave it out to use the segments' map tags.")
     volume = read_volume(image)
     ref, segments = read_segments(segmentation, labels, lazy=True)
+    if probabilities is not None and segments and not any(find_map(s, segmentation, probabilities)
+                                                          for s in segments):  # asked for, so never left out silently
+        raise InputError(f"{probabilities} holds no probability map of any segment of {segmentation} (<segment "
+                         "name>.nrrd, .nii.gz or .nii); give the folder of this segmentation's maps.")
 
     def maps(n: int, s: Segment) -> Optional[np.ndarray]:
         path = find_map(s, segmentation, probabilities)
         if path is None:
             return None
         prob = read_probability_map(path)
-        if not prob.same_grid(ref):
+        if not prob.same_grid(ref):  # a .seg.nrrd cropped to its segments (Slicer can save one): the same lattice
+            placed = place_array(ref, prob, prob.array)  # the mask is empty outside its extent: the cut is exact
+            if placed is not None:
+                return placed
             raise InputError(f"{path}: the probability map of '{s.name}' is on another grid ({prob.describe()}) "
                              f"than {segmentation}; give the map written with this segmentation.")
         return prob.array

@@ -49,6 +49,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a folder that is a file, read-only or full: the system's reason and the path, one line
+        if os.environ.get("TEXTSEG_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; check that the path is a folder you can write to (or a file "
+              "you can read) and that the disk has room.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return 130

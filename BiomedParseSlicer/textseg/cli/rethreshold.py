@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, OutputExistsError, UsageError
+from ..volume import Volume
 
 SEG_SUFFIX = ".seg.nrrd"
 
@@ -28,7 +29,8 @@ def cmd_rethreshold(args) -> int:
         rethreshold,
         uncertain_mask,
     )
-    from ..formats.probability_maps import FILE_TAG, find_map, read_probability_map
+    from ..analysis.corrections import onto_grid, same_lattice
+    from ..formats.probability_maps import FILE_TAG, find_map, moved_references, read_probability_map
     from ..formats.segments import TAG_PREFIX, Segment, read_seg_nrrd, write_seg_nrrd
 
     src = Path(args.segmentation)
@@ -51,6 +53,9 @@ def cmd_rethreshold(args) -> int:
     names = [s.name for s in segments]
     if args.segment not in names:
         raise UsageError(f"{src} has no segment '{args.segment}'; its segments: {', '.join(map(repr, names))}.")
+    if names.count(args.segment) > 1:
+        raise UsageError(f"{src} has {names.count(args.segment)} segments named '{args.segment}'; rename all but one "
+                         "(in Slicer: Segment Editor, double-click the name) so the one to rebuild is unambiguous.")
     index = names.index(args.segment)
     seg = segments[index]
 
@@ -64,6 +69,12 @@ def cmd_rethreshold(args) -> int:
         raise InputError(f"The probability map of '{seg.name}' is not in {where}; give the folder holding it with "
                          "--probabilities DIR.")
     prob = read_probability_map(path)
+    if not prob.same_grid(ref) and same_lattice(prob, ref):
+        # the same lattice, another extent (Slicer can save a .seg.nrrd cropped to its segments): the segments go
+        # onto the map's grid, where the model made them and where the new mask may need room
+        segments = onto_grid(prob, ref, segments, str(src))
+        ref = Volume(np.zeros(prob.shape, np.uint8), prob.spacing, prob.origin, prob.direction)
+        seg = segments[index]
     if not prob.same_grid(ref):
         raise InputError(f"{path}: the map is on another grid ({prob.describe()}, origin {prob.origin}) than {src} "
                          f"({ref.describe()}, origin {ref.origin}); give the map written with this segmentation.")
@@ -100,7 +111,7 @@ def cmd_rethreshold(args) -> int:
             segments[old[0]] = review
         else:
             segments.insert(index + 1, review)
-    write_seg_nrrd(out, ref, segments, overwrite=bool(args.overwrite))
+    write_seg_nrrd(out, ref, moved_references(segments, src, out, args.probabilities), overwrite=bool(args.overwrite))
     if not args.quiet:
         mean = "-" if conf["mean"] is None else f"{conf['mean']:.3f}"
         near = "-" if conf["near_threshold"] is None else f"{conf['near_threshold']:.3f}"

@@ -14,6 +14,16 @@ from ..errors import OutputExistsError
 
 PathLike = Union[str, Path]
 
+# Names Windows reserves for devices, with or without an extension ("con.nrrd" too): a file so named cannot be
+# made or copied there, so names the engine derives (map files, nnU-Net case ids) must avoid them.
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(1, 10)),
+                              *(f"LPT{n}" for n in range(1, 10))})
+
+
+def windows_reserved(name: str) -> bool:
+    """Whether the file name ``name`` (its part before the first '.', any case) is a Windows device name."""
+    return name.split(".", 1)[0].strip().upper() in WINDOWS_RESERVED
+
 
 @contextmanager
 def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:

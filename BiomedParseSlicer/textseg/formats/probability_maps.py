@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..volume import Volume
-from .atomic import atomic_output
+from .atomic import atomic_output, windows_reserved
 from .segments import TAG_PREFIX, Segment
 
 PathLike = Union[str, Path]
@@ -34,9 +34,13 @@ def check_suffix(suffix: str) -> str:
 
 
 def file_stem(name: str) -> str:
-    """A file name stem for a segment name: letters, digits, '-', '_' and '.' kept, the rest '_'."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()).strip("._") or "segment"
-    return stem[:120]
+    """A file name stem for a segment name: letters, digits, '-', '_' and '.' kept, the rest '_'; a Windows device
+    name ('con', 'aux', ...) gets '_' appended."""
+    stem = (re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()).strip("._") or "segment")[:120]
+    if windows_reserved(stem):  # 'con' -> 'con_': Windows cannot hold a file named con.nrrd
+        head, dot, rest = stem.partition(".")
+        stem = head + "_" + dot + rest
+    return stem
 
 
 def map_paths(names: Iterable[str], folder: PathLike, suffix: str = DEFAULT_SUFFIX) -> list[Path]:
@@ -86,6 +90,24 @@ def reference_tag(map_path: PathLike, segmentation_path: PathLike) -> dict[str, 
     """``textseg.probability_file``: the map relative to the segmentation's folder."""
     rel = os.path.relpath(Path(map_path).resolve(), Path(segmentation_path).resolve().parent)
     return {FILE_TAG: rel.replace(os.sep, "/")}
+
+
+def moved_references(segments: Iterable[Segment], old_path: PathLike, new_path: PathLike,
+                     folder: Optional[PathLike] = None) -> list[Segment]:
+    """The segments of ``old_path`` as written to ``new_path``: each ``textseg.probability_file`` tag made relative to
+    the new file's folder (the tag is relative to the segmentation, so a copy elsewhere would lose its maps), pointing
+    at the map ``find_map`` finds (``folder`` first), or where the old tag pointed when none is found."""
+    from dataclasses import replace
+
+    out = []
+    for s in segments:
+        ref = s.tags.get(FILE_TAG)
+        if not ref:
+            out.append(s)
+            continue
+        target = find_map(s, old_path, folder) or find_map(s, old_path) or Path(old_path).parent / ref
+        out.append(replace(s, tags={**s.tags, **reference_tag(target, new_path)}))
+    return out
 
 
 def find_map(segment: Segment, segmentation_path: PathLike, folder: Optional[PathLike] = None) -> Optional[Path]:

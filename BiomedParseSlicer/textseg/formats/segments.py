@@ -11,10 +11,12 @@ three. Outputs are never overwritten unless asked, and are written atomically (`
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
+from urllib.parse import quote, unquote
 
 import numpy as np
 
@@ -83,12 +85,14 @@ def _terminology_dict(t: Any) -> Optional[dict]:
 
 
 def _escape_tag(value: str) -> str:
-    """slicerio stores tags as ``key:value|key:value``: keep ``|`` and newlines out of values."""
-    return str(value).replace("%", "%25").replace("|", "%7C").replace("\n", "%0A")
+    """slicerio stores tags as ``key:value|key:value``: keep ``|`` and newlines out of values; and the NRRD
+    header is written as ASCII (pynrrd), so other characters (a prompt or a map path with 'ö') go as UTF-8 %XX."""
+    text = str(value).replace("%", "%25").replace("|", "%7C").replace("\n", "%0A")
+    return text if text.isascii() else "".join(c if c.isascii() else quote(c, safe="") for c in text)
 
 
 def _unescape_tag(value: str) -> str:
-    return value.replace("%0A", "\n").replace("%7C", "|").replace("%25", "%")
+    return unquote(value)  # every '%' was written as %25, so each %XX is one of ours
 
 
 def write_seg_nrrd(path: PathLike, reference: Volume, segments: Sequence[Segment], overwrite: bool = False) -> Path:
@@ -108,9 +112,77 @@ def write_seg_nrrd(path: PathLike, reference: Volume, segments: Sequence[Segment
                                 "labelValue": value, "layer": layer, "extent": _extent_ijk(mask)})
     if layers:  # slicerio's voxels are IJK(+layer first): transposed views write fast in NRRD's order
         seg["voxels"] = layers[0].T if len(layers) == 1 else np.stack(layers).transpose(0, 3, 2, 1)
+    seg["segments"] = _utf8_tokens(seg["segments"])
     with atomic_output(path, overwrite) as tmp:
         slicerio.write_segmentation(str(tmp), seg)
+        _utf8_header(tmp)
     return Path(path)
+
+
+# Slicer writes and reads .seg.nrrd header values (segment names, tags) as UTF-8; pynrrd writes them as ASCII
+# and reads them dropping every other byte. Non-ASCII characters therefore go through pynrrd as these tokens
+# and are put into (and read from) the header's bytes here.
+_TOKEN = re.compile(r"\{U\+([0-9A-F]{6})\}")
+_SEGMENT_FIELD = re.compile(rb"^Segment(\d+)_(Name|Tags):=(.*)$")
+
+
+def _utf8_tokens(value: Any) -> Any:
+    """``value`` (nested lists/dicts of strings) with each non-ASCII character as an ASCII token."""
+    if isinstance(value, str):
+        return value if value.isascii() else "".join(c if c.isascii() else f"{{U+{ord(c):06X}}}" for c in value)
+    if isinstance(value, dict):
+        return {k: _utf8_tokens(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_utf8_tokens(v) for v in value)
+    return value
+
+
+def _utf8_header(path: Path) -> None:
+    """Turn the tokens of ``_utf8_tokens`` in the header of the NRRD file ``path`` into UTF-8, in place."""
+    data = Path(path).read_bytes()
+    end = data.find(b"\n\n")
+    header = data[:end]
+    if b"{U+" not in header:
+        return
+    text = _TOKEN.sub(lambda m: chr(int(m.group(1), 16)), header.decode("ascii"))
+    Path(path).write_bytes(text.encode("utf-8") + data[end:])
+
+
+def _utf8_fields(path: PathLike) -> dict[tuple[int, str], str]:
+    """(segment index, 'Name'|'Tags') -> the field decoded as UTF-8, for a header that is not plain ASCII."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    header = head.split(b"\n\n", 1)[0]
+    if header.isascii():
+        return {}
+    fields = {}
+    for line in header.split(b"\n"):
+        m = _SEGMENT_FIELD.match(line)
+        if m and not line.isascii():
+            fields[(int(m.group(1)), m.group(2).decode())] = m.group(3).decode("utf-8", "replace")
+    return fields
+
+
+def _utf8_segment(segment: dict, fields: dict[tuple[int, str], str], index: int) -> dict:
+    """slicerio's segment dict with its non-ASCII Name and Tags fields taken from the header's UTF-8 bytes
+    (Tags parsed as slicerio parses them)."""
+    from slicerio.segmentation import terminology_entry_from_string
+
+    s = dict(segment)
+    if (index, "Name") in fields:
+        s["name"] = fields[(index, "Name")]
+    if (index, "Tags") in fields:
+        tags = {}
+        for item in fields[(index, "Tags")].split("|"):
+            key, sep, value = item.strip().partition(":")
+            if not sep:
+                continue
+            if key == "TerminologyEntry":
+                s["terminology"] = terminology_entry_from_string(value)
+            elif key != "Segmentation.Status":
+                tags[key] = value
+        s["tags"] = tags
+    return s
 
 
 def _seg_nrrd_fields(s: Segment, sid: str) -> dict[str, Any]:
@@ -145,7 +217,7 @@ def _extent_ijk(mask: np.ndarray) -> list[int]:
 
 
 def _unique_id(name: str, used: set) -> str:
-    base = "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "segment"
+    base = "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "_" for c in name) or "segment"
     sid, n = base, 1
     while sid in used:
         n += 1
@@ -167,8 +239,11 @@ def read_seg_nrrd(path: PathLike) -> tuple[Volume, list[Segment]]:
     voxels = seg["voxels"]
     spatial = voxels.shape[-3:]
     ref = Volume.from_matrix(np.zeros(spatial[::-1], np.uint8), seg["ijkToLPS"])
+    utf8 = _utf8_fields(path)
     segments = []
-    for s in seg["segments"]:
+    for n, s in enumerate(seg["segments"]):
+        if utf8:  # slicerio lists the segments in header index order: Segment0_, Segment1_, ... (Slicer, textseg)
+            s = _utf8_segment(s, utf8, n)
         mask = slicerio.segment_mask(seg, s).transpose(2, 1, 0).astype(np.uint8)
         tags = {k: _unescape_tag(v) if k.startswith(TAG_PREFIX) else v for k, v in (s.get("tags") or {}).items()}
         segments.append(Segment(s.get("name", s.get("id", "")), mask, tuple(s["color"]) if "color" in s else None,

@@ -13,7 +13,9 @@ Layout (nnU-Net's ``documentation/dataset_format.md``)::
 Rules:
 - Labels are given once for the dataset, in order: value n is the n-th name (1-based), background 0. A segment
   whose name is not among them is left out and listed in the case's record (``ignored_segments``); a label no
-  segment of a case has is simply absent from that case (nnU-Net allows it).
+  segment of a case has is simply absent from that case (nnU-Net allows it). A case none of whose segments is
+  among the labels is refused (its label file would be all background: a wrong name or a label map read
+  without its labels JSON, not a finding).
 - Overlapping segments (a voxel in two labelled segments): ``overlap="refuse"`` (default) stops with one line
   naming the two segments and the voxel count; ``overlap="later-wins"`` gives the voxel the label that comes
   later in ``labels`` and records the count per pair in the case's record. Never silent.
@@ -51,6 +53,7 @@ from ..analysis.corrections import load_segmentation, onto_grid
 from ..errors import InputError, OutputExistsError
 from ..runcontrol import CancelToken, ProgressFn
 from ..volume import Volume
+from .atomic import windows_reserved
 from .segments import Segment
 
 PathLike = Union[str, Path]
@@ -181,16 +184,22 @@ def _case_ids(cases: Sequence[TrainingCase]) -> list[str]:
     ids = []
     for case in cases:
         cid = case.case_id
+        # a derived id is the image's name: say which image, and how to give an id instead (the CLI's CSV)
+        where = "" if cid is not None else (f" (from the image {Path(case.image).name}; give an id in a case_id "
+                                            "column of a --cohort CSV)")
         if cid is None:
             if not isinstance(case.image, (str, Path)):
                 raise InputError("a case given as an in-memory image needs a case_id.")
             cid = re.sub(r"[^A-Za-z0-9_-]+", "_", _stem(Path(case.image))).strip("_")
         if not _CASE_ID.fullmatch(cid or ""):
-            raise InputError(f"case id {cid!r}: use letters, digits, '_' and '-' (nnU-Net case identifiers).")
+            raise InputError(f"case id {cid!r}{where}: use letters, digits, '_' and '-' (nnU-Net case identifiers).")
         if re.search(r"_\d{4}$", cid):
-            raise InputError(f"case id {cid!r} ends like nnU-Net's channel suffix (_0000); rename the case.")
+            raise InputError(f"case id {cid!r}{where} ends like nnU-Net's channel suffix (_0000); rename the case.")
+        if windows_reserved(cid):
+            raise InputError(f"case id {cid!r}{where} is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, "
+                             "LPT1-9): its files could not be copied there; choose another id.")
         if cid in ids:
-            raise InputError(f"two cases have the id {cid!r}; give each case its own case_id.")
+            raise InputError(f"two cases have the id {cid!r}{where}; give each case its own case_id.")
         ids.append(cid)
     return ids
 
@@ -337,6 +346,10 @@ def label_map(segments: Sequence[Segment], labels: Sequence[str], overlap: str =
         out[mask] = np.maximum(taken, value)  # the later label (higher value) keeps shared voxels
     if out is None:
         raise InputError(f"{where} has no segments to export.")
+    if len(ignored) == len(segments):  # an all-background label file would teach the model that nothing is there
+        shown = ", ".join(repr(n) for n in ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        raise InputError(f"{where}: none of its segments ({shown}) is among the labels ({', '.join(labels)}); check "
+                         "the names, and give a label map its labels JSON so its segments carry their names.")
     present = set(np.unique(out).tolist())
     return out, {"labels_present": [n for n in labels if value_of[n] in present],
                  "ignored_segments": ignored, "overlaps": overlaps}
