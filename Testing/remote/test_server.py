@@ -706,7 +706,20 @@ def _wait(url, jid, states, timeout=20.0):
         time.sleep(0.05)
 
 
+def _idle(url, timeout=60.0):
+    """Wait until earlier tests' jobs on this module's server have ended: no worker busy, nothing queued."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = requests.get(f"{url}/v1/health", timeout=5).json()
+        busy = [w for w in requests.get(f"{url}/v1/workers", timeout=5).json()["workers"] if w.get("busy")]
+        if not busy and health["queue"]["waiting"] == 0 and health["status"] == "ok":
+            return
+        assert time.monotonic() < deadline, (health, busy)
+        time.sleep(0.1)
+
+
 def test_queue_full_gives_429_and_client_honours_retry_after(slow):
+    _idle(slow)  # the test fills both workers and the queue itself: start from an idle server
     v = _phantom()
     sha = _upload(slow, v)
     rp = RemotePredictor(slow, "synthetic-3d", retries=8)
