@@ -121,6 +121,9 @@ def test_what_the_model_cannot_do_is_a_clear_usage_error(make):
     p.set_image(_phantom(), "CT")
     with pytest.raises(UsageError, match="no recognition"):
         p.recognize()
+    for bad in (float("nan"), 1.5, -0.1, "half"):  # the same check both sides, before anything runs
+        with pytest.raises(UsageError, match="Threshold .* give a probability between 0 and 1"):
+            p.predict(["bone"], threshold=bad)
     p.reset_image()
     with pytest.raises(UsageError, match="set_image"):
         p.predict(["bone"])

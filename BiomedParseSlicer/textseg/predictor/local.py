@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
+from ..analysis.confidence import check_threshold
 from ..catalog import ModelSpec, get_model, list_models
 from ..errors import Cancelled, ModelError, UsageError
 from ..models.base import ModelAdapter, RunContext, VolumeAdapter, check_adapter
@@ -196,7 +197,7 @@ class Predictor:
         if self._volume is None:
             raise UsageError("No image set: call set_image(volume, modality) before predict().")
         plist = self.check_prompts(prompts)
-        thr = self.spec.threshold if threshold is None else float(threshold)
+        thr = self.spec.threshold if threshold is None else check_threshold(threshold)  # as the server checks it
         ctx = self._context(progress, cancel)
         results: list[PromptResult] = []
         try:
