@@ -43,6 +43,26 @@ def test_segment_writes_one_segment_per_prompt(tmp_path, test_models, capsys):
     assert segs[0].tags["textseg.model"] == "synthetic-3d"
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_inference(tmp_path, test_models, capsys, monkeypatch):
+    """An output (segmentation or probability map) under a path whose folder is a file was found only when
+    writing, after the model had run: minutes lost per image. Now one line (exit 2) before anything runs."""
+    from textseg.predictor import Predictor
+
+    runs = []
+    real = Predictor.set_image
+    monkeypatch.setattr(Predictor, "set_image", lambda self, *a, **k: (runs.append(1), real(self, *a, **k))[1])
+    img = _phantom_file(tmp_path / "ct.nii.gz")
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where a folder should be")
+    for extra in (["--out", str(blocker / "sub" / "ct.seg.nrrd")],
+                  ["--out", str(tmp_path / "ct.seg.nrrd"), "--probabilities", str(blocker / "maps")]):
+        capsys.readouterr()
+        assert main(["-q", "segment", str(img), "-m", "synthetic-3d", "-p", "bone", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{blocker} is a file, not a folder" in err, err
+    assert runs == [] and not (tmp_path / "ct.seg.nrrd").exists()
+
+
 def test_exit_codes_and_messages(tmp_path, test_models, capsys):
     img = _phantom_file(tmp_path / "ct.nii.gz")
     out = tmp_path / "ct.seg.nrrd"

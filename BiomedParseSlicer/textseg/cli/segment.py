@@ -78,6 +78,7 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
     built in memory before the first file is written, so a failure leaves no partial set of outputs."""
     from ..analysis.confidence import MaskFingerprint
     from ..errors import OutputExistsError
+    from ..formats.atomic import check_writable
     from ..formats.images import read_volume
     from ..formats.segments import segments_from_results, write_seg_nrrd
 
@@ -94,6 +95,7 @@ def segment_one(predictor, image: Path, out: Path, args, token) -> dict:
     for path in outputs:  # before spending minutes on inference
         if path.exists() and not args.overwrite:
             raise OutputExistsError(f"{path} already exists; choose another name or pass --overwrite to replace it.")
+        check_writable(path)
     volume = read_volume(image)
     for note in volume.metadata.get("notes", []):
         print(f"note: {note}", file=sys.stderr)

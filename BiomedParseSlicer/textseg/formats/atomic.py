@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
 
-from ..errors import OutputExistsError
+from ..errors import OutputExistsError, UsageError
 
 PathLike = Union[str, Path]
 
@@ -23,6 +23,19 @@ WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in r
 def windows_reserved(name: str) -> bool:
     """Whether the file name ``name`` (its part before the first '.', any case) is a Windows device name."""
     return name.split(".", 1)[0].strip().upper() in WINDOWS_RESERVED
+
+
+def check_writable(path: PathLike) -> None:
+    """UsageError now, before minutes of work, if ``path`` could not be written later: its nearest existing folder
+    is a file, or a folder this user cannot write into (``atomic_output`` makes the missing folders below it)."""
+    path = Path(path).absolute()
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"Cannot write {path}: {folder} is a file, not a folder; choose another output path.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"Cannot write {path}: no permission to write into {folder}; choose another output path.")
 
 
 @contextmanager
