@@ -445,8 +445,8 @@ class BiomedParseSlicerLogic:
         """'Compare with AI output': ``modelOutputComparison`` rows in a table node (a new one by default)."""
         rows = self.modelOutputComparison(segmentationNode, segmentIds)
         if tableNode is None:
-            tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode",
-                                                     f"{segmentationNode.GetName()} compared with AI output")
+            tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", self.scene.GenerateUniqueName(
+                f"{segmentationNode.GetName()} compared with AI output"))  # one table per press, told apart
         stats.fill_table(tableNode, rows, "", stats.COMPARISON_COLUMNS)
         return tableNode
 
@@ -568,7 +568,8 @@ class BiomedParseSlicerLogic:
                     except UsageError:  # its map was not saved with the scene: empty cells, as for a drawn one
                         continue
         if tableNode is None:
-            tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{segmentationNode.GetName()} statistics")
+            name = self.scene.GenerateUniqueName(f"{segmentationNode.GetName()} statistics")
+            tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", name)
         unit = stats.intensity_unit(volumeNode)
         stats.fill_table(tableNode, rows, unit, columns)
         if csvPath:

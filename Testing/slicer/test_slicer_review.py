@@ -248,6 +248,8 @@ def test_compare_with_model_output_measures_the_edit(app, logic, run):
     edited[erased_slices] = False  # erase three slices, as the Segment Editor's Erase would
     mrml.set_segment_mask(seg, ids[0], edited, node)
     table = logic.compareWithModelOutput(seg)
+    again = logic.compareWithModelOutput(seg)  # a second press: a second table, with a name of its own
+    assert table.GetName() != again.GetName() and again.GetName().startswith(table.GetName())
     t = table.GetTable()
     names = [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())]
     assert names[:2] == ["Segment", "Dice"] and "HD95 mm" in names and "Slices touched" in names
