@@ -77,6 +77,25 @@ def test_compare_writes_what_compare_segmentations_gives(pairs, tmp_path, capsys
     assert "already exists" in capsys.readouterr().err and out.read_text() == before
 
 
+def test_compare_says_when_nothing_was_paired(pairs, tmp_path, capsys):
+    """A label map without its labels JSON names its labels label_1, ...: nothing pairs with 'lesion' and the
+    table holds only 'only in A/B' rows. That exited 0 without a word; now a note says how to pair them."""
+    _, cases = pairs
+    label_map = shared_file(*RAD, "brain1_label.nrrd")
+    capsys.readouterr()
+    assert main(["-q", "corrections", "compare", str(cases["brain1"]["ai"]), str(label_map)]) == 0
+    out, err = capsys.readouterr()
+    assert [r["matched_by"] for r in csv.DictReader(out.splitlines())] == ["only in A", "only in B"]
+    assert err.startswith("note: no segment of A matched one of B") and "--labels-b" in err and err.count("\n") == 1
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"1": "lesion"}))
+    assert main(["-q", "corrections", "compare", str(cases["brain1"]["ai"]), str(label_map), "--labels-b",
+                 str(labels)]) == 0
+    out, err = capsys.readouterr()
+    rows = list(csv.DictReader(out.splitlines()))
+    assert [r["matched_by"] for r in rows] == ["name"] and float(rows[0]["dice"]) == 1.0 and err == ""
+
+
 def test_compare_bad_input_is_one_line(pairs, tmp_path, capsys):
     _, cases = pairs
     brain, breast = cases["brain1"], cases["breast1"]

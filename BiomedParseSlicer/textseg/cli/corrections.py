@@ -42,6 +42,11 @@ def cmd_compare(args) -> int:
         return CANCELLED_EXIT
     finally:
         bar.close()
+    hows = {r.get("matched_by") for r in rows}
+    if hows == {"only in A", "only in B"}:  # both sides have segments, none paired
+        print("note: no segment of A matched one of B (by name, prompt or terminology), so nothing was compared; "
+              "name a label map's labels with --labels-a/--labels-b (a labels JSON) as the other side names them.",
+              file=sys.stderr)
     if args.out:
         write_rows(args.out, rows, overwrite=args.overwrite)
         if not args.quiet:
