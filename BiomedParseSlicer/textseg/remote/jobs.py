@@ -290,7 +290,7 @@ class JobManager:
         total = sum(v.nbytes for v in mine)
         if total <= cap:
             return
-        busy = {j.volume.sha for j in self.jobs.values() if j.state not in FINAL_STATES}
+        busy = self._busy_volumes()
         for v in mine:
             if total <= cap:
                 break
@@ -301,8 +301,17 @@ class JobManager:
             log.info("volume %s dropped for %s: over its %d MiB of stored images", v.sha[:12], Caller.label(owner),
                      cap >> 20)
             if not v.owners:
-                del self.volumes[v.sha]
-                v.path.unlink(missing_ok=True)
+                self._drop_volume(v)
+
+    def _busy_volumes(self) -> set[str]:
+        """The images a queued or running job uses (they stay). Called with the lock held."""
+        return {j.volume.sha for j in self.jobs.values() if j.state not in FINAL_STATES}
+
+    def _drop_volume(self, v: StoredVolume) -> None:
+        """Forget an image and remove its file together, with the lock held: a re-upload of the same image (same
+        file name) sees the entry gone only once the old file is, so its new file is never the one removed."""
+        del self.volumes[v.sha]
+        v.path.unlink(missing_ok=True)
 
     # ---- jobs ----------------------------------------------------------------------------------
     def submit(self, volume: StoredVolume, request: dict[str, Any], owner: str = "local") -> Optional[Job]:
@@ -312,7 +321,6 @@ class JobManager:
         with self.lock:
             if self.volumes.get(volume.sha) is not volume or owner not in volume.owners:
                 return None
-            volume.last_used = time.monotonic()
             if not self.queue.put(job):
                 raise ApiError(429, "queue_full",
                                f"The server's queue is full ({self.settings.queue_size} jobs waiting); "
@@ -376,14 +384,12 @@ class JobManager:
                         and now - j.finished_mono > self.settings.result_ttl]
             for j in old_jobs:
                 del self.jobs[j.id]
-            busy = {j.volume.sha for j in self.jobs.values() if j.state not in FINAL_STATES}
+            busy = self._busy_volumes()
             old_vols = [v for v in self.volumes.values() if v.sha not in busy
                         and now - v.last_used > self.settings.session_ttl]
             for v in old_vols:
-                del self.volumes[v.sha]
+                self._drop_volume(v)
+                log.info("volume %s expired", v.sha[:12])
         for j in old_jobs:
             shutil.rmtree(j.dir, ignore_errors=True)
-        for v in old_vols:
-            v.path.unlink(missing_ok=True)
-            log.info("volume %s expired", v.sha[:12])
 
